@@ -1,0 +1,88 @@
+"""Build CoCa from open_clip names and tags, a local checkpoint, or random weights.
+
+open_clip stays the loader (hub download, checkpoint conversion,
+`weights_only=True`); we then move its state dict into our modules, whose
+parameter names are open_clip's own.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import open_clip
+import torch
+
+from .errors import UnknownModelError, WeightsUnavailableError
+from .model import CoCa
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM = "random"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+open_clip.add_model_config(CONFIG_DIR)  # registers coca-tiny with open_clip's factory
+
+
+def coca_model_names() -> list[str]:
+    return [n for n in open_clip.list_models() if "multimodal_cfg" in (open_clip.get_model_config(n) or {})]
+
+
+def model_config(model_name: str) -> dict:
+    if model_name not in coca_model_names():
+        raise UnknownModelError(
+            f"unknown model {model_name!r}: CoCa models are {', '.join(coca_model_names())}"
+        )
+    return open_clip.get_model_config(model_name)
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UnknownModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def is_checkpoint_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES) or Path(pretrained).exists()
+
+
+def create_open_clip(model_name: str, pretrained: str = RANDOM, seed: int = 0) -> torch.nn.Module:
+    """open_clip's own CoCa with the requested weights: the reference our tests compare against."""
+    model_config(model_name)
+    if pretrained == RANDOM:
+        torch.manual_seed(seed)  # random init is a pure function of the seed
+        model = open_clip.create_model(model_name, pretrained=None).eval()
+        # open_clip never initialises the decoder's vocabulary projection (MultimodalTransformer
+        # skips init_parameters), leaving torch.empty garbage: give it the init it was meant to get.
+        projection = model.text_decoder.text_projection
+        torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
+        return model
+    if is_checkpoint_path(pretrained):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"{pretrained}: checkpoint file not found")
+        return open_clip.create_model(model_name, pretrained=str(path), weights_only=True).eval()
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise UnknownModelError(
+            f"unknown pretrained tag {pretrained!r} for {model_name}: "
+            f"use one of {', '.join(tags) or '(none)'}, a checkpoint file, or 'random'"
+        )
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, weights_only=True).eval()
+    except Exception as exc:  # hub unreachable, no cached copy, ...
+        raise WeightsUnavailableError(
+            f"cannot get the {model_name} weights {pretrained!r} ({type(exc).__name__}: {exc}); "
+            f"offline, use pretrained='random' (random weights from a seed) "
+            f"or the path of a local checkpoint file (.safetensors/.bin/.pt)"
+        ) from exc
+
+
+def from_open_clip(model_name: str, reference: torch.nn.Module, dtype=torch.float32) -> CoCa:
+    """Our CoCa holding the reference's weights (shared storage: no copy for fp32)."""
+    net = CoCa(model_config(model_name))
+    state = {k: v for k, v in reference.state_dict().items() if not k.endswith("attn_mask")}
+    net.load_state_dict(state, strict=True, assign=True)
+    return net.to(resolve_dtype(dtype)).eval().requires_grad_(False)

@@ -1,0 +1,170 @@
+"""Choosing the next token: pure functions over logits (B, V), one row per sequence.
+
+Every knob is a per-row tensor so that a Triton batch can mix sequences with
+different settings. The order follows open_clip's `generate`: ban EOS before
+the minimum length, repetition penalty, top-k, top-p, then temperature.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+
+from .errors import InvalidInputError
+
+SOT, EOT, PAD = 49406, 49407, 0
+MAX_TOKENS_LIMIT = 75  # the decoder's context is 76 positions, SOT included
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate one caption. Defaults are the model card's.
+
+    max_tokens counts generated tokens, EOS included; as in open_clip, a caption
+    that reaches it ends with a forced EOS. EOS (and PAD, which also ends a
+    sequence in open_clip) is banned before min_tokens tokens.
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 100
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 4
+    max_tokens: int = 25
+    num_beams: int = 1
+    num_beam_groups: int = 1
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        problems = []
+        if not 0 <= self.temperature <= 100:
+            problems.append(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            problems.append(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
+        if self.min_tokens < 0:
+            problems.append(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.num_beams < 1 or self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
+            problems.append(
+                f"num_beams ({self.num_beams}) must be a positive multiple of num_beam_groups ({self.num_beam_groups})"
+            )
+        if problems:
+            raise InvalidInputError("bad generation settings: " + "; ".join(problems))
+
+    @property
+    def effective_min_tokens(self) -> int:
+        return min(self.min_tokens, self.max_tokens - 1)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SamplingParams":
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise InvalidInputError(f"unknown generation settings: {sorted(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RowParams:
+    """SamplingParams of B sequences, as tensors (B,)."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    min_tokens: torch.Tensor
+    generators: list  # torch.Generator per row, or None for greedy rows
+
+    @classmethod
+    def stack(cls, params: list[SamplingParams]) -> "RowParams":
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params]),
+            top_k=torch.tensor([p.top_k for p in params]),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float64),
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params]),
+            min_tokens=torch.tensor([p.effective_min_tokens for p in params]),
+            generators=[new_generator(p) for p in params],
+        )
+
+    def select(self, rows: list[int]) -> "RowParams":
+        index = torch.tensor(rows, dtype=torch.long)
+        return RowParams(
+            self.temperature[index], self.top_k[index], self.top_p[index],
+            self.repetition_penalty[index], self.min_tokens[index],
+            [self.generators[i] for i in rows],
+        )
+
+
+def new_generator(params: SamplingParams) -> Optional[torch.Generator]:
+    """Each sequence draws from its own generator, so batching never changes a seeded caption."""
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def ban_early_end(logits: torch.Tensor, generated: torch.Tensor, min_tokens: torch.Tensor) -> torch.Tensor:
+    """No EOS before min_tokens tokens (open_clip's MinLengthLogitsProcessor)."""
+    early = generated < min_tokens
+    if early.any():
+        logits[early, EOT] = float("-inf")
+    return logits
+
+
+def penalise_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, with a per-row penalty. history (B, L)."""
+    if bool((penalty == 1).all()):
+        return logits
+    seen = logits.gather(1, history)
+    p = penalty[:, None].to(logits.dtype)
+    return logits.scatter(1, history, torch.where(seen < 0, seen * p, seen / p))
+
+
+def filter_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k logits (0 = all), as transformers' TopKLogitsWarper."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    if bool((k == vocab).all()):
+        return logits
+    kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filter, as transformers' TopPLogitsWarper: drop the least likely tail of mass 1 - top_p."""
+    if bool((top_p >= 1).all()):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    tail = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p[:, None]).to(logits.dtype)
+    tail[:, -1] = False  # always keep the most likely token
+    return logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+
+
+def choose(logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor, rows: RowParams):
+    """Next token and its model log-probability for each row. logits (B, V) fp32."""
+    logprobs = logits.log_softmax(dim=-1)
+    logits = ban_early_end(logits.clone(), generated, rows.min_tokens)
+    logits = penalise_repeats(logits, history, rows.repetition_penalty)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, g in enumerate(rows.generators) if g is not None]
+    if sampled:
+        index = torch.tensor(sampled)
+        filtered = filter_top_p(filter_top_k(logits[index], rows.top_k[index]), rows.top_p[index])
+        probs = (filtered / rows.temperature[index, None]).softmax(dim=-1)
+        for j, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=rows.generators[i])[0]
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
