@@ -25,6 +25,7 @@ def _finish(history: torch.Tensor, logprobs: list[torch.Tensor]) -> list[Generat
     lp = torch.stack(logprobs, dim=1) if logprobs else torch.zeros(history.shape[0], 0)
     for row, row_lp in zip(history[:, 1:].tolist(), lp.tolist()):
         end = next((i + 1 for i, t in enumerate(row) if t in (EOT, PAD)), len(row))
+        row_lp += [0.0] * (end - len(row_lp))  # a forced EOT was not sampled
         out.append(Generated(row[:end], row_lp[:end]))
     return out
 

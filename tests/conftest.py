@@ -1,0 +1,22 @@
+"""Shared fixtures: real sample photos (scikit-image ships them) written as files."""
+import os
+
+import pytest
+
+# Never reach for the hub in tests: an uncached pretrained tag must fail fast and clearly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Paths of four real photos, as JPEG and PNG files."""
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name, ext in [("astronaut", "jpg"), ("coffee", "png"), ("chelsea", "jpg"), ("rocket", "png")]:
+        path = folder / f"{name}.{ext}"
+        Image.fromarray(getattr(data, name)()).save(path)
+        paths.append(str(path))
+    return paths
