@@ -1,0 +1,19 @@
+"""Benchmarks: programs that print a table and, last, one JSON line.
+
+Each compares side by side in one run (ours vs open_clip, Triton vs in-process)
+and reports ratios, because this machine is noisy. Run as `coca bench NAME ...`
+or `python -m bench NAME ...`.
+"""
+import importlib
+import sys
+
+BENCHMARKS = {
+    "caption": "bench.caption",
+}
+
+
+def run(name: str, argv: list[str]) -> int:
+    if name not in BENCHMARKS:
+        print(f"coca bench: error: unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHMARKS[name]).main(argv) or 0

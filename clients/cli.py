@@ -1,0 +1,258 @@
+"""`coca`: the command line. One small function per command.
+
+Errors the user can fix print one line and exit 2; nothing prints a traceback
+for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def command(name: str, help: str):
+    """Register `fn(args)` as a subcommand; `fn.configure(parser)` adds its arguments."""
+
+    def register(fn):
+        fn.cli_help = help
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def add_model_options(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="coca_ViT-B-32", help="open_clip CoCa name (coca_ViT-B-32, coca_ViT-L-14, coca-tiny)")
+    p.add_argument("--pretrained", default="laion2b_s13b_b90k",
+                   help="open_clip tag, a local checkpoint file, or 'random'")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and of sampling")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_sampling_options(p: argparse.ArgumentParser):
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--beam-groups", type=int, default=1)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--min-tokens", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=25)
+    p.add_argument("--frames", type=int, default=16, help="frames sampled from a video")
+
+
+def sampling_params(args):
+    from coca import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        num_beams=args.beams, num_beam_groups=args.beam_groups,
+        repetition_penalty=args.repetition_penalty,
+        min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+        seed=args.seed if args.temperature > 0 else None,
+    )
+
+
+def load_model(args):
+    import coca
+
+    return coca.load(args.model, pretrained=args.pretrained, seed=args.seed, dtype=args.dtype)
+
+
+# --- commands -----------------------------------------------------------------
+@command("caption", "caption images or videos")
+def caption(args):
+    from coca import media
+
+    params = sampling_params(args)
+    if args.triton:
+        from serving.client import caption_files
+
+        for path, text in caption_files(args.triton, args.files, params, frames=args.frames):
+            print(f"{path}\t{text}")
+        return
+    model = load_model(args)
+    for path in args.files:
+        if media.is_video(path):
+            text = model.caption_video(path, frames=args.frames, params=params).text
+        else:
+            text = model.caption([path], params)[0].text
+        print(f"{path}\t{text}")
+
+
+def _caption_args(p):
+    p.add_argument("files", nargs="+", metavar="IMAGE|VIDEO")
+    p.add_argument("--triton", metavar="HOST:PORT", help="caption through a Triton server (gRPC)")
+    add_sampling_options(p)
+
+
+caption.configure = _caption_args
+
+
+def _write_embeddings(names, vectors, out):
+    import numpy as np
+
+    if out:
+        np.save(out, vectors)
+        print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {out}")
+        return
+    for name, vector in zip(names, vectors):
+        print(json.dumps({"input": name, "embedding": [round(float(v), 6) for v in vector]}))
+
+
+@command("embed-image", "image ClassEmbeddings (normalised)")
+def embed_image(args):
+    model = load_model(args)
+    _write_embeddings(args.files, model.embed_images(args.files, progress=len(args.files) > 8), args.out)
+
+
+embed_image.configure = lambda p: (p.add_argument("files", nargs="+", metavar="IMAGE"),
+                                   p.add_argument("--out", help="write a .npy file instead of JSON lines"))
+
+
+@command("embed-text", "text ClassEmbeddings (normalised)")
+def embed_text(args):
+    model = load_model(args)
+    _write_embeddings(args.texts, model.embed_texts(args.texts), args.out)
+
+
+embed_text.configure = lambda p: (p.add_argument("texts", nargs="+", metavar="TEXT"),
+                                  p.add_argument("--out", help="write a .npy file instead of JSON lines"))
+
+
+@command("rank", "rank texts by cosine distance to an image")
+def rank(args):
+    model = load_model(args)
+    print(f"{'distance':>8}  text")
+    for text, distance in model.rank(args.image, args.texts):
+        print(f"{distance:8.4f}  {text}")
+
+
+rank.configure = lambda p: (p.add_argument("image"), p.add_argument("texts", nargs="+", metavar="TEXT"))
+
+
+@command("classify", "zero-shot classification of an image")
+def classify(args):
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    model = load_model(args)
+    print(f"{'prob':>7}  label")
+    for label, prob in model.classify(args.image, labels, args.template)[: args.top]:
+        print(f"{prob:7.2%}  {label}")
+
+
+classify.configure = lambda p: (
+    p.add_argument("image"),
+    p.add_argument("--labels", required=True, help="comma-separated class names"),
+    p.add_argument("--template", default="This is a photo of a {}"),
+    p.add_argument("--top", type=int, default=10),
+)
+
+
+@command("eval-zero-shot", "zero-shot accuracy on an ImageFolder-style directory (one folder per class)")
+def eval_zero_shot(args):
+    from clients.zero_shot import evaluate_folder
+
+    report = evaluate_folder(load_model(args), Path(args.directory), args.template, args.batch_size)
+    print(report.format())
+    if args.json:
+        print(json.dumps(report.summary()))
+
+
+eval_zero_shot.configure = lambda p: (
+    p.add_argument("directory"),
+    p.add_argument("--template", default="This is a photo of a {}"),
+    p.add_argument("--batch-size", type=int, default=16),
+    p.add_argument("--json", action="store_true", help="also print a JSON summary line"),
+)
+
+
+@command("attention", "heat-maps of where the image encoder looks (per head and mean)")
+def attention(args):
+    from coca import media, plots
+
+    model = load_model(args)
+    weights = model.encode_images([args.image], want_attention=True).attention[0]  # (H, 1 + P, 1 + P)
+    grid = model.net.visual.grid
+    cls_to_patches = weights[:, 0, 1:].reshape(-1, grid, grid).float().numpy()
+    out = plots.image_attention_png(media.load_image(args.image), cls_to_patches, args.out)
+    print(f"wrote {out}")
+
+
+attention.configure = lambda p: (p.add_argument("image"), p.add_argument("--out", required=True, help="PNG file"))
+
+
+@command("attention-text", "which tokens the text encoder's ClassEmbedding attends to")
+def attention_text(args):
+    from coca import plots
+
+    model = load_model(args)
+    enc = model.encode_texts([args.text], want_attention=True)
+    tokens = enc.kept_tokens[0].tolist()
+    words = slice(1, tokens.index(49407) if 49407 in tokens else len(tokens))  # between SOT and EOT
+    layer = enc.attention[args.layer][0]  # (H, n + 1, n + 1); the last query is the CLS
+    out = plots.text_attention_png(
+        model.token_strings(tokens[words]), layer[:, -1, words].float().numpy(), args.out
+    )
+    print(f"wrote {out}")
+
+
+attention_text.configure = lambda p: (
+    p.add_argument("text"),
+    p.add_argument("--out", required=True, help="PNG file"),
+    p.add_argument("--layer", type=int, default=-1, help="which self-attention layer (default: last)"),
+)
+
+
+@command("info", "net information: parameters per part and array, layer types")
+def info(args):
+    from coca import netinfo
+
+    model = load_model(args)
+    print(netinfo.net_information(model.net, arrays=args.arrays))
+
+
+info.configure = lambda p: p.add_argument("--arrays", action="store_true", help="list every array")
+
+
+@command("bench", "benchmarks (see bench/): caption, ...")
+def bench(args):
+    from bench import run
+
+    return run(args.name, args.rest)
+
+
+bench.configure = lambda p: (p.add_argument("name"), p.add_argument("rest", nargs=argparse.REMAINDER))
+bench.raw = True  # its own argument parser takes the model options
+
+
+# --- entry point --------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coca", description="CoCa captioning and search")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, fn in COMMANDS.items():
+        p = sub.add_parser(name, help=fn.cli_help, description=fn.cli_help)
+        if not getattr(fn, "raw", False):
+            add_model_options(p)
+        fn.configure(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    from coca.errors import CocaError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (CocaError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"coca {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Test helpers: run a real tritonserver for the duration of a test (or a test module).
+
+Typical conftest use::
+
+    import pytest
+    from serving.testing import running_triton, triton_unavailable_reason
+
+    @pytest.fixture(scope="module")
+    def triton(tmp_path_factory):
+        reason = triton_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        with running_triton("tests/triton_models") as (grpc_url, http_url, server):
+            yield grpc_url, http_url, server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+from serving.launcher import TritonServer, TritonServerError, find_triton
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why the bundled tritonserver cannot run here (``None`` when it can)."""
+    if not sys.platform.startswith("linux"):
+        return "tritonserver from nvidia-pytriton runs on Linux only"
+    try:
+        find_triton()
+    except TritonServerError as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def running_triton(
+    model_repository: str | os.PathLike,
+    *,
+    timeout: float = 120.0,
+    dump_log_on_error: bool = True,
+    **server_kwargs,
+) -> Iterator[tuple[str, str, TritonServer]]:
+    """Start ``tritonserver`` on free 127.0.0.1 ports, yield ``(grpc_url, http_url, server)``,
+    stop it (and every stub process) afterwards.
+
+    ``grpc_url`` is ``host:port`` (what ``tritonclient.grpc[.aio]`` wants), ``http_url`` is
+    ``http://host:port``.  Extra keyword arguments go to :class:`serving.launcher.TritonServer`
+    (``log_verbose=1``, ``log_file=...``, ``extra_args=[...]``).  If the body raises, the tail of
+    the server log is printed to stderr so that pytest shows it with the failure.
+    """
+    server_kwargs.setdefault("kill_on_parent_exit", True)  # no orphaned servers if pytest dies
+    server = TritonServer(model_repository, **server_kwargs)
+    server.start(timeout=timeout)
+    try:
+        yield server.grpc_url, server.http_url, server
+    except BaseException:
+        if dump_log_on_error:
+            print(f"--- tritonserver log tail ({server!r}) ---\n{server.log_tail(120)}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
