@@ -353,6 +353,21 @@ class CoCa(nn.Module):
             device=self.logit_scale.device,
         )
 
+    def step_weight_bytes(self) -> int:
+        """Bytes of weights one decode step must read: both causal towers, the cross blocks
+        less their key/value projections (applied once per image), the vocabulary projection."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        cross_kv = [p for b in self.text_decoder.cross_attn for p in (*b.ln_1_kv.parameters(),)]
+        cross_kv_proj = sum(nbytes([b.attn.in_proj_weight, b.attn.in_proj_bias]) * 2 // 3 for b in self.text_decoder.cross_attn)
+        return (
+            nbytes(self.text.transformer.parameters())
+            + nbytes(self.text_decoder.parameters())
+            - nbytes(cross_kv)
+            - cross_kv_proj
+        )
+
     def start_sequences(self, cache: DecoderCache, slots: torch.Tensor, image_embs: torch.Tensor):
         """Store each slot's cross-attention K/V; its self-attention caches restart at position 0."""
         cache.set_image(slots, self.text_decoder.image_kv(image_embs.to(self.dtype)))

@@ -96,13 +96,16 @@ class RowParams:
             generators=[new_generator(p) for p in params],
         )
 
-    def select(self, rows: list[int]) -> "RowParams":
-        index = torch.tensor(rows, dtype=torch.long)
-        return RowParams(
-            self.temperature[index], self.top_k[index], self.top_p[index],
-            self.repetition_penalty[index], self.min_tokens[index],
-            [self.generators[i] for i in rows],
+    @classmethod
+    def cat(cls, parts: list["RowParams"]) -> "RowParams":
+        """Rows of several sequences, in order; generators are shared, not copied."""
+        return cls(
+            *(torch.cat([getattr(p, name) for p in parts]) for name in _TENSOR_FIELDS),
+            generators=[g for p in parts for g in p.generators],
         )
+
+
+_TENSOR_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "min_tokens")
 
 
 def new_generator(params: SamplingParams) -> Optional[torch.Generator]:

@@ -1,0 +1,327 @@
+"""Turn untrusted image/video bytes or paths into RGB pixels, or a typed error.
+
+Every failure is an InvalidImageError / InvalidVideoError whose message starts
+with the source's name (the path as given, or "<bytes, N B>") so that a CLI or
+a server can show it to the user as is.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, Union
+
+import av
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from coca.errors import InvalidImageError, InvalidVideoError
+
+# Largest image or video frame we decode, in pixels (width * height). 40 MP
+# covers every camera photo; anything larger is more likely a decompression
+# bomb (a tiny file whose header promises gigabytes of pixels).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Alpha is composited on this colour rather than dropped: the colour values
+# stored under fully transparent pixels are arbitrary (often black), while a
+# viewer shows a transparent logo or product shot on a light page.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# FFmpeg demuxers that are not videos: "image2" and the "*_pipe" ones read
+# still images, "tty" renders text files as ANSI art.
+_STILL_IMAGE_DEMUXERS = ("image2", "tty")
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+# warnings.catch_warnings() swaps process-wide state; overlapping uses from two
+# threads can leave the wrong filters installed, so ours are serialised.
+_warnings_lock = threading.Lock()
+
+
+def describe_source(source: object) -> str:
+    """The name an error message uses for `source`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<bytes, {len(source)} B>"
+    if isinstance(source, Image.Image):
+        return f"<image {source.width}x{source.height} {source.mode}>"
+    return os.fspath(source)
+
+
+@contextmanager
+def _open_binary(source: object, error: type[Exception]) -> Iterator[BinaryIO]:
+    """A readable binary stream over a path or bytes-like `source`, known non-empty.
+
+    Paths are streamed, not read whole: a decoder only reads what it needs.
+    """
+    name = describe_source(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise error(f"{name}: empty (0 bytes)")
+        yield io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        try:
+            stream = open(source, "rb")
+        except OSError as exc:
+            raise error(f"{name}: cannot read: {exc.strerror or exc}") from exc
+        with stream:
+            if not stream.read(1):
+                raise error(f"{name}: empty file (0 bytes)")
+            stream.seek(0)
+            yield stream
+    else:
+        raise TypeError(f"expected a path or bytes, got {type(source).__name__}")
+
+
+# --------------------------------------------------------------------- images
+
+
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `source` (path, bytes or PIL image) into an upright RGB image.
+
+    Raises InvalidImageError for empty, non-image, truncated, zero-size or
+    oversized (more than `max_pixels`) data. Pillow's own decompression-bomb
+    limit (2 * PIL.Image.MAX_IMAGE_PIXELS, about 179 MP) still applies above
+    ours.
+    """
+    name = describe_source(source)
+    if isinstance(source, Image.Image):
+        return _normalise(source, name)
+    with _open_binary(source, InvalidImageError) as stream:
+        # Normalised while the file is open: EXIF may be read lazily from it.
+        return _normalise(_decode_image(stream, name, max_pixels), name)
+
+
+def _normalise(image: Image.Image, name: str) -> Image.Image:
+    if image.width == 0 or image.height == 0:
+        raise InvalidImageError(f"{name}: image has zero size ({image.width}x{image.height})")
+    try:
+        return _to_rgb(_upright(image))
+    except (OSError, ValueError) as exc:  # e.g. a LAB TIFF: Pillow has no LAB->RGB
+        raise InvalidImageError(f"{name}: cannot convert {image.mode} image to RGB: {exc}") from exc
+
+
+def _decode_image(stream: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    # Truncated data raises in image.load() only while Pillow's process-wide
+    # ImageFile.LOAD_TRUNCATED_IMAGES keeps its default, False; nothing in
+    # this package sets it, and nothing else in the process should.
+    try:
+        image = _open_header(stream)
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError(f"{name}: not an image (unrecognised format)") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(f"{name}: image too large, possible decompression bomb ({exc})") from exc
+    except Exception as exc:  # plugins raise SyntaxError, struct.error, ValueError ... on bad headers
+        raise InvalidImageError(f"{name}: corrupt image header: {exc}") from exc
+
+    kind = image.format or "image"
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"{name}: {kind} is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (possible decompression bomb)"
+        )
+    try:
+        image.load()
+    except OSError as exc:
+        if "truncated" in str(exc):
+            raise InvalidImageError(f"{name}: truncated {kind} ({exc})") from exc
+        raise InvalidImageError(f"{name}: corrupt {kind} data: {exc}") from exc
+    except Exception as exc:  # decoders also raise ValueError, SyntaxError, EOFError
+        raise InvalidImageError(f"{name}: corrupt {kind} data: {exc}") from exc
+    return image
+
+
+def _open_header(stream: BinaryIO) -> Image.ImageFile.ImageFile:
+    """Image.open (it parses the header only) without Pillow's size warning.
+
+    Pillow warns about images over PIL.Image.MAX_IMAGE_PIXELS (and raises at
+    twice that); callers apply their own, lower limit instead, so the user sees
+    one typed error rather than a warning first.
+    """
+    stream.seek(0)
+    with _warnings_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(stream)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag, so phone photos are not sideways."""
+    try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return image  # exif_transpose would copy the pixels for nothing
+        return ImageOps.exif_transpose(image)
+    except Exception:  # orientation is a hint: a photo with broken EXIF is still a photo
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _to_8bit_gray(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit or float grayscale image to 8 bits.
+
+    Pillow's convert("L") clips these at 255 instead of scaling, which turns a
+    normal 16-bit photo almost entirely white.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else values.max()
+    elif image.mode.startswith("I;16"):
+        top = 65535.0
+    else:  # mode "I": 32-bit ints, usually holding 16-bit data
+        top = 255.0 if values.max(initial=0) <= 255 else max(65535.0, values.max())
+    scaled = np.clip(values / top * 255.0, 0.0, 255.0)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+
+
+# --------------------------------------------------------------------- videos
+
+
+def video_frames(
+    source: VideoSource, n: int = 16, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Image.Image]:
+    """Exactly `n` RGB frames sampled uniformly over the video's decoded frames.
+
+    The frames at indices round(linspace(0, count - 1, n)) are kept, where
+    `count` is the number of decodable frames; a video shorter than `n` frames
+    repeats frames (the same object) so callers get a fixed batch size.
+    Memory stays bounded: frames are decoded one by one and only the chosen
+    ones are kept. The count comes from the container header when it has one;
+    otherwise (or when the header turns out wrong) the video is decoded once
+    more to count or re-pick.
+
+    Raises InvalidVideoError for data with no video stream or no decodable
+    frame, and for frames over `max_pixels`.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    name = describe_source(source)
+    with _open_binary(source, InvalidVideoError) as stream:
+        count = _header_frame_count(stream, name, max_pixels)
+        if count == 0:
+            count = _count_frames(stream, name)
+        picked, decoded = _pick_frames(stream, name, _uniform_indices(count, n))
+        if decoded != count:  # the header was wrong, or decoding stopped early
+            picked, _ = _pick_frames(stream, name, _uniform_indices(decoded, n))
+    return picked
+
+
+def _uniform_indices(count: int, n: int) -> list[int]:
+    return np.round(np.linspace(0, count - 1, n)).astype(int).tolist()
+
+
+@contextmanager
+def _container(stream: BinaryIO, name: str) -> Iterator[av.container.InputContainer]:
+    """The demuxed video, from the start of `stream`; it has a video stream."""
+    stream.seek(0)
+    try:
+        container = av.open(stream, mode="r")
+    except av.FFmpegError as exc:
+        raise InvalidVideoError(f"{name}: not a video ({exc})") from exc
+    with container:
+        demuxer = container.format.name
+        if demuxer in _STILL_IMAGE_DEMUXERS or demuxer.endswith("_pipe"):
+            raise InvalidVideoError(f"{name}: a still image ({demuxer}), not a video")
+        if not container.streams.video:
+            raise InvalidVideoError(f"{name}: no video stream")
+        yield container
+
+
+def _header_frame_count(stream: BinaryIO, name: str, max_pixels: int) -> int:
+    """Frame count the container claims (0 if unknown); rejects oversized frames."""
+    with _container(stream, name) as container:
+        video = container.streams.video[0]
+        width, height = video.codec_context.width, video.codec_context.height
+        if width * height > max_pixels:
+            raise InvalidVideoError(
+                f"{name}: frames are {width}x{height} = {width * height} pixels, "
+                f"over the limit of {max_pixels}"
+            )
+        return max(int(video.frames or 0), 0)
+
+
+def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+    """Frames of the first video stream, ending at the first decode error.
+
+    Frames before a corrupt packet are still usable; the callers count what
+    was decoded and sample over that instead of failing the whole video.
+    """
+    video = container.streams.video[0]
+    video.thread_type = "AUTO"
+    try:
+        yield from container.decode(video)
+    except av.FFmpegError:
+        return
+
+
+def _count_frames(stream: BinaryIO, name: str) -> int:
+    with _container(stream, name) as container:
+        count = sum(1 for _ in _decoded_frames(container))
+    if count == 0:
+        raise InvalidVideoError(f"{name}: no decodable video frames")
+    return count
+
+
+def _pick_frames(stream: BinaryIO, name: str, indices: list[int]) -> tuple[list[Image.Image], int]:
+    """The frames at `indices` (in order, repeats allowed) and the decoded count.
+
+    Gives [] when the video has fewer frames than the largest index; the
+    caller then picks again with the returned count.
+    """
+    wanted = set(indices)
+    kept: dict[int, Image.Image] = {}
+    decoded = 0
+    with _container(stream, name) as container:
+        for decoded, frame in enumerate(_decoded_frames(container), start=1):
+            if decoded - 1 in wanted:
+                kept[decoded - 1] = frame.to_image()  # RGB
+    if decoded == 0:
+        raise InvalidVideoError(f"{name}: no decodable video frames")
+    if len(kept) < len(wanted):
+        return [], decoded
+    return [kept[i] for i in indices], decoded
+
+
+def is_video(source: ImageSource) -> bool:
+    """Whether `source` holds a video (True) rather than a still image (False).
+
+    Sniffs the content, never the extension: anything Pillow can identify
+    (including animated GIF/WebP) counts as an image; otherwise it is a video
+    when FFmpeg finds a video stream in a container other than its
+    single-image demuxers. Unreadable or unrecognised data gives False, so
+    that load_image() reports the error.
+    """
+    if isinstance(source, Image.Image):
+        return False
+    try:
+        with _open_binary(source, InvalidVideoError) as stream:
+            if _pillow_identifies(stream):
+                return False
+            with _container(stream, describe_source(source)):
+                return True
+    except InvalidVideoError:
+        return False
+
+
+def _pillow_identifies(stream: BinaryIO) -> bool:
+    """Whether Pillow recognises the header (it reads no pixel data)."""
+    try:
+        _open_header(stream)
+        return True
+    except Image.DecompressionBombError:
+        return True  # an oversized image: load_image() says so
+    except Exception:
+        return False

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Create or refresh the project venv (.venv) so that it matches pyproject.toml.
+#
+# Idempotent: a stamp file inside the venv holds a hash of pyproject.toml (and
+# of this script); when it matches and the interpreter still runs, nothing is
+# done. Override the interpreter with PYTHON=..., the venv location with VENV=...
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+STAMP="$VENV/.bootstrap-stamp"
+
+want_stamp="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+
+# A venv whose interpreter no longer starts (moved, or its base Python was
+# removed) cannot be repaired by pip: start it again.
+if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    echo "bootstrap: $VENV is broken, recreating it" >&2
+    rm -rf "$VENV"
+fi
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
+    exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "bootstrap: creating $VENV with $("$PYTHON" --version)" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# torch==2.13.0 resolves to the CPU wheel that pip's configuration finds on
+# local disk; the global pip constraint file (torch<=2.14.1) is compatible.
+# The grep drops pip's warnings about this machine's local package mirrors,
+# which hold only some packages ("Location 'file:///...' is ignored"); with
+# pipefail a pip failure still fails the script.
+"$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+site_packages="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+py_version="$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+
+# Environment workaround, NOT part of the package: PyPI's torchvision 0.28.0
+# x86_64 wheel is a CUDA build, and with the CPU torch 2.13.0 its import dies in
+# torchvision/_meta_registrations.py with
+#   RuntimeError: operator torchvision::nms does not exist
+# because its C ops need libtorch_cuda. Pre-registering an empty module under
+# that name at interpreter start skips the registration: transforms (which
+# open_clip uses) work, torchvision.ops (nms, roi_align) do not. The "zz_"
+# prefix makes site.py process it after the other .pth files.
+echo "import sys, types; sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torchvision._meta_registrations'))" \
+    > "$site_packages/zz_torchvision_cpu_shim.pth"
+
+# tritonserver from the nvidia-pytriton wheel only loads the Python backend
+# when the stub sits at <backend-dir>/python/triton_python_backend_stub; the
+# wheel ships one stub per Python version elsewhere. Copy the one matching the
+# venv so `--backend-directory=<site-packages>/pytriton/tritonserver/backends`
+# works without PyTriton.
+triton_dir="$site_packages/pytriton/tritonserver"
+stub_src="$triton_dir/python_backend_stubs/$py_version/triton_python_backend_stub"
+stub_dst="$triton_dir/backends/python/triton_python_backend_stub"
+if [[ ! -f "$stub_src" ]]; then
+    echo "bootstrap: no Triton Python backend stub for Python $py_version at $stub_src" >&2
+    exit 1
+fi
+if ! cmp -s "$stub_src" "$stub_dst"; then
+    cp "$stub_src" "$stub_dst"
+    chmod +x "$stub_dst"
+fi
+
+"$VENV/bin/python" -c 'import torch, torchvision, open_clip' \
+    || { echo "bootstrap: the venv installed but torch/torchvision/open_clip do not import" >&2; exit 1; }
+
+echo "$want_stamp" > "$STAMP"
+echo "bootstrap: $VENV is ready" >&2

@@ -1,0 +1,67 @@
+"""The Decoder: captions at different positions, with different settings, in one batched forward."""
+import pytest
+import torch
+
+import coca
+from coca.decoding import Decoder
+from coca.errors import CapacityError
+from coca.generate import generate
+from coca.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(images):
+    model = coca.load("coca-tiny", pretrained="random", seed=0)
+    return model, model.encode_images(images).image_embeddings
+
+
+GREEDY = SamplingParams(max_tokens=12)
+SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=5, max_tokens=12)
+BEAMS = SamplingParams(max_tokens=10, num_beams=6, num_beam_groups=3)
+
+
+def test_staggered_sequences_equal_their_solo_captions(tiny):
+    model, embs = tiny
+    decoder = Decoder(model.net, capacity=8)
+    running, rows_per_step = [], []
+    for i in range(4):  # a new caption joins at every step: positions differ within each forward
+        running += decoder.start(embs[i : i + 1], GREEDY)
+        rows_per_step.append(decoder.step(running))
+    while n := decoder.step(running):
+        rows_per_step.append(n)
+    assert max(rows_per_step) == 4  # four sequences in one forward
+    assert [s.result().tokens for s in running] == [g.tokens for g in generate(model.net, embs, GREEDY)]
+
+
+def test_mixed_settings_in_one_batch_equal_solo_runs(tiny):
+    model, embs = tiny
+    decoder = Decoder(model.net, capacity=16)
+    sequences = decoder.start(embs[:1], GREEDY) + decoder.start(embs[1:2], SAMPLED) + decoder.start(embs[2:3], BEAMS)
+    results = decoder.run(sequences)
+    solo = [generate(model.net, embs[i : i + 1], p)[0].tokens for i, p in enumerate([GREEDY, SAMPLED, BEAMS])]
+    assert [r.tokens for r in results] == solo
+    assert sorted(decoder.pool.free) == list(range(16))  # every slot came back
+
+
+def test_capacity_error_is_clear_and_leaves_pool_intact(tiny):
+    model, embs = tiny
+    decoder = Decoder(model.net, capacity=4)
+    held = decoder.start(embs[:3], GREEDY)
+    with pytest.raises(CapacityError, match="2 slot\\(s\\) wanted, 1 free"):
+        decoder.start(embs[:2], GREEDY)
+    assert len(decoder.pool.free) == 1
+    for s in held:
+        decoder.release(s)
+    assert len(decoder.start(embs[:4], GREEDY)) == 4
+
+
+def test_scattered_slots_read_the_right_cache_rows(tiny):
+    model, embs = tiny
+    decoder = Decoder(model.net, capacity=6)
+    a = decoder.start(embs[:3], GREEDY)
+    decoder.release(a[1])  # leaves a hole: the next caption lands between the others
+    b = decoder.start(embs[3:4], GREEDY)
+    assert b[0].rows == [1]
+    results = decoder.run([a[0], b[0], a[2]])
+    expected = generate(model.net, embs[[0, 3, 2]], GREEDY)
+    assert [r.tokens for r in results] == [g.tokens for g in expected]
