@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -229,6 +231,16 @@ bench.configure = lambda p: (p.add_argument("name"), p.add_argument("rest", narg
 bench.raw = True  # its own argument parser takes the model options
 
 
+@command("demo", "caption, rank and classify sample photos (pretrained weights when reachable)")
+def demo(args):
+    from clients.demo import run_demo
+
+    return run_demo(args)
+
+
+demo.configure = lambda p: p.add_argument("--out", default="demo-output", help="folder for the demo's pictures")
+
+
 # --- entry point --------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coca", description="CoCa captioning and search")
@@ -245,6 +257,8 @@ def main(argv=None) -> int:
     from coca.errors import CocaError
 
     args = build_parser().parse_args(argv)
+    # open_clip logs a warning for every random init; users see errors, or more with COCA_LOG_LEVEL=INFO
+    logging.basicConfig(level=os.environ.get("COCA_LOG_LEVEL", "ERROR"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args) or 0
     except (CocaError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
