@@ -86,3 +86,57 @@ def from_open_clip(model_name: str, reference: torch.nn.Module, dtype=torch.floa
     state = {k: v for k, v in reference.state_dict().items() if not k.endswith("attn_mask")}
     net.load_state_dict(state, strict=True, assign=True)
     return net.to(resolve_dtype(dtype)).eval().requires_grad_(False)
+
+
+# The top-level CoCa modules (open_clip state-dict prefixes) each served part needs.
+PARTS = {
+    "image_encoder": ("visual",),
+    "text_encoder": ("text",),
+    "text_decoder": ("text", "text_decoder"),  # the decoder reads the text tower's token outputs
+}
+
+
+def part_modules(part: str) -> tuple[str, ...]:
+    if part not in PARTS:
+        raise UnknownModelError(f"unknown CoCa part {part!r}: use one of {', '.join(PARTS)}")
+    return PARTS[part]
+
+
+def part_state_dict(net: CoCa, part: str) -> dict[str, torch.Tensor]:
+    """The weights of one part, under their open_clip names."""
+    modules = part_modules(part)
+    return {k: v for k, v in net.state_dict().items() if k.split(".", 1)[0] in modules}
+
+
+def load_part(model_name: str, part: str, weights_file: Union[str, Path], dtype=None) -> CoCa:
+    """CoCa holding only `part`'s weights, read from a safetensors file (never pickle).
+
+    The net is built on the meta device, so the other parts cost no memory; their
+    tensors stay on `meta` and must not be used. `dtype` None keeps the file's.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        net = CoCa(model_config(model_name))
+    expected = set(part_state_dict(net, part))
+    try:
+        state = load_file(str(weights_file))
+    except (OSError, SafetensorError) as exc:
+        raise WeightsUnavailableError(f"cannot read the {part} weights {weights_file}: {exc}") from exc
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsUnavailableError(
+            f"{weights_file} does not hold the {model_name} {part}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    try:
+        net.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatch: weights of another model size
+        raise WeightsUnavailableError(f"{weights_file} does not fit {model_name}: {exc}") from exc
+    for name in part_modules(part):
+        module = getattr(net, name)
+        if dtype is not None:
+            module.to(resolve_dtype(dtype))
+        module.requires_grad_(False)
+    return net.eval()

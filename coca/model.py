@@ -50,8 +50,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q, k, v, mask: Optional[torch.Tensor], want_weights: bool):
-    """Scaled dot-product attention; explicit softmax only when weights are wanted."""
-    if not want_weights:
+    """Scaled dot-product attention; explicit softmax when weights are wanted or for one query
+    (a decode step: the fused CPU kernel's set-up costs more than the tiny matmuls it saves)."""
+    if not want_weights and q.shape[-2] > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, L)
     if mask is not None:
@@ -350,7 +351,7 @@ class CoCa(nn.Module):
             decoder_layers=d["layers"], decoder_heads=d["heads"], decoder_width=d["width"],
             image_tokens=self.config["vision_cfg"].get("attn_pooler_queries", 256) - 1,
             dtype=self.dtype,
-            device=self.logit_scale.device,
+            device=self.text_decoder.text_projection.device,  # a served decoder part has no logit_scale
         )
 
     def step_weight_bytes(self) -> int:

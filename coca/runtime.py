@@ -25,6 +25,11 @@ def batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
+def tokens_to_text(tokenizer, tokens: Sequence[int]) -> str:
+    """Caption text of generated token ids (start, end and padding tokens dropped)."""
+    return tokenizer.decode([t for t in tokens if t not in (SOT, EOT, PAD)]).strip()
+
+
 @dataclass
 class Caption:
     text: str
@@ -87,7 +92,7 @@ class Coca:
 
     # --- text decoder --------------------------------------------------
     def decode_text(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in tokens if t not in (SOT, EOT, PAD)]).strip()
+        return tokens_to_text(self.tokenizer, tokens)
 
     def caption_embeddings(self, image_embs: torch.Tensor, params: SamplingParams) -> list[Caption]:
         return [
