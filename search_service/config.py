@@ -1,0 +1,74 @@
+"""Service configuration and the rule for server-side paths."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .index import IndexSettings
+
+DEFAULT_PORT = 50051
+
+
+class PathRefused(Exception):
+    """A server-side path that is not under a configured root (or names no file)."""
+
+    def __init__(self, message: str, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found
+
+
+@dataclass
+class ServiceConfig:
+    data_dir: Path
+    triton_url: str = "127.0.0.1:8001"
+    host: str = "127.0.0.1"  # loopback unless asked otherwise
+    port: int = DEFAULT_PORT  # 0: pick a free port
+    allowed_roots: list[Path] = field(default_factory=list)  # empty: no server-side paths at all
+    index: IndexSettings = field(default_factory=IndexSettings)
+    max_message_bytes: int = 64 << 20  # larger gRPC messages are refused with RESOURCE_EXHAUSTED
+    max_image_bytes: int = 32 << 20  # one image (bytes or file)
+    max_pixels: int = 40_000_000  # decompression-bomb guard (coca.media's default)
+    max_k: int = 1000
+    max_texts: int = 1000  # labels in Classify, texts in Rank
+    add_batch: int = 32  # images embedded concurrently and committed together in AddImages
+    snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"
+    triton_timeout_s: float = 60.0  # per model call when the client set no deadline
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir)
+        self.allowed_roots = [Path(r) for r in self.allowed_roots]
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key file")
+
+    def resolve_path(self, path: str) -> Path:
+        return resolve_under_roots(path, self.allowed_roots)
+
+
+def resolve_under_roots(path: str, roots: list[Path]) -> Path:
+    """The real file `path` names, if it lies under one of `roots`; PathRefused otherwise.
+
+    Relative paths are taken relative to the first root. Any `..` component is
+    refused outright, and symlinks are resolved before the check, so a link
+    inside a root that points outside it is refused too.
+    """
+    if not roots:
+        raise PathRefused(f"{path!r}: this server accepts no server-side paths (no allowed roots configured)")
+    if not path or "\x00" in path:
+        raise PathRefused(f"{path!r}: not a valid path")
+    given = Path(path)
+    if ".." in given.parts:
+        raise PathRefused(f"{path!r}: '..' is not allowed in server-side paths")
+    candidate = given if given.is_absolute() else roots[0] / given
+    real = Path(os.path.realpath(candidate))
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    if not any(real == r or real.is_relative_to(r) for r in real_roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise PathRefused(f"{path!r}: outside the allowed roots ({shown})")
+    if not real.is_file():
+        raise PathRefused(f"{path!r}: no such file under the allowed roots", not_found=True)
+    return real

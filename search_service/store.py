@@ -1,0 +1,395 @@
+"""The durable store: SQLite (WAL) is the truth; image bytes live content-addressed beside it.
+
+Layout of a data directory::
+
+    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info
+    blobs/ab/abcdef...             image bytes received over the wire, named by sha256
+    index.faiss                    the derived FAISS snapshot (search_service/index.py)
+
+Durability: the database runs with journal_mode=WAL and synchronous=FULL, so a
+commit returns only after the WAL is fsynced. A kill -9 cannot lose a commit
+even with synchronous=NORMAL (the WAL write has reached the OS before commit
+returns); FULL also survives a power cut or kernel crash, and costs one fsync
+per commit, which group commit (one transaction per batch of images) makes
+cheap. Blobs are written to a temp file, fsynced, renamed into place and their
+directory fsynced *before* the row that names them is committed: a committed
+row never points at a missing or partial file. A crash between the two leaves
+an unreferenced blob, which is harmless and reused if the content comes again.
+
+Every add and delete appends to `changes` in the same transaction; its
+AUTOINCREMENT `seq` is the clock the FAISS snapshot records, so start-up
+replays exactly the changes the snapshot has not seen. Items are keyed for
+FAISS by `vid` (AUTOINCREMENT: never reused, even after deletes).
+
+One connection writes (the service funnels writes through one thread); reads
+open their own connection per thread (WAL: readers never block the writer).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    vid        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    sha256     TEXT NOT NULL UNIQUE,
+    uri        TEXT NOT NULL,
+    blob       TEXT,                 -- path under blobs/ of bytes we keep, NULL for server-side paths
+    metadata   TEXT NOT NULL DEFAULT '{}',
+    embedding  BLOB NOT NULL,        -- float32, unit norm
+    caption    TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS item_meta (
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    vid   INTEGER NOT NULL,
+    PRIMARY KEY (key, value, vid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_meta_vid ON item_meta (vid);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    vid INTEGER NOT NULL,
+    op  TEXT NOT NULL CHECK (op IN ('add', 'delete'))
+);
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class ConflictError(StoreError):
+    """An explicit id already names different content."""
+
+
+class ModelMismatchError(StoreError):
+    """The store holds embeddings of another model (or dimension) than the one offered."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_id(sha256: str) -> str:
+    """Ids derived from content: the first 128 bits of its sha256, in hex."""
+    return sha256[:32]
+
+
+@dataclass
+class NewItem:
+    sha256: str
+    uri: str
+    embedding: np.ndarray  # (D,) float32, unit norm
+    id: str = ""  # empty: default_id(sha256)
+    metadata: dict[str, str] = field(default_factory=dict)
+    blob: Optional[str] = None
+
+
+@dataclass
+class AddOutcome:
+    id: str
+    sha256: str
+    added: bool  # False: the content was already there under `id`
+    vid: int
+
+
+@dataclass
+class Item:
+    vid: int
+    id: str
+    sha256: str
+    uri: str
+    blob: Optional[str]
+    metadata: dict[str, str]
+    caption: Optional[str]
+    created_at: float
+    updated_at: float
+    embedding: Optional[np.ndarray] = None
+
+
+@dataclass
+class Change:
+    seq: int
+    vid: int
+    op: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write a file so that it is either absent/old or complete: temp file, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+class Store:
+    """Items, their embeddings and captions, in one SQLite database plus a blob directory."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.blob_dir = self.data_dir / "blobs"
+        self.path = self.data_dir / "store.sqlite3"
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._init_info()
+
+    # ------------------------------------------------------------ connections
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def close(self) -> None:
+        self._writer.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self._writer)
+
+    # ------------------------------------------------------------ store info
+    def _init_info(self) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            # Names this store: an index snapshot of another store (a copied data dir) is refused.
+            db.execute("INSERT OR IGNORE INTO info VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
+        version = self.info().get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+
+    def info(self) -> dict[str, str]:
+        return dict(self._reader().execute("SELECT key, value FROM info"))
+
+    def bind_model(self, model: str, pretrained: str, dim: int) -> None:
+        """Record the model whose embeddings the store holds; refuse a different one later."""
+        wanted = {"model": model, "pretrained": pretrained, "embedding_dim": str(dim)}
+        with self._transaction() as db:
+            have = dict(db.execute("SELECT key, value FROM info WHERE key IN ('model', 'pretrained', 'embedding_dim')"))
+            if have and have != wanted:
+                raise ModelMismatchError(
+                    f"the store in {self.data_dir} holds embeddings of {have.get('model')} "
+                    f"({have.get('pretrained')}, dim {have.get('embedding_dim')}) but the model server has "
+                    f"{model} ({pretrained}, dim {dim}); use another --data directory or the same model"
+                )
+            db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", wanted.items())
+
+    # ------------------------------------------------------------ blobs
+    def blob_path(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256
+
+    def put_blob(self, sha256: str, data: bytes) -> str:
+        """Keep `data` under its hash (durably, before any row names it); returns its relative path."""
+        path = self.blob_path(sha256)
+        if not path.exists():
+            write_atomic(path, [data])
+        return str(path.relative_to(self.data_dir))
+
+    def read_image(self, item: Item) -> bytes:
+        """The item's encoded bytes: its blob, or the server-side file it was indexed from."""
+        path = self.data_dir / item.blob if item.blob else Path(item.uri.removeprefix("file://"))
+        data = path.read_bytes()
+        if sha256_hex(data) != item.sha256:
+            raise StoreError(f"{path}: content changed since it was indexed")
+        return data
+
+    # ------------------------------------------------------------ writes
+    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
+        """Insert new items in one transaction; content already present is a duplicate, not an error."""
+        now = time.time()
+        outcomes: list[AddOutcome | ConflictError] = []
+        with self._transaction() as db:
+            for item in items:
+                outcomes.append(self._add_one(db, item, now))
+        return outcomes
+
+    def _add_one(self, db: sqlite3.Connection, item: NewItem, now: float) -> AddOutcome | ConflictError:
+        row = db.execute("SELECT vid, id FROM items WHERE sha256 = ?", (item.sha256,)).fetchone()
+        if row is not None:
+            return AddOutcome(id=row[1], sha256=item.sha256, added=False, vid=row[0])
+        item_id = item.id or default_id(item.sha256)
+        if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone():
+            return ConflictError(f"id {item_id!r} already names other content")
+        embedding = np.ascontiguousarray(item.embedding, dtype=np.float32)
+        vid = db.execute(
+            "INSERT INTO items (id, sha256, uri, blob, metadata, embedding, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (item_id, item.sha256, item.uri, item.blob, json.dumps(item.metadata, sort_keys=True),
+             embedding.tobytes(), now, now),
+        ).lastrowid
+        db.executemany("INSERT INTO item_meta VALUES (?, ?, ?)", [(k, v, vid) for k, v in item.metadata.items()])
+        db.execute("INSERT INTO changes (vid, op) VALUES (?, 'add')", (vid,))
+        return AddOutcome(id=item_id, sha256=item.sha256, added=True, vid=vid)
+
+    def delete(self, item_id: str) -> Optional[Item]:
+        """Remove an item (row, metadata, its blob); returns what was removed, None if unknown."""
+        with self._transaction() as db:
+            item = self._get(db, "id", item_id, with_embedding=False)
+            if item is None:
+                return None
+            db.execute("DELETE FROM items WHERE vid = ?", (item.vid,))
+            db.execute("DELETE FROM item_meta WHERE vid = ?", (item.vid,))
+            db.execute("INSERT INTO changes (vid, op) VALUES (?, 'delete')", (item.vid,))
+        if item.blob:  # after the commit: a crash in between leaves an unreferenced blob, never a dangling row
+            with contextlib.suppress(OSError):
+                os.unlink(self.data_dir / item.blob)
+        return item
+
+    def set_captions(self, captions: dict[int, str]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("UPDATE items SET caption = ?, updated_at = ? WHERE vid = ?",
+                           [(text, now, vid) for vid, text in captions.items()])
+
+    def store_uuid(self) -> str:
+        return self.info()["store_uuid"]
+
+    def prune_changes(self, upto_seq: int) -> None:
+        """Forget changes a durable snapshot already covers (AUTOINCREMENT keeps counting)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
+
+    # ------------------------------------------------------------ reads
+    _COLUMNS = "vid, id, sha256, uri, blob, metadata, caption, created_at, updated_at"
+
+    def _get(self, db, column: str, value, with_embedding: bool) -> Optional[Item]:
+        columns = self._COLUMNS + (", embedding" if with_embedding else "")
+        row = db.execute(f"SELECT {columns} FROM items WHERE {column} = ?", (value,)).fetchone()
+        return _item(row) if row else None
+
+    def get(self, item_id: str, with_embedding: bool = False) -> Optional[Item]:
+        return self._get(self._reader(), "id", item_id, with_embedding)
+
+    def find_sha(self, sha256: str) -> Optional[Item]:
+        return self._get(self._reader(), "sha256", sha256, False)
+
+    def get_many(self, vids: list[int]) -> dict[int, Item]:
+        out: dict[int, Item] = {}
+        db = self._reader()
+        for start in range(0, len(vids), 500):
+            chunk = vids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(f"SELECT {self._COLUMNS} FROM items WHERE vid IN ({marks})", chunk):
+                out[row[0]] = _item(row)
+        return out
+
+    def count(self) -> int:
+        return self._reader().execute("SELECT count(*) FROM items").fetchone()[0]
+
+    def last_seq(self) -> int:
+        row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
+
+    def matching(self, filters: dict[str, str]) -> set[int]:
+        """vids whose metadata has every key = value of `filters` (uses the (key, value) index)."""
+        db = self._reader()
+        result: Optional[set[int]] = None
+        for key, value in sorted(filters.items()):
+            vids = {r[0] for r in db.execute("SELECT vid FROM item_meta WHERE key = ? AND value = ?", (key, value))}
+            result = vids if result is None else result & vids
+            if not result:
+                return set()
+        return result or set()
+
+    def embeddings(self, vids: Optional[list[int]] = None, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(vids, embeddings (n, D)) in chunks: all items in vid order, or just `vids`."""
+        db = self._reader()
+        if vids is None:
+            cursor = db.execute("SELECT vid, embedding FROM items ORDER BY vid")
+            while rows := cursor.fetchmany(batch):
+                yield _stack(rows)
+            return
+        for start in range(0, len(vids), 500):
+            chunk = vids[start:start + 500]
+            rows = db.execute(f"SELECT vid, embedding FROM items WHERE vid IN ({','.join('?' * len(chunk))})",
+                              chunk).fetchall()
+            if rows:
+                yield _stack(rows)
+
+    def snapshot_view(self) -> "_Transaction":
+        """A read transaction: everything read inside it sees one consistent state."""
+        return _Transaction(self._reader(), read_only=True)
+
+    def changes_after(self, seq: int) -> list[Change]:
+        rows = self._reader().execute("SELECT seq, vid, op FROM changes WHERE seq > ? ORDER BY seq", (seq,))
+        return [Change(*r) for r in rows]
+
+    def oldest_change(self) -> Optional[int]:
+        return self._reader().execute("SELECT min(seq) FROM changes").fetchone()[0]
+
+
+def _stack(rows) -> tuple[np.ndarray, np.ndarray]:
+    vids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    return vids, np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+
+
+def _item(row) -> Item:
+    item = Item(vid=row[0], id=row[1], sha256=row[2], uri=row[3], blob=row[4], metadata=json.loads(row[5]),
+                caption=row[6], created_at=row[7], updated_at=row[8])
+    if len(row) > 9:
+        item.embedding = np.frombuffer(row[9], dtype=np.float32).copy()
+    return item
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE (writes) or BEGIN (reads) ... COMMIT, ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection, read_only: bool = False):
+        self.conn = conn
+        self.read_only = read_only
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN" if self.read_only else "BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, kind, exc, tb):
+        self.conn.execute("ROLLBACK" if kind is not None else "COMMIT")
+        return False

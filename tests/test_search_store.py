@@ -1,0 +1,238 @@
+"""The search service's store and index without a model: real SQLite, real FAISS, real files."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search_service.codegen import stale_files
+from search_service.config import PathRefused, resolve_under_roots
+from search_service.engine import SNAPSHOT_FILE, Engine
+from search_service.index import IndexSettings, SnapshotError, VectorIndex
+from search_service.store import ConflictError, NewItem, Store, default_id, sha256_hex
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 16
+
+
+def unit(rng, n, dim=DIM):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def items(rng, n, start=0, meta=None):
+    vectors = unit(rng, n)
+    return [NewItem(sha256=sha256_hex(f"content {start + i}".encode()), uri=f"mem:{start + i}",
+                    embedding=vectors[i], metadata=dict(meta or {}, n=str(start + i))) for i in range(n)]
+
+
+def open_engine(path, factory="Flat", **kw):
+    engine = Engine(path, IndexSettings(factory=factory, **kw.pop("settings", {})), **kw)
+    engine.bind_model("test-model", "random", DIM)
+    engine.open_index(DIM)
+    return engine
+
+
+def index_ids(engine):
+    index = engine.index
+    ids = {int(i) for i in np.asarray([index.index.id_map.at(j) for j in range(index.index.ntotal)])}
+    return ids - index.tombstones
+
+
+def store_ids(engine):
+    return {int(v) for vids, _ in engine.store.embeddings() for v in vids}
+
+
+def test_generated_grpc_code_matches_the_proto():
+    assert stale_files() == []
+
+
+def test_add_dedup_conflict_and_reopen(tmp_path):
+    rng = np.random.default_rng(0)
+    engine = open_engine(tmp_path)
+    batch = items(rng, 5)
+    outcomes = engine.add(batch)
+    assert [o.added for o in outcomes] == [True] * 5
+    assert outcomes[0].id == default_id(batch[0].sha256)
+    again = engine.add([NewItem(batch[2].sha256, "other", batch[2].embedding, id="my-id")])[0]
+    assert not again.added and again.id == outcomes[2].id  # same content: same id, no new vector
+    clash = engine.add([NewItem(sha256_hex(b"new"), "x", batch[0].embedding, id=outcomes[1].id)])[0]
+    assert isinstance(clash, ConflictError) and outcomes[1].id in str(clash)
+    assert engine.index.size == engine.store.count() == 5
+    engine.close()
+
+    engine = open_engine(tmp_path)
+    assert engine.store.count() == 5 and index_ids(engine) == store_ids(engine)
+    hit = engine.search(batch[3].embedding, 1)[0]
+    assert hit.item.id == outcomes[3].id and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert hit.item.metadata == {"n": "3"}
+    engine.close()
+
+
+def test_delete_removes_row_vector_and_blob(tmp_path):
+    rng = np.random.default_rng(1)
+    engine = open_engine(tmp_path)
+    data = b"\x89PNG not really"
+    sha = sha256_hex(data)
+    blob = engine.store.put_blob(sha, data)
+    first = engine.add([NewItem(sha, "blob:" + sha, unit(rng, 1)[0], blob=blob)] + items(rng, 3))[0]
+    assert (tmp_path / blob).read_bytes() == data
+    removed = engine.delete(first.id)
+    assert removed is not None and removed.id == first.id
+    assert engine.delete(first.id) is None  # unknown now
+    assert engine.store.get(first.id) is None and not (tmp_path / blob).exists()
+    assert first.vid not in index_ids(engine) and engine.index.size == 3
+    assert all(h.item.id != first.id for h in engine.search(unit(rng, 1)[0], 10))
+    engine.close()
+
+
+def test_snapshot_is_caught_up_after_a_crash(tmp_path):
+    rng = np.random.default_rng(2)
+    engine = open_engine(tmp_path, snapshot_every=10)
+    engine.add(items(rng, 12))  # passes snapshot_every: snapshot written
+    snap_seq = engine.snapshot_seq
+    assert snap_seq == 12 and (tmp_path / SNAPSHOT_FILE).exists()
+    engine.add(items(rng, 3, start=100))
+    gone = engine.store.get(default_id(sha256_hex(b"content 0")))
+    engine.delete(gone.id)
+    # No close(): as if the process died. The snapshot on disk is 4 changes behind.
+    engine2 = open_engine(tmp_path)
+    assert engine2.snapshot_seq == engine2.index.seq == 16
+    assert index_ids(engine2) == store_ids(engine2) and gone.vid not in index_ids(engine2)
+    assert engine2.store.changes_after(0) == []  # covered by the new snapshot, pruned
+    engine2.close()
+
+
+def test_unusable_snapshots_are_rebuilt(tmp_path):
+    rng = np.random.default_rng(3)
+    engine = open_engine(tmp_path)
+    engine.add(items(rng, 7))
+    engine.close()
+    path = tmp_path / SNAPSHOT_FILE
+    path.write_bytes(path.read_bytes()[:-50])  # truncated
+    engine = open_engine(tmp_path)
+    assert engine.index.size == 7
+    engine.close()
+    # A snapshot from another store (a copied file) is refused by the store's uuid.
+    other = open_engine(tmp_path / "other")
+    other.add(items(rng, 2, start=50))
+    other.close()
+    with pytest.raises(SnapshotError, match="another store"):
+        VectorIndex.load(tmp_path / "other" / SNAPSHOT_FILE, IndexSettings(), Store(tmp_path).store_uuid(), DIM)
+    # Another factory configured: rebuilt as that factory.
+    engine = open_engine(tmp_path, factory="HNSW16")
+    assert engine.index.active == "HNSW16" and engine.index.size == 7
+    engine.close()
+
+
+def test_hnsw_deletes_are_tombstoned_then_rebuilt(tmp_path):
+    rng = np.random.default_rng(4)
+    engine = open_engine(tmp_path, factory="HNSW16")
+    added = engine.add(items(rng, 40))
+    for outcome in added[:5]:
+        engine.delete(outcome.id)
+    assert len(engine.index.tombstones) == 5 and engine.index.size == 35
+    found = {h.item.id for h in engine.search(unit(rng, 1)[0], 40)}
+    assert len(found) == 35 and not found & {o.id for o in added[:5]}
+    for outcome in added[5:11]:  # the 11th passes a quarter of the 40 vectors: rebuilt without them
+        engine.delete(outcome.id)
+    assert engine.index.tombstones == set() and engine.index.index.ntotal == 29
+    engine.close()
+    engine = open_engine(tmp_path, factory="HNSW16")
+    assert index_ids(engine) == store_ids(engine)
+    engine.close()
+
+
+def test_ivf_serves_flat_until_trained(tmp_path):
+    rng = np.random.default_rng(5)
+    engine = open_engine(tmp_path, factory="IVF4,Flat", settings={"nprobe": 4})
+    assert engine.index.active == "Flat" and engine.index.training_needed() == 4 * 39
+    engine.add(items(rng, 100))
+    assert engine.index.active == "Flat"
+    engine.add(items(rng, 100, start=100))
+    assert engine.index.active == "IVF4,Flat" and engine.index.size == 200
+    probe = engine.store.get(default_id(sha256_hex(b"content 150")), with_embedding=True)
+    assert engine.search(probe.embedding, 1)[0].item.id == probe.id  # nprobe = nlist: exact
+    engine.close()
+    engine = open_engine(tmp_path, factory="IVF4,Flat", settings={"nprobe": 4})
+    assert engine.index.active == "IVF4,Flat" and index_ids(engine) == store_ids(engine)
+    engine.close()
+
+
+@pytest.mark.parametrize("exact_limit", [0, 10_000])  # selector inside FAISS, exact scoring
+def test_filters_min_score_and_k(tmp_path, exact_limit):
+    rng = np.random.default_rng(6)
+    engine = open_engine(tmp_path, factory="HNSW16")
+    engine.exact_filter_limit = exact_limit
+    engine.add(items(rng, 30, meta={"colour": "red"}) + items(rng, 30, start=30, meta={"colour": "blue"}))
+    query = unit(rng, 1)[0]
+    red = engine.search(query, 50, {"colour": "red"})
+    assert len(red) == 30 and all(h.item.metadata["colour"] == "red" for h in red)
+    assert [h.score for h in red] == sorted((h.score for h in red), reverse=True)
+    assert engine.search(query, 5, {"colour": "red", "n": "7"})[0].item.metadata["n"] == "7"
+    assert engine.search(query, 5, {"colour": "green"}) == []
+    everything = engine.search(query, 60)
+    above = engine.search(query, 60, min_score=0.1)
+    assert above == [h for h in everything if h.score >= 0.1] and 0 < len(above) < 60
+    engine.close()
+
+
+def test_paths_are_confined_to_roots(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jpg").write_bytes(b"x")
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"y")
+    (root / "link.jpg").symlink_to(outside)
+    (root / "inner.jpg").symlink_to(root / "sub" / "a.jpg")
+    roots = [root]
+    assert resolve_under_roots("sub/a.jpg", roots) == (root / "sub" / "a.jpg").resolve()
+    assert resolve_under_roots(str(root / "inner.jpg"), roots) == (root / "sub" / "a.jpg").resolve()
+    for bad, why in [("sub/../sub/a.jpg", "'..'"), (str(outside), "outside"), ("link.jpg", "outside"),
+                     ("/etc/passwd", "outside")]:
+        with pytest.raises(PathRefused, match=why):
+            resolve_under_roots(bad, roots)
+    with pytest.raises(PathRefused) as missing:
+        resolve_under_roots("sub/none.jpg", roots)
+    assert missing.value.not_found
+    with pytest.raises(PathRefused, match="no allowed roots"):
+        resolve_under_roots("sub/a.jpg", [])
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from search_service.engine import Engine
+    from search_service.index import IndexSettings
+    from search_service.store import NewItem, sha256_hex
+    engine = Engine(sys.argv[1], IndexSettings(factory="Flat"), snapshot_every=7)
+    engine.bind_model("test-model", "random", 16)
+    engine.open_index(16)
+    rng = np.random.default_rng(0)
+    for i in range(100000):
+        v = rng.standard_normal(16).astype(np.float32)
+        out = engine.add([NewItem(sha256_hex(str(i).encode()), f"mem:{i}", v / np.linalg.norm(v))])[0]
+        print(out.id, flush=True)  # acknowledged: committed
+""")
+
+
+def test_sigkill_loses_no_acknowledged_item(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    acked = []
+    for line in proc.stdout:
+        acked.append(line.strip())
+        if len(acked) == 60:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    acked += [line.strip() for line in proc.stdout if line.strip()]
+    engine = open_engine(tmp_path)
+    assert all(engine.store.get(i) is not None for i in acked)
+    assert index_ids(engine) == store_ids(engine) and engine.index.size >= len(acked)
+    engine.close()
