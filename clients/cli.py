@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from coca.errors import CocaError, InvalidInputError
+
 COMMANDS: dict[str, Callable] = {}
 
 
@@ -209,6 +211,31 @@ attention_text.configure = lambda p: (
 )
 
 
+@command("plot", "feature-space plot (t-SNE) of images with thumbnails, or of texts")
+def plot(args):
+    from coca import media, plots
+    from clients.zero_shot import IMAGE_SUFFIXES
+
+    model = load_model(args)
+    if args.texts:
+        points, labels = model.embed_texts(args.texts), args.texts
+    else:
+        folder = Path(args.directory or ".")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < 2:
+            raise InvalidInputError(f"{folder}: need at least two images to plot")
+        points, labels = model.embed_images([str(f) for f in files], progress=True), [media.load_image(f) for f in files]
+    print(f"wrote {plots.feature_space_png(points, labels, args.out, method=args.method)}")
+
+
+plot.configure = lambda p: (
+    p.add_argument("directory", nargs="?", help="folder of images"),
+    p.add_argument("--texts", nargs="+", metavar="TEXT", help="plot these texts instead"),
+    p.add_argument("--out", required=True, help="PNG file"),
+    p.add_argument("--method", default="tsne", choices=["tsne", "pca"]),
+)
+
+
 @command("info", "net information: parameters per part and array, layer types")
 def info(args):
     from coca import netinfo
@@ -254,8 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from coca.errors import CocaError
-
     args = build_parser().parse_args(argv)
     # open_clip logs a warning for every random init; users see errors, or more with COCA_LOG_LEVEL=INFO
     logging.basicConfig(level=os.environ.get("COCA_LOG_LEVEL", "ERROR"), format="%(levelname)s %(name)s: %(message)s")

@@ -115,3 +115,18 @@ def test_console_script_exit_code():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
     assert proc.stderr.startswith("coca caption: error:") and "/nonexistent.png" in proc.stderr
+
+
+def test_plot_images_and_texts(capsys, images, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in images:
+        (folder / p.split("/")[-1]).write_bytes(open(p, "rb").read())
+    out = tmp_path / "tsne.png"
+    assert run(capsys, "plot", str(folder), *TINY, "--out", str(out))[0] == 0
+    assert Image.open(out).format == "PNG"
+    out2 = tmp_path / "texts.png"
+    assert run(capsys, "plot", "--texts", "Paris", "New York", "a cat", *TINY, "--out", str(out2), "--method", "pca")[0] == 0
+    assert out2.stat().st_size > 1000
