@@ -268,6 +268,40 @@ def demo(args):
 demo.configure = lambda p: p.add_argument("--out", default="demo-output", help="folder for the demo's pictures")
 
 
+@command("serve", "run tritonserver and the search service on 127.0.0.1 until Ctrl-C")
+def serve(args):
+    from clients import search_cli
+
+    return search_cli.serve(args)
+
+
+@command("index", "add a folder of images to the search service (resumable)")
+def index(args):
+    from clients import search_cli
+
+    return search_cli.index(args)
+
+
+@command("search", "search the indexed images by text or by image")
+def search(args):
+    from clients import search_cli
+
+    return search_cli.search(args)
+
+
+def _search_cli():
+    from clients import search_cli
+
+    return search_cli
+
+
+serve.configure = lambda p: _search_cli().configure_serve(p)
+index.configure = lambda p: _search_cli().configure_index(p)
+index.raw = True  # no model options: the service holds the model
+search.configure = lambda p: _search_cli().configure_search(p)
+search.raw = True
+
+
 # --- entry point --------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coca", description="CoCa captioning and search")

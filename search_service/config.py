@@ -37,6 +37,7 @@ class ServiceConfig:
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"
+    logit_scale: float = 100.0  # Classify's softmax scale: Triton does not serve CoCa's learned one
     triton_timeout_s: float = 60.0  # per model call when the client set no deadline
 
     def __post_init__(self):

@@ -1,0 +1,241 @@
+"""The search commands of `coca`: serve, index, search (registered in clients/cli.py).
+
+    coca serve [--data DIR] [--model NAME --pretrained TAG|PATH|random] [--port 50051]
+    coca index DIR [--server 127.0.0.1:50051] [--meta key=value ...]
+    coca search "a red car" [-k 10] [--captions] [--html out.html]
+    coca search --image photo.jpg
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+SERVE_FILE = "serve.json"  # what `coca serve` exported into a data dir (model, weights, logit scale)
+
+
+# ---------------------------------------------------------------- shared options
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=DEFAULT_SERVER, help="search service HOST:PORT (default %(default)s)")
+    p.add_argument("--token-file", help="bearer token file (or set COCA_SEARCH_TOKEN)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS server")
+
+
+def connect(args):
+    from clients.search_client import SearchClient
+
+    token = os.environ.get("COCA_SEARCH_TOKEN") or None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    return SearchClient(args.server, token=token, tls_ca=args.tls_ca)
+
+
+def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
+    from coca.errors import InvalidInputError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"{what} {pair!r}: write it as key=value")
+        out[key] = value
+    return out
+
+
+def rpc_error_message(exc) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+# ---------------------------------------------------------------- serve
+def configure_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/search", help="data directory (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="search service port on 127.0.0.1")
+    p.add_argument("--triton-port", type=int, default=None, help="Triton gRPC port (default: a free one)")
+    p.add_argument("--index", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF1024,Flat ...)")
+    p.add_argument("--root", action="append", default=[], metavar="DIR",
+                   help="allow server-side paths under DIR in AddImages (repeatable)")
+
+
+def serve(args) -> int:
+    import asyncio
+
+    from search_service.config import ServiceConfig
+    from search_service.index import IndexSettings
+    from search_service.server import run
+    from serving.launcher import TritonServer
+
+    data = Path(args.data)
+    repository, logit_scale = ensure_repository(data, args)
+    triton = TritonServer(repository, grpc_port=args.triton_port, echo=False, kill_on_parent_exit=True,
+                          log_file=data / "triton.log")
+    print(f"starting tritonserver on {repository} (log: {data / 'triton.log'}) ...", flush=True)
+    triton.start()
+    try:
+        print(f"tritonserver ready on {triton.grpc_url}", flush=True)
+        config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
+                               allowed_roots=[Path(r) for r in args.root],
+                               index=IndexSettings(factory=args.index), logit_scale=logit_scale)
+        asyncio.run(run(config))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping tritonserver ...", flush=True)
+        triton.stop()
+    return 0
+
+
+def ensure_repository(data: Path, args) -> tuple[Path, float]:
+    """The data dir's model repository, exported now unless it already holds this model and weights."""
+    repository = data / "model_repository"
+    marker = data / SERVE_FILE
+    wanted = {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "dtype": args.dtype}
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if {k: recorded.get(k) for k in wanted} == wanted and (repository / "coca_manifest.json").is_file():
+            return repository, float(recorded["logit_scale"])
+    import coca
+    from coca.export import export_repository
+
+    print(f"exporting {args.model} ({args.pretrained}) to {repository} ...", flush=True)
+    model = coca.load(args.model, pretrained=args.pretrained, seed=args.seed, dtype=args.dtype)
+    data.mkdir(parents=True, exist_ok=True)
+    export_repository(model, repository)
+    marker.write_text(json.dumps({**wanted, "logit_scale": model.logit_scale}, indent=2) + "\n")
+    return repository, model.logit_scale
+
+
+# ---------------------------------------------------------------- index
+def configure_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="folder of images (searched recursively)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata for every image")
+    p.add_argument("--server-paths", action="store_true",
+                   help="send paths instead of bytes (the folder must be under one of the server's --root)")
+    add_connection_options(p)
+
+
+def index(args) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from clients.search_client import image_files
+    from search_service.pb import search_pb2 as pb
+
+    from coca.errors import InvalidInputError
+
+    if not Path(args.directory).is_dir():
+        raise InvalidInputError(f"{args.directory}: not a directory")
+    files = image_files(args.directory)
+    metadata = parse_pairs(args.meta, "--meta")
+    counts = {"added": 0, "duplicate": 0, "failed": 0}
+    names = {pb.AddImageResult.ADDED: "added", pb.AddImageResult.DUPLICATE: "duplicate",
+             pb.AddImageResult.FAILED: "failed"}
+    with connect(args) as client, tqdm(total=len(files), unit="img", desc="indexing") as bar:
+        try:
+            for path, result in client.add_files(files, metadata, server_paths=args.server_paths):
+                counts[names[result.outcome]] += 1
+                if result.outcome == pb.AddImageResult.FAILED:
+                    bar.write(f"{path}: {result.error.message}", file=sys.stderr)
+                bar.update(1)
+                bar.set_postfix(counts)
+        except grpc.RpcError as exc:
+            bar.close()
+            print(f"coca index: error: {rpc_error_message(exc)} (run it again to resume: indexed images "
+                  f"are skipped by content hash)", file=sys.stderr)
+            return 1
+    print(f"{len(files)} files: {counts['added']} added, {counts['duplicate']} already indexed, "
+          f"{counts['failed']} failed")
+    return 1 if counts["failed"] else 0
+
+
+# ---------------------------------------------------------------- search
+def configure_search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="what to look for")
+    p.add_argument("--image", help="search with an image file instead of text")
+    p.add_argument("-k", type=int, default=10, help="number of hits (default %(default)s)")
+    p.add_argument("--captions", action="store_true", help="caption the hits (stored for next time)")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata must match")
+    p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
+    p.add_argument("--html", help="also write an HTML page of thumbnails, scores and captions")
+    add_connection_options(p)
+
+
+def search(args) -> int:
+    import grpc
+
+    from coca.errors import InvalidInputError
+
+    if (args.text is None) == (args.image is None):
+        raise InvalidInputError("give either a text or --image FILE")
+    filters = parse_pairs(args.filter, "--filter")
+    with connect(args) as client:
+        try:
+            if args.image:
+                response = client.search_image(Path(args.image).read_bytes(), k=args.k, with_captions=args.captions,
+                                                filters=filters, min_score=args.min_score)
+            else:
+                response = client.search_text(args.text, k=args.k, with_captions=args.captions,
+                                              filters=filters, min_score=args.min_score)
+            print_hits(response.hits)
+            if args.html:
+                query = args.text or f"image {args.image}"
+                write_html(args.html, query, response.hits, [_thumbnail(client, h.id) for h in response.hits])
+                print(f"wrote {args.html}")
+        except grpc.RpcError as exc:
+            print(f"coca search: error: {rpc_error_message(exc)}", file=sys.stderr)
+            return 2 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1
+    return 0
+
+
+def print_hits(hits) -> None:
+    print(f"{'#':>3}  {'score':>6}  {'id':<32}  uri / caption")
+    for rank, hit in enumerate(hits, 1):
+        caption = hit.caption or (f"(no caption: {hit.caption_error})" if hit.caption_error else "")
+        print(f"{rank:>3}  {hit.score:6.3f}  {hit.id:<32}  {hit.uri}" + (f"\n{'':>46}{caption}" if caption else ""))
+
+
+def _thumbnail(client, item_id: str, size: int = 256) -> str:
+    """A data: URI of a small JPEG of the item (empty when the image cannot be had)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(client.get(item_id, include_image=True).image)).convert("RGB")
+    except Exception:
+        return ""
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def write_html(path: str | os.PathLike, query: str, hits, thumbnails: list[str]) -> None:
+    """A self-contained page (thumbnails inlined): image, score, id, uri and caption of each hit."""
+    cards = []
+    for rank, (hit, thumb) in enumerate(zip(hits, thumbnails), 1):
+        image = f'<img src="{thumb}" alt="{html.escape(hit.id)}">' if thumb else '<div class="missing">no image</div>'
+        caption = html.escape(hit.caption or hit.caption_error)
+        cards.append(
+            f'<figure>{image}<figcaption><b>#{rank}</b> score {hit.score:.3f}<br>'
+            f'<span class="caption">{caption}</span><br><small>{html.escape(hit.id)}<br>{html.escape(hit.uri)}</small>'
+            f'</figcaption></figure>')
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>coca search: {html.escape(query)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ width: 256px; margin: 0; }}
+img {{ max-width: 256px; max-height: 256px; display: block; }}
+.caption {{ font-style: italic; }}
+small {{ color: #666; word-break: break-all; }}
+</style></head>
+<body><h1>{html.escape(query)}</h1><p>{len(hits)} hits</p>
+<div class="grid">
+{chr(10).join(cards)}
+</div></body></html>
+"""
+    Path(path).write_text(page, encoding="utf-8")

@@ -1,0 +1,211 @@
+"""Run the search service: grpc.aio server, health checking, reflection, optional TLS and bearer token.
+
+    python -m search_service.server --data DIR --triton 127.0.0.1:8001 [--port 50051] [--root DIR ...]
+                                    [--index HNSW32] [--tls-cert F --tls-key F] [--token-file F]
+
+Binds 127.0.0.1 unless --host says otherwise. Prints one line
+"search service ready on HOST:PORT" once it serves; SIGTERM / Ctrl-C stop it
+cleanly (in-flight calls get a grace period, then the index is snapshotted).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import DEFAULT_PORT, ServiceConfig
+from .engine import Engine
+from .index import IndexSettings
+from .models import Models
+from .pb import search_pb2, search_pb2_grpc
+from .service import SearchServicer, status_of
+
+log = logging.getLogger("search_service")
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+HEALTH_POLL_S = 2.0
+OPEN_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")  # probes need no token
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Require "authorization: Bearer <token>" on every call except health checks."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        if details.method in OPEN_METHODS:
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        handler = await continuation(details)
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')"
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:
+        return None
+    kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    make = kind[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    models: Models
+    health: health.aio.HealthServicer
+    _watch: asyncio.Task
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.models.close()
+        await asyncio.to_thread(self.engine.close)
+
+
+async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
+    """Open the store and index, then serve on config.host:config.port (0 = a free port)."""
+    engine = Engine(config.data_dir, config.index, config.snapshot_every)
+    models = Models(config.triton_url, config.logit_scale)
+    if engine.dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
+        log.info("index: %s", await asyncio.to_thread(engine.open_index, engine.dim, progress))
+    servicer = SearchServicer(config, engine, models)
+    health_servicer = health.aio.HealthServicer()
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes)]
+    interceptors = [BearerTokenAuth(config.bearer_token)] if config.bearer_token else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, _credentials(config)) if config.tls_cert else server.add_insecure_port(address)
+    await server.start()
+    watch = asyncio.create_task(_watch_models(servicer, health_servicer))
+    return RunningServer(server, port, engine, models, health_servicer, watch)
+
+
+def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
+    pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+    return grpc.ssl_server_credentials([pair])
+
+
+async def _watch_models(servicer: SearchServicer, health_servicer) -> None:
+    """Health follows Triton: SERVING while the models answer (and match the store), NOT_SERVING otherwise."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    last = None
+    while True:
+        try:
+            await servicer.ensure_models(refresh=True)
+            status = serving
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            status = not_serving
+            if last != not_serving:
+                log.warning("not serving: %s", status_of(exc)[1])
+        if status != last:
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+            last = status
+        await asyncio.sleep(HEALTH_POLL_S)
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m search_service.server", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="data directory (store, blobs, index snapshot)")
+    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    p.add_argument("--root", action="append", default=[], metavar="DIR",
+                   help="allow AddImages server-side paths under DIR (repeatable; none by default)")
+    p.add_argument("--index", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
+    p.add_argument("--ef-search", type=int, default=IndexSettings.ef_search)
+    p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe)
+    p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
+    p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--token-file", help="file holding the bearer token clients must send "
+                   "(or set COCA_SEARCH_TOKEN); kept off the command line so ps does not show it")
+    return p.parse_args(argv)
+
+
+def config_from_args(args) -> ServiceConfig:
+    token = os.environ.get("COCA_SEARCH_TOKEN") or None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    return ServiceConfig(
+        data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
+        allowed_roots=[Path(r) for r in args.root],
+        index=IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
+        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
+        tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
+        bearer_token=token,
+    )
+
+
+async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> None:
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start(config, progress=sys.stderr.isatty())
+    if config.bearer_token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
+    print(f"search service ready on {config.host}:{running.port} (data {config.data_dir}, "
+          f"Triton {config.triton_url}, index {config.index.factory})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()
+        print("search service stopped", flush=True)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"search service: error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

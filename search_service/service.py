@@ -1,0 +1,510 @@
+"""The gRPC servicer: requests in, engine (store + index) and Triton calls, responses or statuses out."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import grpc
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from coca.errors import CapacityError, InvalidImageError, InvalidInputError
+from coca.sampling import SamplingParams
+
+from .config import PathRefused, ServiceConfig
+from .engine import Engine, Hit
+from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
+from .pb import search_pb2 as pb
+from .pb import search_pb2_grpc
+from .store import ConflictError, Item, ModelMismatchError, NewItem, StoreError, sha256_hex
+
+log = logging.getLogger("search_service")
+
+DEFAULT_K = 10
+DEFAULT_FRAMES = 16
+MAX_FRAMES = 64
+MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones commit
+MAX_ID_CHARS = 256
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_CHARS = 4096
+DEFAULT_TEMPLATE = "This is a photo of a {}"
+
+
+class ServiceError(Exception):
+    """Fail the call (or one AddImages item) with this gRPC status and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def bad(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a failure maps to, and the message the caller sees."""
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, PathRefused):
+        return (grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.PERMISSION_DENIED), str(exc)
+    if isinstance(exc, ConflictError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, InvalidInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
+    if isinstance(exc, ModelsUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, (ModelMismatch, ModelMismatchError)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the model server did not answer in time"
+    log.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def rpc(method):
+    """Turn exceptions of a unary handler into a gRPC status with a message."""
+
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+
+    return handler
+
+
+@dataclass
+class Prepared:
+    """An AddImages item that passed validation and awaits its embedding."""
+
+    index: int
+    data: bytes
+    sha256: str
+    uri: str
+    id: str
+    metadata: dict[str, str]
+    keep_blob: bool
+
+
+@dataclass
+class SearchOptions:
+    k: int
+    min_score: Optional[float]
+    filters: dict[str, str]
+    with_captions: bool
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):
+    def __init__(self, config: ServiceConfig, engine: Engine, models: Models):
+        self.config = config
+        self.engine = engine
+        self.models = models
+        self.caption_params = SamplingParams()
+        self._bound: Optional[ModelIdentity] = None
+        self._opening = asyncio.Lock()
+
+    # ------------------------------------------------------------ helpers
+    def _timeout(self, context) -> float:
+        """Seconds left for model calls: the client's deadline, else the configured bound."""
+        remaining = context.time_remaining() if context is not None else None
+        return self.config.triton_timeout_s if remaining is None else max(remaining, 0.001)
+
+    async def ensure_models(self, refresh: bool = False) -> None:
+        """Triton answers and serves the store's model; the index is open (its dimension known)."""
+        identity = await self.models.identity(refresh=refresh)
+        async with self._opening:
+            if identity != self._bound:
+                await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
+                self._bound = identity
+            if self.engine.index is None:
+                await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
+
+    def check_image(self, data: bytes, name: str = "") -> None:
+        """Size, format and pixel-count checks from the header alone (the model decodes it again)."""
+        name = name or f"<bytes, {len(data)} B>"
+        if not data:
+            raise bad(f"{name}: empty image (0 bytes)")
+        if len(data) > self.config.max_image_bytes:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{name}: {len(data)} bytes, over the limit of {self.config.max_image_bytes}")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise InvalidImageError(f"{name}: image too large, possible decompression bomb ({exc})") from None
+        except UnidentifiedImageError:
+            raise InvalidImageError(f"{name}: not an image (unrecognised format)") from None
+        except Exception as exc:
+            raise InvalidImageError(f"{name}: corrupt image header: {exc}") from None
+        width, height = image.size
+        if width * height > self.config.max_pixels:
+            raise InvalidImageError(
+                f"{name}: {image.format} is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{self.config.max_pixels} (possible decompression bomb)")
+        if width == 0 or height == 0:
+            raise InvalidImageError(f"{name}: image has zero size ({width}x{height})")
+
+    # ------------------------------------------------------------ AddImages
+    async def AddImages(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
+        try:
+            await self.ensure_models()
+        except Exception as exc:
+            await context.abort(*status_of(exc))
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.config.add_batch)
+        reader = asyncio.create_task(_read_stream(request_iterator, queue))
+        inflight: collections.deque[asyncio.Task] = collections.deque()
+        next_batch: Optional[asyncio.Task] = None
+        ended = False
+        try:
+            while True:
+                if next_batch is None and not ended and len(inflight) < MAX_INFLIGHT_BATCHES:
+                    next_batch = asyncio.create_task(_take_batch(queue, self.config.add_batch))
+                waiting = [t for t in (next_batch, inflight[0] if inflight else None) if t is not None]
+                if not waiting:
+                    break
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if next_batch is not None and next_batch.done():
+                    batch, ended = next_batch.result()
+                    next_batch = None
+                    if batch:
+                        inflight.append(asyncio.create_task(self._add_batch(batch, context)))
+                while inflight and inflight[0].done():
+                    for result in inflight.popleft().result():
+                        yield result
+        except ModelsUnavailable as exc:
+            await context.abort(*status_of(exc))
+        finally:
+            for task in (reader, next_batch, *inflight):
+                if task is not None:
+                    task.cancel()
+
+    async def _add_batch(self, batch: list[tuple[int, pb.AddImageRequest]], context) -> list[pb.AddImageResult]:
+        """Validate, embed (concurrently, each its own Triton request), commit together, report each."""
+        prepared = await asyncio.to_thread(self._prepare_all, batch)
+        pending = [p for p in prepared if isinstance(p, Prepared)]
+        vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
+        results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
+        ready: list[tuple[Prepared, np.ndarray]] = []
+        for p, vector in zip(pending, vectors):
+            if isinstance(vector, ModelsUnavailable):
+                raise vector  # Triton is down: fail the stream, nothing below was acknowledged
+            if isinstance(vector, BaseException):
+                results[p.index] = _failed(p.index, vector, p.sha256)
+            else:
+                ready.append((p, vector))
+        if ready:
+            outcomes = await asyncio.to_thread(self._commit, ready)
+            for (p, _), outcome in zip(ready, outcomes):
+                results[p.index] = outcome
+        return [results[i] for i, _ in batch]
+
+    def _prepare_all(self, batch) -> list:
+        out = []
+        for index, request in batch:
+            try:
+                out.append(self._prepare(index, request))
+            except Exception as exc:
+                out.append(_failed(index, exc))
+        return out
+
+    def _prepare(self, index: int, request: pb.AddImageRequest):
+        item_id = _check_id(request.id) if request.id else ""
+        metadata = _check_metadata(dict(request.metadata))
+        source = request.WhichOneof("source")
+        if source == "image":
+            data, uri, keep = request.image, request.uri, True
+            self.check_image(data)
+        elif source == "path":
+            path = self.config.resolve_path(request.path)
+            if path.stat().st_size > self.config.max_image_bytes:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{request.path}: over the image size limit of {self.config.max_image_bytes} bytes")
+            data, uri, keep = path.read_bytes(), f"file://{path}", False
+            self.check_image(data, request.path)
+        else:
+            raise bad("item has neither image bytes nor a path")
+        sha = sha256_hex(data)
+        known = self.engine.store.find_sha(sha)
+        if known is not None:  # no model call for content we have
+            return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
+        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
+
+    def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
+        """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
+        items = []
+        for p, vector in ready:
+            blob = self.engine.store.put_blob(p.sha256, p.data) if p.keep_blob else None
+            items.append(NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata, blob=blob))
+        results = []
+        for (p, _), outcome in zip(ready, self.engine.add(items)):
+            if isinstance(outcome, ConflictError):
+                results.append(_failed(p.index, outcome, p.sha256))
+            else:
+                kind = pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE
+                results.append(pb.AddImageResult(index=p.index, outcome=kind, id=outcome.id, content_sha256=p.sha256))
+        return results
+
+    # ------------------------------------------------------------ search
+    @rpc
+    async def SearchText(self, request: pb.SearchTextRequest, context) -> pb.SearchResponse:
+        options = self._options(request.options)
+        text = request.text.strip()
+        if not text:
+            raise bad("text is empty: give at least one word to search for")
+        await self.ensure_models()
+        vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
+        return await self._search(vector, options, context)
+
+    @rpc
+    async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
+        options = self._options(request.options)
+        await self.ensure_models()
+        vector = await self._image_vector(request.image if request.WhichOneof("query") == "image" else None,
+                                          request.id, context)
+        return await self._search(vector, options, context)
+
+    def _options(self, options: pb.SearchOptions) -> SearchOptions:
+        k = options.k or DEFAULT_K
+        if not 1 <= k <= self.config.max_k:
+            raise bad(f"k must be in [1, {self.config.max_k}], got {options.k}")
+        min_score = options.min_score if options.HasField("min_score") else None
+        if min_score is not None and not (math.isfinite(min_score) and -1 <= min_score <= 1):
+            raise bad(f"min_score must be a cosine similarity in [-1, 1], got {min_score}")
+        return SearchOptions(k, min_score, _check_metadata(dict(options.filters), "filter"), options.with_captions)
+
+    async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
+        """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
+        if data is not None:
+            self.check_image(data)
+            vector = (await self.models.embed_images_each([data], self._timeout(context)))[0]
+            if isinstance(vector, BaseException):
+                raise vector
+            return vector
+        if not item_id:
+            raise bad("give image bytes or the id of an indexed image")
+        item = await asyncio.to_thread(self.engine.store.get, item_id, True)
+        if item is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
+        return item.embedding
+
+    async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
+        hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score)
+        errors: dict[int, str] = {}
+        if options.with_captions:
+            errors = await self._caption_hits(hits, context)
+        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.vid, "")) for h in hits],
+                                 searched=self.engine.index.size)
+
+    async def _caption_hits(self, hits: list[Hit], context) -> dict[int, str]:
+        """Caption the hits that have no caption, concurrently (one decoder sequence each); store them."""
+        missing = [h.item for h in hits if not h.item.caption]
+        if not missing:
+            return {}
+        images = await asyncio.to_thread(_read_images, self.engine.store, missing)
+        readable = [(item, data) for item, data in zip(missing, images) if isinstance(data, bytes)]
+        errors = {item.vid: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
+        captions = await self.models.caption_each([d for _, d in readable], self.caption_params, self._timeout(context))
+        new: dict[int, str] = {}
+        for (item, _), caption in zip(readable, captions):
+            if isinstance(caption, ModelsUnavailable):
+                raise caption
+            if isinstance(caption, BaseException):
+                errors[item.vid] = status_of(caption)[1]
+            else:
+                item.caption = new[item.vid] = caption.text
+        await asyncio.to_thread(self.engine.set_captions, new)
+        return errors
+
+    # ------------------------------------------------------------ model calls
+    @rpc
+    async def Caption(self, request: pb.CaptionRequest, context) -> pb.CaptionResponse:
+        params = sampling_params(request.sampling)
+        media = request.WhichOneof("media")
+        timeout = self._timeout(context)
+        if media == "video":
+            frames = request.frames or DEFAULT_FRAMES
+            if not 1 <= frames <= MAX_FRAMES:
+                raise bad(f"frames must be in [1, {MAX_FRAMES}], got {request.frames}")
+            if len(request.video) > self.config.max_image_bytes:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
+            caption = await self.models.caption_video(request.video, frames, params, timeout)
+        else:
+            data = await self._image_bytes(request.image if media == "image" else None, request.id)
+            caption = await self.models.caption(data, params, timeout)
+        return pb.CaptionResponse(text=caption.text, tokens=caption.tokens, logprobs=caption.logprobs)
+
+    async def _image_bytes(self, data: Optional[bytes], item_id: str) -> bytes:
+        if data is not None:
+            self.check_image(data)
+            return data
+        if not item_id:
+            raise bad("give image bytes (or a video) or the id of an indexed image")
+        item = await asyncio.to_thread(self.engine.store.get, item_id)
+        if item is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
+        return await asyncio.to_thread(_read_image, self.engine.store, item)
+
+    async def _ref_vector(self, ref: pb.ImageRef, context) -> np.ndarray:
+        if ref.WhichOneof("ref") is None:
+            raise bad("give an image: its bytes or the id of an indexed image")
+        if ref.WhichOneof("ref") == "id":
+            await self.ensure_models()
+        return await self._image_vector(ref.image if ref.WhichOneof("ref") == "image" else None, ref.id, context)
+
+    def _check_texts(self, texts: list[str], what: str) -> list[str]:
+        if not texts:
+            raise bad(f"give at least one {what}")
+        if len(texts) > self.config.max_texts:
+            raise bad(f"at most {self.config.max_texts} {what}s, got {len(texts)}")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise bad(f"{what} #{i + 1} is empty")
+        return texts
+
+    @rpc
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        labels = self._check_texts(list(request.labels), "label")
+        template = request.template or DEFAULT_TEMPLATE
+        if "{}" not in template:
+            raise bad(f"template {template!r} has no '{{}}' where the label goes")
+        image = await self._ref_vector(request.image, context)
+        texts = await self.models.embed_texts([template.format(label) for label in labels], self._timeout(context))
+        similarity = texts @ image
+        logits = self.models.logit_scale * similarity
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        return pb.ClassifyResponse(labels=[
+            pb.LabelScore(label=labels[i], probability=float(probs[i]), similarity=float(similarity[i])) for i in order])
+
+    @rpc
+    async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
+        texts = self._check_texts(list(request.texts), "text")
+        image = await self._ref_vector(request.image, context)
+        distances = 1 - (await self.models.embed_texts(texts, self._timeout(context))) @ image
+        order = np.argsort(distances, kind="stable")
+        return pb.RankResponse(texts=[pb.TextScore(text=texts[i], distance=float(distances[i])) for i in order])
+
+    # ------------------------------------------------------------ items
+    @rpc
+    async def Get(self, request: pb.GetRequest, context) -> pb.Item:
+        if not request.id:
+            raise bad("give the id of an item")
+        item = await asyncio.to_thread(self.engine.store.get, request.id, request.include_embedding)
+        if item is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+        reply = pb.Item(id=item.id, content_sha256=item.sha256, uri=item.uri, metadata=item.metadata,
+                        caption=item.caption or "", created_at=item.created_at, updated_at=item.updated_at)
+        if request.include_embedding:
+            reply.embedding.extend(item.embedding.tolist())
+        if request.include_image:
+            reply.image = await asyncio.to_thread(_read_image, self.engine.store, item)
+        return reply
+
+    @rpc
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        if not request.id:
+            raise bad("give the id of an item")
+        if self.engine.index is None:  # nothing was ever indexed
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+        item = await asyncio.to_thread(self.engine.delete, request.id)
+        if item is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+        return pb.DeleteResponse(id=item.id)
+
+    @rpc
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        stats = await asyncio.to_thread(self.engine.stats)
+        return pb.StatsResponse(**stats, triton_ready=await self.models.ready())
+
+
+# ---------------------------------------------------------------- module helpers
+async def _read_stream(request_iterator, queue: asyncio.Queue) -> None:
+    """Feed (index, request) pairs into `queue`, then None; a broken stream ends it with the exception."""
+    try:
+        index = 0
+        async for request in request_iterator:
+            await queue.put((index, request))
+            index += 1
+        await queue.put(None)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await queue.put(exc)
+
+
+async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool]:
+    """The next item (waiting for it) plus whatever else is already queued, up to `size`; and whether the stream ended."""
+    batch = []
+    entry = await queue.get()
+    while True:
+        if isinstance(entry, Exception):
+            raise entry
+        if entry is None:
+            return batch, True
+        batch.append(entry)
+        if len(batch) >= size or queue.empty():
+            return batch, False
+        entry = queue.get_nowait()
+
+
+def _failed(index: int, exc: BaseException, sha256: str = "") -> pb.AddImageResult:
+    code, message = status_of(exc)
+    return pb.AddImageResult(index=index, outcome=pb.AddImageResult.FAILED, content_sha256=sha256,
+                             error=pb.Error(code=code.value[0], message=message))
+
+
+def _check_id(item_id: str) -> str:
+    if len(item_id) > MAX_ID_CHARS or not item_id.isprintable() or item_id != item_id.strip():
+        raise bad(f"id {item_id[:40]!r}: ids are 1..{MAX_ID_CHARS} printable characters, no surrounding spaces")
+    return item_id
+
+
+def _check_metadata(metadata: dict[str, str], what: str = "metadata") -> dict[str, str]:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise bad(f"at most {MAX_METADATA_ENTRIES} {what} entries, got {len(metadata)}")
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_ID_CHARS or len(value) > MAX_METADATA_CHARS:
+            raise bad(f"{what} key {key[:40]!r}: keys are 1..{MAX_ID_CHARS} characters, values at most {MAX_METADATA_CHARS}")
+    return metadata
+
+
+def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
+    """SamplingParams from the fields the client set (the others keep their defaults)."""
+    values = {field.name: value for field, value in settings.ListFields()}
+    return SamplingParams(**values)  # validates: InvalidInputError -> INVALID_ARGUMENT
+
+
+def _read_image(store, item: Item) -> bytes:
+    try:
+        return store.read_image(item)
+    except (OSError, StoreError) as exc:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"image of item {item.id!r} is no longer readable: {exc}") from None
+
+
+def _read_images(store, items: list[Item]) -> list:
+    out = []
+    for item in items:
+        try:
+            out.append(_read_image(store, item))
+        except ServiceError as exc:
+            out.append(exc)
+    return out
+
+
+def _hit(hit: Hit, caption_error: str) -> pb.Hit:
+    item = hit.item
+    return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri,
+                  caption=item.caption or "", caption_error=caption_error)
