@@ -18,13 +18,16 @@ from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
-from .index import EXACT_FILTER_LIMIT, IndexSettings, SnapshotError, VectorIndex
+from .index import EXACT_FILTER_LIMIT, IndexSettings, SnapshotError, VectorIndex, factory_label
 from .store import AddOutcome, ConflictError, Item, NewItem, Store
 
 log = logging.getLogger("search_service.engine")
 T = TypeVar("T")
 
-SNAPSHOT_FILE = "index.faiss"
+
+def snapshot_file(factory: str) -> str:
+    """One snapshot per index type, so switching --index back and forth reuses each."""
+    return f"index-{factory_label(factory)}.faiss"
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Engine:
         self.store = Store(data_dir)
         self.settings = settings
         self.snapshot_every = snapshot_every
-        self.snapshot_path = Path(data_dir) / SNAPSHOT_FILE
+        self.snapshot_path = Path(data_dir) / snapshot_file(settings.factory)
         self.index: Optional[VectorIndex] = None
         self.snapshot_seq = 0
         self.exact_filter_limit = EXACT_FILTER_LIMIT
@@ -67,9 +70,9 @@ class Engine:
     def _load_or_rebuild(self, dim: int, progress: bool) -> tuple[VectorIndex, str]:
         try:
             index = VectorIndex.load(self.snapshot_path, self.settings, self.store.store_uuid(), dim)
-            oldest = self.store.oldest_change()
-            if index.seq > self.store.last_seq() or (oldest is not None and oldest > index.seq + 1):
-                raise SnapshotError(f"snapshot covers seq {index.seq}, the store's change log does not match")
+            if not self.store.pruned_seq() <= index.seq <= self.store.last_seq():
+                raise SnapshotError(f"snapshot at seq {index.seq} cannot be caught up: the store's change log "
+                                    f"holds seq {self.store.pruned_seq()}..{self.store.last_seq()}")
             return index, f"snapshot at seq {index.seq}"
         except SnapshotError as exc:
             reason = str(exc)

@@ -247,9 +247,6 @@ class VectorIndex:
         self.tombstones = set(tombstones.tolist())
         return self
 
-    def describe(self) -> str:
-        return self.active
-
 
 def _read_exactly(f, n: int) -> bytes:
     data = f.read(n)

@@ -293,9 +293,17 @@ class Store:
         return self.info()["store_uuid"]
 
     def prune_changes(self, upto_seq: int) -> None:
-        """Forget changes a durable snapshot already covers (AUTOINCREMENT keeps counting)."""
+        """Forget changes a durable snapshot already covers (AUTOINCREMENT keeps counting).
+
+        `pruned_seq` remembers how far: a snapshot older than that (say, of another
+        index type) can no longer be caught up and must be rebuilt.
+        """
         with self._transaction() as db:
             db.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
+            db.execute("INSERT OR REPLACE INTO info VALUES ('pruned_seq', ?)", (str(upto_seq),))
+
+    def pruned_seq(self) -> int:
+        return int(self.info().get("pruned_seq", 0))
 
     # ------------------------------------------------------------ reads
     _COLUMNS = "vid, id, sha256, uri, blob, metadata, caption, created_at, updated_at"
@@ -362,8 +370,6 @@ class Store:
         rows = self._reader().execute("SELECT seq, vid, op FROM changes WHERE seq > ? ORDER BY seq", (seq,))
         return [Change(*r) for r in rows]
 
-    def oldest_change(self) -> Optional[int]:
-        return self._reader().execute("SELECT min(seq) FROM changes").fetchone()[0]
 
 
 def _stack(rows) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import pytest
 
 from search_service.codegen import stale_files
 from search_service.config import PathRefused, resolve_under_roots
-from search_service.engine import SNAPSHOT_FILE, Engine
+from search_service.engine import Engine, snapshot_file
 from search_service.index import IndexSettings, SnapshotError, VectorIndex
 from search_service.store import ConflictError, NewItem, Store, default_id, sha256_hex
 
@@ -97,7 +97,7 @@ def test_snapshot_is_caught_up_after_a_crash(tmp_path):
     engine = open_engine(tmp_path, snapshot_every=10)
     engine.add(items(rng, 12))  # passes snapshot_every: snapshot written
     snap_seq = engine.snapshot_seq
-    assert snap_seq == 12 and (tmp_path / SNAPSHOT_FILE).exists()
+    assert snap_seq == 12 and (tmp_path / snapshot_file("Flat")).exists()
     engine.add(items(rng, 3, start=100))
     gone = engine.store.get(default_id(sha256_hex(b"content 0")))
     engine.delete(gone.id)
@@ -114,7 +114,7 @@ def test_unusable_snapshots_are_rebuilt(tmp_path):
     engine = open_engine(tmp_path)
     engine.add(items(rng, 7))
     engine.close()
-    path = tmp_path / SNAPSHOT_FILE
+    path = tmp_path / snapshot_file("Flat")
     path.write_bytes(path.read_bytes()[:-50])  # truncated
     engine = open_engine(tmp_path)
     assert engine.index.size == 7
@@ -124,10 +124,14 @@ def test_unusable_snapshots_are_rebuilt(tmp_path):
     other.add(items(rng, 2, start=50))
     other.close()
     with pytest.raises(SnapshotError, match="another store"):
-        VectorIndex.load(tmp_path / "other" / SNAPSHOT_FILE, IndexSettings(), Store(tmp_path).store_uuid(), DIM)
-    # Another factory configured: rebuilt as that factory.
+        VectorIndex.load(tmp_path / "other" / snapshot_file("Flat"), IndexSettings(), Store(tmp_path).store_uuid(), DIM)
+    # Another factory configured: built as that factory, in its own snapshot file.
     engine = open_engine(tmp_path, factory="HNSW16")
     assert engine.index.active == "HNSW16" and engine.index.size == 7
+    engine.add(items(rng, 3, start=70))  # prunes the change log past the Flat snapshot
+    engine.close()
+    engine = open_engine(tmp_path)  # the Flat snapshot cannot be caught up: rebuilt, not silently stale
+    assert engine.index.active == "Flat" and engine.index.size == 10
     engine.close()
 
 
