@@ -147,11 +147,11 @@ class BeamSequence:
 Sequence = SampledSequence | BeamSequence
 
 
-def as_slots(rows: list[int]):
+def as_slots(rows: list[int], device=None):
     """A slice when the rows are one contiguous run (cache reads are then views)."""
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
-    return torch.tensor(rows)
+    return torch.tensor(rows, device=device)
 
 
 @dataclass
@@ -199,9 +199,11 @@ class Decoder:
             rows += s.rows
             tokens += t
             positions += p
+        device = self.net.device
         logits = self.net.decode(
-            torch.tensor(tokens)[:, None], torch.tensor(positions), self.cache, as_slots(rows)
-        )[:, -1]
+            torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device),
+            self.cache, as_slots(rows, device),
+        )[:, -1].cpu()  # choosing tokens is cheap and stays on the CPU, with its seeded generators
         parts = logits.split([len(s.rows) for s in live])
         sampled = [(s, part) for s, part in zip(live, parts) if isinstance(s, SampledSequence)]
         if sampled:
@@ -209,8 +211,8 @@ class Decoder:
         for s, part in zip(live, parts):
             if isinstance(s, BeamSequence):
                 reorder = s.advance(part)
-                rows_t = torch.tensor(s.rows)
-                self.cache.reorder(rows_t, rows_t[reorder])
+                rows_t = torch.tensor(s.rows, device=device)
+                self.cache.reorder(rows_t, rows_t[reorder.to(device)])
         return len(rows)
 
     @staticmethod

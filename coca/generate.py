@@ -28,7 +28,7 @@ def generate_uncached(net: CoCa, image_embs: torch.Tensor, params: SamplingParam
     sequences = [SampledSequence(params, slot) for slot in range(image_embs.shape[0])]
     while live := [i for i, s in enumerate(sequences) if not s.done]:
         history = torch.tensor([sequences[i].history() for i in live])  # equal lengths: all started together
-        logits = net.teacher_forced_logits(image_embs[live], history)[:, -1]
+        logits = net.teacher_forced_logits(image_embs[live], history.to(net.device))[:, -1].cpu()
         tokens, logprobs = choose(
             logits, history, torch.full((len(live),), history.shape[1] - 1),
             RowParams.cat([sequences[i].row_params for i in live]),

@@ -80,12 +80,12 @@ def create_open_clip(model_name: str, pretrained: str = RANDOM, seed: int = 0) -
         ) from exc
 
 
-def from_open_clip(model_name: str, reference: torch.nn.Module, dtype=torch.float32) -> CoCa:
-    """Our CoCa holding the reference's weights (shared storage: no copy for fp32)."""
+def from_open_clip(model_name: str, reference: torch.nn.Module, dtype=torch.float32, device="cpu") -> CoCa:
+    """Our CoCa holding the reference's weights (shared storage: no copy for fp32 on the CPU)."""
     net = CoCa(model_config(model_name))
     state = {k: v for k, v in reference.state_dict().items() if not k.endswith("attn_mask")}
     net.load_state_dict(state, strict=True, assign=True)
-    return net.to(resolve_dtype(dtype)).eval().requires_grad_(False)
+    return net.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
 
 
 # The top-level CoCa modules (open_clip state-dict prefixes) each served part needs.

@@ -341,6 +341,10 @@ class CoCa(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_decoder.text_projection.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.text_decoder.text_projection.device
+
     def new_cache(self, capacity: int, max_len: Optional[int] = None) -> DecoderCache:
         """Preallocated KV caches for `capacity` concurrent sequences."""
         t, d = self.config["text_cfg"], self.config["multimodal_cfg"]
@@ -382,6 +386,7 @@ class CoCa(nn.Module):
     def teacher_forced_logits(self, image_embs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits for every position of whole captions (B, T): the uncached reference path."""
         cache = self.new_cache(tokens.shape[0], tokens.shape[1])
-        slots = torch.arange(tokens.shape[0])
+        slots = slice(0, tokens.shape[0])
         self.start_sequences(cache, slots, image_embs)
-        return self.decode(tokens, torch.zeros_like(slots), cache, slots, last_only=False)
+        start = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return self.decode(tokens, start, cache, slots, last_only=False)

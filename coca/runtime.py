@@ -55,7 +55,7 @@ class Coca:
     # --- image encoder -------------------------------------------------
     def pixels(self, images: Sequence) -> torch.Tensor:
         """Decode (paths, bytes or PIL images) and preprocess exactly as open_clip: (B, 3, S, S)."""
-        return torch.stack([self.preprocess(media.load_image(img)) for img in images])
+        return torch.stack([self.preprocess(media.load_image(img)) for img in images]).to(self.net.device)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence, want_attention: bool = False) -> ImageEncoding:
@@ -68,7 +68,7 @@ class Coca:
             from tqdm import tqdm
 
             chunks = tqdm(chunks, total=-(-len(images) // batch_size), unit="batch", desc="embedding images")
-        out = [self.encode_images(chunk).class_embedding.numpy() for chunk in chunks]
+        out = [self.encode_images(chunk).class_embedding.cpu().numpy() for chunk in chunks]
         return np.concatenate(out) if out else np.zeros((0, self.net.config["embed_dim"]), np.float32)
 
     # --- text encoder --------------------------------------------------
@@ -80,11 +80,11 @@ class Coca:
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], want_attention: bool = False) -> TextEncoding:
-        return self.net.text(self.tokenize(texts), want_attention)
+        return self.net.text(self.tokenize(texts).to(self.net.device), want_attention)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Normalised text ClassEmbeddings (N, E), float32."""
-        out = [self.encode_texts(chunk).class_embedding.numpy() for chunk in batches(list(texts), batch_size)]
+        out = [self.encode_texts(chunk).class_embedding.cpu().numpy() for chunk in batches(list(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.net.config["embed_dim"]), np.float32)
 
     def token_strings(self, tokens: Sequence[int]) -> list[str]:
@@ -144,13 +144,15 @@ def load(
     pretrained: str = "laion2b_s13b_b90k",
     seed: int = 0,
     dtype="float32",
+    device="cpu",
 ) -> Coca:
     """Load CoCa: an open_clip tag (hub), a local checkpoint file, or 'random' (from `seed`)."""
     reference = create_open_clip(model_name, pretrained, seed)
-    return from_reference(model_name, pretrained, reference, dtype)
+    return from_reference(model_name, pretrained, reference, dtype, device)
 
 
-def from_reference(model_name: str, pretrained: str, reference: torch.nn.Module, dtype="float32") -> Coca:
+def from_reference(model_name: str, pretrained: str, reference: torch.nn.Module, dtype="float32", device="cpu") -> Coca:
     """Wrap an open_clip CoCa (its weights, its preprocessing) as our runtime."""
     preprocess_cfg = {k: v for k, v in get_model_preprocess_cfg(reference).items() if k in PREPROCESS_KEYS}
-    return Coca(from_open_clip(model_name, reference, resolve_dtype(dtype)), model_name, pretrained, preprocess_cfg)
+    net = from_open_clip(model_name, reference, resolve_dtype(dtype), device)
+    return Coca(net, model_name, pretrained, preprocess_cfg)

@@ -1,0 +1,213 @@
+"""Write a Triton model repository for one CoCa: three models, their weights, and who they are.
+
+    export_repository(coca.load("coca_ViT-B-32", "random"), "model_repository")
+
+For each Triton model the repository gets `<name>/config.pbtxt` (the template from
+the git-tracked `model_repository/` folder, with this model's dims and identity
+filled in), `<name>/1/model.py` (a one-line import of serving.models) and
+`<name>/1/weights.safetensors` (that part's weights only). `coca_manifest.json`
+at the top records the identity and each file's sha256; the same identity goes
+into every config's `parameters`, where a client reads it through Triton's model
+config and refuses a mismatch. Exporting into the template folder itself works:
+configs are rewritten in place (their dims and coca_* parameters), model.py stays.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import InvalidInputError
+from .loading import part_state_dict, resolve_dtype
+from .runtime import Coca
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
+TRITON_MODELS = {  # Triton model name -> CoCa part it serves
+    "coca_image_encoder": "image_encoder",
+    "coca_text_encoder": "text_encoder",
+    "coca_text_decoder": "text_decoder",
+}
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "coca_manifest.json"
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+PARAMETER_PREFIX = "coca_"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which model and weights a repository holds; the same in every model's config."""
+
+    model: str
+    pretrained: str
+    dtype: str
+    embed_dim: int
+    repository_id: str  # hash of all parts' weights: equal ids, equal weights
+
+    def parameters(self) -> dict[str, str]:
+        return {PARAMETER_PREFIX + k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> "Identity":
+        """From a model config's parameters (values as strings); KeyError if one is missing."""
+        values = {name: parameters[PARAMETER_PREFIX + name] for name in cls.__dataclass_fields__}
+        return cls(**{**values, "embed_dim": int(values["embed_dim"])})
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """Knobs of the decoder model; None keeps the template's value."""
+
+    capacity_rows: Optional[int] = None  # KV-cache rows (a beam search takes num_beams)
+    sequence_idle_s: Optional[float] = None  # Triton drops a silent sequence after this
+    expiry_interval_s: Optional[float] = None  # how often the model's timer looks for idle caches
+
+
+def export_repository(
+    model: Coca,
+    out_dir: Union[str, os.PathLike],
+    dtype=None,
+    decoder: DecoderSettings = DecoderSettings(),
+    torch_threads: Optional[int] = None,
+    templates: Union[str, os.PathLike] = TEMPLATES,
+) -> Path:
+    """Write (or refresh) a Triton model repository for `model`; return the manifest's path.
+
+    dtype: the weights' dtype on disk and in the server (default: the model's).
+    """
+    out, templates = Path(out_dir).resolve(), Path(templates).resolve()
+    dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
+    hashes = {name: _write_weights(model, part, out / name / "1" / WEIGHTS_FILE, dtype)
+              for name, part in TRITON_MODELS.items()}
+    identity = Identity(
+        model=model.model_name, pretrained=model.pretrained, dtype=DTYPE_NAMES[dtype],
+        embed_dim=model.net.config["embed_dim"], repository_id=repository_id(hashes),
+    )
+    for name in TRITON_MODELS:
+        _write_model_files(templates / name, out / name)
+        parameters = {
+            **identity.parameters(),
+            "coca_weights_sha256": hashes[name],
+            "coca_preprocess": json.dumps(model.preprocess_cfg),
+        }
+        if torch_threads is not None:
+            parameters["torch_threads"] = str(torch_threads)
+        config = (templates / name / "config.pbtxt").read_text()
+        config = _set_dims(config, tensor_dims(model.net)[name])
+        config = _set_parameters(config, {**parameters, **_decoder_parameters(name, decoder)})
+        if name == "coca_text_decoder" and decoder.sequence_idle_s is not None:
+            config = _set_number(config, "max_sequence_idle_microseconds", round(decoder.sequence_idle_s * 1e6))
+        _write_text(out / name / "config.pbtxt", config)
+    manifest = {
+        **asdict(identity),
+        "preprocess_cfg": model.preprocess_cfg,
+        "models": {name: {"part": TRITON_MODELS[name], "weights": f"{name}/1/{WEIGHTS_FILE}", "sha256": hashes[name]}
+                   for name in TRITON_MODELS},
+    }
+    _write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return out / MANIFEST_FILE
+
+
+def read_manifest(repository: Union[str, os.PathLike]) -> dict:
+    path = Path(repository) / MANIFEST_FILE
+    if not path.is_file():
+        raise InvalidInputError(f"{repository} is not an exported CoCa model repository (no {MANIFEST_FILE}); "
+                                f"run `coca export --out {repository}` first")
+    return json.loads(path.read_text())
+
+
+def repository_id(hashes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(hashes[name] for name in sorted(hashes)).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_dims(net) -> dict[str, dict[str, list[int]]]:
+    """Per Triton model, the dims (without batch) of its model-specific tensors."""
+    queries, width = net.visual.attn_pool.query.shape  # query 0 pools, the others feed the decoder
+    heads = net.visual.transformer.resblocks[-1].attn.heads
+    patches = net.visual.grid ** 2 + 1
+    embed = net.config["embed_dim"]
+    return {
+        "coca_image_encoder": {"CLASS_EMBEDDING": [embed], "IMAGE_EMBEDDINGS": [queries - 1, width],
+                               "ATTENTION": [heads, patches, patches]},
+        "coca_text_encoder": {"CLASS_EMBEDDING": [embed]},
+        "coca_text_decoder": {"IMAGE_EMBEDDINGS": [-1, width]},
+    }
+
+
+# --- files -------------------------------------------------------------------------------
+def _write_weights(model: Coca, part: str, path: Path, dtype: torch.dtype) -> str:
+    from safetensors.torch import save_file
+
+    state = {k: v.to(dtype).contiguous() for k, v in part_state_dict(model.net, part).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"model": model.model_name, "pretrained": model.pretrained, "part": part})
+    os.replace(tmp, path)  # a server never sees half a file
+    return file_sha256(path)
+
+
+def _write_model_files(template: Path, dest: Path):
+    """model.py from the template, unless exporting in place."""
+    source = template / "1" / "model.py"
+    if not source.is_file():
+        raise InvalidInputError(f"Triton model template {source} is missing (a git checkout of coca-search has it)")
+    target = dest / "1" / "model.py"
+    if target.resolve() != source.resolve():
+        shutil.copyfile(source, target)
+
+
+def _write_text(path: Path, text: str):
+    if path.is_file() and path.read_text() == text:
+        return
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+# --- config.pbtxt edits (text, so comments and layout survive; every edit is idempotent) ---
+def _decoder_parameters(name: str, settings: DecoderSettings) -> dict[str, str]:
+    if name != "coca_text_decoder":
+        return {}
+    values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s}
+    if settings.sequence_idle_s is not None:  # the model's TTL: a bit after Triton forgets the sequence
+        values["sequence_ttl_seconds"] = settings.sequence_idle_s + max(0.5, 0.2 * settings.sequence_idle_s)
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _set_parameters(config: str, parameters: dict[str, str]) -> str:
+    for key, value in parameters.items():
+        entry = f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
+        pattern = re.compile(r'parameters\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}')
+        if pattern.search(config):
+            config = pattern.sub(lambda _: entry, config)
+        else:
+            config = config.rstrip("\n") + "\n" + entry + "\n"
+    return config
+
+
+def _set_dims(config: str, dims: dict[str, list[int]]) -> str:
+    for tensor, shape in dims.items():
+        pattern = re.compile(r'(\{\s*name:\s*"' + re.escape(tensor) + r'"[^}]*?dims:\s*\[)[^\]]*(\])')
+        if not pattern.search(config):
+            raise InvalidInputError(f"config template has no tensor {tensor} with dims")
+        config = pattern.sub(lambda m: m.group(1) + " " + ", ".join(map(str, shape)) + " " + m.group(2), config)
+    return config
+
+
+def _set_number(config: str, field: str, value: int) -> str:
+    return re.sub(r"(\b" + re.escape(field) + r":\s*)\d+", lambda m: m.group(1) + str(value), config)
