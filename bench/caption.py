@@ -16,7 +16,7 @@ import coca
 from coca.generate import generate
 from coca.sampling import SOT, SamplingParams
 
-from .common import best_of, copy_bandwidth, print_json, print_table, sample_images
+from .common import best_of, copy_bandwidth, print_json, print_table, sample_images, synchronize
 
 
 def parse(argv):
@@ -29,20 +29,23 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 also runs float32 and reports agreement")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     return p.parse_args(argv)
 
 
 def step_seconds(net, batch: int, steps: int = 16) -> float:
     """Mean time of one cached decode step at batch `batch`, over positions 0..steps-1."""
     cache = net.new_cache(batch, steps)
-    slots = slice(0, batch)
+    slots, device = slice(0, batch), net.device
     with torch.inference_mode():
         net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config["multimodal_cfg"]["width"]))
-        tokens = torch.full((batch, 1), SOT)
-        net.decode(tokens, torch.zeros(batch, dtype=torch.long), cache, slots)  # warm-up
+        tokens = torch.full((batch, 1), SOT, device=device)
+        net.decode(tokens, torch.zeros(batch, dtype=torch.long, device=device), cache, slots)  # warm-up
+        synchronize(device)
         start = time.perf_counter()
         for pos in range(1, steps):
-            net.decode(tokens, torch.full((batch,), pos), cache, slots)
+            net.decode(tokens, torch.full((batch,), pos, device=device), cache, slots)
+        synchronize(device)
     return (time.perf_counter() - start) / (steps - 1)
 
 
@@ -79,15 +82,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    reference = coca.create_open_clip(args.model, args.pretrained, args.seed)
-    model = coca.from_reference(args.model, args.pretrained, reference)
+    reference = coca.create_open_clip(args.model, args.pretrained, args.seed).to(args.device)
+    model = coca.from_reference(args.model, args.pretrained, reference, device=args.device)
     pixels = model.pixels(sample_images(args.batch))
     params = SamplingParams(max_tokens=args.max_tokens)  # greedy, the card's default
 
     ours(model, pixels, params)()  # warm-up (allocator, oneDNN kernels)
-    ours_s, our_tokens = best_of(ours(model, pixels, params), args.repeats)
-    ref_s, ref_tokens = best_of(open_clip_generate(reference, pixels, params), max(1, args.repeats - 1))
-    bandwidth = copy_bandwidth()
+    ours_s, our_tokens = best_of(ours(model, pixels, params), args.repeats, args.device)
+    ref_s, ref_tokens = best_of(open_clip_generate(reference, pixels, params), max(1, args.repeats - 1), args.device)
+    bandwidth = copy_bandwidth(device=args.device)
     step_s = step_seconds(model.net, args.batch)
     floor_s = model.net.step_weight_bytes() / bandwidth
 
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
         ["ours (KV cache)", "float32", f"{ours_s:.3f}", f"{ref_s / ours_s:.2f}", f"{step_s * 1e3:.1f}", f"{step_s / floor_s:.2f}"],
     ]
     result = {
-        "benchmark": "caption", "model": args.model, "batch": args.batch, "max_tokens": args.max_tokens,
+        "benchmark": "caption", "model": args.model, "device": args.device, "batch": args.batch,
+        "max_tokens": args.max_tokens,
         "threads": torch.get_num_threads(),
         "ours_s": round(ours_s, 4), "open_clip_s": round(ref_s, 4), "speedup": round(ref_s / ours_s, 2),
         "identical": our_tokens == ref_tokens,
@@ -104,9 +108,9 @@ def main(argv=None) -> int:
         "copy_bandwidth_gbs": round(bandwidth / 1e9, 2), "step_over_floor": round(step_s / floor_s, 2),
     }
     if args.dtype == "bfloat16":
-        bf16 = coca.from_reference(args.model, args.pretrained, reference, dtype="bfloat16")
+        bf16 = coca.from_reference(args.model, args.pretrained, reference, dtype="bfloat16", device=args.device)
         ours(bf16, pixels, params)()
-        bf16_s, bf16_tokens = best_of(ours(bf16, pixels, params), args.repeats)
+        bf16_s, bf16_tokens = best_of(ours(bf16, pixels, params), args.repeats, args.device)
         bf16_step = step_seconds(bf16.net, args.batch)
         bf16_floor = bf16.net.step_weight_bytes() / bandwidth
         rows.append(["ours (KV cache)", "bfloat16", f"{bf16_s:.3f}", f"{ref_s / bf16_s:.2f}",

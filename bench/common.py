@@ -8,22 +8,29 @@ from typing import Callable
 import torch
 
 
-def best_of(fn: Callable, repeats: int) -> tuple[float, object]:
+def synchronize(device="cpu") -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn: Callable, repeats: int, device="cpu") -> tuple[float, object]:
     """Fastest wall time of `repeats` calls (the least disturbed by other load) and the last result."""
     best, result = float("inf"), None
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best, result
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """This machine's memory bandwidth now, STREAM-copy style: bytes read + written per second."""
-    src = torch.ones(megabytes * 2**20 // 4)
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5, device="cpu") -> float:
+    """Memory bandwidth now, STREAM-copy style: bytes read + written per second."""
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    seconds, _ = best_of(lambda: dst.copy_(src), repeats)
+    seconds, _ = best_of(lambda: dst.copy_(src), repeats, device)
     return 2 * src.numel() * src.element_size() / seconds
 
 

@@ -375,7 +375,7 @@ class CoCa(nn.Module):
 
     def start_sequences(self, cache: DecoderCache, slots: torch.Tensor, image_embs: torch.Tensor):
         """Store each slot's cross-attention K/V; its self-attention caches restart at position 0."""
-        cache.set_image(slots, self.text_decoder.image_kv(image_embs.to(self.dtype)))
+        cache.set_image(slots, self.text_decoder.image_kv(image_embs.to(device=self.device, dtype=self.dtype)))
 
     def decode(self, tokens, pos, cache: DecoderCache, slots, last_only: bool = True):
         """Advance sequences by tokens (B, T) written at positions pos (B,) + [0, T): logits (B, T', V)."""

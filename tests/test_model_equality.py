@@ -3,6 +3,8 @@
 Tolerances: ClassEmbeddings 1e-5 relative (max abs diff / max abs value),
 decoder logits 1e-4 absolute, captions token-identical.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,13 +15,18 @@ from coca.generate import generate, generate_uncached
 from coca.sampling import EOT, SamplingParams
 
 MODELS = ["coca-tiny", "coca_ViT-B-32"]
+DEVICE = os.environ.get("COCA_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine: the same checks there
+
+
+def make_pair(name, seed=0):
+    """(open_clip reference, our runtime) sharing one set of weights, on DEVICE."""
+    reference = coca.create_open_clip(name, "random", seed=seed).to(DEVICE)
+    return reference, coca.from_reference(name, "random", reference, device=DEVICE)
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def pair(request):
-    """(open_clip reference, our runtime) sharing one set of weights."""
-    reference = coca.create_open_clip(request.param, "random", seed=0)
-    return reference, coca.from_reference(request.param, "random", reference)
+    return make_pair(request.param)
 
 
 def rel_err(a, b):
@@ -48,7 +55,7 @@ TEXTS = [
 
 def test_text_class_embeddings_equal_open_clip_on_real_length(pair):
     reference, model = pair
-    tokens = model.tokenize(TEXTS)
+    tokens = model.tokenize(TEXTS).to(DEVICE)
     assert (tokens[2] == 0).sum() > (tokens[0] == 0).sum() - 76  # sanity: "!" is token 0
     with torch.no_grad():
         ref = reference.encode_text(tokens)
@@ -61,7 +68,7 @@ def test_text_class_embeddings_equal_open_clip_on_real_length(pair):
 def test_teacher_forced_logits_equal_open_clip(pair, images):
     reference, model = pair
     captions = ["a photo of a cat on a red sofa", "two dogs run on the beach at sunset"]
-    tokens = model.tokenize(captions)
+    tokens = model.tokenize(captions).to(DEVICE)
     pixels = model.pixels(images[:2])
     with torch.no_grad():
         ref = reference(pixels, tokens)["logits"]  # (B, 75, V): predicts tokens[1:]
@@ -92,8 +99,7 @@ def test_greedy_captions_identical_to_open_clip(pair, images):
 
 def test_batch_ending_at_different_steps(images):
     """Make EOS win where a common token would, so captions of one batch end at different steps."""
-    reference = coca.create_open_clip("coca-tiny", "random", seed=0)
-    model = coca.from_reference("coca-tiny", "random", reference)
+    reference, model = make_pair("coca-tiny")
     pixels = model.pixels(images)
     first = open_clip_greedy(reference, pixels, 16)
     with torch.no_grad():  # shared storage: this edits both models' weights
@@ -108,8 +114,7 @@ def test_batch_ending_at_different_steps(images):
 
 
 def test_beam_search_identical_to_open_clip(images):
-    reference = coca.create_open_clip("coca-tiny", "random", seed=0)
-    model = coca.from_reference("coca-tiny", "random", reference)
+    reference, model = make_pair("coca-tiny")
     with torch.no_grad():
         expected = reference.generate(model.pixels(images[:2]), generation_type="beam_search", seq_len=11)
     params = SamplingParams(max_tokens=10, num_beams=6, num_beam_groups=3)
@@ -165,8 +170,7 @@ def test_image_attention_equals_multihead_attention_weights(pair, images):
 def test_video_caption_uses_mean_of_frames(tmp_path):
     from coca import media
 
-    reference = coca.create_open_clip("coca-tiny", "random", seed=0)
-    model = coca.from_reference("coca-tiny", "random", reference)
+    reference, model = make_pair("coca-tiny")
     video = make_video(tmp_path / "clip.mp4")
     frames = media.video_frames(str(video), 4)
     enc = model.encode_images(frames)
