@@ -11,13 +11,11 @@ import argparse
 import base64
 import html
 import io
-import json
 import os
 import sys
 from pathlib import Path
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-SERVE_FILE = "serve.json"  # what `coca serve` exported into a data dir (model, weights, logit scale)
 
 
 # ---------------------------------------------------------------- shared options
@@ -67,11 +65,13 @@ def serve(args) -> int:
 
     from search_service.config import ServiceConfig
     from search_service.index import IndexSettings
+    from search_service.modelrepo import ensure_repository
     from search_service.server import run
     from serving.launcher import TritonServer
 
     data = Path(args.data)
-    repository, logit_scale = ensure_repository(data, args)
+    repository, logit_scale = ensure_repository(data / "model_repository", args.model, args.pretrained,
+                                                args.seed, args.dtype)
     triton = TritonServer(repository, grpc_port=args.triton_port, echo=False, kill_on_parent_exit=True,
                           log_file=data / "triton.log")
     print(f"starting tritonserver on {repository} (log: {data / 'triton.log'}) ...", flush=True)
@@ -88,26 +88,6 @@ def serve(args) -> int:
         print("stopping tritonserver ...", flush=True)
         triton.stop()
     return 0
-
-
-def ensure_repository(data: Path, args) -> tuple[Path, float]:
-    """The data dir's model repository, exported now unless it already holds this model and weights."""
-    repository = data / "model_repository"
-    marker = data / SERVE_FILE
-    wanted = {"model": args.model, "pretrained": args.pretrained, "seed": args.seed, "dtype": args.dtype}
-    if marker.is_file():
-        recorded = json.loads(marker.read_text())
-        if {k: recorded.get(k) for k in wanted} == wanted and (repository / "coca_manifest.json").is_file():
-            return repository, float(recorded["logit_scale"])
-    import coca
-    from coca.export import export_repository
-
-    print(f"exporting {args.model} ({args.pretrained}) to {repository} ...", flush=True)
-    model = coca.load(args.model, pretrained=args.pretrained, seed=args.seed, dtype=args.dtype)
-    data.mkdir(parents=True, exist_ok=True)
-    export_repository(model, repository)
-    marker.write_text(json.dumps({**wanted, "logit_scale": model.logit_scale}, indent=2) + "\n")
-    return repository, model.logit_scale
 
 
 # ---------------------------------------------------------------- index

@@ -43,7 +43,7 @@ class ModelIdentity:
 class CaptionResult:
     text: str
     tokens: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # empty: serving.client does not return them (yet)
 
 
 class Models:
@@ -102,7 +102,12 @@ class Models:
             return self._identity
 
         async def ask(client):
-            found = await client.identity()
+            from serving.errors import IdentityMismatchError
+
+            try:
+                found = await client.identity()
+            except IdentityMismatchError as exc:
+                raise ModelMismatch(str(exc)) from None
             return ModelIdentity(found.model, found.pretrained, int(found.embed_dim))
 
         identity = await self._call(ask, timeout)
@@ -128,20 +133,20 @@ class Models:
     # ------------------------------------------------------------ captions
     async def caption(self, image: bytes, params: SamplingParams, timeout: float) -> CaptionResult:
         async def run(client):
-            return await client.caption(image, params)
+            return _caption(*await client.caption(image, params))
 
-        return _caption(await self._call(run, timeout))
+        return await self._call(run, timeout)
 
     async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> CaptionResult:
         async def run(client):
-            return await client.caption_video(video, frames=frames, params=params)
+            return _caption(*await client.caption_video(video, frames=frames, params=params))
 
-        return _caption(await self._call(run, timeout))
+        return await self._call(run, timeout)
 
     async def caption_each(self, images: Sequence[bytes], params: SamplingParams, timeout: float) -> list:
         """Captions of several images at once, one decoder sequence each; one result or exception per image."""
         async def one(client, data):
-            return _caption(await client.caption(data, params))
+            return _caption(*await client.caption(data, params))
 
         return await self._each(one, images, timeout)
 
@@ -162,6 +167,5 @@ class Models:
         return results
 
 
-def _caption(caption) -> CaptionResult:
-    return CaptionResult(text=caption.text, tokens=[int(t) for t in caption.tokens],
-                         logprobs=[float(p) for p in caption.logprobs])
+def _caption(text: str, tokens: list[int]) -> CaptionResult:
+    return CaptionResult(text=text, tokens=[int(t) for t in tokens], logprobs=[])

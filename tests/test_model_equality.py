@@ -147,7 +147,7 @@ def test_preprocessing_is_open_clip_s(pair, images):
     reference, model = pair
     _, _, preprocess = open_clip.create_model_and_transforms(model.model_name, pretrained=None)
     img = Image.open(images[0]).convert("RGB")
-    assert torch.equal(model.pixels([images[0]])[0], preprocess(img))
+    assert torch.equal(model.pixels([images[0]])[0].cpu(), preprocess(img))
 
 
 def test_image_attention_equals_multihead_attention_weights(pair, images):
