@@ -9,6 +9,8 @@ import sys
 
 BENCHMARKS = {
     "caption": "bench.caption",
+    "search": "bench.search",  # text -> image search latency, recall@10, index build (search service)
+    "ingest": "bench.ingest",  # AddImages images/s vs in-process embed_images (search service)
 }
 
 

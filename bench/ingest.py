@@ -1,0 +1,121 @@
+"""Ingest speed: images/s through the whole service (gRPC AddImages -> Triton -> SQLite + FAISS)
+against in-process `embed_images` at its best batch size, same model, same images.
+
+    coca bench ingest [--model coca_ViT-B-32 --pretrained random] [--images 256] [--batch-sizes 1,4,8,16]
+
+Images are distinct JPEGs (random crops of scikit-image's sample photos, 512 px on the long side),
+so no item is skipped as a duplicate. The service runs in its own process with a fresh data dir
+(synchronous=FULL: one WAL fsync per committed batch, plus one per stored image file); the
+client streams every image in one AddImages call and the clock stops at the last
+acknowledgement. Also reported: Triton alone (serving.client embed_images, batches of 16, all
+in flight at once), to tell the service's own cost from Triton's.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import print_json, print_table, sample_images
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="coca bench ingest", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="coca_ViT-B-32")
+    p.add_argument("--pretrained", default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=256, help="images sent through the service")
+    p.add_argument("--in-process-images", type=int, default=64, help="images per in-process batch-size trial")
+    p.add_argument("--batch-sizes", default="1,4,8,16")
+    p.add_argument("--cache", default="data/bench/ingest")
+    return p.parse_args(argv)
+
+
+def distinct_jpegs(count: int, seed: int, side: int = 512) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for photo in sample_images(count):
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = photo.crop((x, y, x + cw, y + ch))
+        crop.thumbnail((side, side))
+        buffer = io.BytesIO()
+        crop.save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    assert len(set(out)) == count, "crops collided"
+    return out
+
+
+def in_process(args, images: list[bytes]) -> dict[int, float]:
+    """images/s of coca's embed_images (decode + preprocess + encode) per batch size."""
+    import coca
+
+    model = coca.load(args.model, pretrained=args.pretrained, seed=args.seed)
+    model.embed_images(images[:8], batch_size=8)  # warm-up
+    rates = {}
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        started = time.perf_counter()
+        model.embed_images(images, batch_size=batch)
+        rates[batch] = len(images) / (time.perf_counter() - started)
+    return rates
+
+
+def triton_alone(url: str, images: list[bytes]) -> float:
+    from serving.client import TritonCoca
+
+    async def run():
+        async with TritonCoca(url) as client:
+            await client.embed_images(images[:16])  # warm-up
+            started = time.perf_counter()
+            await client.embed_images(images, batch_size=16)
+            return len(images) / (time.perf_counter() - started)
+
+    return asyncio.run(run())
+
+
+def through_service(url: str, images: list[bytes], warmup: list[bytes]) -> tuple[float, int]:
+    from clients.search_client import SearchClient
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess
+
+    with tempfile.TemporaryDirectory(prefix="coca-ingest-") as data, ServiceProcess(data, url) as service, \
+            SearchClient(service.address) as client:
+        list(client.add_images(pb.AddImageRequest(image=w) for w in warmup))
+        started = time.perf_counter()
+        results = list(client.add_images(pb.AddImageRequest(image=i) for i in images))
+        elapsed = time.perf_counter() - started
+    added = sum(r.outcome == pb.AddImageResult.ADDED for r in results)
+    return len(images) / elapsed, added
+
+
+def main(argv=None) -> int:
+    from search_service.modelrepo import ensure_repository
+    from serving.launcher import TritonServer
+
+    args = parse(argv)
+    images = distinct_jpegs(args.images + 16, args.seed)
+    warmup, images = images[:16], images[16:]
+    rates = in_process(args, images[: args.in_process_images])
+    best_batch = max(rates, key=rates.get)
+    repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}",
+                                      args.model, args.pretrained, args.seed)
+    with TritonServer(repository, kill_on_parent_exit=True) as triton:
+        direct = triton_alone(triton.grpc_url, images[: args.in_process_images])
+        service_rate, added = through_service(triton.grpc_url, images, warmup)
+    rows = [[f"in-process embed_images, batch {b}", f"{r:.2f}", f"{r / rates[best_batch]:.2f}"] for b, r in rates.items()]
+    rows += [["Triton alone (client, batches of 16)", f"{direct:.2f}", f"{direct / rates[best_batch]:.2f}"],
+             [f"service AddImages ({added} added)", f"{service_rate:.2f}", f"{service_rate / rates[best_batch]:.2f}"]]
+    print(f"{args.model} ({args.pretrained}); {len(images)} distinct JPEGs through the service, "
+          f"{args.in_process_images} per in-process trial")
+    print_table(["path", "images/s", "vs best in-process"], rows)
+    print_json({"benchmark": "ingest", "model": args.model, "images": len(images), "added": added,
+                "in_process": {str(b): round(r, 2) for b, r in rates.items()}, "best_batch": best_batch,
+                "triton_alone": round(direct, 2), "service": round(service_rate, 2),
+                "ratio": round(service_rate / rates[best_batch], 3), "target_ratio": 0.9})
+    return 0

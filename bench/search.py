@@ -1,0 +1,280 @@
+"""Text -> image search at scale: latency through gRPC + Triton, recall@10 vs exact, index build time.
+
+    coca bench search --vectors 100000,1000000 --index HNSW32 [--index IVF4096,Flat ...]
+                      [--model coca_ViT-B-32 --pretrained random] [--queries 200] [--ef-search 128]
+
+The collection is synthetic but shaped like real embeddings, around the served model's own space:
+  * centres: the model's text embeddings (through Triton) of `--clusters` distinct phrases
+    ("a photo of a {adjective} {noun} {scene}");
+  * each vector: a centre plus a Gaussian offset inside a random 12-dimensional subspace of
+    its own (low intrinsic dimension), scaled so that cos(vector, centre) is about 0.8, plus a
+    little isotropic noise, normalised to unit length; cluster sizes follow a Zipf law.
+Queries are other phrases of the same grammar, embedded by the service itself (SearchText),
+so they fall between clusters as real queries do. Exact top-10 (FAISS IndexFlatIP over the
+same vectors, same query embeddings) is the ground truth for recall@10.
+
+Everything slow is cached under --cache (default data/bench/search): the exported model
+repository, the store (SQLite) of each collection size, and each index snapshot with its
+build time; a rerun only starts the servers and queries. Building HNSW32 over 1M vectors
+takes ~13 min on 2 cores, so quick runs use 100k.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import print_json, print_table
+
+ADJECTIVES = ["red", "blue", "green", "yellow", "black", "white", "small", "large", "old", "young", "wooden",
+              "shiny", "striped", "spotted", "wet", "dusty", "bright", "dark", "tiny", "giant", "broken", "new",
+              "golden", "silver", "fluffy", "metal", "plastic", "glass", "painted", "frozen"]
+NOUNS = ["dog", "cat", "horse", "car", "bicycle", "boat", "train", "airplane", "bird", "cow", "sheep", "bus",
+         "truck", "chair", "table", "lamp", "clock", "guitar", "piano", "tree", "flower", "house", "bridge",
+         "tower", "mountain", "river", "beach", "road", "cake", "pizza", "apple", "banana", "teapot", "cup",
+         "book", "phone", "laptop", "camera", "umbrella", "hat", "shoe", "kite", "ball", "robot", "rocket",
+         "astronaut", "child", "woman", "man", "elephant", "giraffe", "zebra", "bear", "fox", "owl", "fish",
+         "snake", "turtle", "butterfly", "spider"]
+SCENES = ["in a park", "on a street", "at night", "in the snow", "on the beach", "in a kitchen", "in a forest",
+          "under water", "in the desert", "in a city", "on a table", "in the rain", "at sunset", "in a garden",
+          "on a mountain", "in a studio", "in a field", "on a road", "in a room", "in the sky"]
+
+GENERATOR_VERSION = 1  # bump when the construction changes: cached collections are rebuilt
+SUBSPACE_DIM = 12
+SPREAD = 0.75  # |offset| relative to the centre: cos(vector, centre) ~ 1 / sqrt(1 + SPREAD^2) ~ 0.8
+NOISE = 0.05
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="coca bench search", description=__doc__.splitlines()[0])
+    p.add_argument("--vectors", default="100000", help="comma-separated collection sizes")
+    p.add_argument("--index", action="append", help="FAISS factory string (repeatable; default HNSW32)")
+    p.add_argument("--model", default="coca_ViT-B-32")
+    p.add_argument("--pretrained", default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clusters", type=int, default=2000)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--ef-search", default="128", help="HNSW efSearch values, comma-separated")
+    p.add_argument("--nprobe", default="32", help="IVF nprobe values, comma-separated")
+    p.add_argument("--cache", default="data/bench/search")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- phrases and vectors
+def phrases(rng: np.random.Generator, count: int, skip: set[str] = frozenset()) -> list[str]:
+    combos = len(ADJECTIVES) * len(NOUNS) * len(SCENES)
+    out, seen = [], set(skip)
+    for code in rng.permutation(combos):
+        a, rest = divmod(int(code), len(NOUNS) * len(SCENES))
+        n, s = divmod(rest, len(SCENES))
+        text = f"a photo of a {ADJECTIVES[a]} {NOUNS[n]} {SCENES[s]}"
+        if text not in seen:
+            out.append(text)
+            seen.add(text)
+        if len(out) == count:
+            return out
+    raise ValueError(f"only {combos} distinct phrases")
+
+
+def synthetic(centres: np.ndarray, count: int, seed: int, chunk: int = 50_000):
+    """Yield (cluster ids, unit vectors) chunks of the clustered, low-dimensional collection."""
+    rng = np.random.default_rng(seed)
+    k, dim = centres.shape
+    weights = 1.0 / np.arange(1, k + 1) ** 0.7  # Zipf-like cluster sizes
+    clusters = rng.choice(k, size=count, p=weights / weights.sum())
+    bases = np.linalg.qr(rng.standard_normal((k, dim, SUBSPACE_DIM)))[0].astype(np.float32)  # (k, D, r)
+    for start in range(0, count, chunk):
+        ids = clusters[start:start + chunk]
+        z = rng.standard_normal((len(ids), SUBSPACE_DIM)).astype(np.float32) * (SPREAD / np.sqrt(SUBSPACE_DIM))
+        offsets = np.einsum("ndr,nr->nd", bases[ids], z)
+        noise = rng.standard_normal((len(ids), dim)).astype(np.float32) * (NOISE / np.sqrt(dim))
+        x = centres[ids] + offsets + noise
+        yield ids, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- cached collection
+def embed_texts(triton_url: str, texts: list[str], batch: int = 64) -> np.ndarray:
+    from serving.client import TritonCoca
+
+    async def run():
+        client = TritonCoca(triton_url)
+        try:
+            parts = [await client.embed_texts(texts[i:i + batch]) for i in range(0, len(texts), batch)]
+        finally:
+            await client.close()
+        return np.concatenate(parts).astype(np.float32)
+
+    return asyncio.run(run())
+
+
+def collection(cache: Path, triton_url: str, identity, count: int, args) -> Path:
+    """A data dir whose store holds `count` synthetic vectors (built once), with vectors.npy beside it."""
+    from search_service.store import NewItem, Store, sha256_hex
+
+    directory = cache / f"{identity.model}-{identity.pretrained}-n{count}-c{args.clusters}-s{args.seed}-v{GENERATOR_VERSION}"
+    done = directory / "collection.json"
+    if done.is_file():
+        return directory
+    rng = np.random.default_rng(args.seed)
+    centres = embed_texts(triton_url, phrases(rng, args.clusters))
+    store = Store(directory)
+    store.bind_model(identity.model, identity.pretrained, identity.embed_dim)
+    vectors = np.lib.format.open_memmap(directory / "vectors.npy", mode="w+", dtype=np.float32,
+                                        shape=(count, identity.embed_dim))
+    from tqdm import tqdm
+
+    started, position = time.perf_counter(), 0
+    with tqdm(total=count, unit="vec", desc=f"storing {count} synthetic vectors") as bar:
+        for clusters, chunk in synthetic(centres, count, args.seed):
+            store.add([NewItem(sha256=sha256_hex(f"synthetic {args.seed} {position + i}".encode()),
+                               uri=f"synthetic:{position + i}", embedding=v, metadata={"cluster": str(c)})
+                       for i, (c, v) in enumerate(zip(clusters.tolist(), chunk))])
+            vectors[position:position + len(chunk)] = chunk
+            position += len(chunk)
+            bar.update(len(chunk))
+    vectors.flush()
+    store.close()
+    centre_sims = centres @ centres.T
+    info = {"count": count, "store_s": round(time.perf_counter() - started, 1),
+            "mean_centre_cos": round(float(centre_sims[np.triu_indices(len(centres), 1)].mean()), 3)}
+    done.write_text(json.dumps(info) + "\n")
+    return directory
+
+
+def built_index(directory: Path, factory: str, dim: int) -> dict:
+    """Build (once) and snapshot the index for `factory`; returns its build record."""
+    from search_service.engine import Engine
+    from search_service.index import IndexSettings, factory_label
+
+    record_path = directory / f"build-{factory_label(factory)}.json"
+    if record_path.is_file():
+        return {**json.loads(record_path.read_text()), "cached": True}
+    engine = Engine(directory, IndexSettings(factory=factory))
+    started = time.perf_counter()
+    how = engine.open_index(dim, progress=True)
+    record = {"build_s": round(time.perf_counter() - started, 1), "how": how}
+    engine.close()
+    record_path.write_text(json.dumps(record) + "\n")
+    return {**record, "cached": False}
+
+
+# ---------------------------------------------------------------- measuring
+def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    import faiss
+
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    for start in range(0, len(vectors), 200_000):
+        flat.add(np.ascontiguousarray(vectors[start:start + 200_000]))
+    return flat.search(queries, 10)[1]
+
+
+def query_service(address: str, texts: list[str]) -> tuple[list[float], list[list[str]]]:
+    from clients.search_client import SearchClient
+
+    with SearchClient(address) as client:
+        for text in texts[:5]:  # warm-up: channel, Triton, index pages
+            client.search_text(text, k=10)
+        times, uris = [], []
+        for text in texts:
+            started = time.perf_counter()
+            response = client.search_text(text, k=10)
+            times.append(time.perf_counter() - started)
+            uris.append([h.uri for h in response.hits])
+    return times, uris
+
+
+def embed_times(triton_url: str, texts: list[str]) -> list[float]:
+    """Text embedding alone (one text per Triton request), to split the end-to-end latency."""
+    from serving.client import TritonCoca
+
+    async def run():
+        client = TritonCoca(triton_url)
+        out = []
+        try:
+            for text in texts[:5] + texts:
+                started = time.perf_counter()
+                await client.embed_texts([text])
+                out.append(time.perf_counter() - started)
+        finally:
+            await client.close()
+        return out[5:]
+
+    return asyncio.run(run())
+
+
+def recall(uris: list[list[str]], truth: np.ndarray) -> float:
+    found = [len({int(u.split(":")[1]) for u in row} & set(t.tolist())) / 10 for row, t in zip(uris, truth)]
+    return float(np.mean(found))
+
+
+def ms(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1e3, 2)
+
+
+def measure(directory: Path, factory: str, knob: str, value: int, triton_url: str, texts: list[str], truth) -> dict:
+    from search_service.testing import ServiceProcess
+
+    flag = {"ef": "--ef-search", "nprobe": "--nprobe"}[knob]
+    started = time.perf_counter()
+    with ServiceProcess(directory, triton_url, "--index", factory, flag, str(value)) as service:
+        load_s = time.perf_counter() - started
+        times, uris = query_service(service.address, texts)
+    return {"p50_ms": ms(times, 50), "p99_ms": ms(times, 99), "recall_at_10": round(recall(uris, truth), 4),
+            "service_start_s": round(load_s, 1)}
+
+
+def main(argv=None) -> int:
+    from search_service.modelrepo import ensure_repository
+    from serving.launcher import TritonServer
+
+    args = parse(argv)
+    factories = args.index or ["HNSW32"]
+    sizes = [int(v) for v in args.vectors.split(",")]
+    cache = Path(args.cache)
+    repository, _ = ensure_repository(cache / f"repo-{args.model}-{args.pretrained}-s{args.seed}", args.model,
+                                      args.pretrained, args.seed)
+    rows, results = [], []
+    with TritonServer(repository, kill_on_parent_exit=True) as triton:
+        identity = _identity(triton.grpc_url)
+        query_texts = phrases(np.random.default_rng(args.seed + 1), args.queries,
+                              skip=set(phrases(np.random.default_rng(args.seed), args.clusters)))
+        query_vectors = embed_texts(triton.grpc_url, query_texts)
+        embed_ms = ms(embed_times(triton.grpc_url, query_texts[:50]), 50)
+        for count in sizes:
+            directory = collection(cache, triton.grpc_url, identity, count, args)
+            truth = exact_top10(np.load(directory / "vectors.npy", mmap_mode="r"), query_vectors)
+            for factory in factories:
+                build = built_index(directory, factory, identity.embed_dim)
+                knob = "ef" if "HNSW" in factory else "nprobe"
+                values = args.ef_search if knob == "ef" else args.nprobe
+                for value in [int(v) for v in values.split(",")] if knob == "ef" or "IVF" in factory else [0]:
+                    m = measure(directory, factory, knob, value or 1, triton.grpc_url, query_texts, truth)
+                    result = {"vectors": count, "index": factory, knob: value, "build_s": build["build_s"],
+                              "build_cached": build["cached"], **m}
+                    results.append(result)
+                    rows.append([count, factory, f"{knob}={value}" if value else "", build["build_s"],
+                                 m["p50_ms"], m["p99_ms"], f"{m['recall_at_10']:.3f}"])
+    print(f"{identity.model} ({identity.pretrained}), dim {identity.embed_dim}; {args.queries} text queries "
+          f"through gRPC + Triton, one at a time; text embedding alone p50 {embed_ms} ms")
+    print_table(["vectors", "index", "knob", "build s", "p50 ms", "p99 ms", "recall@10"], rows)
+    print_json({"benchmark": "search", "model": identity.model, "pretrained": identity.pretrained,
+                "dim": identity.embed_dim, "queries": args.queries, "embed_p50_ms": embed_ms,
+                "target": {"vectors": 1_000_000, "p50_ms": 20, "recall_at_10": 0.95}, "results": results})
+    return 0
+
+
+def _identity(triton_url: str):
+    from search_service.models import Models
+
+    async def ask():
+        models = Models(triton_url)
+        try:
+            return await models.identity()
+        finally:
+            await models.close()
+
+    return asyncio.run(ask())
