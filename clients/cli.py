@@ -302,6 +302,41 @@ search.configure = lambda p: _search_cli().configure_search(p)
 search.raw = True
 
 
+@command("export", "write a Triton model repository (configs, model.py, each part's weights) for a model")
+def export(args):
+    from coca.export import DecoderSettings, export_repository
+
+    settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle)
+    manifest = export_repository(load_model(args), args.out, decoder=settings)
+    print(f"exported {args.model} ({args.pretrained}, {args.dtype}) to {args.out}; identity: {manifest}")
+
+
+export.configure = lambda p: (
+    p.add_argument("--out", required=True, help="model repository folder (model_repository: in place)"),
+    p.add_argument("--capacity", type=int, help="decoder KV-cache rows (default 64; a beam search takes --beams)"),
+    p.add_argument("--sequence-idle", type=float, metavar="SECONDS",
+                   help="Triton drops a silent caption sequence after this (default 30); the decoder frees it soon after"),
+)
+
+
+@command("triton", "run tritonserver (CPU, Python backend) on an exported model repository until Ctrl-C")
+def triton(args):
+    from coca.export import read_manifest
+    from serving.launcher import main as launch
+
+    read_manifest(args.model_repository)  # a repository without weights: say so before starting anything
+    return launch(["--model-repository", args.model_repository, "--grpc-port", str(args.grpc_port),
+                   "--http-port", str(args.http_port), "--metrics-port", str(args.metrics_port)])
+
+
+triton.configure = lambda p: (
+    p.add_argument("--model-repository", required=True, help="a folder written by `coca export`"),
+    p.add_argument("--grpc-port", type=int, default=8001),
+    p.add_argument("--http-port", type=int, default=8000),
+    p.add_argument("--metrics-port", type=int, default=8002),
+)
+triton.raw = True  # the repository holds the model
+
 # --- entry point --------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coca", description="CoCa captioning and search")

@@ -156,7 +156,9 @@ def _write_weights(model: Coca, part: str, path: Path, dtype: torch.dtype) -> st
     state = {k: v.to(dtype).contiguous() for k, v in part_state_dict(model.net, part).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"model": model.model_name, "pretrained": model.pretrained, "part": part})
+    # One metadata key: safetensors writes several in random order, and the file's sha256 must be repeatable.
+    about = json.dumps({"model": model.model_name, "pretrained": model.pretrained, "part": part}, sort_keys=True)
+    save_file(state, str(tmp), metadata={"coca": about})
     os.replace(tmp, path)  # a server never sees half a file
     return file_sha256(path)
 

@@ -339,11 +339,19 @@ class CoCa(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_decoder.text_projection.dtype
+        return self._weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.text_decoder.text_projection.device
+        return self._weight().device
+
+    def _weight(self) -> torch.Tensor:
+        """The vocabulary projection; in a net holding one part (coca.loading.load_part, the
+        others left on the meta device) the first weight that part loaded."""
+        weight = self.text_decoder.text_projection
+        if weight.is_meta:
+            weight = next((p for p in self.parameters() if not p.is_meta), weight)
+        return weight
 
     def new_cache(self, capacity: int, max_len: Optional[int] = None) -> DecoderCache:
         """Preallocated KV caches for `capacity` concurrent sequences."""
@@ -355,7 +363,7 @@ class CoCa(nn.Module):
             decoder_layers=d["layers"], decoder_heads=d["heads"], decoder_width=d["width"],
             image_tokens=self.config["vision_cfg"].get("attn_pooler_queries", 256) - 1,
             dtype=self.dtype,
-            device=self.text_decoder.text_projection.device,  # a served decoder part has no logit_scale
+            device=self.device,
         )
 
     def step_weight_bytes(self) -> int:

@@ -1,0 +1,298 @@
+"""Async client of the CoCa models on a Triton server (gRPC, `tritonclient.grpc.aio`).
+
+    async with TritonCoca("127.0.0.1:8001") as triton:
+        await triton.check_identity("coca_ViT-B-32")        # refuse a server holding another model
+        vectors = await triton.embed_images([open("a.jpg", "rb").read()])
+        text, tokens = await triton.caption(b"...jpeg bytes...", SamplingParams())
+
+Each caption is one sequence of the decoder model (unique correlation id, END always
+sent, also on error or cancellation); captions of many images run concurrently, so
+the server advances them together in batched forwards. Errors: coca.InvalidInputError
+(the server refused the input), coca.CapacityError (decoder cache full),
+serving.errors.TritonUnavailableError (cannot reach the server), TritonRequestError.
+`caption_files` is the synchronous wrapper the CLI uses.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from coca import media
+from coca.errors import CapacityError, InvalidInputError
+from coca.export import TRITON_MODELS, Identity
+from coca.sampling import SamplingParams
+
+from .errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError
+from .protocol import CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS, TEXT_DECODER, TEXT_ENCODER
+
+ImageInput = Union[bytes, str, os.PathLike]
+
+
+@dataclass
+class Generation:
+    """One caption as the decoder produced it, with the batch size of each step's forward."""
+
+    tokens: list[int]
+    batch_rows: list[int] = field(default_factory=list)
+
+
+class TritonCoca:
+    """CoCa through Triton: embeddings and captions; one instance per event loop."""
+
+    def __init__(self, url: str, timeout_s: Optional[float] = None):
+        self.url = url
+        self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
+        self._client: Optional[grpcaio.InferenceServerClient] = None
+        self._identity: Optional[Identity] = None
+        self._tokenizer = None
+
+    async def __aenter__(self) -> "TritonCoca":
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self):
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> grpcaio.InferenceServerClient:
+        if self._client is None:  # created inside the running loop, which it binds to
+            self._client = grpcaio.InferenceServerClient(self.url)
+        return self._client
+
+    # --- identity ----------------------------------------------------------------------
+    async def identity(self) -> Identity:
+        """The model and weights the server's repository holds (the same in all three models)."""
+        if self._identity is None:
+            configs = await asyncio.gather(*(self._call(self.client.get_model_config(name, as_json=True), name)
+                                             for name in TRITON_MODELS))
+            found = {name: _identity(name, c["config"]) for name, c in zip(TRITON_MODELS, configs)}
+            if len(set(found.values())) > 1:
+                raise IdentityMismatchError(
+                    f"the models on {self.url} come from different exports: "
+                    + "; ".join(f"{name}: {i.model} ({i.pretrained}, id {i.repository_id})" for name, i in found.items()))
+            self._identity = next(iter(found.values()))
+        return self._identity
+
+    async def check_identity(self, expected_model: Optional[str] = None,
+                             expected_pretrained: Optional[str] = None) -> Identity:
+        """The server's identity; IdentityMismatchError unless it holds the expected model/weights."""
+        identity = await self.identity()
+        for what, expected, actual in (("model", expected_model, identity.model),
+                                       ("weights", expected_pretrained, identity.pretrained)):
+            if expected is not None and expected != actual:
+                raise IdentityMismatchError(
+                    f"Triton at {self.url} serves {identity.model} ({identity.pretrained}, {identity.dtype}), "
+                    f"not the expected {what} {expected!r}: export that model into its repository and restart it")
+        return identity
+
+    # --- encoders ----------------------------------------------------------------------
+    async def embed_images(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """Normalised image ClassEmbeddings (N, E), float32."""
+        return await self._encode_images(images, "CLASS_EMBEDDING", batch_size)
+
+    async def image_embeddings(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """What the decoder reads: (N, 255, W) float32."""
+        return await self._encode_images(images, "IMAGE_EMBEDDINGS", batch_size)
+
+    async def image_attention(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """The last ViT block's attention (N, H, 1 + P, 1 + P)."""
+        return await self._encode_images(images, "ATTENTION", batch_size)
+
+    async def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Normalised text ClassEmbeddings (N, E), float32."""
+        chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        parts = await asyncio.gather(*(self._encode(TEXT_ENCODER, "TEXT", [t.encode() for t in chunk], "CLASS_EMBEDDING")
+                                       for chunk in chunks))
+        return _concat(parts)
+
+    async def text_attention(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Last-layer attention (N, H, n + 1, n + 1) and the n token ids it refers to (N, n)."""
+        result = await self._infer(TEXT_ENCODER, [_bytes_input("TEXT", [t.encode() for t in texts])],
+                                   ["ATTENTION", "TOKENS"])
+        return result.as_numpy("ATTENTION"), result.as_numpy("TOKENS")
+
+    async def _encode_images(self, images, output: str, batch_size: int) -> np.ndarray:
+        data = [_image_bytes(image) for image in images]
+        chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+        return _concat(await asyncio.gather(*(self._encode(IMAGE_ENCODER, "IMAGE", c, output) for c in chunks)))
+
+    async def _encode(self, model: str, input_name: str, items: list[bytes], output: str) -> np.ndarray:
+        result = await self._infer(model, [_bytes_input(input_name, items)], [output])
+        return result.as_numpy(output)
+
+    # --- captions ----------------------------------------------------------------------
+    async def caption(self, image: Union[ImageInput, np.ndarray], params: SamplingParams = SamplingParams()):
+        """(text, tokens) for an image (bytes or path) or its ImageEmbeddings (255, W)."""
+        embeddings = image if isinstance(image, np.ndarray) else (await self.image_embeddings([image]))[0]
+        generation = await self.generate(embeddings, params)
+        return await self.text(generation.tokens), generation.tokens
+
+    async def caption_many(self, images: Sequence[ImageInput], params: SamplingParams = SamplingParams(),
+                           concurrency: int = 16) -> list[tuple[str, list[int]]]:
+        """Captions of many images, `concurrency` sequences at a time, in input order."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(image):
+            async with limit:
+                return await self.caption(image, params)
+
+        return list(await asyncio.gather(*(one(image) for image in images)))
+
+    async def caption_video(self, video: ImageInput, frames: int = 16, params: SamplingParams = SamplingParams()):
+        """(text, tokens) of a video: frames decoded here, their ImageEmbeddings averaged (as in process)."""
+        import torch
+
+        pictures = await asyncio.to_thread(media.video_frames, video, frames)
+        embeddings = await self.image_embeddings([_png(p) for p in pictures])  # PNG: lossless, same pixels
+        return await self.caption(torch.from_numpy(embeddings).mean(0).numpy(), params)
+
+    async def generate(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams()) -> Generation:
+        """Run one decoder sequence to its end: START with the embeddings, step until DONE, then END."""
+        sequence_id = secrets.randbits(63) or 1  # unique among clients without coordination
+        generation = Generation([])
+        try:
+            inputs = _start_inputs(image_embeddings, params)
+            while True:
+                result = await self._infer(TEXT_DECODER, inputs, STEP_OUTPUTS, sequence_id=sequence_id,
+                                           sequence_start=bool(inputs))
+                inputs = []
+                generation.batch_rows.append(int(result.as_numpy("BATCH_ROWS")[0, 0]))
+                if bool(result.as_numpy("DONE")[0, 0]):
+                    generation.tokens = result.as_numpy("TOKENS")[0].tolist()
+                    return generation
+        finally:  # END frees the server's cache and Triton's sequence slot, whatever happened
+            await asyncio.shield(self._end(sequence_id))
+
+    async def _end(self, sequence_id: int):
+        try:
+            await self._infer(TEXT_DECODER, [], ["DONE"], sequence_id=sequence_id, sequence_end=True)
+        except Exception:  # already gone (failed START, expired): nothing left to free
+            pass
+
+    async def decoder_stats(self) -> dict:
+        """The decoder's cache: live sequences, free rows, cache bytes, expiry counts.
+
+        Asked with START+END and no embeddings, which the decoder answers without starting
+        anything (so it works with a full cache too).
+        """
+        import json
+
+        result = await self._infer(TEXT_DECODER, [], ["STATS"], sequence_id=secrets.randbits(63) or 1,
+                                   sequence_start=True, sequence_end=True)
+        return json.loads(result.as_numpy("STATS")[0, 0])
+
+    async def text(self, tokens: list[int]) -> str:
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer((await self.identity()).model)
+        from coca.runtime import tokens_to_text
+
+        return tokens_to_text(self._tokenizer, tokens)
+
+    # --- transport -----------------------------------------------------------------------
+    async def _infer(self, model: str, inputs: list, outputs: Sequence[str], **sequence):
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        return await self._call(
+            self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s, **sequence), model)
+
+    async def _call(self, request, model: str):
+        try:
+            return await request
+        except InferenceServerException as exc:
+            raise self._translate(exc, model) from None
+
+    def _translate(self, exc: InferenceServerException, model: str) -> Exception:
+        """A typed error with the server's words (request-id noise removed)."""
+        status, message = exc.status() or "", re.sub(r"^\[request id: [^\]]*\]\s*", "", exc.message() or str(exc))
+        if status.endswith("INVALID_ARGUMENT"):
+            return InvalidInputError(f"{model}: {message}")
+        if status.endswith("UNAVAILABLE") and CAPACITY_MESSAGE in message:
+            return CapacityError(f"{model}: {message}")
+        if status.endswith("UNAVAILABLE"):
+            return TritonUnavailableError(f"cannot reach Triton at {self.url}: {message}")
+        if "unknown model" in message.lower() or "not ready" in message.lower():
+            return TritonUnavailableError(f"Triton at {self.url} does not serve {model}: {message}")
+        return TritonRequestError(f"{model}: {status or 'error'}: {message}")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def caption_files(url: str, files: Sequence[str], params: SamplingParams, frames: int = 16,
+                  concurrency: int = 16) -> Iterator[tuple[str, str]]:
+    """(path, caption) for image and video files, captioned concurrently through Triton at `url`."""
+
+    async def run():
+        async with TritonCoca(url) as triton:
+            await triton.check_identity()
+            limit = asyncio.Semaphore(concurrency)
+
+            async def one(path):
+                async with limit:
+                    if media.is_video(path):
+                        return (await triton.caption_video(path, frames, params))[0]
+                    return (await triton.caption(path, params))[0]
+
+            return await asyncio.gather(*(one(path) for path in files))
+
+    yield from zip(files, asyncio.run(run()))
+
+
+def _identity(name: str, config: dict) -> Identity:
+    parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    try:
+        return Identity.from_parameters(parameters)
+    except (KeyError, ValueError) as exc:
+        raise IdentityMismatchError(f"{name} has no CoCa identity in its config ({exc}): not a `coca export` repository")
+
+
+def _bytes_input(name: str, items: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(items), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(items, dtype=np.object_).reshape(-1, 1))
+    return tensor
+
+
+def _array_input(name: str, array: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _start_inputs(image_embeddings: np.ndarray, params: SamplingParams) -> list:
+    embeddings = np.ascontiguousarray(image_embeddings, dtype=np.float32).reshape(1, *image_embeddings.shape[-2:])
+    inputs = [_array_input("IMAGE_EMBEDDINGS", embeddings)]
+    for field_name, (name, dtype) in SAMPLING_INPUTS.items():
+        value = getattr(params, field_name)
+        if value is not None:
+            inputs.append(_array_input(name, np.array([[value]], dtype=dtype)))
+    return inputs
+
+
+def _image_bytes(image: ImageInput) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    return Path(image).read_bytes()
+
+
+def _png(picture) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0,), np.float32)

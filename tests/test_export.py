@@ -1,0 +1,103 @@
+"""`coca export`: a Triton model repository with each part's weights, its identity, loadable part by part."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import coca
+from coca.errors import WeightsUnavailableError
+from coca.export import (
+    MANIFEST_FILE, TEMPLATES, TRITON_MODELS, WEIGHTS_FILE, DecoderSettings, Identity, export_repository, file_sha256,
+)
+from coca.loading import PARTS, load_part, part_state_dict
+from serving.models.sequences import SequenceTable
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return coca.load("coca-tiny", pretrained="random", seed=0)
+
+
+def parameters(config: str) -> dict[str, str]:
+    found = re.findall(r'parameters \{ key: "([^"]+)" value: \{ string_value: ("(?:[^"\\]|\\.)*") \} \}', config)
+    return {key: json.loads(value) for key, value in found}
+
+
+def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
+    manifest = json.loads(export_repository(tiny, tmp_path, decoder=DecoderSettings(capacity_rows=8, sequence_idle_s=4)).read_text())
+    assert (manifest["model"], manifest["pretrained"], manifest["dtype"], manifest["embed_dim"]) == ("coca-tiny", "random", "float32", 64)
+    identities = set()
+    for name, part in TRITON_MODELS.items():
+        folder = tmp_path / name
+        assert (folder / "1" / "model.py").read_text() == (TEMPLATES / name / "1" / "model.py").read_text()
+        assert manifest["models"][name]["sha256"] == file_sha256(folder / "1" / WEIGHTS_FILE)
+        config = (folder / "config.pbtxt").read_text()
+        params = parameters(config)
+        assert params["coca_weights_sha256"] == manifest["models"][name]["sha256"]
+        assert json.loads(params["coca_preprocess"]) == json.loads(json.dumps(tiny.preprocess_cfg))
+        identities.add(Identity.from_parameters(params))
+    assert identities == {Identity("coca-tiny", "random", "float32", 64, manifest["repository_id"])}
+    image_config = (tmp_path / "coca_image_encoder" / "config.pbtxt").read_text()
+    assert re.search(r'"IMAGE_EMBEDDINGS" data_type: TYPE_FP32 dims: \[ 255, 64 \]', image_config)
+    assert re.search(r'"ATTENTION" data_type: TYPE_FP32 dims: \[ 3, 50, 50 \]', image_config)
+    decoder_params = parameters((tmp_path / "coca_text_decoder" / "config.pbtxt").read_text())
+    assert (decoder_params["capacity_rows"], decoder_params["sequence_ttl_seconds"]) == ("8", "4.8")
+    assert "max_sequence_idle_microseconds: 4000000" in (tmp_path / "coca_text_decoder" / "config.pbtxt").read_text()
+
+
+def test_export_in_place_keeps_model_py_and_is_idempotent(tiny, tmp_path):
+    templates = tmp_path / "model_repository"
+    shutil.copytree(TEMPLATES, templates, ignore=shutil.ignore_patterns("*.safetensors", "__pycache__"))
+    model_py = {name: (templates / name / "1" / "model.py").read_text() for name in TRITON_MODELS}
+    export_repository(tiny, templates, templates=templates)
+    first = {name: (templates / name / "config.pbtxt").read_text() for name in TRITON_MODELS}
+    export_repository(tiny, templates, templates=templates)  # configs now hold values: rewritten, not duplicated
+    assert {name: (templates / name / "config.pbtxt").read_text() for name in TRITON_MODELS} == first
+    assert {name: (templates / name / "1" / "model.py").read_text() for name in TRITON_MODELS} == model_py
+    assert all(config.count('key: "coca_model"') == 1 for config in first.values())
+
+
+def test_each_part_loads_alone_and_equals_the_whole(tiny, tmp_path):
+    export_repository(tiny, tmp_path, dtype="bfloat16")
+    for name, part in TRITON_MODELS.items():
+        net = load_part("coca-tiny", part, tmp_path / name / "1" / WEIGHTS_FILE)
+        loaded = {k: v for k, v in net.state_dict().items() if not v.is_meta}
+        assert set(loaded) == set(part_state_dict(tiny.net, part))  # nothing else is materialised
+        assert all(torch.equal(v, part_state_dict(tiny.net, part)[k].bfloat16()) for k, v in loaded.items())
+        assert net.dtype == torch.bfloat16 and net.device.type == "cpu"
+    assert set(PARTS) == set(TRITON_MODELS.values())
+
+
+def test_weights_of_another_part_are_refused(tmp_path, tiny):
+    export_repository(tiny, tmp_path)
+    with pytest.raises(WeightsUnavailableError, match="does not hold the coca-tiny text_decoder: .* missing"):
+        load_part("coca-tiny", "text_decoder", tmp_path / "coca_text_encoder" / "1" / WEIGHTS_FILE)
+    with pytest.raises(WeightsUnavailableError, match="cannot read"):
+        load_part("coca-tiny", "text_encoder", tmp_path / "missing.safetensors")
+
+
+def test_cli_export(tmp_path, capsys):
+    from clients.cli import main
+
+    assert main(["export", "--model", "coca-tiny", "--pretrained", "random", "--out", str(tmp_path / "repo")]) == 0
+    assert (tmp_path / "repo" / MANIFEST_FILE).is_file()
+    assert "coca-tiny" in capsys.readouterr().out
+
+
+def test_cli_triton_refuses_a_repository_that_was_not_exported(tmp_path, capsys):
+    from clients.cli import main
+
+    assert main(["triton", "--model-repository", str(tmp_path)]) == 2
+    assert "run `coca export --out" in capsys.readouterr().err
+
+
+def test_sequence_table_expires_least_recently_used_first():
+    table = SequenceTable(ttl_s=10)
+    table.add("a", 1, now=0)
+    table.add("b", 2, now=5)
+    assert table.touch("a", now=8) == 1  # a is fresh again
+    assert table.pop_idle(now=16) == [("b", 2)]
+    assert (len(table), table.touch("missing", now=16), table.pop("a"), len(table)) == (1, None, 1, 0)

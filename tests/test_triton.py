@@ -1,0 +1,267 @@
+"""The CoCa models on a real tritonserver equal the in-process runtime, and fail request by request.
+
+One server for the whole module: coca-tiny (random weights, seed 0) exported to a temp
+repository with a small decoder cache and a short idle timeout (see the `triton` fixture).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import coca
+from coca.errors import CapacityError, InvalidInputError
+from coca.export import DecoderSettings, export_repository
+from coca.sampling import SamplingParams
+from serving.testing import running_triton, triton_unavailable_reason
+
+pytest.importorskip("tritonclient.grpc.aio")
+from serving.client import TritonCoca, _array_input, _start_inputs  # noqa: E402
+from serving.errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError  # noqa: E402
+from serving.protocol import STEP_OUTPUTS, TEXT_DECODER  # noqa: E402
+
+pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+
+CAPACITY = 24  # cache rows: 8 captions + 2 beam searches of 6 fit; the cap test fills them all
+IDLE_S = 2.0  # Triton forgets a silent sequence; the model's TTL is IDLE_S + 0.5
+EXPIRY_INTERVAL_S = 0.25
+GREEDY = SamplingParams(max_tokens=12)
+SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max_tokens=12)  # exact in float32
+BEAMS = SamplingParams(max_tokens=10, num_beams=6, num_beam_groups=3)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return coca.load("coca-tiny", pretrained="random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def triton(reference, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("model_repository")
+    settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S)
+    export_repository(reference, repo, decoder=settings)
+    with running_triton(repo) as (grpc_url, _, server):
+        yield grpc_url, server
+
+
+@pytest.fixture(scope="module")
+def photos(images) -> list[bytes]:
+    return [Path(p).read_bytes() for p in images]
+
+
+def on_triton(url: str, work):
+    """Run `await work(client)` with a fresh TritonCoca in a fresh event loop."""
+
+    async def go():
+        async with TritonCoca(url) as triton:
+            return await work(triton)
+
+    return asyncio.run(go())
+
+
+async def start(triton: TritonCoca, sequence_id: int, embeddings: np.ndarray, params=GREEDY):
+    inputs = _start_inputs(embeddings, params)
+    return await triton._infer(TEXT_DECODER, inputs, STEP_OUTPUTS, sequence_id=sequence_id, sequence_start=True)
+
+
+async def end(triton: TritonCoca, sequence_id: int):
+    await triton._end(sequence_id)
+
+
+# --- identity --------------------------------------------------------------------------------
+def test_identity_is_read_and_a_mismatch_refused(triton):
+    url, _ = triton
+    identity = on_triton(url, lambda t: t.check_identity("coca-tiny", "random"))
+    assert (identity.model, identity.pretrained, identity.dtype, identity.embed_dim) == ("coca-tiny", "random", "float32", 64)
+    with pytest.raises(IdentityMismatchError, match="serves coca-tiny .*not the expected model 'coca_ViT-B-32'"):
+        on_triton(url, lambda t: t.check_identity("coca_ViT-B-32"))
+    with pytest.raises(IdentityMismatchError, match="not the expected weights 'laion2b_s13b_b90k'"):
+        on_triton(url, lambda t: t.check_identity("coca-tiny", "laion2b_s13b_b90k"))
+
+
+def test_unreachable_server_is_a_typed_error():
+    with pytest.raises(TritonUnavailableError, match="cannot reach Triton at 127.0.0.1:1"):
+        on_triton("127.0.0.1:1", lambda t: t.embed_texts(["a dog"]))
+
+
+# --- encoders --------------------------------------------------------------------------------
+def test_image_outputs_equal_in_process(triton, reference, images, photos):
+    url, _ = triton
+
+    async def work(t):
+        return await asyncio.gather(t.embed_images(photos), t.image_embeddings(photos), t.image_attention(photos[:2]))
+
+    class_embeddings, image_embeddings, attention = on_triton(url, work)
+    expected = reference.encode_images(images, want_attention=True)
+    np.testing.assert_allclose(class_embeddings, reference.embed_images(images), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(image_embeddings, expected.image_embeddings.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(attention, expected.attention[:2].numpy(), atol=1e-5, rtol=0)
+
+
+def test_text_outputs_equal_in_process(triton, reference):
+    url, _ = triton
+    texts = ["a dog", "an astronaut in a white suit next to a flag", "coffee"]
+
+    async def work(t):
+        return await asyncio.gather(t.embed_texts(texts), t.text_attention(texts[1:]))
+
+    embeddings, (attention, tokens) = on_triton(url, work)
+    np.testing.assert_allclose(embeddings, reference.embed_texts(texts), atol=1e-5, rtol=0)
+    expected = reference.encode_texts(texts[1:], want_attention=True)
+    np.testing.assert_allclose(attention, expected.attention[-1].numpy(), atol=1e-5, rtol=0)
+    assert tokens.tolist() == expected.kept_tokens.tolist()
+
+
+def test_a_corrupt_image_fails_alone_in_its_batch(triton, reference, images, photos):
+    url, _ = triton
+    corrupt = photos[0][:200]  # a truncated JPEG
+
+    async def work(t):  # concurrent requests: the dynamic batcher puts them in one execute()
+        return await asyncio.gather(*(t.embed_images([p]) for p in [photos[0], corrupt, *photos[1:]]),
+                                    return_exceptions=True)
+
+    outcomes = on_triton(url, work)
+    assert isinstance(outcomes[1], InvalidInputError) and "image" in str(outcomes[1]).lower(), outcomes[1]
+    good = np.concatenate([outcomes[0], *outcomes[2:]])
+    np.testing.assert_allclose(good, reference.embed_images(images), atol=1e-5, rtol=0)
+
+
+def test_an_empty_text_fails_alone(triton, reference):
+    url, _ = triton
+
+    async def work(t):
+        return await asyncio.gather(t.embed_texts(["a cat"]), t.embed_texts(["  "]), return_exceptions=True)
+
+    good, empty = on_triton(url, work)
+    assert isinstance(empty, InvalidInputError) and "text #1 is empty" in str(empty)
+    np.testing.assert_allclose(good, reference.embed_texts(["a cat"]), atol=1e-5, rtol=0)
+
+
+# --- captions --------------------------------------------------------------------------------
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_captions_equal_in_process(triton, reference, images, photos, params):
+    url, _ = triton
+    captions = on_triton(url, lambda t: t.caption_many(photos, params))
+    expected = [reference.caption([image], params)[0] for image in images]
+    assert [tokens for _, tokens in captions] == [c.tokens for c in expected]
+    assert [text for text, _ in captions] == [c.text for c in expected]
+
+
+def test_beam_search_equals_in_process(triton, reference, images, photos):
+    url, _ = triton
+    captions = on_triton(url, lambda t: t.caption_many(photos[:2], BEAMS))
+    assert [tokens for _, tokens in captions] == [reference.caption([i], BEAMS)[0].tokens for i in images[:2]]
+
+
+def test_video_caption_equals_in_process(triton, reference, tmp_path):
+    from tests.test_model_equality import make_video
+
+    url, _ = triton
+    video = make_video(tmp_path / "clip.mp4")
+    text, tokens = on_triton(url, lambda t: t.caption_video(video.read_bytes(), frames=4, params=GREEDY))
+    expected = reference.caption_video(str(video), frames=4, params=GREEDY)
+    assert (text, tokens) == (expected.text, expected.tokens)
+
+
+def test_eight_interleaved_sequences_share_forwards(triton, reference, images, photos):
+    url, _ = triton
+    settings = [GREEDY if i % 2 == 0 else SAMPLED for i in range(8)]
+
+    async def work(t):
+        embeddings = await t.image_embeddings(photos)
+
+        async def one(i):
+            await asyncio.sleep(0.003 * i)  # staggered: sequences at different positions share a forward
+            return await t.generate(embeddings[i % 4], settings[i])
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    generations = on_triton(url, work)
+    for i, generation in enumerate(generations):
+        assert generation.tokens == reference.caption([images[i % 4]], settings[i])[0].tokens, f"sequence {i}"
+    rows = [r for g in generations for r in g.batch_rows]
+    assert max(rows) > 1, f"every forward computed one row: {rows}"
+
+
+# --- memory: TTL and cap ---------------------------------------------------------------------
+def test_abandoned_sequences_are_freed_after_the_ttl(triton, photos):
+    url, server = triton
+
+    async def abandon(t):
+        embeddings = await t.image_embeddings(photos[:1])
+        for sequence_id in (7001, 7002):
+            await start(t, sequence_id, embeddings[0])  # ...and never END
+        return await t.decoder_stats()
+
+    before = on_triton(url, abandon)
+    assert before["live_sequences"] >= 2 and before["free_rows"] <= CAPACITY - 2
+    time.sleep(IDLE_S + 0.5 + 2 * EXPIRY_INTERVAL_S + 0.5)  # past the model's TTL, timer included
+    assert "(by timer)" in server.log_tail(200)
+    after = on_triton(url, lambda t: t.decoder_stats())
+    assert after["expired_by_timer"] >= 2
+    assert (after["live_sequences"], after["free_rows"], after["cache_bytes_in_use"]) == (0, CAPACITY, 0)
+    with pytest.raises(InvalidInputError, match="START"):  # Triton forgot it too
+        on_triton(url, lambda t: t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=7001))
+
+
+def test_the_cache_cap_is_a_clear_error(triton, reference, images, photos):
+    url, _ = triton
+
+    async def work(t):
+        embeddings = (await t.image_embeddings(photos[:1]))[0]
+        ids = list(range(8001, 8001 + CAPACITY))
+        try:
+            await asyncio.gather(*(start(t, i, embeddings) for i in ids))  # one row each: the cache is full
+            with pytest.raises(CapacityError, match=f"decoder cache full: 1 slot\\(s\\) wanted, 0 free.*{CAPACITY} live"):
+                await start(t, 9000, embeddings)
+            stats = await t.decoder_stats()  # a probe needs no cache row
+        finally:
+            await asyncio.gather(*(end(t, i) for i in [*ids, 9000]))
+        return stats, await t.decoder_stats(), await t.caption(embeddings, GREEDY)
+
+    full, freed, (_, tokens) = on_triton(url, work)
+    assert full["free_rows"] == 0 and freed["free_rows"] == CAPACITY
+    assert tokens == reference.caption(images[:1], GREEDY)[0].tokens
+
+
+# --- malformed requests ----------------------------------------------------------------------
+def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(triton, reference, images, photos):
+    url, server = triton
+
+    async def expect(error_type, match, request):
+        with pytest.raises(error_type, match=match):
+            await request
+
+    async def work(t):
+        embeddings = (await t.image_embeddings(photos[:1]))[0]
+        try:
+            await expect(InvalidInputError, "must specify the START flag",
+                         t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=9101))
+            await expect(InvalidInputError, "data-type is 'FP64'", t._infer(
+                TEXT_DECODER, [_array_input("IMAGE_EMBEDDINGS", embeddings[None].astype(np.float64))],
+                STEP_OUTPUTS, sequence_id=9102, sequence_start=True))
+            await expect(InvalidInputError, r"IMAGE_EMBEDDINGS must have shape \[1, 255, 64\].*got \[1, 10, 64\]",
+                         start(t, 9103, embeddings[:10]))
+            await expect(InvalidInputError, "unexpected shape", start(t, 9104, embeddings[:, :32]))
+            await expect(InvalidInputError, "needs IMAGE_EMBEDDINGS", t._infer(
+                TEXT_DECODER, [_array_input("MAX_TOKENS", np.array([[5]], np.int32))], STEP_OUTPUTS,
+                sequence_id=9105, sequence_start=True))
+            bad_settings = [_array_input("IMAGE_EMBEDDINGS", embeddings[None]),
+                            _array_input("TEMPERATURE", np.array([[-1]], np.float32)),
+                            _array_input("TOP_P", np.array([[0]], np.float32))]
+            await expect(InvalidInputError, r"temperature must be in \[0, 100\], got -1.0.*top_p must be in", t._infer(
+                TEXT_DECODER, bad_settings, STEP_OUTPUTS, sequence_id=9106, sequence_start=True))
+            # Triton still holds 9106 (its START reached the model), the model does not:
+            await expect(TritonRequestError, "unknown sequence 9106: it was never started here",
+                         t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=9106))
+        finally:
+            await asyncio.gather(*(end(t, i) for i in range(9101, 9107)))
+        return await t.caption(embeddings, GREEDY), await t.decoder_stats()
+
+    (_, tokens), stats = on_triton(url, work)
+    assert tokens == reference.caption(images[:1], GREEDY)[0].tokens
+    assert stats["free_rows"] == CAPACITY
+    assert server.is_alive()
