@@ -108,7 +108,7 @@ def part_state_dict(net: CoCa, part: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in net.state_dict().items() if k.split(".", 1)[0] in modules}
 
 
-def load_part(model_name: str, part: str, weights_file: Union[str, Path], dtype=None) -> CoCa:
+def load_part(model_name: str, part: str, weights_file: Union[str, Path], dtype=None, device="cpu") -> CoCa:
     """CoCa holding only `part`'s weights, read from a safetensors file (never pickle).
 
     The net is built on the meta device, so the other parts cost no memory; their
@@ -136,7 +136,6 @@ def load_part(model_name: str, part: str, weights_file: Union[str, Path], dtype=
         raise WeightsUnavailableError(f"{weights_file} does not fit {model_name}: {exc}") from exc
     for name in part_modules(part):
         module = getattr(net, name)
-        if dtype is not None:
-            module.to(resolve_dtype(dtype))
+        module.to(device=device, dtype=resolve_dtype(dtype) if dtype is not None else None)
         module.requires_grad_(False)
     return net.eval()

@@ -48,13 +48,14 @@ class CocaModel:
         started = time.perf_counter()
         weights = Path(args["model_repository"]) / args["model_version"] / WEIGHTS_FILE
         self._check_weights(weights)
-        net = load_part(self.identity.model, self.part, weights)
+        net = load_part(self.identity.model, self.part, weights, device=self._device())
         preprocess = json.loads(self.parameters["coca_preprocess"])
         self.coca = Coca(net, self.identity.model, self.identity.pretrained, preprocess)
         self.setup()
         self.log_info(
             f"{self.name}: {self.identity.model} ({self.identity.pretrained}, {self.identity.dtype}) "
-            f"{self.part} loaded in {time.perf_counter() - started:.1f} s; {torch.get_num_threads()} torch threads"
+            f"{self.part} loaded on {net.device} in {time.perf_counter() - started:.1f} s; "
+            f"{torch.get_num_threads()} torch threads"
         )
 
     def setup(self):
@@ -106,6 +107,13 @@ class CocaModel:
     def log_error(self, message: str):
         self.pb.Logger.log_error(message)
 
+    def _device(self) -> str:
+        """The `device` parameter: auto (the GPU when torch sees one, else the CPU), cpu, cuda, cuda:N."""
+        wanted = self.parameters.get("device", "auto")
+        if wanted == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return wanted
+
     # --- identity ------------------------------------------------------------------------
     def _identity(self) -> Identity:
         try:
@@ -148,7 +156,8 @@ class EncoderModel(CocaModel):
         good = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, RequestError)]
         for group in self.forward_groups(good, wanted):
             with torch.inference_mode():
-                outputs = self.forward(torch.cat([outcomes[i] for i in group]), set().union(*(wanted[i] for i in group)))
+                batch = torch.cat([outcomes[i] for i in group]).to(self.coca.net.device)
+                outputs = self.forward(batch, set().union(*(wanted[i] for i in group)))
             parts = {name: tensor.split([len(outcomes[i]) for i in group]) for name, tensor in outputs.items()}
             for j, i in enumerate(group):
                 outcomes[i] = {name: _numpy(parts[name][j]) for name in wanted[i]}
@@ -156,4 +165,5 @@ class EncoderModel(CocaModel):
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.cpu()
     return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
