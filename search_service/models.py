@@ -159,10 +159,12 @@ class Models:
 
         from serving.errors import TritonUnavailableError
 
+        client = await self._connect()
         results = await self._call(run, timeout)
-        if any(isinstance(r, TritonUnavailableError) for r in results):
-            await self._drop(self._client) if self._client is not None else None
-            down = ModelsUnavailable(f"model server (Triton) at {self.url} is unavailable")
+        failures = [r for r in results if isinstance(r, TritonUnavailableError)]
+        if failures:
+            await self._drop(client)
+            down = ModelsUnavailable(f"model server (Triton) at {self.url} is unavailable: {failures[0]}")
             results = [down if isinstance(r, TritonUnavailableError) else r for r in results]
         return results
 

@@ -160,55 +160,78 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def AddImages(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
         try:
             await self.ensure_models()
-        except Exception as exc:
+            async for result in self._add_stream(request_iterator, context):
+                yield result
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # Triton down, deadline passed: results sent so far stand, the rest fail
             await context.abort(*status_of(exc))
+
+    async def _add_stream(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
+        """Batches of whatever has arrived (up to add_batch), a few in flight, results in request order.
+
+        A batch starts as soon as one item is there, so a client that waits for each
+        result before sending the next item is served too.
+        """
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.config.add_batch)
         reader = asyncio.create_task(_read_stream(request_iterator, queue))
         inflight: collections.deque[asyncio.Task] = collections.deque()
         next_batch: Optional[asyncio.Task] = None
         ended = False
+        committed = asyncio.get_running_loop().create_future()
+        committed.set_result(None)
         try:
             while True:
                 if next_batch is None and not ended and len(inflight) < MAX_INFLIGHT_BATCHES:
                     next_batch = asyncio.create_task(_take_batch(queue, self.config.add_batch))
                 waiting = [t for t in (next_batch, inflight[0] if inflight else None) if t is not None]
                 if not waiting:
-                    break
+                    return
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if next_batch is not None and next_batch.done():
                     batch, ended = next_batch.result()
                     next_batch = None
                     if batch:
-                        inflight.append(asyncio.create_task(self._add_batch(batch, context)))
+                        turn = asyncio.get_running_loop().create_future()
+                        inflight.append(asyncio.create_task(self._add_batch(batch, context, committed, turn)))
+                        committed = turn
                 while inflight and inflight[0].done():
                     for result in inflight.popleft().result():
                         yield result
-        except ModelsUnavailable as exc:
-            await context.abort(*status_of(exc))
         finally:
             for task in (reader, next_batch, *inflight):
                 if task is not None:
                     task.cancel()
 
-    async def _add_batch(self, batch: list[tuple[int, pb.AddImageRequest]], context) -> list[pb.AddImageResult]:
-        """Validate, embed (concurrently, each its own Triton request), commit together, report each."""
-        prepared = await asyncio.to_thread(self._prepare_all, batch)
-        pending = [p for p in prepared if isinstance(p, Prepared)]
-        vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
-        results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
-        ready: list[tuple[Prepared, np.ndarray]] = []
-        for p, vector in zip(pending, vectors):
-            if isinstance(vector, ModelsUnavailable):
-                raise vector  # Triton is down: fail the stream, nothing below was acknowledged
-            if isinstance(vector, BaseException):
-                results[p.index] = _failed(p.index, vector, p.sha256)
-            else:
-                ready.append((p, vector))
-        if ready:
-            outcomes = await asyncio.to_thread(self._commit, ready)
-            for (p, _), outcome in zip(ready, outcomes):
-                results[p.index] = outcome
-        return [results[i] for i, _ in batch]
+    async def _add_batch(self, batch: list[tuple[int, pb.AddImageRequest]], context,
+                         previous: asyncio.Future, turn: asyncio.Future) -> list[pb.AddImageResult]:
+        """Validate, embed (concurrently, each its own Triton request), commit together, report each.
+
+        Batches embed concurrently but commit in stream order (each waits for `previous`,
+        then completes `turn`), so the first copy of repeated content is the one ADDED.
+        """
+        try:
+            prepared = await asyncio.to_thread(self._prepare_all, batch)
+            pending = [p for p in prepared if isinstance(p, Prepared)]
+            vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
+            results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
+            ready: list[tuple[Prepared, np.ndarray]] = []
+            for p, vector in zip(pending, vectors):
+                if isinstance(vector, ModelsUnavailable):
+                    raise vector  # Triton is down: fail the stream, nothing below was acknowledged
+                if isinstance(vector, BaseException):
+                    results[p.index] = _failed(p.index, vector, p.sha256)
+                else:
+                    ready.append((p, vector))
+            await previous
+            if ready:
+                outcomes = await asyncio.to_thread(self._commit, ready)
+                for (p, _), outcome in zip(ready, outcomes):
+                    results[p.index] = outcome
+            return [results[i] for i, _ in batch]
+        finally:
+            if not turn.done():
+                turn.set_result(None)
 
     def _prepare_all(self, batch) -> list:
         out = []
@@ -270,7 +293,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
-        await self.ensure_models()
+        if request.WhichOneof("query") == "image" or self.engine.index is None:
+            await self.ensure_models()  # by id, a known store needs no Triton
         vector = await self._image_vector(request.image if request.WhichOneof("query") == "image" else None,
                                           request.id, context)
         return await self._search(vector, options, context)
@@ -359,8 +383,6 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def _ref_vector(self, ref: pb.ImageRef, context) -> np.ndarray:
         if ref.WhichOneof("ref") is None:
             raise bad("give an image: its bytes or the id of an indexed image")
-        if ref.WhichOneof("ref") == "id":
-            await self.ensure_models()
         return await self._image_vector(ref.image if ref.WhichOneof("ref") == "image" else None, ref.id, context)
 
     def _check_texts(self, texts: list[str], what: str) -> list[str]:

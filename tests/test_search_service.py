@@ -1,0 +1,461 @@
+"""The search service end to end: a real tritonserver (coca-tiny, random weights), the real gRPC
+server in its own process, real SQLite and FAISS. One Triton serves the module; services are
+started per test where a test kills, restarts or reconfigures one."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.testing import triton_unavailable_reason
+
+pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+
+from clients.search_client import SearchClient  # noqa: E402
+from search_service.pb import search_pb2 as pb  # noqa: E402
+from search_service.testing import ServiceProcess  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
+ADDED, DUPLICATE, FAILED = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE, pb.AddImageResult.FAILED
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    from search_service.modelrepo import ensure_repository
+
+    return ensure_repository(tmp_path_factory.mktemp("search") / "repo", MODEL, PRETRAINED, SEED)
+
+
+@pytest.fixture(scope="module")
+def triton(repository):
+    """One tritonserver on fixed ports, so a test can stop it and start it again at the same address."""
+    from serving.launcher import TritonServer, pick_free_ports
+
+    http, grpc_port, metrics = pick_free_ports(3)
+    server = TritonServer(repository[0], http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                          kill_on_parent_exit=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    import coca
+
+    return coca.load(MODEL, pretrained=PRETRAINED, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def photos(images):
+    """12 distinct JPEGs: the 4 sample photos, each also cropped two ways."""
+    out = []
+    for path in images:
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        for box in [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h)]:
+            out.append(jpeg(image.crop(box)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("root")
+    (root / "ok.jpg").write_bytes(jpeg(Image.new("RGB", (80, 60), (20, 40, 220))))  # indexed by path only
+    outside = tmp_path_factory.mktemp("outside") / "secret.jpg"
+    outside.write_bytes(photos[1])
+    (root / "escape.jpg").symlink_to(outside)
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, triton, repository, roots):
+    """The service most tests share (its own data dir)."""
+    with ServiceProcess(tmp_path_factory.mktemp("data"), triton.grpc_url, "--root", str(roots[0]),
+                        "--logit-scale", str(repository[1])) as process:
+        yield process
+
+
+@pytest.fixture
+def client(service):
+    with SearchClient(service.address, timeout=60) as c:
+        yield c
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def add(client, images, **fields) -> list[pb.AddImageResult]:
+    return list(client.add_images(pb.AddImageRequest(image=data, **fields) for data in images))
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------- tests
+def test_index_search_caption_end_to_end(client, photos, reference):
+    results = add(client, photos[:6], metadata={"set": "e2e"})
+    assert [r.outcome for r in results] == [ADDED] * 6 and [r.index for r in results] == list(range(6))
+    ids = [r.id for r in results]
+    # Stored embeddings are the model's (Triton equals in-process).
+    stored = np.array(client.get(ids[2], include_embedding=True).embedding)
+    np.testing.assert_allclose(stored, reference.embed_images([photos[2]])[0], atol=1e-5)
+    # An image finds itself; text search ranks by the in-process cosine similarity.
+    top = client.search_image(photos[4], k=3, filters={"set": "e2e"}).hits
+    assert top[0].id == ids[4] and top[0].score == pytest.approx(1.0, abs=1e-4)
+    hits = client.search_text("a photo of a cat", k=6, filters={"set": "e2e"}).hits
+    expected = reference.embed_images(photos[:6]) @ reference.embed_texts(["a photo of a cat"])[0]
+    assert [h.id for h in hits] == [ids[i] for i in np.argsort(-expected)]
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=1e-4)
+    assert all(h.caption == "" for h in hits)
+    # with_captions: captioned through Triton's decoder, equal to in-process greedy captions, stored.
+    captioned = client.search_text("a photo of a cat", k=3, with_captions=True, filters={"set": "e2e"}).hits
+    by_id = {ids[i]: photos[i] for i in range(6)}
+    for hit in captioned:
+        assert hit.caption and hit.caption == reference.caption([by_id[hit.id]])[0].text
+        assert client.get(hit.id).caption == hit.caption
+    again = client.search_text("a photo of a cat", k=3, with_captions=True, filters={"set": "e2e"}).hits
+    assert [(h.id, h.caption) for h in again] == [(h.id, h.caption) for h in captioned]
+    # The bytes are kept, content-addressed: Get gives them back.
+    assert client.get(ids[1], include_image=True).image == photos[1]
+
+
+def test_duplicates_share_one_id_and_one_vector(client, photos):
+    before = client.stats().count
+    first = add(client, [photos[6], photos[6]])  # twice in one stream
+    assert first[0].outcome == ADDED and first[1].outcome == DUPLICATE and first[0].id == first[1].id
+    again = add(client, [photos[6]], id="another-name")  # later, under another requested id
+    assert again[0].outcome == DUPLICATE and again[0].id == first[0].id
+    stats = client.stats()
+    assert stats.count == before + 1 and stats.indexed == stats.count
+    clash = add(client, [photos[7]], id=first[0].id)[0]  # an explicit id naming other content
+    assert clash.outcome == FAILED and clash.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert first[0].id in clash.error.message
+
+
+def test_delete_removes_from_store_and_index(client, photos):
+    item = add(client, [photos[8]], metadata={"set": "delete"})[0]
+    assert client.search_image(photos[8], k=1).hits[0].id == item.id
+    assert client.delete(item.id).id == item.id
+    assert rpc_error(client.get, item.id).code() == grpc.StatusCode.NOT_FOUND
+    assert client.search_text("anything", k=10, filters={"set": "delete"}).hits == []
+    assert all(h.id != item.id for h in client.search_image(photos[8], k=50).hits)
+    error = rpc_error(client.delete, item.id)
+    assert error.code() == grpc.StatusCode.NOT_FOUND and item.id in error.details()
+    stats = client.stats()
+    assert stats.indexed == stats.count
+
+
+def test_filters_min_score_and_k(client, photos):
+    add(client, photos[9:11], metadata={"set": "filters", "colour": "red"})
+    add(client, photos[11:12], metadata={"set": "filters", "colour": "blue"})
+    red = client.search_text("a photo", k=10, filters={"set": "filters", "colour": "red"}).hits
+    assert len(red) == 2 and {h.metadata["colour"] for h in red} == {"red"}
+    assert len(client.search_text("a photo", k=1, filters={"set": "filters"}).hits) == 1
+    everything = client.search_text("a photo", k=3, filters={"set": "filters"}).hits
+    cut = (everything[0].score + everything[-1].score) / 2
+    above = client.search_text("a photo", k=3, filters={"set": "filters"}, min_score=cut).hits
+    assert [h.id for h in above] == [h.id for h in everything if h.score >= cut] and 0 < len(above) < 3
+
+
+def test_bad_items_fail_alone(client, photos, roots):
+    root, outside = roots
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 100 MP in a few kB
+    truncated = photos[3][: len(photos[3]) // 2]
+    requests = [
+        pb.AddImageRequest(image=jpeg(Image.new("RGB", (64, 48), (200, 10, 10)))),  # 0 good
+        pb.AddImageRequest(image=b"this is not an image"),  # 1
+        pb.AddImageRequest(image=truncated),  # 2 decodes header, fails in the model
+        pb.AddImageRequest(image=bomb.getvalue()),  # 3
+        pb.AddImageRequest(path=str(outside)),  # 4 absolute, outside the roots
+        pb.AddImageRequest(path="escape.jpg"),  # 5 symlink out of the root
+        pb.AddImageRequest(path="../outside/secret.jpg"),  # 6
+        pb.AddImageRequest(path="missing.jpg"),  # 7
+        pb.AddImageRequest(path="ok.jpg"),  # 8 good, server-side
+        pb.AddImageRequest(),  # 9 nothing
+        pb.AddImageRequest(image=jpeg(Image.new("RGB", (48, 64), (10, 200, 10)))),  # 10 good
+    ]
+    results = list(client.add_images(requests))
+    assert [r.index for r in results] == list(range(len(requests)))
+    code = {r.index: grpc.StatusCode.OK.value[0] if r.outcome != FAILED else r.error.code for r in results}
+    expect = {1: "INVALID_ARGUMENT", 2: "INVALID_ARGUMENT", 3: "INVALID_ARGUMENT", 4: "PERMISSION_DENIED",
+              5: "PERMISSION_DENIED", 6: "PERMISSION_DENIED", 7: "NOT_FOUND", 9: "INVALID_ARGUMENT"}
+    for index, name in expect.items():
+        assert code[index] == grpc.StatusCode[name].value[0], (index, results[index])
+    assert "decompression bomb" in results[3].error.message and "not an image" in results[1].error.message
+    assert "outside the allowed roots" in results[4].error.message and "'..'" in results[6].error.message
+    assert all(results[i].outcome in (ADDED, DUPLICATE) for i in (0, 8, 10))
+    assert client.get(results[8].id).uri == f"file://{(root / 'ok.jpg').resolve()}"
+
+
+def test_bad_requests_get_the_right_status(client, photos):
+    def status(call, *args, **kwargs):
+        error = rpc_error(call, *args, **kwargs)
+        return error.code(), error.details()
+
+    for k in (-1, 5000):
+        code, message = status(client.search_text, "a cat", k=k)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "k must be in [1, 1000]" in message
+    code, message = status(client.search_text, "   ")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "text is empty" in message
+    code, message = status(client.search_text, "a cat", min_score=3.0)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_score" in message
+    for call, args in [(client.get, ("nope",)), (client.delete, ("nope",)), (client.search_image, (None, "nope"))]:
+        code, message = status(call, *args)
+        assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in message
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")
+    code, message = status(client.search_image, bomb.getvalue())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "decompression bomb" in message
+    code, message = status(client.caption, image=photos[0], top_p=2.0)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in message
+    code, message = status(client.classify, [], image=photos[0])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "label" in message
+    code, message = status(client.classify, ["cat"], image=photos[0], template="no slot")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "{}" in message
+    code, message = status(client.search_text, "a cat", timeout=0.001)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.search_text("a cat", k=1).hits  # still serving
+
+
+def test_caption_classify_rank_match_in_process(client, photos, reference, tmp_path):
+    got = client.caption(image=photos[2], max_tokens=12)
+    want = reference.caption([photos[2]], max_tokens=12)[0]
+    assert got.text == want.text and list(got.tokens) == want.tokens
+    labels = ["cat", "rocket", "coffee", "person"]
+    classified = client.classify(labels, image=photos[3])
+    expected = dict(reference.classify(photos[3], labels))
+    assert [l.label for l in classified.labels] == [l for l, _ in reference.classify(photos[3], labels)]
+    for entry in classified.labels:
+        assert entry.probability == pytest.approx(expected[entry.label], abs=1e-4)
+    ranked = client.rank(labels, image=photos[3])
+    assert [(t.text, round(t.distance, 4)) for t in ranked.texts] == \
+        [(t, round(d, 4)) for t, d in reference.rank(photos[3], labels)]
+    video = tmp_path / "clip.mp4"
+    write_video(video, [Image.open(io.BytesIO(p)).convert("RGB").resize((64, 64)) for p in photos[:4]])
+    got = client.caption(video=video.read_bytes(), frames=4, max_tokens=10)
+    assert got.text == reference.caption_video(str(video), frames=4, max_tokens=10).text
+
+
+def write_video(path: Path, frames: list[Image.Image]) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_health_and_reflection(service):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(service.address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        serving = wait_for(lambda: check(health_pb2.HealthCheckRequest(service="coca.search.v1.SearchService")).status
+                           == health_pb2.HealthCheckResponse.SERVING, 10, "SERVING")
+        assert serving
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"coca.search.v1.SearchService", "grpc.health.v1.Health"} <= names
+
+
+def test_restart_and_sigkill_lose_nothing(tmp_path, triton, photos):
+    """A clean restart keeps everything; kill -9 in the middle of an AddImages stream loses no
+    acknowledged item, and after either the index holds exactly the store's items."""
+    with ServiceProcess(tmp_path, triton.grpc_url) as service, SearchClient(service.address) as client:
+        ids = [r.id for r in add(client, photos[:4], metadata={"k": "v"})]
+        captioned = client.search_text("a rocket", k=2, with_captions=True).hits
+        before = [(h.id, round(h.score, 5), h.caption) for h in client.search_text("a rocket", k=4).hits]
+        client.delete(ids[3])
+    service = ServiceProcess(tmp_path, triton.grpc_url).start()
+    acked = []
+    try:
+        with SearchClient(service.address) as client:
+            stats = client.stats()
+            assert stats.count == stats.indexed == 3 and stats.snapshot_sequence == stats.last_sequence
+            after = [(h.id, round(h.score, 5), h.caption) for h in client.search_text("a rocket", k=4).hits]
+            assert after == [b for b in before if b[0] != ids[3]]
+            assert all(client.get(h.id).caption == h.caption for h in captioned if h.id != ids[3])
+            assert client.get(ids[0]).metadata == {"k": "v"}
+            assert "index: snapshot at seq" in service.output()  # loaded, not rebuilt
+            stream = client.add_images(pb.AddImageRequest(image=v) for v in noisy_variants(photos, 200))
+            with pytest.raises(grpc.RpcError):
+                for result in stream:
+                    assert result.outcome == ADDED
+                    acked.append(result.id)
+                    if len(acked) == 40:
+                        os.kill(service.proc.pid, signal.SIGKILL)
+    finally:
+        service.kill()
+    assert len(acked) >= 40
+    with ServiceProcess(tmp_path, triton.grpc_url) as service, SearchClient(service.address) as client:
+        stats = client.stats()
+        assert stats.count == stats.indexed and stats.count >= 3 + len(acked)
+        for item_id in acked[::7]:
+            assert client.search_image(id=item_id, k=1).hits[0].id == item_id  # in the index, not only the store
+        assert all(client.get(i).id == i for i in acked)
+
+
+def noisy_variants(photos: list[bytes], count: int) -> list[bytes]:
+    """`count` distinct small JPEGs: the photos with pixel noise."""
+    rng = np.random.default_rng(0)
+    base = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB").resize((96, 96)), np.int16) for p in photos]
+    return [jpeg(Image.fromarray(np.clip(base[i % len(base)] + rng.integers(-8, 8, (96, 96, 3)), 0, 255)
+                                 .astype(np.uint8))) for i in range(count)]
+
+
+def test_triton_down_gives_unavailable_then_recovers(service, client, triton, photos):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    fresh = noisy_variants(photos[1:2], 2)
+    with grpc.insecure_channel(service.address) as channel:
+        item = add(client, fresh[:1])[0]
+        triton.stop()
+        try:
+            error = rpc_error(client.search_text, "a cat")
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in error.details()
+            assert triton.grpc_url in error.details()
+            error = rpc_error(lambda: list(client.add_images([pb.AddImageRequest(image=fresh[1])])))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in error.details()
+            assert client.get(item.id).id == item.id  # the store still answers
+            assert client.search_image(id=item.id, k=1).hits[0].id == item.id
+            check = health_pb2_grpc.HealthStub(channel).Check
+            wait_for(lambda: check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING,
+                     10, "NOT_SERVING")
+        finally:
+            triton.start()
+        hits = wait_for(lambda: client.search_image(fresh[0], k=1).hits, 30, "search to work again")
+        assert hits[0].id == item.id
+        assert add(client, fresh[1:])[0].outcome == ADDED
+        wait_for(lambda: check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING,
+                 10, "SERVING")
+
+
+def test_token_tls_and_message_limit(tmp_path, triton, photos):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    args = ["--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token), "--max-message-mb", "1"]
+    with ServiceProcess(tmp_path / "data", triton.grpc_url, *args) as service:
+        with SearchClient(service.address, tls_ca=cert) as anonymous:
+            error = rpc_error(anonymous.stats)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in error.details()
+        with SearchClient(service.address, token="wrong", tls_ca=cert) as wrong:
+            assert rpc_error(wrong.stats).code() == grpc.StatusCode.UNAUTHENTICATED
+        with SearchClient(service.address, token="s3cret", tls_ca=cert) as client:
+            assert add(client, photos[:1])[0].outcome == ADDED
+            big = rpc_error(lambda: list(client.add_images([pb.AddImageRequest(image=os.urandom(2 << 20))])))
+            assert big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with SearchClient(service.address, token="s3cret") as plaintext:  # TLS only
+            assert rpc_error(plaintext.stats).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_cli_index_resume_search_html(tmp_path, service, photos, capsys):
+    folder = tmp_path / "pics"
+    (folder / "sub").mkdir(parents=True)
+    for i, data in enumerate(photos[:5]):  # re-encoded: content the shared service has not seen
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        (folder / ("sub" if i % 2 else "") / f"p{i}.jpg").write_bytes(jpeg(image, quality=70))
+    (folder / "broken.png").write_bytes(b"not a png")
+
+    def run(*args):  # the CLI's main() in this process (a new interpreter would spend seconds importing torch)
+        from clients.cli import main
+
+        capsys.readouterr()
+        code = main([*args, "--server", service.address])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    first = run("index", str(folder), "--meta", "album=cli")
+    assert first.returncode == 1 and "6 files:" in first.stdout and "1 failed" in first.stdout
+    assert "broken.png" in first.stderr and "not an image" in first.stderr
+    second = run("index", str(folder), "--meta", "album=cli")  # resumable: nothing is embedded again
+    assert "0 added, 5 already indexed, 1 failed" in second.stdout
+    page = tmp_path / "out.html"
+    found = run("search", "a photo of a cat", "-k", "3", "--captions", "--filter", "album=cli", "--html", str(page))
+    assert found.returncode == 0, found.stderr
+    html = page.read_text()
+    assert html.count("data:image/jpeg;base64,") == 3 and "score" in html
+    by_image = run("search", "--image", str(folder / "p0.jpg"), "-k", "1", "--filter", "album=cli")
+    assert by_image.returncode == 0 and str(folder / "p0.jpg") in by_image.stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background_serve(tmp_path_factory, repository, service):
+    """`coca serve` (its own Triton + service) started early, so its start overlaps the other tests;
+    the last test checks it."""
+    import shutil
+
+    from search_service.modelrepo import MARKER
+    from serving.launcher import pick_free_ports
+
+    data = tmp_path_factory.mktemp("serve")
+    repo, _ = repository  # reuse the export: serve finds it and its marker
+    shutil.copytree(repo, data / "model_repository")
+    shutil.copy(repo.parent / f"{repo.name}.{MARKER}", data / f"model_repository.{MARKER}")
+    (port,) = pick_free_ports(1)
+    log = data / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "--model", MODEL, "--pretrained",
+                                 PRETRAINED, "--data", str(data), "--port", str(port)], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    yield proc, port, log
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_coca_serve_starts_and_stops_both(background_serve):
+    proc, port, log = background_serve
+    wait_for(lambda: "search service ready" in log.read_text() or proc.poll() is not None, 120, "coca serve")
+    assert proc.poll() is None, log.read_text()
+    assert "exporting" not in log.read_text()
+    with SearchClient(f"127.0.0.1:{port}") as client:
+        assert wait_for(lambda: client.stats().triton_ready, 20, "Triton ready")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()
+    out = log.read_text()
+    assert "search service stopped" in out and "stopping tritonserver" in out
