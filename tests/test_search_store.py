@@ -240,3 +240,35 @@ def test_sigkill_loses_no_acknowledged_item(tmp_path):
     assert all(engine.store.get(i) is not None for i in acked)
     assert index_ids(engine) == store_ids(engine) and engine.index.size >= len(acked)
     engine.close()
+
+
+def test_searches_run_while_items_are_added(tmp_path):
+    """Readers share the index, writers exclude them: no crash, no torn result, nothing lost."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    engine = open_engine(tmp_path, factory="HNSW16")
+    engine.add(items(rng, 50))
+    queries = unit(rng, 20)
+    errors, stop = [], threading.Event()
+
+    def search_loop():
+        while not stop.is_set():
+            try:
+                for q in queries:
+                    hits = engine.search(q, 5)
+                    assert len(hits) == 5 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=search_loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for start in range(100, 400, 25):
+        engine.add(items(rng, 25, start=start))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == [] and engine.index.size == engine.store.count() == 350
+    engine.close()
