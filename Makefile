@@ -12,9 +12,11 @@ venv:
 test: venv
 	$(PYTEST) -q tests
 
-# Placeholder until clients/cli.py grows a `demo` command.
+# The whole system once: export the model, start tritonserver + the search service, index sample photos,
+# search with captions, caption a photo, stop everything. Quick run: make demo DEMO_ARGS="--model coca-tiny"
+DEMO_ARGS ?=
 demo: venv
-	$(VENV)/bin/coca demo
+	$(VENV)/bin/coca demo $(DEMO_ARGS)
 
 # Placeholder: the reliability suite (server restarts, timeouts, load) comes later.
 test-reliability: venv

@@ -216,6 +216,10 @@ def plot(args):
     from coca import media, plots
     from clients.zero_shot import IMAGE_SUFFIXES
 
+    if args.index:  # the running search service's images: no model here
+        from clients.plot_index import plot_index
+
+        return plot_index(args)
     model = load_model(args)
     if args.texts:
         points, labels = model.embed_texts(args.texts), args.texts
@@ -233,7 +237,14 @@ plot.configure = lambda p: (
     p.add_argument("--texts", nargs="+", metavar="TEXT", help="plot these texts instead"),
     p.add_argument("--out", required=True, help="PNG file"),
     p.add_argument("--method", default="tsne", choices=["tsne", "pca"]),
+    _plot_index_options(p),
 )
+
+
+def _plot_index_options(p):
+    from clients.plot_index import configure
+
+    configure(p)
 
 
 @command("info", "net information: parameters per part and array, layer types")
@@ -265,7 +276,13 @@ def demo(args):
     return run_demo(args)
 
 
-demo.configure = lambda p: p.add_argument("--out", default="demo-output", help="folder for the demo's pictures")
+def _demo_options(p):
+    from clients.demo import configure
+
+    configure(p)
+
+
+demo.configure = _demo_options
 
 
 @command("serve", "run tritonserver and the search service on 127.0.0.1 until Ctrl-C")

@@ -1,9 +1,31 @@
-"""`coca demo`: the whole model card in one run, on real sample photos."""
+"""`coca demo` (what `make demo` runs): the whole system once, on real sample photos.
+
+1. exports the model to a Triton model repository (pretrained weights when reachable; otherwise random
+   weights, with a loud banner: the captions are then meaningless, the plumbing is real);
+2. starts `coca serve` (tritonserver + the gRPC search service) as a child process;
+3. indexes sample photos that scikit-image ships, searches them by text with captions, captions and
+   classifies a photo, and plots the index's feature space (t-SNE), all through the Python client;
+4. stops everything it started, also on an error or Ctrl-C (and the child dies with it if it is killed).
+
+With --serve it keeps the service and the web gallery running until Ctrl-C.
+"""
 from __future__ import annotations
 
+import argparse
+import collections
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
-from coca.errors import WeightsUnavailableError
+from clients.coca_client import SearchError
+from coca.errors import UnknownModelError, WeightsUnavailableError
 
 BANNER = """
 ########################################################################
@@ -12,16 +34,34 @@ BANNER = """
 ########################################################################
 """
 
-DESCRIPTIONS = ["an astronaut in a space suit", "a cup of coffee", "a cat", "a rocket on a launch pad"]
+# scikit-image's sample photos (shipped in the wheel, no download). `cat` is `chelsea` again: the service
+# stores it once (same content, same id), which the demo shows.
+PHOTOS = ["astronaut", "coffee", "chelsea", "cat", "rocket", "camera", "hubble_deep_field", "coins", "moon",
+          "clock", "colorwheel", "immunohistochemistry"]
+QUERIES = ["a cat", "an astronaut in a space suit", "a cup of coffee"]
+LABELS = ["astronaut", "coffee", "cat", "rocket", "coins", "moon", "galaxies", "clock"]
+READY = re.compile(r"search service ready on (\S+):(\d+)")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def sample_photos(folder: Path) -> list[Path]:
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-output", help="folder for photos, the service's data and pictures")
+    p.add_argument("--query", action="append", default=None, metavar="TEXT",
+                   help=f"text queries (repeatable; default: {', '.join(repr(q) for q in QUERIES)})")
+    p.add_argument("-k", type=int, default=3, help="hits per query (default %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="search service port (default: a free one)")
+    p.add_argument("--serve", action="store_true",
+                   help="afterwards keep the service and the web gallery running until Ctrl-C")
+    p.add_argument("--web", type=int, default=0, metavar="PORT", help="web gallery port with --serve (default: a free one)")
+
+
+def sample_photos(folder: Path, names: list[str] = PHOTOS) -> list[Path]:
     from PIL import Image
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in ["astronaut", "coffee", "chelsea", "rocket"]:
+    for name in names:
         path = folder / f"{name}.jpg"
         if not path.exists():
             Image.fromarray(getattr(data, name)()).convert("RGB").save(path, quality=92)
@@ -29,38 +69,170 @@ def sample_photos(folder: Path) -> list[Path]:
     return paths
 
 
-def load_demo_model(args):
-    import coca
+def export_model(out: Path, model: str, pretrained: str, seed: int, dtype: str) -> tuple[Path, str]:
+    """The data dir of this model and weights, its model repository exported; falls back to random weights."""
+    from search_service.modelrepo import ensure_repository
+
+    def data_dir(tag: str) -> Path:
+        return out / f"search-{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(tag).name)}"
 
     try:
-        return coca.load(args.model, pretrained=args.pretrained, seed=args.seed, dtype=args.dtype)
-    except WeightsUnavailableError as exc:
-        print(BANNER + f"# reason: {exc}\n")
-        return coca.load(args.model, pretrained="random", seed=args.seed, dtype=args.dtype)
+        ensure_repository(data_dir(pretrained) / "model_repository", model, pretrained, seed, dtype)
+        return data_dir(pretrained), pretrained
+    except (WeightsUnavailableError, UnknownModelError) as exc:
+        if isinstance(exc, UnknownModelError) and pretrained not in str(exc):
+            raise  # an unknown model name, not weights we cannot have
+        print(BANNER + f"# reason: {exc}\n", flush=True)
+        ensure_repository(data_dir("random") / "model_repository", model, "random", seed, dtype)
+        return data_dir("random"), "random"
+
+
+class ServeProcess:
+    """`coca serve` as a child in its own session: output to a log file, stopped with SIGTERM (both
+    servers shut down cleanly), SIGKILL to its process group as the last resort. If this process dies,
+    the kernel sends the child SIGTERM (PR_SET_PDEATHSIG), so nothing outlives the demo."""
+
+    def __init__(self, command: list[str], log_path: Path):
+        self.command, self.log_path = command, log_path
+        self.proc: Optional[subprocess.Popen] = None
+        self.address: Optional[str] = None
+        self.web_url: Optional[str] = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=60)
+        self._ready = threading.Event()
+
+    def start(self, timeout: float = 600.0) -> "ServeProcess":
+        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True, preexec_fn=_die_with_parent)
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"`coca serve` did not start (log {self.log_path}):\n" + "".join(self.lines))
+        return self
+
+    def _pump(self) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                self.lines.append(line)
+                if line.startswith("web gallery on "):
+                    self.web_url = line.split()[-1]
+                match = READY.search(line)
+                if match:
+                    self.address = f"{match.group(1)}:{match.group(2)}"
+                    self._ready.set()
+
+    def stop(self, grace: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with _suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    with _suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _suppress:
+    def __init__(self, *kinds):
+        self.kinds = kinds
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, self.kinds)
+
+
+def _free_port() -> int:
+    from serving.launcher import pick_free_ports
+
+    return pick_free_ports(1)[0]
 
 
 def run_demo(args) -> int:
-    from coca import plots, media
-
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     photos = sample_photos(out / "photos")
-    model = load_demo_model(args)
-    print(f"model {model.model_name} ({model.pretrained}), {model.dtype}")
-    print("\n== captions (greedy, KV cache) ==")
-    for path, cap in zip(photos, model.caption([str(p) for p in photos])):
-        print(f"{path.name:>14}  {cap.text}")
-    print("\n== text -> image ranking (cosine distance, smaller is closer) ==")
-    for path in photos[:2]:
-        best = model.rank(str(path), DESCRIPTIONS)[0]
-        print(f"{path.name:>14}  {best[1]:.4f}  {best[0]}")
-    print("\n== zero-shot classification ==")
-    labels = ["astronaut", "coffee", "cat", "rocket"]
-    for path in photos:
-        label, prob = model.classify(str(path), labels)[0]
-        print(f"{path.name:>14}  {label} ({prob:.1%})")
-    enc = model.encode_images([str(photos[0])], want_attention=True)
-    grid = model.net.visual.grid
-    heat = enc.attention[0][:, 0, 1:].reshape(-1, grid, grid).float().numpy()
-    png = plots.image_attention_png(media.load_image(photos[0]), heat, out / "attention.png")
-    print(f"\nattention map: {png}")
+    print(f"== {len(photos)} sample photos (scikit-image) in {out / 'photos'}")
+    started = time.monotonic()
+    data, pretrained = export_model(out, args.model, args.pretrained, args.seed, args.dtype)
+    print(f"== model repository {data / 'model_repository'} ({args.model}, {pretrained}; "
+          f"{time.monotonic() - started:.0f} s)", flush=True)
+    port = args.port or _free_port()
+    command = [sys.executable, "-m", "clients.cli", "serve", "--model", args.model, "--pretrained", pretrained,
+               "--seed", str(args.seed), "--dtype", args.dtype, "--data", str(data), "--port", str(port)]
+    if args.serve:
+        command += ["--web", str(args.web or _free_port())]
+    print("== starting tritonserver and the search service (`coca serve`) ...", flush=True)
+    started = time.monotonic()
+    server = ServeProcess(command, data / "serve.log")
+    try:
+        server.start()
+        print(f"   ready on {server.address} in {time.monotonic() - started:.0f} s (log {server.log_path})", flush=True)
+        tour(server.address, photos, args, out)
+        if args.serve:
+            print(f"\n== web gallery on {server.web_url}  (Ctrl-C stops everything)", flush=True)
+            while server.proc.poll() is None:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\ninterrupted", flush=True)
+        return 130
+    except SearchError as exc:
+        print(f"coca demo: error: {exc}\n(`coca serve` log: {server.log_path})", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("== stopping the search service and tritonserver ...", flush=True)
+        server.stop()
+        print(f"   stopped (exit code {server.proc.returncode if server.proc else '-'})", flush=True)
     return 0
+
+
+def tour(address: str, photos: list[Path], args, out: Path) -> None:
+    from clients.coca_client import Client
+    from clients.plot_index import fetch_points
+    from coca import plots
+
+    with Client(address, timeout=600) as client:
+        client.wait_ready(120)
+        print(f"\n== indexing {len(photos)} photos (AddImages stream)")
+        for result in client.add_files(photos, {"set": "demo"}):
+            detail = result.id if result.ok else str(result.error)
+            print(f"   {photos[result.index].name:<26} {result.outcome.value:<10} {detail}")
+        stats = client.stats()
+        print(f"   store: {stats.count} images, index {stats.index_active}, model {stats.model} ({stats.pretrained})")
+
+        for query in args.query or QUERIES:
+            started = time.monotonic()
+            result = client.search_text(query, k=args.k, with_captions=True)
+            print(f"\n== search {query!r} with captions ({(time.monotonic() - started) * 1000:.0f} ms, "
+                  f"{result.searched} images)")
+            for rank, hit in enumerate(result.hits, 1):
+                print(f"   {rank}. {hit.score:6.3f}  {Path(hit.uri).name:<26} {hit.caption or hit.caption_error}")
+
+        photo = next((p for p in photos if p.stem == "coffee"), photos[0])
+        started = time.monotonic()
+        caption = client.caption(photo)
+        print(f"\n== caption of {photo.name} ({(time.monotonic() - started) * 1000:.0f} ms)\n   {caption.text}")
+
+        photo = next((p for p in photos if p.stem == "rocket"), photos[-1])
+        labels = client.classify(LABELS, photo)[:3]
+        print(f"\n== zero-shot classification of {photo.name}\n   "
+              + ", ".join(f"{l.label} {l.probability:.1%}" for l in labels))
+
+        points, thumbs, _, _ = fetch_points(client, "a photo", 1000)
+        png = plots.feature_space_png(points, thumbs, out / "tsne.png")
+        print(f"\n== feature space of the index (t-SNE, from the stored embeddings): {png}")

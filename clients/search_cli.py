@@ -23,15 +23,18 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="search service HOST:PORT (default %(default)s)")
     p.add_argument("--token-file", help="bearer token file (or set COCA_SEARCH_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS server")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="deadline of each call in seconds, retries included (default %(default)s)")
 
 
 def connect(args):
-    from clients.search_client import SearchClient
+    """A clients.coca_client.Client for the connection options (retries UNAVAILABLE with backoff)."""
+    from clients.coca_client import Client
 
     token = os.environ.get("COCA_SEARCH_TOKEN") or None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
-    return SearchClient(args.server, token=token, tls_ca=args.tls_ca)
+    return Client(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout)
 
 
 def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -58,6 +61,8 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF1024,Flat ...)")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow server-side paths under DIR in AddImages (repeatable)")
+    p.add_argument("--web", type=int, default=None, metavar="PORT",
+                   help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
 
 
 def serve(args) -> int:
@@ -81,13 +86,31 @@ def serve(args) -> int:
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
                                allowed_roots=[Path(r) for r in args.root],
                                index=IndexSettings(factory=args.index), logit_scale=logit_scale)
-        asyncio.run(run(config))
+        gallery = _start_web(args) if args.web is not None else None
+        try:
+            asyncio.run(run(config))
+        finally:
+            if gallery is not None:
+                gallery.stop()
     except KeyboardInterrupt:
         pass
     finally:
         print("stopping tritonserver ...", flush=True)
         triton.stop()
     return 0
+
+
+def _start_web(args):
+    """The web gallery (clients/web) in a thread, talking to this service over gRPC like any client."""
+    from clients.coca_client import Client
+    from clients.web.server import start_gallery
+    from coca.errors import InvalidInputError
+
+    if not args.port:
+        raise InvalidInputError("--web needs a fixed --port for the search service")
+    gallery = start_gallery(args.web, Client(f"127.0.0.1:{args.port}", timeout=300))
+    print(f"web gallery on {gallery.url}", flush=True)
+    return gallery
 
 
 # ---------------------------------------------------------------- index
@@ -100,32 +123,28 @@ def configure_index(p: argparse.ArgumentParser) -> None:
 
 
 def index(args) -> int:
-    import grpc
     from tqdm import tqdm
 
+    from clients.coca_client import Outcome, SearchError
     from clients.search_client import image_files
-    from search_service.pb import search_pb2 as pb
-
     from coca.errors import InvalidInputError
 
     if not Path(args.directory).is_dir():
         raise InvalidInputError(f"{args.directory}: not a directory")
     files = image_files(args.directory)
     metadata = parse_pairs(args.meta, "--meta")
-    counts = {"added": 0, "duplicate": 0, "failed": 0}
-    names = {pb.AddImageResult.ADDED: "added", pb.AddImageResult.DUPLICATE: "duplicate",
-             pb.AddImageResult.FAILED: "failed"}
+    counts = {outcome.value: 0 for outcome in Outcome}
     with connect(args) as client, tqdm(total=len(files), unit="img", desc="indexing") as bar:
         try:
-            for path, result in client.add_files(files, metadata, server_paths=args.server_paths):
-                counts[names[result.outcome]] += 1
-                if result.outcome == pb.AddImageResult.FAILED:
-                    bar.write(f"{path}: {result.error.message}", file=sys.stderr)
+            for result in client.add_files(files, metadata, server_paths=args.server_paths):
+                counts[result.outcome.value] += 1
+                if result.outcome is Outcome.FAILED:
+                    bar.write(f"{files[result.index]}: {result.error.message}", file=sys.stderr)
                 bar.update(1)
                 bar.set_postfix(counts)
-        except grpc.RpcError as exc:
+        except SearchError as exc:
             bar.close()
-            print(f"coca index: error: {rpc_error_message(exc)} (run it again to resume: indexed images "
+            print(f"coca index: error: {exc} (run it again to resume: indexed images "
                   f"are skipped by content hash)", file=sys.stderr)
             return 1
     print(f"{len(files)} files: {counts['added']} added, {counts['duplicate']} already indexed, "
@@ -146,8 +165,7 @@ def configure_search(p: argparse.ArgumentParser) -> None:
 
 
 def search(args) -> int:
-    import grpc
-
+    from clients.coca_client import InvalidArgument, NotFound, SearchError
     from coca.errors import InvalidInputError
 
     if (args.text is None) == (args.image is None):
@@ -156,7 +174,7 @@ def search(args) -> int:
     with connect(args) as client:
         try:
             if args.image:
-                response = client.search_image(Path(args.image).read_bytes(), k=args.k, with_captions=args.captions,
+                response = client.search_image(Path(args.image), k=args.k, with_captions=args.captions,
                                                 filters=filters, min_score=args.min_score)
             else:
                 response = client.search_text(args.text, k=args.k, with_captions=args.captions,
@@ -166,9 +184,9 @@ def search(args) -> int:
                 query = args.text or f"image {args.image}"
                 write_html(args.html, query, response.hits, [_thumbnail(client, h.id) for h in response.hits])
                 print(f"wrote {args.html}")
-        except grpc.RpcError as exc:
-            print(f"coca search: error: {rpc_error_message(exc)}", file=sys.stderr)
-            return 2 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1
+        except SearchError as exc:
+            print(f"coca search: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, (InvalidArgument, NotFound)) else 1
     return 0
 
 

@@ -21,6 +21,36 @@ if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/nul
     rm -rf "$VENV"
 fi
 
+# --- Non-Python pieces (before the venv stamp: each checks itself and costs nothing when done) ---
+
+# The Node.js client (clients/node) and its test: `npm ci` from the committed package-lock.json,
+# again only when the lock file changed. Skipped where node/npm are missing (its test then skips).
+NODE_DIR="$ROOT/clients/node"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && [[ -f "$NODE_DIR/package-lock.json" ]]; then
+    node_stamp="$NODE_DIR/node_modules/.coca-bootstrap-stamp"
+    want_node="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+    if [[ ! -f "$node_stamp" || "$(cat "$node_stamp")" != "$want_node" ]]; then
+        echo "bootstrap: npm ci in clients/node" >&2
+        if (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >&2); then
+            echo "$want_node" > "$node_stamp"
+        else
+            echo "bootstrap: WARNING: npm ci failed in clients/node (the Node client test will fail)" >&2
+        fi
+    fi
+fi
+
+# The web gallery's browser test drives Debian's chromium through chromium-driver (Selenium). CI runs
+# as root on a fresh Debian machine without them, so install them there, once: only when missing, only
+# as root with apt-get, never otherwise (elsewhere the browser test skips and says why).
+# COCA_NO_BROWSER=1 skips this.
+if [[ "${COCA_NO_BROWSER:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+        && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+    echo "bootstrap: installing chromium + chromium-driver (apt-get) for the browser test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core; } >&2 \
+        || echo "bootstrap: WARNING: could not install chromium (the browser test will skip)" >&2
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
     exit 0
 fi

@@ -1,0 +1,98 @@
+"""What the sync and the asyncio client share: connection settings, retry policy, deadlines."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import grpc
+
+MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
+TOKEN_ENV = "COCA_SEARCH_TOKEN"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})  # nothing else is retried: other codes will not change
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, for UNAVAILABLE only.
+
+    Attempt n (from 1) that fails waits uniform(0.5, 1.0) × min(max_backoff, initial_backoff × multiplier^(n-1))
+    before the next one; at most `attempts` tries in all, and never past the call's deadline.
+    """
+
+    attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5  # the fraction of each backoff that is random
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be in [0, 1]")
+
+    def backoffs(self, rng: random.Random = random._inst) -> Iterator[float]:
+        """The waits between attempts (attempts - 1 of them)."""
+        base = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            capped = min(self.max_backoff, base)
+            yield capped * (1 - self.jitter * rng.random())
+            base *= self.multiplier
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+class Deadline:
+    """One deadline for a whole call, retries included. None: no deadline."""
+
+    def __init__(self, timeout: Optional[float]):
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> Optional[float]:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def allows(self, wait: float) -> bool:
+        """Is there time to wait `wait` seconds and still make a useful attempt?"""
+        return self.end is None or time.monotonic() + wait < self.end - 0.01
+
+
+@dataclass
+class Connection:
+    """Where and how to connect: target, TLS, token, channel options."""
+
+    target: str
+    token: Optional[str] = None
+    tls: bool = False
+    root_certificates: Optional[bytes] = None
+    server_name: Optional[str] = None  # TLS name to check when it differs from the target's host
+
+    @classmethod
+    def make(cls, target: str, token: Optional[str], tls_ca: Union[None, str, os.PathLike, bytes],
+             tls: Optional[bool], server_name: Optional[str]) -> "Connection":
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        roots = None
+        if tls_ca is not None:
+            roots = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
+        return cls(target, token, bool(tls) or roots is not None, roots, server_name)
+
+    def options(self) -> list[tuple[str, object]]:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.enable_retries", 0)]  # ours, below, are the only retries: one policy to reason about
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
+
+    def credentials(self) -> Optional[grpc.ChannelCredentials]:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()

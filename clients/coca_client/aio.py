@@ -1,0 +1,177 @@
+"""The asyncio client: the same calls as `Client`, awaitable.
+
+    from clients.coca_client import AsyncClient
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        async for result in client.add([AddItem(image=data, metadata={"album": "x"})]):
+            ...
+        hits = await asyncio.gather(*(client.search_text(q, k=5) for q in queries))
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import AsyncIterator, Iterable, Optional, Sequence, Union
+
+import grpc
+
+from search_service.pb import search_pb2 as pb
+from search_service.pb.search_pb2_grpc import SearchServiceStub
+
+from . import types as t
+from ._common import NO_RETRY, RETRYABLE, Connection, Deadline, RetryPolicy
+from .client import DEFAULT_TIMEOUT, _UNSET
+from .errors import NotFound, Unavailable, from_rpc_error
+
+CORE_WRITE_ERROR = "Internal error from Core"
+
+
+class AsyncClient:
+    """asyncio flavour of `Client` (same arguments). Create it inside the event loop that uses it."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 retry: RetryPolicy = RetryPolicy(), token: Optional[str] = None,
+                 tls_ca: Union[None, str, os.PathLike, bytes] = None, tls: Optional[bool] = None,
+                 server_name: Optional[str] = None):
+        self.connection = Connection.make(target, token, tls_ca, tls, server_name)
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        credentials = self.connection.credentials()
+        options = self.connection.options()
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.aio.insecure_channel(target, options=options))
+        self._stub = SearchServiceStub(self.channel)
+        self._metadata = self.connection.metadata()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r}, tls={self.connection.tls})"
+
+    async def _unary(self, method: str, request, timeout=_UNSET):
+        call = getattr(self._stub, method)
+        deadline = Deadline(self.timeout if timeout is _UNSET else timeout)
+        waits = self.retry.backoffs()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call(request, timeout=deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, method, self.target, attempt)
+                wait = next(waits, None) if error.code in RETRYABLE else None
+                if wait is None or not deadline.allows(wait):
+                    raise error from None
+                await asyncio.sleep(wait)
+
+    async def wait_ready(self, timeout: float = 60.0, service: str = "coca.search.v1.SearchService") -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        check = health_pb2_grpc.HealthStub(self.channel).Check
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                reply = await check(health_pb2.HealthCheckRequest(service=service),
+                                    timeout=max(0.1, min(5.0, end - time.monotonic())), metadata=self._metadata)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            if time.monotonic() >= end:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {timeout:.0f} s ({last})",
+                                  "Health.Check", self.target)
+            await asyncio.sleep(0.25)
+
+    # ------------------------------------------------------------ indexing
+    async def add(self, items: Iterable[Union[t.AddItem, bytes, str, os.PathLike]], *,
+                  timeout: Optional[float] = None) -> AsyncIterator[t.AddResult]:
+        """As Client.add: results in order; a sequence of items resumes after UNAVAILABLE."""
+        replayable = isinstance(items, Sequence)
+        deadline = Deadline(timeout)
+        waits = self.retry.backoffs() if replayable else NO_RETRY.backoffs()
+        start, attempt = 0, 0
+        while True:
+            attempt += 1
+            source = items[start:] if replayable else items
+            base = start  # this stream's item 0 is items[base]
+            call = self._stub.AddImages((t.as_add_item(item).to_pb() for item in source),
+                                        timeout=deadline.remaining(), metadata=self._metadata)
+            try:
+                async for result in call:
+                    converted = t.AddResult.from_pb(result, offset=base)
+                    yield converted
+                    if replayable:
+                        start = converted.index + 1
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, "AddImages", self.target, attempt)
+                if error.code == grpc.StatusCode.INTERNAL and error.details == CORE_WRITE_ERROR:
+                    # grpc.aio reports a request written while the server was ending the stream (say, with
+                    # UNAVAILABLE) as this client-side INTERNAL, and the server's status is lost: a broken stream.
+                    error = Unavailable(grpc.StatusCode.UNAVAILABLE, f"the stream broke while sending ({error.details})",
+                                        "AddImages", self.target, attempt)
+                wait = next(waits, None) if error.code in RETRYABLE else None
+                if wait is None or not deadline.allows(wait) or (replayable and start >= len(items)):
+                    raise error from None
+                await asyncio.sleep(wait)
+            finally:
+                call.cancel()  # a no-op when it finished; stops the stream when the caller stopped early
+
+    # ------------------------------------------------------------ search
+    async def search_text(self, text: str, k: int = 10, *, with_captions: bool = False,
+                          filters: Optional[dict] = None, min_score: Optional[float] = None,
+                          timeout=_UNSET) -> t.SearchResult:
+        request = pb.SearchTextRequest(text=text, options=t.search_options(k, with_captions, filters, min_score))
+        return t.SearchResult.from_pb(await self._unary("SearchText", request, timeout))
+
+    async def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
+                           with_captions: bool = False, filters: Optional[dict] = None,
+                           min_score: Optional[float] = None, timeout=_UNSET) -> t.SearchResult:
+        request = t.search_image_request(image, id, t.search_options(k, with_captions, filters, min_score))
+        return t.SearchResult.from_pb(await self._unary("SearchImage", request, timeout))
+
+    # ------------------------------------------------------------ model calls
+    async def caption(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None,
+                      id: str = "", frames: int = 0, sampling: Optional[t.Sampling] = None, timeout=_UNSET,
+                      **settings) -> t.Caption:
+        request = t.caption_request(image, video, id, frames, sampling, settings)
+        return t.Caption.from_pb(await self._unary("Caption", request, timeout))
+
+    async def classify(self, labels: list[str], image: Optional[t.ImageInput] = None, *, id: str = "",
+                       template: str = "", timeout=_UNSET) -> list[t.LabelScore]:
+        request = pb.ClassifyRequest(image=t.image_ref(image, id), labels=labels, template=template)
+        response = await self._unary("Classify", request, timeout)
+        return [t.LabelScore(l.label, l.probability, l.similarity) for l in response.labels]
+
+    async def rank(self, texts: list[str], image: Optional[t.ImageInput] = None, *, id: str = "",
+                   timeout=_UNSET) -> list[t.TextScore]:
+        response = await self._unary("Rank", pb.RankRequest(image=t.image_ref(image, id), texts=texts), timeout)
+        return [t.TextScore(s.text, s.distance) for s in response.texts]
+
+    # ------------------------------------------------------------ items
+    async def get(self, id: str, *, include_image: bool = False, include_embedding: bool = False,
+                  timeout=_UNSET) -> t.Item:
+        request = pb.GetRequest(id=id, include_image=include_image, include_embedding=include_embedding)
+        return t.Item.from_pb(await self._unary("Get", request, timeout), include_image, include_embedding)
+
+    async def delete(self, id: str, *, timeout=_UNSET) -> str:
+        try:
+            return (await self._unary("Delete", pb.DeleteRequest(id=id), timeout)).id
+        except NotFound as exc:
+            if exc.attempts > 1:
+                return id
+            raise
+
+    async def stats(self, *, timeout=_UNSET) -> t.Stats:
+        return t.Stats.from_pb(await self._unary("Stats", pb.StatsRequest(), timeout))

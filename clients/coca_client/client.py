@@ -1,0 +1,243 @@
+"""The synchronous client.
+
+    from clients.coca_client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        for result in client.add_files(["a.jpg", "b.png"]):
+            print(result.index, result.outcome.value, result.id)
+        for hit in client.search_text("a cat", k=5, with_captions=True):
+            print(f"{hit.score:.3f} {hit.id} {hit.caption}")
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import grpc
+
+from search_service.pb import search_pb2 as pb
+from search_service.pb.search_pb2_grpc import SearchServiceStub
+
+from . import types as t
+from ._common import NO_RETRY, RETRYABLE, Connection, Deadline, RetryPolicy
+from .errors import NotFound, SearchError, Unavailable, from_rpc_error
+
+DEFAULT_TIMEOUT = 120.0
+
+_UNSET = object()
+
+
+class Client:
+    """A connection to the search service. Thread-safe; close() it (or use `with`).
+
+    target        HOST:PORT of the service
+    timeout       default deadline of each call, in seconds (retries included); None = no deadline.
+                  Streams (add) have no default deadline.
+    retry         RetryPolicy for UNAVAILABLE (the only status retried); NO_RETRY to fail fast
+    token         bearer token (default: $COCA_SEARCH_TOKEN)
+    tls_ca        CA certificate (PEM file or bytes) that signed the server's certificate; implies TLS
+    tls           TLS with the system's roots
+    server_name   TLS host name to check when it differs from the target's host
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 retry: RetryPolicy = RetryPolicy(), token: Optional[str] = None,
+                 tls_ca: Union[None, str, os.PathLike, bytes] = None, tls: Optional[bool] = None,
+                 server_name: Optional[str] = None):
+        self.connection = Connection.make(target, token, tls_ca, tls, server_name)
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        credentials = self.connection.credentials()
+        options = self.connection.options()
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.insecure_channel(target, options=options))
+        self._stub = SearchServiceStub(self.channel)
+        self._metadata = self.connection.metadata()
+
+    # ------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r}, tls={self.connection.tls})"
+
+    def _deadline(self, timeout) -> Deadline:
+        return Deadline(self.timeout if timeout is _UNSET else timeout)
+
+    def _unary(self, method: str, request, timeout=_UNSET):
+        """One unary call with retries on UNAVAILABLE (backoff + jitter) inside one deadline."""
+        call = getattr(self._stub, method)
+        deadline = self._deadline(timeout)
+        waits = self.retry.backoffs()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return call(request, timeout=deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, method, self.target, attempt)
+                wait = next(waits, None) if error.code in RETRYABLE else None
+                if wait is None or not deadline.allows(wait):
+                    raise error from None
+                time.sleep(wait)
+
+    # ------------------------------------------------------------ health
+    def wait_ready(self, timeout: float = 60.0, service: str = "coca.search.v1.SearchService") -> None:
+        """Block until the service reports SERVING (its health follows Triton's); Unavailable if it never does."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        check = health_pb2_grpc.HealthStub(self.channel).Check
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                status = check(health_pb2.HealthCheckRequest(service=service), timeout=max(0.1, min(5.0, end - time.monotonic())),
+                               metadata=self._metadata).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            if time.monotonic() >= end:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {timeout:.0f} s ({last})",
+                                  "Health.Check", self.target)
+            time.sleep(0.25)
+
+    # ------------------------------------------------------------ indexing
+    def add(self, items: Iterable[Union[t.AddItem, bytes, str, os.PathLike]], *,
+            timeout: Optional[float] = None) -> Iterator[t.AddResult]:
+        """Index images; yields one AddResult per item, in order, each once the item is committed.
+
+        Items that fail (corrupt image, path outside the server's roots) fail alone: their result says
+        FAILED with the status and message. When `items` is a sequence (list, tuple), a stream broken by
+        UNAVAILABLE resumes after the last acknowledged item (adding is idempotent by content); a generator
+        cannot be replayed, so then the error is raised.
+        """
+        replayable = isinstance(items, Sequence)
+        deadline = Deadline(timeout)
+        waits = self.retry.backoffs() if replayable else NO_RETRY.backoffs()
+        start, attempt = 0, 0
+        while True:
+            attempt += 1
+            source = items[start:] if replayable else items
+            base = start  # this stream's item 0 is items[base]
+            requests = (t.as_add_item(item).to_pb() for item in source)
+            try:
+                for result in self._stub.AddImages(requests, timeout=deadline.remaining(), metadata=self._metadata):
+                    converted = t.AddResult.from_pb(result, offset=base)
+                    yield converted
+                    if replayable:
+                        start = converted.index + 1
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, "AddImages", self.target, attempt)
+                wait = next(waits, None) if error.code in RETRYABLE else None
+                if wait is None or not deadline.allows(wait) or (replayable and start >= len(items)):
+                    raise error from None
+                time.sleep(wait)
+
+    def add_files(self, paths: Sequence[Union[str, os.PathLike]], metadata: Optional[dict[str, str]] = None, *,
+                  server_paths: bool = False, timeout: Optional[float] = None) -> Iterator[t.AddResult]:
+        """Index local files (their bytes are sent; the absolute path is stored as uri), or with
+        server_paths=True ask the server to read them (they must be under its --root). Files are read
+        one at a time as the stream goes. A file that cannot be read here fails alone."""
+        files = _FileItems(list(paths), metadata or {}, server_paths)
+        for result in self.add(files, timeout=timeout):
+            reason = files.read_errors.get(result.index)
+            if reason and result.outcome is t.Outcome.FAILED:  # say why here, not what the server saw
+                result = dataclasses.replace(result, error=t.ItemError(grpc.StatusCode.INVALID_ARGUMENT, reason))
+            yield result
+
+    # ------------------------------------------------------------ search
+    def search_text(self, text: str, k: int = 10, *, with_captions: bool = False, filters: Optional[dict] = None,
+                    min_score: Optional[float] = None, timeout=_UNSET) -> t.SearchResult:
+        request = pb.SearchTextRequest(text=text, options=t.search_options(k, with_captions, filters, min_score))
+        return t.SearchResult.from_pb(self._unary("SearchText", request, timeout))
+
+    def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
+                     with_captions: bool = False, filters: Optional[dict] = None, min_score: Optional[float] = None,
+                     timeout=_UNSET) -> t.SearchResult:
+        """Images like `image` (bytes or a local file), or like the indexed item `id` (which finds itself first)."""
+        request = t.search_image_request(image, id, t.search_options(k, with_captions, filters, min_score))
+        return t.SearchResult.from_pb(self._unary("SearchImage", request, timeout))
+
+    # ------------------------------------------------------------ model calls
+    def caption(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None, id: str = "",
+                frames: int = 0, sampling: Optional[t.Sampling] = None, timeout=_UNSET, **settings) -> t.Caption:
+        """Caption an image, a video (`frames` sampled, default 16) or an indexed item. `settings` are
+        Sampling fields (temperature=0.7, top_k=50, num_beams=3, max_tokens=20, seed=1, ...)."""
+        request = t.caption_request(image, video, id, frames, sampling, settings)
+        return t.Caption.from_pb(self._unary("Caption", request, timeout))
+
+    def classify(self, labels: list[str], image: Optional[t.ImageInput] = None, *, id: str = "", template: str = "",
+                 timeout=_UNSET) -> list[t.LabelScore]:
+        """Zero-shot classification, most likely label first."""
+        request = pb.ClassifyRequest(image=t.image_ref(image, id), labels=labels, template=template)
+        response = self._unary("Classify", request, timeout)
+        return [t.LabelScore(l.label, l.probability, l.similarity) for l in response.labels]
+
+    def rank(self, texts: list[str], image: Optional[t.ImageInput] = None, *, id: str = "",
+             timeout=_UNSET) -> list[t.TextScore]:
+        """Texts by cosine distance to the image, closest first."""
+        response = self._unary("Rank", pb.RankRequest(image=t.image_ref(image, id), texts=texts), timeout)
+        return [t.TextScore(s.text, s.distance) for s in response.texts]
+
+    # ------------------------------------------------------------ items
+    def get(self, id: str, *, include_image: bool = False, include_embedding: bool = False,
+            timeout=_UNSET) -> t.Item:
+        request = pb.GetRequest(id=id, include_image=include_image, include_embedding=include_embedding)
+        return t.Item.from_pb(self._unary("Get", request, timeout), include_image, include_embedding)
+
+    def delete(self, id: str, *, timeout=_UNSET) -> str:
+        """Delete an item from store and index; returns its id. NotFound if there is none."""
+        try:
+            return self._unary("Delete", pb.DeleteRequest(id=id), timeout).id
+        except NotFound as exc:
+            if exc.attempts > 1:  # an earlier attempt went through but its answer was lost
+                return id
+            raise
+
+    def stats(self, *, timeout=_UNSET) -> t.Stats:
+        return t.Stats.from_pb(self._unary("Stats", pb.StatsRequest(), timeout))
+
+
+class _FileItems(Sequence):
+    """Files as AddItems, read only when the stream gets to them (so retries can slice without reading)."""
+
+    def __init__(self, paths: list, metadata: dict[str, str], server_paths: bool, offset: int = 0,
+                 read_errors: Optional[dict[int, str]] = None):
+        self.paths, self.metadata, self.server_paths, self.offset = paths, metadata, server_paths, offset
+        self.read_errors = {} if read_errors is None else read_errors  # index in the whole list -> why
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self.paths))
+            if step != 1:
+                raise ValueError("only contiguous slices")
+            return _FileItems(self.paths[start:stop], self.metadata, self.server_paths, self.offset + start,
+                              self.read_errors)
+        path = os.path.abspath(self.paths[i])
+        if self.server_paths:
+            return t.AddItem(path=path, metadata=self.metadata)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            self.read_errors[self.offset + (i % len(self.paths))] = f"{path}: cannot read: {exc.strerror or exc}"
+            data = b""  # sent empty: the server fails this item alone
+        return t.AddItem(image=data, uri=path, metadata=self.metadata)
+
+
+__all__ = ["Client", "SearchError", "DEFAULT_TIMEOUT"]

@@ -1,0 +1,1 @@
+"""Web gallery of the search service (see server.py)."""

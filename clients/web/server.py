@@ -1,0 +1,290 @@
+"""The web gallery: a small HTTP server (stdlib, threads) in front of the search service.
+
+    coca serve --web 8080                          # with the service it belongs to
+    python -m clients.web --server 127.0.0.1:50051 --port 8080   # against a running service
+
+It serves one page (static/: plain HTML, CSS and JS, no build step) and a small JSON API that talks to
+the gRPC service through clients.coca_client:
+
+    GET  /api/stats                              store size, model, index
+    GET  /api/search?q=TEXT&k=12&captions=1      text -> image search
+    POST /api/search-image?k=12&captions=0       body: the image bytes (image -> image search)
+    GET  /api/similar?id=ID&k=12                 images like an indexed one
+    POST /api/caption                            body: image bytes; or POST /api/caption?id=ID (empty body)
+    GET  /thumb/ID?size=256                      JPEG thumbnail of an indexed image
+
+Thumbnails come from the service (Get with include_image): the web server never opens a file by a
+name it was given, so it can show indexed images only, and only through the service's own rules (its
+content-addressed blobs, or files under its --root folders). It binds 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+
+from clients.coca_client import (Client, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
+                                 ResourceExhausted, SearchError, Unauthenticated, Unavailable)
+
+log = logging.getLogger("coca.web")
+
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+                ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
+MAX_UPLOAD_BYTES = 32 << 20  # the service's default image limit
+MAX_K = 100
+THUMB_SIZES = (128, 256, 512)
+THUMB_CACHE = 512  # thumbnails kept in memory
+CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; object-src 'none'"
+
+_STATUS_BY_ERROR = [(InvalidArgument, HTTPStatus.BAD_REQUEST), (NotFound, HTTPStatus.NOT_FOUND),
+                    (PermissionDenied, HTTPStatus.FORBIDDEN), (ResourceExhausted, HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+                    (Unavailable, HTTPStatus.SERVICE_UNAVAILABLE), (DeadlineExceeded, HTTPStatus.GATEWAY_TIMEOUT),
+                    (Unauthenticated, HTTPStatus.BAD_GATEWAY)]
+
+
+class HttpError(Exception):
+    def __init__(self, status: HTTPStatus, message: str, code: str = ""):
+        super().__init__(message)
+        self.status, self.code = status, code or status.phrase.upper().replace(" ", "_")
+
+
+class Thumbnails:
+    """JPEG thumbnails of indexed images, made from the service's bytes, kept in a small LRU."""
+
+    def __init__(self, client: Client, capacity: int = THUMB_CACHE):
+        self.client = client
+        self.capacity = capacity
+        self._cache: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, item_id: str, size: int) -> bytes:
+        key = (item_id, size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        jpeg = make_thumbnail(self.client.get(item_id, include_image=True, timeout=30).image, size)
+        with self._lock:
+            self._cache[key] = jpeg
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return jpeg
+
+
+def make_thumbnail(data: bytes, size: int) -> bytes:
+    from PIL import Image, ImageOps
+
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "P"):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, "white")
+        background.paste(image, mask=image.split()[-1])
+        image = background
+    image = image.convert("RGB")
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def hit_json(hit) -> dict:
+    return {"id": hit.id, "score": round(hit.score, 4), "caption": hit.caption, "caption_error": hit.caption_error,
+            "name": _display_name(hit.uri, hit.id), "uri": hit.uri, "metadata": hit.metadata,
+            "thumb": f"/thumb/{urllib.parse.quote(hit.id, safe='')}"}
+
+
+def _display_name(uri: str, item_id: str) -> str:
+    if not uri:
+        return item_id[:12]
+    return urllib.parse.unquote(uri.rstrip("/").rsplit("/", 1)[-1]) or uri
+
+
+class GalleryServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], client: Client, title: str = "coca search"):
+        super().__init__(address, GalleryHandler)
+        self.client = client
+        self.thumbnails = Thumbnails(client)
+        self.title = title
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> "GalleryServer":
+        """Serve in a daemon thread; returns at once."""
+        self._thread = threading.Thread(target=self.serve_forever, name="coca-web", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(10)
+            self._thread = None
+        self.server_close()
+
+
+class GalleryHandler(BaseHTTPRequestHandler):
+    server: GalleryServer
+    protocol_version = "HTTP/1.1"
+    server_version = "coca-web/1"
+
+    # ------------------------------------------------------------ routing
+    def do_GET(self):
+        self._dispatch({"/api/stats": self.api_stats, "/api/search": self.api_search,
+                        "/api/similar": self.api_similar})
+
+    def do_POST(self):
+        self._dispatch({"/api/search-image": self.api_search_image, "/api/caption": self.api_caption})
+
+    def _dispatch(self, routes: dict) -> None:
+        started = time.monotonic()
+        url = urllib.parse.urlsplit(self.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        try:
+            if url.path in routes:
+                self._json(routes[url.path](query), started)
+            elif self.command == "GET" and url.path.startswith("/thumb/"):
+                self.thumbnail(urllib.parse.unquote(url.path[len("/thumb/"):]), query)
+            elif self.command == "GET":
+                self.static(url.path)
+            else:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {url.path}")
+        except HttpError as exc:
+            self._error(exc.status, str(exc), exc.code)
+        except SearchError as exc:
+            status = next((s for cls, s in _STATUS_BY_ERROR if isinstance(exc, cls)), HTTPStatus.BAD_GATEWAY)
+            self._error(status, exc.details or str(exc), exc.code.name)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:  # a bug here: say so, keep serving
+            log.exception("web request %s failed", self.path)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------ API
+    def api_stats(self, query) -> dict:
+        stats = self.server.client.stats(timeout=10)
+        return {"count": stats.count, "indexed": stats.indexed, "model": stats.model,
+                "pretrained": stats.pretrained, "index": stats.index_active or stats.index_type,
+                "triton_ready": stats.triton_ready, "random_weights": stats.pretrained == "random",
+                "title": self.server.title}
+
+    def api_search(self, query) -> dict:
+        text = query.get("q", "").strip()
+        if not text:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "type something to search for", "INVALID_ARGUMENT")
+        result = self.server.client.search_text(text, k=_k(query), with_captions=_flag(query, "captions"))
+        return {"query": text, "hits": [hit_json(h) for h in result.hits], "searched": result.searched}
+
+    def api_similar(self, query) -> dict:
+        item_id = query.get("id", "")
+        result = self.server.client.search_image(id=item_id, k=_k(query), with_captions=_flag(query, "captions"))
+        return {"query": f"like {item_id}", "hits": [hit_json(h) for h in result.hits], "searched": result.searched}
+
+    def api_search_image(self, query) -> dict:
+        data = self._body(required=True)
+        result = self.server.client.search_image(data, k=_k(query), with_captions=_flag(query, "captions"))
+        return {"query": "uploaded image", "hits": [hit_json(h) for h in result.hits], "searched": result.searched}
+
+    def api_caption(self, query) -> dict:
+        item_id = query.get("id", "")
+        data = self._body(required=not item_id)
+        caption = (self.server.client.caption(id=item_id, timeout=300) if item_id and not data
+                   else self.server.client.caption(data, timeout=300))
+        return {"id": item_id, "caption": caption.text}
+
+    def thumbnail(self, item_id: str, query) -> None:
+        size = int(query.get("size", 256)) if query.get("size", "256").isdigit() else 256
+        size = min(THUMB_SIZES, key=lambda s: abs(s - size))
+        if not item_id or len(item_id) > 256:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such image")
+        try:
+            jpeg = self.server.thumbnails.get(item_id, size)
+        except (NotFound, InvalidArgument):
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no indexed image {item_id!r}") from None
+        except SearchError:
+            raise
+        except Exception as exc:  # the stored file is gone or unreadable
+            raise HttpError(HTTPStatus.NOT_FOUND, f"image {item_id!r} cannot be shown: {exc}") from None
+        self._send(HTTPStatus.OK, jpeg, "image/jpeg", cache="private, max-age=3600")
+
+    def static(self, path: str) -> None:
+        name = "index.html" if path in ("/", "/index.html") else path.lstrip("/").removeprefix("static/")
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # a fixed set: no path ever built from input
+        if name not in files or files[name].suffix not in STATIC_TYPES:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        self._send(HTTPStatus.OK, files[name].read_bytes(), STATIC_TYPES[files[name].suffix], cache="no-cache")
+
+    # ------------------------------------------------------------ plumbing
+    def _body(self, required: bool) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            if required:
+                raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send the image as the request body, with a Content-Length")
+            return b""
+        size = int(length)
+        if size > MAX_UPLOAD_BYTES:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image over {MAX_UPLOAD_BYTES >> 20} MB")
+        data = self.rfile.read(size)
+        if required and not data:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "empty upload: choose an image first", "INVALID_ARGUMENT")
+        return data
+
+    def _json(self, payload: dict, started: float) -> None:
+        payload["ms"] = round((time.monotonic() - started) * 1000, 1)
+        self._send(HTTPStatus.OK, json.dumps(payload).encode(), "application/json")
+
+    def _error(self, status: HTTPStatus, message: str, code: str = "") -> None:
+        body = json.dumps({"error": message, "code": code or status.phrase}).encode()
+        try:
+            self._send(status, body, "application/json")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, cache: str = "no-store") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format, *args):  # quiet by default; COCA_LOG_LEVEL=INFO shows requests
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def _k(query) -> int:
+    raw = query.get("k", "12")
+    if not raw.lstrip("-").isdigit():
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"k must be a number, got {raw!r}", "INVALID_ARGUMENT")
+    return max(1, min(MAX_K, int(raw)))
+
+
+def _flag(query, name: str) -> bool:
+    return query.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def start_gallery(port: int, client: Client, host: str = "127.0.0.1", title: str = "coca search") -> GalleryServer:
+    """Start the gallery on host:port (0 = a free port) in a background thread."""
+    return GalleryServer((host, port), client, title).start()

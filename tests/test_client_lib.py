@@ -1,0 +1,255 @@
+"""clients.coca_client against a scripted in-process gRPC server (no Triton, a few seconds): retries on
+UNAVAILABLE only, with backoff, inside one deadline; stream resumption; typed errors with the server's
+message; token and TLS. The real service is exercised in tests/test_clients.py."""
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from clients.coca_client import (AddItem, AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, Outcome,
+                                 RetryPolicy, SearchError, Unauthenticated, Unavailable)
+from search_service.pb import search_pb2 as pb
+from search_service.pb import search_pb2_grpc
+
+FAST = RetryPolicy(attempts=4, initial_backoff=0.02, max_backoff=0.1)
+
+
+class Scripted(search_pb2_grpc.SearchServiceServicer):
+    """Fails the first `unavailable` calls of each method with UNAVAILABLE, then answers."""
+
+    def __init__(self):
+        self.unavailable = 0
+        self.calls: dict[str, int] = {}
+        self.seen_metadata: list[dict] = []
+        self.break_stream_after = None  # AddImages: UNAVAILABLE after this many results, once
+        self.streams: list[list[bytes]] = []
+        self.lock = threading.Lock()
+
+    def _enter(self, name, context):
+        with self.lock:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.seen_metadata.append(dict(context.invocation_metadata()))
+            if self.calls[name] <= self.unavailable:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"Triton at 127.0.0.1:1 is not answering ({name})")
+
+    def Stats(self, request, context):
+        self._enter("Stats", context)
+        return pb.StatsResponse(count=3, indexed=3, index_type="Flat", index_active="Flat", model="coca-tiny",
+                                pretrained="random", embedding_dim=64, triton_ready=True)
+
+    def SearchText(self, request, context):
+        self._enter("SearchText", context)
+        if not request.text.strip():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
+        if request.text == "slow":
+            time.sleep(1.0)
+        hits = [pb.Hit(id=f"id{i}", score=1.0 - i / 10, uri=f"file:///p{i}.jpg", caption="a caption",
+                       metadata={"i": str(i)}) for i in range(request.options.k or 10)]
+        return pb.SearchResponse(hits=hits, searched=42)
+
+    def Get(self, request, context):
+        self._enter("Get", context)
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+
+    def Delete(self, request, context):
+        self._enter("Delete", context)
+        if self.calls["Delete"] > 1:  # the first attempt "went through" but its answer was lost
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+        context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+    def AddImages(self, request_iterator, context):
+        self._enter("AddImages", context)
+        received = []
+        self.streams.append(received)
+        for index, request in enumerate(request_iterator):
+            received.append(request.image)
+            if self.break_stream_after is not None and index == self.break_stream_after:
+                self.break_stream_after = None
+                context.abort(grpc.StatusCode.UNAVAILABLE, "service restarting")
+            if request.image == b"bad":
+                yield pb.AddImageResult(index=index, outcome=pb.AddImageResult.FAILED,
+                                        error=pb.Error(code=3, message="<bytes, 3 B>: not an image"))
+            else:
+                yield pb.AddImageResult(index=index, outcome=pb.AddImageResult.ADDED, id=request.image.decode())
+
+
+@pytest.fixture
+def scripted():
+    servicer = Scripted()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.target = f"127.0.0.1:{port}"
+    yield servicer
+    server.stop(0)
+
+
+def test_typed_results_and_token(scripted):
+    with Client(scripted.target, token="s3cret", retry=FAST) as client:
+        result = client.search_text("a cat", k=3)
+        assert result.searched == 42 and len(result) == 3 and [h.id for h in result] == ["id0", "id1", "id2"]
+        assert result[1].score == pytest.approx(0.9) and result[1].metadata == {"i": "1"}
+        assert result[0].caption == "a caption" and result[0].uri == "file:///p0.jpg"
+        stats = client.stats()
+        assert (stats.count, stats.model, stats.embedding_dim, stats.triton_ready) == (3, "coca-tiny", 64, True)
+    assert all(m.get("authorization") == "Bearer s3cret" for m in scripted.seen_metadata)
+
+
+def test_token_from_environment(scripted, monkeypatch):
+    monkeypatch.setenv("COCA_SEARCH_TOKEN", "from-env")
+    with Client(scripted.target) as client:
+        client.stats()
+    assert scripted.seen_metadata[-1]["authorization"] == "Bearer from-env"
+
+
+def test_unavailable_is_retried_with_backoff(scripted):
+    scripted.unavailable = 2
+    with Client(scripted.target, retry=FAST) as client:
+        assert client.stats().count == 3
+    assert scripted.calls["Stats"] == 3
+
+
+def test_unavailable_gives_up_after_the_policy(scripted):
+    scripted.unavailable = 10
+    with Client(scripted.target, retry=FAST) as client, pytest.raises(Unavailable) as info:
+        client.stats()
+    assert scripted.calls["Stats"] == FAST.attempts
+    error = info.value
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.attempts == FAST.attempts
+    assert "Triton at 127.0.0.1:1 is not answering" in error.details
+    assert str(error).startswith(f"Stats on {scripted.target}: UNAVAILABLE: Triton")
+    assert "after 4 attempts" in str(error) and "try again shortly" in str(error)
+
+
+def test_other_codes_are_not_retried(scripted):
+    with Client(scripted.target, retry=FAST) as client:
+        with pytest.raises(InvalidArgument) as info:
+            client.search_text("  ")
+        assert scripted.calls["SearchText"] == 1
+        assert info.value.details == "text is empty" and isinstance(info.value, SearchError)
+        with pytest.raises(NotFound, match="no item with id 'nope'"):
+            client.get("nope")
+        assert scripted.calls["Get"] == 1
+
+
+def test_one_deadline_covers_the_retries(scripted):
+    scripted.unavailable = 100
+    slow_policy = RetryPolicy(attempts=100, initial_backoff=0.1, max_backoff=0.1, jitter=0)
+    with Client(scripted.target, retry=slow_policy) as client:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            client.stats(timeout=0.5)
+        assert time.monotonic() - started < 1.0 and 3 <= scripted.calls["Stats"] <= 6
+        scripted.unavailable = 0
+        with pytest.raises(DeadlineExceeded) as info:
+            client.search_text("slow", timeout=0.2)
+        assert "longer deadline" in str(info.value)
+
+
+def test_delete_retried_after_a_lost_answer_counts_as_done(scripted):
+    with Client(scripted.target, retry=FAST) as client:
+        assert client.delete("x") == "x"
+    assert scripted.calls["Delete"] == 2
+
+
+def test_connection_refused_has_a_hint():
+    with Client("127.0.0.1:1", retry=RetryPolicy(attempts=2, initial_backoff=0.01)) as client:
+        with pytest.raises(Unavailable) as info:
+            client.stats(timeout=5)
+    assert "Is the search service running there?" in str(info.value) and info.value.attempts == 2
+
+
+def test_add_resumes_after_unavailable_mid_stream(scripted):
+    scripted.break_stream_after = 2  # the third item is received, then the stream breaks
+    items = [AddItem(image=f"img{i}".encode()) for i in range(5)] + [b"bad"]
+    with Client(scripted.target, retry=FAST) as client:
+        results = list(client.add(items))
+    assert [r.index for r in results] == list(range(6))
+    assert [r.id for r in results[:5]] == [f"img{i}" for i in range(5)]
+    assert results[5].outcome is Outcome.FAILED and not results[5].ok
+    assert results[5].error.code == grpc.StatusCode.INVALID_ARGUMENT and "not an image" in results[5].error.message
+    assert scripted.calls["AddImages"] == 2
+    assert scripted.streams[1][0] == b"img2"  # resumed at the first unacknowledged item
+
+
+def test_add_from_a_generator_is_not_replayed(scripted):
+    scripted.break_stream_after = 1
+    with Client(scripted.target, retry=FAST) as client, pytest.raises(Unavailable):
+        list(client.add(f"img{i}".encode() for i in range(4)))
+    assert scripted.calls["AddImages"] == 1
+
+
+def test_add_files_reports_unreadable_files_alone(scripted, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"A")
+    with Client(scripted.target, retry=FAST) as client:
+        results = list(client.add_files([tmp_path / "a.jpg", tmp_path / "missing.jpg"]))
+    assert results[0].id == "A"
+    # The scripted server "adds" the empty bytes it got; the real one fails them (tests/test_clients.py).
+    assert scripted.streams[0] == [b"A", b""]
+
+
+def test_async_client(scripted):
+    scripted.unavailable = 1
+
+    async def main():
+        async with AsyncClient(scripted.target, retry=FAST, token="t") as client:
+            results = await asyncio.gather(*(client.search_text(q, k=2) for q in ("a", "b", "c")))
+            assert all([h.id for h in r] == ["id0", "id1"] for r in results)
+            with pytest.raises(InvalidArgument):
+                await client.search_text("")
+            with pytest.raises(NotFound):
+                await client.get("nope")
+            scripted.break_stream_after = 0
+            added = [r async for r in client.add([b"x", b"y", b"bad"])]
+            assert [r.outcome for r in added] == [Outcome.ADDED, Outcome.ADDED, Outcome.FAILED]
+            assert (await client.stats()).count == 3
+
+    asyncio.run(main())
+    assert scripted.calls["SearchText"] == 4 + 1  # one UNAVAILABLE retried, then the bad one
+
+
+def test_backoff_grows_and_is_jittered():
+    policy = RetryPolicy(attempts=6, initial_backoff=0.1, max_backoff=0.5, multiplier=2, jitter=0.5)
+    waits = list(policy.backoffs(random.Random(0)))
+    assert len(waits) == 5
+    caps = [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert all(cap * 0.5 <= w <= cap for w, cap in zip(waits, caps))
+    assert len({round(w / cap, 6) for w, cap in zip(waits, caps)}) > 1  # not all the same fraction
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+
+
+def test_tls_with_a_root_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    servicer = Scripted()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", tls_ca=cert, token="t") as client:
+            assert client.stats().count == 3 and client.connection.tls
+        with Client(f"localhost:{port}", tls_ca=cert.read_bytes(), server_name="localhost") as client:
+            assert client.stats().count == 3
+        with Client(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=1)) as plaintext:  # TLS only
+            with pytest.raises(Unavailable):
+                plaintext.stats(timeout=5)
+    finally:
+        server.stop(0)
+
+
+def test_unauthenticated_has_a_hint():
+    error = Unauthenticated(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", "Stats", "h:1")
+    assert str(error) == "Stats on h:1: UNAUTHENTICATED: missing or wrong bearer token. " \
+                         "Pass token=... (CLI: --token-file FILE or COCA_SEARCH_TOKEN)"

@@ -1,0 +1,343 @@
+"""The clients against the real thing: one `coca serve --web` (tritonserver + the gRPC search service +
+the web gallery; coca-tiny, random weights) for the module, sample photos indexed once. Covers the Python
+client (sync and asyncio), the Node.js client, the web gallery in headless Chromium (with a screenshot),
+`coca plot --index` and the CLI's search commands going through the client library."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from serving.testing import triton_unavailable_reason
+
+pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+
+from clients.coca_client import (AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound,  # noqa: E402
+                                 Outcome, RetryPolicy)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
+NODE_DIR = ROOT / "clients" / "node"
+SCREENSHOT_DIR = os.environ.get("COCA_SCREENSHOT_DIR")  # also copy screenshots there (to look at them)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from clients.demo import ServeProcess, sample_photos
+    from search_service.modelrepo import ensure_repository
+    from serving.launcher import pick_free_ports
+
+    data = tmp_path_factory.mktemp("served")
+    ensure_repository(data / "model_repository", MODEL, PRETRAINED, SEED)
+    port, web = pick_free_ports(2)
+    command = [sys.executable, "-m", "clients.cli", "serve", "--model", MODEL, "--pretrained", PRETRAINED,
+               "--seed", str(SEED), "--data", str(data), "--port", str(port), "--web", str(web)]
+    server = ServeProcess(command, data / "serve.log").start(timeout=300)
+    photos = sample_photos(tmp_path_factory.mktemp("photos"))
+    try:
+        with Client(server.address, timeout=120) as client:
+            client.wait_ready(60)
+            results = list(client.add_files(photos, {"set": "sample"}))
+        yield SimpleNamespace(address=server.address, web=server.web_url, photos=photos, added=results,
+                              data=data, process=server)
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, "".join(server.lines)
+
+
+@pytest.fixture
+def client(served):
+    with Client(served.address, timeout=120) as c:
+        yield c
+
+
+def by_name(served, name: str) -> Path:
+    return next(p for p in served.photos if p.stem == name)
+
+
+# ---------------------------------------------------------------- Python client
+def test_add_results_are_typed_and_deduplicated(served, client):
+    results = served.added
+    assert [r.index for r in results] == list(range(len(served.photos)))
+    names = [p.stem for p in served.photos]
+    cat, chelsea = results[names.index("cat")], results[names.index("chelsea")]
+    assert chelsea.outcome is Outcome.ADDED and cat.outcome is Outcome.DUPLICATE and cat.id == chelsea.id
+    assert all(r.ok and len(r.content_sha256) == 64 for r in results)
+    stats = client.stats()
+    assert stats.count == stats.indexed == len(served.photos) - 1
+    assert (stats.model, stats.pretrained, stats.triton_ready) == (MODEL, PRETRAINED, True)
+    again = list(client.add_files(served.photos[:2]))  # resumable: nothing new
+    assert [r.outcome for r in again] == [Outcome.DUPLICATE] * 2
+
+
+def test_search_caption_get_classify_rank(served, client):
+    result = client.search_text("a photo of a cat", k=4, filters={"set": "sample"})
+    assert len(result) == 4 and result.searched == len(served.photos) - 1
+    scores = [h.score for h in result]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert all(h.metadata == {"set": "sample"} and h.uri.endswith(".jpg") for h in result)
+    captioned = client.search_text("a photo of a cat", k=2, with_captions=True)
+    assert all(h.caption for h in captioned)
+    coffee = by_name(served, "coffee")
+    same = client.search_image(coffee, k=1)[0]  # a local file, sent as bytes
+    assert same.score == pytest.approx(1.0, abs=1e-4) and same.uri == str(coffee)
+    assert client.search_image(id=same.id, k=1)[0].id == same.id
+    item = client.get(same.id, include_image=True, include_embedding=True)
+    assert item.image == coffee.read_bytes() and item.embedding.dtype == np.float32
+    assert item.embedding.shape == (client.stats().embedding_dim,)
+    assert np.linalg.norm(item.embedding) == pytest.approx(1.0, abs=1e-4)
+    assert client.get(same.id).image is None and client.get(same.id).embedding is None
+    caption = client.caption(coffee, max_tokens=8)
+    assert caption.text and 1 <= len(caption.tokens) <= 8
+    assert client.caption(id=same.id, max_tokens=8).text == caption.text
+    labels = client.classify(["cat", "coffee", "rocket"], coffee)
+    assert sorted(l.label for l in labels) == ["cat", "coffee", "rocket"]
+    assert sum(l.probability for l in labels) == pytest.approx(1.0, abs=1e-4)
+    ranked = client.rank(["a cat", "a cup of coffee"], id=same.id)
+    assert [r.distance for r in ranked] == sorted(r.distance for r in ranked)
+
+
+def test_errors_carry_status_and_message(served, client, tmp_path):
+    with pytest.raises(InvalidArgument) as info:
+        client.search_text("   ")
+    assert "text is empty" in info.value.details and f"SearchText on {served.address}" in str(info.value)
+    with pytest.raises(NotFound, match="no item with id 'nope'"):
+        client.get("nope")
+    with pytest.raises(DeadlineExceeded):
+        client.search_text("a cat", timeout=0.001)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    results = list(client.add_files([broken, tmp_path / "missing.jpg", by_name(served, "rocket")]))
+    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.FAILED, Outcome.DUPLICATE]
+    assert "not an image" in results[0].error.message
+    assert "missing.jpg: cannot read" in results[1].error.message
+
+
+def test_delete(served, client, tmp_path):
+    from PIL import Image
+
+    extra = tmp_path / "extra.png"
+    Image.new("RGB", (40, 30), (10, 120, 200)).save(extra)
+    added = next(client.add_files([extra]))
+    assert added.outcome is Outcome.ADDED
+    assert client.delete(added.id) == added.id
+    with pytest.raises(NotFound):
+        client.delete(added.id)
+
+
+def test_async_client(served):
+    async def main():
+        async with AsyncClient(served.address, timeout=60) as client:
+            queries = ["a cat", "a rocket", "the moon", "coins"]
+            results = await asyncio.gather(*(client.search_text(q, k=3) for q in queries))
+            assert [len(r) for r in results] == [3] * 4
+            added = [r async for r in client.add([by_name(served, "moon")])]
+            assert added[0].outcome is Outcome.DUPLICATE
+            with pytest.raises(NotFound):
+                await client.get("nope")
+            return await client.stats()
+
+    assert asyncio.run(main()).count == len(served.photos) - 1
+
+
+def test_unreachable_service_is_retried_then_explained():
+    started = time.monotonic()
+    with Client("127.0.0.1:1", retry=RetryPolicy(attempts=3, initial_backoff=0.05)) as client:
+        with pytest.raises(Exception) as info:
+            client.stats(timeout=10)
+    assert info.value.attempts == 3 and "Is the search service running there?" in str(info.value)
+    assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------- CLI
+def coca(capsys, *args) -> tuple[int, str, str]:
+    """`coca ARGS` in this process (the model library is imported already; a new interpreter pays ~10 s)."""
+    from clients.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_search_goes_through_the_client(served, capsys):
+    code, out, err = coca(capsys, "search", "a rocket", "-k", "2", "--server", served.address)
+    assert code == 0, err
+    assert len([l for l in out.splitlines() if re.match(r"\s*\d+\s+-?\d\.\d{3}\s", l)]) == 2
+    code, out, err = coca(capsys, "search", "a rocket", "--server", "127.0.0.1:1", "--timeout", "3")
+    assert code == 1 and "UNAVAILABLE" in err and "Start one with `coca serve`" in err
+    code, out, err = coca(capsys, "search", "   ", "--server", served.address)
+    assert code == 2 and "INVALID_ARGUMENT: text is empty" in err
+
+
+def test_plot_index(served, tmp_path, capsys):
+    from PIL import Image
+
+    out_png = tmp_path / "tsne.png"
+    code, out, err = coca(capsys, "plot", "--index", "--server", served.address, "--out", str(out_png))
+    assert code == 0, err
+    assert f"plotting all {len(served.photos) - 1} indexed images (tsne)" in out
+    assert Image.open(out_png).size[0] > 300
+    code, out, err = coca(capsys, "plot", "--index", "--server", served.address, "--limit", "3", "--query", "a cat",
+                          "--out", str(tmp_path / "few.png"), "--method", "pca")
+    assert code == 0 and "the 3 nearest to 'a cat' of" in out
+
+
+# ---------------------------------------------------------------- Node.js client
+def test_node_client(served, client):
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (the Node.js client needs Node >= 18)")
+    assert (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(), \
+        "clients/node/node_modules is missing: run `npm ci` in clients/node (scripts/bootstrap.sh does)"
+    script = NODE_DIR / "search.js"
+    run = lambda *a: subprocess.run(["node", str(script), "--target", served.address, *a], capture_output=True,
+                                    text=True, timeout=60)
+    printed = run("a photo of a cat", "-k", "5")
+    assert printed.returncode == 0, printed.stderr
+    expected = client.search_text("a photo of a cat", k=5)
+    lines = printed.stdout.splitlines()
+    assert lines[0] == f'5 hits for "a photo of a cat" ({expected.searched} images searched)'
+    rows = [l.split() for l in lines[2:] if re.match(r"\s*\d+\s+-?\d\.\d{3}\s", l)]  # not caption lines
+    assert [r[2] for r in rows] == [h.id for h in expected] and [r[3] for r in rows] == [h.uri for h in expected]
+    assert [r[1] for r in rows] == [f"{h.score:.3f}" for h in expected]
+    as_json = json.loads(run("a photo of a cat", "-k", "2", "--captions", "--json").stdout)
+    assert [h["id"] for h in as_json["hits"]] == [h.id for h in expected][:2]
+    assert all(h["caption"] for h in as_json["hits"])
+    bad = run("   ")
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "text is empty" in bad.stderr
+
+
+# ---------------------------------------------------------------- web gallery
+def http(url: str, data: bytes | None = None) -> tuple[int, dict | bytes]:
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body, status, kind = response.read(), response.status, response.headers["Content-Type"]
+    except urllib.error.HTTPError as exc:
+        body, status, kind = exc.read(), exc.code, exc.headers["Content-Type"]
+    return status, json.loads(body) if kind == "application/json" else body
+
+
+def test_web_api(served):
+    base = served.web.rstrip("/")
+    status, stats = http(f"{base}/api/stats")
+    assert status == 200 and stats["count"] == len(served.photos) - 1 and stats["random_weights"] is True
+    status, found = http(f"{base}/api/search?q=a%20rocket&k=3")
+    assert status == 200 and len(found["hits"]) == 3
+    status, thumb = http(base + found["hits"][0]["thumb"])
+    assert status == 200 and thumb[:2] == b"\xff\xd8"  # a JPEG
+    status, similar = http(f"{base}/api/search-image?k=1", by_name(served, "clock").read_bytes())
+    assert status == 200 and similar["hits"][0]["name"] == "clock.jpg" and similar["hits"][0]["score"] > 0.999
+    status, caption = http(f"{base}/api/caption?id={similar['hits'][0]['id']}", b"")
+    assert status == 200 and caption["caption"]
+    # Errors: a status and a message, never a file outside the gallery's own pages.
+    assert http(f"{base}/api/search?q=%20")[0] == 400
+    assert http(f"{base}/api/search?q=x&k=lots")[0] == 400
+    status, error = http(f"{base}/api/caption", b"not an image")
+    assert status == 400 and "not an image" in error["error"]
+    assert http(f"{base}/thumb/nope")[0] == 404
+    for path in ["/../../etc/passwd", "/static/../server.py", "/static/%2e%2e/server.py", "/server.py",
+                 "/thumb/..%2f..%2fetc%2fpasswd"]:
+        assert http(base + path)[0] == 404, path
+
+
+def browser_unavailable_reason() -> str | None:
+    for tool in ("chromium", "chromedriver"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: apt-get install chromium chromium-driver; scripts/bootstrap.sh does as root)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    return None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    reason = browser_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1000", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_web_gallery_in_a_browser(served, client, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    cards = lambda: browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    browser.get(served.web)
+    wait.until(lambda b: "images" in b.find_element(By.ID, "stats").text)
+    assert browser.find_element(By.ID, "banner").is_displayed()  # random weights: said loudly
+    assert f"{len(served.photos) - 1} images · {MODEL} ({PRETRAINED})" in browser.find_element(By.ID, "stats").text
+
+    # Text search: type, press Enter, see the hits in the service's order, thumbnails loaded.
+    browser.find_element(By.ID, "query").send_keys("a photo of a cat", Keys.ENTER)
+    wait.until(lambda b: len(cards()) == len(served.photos) - 1)
+    expected = client.search_text("a photo of a cat", k=12)
+    assert [c.get_attribute("data-id") for c in cards()] == [h.id for h in expected]
+    shown = [float(c.find_element(By.CSS_SELECTOR, ".score").text) for c in cards()]
+    np.testing.assert_allclose(shown, [h.score for h in expected], atol=1.5e-3)
+    wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                             for i in b.find_elements(By.CSS_SELECTOR, ".thumb")))
+    assert "for “a photo of a cat”" in browser.find_element(By.ID, "status").text
+
+    # Caption a hit from its card.
+    first = cards()[0]
+    first.find_element(By.CSS_SELECTOR, ".caption-hit").click()
+    wait.until(lambda b: cards()[0].find_element(By.CSS_SELECTOR, ".caption").text not in ("", "captioning…"))
+    assert cards()[0].find_element(By.CSS_SELECTOR, ".caption").text == client.caption(id=expected[0].id).text
+
+    # Upload an image: caption it, then find images like it (itself first, score 1).
+    browser.find_element(By.ID, "upload").send_keys(str(by_name(served, "astronaut")))
+    browser.find_element(By.ID, "caption-button").click()
+    wait.until(lambda b: b.find_element(By.ID, "upload-caption").text not in ("", "captioning…"))
+    assert browser.find_element(By.ID, "upload-caption").text == client.caption(by_name(served, "astronaut")).text
+    browser.find_element(By.ID, "image-search-button").click()
+    wait.until(lambda b: "astronaut.jpg" in b.find_element(By.ID, "status").text and cards())
+    top = cards()[0]
+    assert top.find_element(By.CSS_SELECTOR, ".name").text == "astronaut.jpg"
+    assert top.find_element(By.CSS_SELECTOR, ".score").text == "1.000"
+
+    # Back to the text search for the picture; then an error is shown, not thrown.
+    browser.find_element(By.ID, "query").clear()
+    browser.find_element(By.ID, "query").send_keys("a photo of a cat", Keys.ENTER)
+    wait.until(lambda b: "for “a photo of a cat”" in b.find_element(By.ID, "status").text)
+    wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                             for i in b.find_elements(By.CSS_SELECTOR, ".thumb")))
+    shot = tmp_path / "gallery.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+    print(f"screenshot: {shot}")
+    if SCREENSHOT_DIR:
+        Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(SCREENSHOT_DIR) / "gallery.png")
+    browser.execute_script("document.getElementById('query').value = '   '")
+    browser.find_element(By.ID, "search-button").click()
+    wait.until(lambda b: "Type something" in b.find_element(By.ID, "status").text)
