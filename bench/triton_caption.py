@@ -1,0 +1,83 @@
+"""Caption throughput through Triton: C concurrent captions, each one decoder sequence.
+
+    coca bench triton-caption --model coca_ViT-B-32 --pretrained random --concurrency 1,4,16,32 --max-tokens 20
+
+Exports the model once (cached under --cache), starts tritonserver, and for each
+concurrency C runs C clients that each caption --rounds images in a row (greedy, exactly
+--max-tokens tokens: min_tokens = max_tokens, so every caption costs the same). Reports
+captions/s, tokens/s, the mean rows per batched forward (from BATCH_ROWS) and
+speedup_16 = captions/s at C=16 over C=1. Client and server share this machine's cores.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import time
+
+from .common import print_json, print_table, sample_images
+from .triton_common import add_server_options, served_repository
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="coca bench triton-caption", description=__doc__.splitlines()[0])
+    add_server_options(p)
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated numbers of concurrent captions")
+    p.add_argument("--max-tokens", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2, help="captions per client at each concurrency")
+    return p.parse_args(argv)
+
+
+async def measure(url: str, concurrency: int, rounds: int, embeddings, params) -> dict:
+    """C clients captioning `rounds` images each, all at once."""
+    from serving.client import TritonCoca
+
+    async with TritonCoca(url) as triton:
+        async def client():
+            return [await triton.generate(embeddings, params) for _ in range(rounds)]
+
+        await triton.generate(embeddings, params)  # warm-up: a fresh channel, the model's first forward
+        start = time.perf_counter()
+        generations = [g for batch in await asyncio.gather(*(client() for _ in range(concurrency))) for g in batch]
+        seconds = time.perf_counter() - start
+    rows = [r for g in generations for r in g.batch_rows if r]
+    tokens = sum(len(g.tokens) for g in generations)
+    return {
+        "concurrency": concurrency, "captions": len(generations), "seconds": round(seconds, 3),
+        "captions_per_s": round(len(generations) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+        "mean_rows_per_forward": round(sum(rows) / len(rows), 2), "max_rows_per_forward": max(rows),
+    }
+
+
+def main(argv=None) -> int:
+    from coca.sampling import SamplingParams
+
+    args = parse(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.max_tokens)  # fixed length
+    photo = io.BytesIO()
+    sample_images(1)[0].save(photo, format="JPEG")
+    with served_repository(args) as (url, identity):
+        async def embed():
+            from serving.client import TritonCoca
+
+            async with TritonCoca(url) as triton:
+                return (await triton.image_embeddings([photo.getvalue()]))[0]
+
+        embeddings = asyncio.run(embed())
+        results = [asyncio.run(measure(url, c, args.rounds, embeddings, params)) for c in levels]
+    base = results[0]["captions_per_s"] if levels[0] == 1 else None
+    for r in results:
+        r["speedup"] = round(r["captions_per_s"] / base, 2) if base else None
+    print(f"{identity.model} ({identity.pretrained}, {identity.dtype}) through Triton, greedy, "
+          f"{args.max_tokens} tokens per caption, {args.rounds} captions per client")
+    print_table(["concurrency", "captions", "seconds", "captions/s", "tokens/s", "rows/forward", "max rows", "speedup"],
+                [[r["concurrency"], r["captions"], r["seconds"], r["captions_per_s"], r["tokens_per_s"],
+                  r["mean_rows_per_forward"], r["max_rows_per_forward"], r["speedup"]] for r in results])
+    by_level = {r["concurrency"]: r for r in results}
+    print_json({
+        "benchmark": "triton-caption", "model": identity.model, "pretrained": identity.pretrained,
+        "dtype": identity.dtype, "max_tokens": args.max_tokens, "results": results,
+        "speedup_16": by_level[16]["speedup"] if 16 in by_level and base else None,
+    })
+    return 0

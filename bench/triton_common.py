@@ -1,0 +1,42 @@
+"""What the Triton benchmarks share: which model to serve, and a server for the run."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+
+def add_server_options(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="coca_ViT-B-32")
+    p.add_argument("--pretrained", default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cache", default="data/bench/triton", help="exported model repositories, reused across runs")
+    p.add_argument("--url", help="use this running Triton (host:port) instead of starting one")
+
+
+def repository_dir(args) -> Path:
+    return Path(args.cache) / f"{args.model}-{Path(args.pretrained).name}-seed{args.seed}-{args.dtype}"
+
+
+@contextlib.contextmanager
+def served_repository(args) -> Iterator[tuple[str, object]]:
+    """(gRPC url, identity) of a Triton serving args.model: started here on an exported repository, or --url."""
+    from search_service.modelrepo import ensure_repository
+    from serving.client import TritonCoca
+
+    async def identity(url):
+        async with TritonCoca(url) as triton:
+            return await triton.check_identity(args.model, args.pretrained)
+
+    if args.url:
+        yield args.url, asyncio.run(identity(args.url))
+        return
+    from serving.testing import running_triton
+
+    repository, _ = ensure_repository(repository_dir(args), args.model, args.pretrained, args.seed, args.dtype)
+    with running_triton(repository) as (url, _, server):
+        print(f"tritonserver pid {server.pid} on {url} ({repository})", flush=True)
+        yield url, asyncio.run(identity(url))
