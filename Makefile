@@ -18,9 +18,12 @@ DEMO_ARGS ?=
 demo: venv
 	$(VENV)/bin/coca demo $(DEMO_ARGS)
 
-# Placeholder: the reliability suite (server restarts, timeouts, load) comes later.
+# The full reliability suite: crash safety, Triton faults, decoder cache hygiene, fuzzing, load, security,
+# long tests included (make test runs its short part). Figures: a table at the end, and JSON in
+# $(RELIABILITY_REPORT).
+RELIABILITY_REPORT ?= reliability-report.json
 test-reliability: venv
-	@echo "test-reliability: no reliability tests yet"
+	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q -m "long or not long" tests/reliability
 
 # Placeholder until bench/ has a runner.
 bench: venv
