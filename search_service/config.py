@@ -65,11 +65,14 @@ def resolve_under_roots(path: str, roots: list[Path]) -> Path:
     if ".." in given.parts:
         raise PathRefused(f"{path!r}: '..' is not allowed in server-side paths")
     candidate = given if given.is_absolute() else roots[0] / given
-    real = Path(os.path.realpath(candidate))
-    real_roots = [Path(os.path.realpath(r)) for r in roots]
-    if not any(real == r or real.is_relative_to(r) for r in real_roots):
-        shown = ", ".join(str(r) for r in roots)
-        raise PathRefused(f"{path!r}: outside the allowed roots ({shown})")
-    if not real.is_file():
-        raise PathRefused(f"{path!r}: no such file under the allowed roots", not_found=True)
+    try:  # a name over the OS limits (ENAMETOOLONG), a loop of links (ELOOP): refused, not an internal error
+        real = Path(os.path.realpath(candidate))
+        real_roots = [Path(os.path.realpath(r)) for r in roots]
+        if not any(real == r or real.is_relative_to(r) for r in real_roots):
+            shown = ", ".join(str(r) for r in roots)
+            raise PathRefused(f"{path!r}: outside the allowed roots ({shown})")
+        if not real.is_file():
+            raise PathRefused(f"{path!r}: no such file under the allowed roots", not_found=True)
+    except OSError as exc:
+        raise PathRefused(f"{path[:200]!r}: not a usable path ({exc.strerror})") from None
     return real

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Optional
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from coca.errors import CapacityError, InvalidImageError, InvalidInputError
@@ -58,6 +59,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DecodeError):  # an AddImages stream item that does not parse (e.g. a non-UTF-8 string)
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
     if isinstance(exc, ModelsUnavailable):
