@@ -172,3 +172,28 @@ class RssSampler:
 
     def values(self) -> list[int]:
         return [v for _, v in self.samples if v]
+
+
+@pytest.fixture(scope="session")
+def roots(tmp_path_factory):
+    """An allowed root (good files, a nested one, a symlink escaping it) and a file outside it."""
+    root = tmp_path_factory.mktemp("root")
+    outside = tmp_path_factory.mktemp("outside") / "secret.jpg"
+    outside.write_bytes(unique_jpegs(500, 1)[0])
+    (root / "ok.jpg").write_bytes(unique_jpegs(501, 1)[0])
+    (root / "nested").mkdir()
+    (root / "nested" / "ok2.png").write_bytes(encode(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG"))
+    (root / "escape.jpg").symlink_to(outside)
+    (root / "escape_dir").symlink_to(outside.parent, target_is_directory=True)
+    (root / "not_an_image.jpg").write_bytes(b"plain text, not an image")
+    return root, outside
+
+
+@pytest.fixture(scope="session")
+def shared_service(tmp_path_factory, triton, exported, roots):
+    """One search service for the fuzz, load and Triton-fault tests (default bind, server-side paths under `roots`)."""
+    from search_service.testing import ServiceProcess
+
+    data = tmp_path_factory.mktemp("shared-data")
+    with ServiceProcess(data, triton.grpc_url, "--root", str(roots[0]), *service_args(exported)) as process:
+        yield process

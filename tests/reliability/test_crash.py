@@ -95,15 +95,22 @@ def test_sigkill_during_streamed_ingest_loses_nothing(rounds, tmp_path, live_tri
             service.kill()
         assert service.proc.returncode == -signal.SIGKILL, f"round {round_}: the stream ended before the kill"
 
-    # Last restart: everything acknowledged is there, the index equals the store.
-    with ServiceProcess(data, live_triton.grpc_url, *service_args(exported)) as service, \
-            SearchClient(service.address, timeout=60) as client:
-        stats = client.stats()
-        assert stats.count == stats.indexed
-        missing = [i for i in acked if _missing(client, i)]
-        assert missing == []
-        hits = client.search_text("a photo", k=10).hits
-        assert len(hits) == min(10, stats.count)
+    # After the last kill: everything acknowledged is in the store, and opening the data directory the
+    # way the service does gives an index equal to the store. (The long run also restarts the service.)
+    if rounds > 3:
+        with ServiceProcess(data, live_triton.grpc_url, *service_args(exported)) as service, \
+                SearchClient(service.address, timeout=60) as client:
+            stats = client.stats()
+            assert stats.count == stats.indexed
+            assert [i for i in acked if _missing(client, i)] == []
+            assert len(client.search_text("a photo", k=10).hits) == min(10, stats.count)
+    from search_service.store import Store
+
+    store = Store(data)
+    try:
+        assert [i for i in acked if store.get(i) is None] == []
+    finally:
+        store.close()
     check = index_matches_store(data)
     figures.record(f"crash: SIGKILL during AddImages ({rounds} kills)", kills=rounds, images_sent=sent,
                    acknowledged=len(acked), stored=check["count"],
