@@ -76,6 +76,9 @@ def export_model(out: Path, model: str, pretrained: str, seed: int, dtype: str) 
     def data_dir(tag: str) -> Path:
         return out / f"search-{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(tag).name)}"
 
+    if pretrained != "random" and not Path(pretrained).is_file() and not (data_dir(pretrained) / "model_repository").is_dir():
+        print(f"== pretrained weights {pretrained!r}: from the Hugging Face hub or its local cache", flush=True)
+        _offline_unless_hub_reachable()
     try:
         ensure_repository(data_dir(pretrained) / "model_repository", model, pretrained, seed, dtype)
         return data_dir(pretrained), pretrained
@@ -87,10 +90,33 @@ def export_model(out: Path, model: str, pretrained: str, seed: int, dtype: str) 
         return data_dir("random"), "random"
 
 
+def _offline_unless_hub_reachable(timeout: float = 3.0) -> None:
+    """An unreachable hub costs ~45 s of retries (and a page of warnings) before the download gives up:
+    check with one quick connection instead, and when it fails look in the local cache only."""
+    import logging
+    import socket
+    import urllib.parse
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout).close()
+    except OSError as exc:
+        print(f"   {url.hostname} cannot be reached ({exc}): looking in the local cache only", flush=True)
+        constants.HF_HUB_OFFLINE = True  # read at request time by huggingface_hub: fail fast, use the cache
+
+
 class ServeProcess:
-    """`coca serve` as a child in its own session: output to a log file, stopped with SIGTERM (both
-    servers shut down cleanly), SIGKILL to its process group as the last resort. If this process dies,
-    the kernel sends the child SIGTERM (PR_SET_PDEATHSIG), so nothing outlives the demo."""
+    """`coca serve` as a child in its own session, its output going straight to a log file (so it never
+    dies of a broken pipe half-way through stopping Triton), stopped with SIGTERM (both servers shut down
+    cleanly), SIGKILL to its process group as the last resort. If this process dies, the kernel sends the
+    child SIGTERM (PR_SET_PDEATHSIG), so nothing outlives the demo."""
 
     def __init__(self, command: list[str], log_path: Path):
         self.command, self.log_path = command, log_path
@@ -101,21 +127,37 @@ class ServeProcess:
         self._ready = threading.Event()
 
     def start(self, timeout: float = 600.0) -> "ServeProcess":
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True, preexec_fn=_die_with_parent)
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            offset = log.tell()
+            self.proc = subprocess.Popen(self.command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        threading.Thread(target=self._follow, args=(offset,), daemon=True).start()
         deadline = time.monotonic() + timeout
         while not self._ready.wait(0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
+                time.sleep(0.3)  # the last lines
                 raise RuntimeError(f"`coca serve` did not start (log {self.log_path}):\n" + "".join(self.lines))
         return self
 
-    def _pump(self) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
+    def _follow(self, offset: int) -> None:
+        """Read the log as it grows: remember the last lines, find the addresses."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            log.seek(offset)
+            pending = ""
+            while True:
+                chunk = log.readline()
+                if not chunk:
+                    if self.proc.poll() is not None:
+                        return
+                    time.sleep(0.1)
+                    continue
+                pending += chunk
+                if not pending.endswith("\n"):
+                    continue
+                line, pending = pending, ""
                 self.lines.append(line)
                 if line.startswith("web gallery on "):
                     self.web_url = line.split()[-1]
@@ -180,6 +222,7 @@ def run_demo(args) -> int:
     print("== starting tritonserver and the search service (`coca serve`) ...", flush=True)
     started = time.monotonic()
     server = ServeProcess(command, data / "serve.log")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as cleanly as Ctrl-C
     try:
         server.start()
         print(f"   ready on {server.address} in {time.monotonic() - started:.0f} s (log {server.log_path})", flush=True)
@@ -195,10 +238,20 @@ def run_demo(args) -> int:
         print(f"coca demo: error: {exc}\n(`coca serve` log: {server.log_path})", file=sys.stderr, flush=True)
         return 1
     finally:
-        print("== stopping the search service and tritonserver ...", flush=True)
-        server.stop()
-        print(f"   stopped (exit code {server.proc.returncode if server.proc else '-'})", flush=True)
+        _say("== stopping the search service and tritonserver ...")
+        server.stop()  # also when printing fails (a closed pipe): _say never raises
+        _say(f"   stopped (exit code {server.proc.returncode if server.proc else '-'})")
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _say(text: str) -> None:
+    with _suppress(OSError, ValueError):
+        print(text, flush=True)
 
 
 def tour(address: str, photos: list[Path], args, out: Path) -> None:
