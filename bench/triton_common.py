@@ -15,6 +15,8 @@ def add_server_options(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--cache", default="data/bench/triton", help="exported model repositories, reused across runs")
     p.add_argument("--url", help="use this running Triton (host:port) instead of starting one")
+    p.add_argument("--capacity", type=int, help="decoder KV-cache rows (default: the export's)")
+    p.add_argument("--queue-delay-us", type=int, help="decoder sequence batcher's max queue delay (default: the export's)")
 
 
 def repository_dir(args) -> Path:
@@ -24,6 +26,7 @@ def repository_dir(args) -> Path:
 @contextlib.contextmanager
 def served_repository(args) -> Iterator[tuple[str, object]]:
     """(gRPC url, identity) of a Triton serving args.model: started here on an exported repository, or --url."""
+    from coca.export import DecoderSettings, configure_decoder
     from search_service.modelrepo import ensure_repository
     from serving.client import TritonCoca
 
@@ -37,6 +40,7 @@ def served_repository(args) -> Iterator[tuple[str, object]]:
     from serving.testing import running_triton
 
     repository, _ = ensure_repository(repository_dir(args), args.model, args.pretrained, args.seed, args.dtype)
+    configure_decoder(repository, DecoderSettings(capacity_rows=args.capacity, queue_delay_us=args.queue_delay_us))
     with running_triton(repository) as (url, _, server):
         print(f"tritonserver pid {server.pid} on {url} ({repository})", flush=True)
         yield url, asyncio.run(identity(url))

@@ -68,6 +68,7 @@ class DecoderSettings:
     capacity_rows: Optional[int] = None  # KV-cache rows (a beam search takes num_beams)
     sequence_idle_s: Optional[float] = None  # Triton drops a silent sequence after this
     expiry_interval_s: Optional[float] = None  # how often the model's timer looks for idle caches
+    queue_delay_us: Optional[int] = None  # how long the sequence batcher waits to fill a batch of steps
 
 
 def export_repository(
@@ -101,9 +102,9 @@ def export_repository(
             parameters["torch_threads"] = str(torch_threads)
         config = (templates / name / "config.pbtxt").read_text()
         config = _set_dims(config, tensor_dims(model.net)[name])
-        config = _set_parameters(config, {**parameters, **_decoder_parameters(name, decoder)})
-        if name == "coca_text_decoder" and decoder.sequence_idle_s is not None:
-            config = _set_number(config, "max_sequence_idle_microseconds", round(decoder.sequence_idle_s * 1e6))
+        config = _set_parameters(config, parameters)
+        if name == "coca_text_decoder":
+            config = _decoder_config(config, decoder)
         _write_text(out / name / "config.pbtxt", config)
     manifest = {
         **asdict(identity),
@@ -182,19 +183,34 @@ def _write_text(path: Path, text: str):
 
 
 # --- config.pbtxt edits (text, so comments and layout survive; every edit is idempotent) ---
-def _decoder_parameters(name: str, settings: DecoderSettings) -> dict[str, str]:
-    if name != "coca_text_decoder":
-        return {}
+def configure_decoder(repository: Union[str, os.PathLike], settings: DecoderSettings):
+    """Change the decoder's knobs in an exported repository (weights untouched); restart Triton after."""
+    path = Path(repository) / "coca_text_decoder" / "config.pbtxt"
+    _write_text(path, _decoder_config(path.read_text(), settings))
+
+
+def _decoder_config(config: str, settings: DecoderSettings) -> str:
     values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s}
     if settings.sequence_idle_s is not None:  # the model's TTL: a bit after Triton forgets the sequence
         values["sequence_ttl_seconds"] = settings.sequence_idle_s + max(0.5, 0.2 * settings.sequence_idle_s)
-    return {k: str(v) for k, v in values.items() if v is not None}
+        config = _set_number(config, "max_sequence_idle_microseconds", round(settings.sequence_idle_s * 1e6))
+    if settings.queue_delay_us is not None:
+        config = _set_number(config, "max_queue_delay_microseconds", settings.queue_delay_us)
+    return _set_parameters(config, {k: str(v) for k, v in values.items() if v is not None})
+
+
+_PARAMETER = r'parameters\s*\{\s*key:\s*"(%s)"\s*value:\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")\s*\}\s*\}'
+
+
+def config_parameters(config: str) -> dict[str, str]:
+    """The string parameters of a config.pbtxt (as written by this module)."""
+    return {key: json.loads(value) for key, value in re.findall(_PARAMETER % '[^"]+', config)}
 
 
 def _set_parameters(config: str, parameters: dict[str, str]) -> str:
     for key, value in parameters.items():
         entry = f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
-        pattern = re.compile(r'parameters\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}')
+        pattern = re.compile(_PARAMETER % re.escape(key))
         if pattern.search(config):
             config = pattern.sub(lambda _: entry, config)
         else:

@@ -10,7 +10,8 @@ import torch
 import coca
 from coca.errors import WeightsUnavailableError
 from coca.export import (
-    MANIFEST_FILE, TEMPLATES, TRITON_MODELS, WEIGHTS_FILE, DecoderSettings, Identity, export_repository, file_sha256,
+    MANIFEST_FILE, TEMPLATES, TRITON_MODELS, WEIGHTS_FILE, DecoderSettings, Identity, config_parameters,
+    export_repository, file_sha256,
 )
 from coca.loading import PARTS, load_part, part_state_dict
 from serving.models.sequences import SequenceTable
@@ -19,11 +20,6 @@ from serving.models.sequences import SequenceTable
 @pytest.fixture(scope="module")
 def tiny():
     return coca.load("coca-tiny", pretrained="random", seed=0)
-
-
-def parameters(config: str) -> dict[str, str]:
-    found = re.findall(r'parameters \{ key: "([^"]+)" value: \{ string_value: ("(?:[^"\\]|\\.)*") \} \}', config)
-    return {key: json.loads(value) for key, value in found}
 
 
 def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
@@ -35,7 +31,7 @@ def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
         assert (folder / "1" / "model.py").read_text() == (TEMPLATES / name / "1" / "model.py").read_text()
         assert manifest["models"][name]["sha256"] == file_sha256(folder / "1" / WEIGHTS_FILE)
         config = (folder / "config.pbtxt").read_text()
-        params = parameters(config)
+        params = config_parameters(config)
         assert params["coca_weights_sha256"] == manifest["models"][name]["sha256"]
         assert json.loads(params["coca_preprocess"]) == json.loads(json.dumps(tiny.preprocess_cfg))
         identities.add(Identity.from_parameters(params))
@@ -43,7 +39,7 @@ def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
     image_config = (tmp_path / "coca_image_encoder" / "config.pbtxt").read_text()
     assert re.search(r'"IMAGE_EMBEDDINGS" data_type: TYPE_FP32 dims: \[ 255, 64 \]', image_config)
     assert re.search(r'"ATTENTION" data_type: TYPE_FP32 dims: \[ 3, 50, 50 \]', image_config)
-    decoder_params = parameters((tmp_path / "coca_text_decoder" / "config.pbtxt").read_text())
+    decoder_params = config_parameters((tmp_path / "coca_text_decoder" / "config.pbtxt").read_text())
     assert (decoder_params["capacity_rows"], decoder_params["sequence_ttl_seconds"]) == ("8", "4.8")
     assert "max_sequence_idle_microseconds: 4000000" in (tmp_path / "coca_text_decoder" / "config.pbtxt").read_text()
 

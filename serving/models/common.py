@@ -43,7 +43,6 @@ class CocaModel:
         self.name = config["name"]
         self.parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(int(self.parameters.get("torch_threads", "2")))
-        torch.set_num_interop_threads(1)  # no inter-op parallelism in these graphs; one pool is enough
         self.identity = self._identity()
         started = time.perf_counter()
         weights = Path(args["model_repository"]) / args["model_version"] / WEIGHTS_FILE
