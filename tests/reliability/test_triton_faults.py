@@ -1,0 +1,151 @@
+"""Triton faults: tritonserver SIGKILLed (with its stub processes) under the search service.
+
+Clients get UNAVAILABLE with a message naming Triton, nothing is half-written (the store equals the
+index, and holds exactly what was acknowledged plus what was committed before), the service stays up
+and recovers by itself once Triton is back. A caption sequence cut by a Triton restart fails cleanly.
+Runs last in the package (file order), and leaves Triton running.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from .conftest import needs_triton, unique_jpegs
+
+pytestmark = needs_triton
+
+
+def kill_triton(server) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its stubs: no clean shutdown
+    server.stop(grace=1)
+
+
+def wait_for(predicate, timeout: float):
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - started
+        except grpc.RpcError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"not recovered after {timeout} s")
+
+
+def test_triton_killed_mid_search(shared_service, live_triton, figures):
+    from clients.search_client import SearchClient
+
+    server = live_triton
+    with SearchClient(shared_service.address, timeout=10) as client:
+        before = client.stats().count
+        outcomes: list = []
+        stop = threading.Event()
+
+        def searcher():
+            while not stop.is_set():
+                try:
+                    client.search_text("a photo of a dog", k=3)
+                    outcomes.append("ok")
+                except grpc.RpcError as exc:
+                    outcomes.append(exc)
+
+        threads = [threading.Thread(target=searcher) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        kill_triton(server)
+        time.sleep(2.0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        failures = [o for o in outcomes if o != "ok"]
+        assert failures, "no search ran while Triton was down"
+        # Open finding: a search in flight at the moment of the kill can hang until the client's deadline
+        # (DEADLINE_EXCEEDED) instead of failing fast; counted, not hidden. Nothing else is allowed.
+        late = [e for e in failures if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED]
+        for exc in failures:
+            assert exc in late or (exc.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in exc.details()), exc
+        assert shared_service.proc.poll() is None
+        assert client.stats().count == before  # searches write nothing, not even when cut
+        started = time.monotonic()
+        server.start()
+        recovered = wait_for(lambda: client.search_text("a photo of a dog", k=3) is not None, 60)
+        figures.record("triton faults: SIGKILL mid-search", searches_ok=outcomes.count("ok"),
+                       unavailable_with_message=len(failures) - len(late), deadline_exceeded_in_flight=len(late),
+                       other_errors=0,
+                       recovered_s_after_restart=round(recovered, 1),
+                       triton_restart_s=round(time.monotonic() - started - recovered, 1))
+
+
+@pytest.mark.long
+def test_triton_killed_mid_ingest(shared_service, live_triton, figures):
+    from clients.search_client import SearchClient
+    from search_service.pb import search_pb2 as pb
+
+    server = live_triton
+    images = unique_jpegs(31337, 300)
+    with SearchClient(shared_service.address, timeout=60) as client:
+        before = client.stats().count
+        acked = []
+        killer = threading.Timer(1.0, kill_triton, args=(server,))
+        killer.start()
+        with pytest.raises(grpc.RpcError) as info:
+            for result in client.add_images(pb.AddImageRequest(image=i) for i in images):
+                assert result.outcome == pb.AddImageResult.ADDED
+                acked.append(result.id)
+        killer.join()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in info.value.details()
+        stats = client.stats()
+        assert stats.count == stats.indexed, stats
+        committed = stats.count - before
+        assert committed >= len(acked) and all(client.get(i).id == i for i in acked)
+        assert committed - len(acked) <= 64  # at most the batches in flight (2 x 32), each whole
+        server.start()
+        recovered = wait_for(lambda: all(r.outcome in (pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE)
+                                         for r in client.add_images(pb.AddImageRequest(image=i) for i in images)), 120)
+        after = client.stats()
+        assert after.count == before + len(images) and after.indexed == after.count
+    figures.record("triton faults: SIGKILL mid-ingest", acknowledged_before_kill=len(acked),
+                   committed_unacknowledged=committed - len(acked), partial_writes=0,
+                   recovered_s_after_restart=round(recovered, 1), duplicates_after_resend=0)
+
+
+@pytest.mark.long
+def test_a_caption_sequence_cut_by_a_triton_restart_fails_cleanly(shared_service, live_triton, figures):
+    from coca.errors import InvalidInputError
+    from coca.sampling import SamplingParams
+    from serving.client import TritonCoca, _start_inputs
+    from serving.errors import TritonUnavailableError
+    from serving.protocol import STEP_OUTPUTS, TEXT_DECODER
+
+    server = live_triton
+
+    async def started():
+        async with TritonCoca(server.grpc_url) as t:
+            embeddings = (await t.image_embeddings(unique_jpegs(5, 1)))[0]
+            await t._infer(TEXT_DECODER, _start_inputs(embeddings, SamplingParams(max_tokens=20)), STEP_OUTPUTS,
+                           sequence_id=424242, sequence_start=True)
+
+    async def step():
+        async with TritonCoca(server.grpc_url) as t:
+            await t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=424242)
+
+    asyncio.run(started())
+    kill_triton(server)
+    with pytest.raises(TritonUnavailableError, match="cannot reach Triton"):
+        asyncio.run(step())
+    server.start()
+    with pytest.raises(InvalidInputError, match="START"):  # the new server never saw the sequence
+        asyncio.run(step())
+    from clients.search_client import SearchClient
+
+    with SearchClient(shared_service.address, timeout=60) as client:
+        wait_for(lambda: client.caption(image=unique_jpegs(6, 1)[0], max_tokens=8).tokens, 60)
+    figures.record("triton faults: caption sequence cut by a restart", step_while_down="UNAVAILABLE",
+                   step_after_restart="INVALID_ARGUMENT (no START)", captions_after_restart="ok")
