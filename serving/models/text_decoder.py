@@ -122,6 +122,8 @@ class TextDecoderModel(CocaModel):
 
     def _step(self, stepping: list[Sequence], sequences: list) -> int:
         """All stepping sequences in ONE batched forward; on failure their requests fail alone."""
+        # in slot order: when the rows form one run, the cache is read as views instead of gathered
+        stepping = sorted(stepping, key=lambda s: s.rows[0])
         try:
             return self.decoder.step(stepping)
         except Exception as exc:
