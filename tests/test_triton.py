@@ -186,6 +186,35 @@ def test_eight_interleaved_sequences_share_forwards(triton, reference, images, p
     assert max(rows) > 1, f"every forward computed one row: {rows}"
 
 
+def test_caption_files_is_what_the_cli_prints(triton, reference, images, tmp_path):
+    from serving.client import caption_files
+    from tests.test_model_equality import make_video
+
+    url, _ = triton
+    video = str(make_video(tmp_path / "clip.mp4"))
+    captions = list(caption_files(url, [images[0], video], GREEDY, frames=4))
+    assert captions == [(images[0], reference.caption([images[0]], GREEDY)[0].text),
+                        (video, reference.caption_video(video, frames=4, params=GREEDY).text)]
+
+
+def test_a_cancelled_caption_still_ends_its_sequence(triton, photos):
+    url, _ = triton
+
+    async def work(t):
+        embeddings = (await t.image_embeddings(photos[:1]))[0]
+        before = await t.decoder_stats()
+        task = asyncio.create_task(t.generate(embeddings, SamplingParams(max_tokens=70, min_tokens=70)))
+        while (await t.decoder_stats())["live_sequences"] == before["live_sequences"]:
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # returns once the shielded END has been answered
+        return before, await t.decoder_stats()
+
+    before, after = on_triton(url, work)
+    assert (after["live_sequences"], after["free_rows"]) == (before["live_sequences"], before["free_rows"])
+
+
 # --- memory: TTL and cap ---------------------------------------------------------------------
 def test_abandoned_sequences_are_freed_after_the_ttl(triton, photos):
     url, server = triton
