@@ -321,7 +321,7 @@ def test_web_gallery_in_a_browser(served, client, browser, tmp_path):
     wait.until(lambda b: b.find_element(By.ID, "upload-caption").text not in ("", "captioning…"))
     assert browser.find_element(By.ID, "upload-caption").text == client.caption(by_name(served, "astronaut")).text
     browser.find_element(By.ID, "image-search-button").click()
-    wait.until(lambda b: "astronaut.jpg" in b.find_element(By.ID, "status").text and cards())
+    wait.until(lambda b: "for “uploaded image”" in b.find_element(By.ID, "status").text)  # rendered
     top = cards()[0]
     assert top.find_element(By.CSS_SELECTOR, ".name").text == "astronaut.jpg"
     assert top.find_element(By.CSS_SELECTOR, ".score").text == "1.000"
