@@ -9,9 +9,21 @@ from .errors import (
     CapacityError, CocaError, InvalidImageError, InvalidInputError, InvalidTextError,
     InvalidVideoError, UnknownModelError, WeightsUnavailableError,
 )
-from .loading import coca_model_names, create_open_clip
-from .runtime import Caption, Coca, from_reference, load
-from .sampling import SamplingParams
+
+# open_clip (and transformers, through it) takes seconds to import: load the model side on first use,
+# so that `coca --help`, the search service and clients that only need errors or settings start fast.
+_LAZY = {
+    "load": "runtime", "from_reference": "runtime", "Coca": "runtime", "Caption": "runtime",
+    "create_open_clip": "loading", "coca_model_names": "loading", "SamplingParams": "sampling",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'coca' has no attribute {name!r}")
 
 __all__ = [
     "load", "from_reference", "create_open_clip", "coca_model_names", "Coca", "Caption", "SamplingParams",
