@@ -37,16 +37,29 @@ async def measure(url: str, concurrency: int, rounds: int, embeddings, params) -
             return [await triton.generate(embeddings, params) for _ in range(rounds)]
 
         await triton.generate(embeddings, params)  # warm-up: a fresh channel, the model's first forward
+        before = await decoder_statistics(triton)
         start = time.perf_counter()
         generations = [g for batch in await asyncio.gather(*(client() for _ in range(concurrency))) for g in batch]
         seconds = time.perf_counter() - start
+        after = await decoder_statistics(triton)
     rows = [r for g in generations for r in g.batch_rows if r]
     tokens = sum(len(g.tokens) for g in generations)
     return {
         "concurrency": concurrency, "captions": len(generations), "seconds": round(seconds, 3),
         "captions_per_s": round(len(generations) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
         "mean_rows_per_forward": round(sum(rows) / len(rows), 2), "max_rows_per_forward": max(rows),
+        # Triton's own statistics: time in the model's execute() (forward + Python glue) per call
+        "executes": after["executes"] - before["executes"],
+        "execute_ms": round((after["compute_ns"] - before["compute_ns"]) / max(1, after["executes"] - before["executes"]) / 1e6, 1),
     }
+
+
+async def decoder_statistics(triton) -> dict:
+    from serving.protocol import TEXT_DECODER
+
+    stats = (await triton.client.get_inference_statistics(TEXT_DECODER, as_json=True))["model_stats"][0]
+    per_batch_size = [b["compute_infer"] for b in stats.get("batch_stats", [])]  # one entry per execute()
+    return {"executes": sum(int(c["count"]) for c in per_batch_size), "compute_ns": sum(int(c["ns"]) for c in per_batch_size)}
 
 
 def main(argv=None) -> int:
@@ -71,9 +84,10 @@ def main(argv=None) -> int:
         r["speedup"] = round(r["captions_per_s"] / base, 2) if base else None
     print(f"{identity.model} ({identity.pretrained}, {identity.dtype}) through Triton, greedy, "
           f"{args.max_tokens} tokens per caption, {args.rounds} captions per client")
-    print_table(["concurrency", "captions", "seconds", "captions/s", "tokens/s", "rows/forward", "max rows", "speedup"],
+    print_table(["concurrency", "captions", "seconds", "captions/s", "tokens/s", "rows/forward", "max rows",
+                 "execute ms", "speedup"],
                 [[r["concurrency"], r["captions"], r["seconds"], r["captions_per_s"], r["tokens_per_s"],
-                  r["mean_rows_per_forward"], r["max_rows_per_forward"], r["speedup"]] for r in results])
+                  r["mean_rows_per_forward"], r["max_rows_per_forward"], r["execute_ms"], r["speedup"]] for r in results])
     by_level = {r["concurrency"]: r for r in results}
     print_json({
         "benchmark": "triton-caption", "model": identity.model, "pretrained": identity.pretrained,
