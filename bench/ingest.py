@@ -7,7 +7,8 @@ Images are distinct JPEGs (random crops of scikit-image's sample photos, 512 px 
 so no item is skipped as a duplicate. The service runs in its own process with a fresh data dir
 (synchronous=FULL: one WAL fsync per committed batch, plus one per stored image file); the
 client streams every image in one AddImages call and the clock stops at the last
-acknowledgement. Also reported: Triton alone (serving.client embed_images, batches of 16, all
+acknowledgement. The in-process baseline runs before the servers start and its best batch size
+again after they stop; the better figure counts. Also reported: Triton alone (serving.client embed_images, batches of 16, all
 in flight at once), to tell the service's own cost from Triton's.
 """
 from __future__ import annotations
@@ -52,18 +53,11 @@ def distinct_jpegs(count: int, seed: int, side: int = 512) -> list[bytes]:
     return out
 
 
-def in_process(args, images: list[bytes]) -> dict[int, float]:
-    """images/s of coca's embed_images (decode + preprocess + encode) per batch size."""
-    import coca
-
-    model = coca.load(args.model, pretrained=args.pretrained, seed=args.seed)
-    model.embed_images(images[:8], batch_size=8)  # warm-up
-    rates = {}
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        started = time.perf_counter()
-        model.embed_images(images, batch_size=batch)
-        rates[batch] = len(images) / (time.perf_counter() - started)
-    return rates
+def in_process_rate(model, images: list[bytes], batch: int) -> float:
+    """images/s of coca's embed_images (decode + preprocess + encode) at one batch size."""
+    started = time.perf_counter()
+    model.embed_images(images, batch_size=batch)
+    return len(images) / (time.perf_counter() - started)
 
 
 def triton_alone(url: str, images: list[bytes]) -> float:
@@ -101,13 +95,21 @@ def main(argv=None) -> int:
     args = parse(argv)
     images = distinct_jpegs(args.images + 16, args.seed)
     warmup, images = images[:16], images[16:]
-    rates = in_process(args, images[: args.in_process_images])
+    import coca
+
+    trial = images[: args.in_process_images]
+    model = coca.load(args.model, pretrained=args.pretrained, seed=args.seed)
+    model.embed_images(warmup[:8], batch_size=8)  # warm-up
+    rates = {int(b): in_process_rate(model, trial, int(b)) for b in args.batch_sizes.split(",")}
     best_batch = max(rates, key=rates.get)
     repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}",
                                       args.model, args.pretrained, args.seed)
     with TritonServer(repository, kill_on_parent_exit=True) as triton:
-        direct = triton_alone(triton.grpc_url, images[: args.in_process_images])
+        direct = triton_alone(triton.grpc_url, trial)
         service_rate, added = through_service(triton.grpc_url, images, warmup)
+    # This machine's load changes by the minute: the baseline's best batch runs again now, and the
+    # better of its two figures is the one compared against (the harder target).
+    rates[best_batch] = max(rates[best_batch], in_process_rate(model, trial, best_batch))
     rows = [[f"in-process embed_images, batch {b}", f"{r:.2f}", f"{r / rates[best_batch]:.2f}"] for b, r in rates.items()]
     rows += [["Triton alone (client, batches of 16)", f"{direct:.2f}", f"{direct / rates[best_batch]:.2f}"],
              [f"service AddImages ({added} added)", f"{service_rate:.2f}", f"{service_rate / rates[best_batch]:.2f}"]]

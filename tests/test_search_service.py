@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,6 +369,7 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
                  10, "SERVING")
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_token_tls_and_message_limit(tmp_path, triton, photos):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
@@ -424,8 +426,6 @@ def test_cli_index_resume_search_html(tmp_path, service, photos, capsys):
 def background_serve(tmp_path_factory, repository, service):
     """`coca serve` (its own Triton + service) started early, so its start overlaps the other tests;
     the last test checks it."""
-    import shutil
-
     from search_service.modelrepo import MARKER
     from serving.launcher import pick_free_ports
 
