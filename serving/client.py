@@ -101,39 +101,43 @@ class TritonCoca:
         return identity
 
     # --- encoders ----------------------------------------------------------------------
+    async def encode_images(self, images: Sequence[ImageInput], outputs: Sequence[str] = ("CLASS_EMBEDDING",),
+                            batch_size: int = 16) -> dict[str, np.ndarray]:
+        """The image encoder's outputs by name (CLASS_EMBEDDING, IMAGE_EMBEDDINGS, ATTENTION), N rows each.
+
+        Requests of `batch_size` images are sent at once; the server computes only what is asked.
+        """
+        data = [_image_bytes(image) for image in images]
+        chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+        parts = await asyncio.gather(*(self._encode(IMAGE_ENCODER, "IMAGE", chunk, outputs) for chunk in chunks))
+        return {name: _concat([part[name] for part in parts]) for name in outputs}
+
     async def embed_images(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
         """Normalised image ClassEmbeddings (N, E), float32."""
-        return await self._encode_images(images, "CLASS_EMBEDDING", batch_size)
+        return (await self.encode_images(images, ["CLASS_EMBEDDING"], batch_size))["CLASS_EMBEDDING"]
 
     async def image_embeddings(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
         """What the decoder reads: (N, 255, W) float32."""
-        return await self._encode_images(images, "IMAGE_EMBEDDINGS", batch_size)
+        return (await self.encode_images(images, ["IMAGE_EMBEDDINGS"], batch_size))["IMAGE_EMBEDDINGS"]
 
     async def image_attention(self, images: Sequence[ImageInput], batch_size: int = 16) -> np.ndarray:
         """The last ViT block's attention (N, H, 1 + P, 1 + P)."""
-        return await self._encode_images(images, "ATTENTION", batch_size)
+        return (await self.encode_images(images, ["ATTENTION"], batch_size))["ATTENTION"]
 
     async def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Normalised text ClassEmbeddings (N, E), float32."""
-        chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
-        parts = await asyncio.gather(*(self._encode(TEXT_ENCODER, "TEXT", [t.encode() for t in chunk], "CLASS_EMBEDDING")
-                                       for chunk in chunks))
-        return _concat(parts)
+        chunks = [[t.encode() for t in texts[i : i + batch_size]] for i in range(0, len(texts), batch_size)]
+        parts = await asyncio.gather(*(self._encode(TEXT_ENCODER, "TEXT", chunk, ["CLASS_EMBEDDING"]) for chunk in chunks))
+        return _concat([part["CLASS_EMBEDDING"] for part in parts])
 
     async def text_attention(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Last-layer attention (N, H, n + 1, n + 1) and the n token ids it refers to (N, n)."""
-        result = await self._infer(TEXT_ENCODER, [_bytes_input("TEXT", [t.encode() for t in texts])],
-                                   ["ATTENTION", "TOKENS"])
-        return result.as_numpy("ATTENTION"), result.as_numpy("TOKENS")
+        found = await self._encode(TEXT_ENCODER, "TEXT", [t.encode() for t in texts], ["ATTENTION", "TOKENS"])
+        return found["ATTENTION"], found["TOKENS"]
 
-    async def _encode_images(self, images, output: str, batch_size: int) -> np.ndarray:
-        data = [_image_bytes(image) for image in images]
-        chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
-        return _concat(await asyncio.gather(*(self._encode(IMAGE_ENCODER, "IMAGE", c, output) for c in chunks)))
-
-    async def _encode(self, model: str, input_name: str, items: list[bytes], output: str) -> np.ndarray:
-        result = await self._infer(model, [_bytes_input(input_name, items)], [output])
-        return result.as_numpy(output)
+    async def _encode(self, model: str, input_name: str, items: list[bytes], outputs: Sequence[str]) -> dict:
+        result = await self._infer(model, [_bytes_input(input_name, items)], outputs)
+        return {name: result.as_numpy(name) for name in outputs}
 
     # --- captions ----------------------------------------------------------------------
     async def caption(self, image: Union[ImageInput, np.ndarray], params: SamplingParams = SamplingParams()):
