@@ -20,3 +20,11 @@ def images(tmp_path_factory):
         Image.fromarray(getattr(data, name)()).save(path)
         paths.append(str(path))
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_coca():
+    """coca-tiny with random weights from seed 0: the in-process reference of the export and Triton tests."""
+    import coca
+
+    return coca.load("coca-tiny", pretrained="random", seed=0)

@@ -2,12 +2,10 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-import coca
 from coca.errors import WeightsUnavailableError
 from coca.export import (
     MANIFEST_FILE, TEMPLATES, TRITON_MODELS, WEIGHTS_FILE, DecoderSettings, Identity, config_parameters,
@@ -17,13 +15,8 @@ from coca.loading import PARTS, load_part, part_state_dict
 from serving.models.sequences import SequenceTable
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return coca.load("coca-tiny", pretrained="random", seed=0)
-
-
-def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
-    manifest = json.loads(export_repository(tiny, tmp_path, decoder=DecoderSettings(capacity_rows=8, sequence_idle_s=4)).read_text())
+def test_export_writes_configs_weights_and_identity(tiny_coca, tmp_path):
+    manifest = json.loads(export_repository(tiny_coca, tmp_path, decoder=DecoderSettings(capacity_rows=8, sequence_idle_s=4)).read_text())
     assert (manifest["model"], manifest["pretrained"], manifest["dtype"], manifest["embed_dim"]) == ("coca-tiny", "random", "float32", 64)
     identities = set()
     for name, part in TRITON_MODELS.items():
@@ -33,7 +26,7 @@ def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
         config = (folder / "config.pbtxt").read_text()
         params = config_parameters(config)
         assert params["coca_weights_sha256"] == manifest["models"][name]["sha256"]
-        assert json.loads(params["coca_preprocess"]) == json.loads(json.dumps(tiny.preprocess_cfg))
+        assert json.loads(params["coca_preprocess"]) == json.loads(json.dumps(tiny_coca.preprocess_cfg))
         identities.add(Identity.from_parameters(params))
     assert identities == {Identity("coca-tiny", "random", "float32", 64, manifest["repository_id"])}
     image_config = (tmp_path / "coca_image_encoder" / "config.pbtxt").read_text()
@@ -44,31 +37,31 @@ def test_export_writes_configs_weights_and_identity(tiny, tmp_path):
     assert "max_sequence_idle_microseconds: 4000000" in (tmp_path / "coca_text_decoder" / "config.pbtxt").read_text()
 
 
-def test_export_in_place_keeps_model_py_and_is_idempotent(tiny, tmp_path):
+def test_export_in_place_keeps_model_py_and_is_idempotent(tiny_coca, tmp_path):
     templates = tmp_path / "model_repository"
     shutil.copytree(TEMPLATES, templates, ignore=shutil.ignore_patterns("*.safetensors", "__pycache__"))
     model_py = {name: (templates / name / "1" / "model.py").read_text() for name in TRITON_MODELS}
-    export_repository(tiny, templates, templates=templates)
+    export_repository(tiny_coca, templates, templates=templates)
     first = {name: (templates / name / "config.pbtxt").read_text() for name in TRITON_MODELS}
-    export_repository(tiny, templates, templates=templates)  # configs now hold values: rewritten, not duplicated
+    export_repository(tiny_coca, templates, templates=templates)  # configs now hold values: rewritten, not duplicated
     assert {name: (templates / name / "config.pbtxt").read_text() for name in TRITON_MODELS} == first
     assert {name: (templates / name / "1" / "model.py").read_text() for name in TRITON_MODELS} == model_py
     assert all(config.count('key: "coca_model"') == 1 for config in first.values())
 
 
-def test_each_part_loads_alone_and_equals_the_whole(tiny, tmp_path):
-    export_repository(tiny, tmp_path, dtype="bfloat16")
+def test_each_part_loads_alone_and_equals_the_whole(tiny_coca, tmp_path):
+    export_repository(tiny_coca, tmp_path, dtype="bfloat16")
     for name, part in TRITON_MODELS.items():
         net = load_part("coca-tiny", part, tmp_path / name / "1" / WEIGHTS_FILE)
         loaded = {k: v for k, v in net.state_dict().items() if not v.is_meta}
-        assert set(loaded) == set(part_state_dict(tiny.net, part))  # nothing else is materialised
-        assert all(torch.equal(v, part_state_dict(tiny.net, part)[k].bfloat16()) for k, v in loaded.items())
+        assert set(loaded) == set(part_state_dict(tiny_coca.net, part))  # nothing else is materialised
+        assert all(torch.equal(v, part_state_dict(tiny_coca.net, part)[k].bfloat16()) for k, v in loaded.items())
         assert net.dtype == torch.bfloat16 and net.device.type == "cpu"
     assert set(PARTS) == set(TRITON_MODELS.values())
 
 
-def test_weights_of_another_part_are_refused(tmp_path, tiny):
-    export_repository(tiny, tmp_path)
+def test_weights_of_another_part_are_refused(tmp_path, tiny_coca):
+    export_repository(tiny_coca, tmp_path)
     with pytest.raises(WeightsUnavailableError, match="does not hold the coca-tiny text_decoder: .* missing"):
         load_part("coca-tiny", "text_decoder", tmp_path / "coca_text_encoder" / "1" / WEIGHTS_FILE)
     with pytest.raises(WeightsUnavailableError, match="cannot read"):

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import coca
 from coca.errors import CapacityError, InvalidInputError
 from coca.export import DecoderSettings, export_repository
 from coca.sampling import SamplingParams
@@ -34,15 +33,10 @@ BEAMS = SamplingParams(max_tokens=10, num_beams=6, num_beam_groups=3)
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return coca.load("coca-tiny", pretrained="random", seed=0)
-
-
-@pytest.fixture(scope="module")
-def triton(reference, tmp_path_factory):
+def triton(tiny_coca, tmp_path_factory):
     repo = tmp_path_factory.mktemp("model_repository")
     settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S)
-    export_repository(reference, repo, decoder=settings)
+    export_repository(tiny_coca, repo, decoder=settings)
     with running_triton(repo) as (grpc_url, _, server):
         yield grpc_url, server
 
@@ -88,20 +82,20 @@ def test_unreachable_server_is_a_typed_error():
 
 
 # --- encoders --------------------------------------------------------------------------------
-def test_image_outputs_equal_in_process(triton, reference, images, photos):
+def test_image_outputs_equal_in_process(triton, tiny_coca, images, photos):
     url, _ = triton
 
     async def work(t):
         return await asyncio.gather(t.embed_images(photos), t.image_embeddings(photos), t.image_attention(photos[:2]))
 
     class_embeddings, image_embeddings, attention = on_triton(url, work)
-    expected = reference.encode_images(images, want_attention=True)
-    np.testing.assert_allclose(class_embeddings, reference.embed_images(images), atol=1e-5, rtol=0)
+    expected = tiny_coca.encode_images(images, want_attention=True)
+    np.testing.assert_allclose(class_embeddings, tiny_coca.embed_images(images), atol=1e-5, rtol=0)
     np.testing.assert_allclose(image_embeddings, expected.image_embeddings.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(attention, expected.attention[:2].numpy(), atol=1e-5, rtol=0)
 
 
-def test_text_outputs_equal_in_process(triton, reference):
+def test_text_outputs_equal_in_process(triton, tiny_coca):
     url, _ = triton
     texts = ["a dog", "an astronaut in a white suit next to a flag", "coffee"]
 
@@ -109,13 +103,13 @@ def test_text_outputs_equal_in_process(triton, reference):
         return await asyncio.gather(t.embed_texts(texts), t.text_attention(texts[1:]))
 
     embeddings, (attention, tokens) = on_triton(url, work)
-    np.testing.assert_allclose(embeddings, reference.embed_texts(texts), atol=1e-5, rtol=0)
-    expected = reference.encode_texts(texts[1:], want_attention=True)
+    np.testing.assert_allclose(embeddings, tiny_coca.embed_texts(texts), atol=1e-5, rtol=0)
+    expected = tiny_coca.encode_texts(texts[1:], want_attention=True)
     np.testing.assert_allclose(attention, expected.attention[-1].numpy(), atol=1e-5, rtol=0)
     assert tokens.tolist() == expected.kept_tokens.tolist()
 
 
-def test_a_corrupt_image_fails_alone_in_its_batch(triton, reference, images, photos):
+def test_a_corrupt_image_fails_alone_in_its_batch(triton, tiny_coca, images, photos):
     url, _ = triton
     corrupt = photos[0][:200]  # a truncated JPEG
 
@@ -126,10 +120,10 @@ def test_a_corrupt_image_fails_alone_in_its_batch(triton, reference, images, pho
     outcomes = on_triton(url, work)
     assert isinstance(outcomes[1], InvalidInputError) and "image" in str(outcomes[1]).lower(), outcomes[1]
     good = np.concatenate([outcomes[0], *outcomes[2:]])
-    np.testing.assert_allclose(good, reference.embed_images(images), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(good, tiny_coca.embed_images(images), atol=1e-5, rtol=0)
 
 
-def test_an_empty_text_fails_alone(triton, reference):
+def test_an_empty_text_fails_alone(triton, tiny_coca):
     url, _ = triton
 
     async def work(t):
@@ -137,36 +131,36 @@ def test_an_empty_text_fails_alone(triton, reference):
 
     good, empty = on_triton(url, work)
     assert isinstance(empty, InvalidInputError) and "text #1 is empty" in str(empty)
-    np.testing.assert_allclose(good, reference.embed_texts(["a cat"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(good, tiny_coca.embed_texts(["a cat"]), atol=1e-5, rtol=0)
 
 
 # --- captions --------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
-def test_captions_equal_in_process(triton, reference, images, photos, params):
+def test_captions_equal_in_process(triton, tiny_coca, images, photos, params):
     url, _ = triton
     captions = on_triton(url, lambda t: t.caption_many(photos, params))
-    expected = [reference.caption([image], params)[0] for image in images]
+    expected = [tiny_coca.caption([image], params)[0] for image in images]
     assert [tokens for _, tokens in captions] == [c.tokens for c in expected]
     assert [text for text, _ in captions] == [c.text for c in expected]
 
 
-def test_beam_search_equals_in_process(triton, reference, images, photos):
+def test_beam_search_equals_in_process(triton, tiny_coca, images, photos):
     url, _ = triton
     captions = on_triton(url, lambda t: t.caption_many(photos[:2], BEAMS))
-    assert [tokens for _, tokens in captions] == [reference.caption([i], BEAMS)[0].tokens for i in images[:2]]
+    assert [tokens for _, tokens in captions] == [tiny_coca.caption([i], BEAMS)[0].tokens for i in images[:2]]
 
 
-def test_video_caption_equals_in_process(triton, reference, tmp_path):
+def test_video_caption_equals_in_process(triton, tiny_coca, tmp_path):
     from tests.test_model_equality import make_video
 
     url, _ = triton
     video = make_video(tmp_path / "clip.mp4")
     text, tokens = on_triton(url, lambda t: t.caption_video(video.read_bytes(), frames=4, params=GREEDY))
-    expected = reference.caption_video(str(video), frames=4, params=GREEDY)
+    expected = tiny_coca.caption_video(str(video), frames=4, params=GREEDY)
     assert (text, tokens) == (expected.text, expected.tokens)
 
 
-def test_eight_interleaved_sequences_share_forwards(triton, reference, images, photos):
+def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, photos):
     url, _ = triton
     settings = [GREEDY if i % 2 == 0 else SAMPLED for i in range(8)]
 
@@ -181,20 +175,20 @@ def test_eight_interleaved_sequences_share_forwards(triton, reference, images, p
 
     generations = on_triton(url, work)
     for i, generation in enumerate(generations):
-        assert generation.tokens == reference.caption([images[i % 4]], settings[i])[0].tokens, f"sequence {i}"
+        assert generation.tokens == tiny_coca.caption([images[i % 4]], settings[i])[0].tokens, f"sequence {i}"
     rows = [r for g in generations for r in g.batch_rows]
     assert max(rows) > 1, f"every forward computed one row: {rows}"
 
 
-def test_caption_files_is_what_the_cli_prints(triton, reference, images, tmp_path):
+def test_caption_files_is_what_the_cli_prints(triton, tiny_coca, images, tmp_path):
     from serving.client import caption_files
     from tests.test_model_equality import make_video
 
     url, _ = triton
     video = str(make_video(tmp_path / "clip.mp4"))
     captions = list(caption_files(url, [images[0], video], GREEDY, frames=4))
-    assert captions == [(images[0], reference.caption([images[0]], GREEDY)[0].text),
-                        (video, reference.caption_video(video, frames=4, params=GREEDY).text)]
+    assert captions == [(images[0], tiny_coca.caption([images[0]], GREEDY)[0].text),
+                        (video, tiny_coca.caption_video(video, frames=4, params=GREEDY).text)]
 
 
 def test_a_cancelled_caption_still_ends_its_sequence(triton, photos):
@@ -236,7 +230,7 @@ def test_abandoned_sequences_are_freed_after_the_ttl(triton, photos):
         on_triton(url, lambda t: t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=7001))
 
 
-def test_the_cache_cap_is_a_clear_error(triton, reference, images, photos):
+def test_the_cache_cap_is_a_clear_error(triton, tiny_coca, images, photos):
     url, _ = triton
 
     async def work(t):
@@ -253,11 +247,11 @@ def test_the_cache_cap_is_a_clear_error(triton, reference, images, photos):
 
     full, freed, (_, tokens) = on_triton(url, work)
     assert full["free_rows"] == 0 and freed["free_rows"] == CAPACITY
-    assert tokens == reference.caption(images[:1], GREEDY)[0].tokens
+    assert tokens == tiny_coca.caption(images[:1], GREEDY)[0].tokens
 
 
 # --- malformed requests ----------------------------------------------------------------------
-def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(triton, reference, images, photos):
+def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(triton, tiny_coca, images, photos):
     url, server = triton
 
     async def expect(error_type, match, request):
@@ -291,6 +285,6 @@ def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(trit
         return await t.caption(embeddings, GREEDY), await t.decoder_stats()
 
     (_, tokens), stats = on_triton(url, work)
-    assert tokens == reference.caption(images[:1], GREEDY)[0].tokens
+    assert tokens == tiny_coca.caption(images[:1], GREEDY)[0].tokens
     assert stats["free_rows"] == CAPACITY
     assert server.is_alive()

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import coca
 from coca.export import TRITON_MODELS, config_parameters, export_repository
 from coca.sampling import SamplingParams
 from serving.protocol import SAMPLING_INPUTS
@@ -72,17 +71,12 @@ def fake_pb_utils():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return coca.load("coca-tiny", pretrained="random", seed=0)
-
-
-@pytest.fixture(scope="module")
-def models(reference, tmp_path_factory):
+def models(tiny_coca, tmp_path_factory):
     """The three models, initialised as Triton would (args from the exported config.pbtxt)."""
     from serving.models import entry_point
 
     repo = tmp_path_factory.mktemp("repo")
-    export_repository(reference, repo)
+    export_repository(tiny_coca, repo)
     loaded = {}
     for name, part in TRITON_MODELS.items():
         parameters = config_parameters((repo / name / "config.pbtxt").read_text())
@@ -101,24 +95,24 @@ def photos(paths):
     return np.array([[Path(p).read_bytes()] for p in paths], dtype=np.object_)
 
 
-def test_image_encoder(models, reference, images):
+def test_image_encoder(models, tiny_coca, images):
     wanted = ["CLASS_EMBEDDING", "IMAGE_EMBEDDINGS", "ATTENTION"]
     good, bad = models["coca_image_encoder"].execute([
         Request({"IMAGE": photos(images)}, wanted), Request({"IMAGE": np.array([[b"not an image"]], np.object_)}, wanted)])
-    expected = reference.encode_images(images, want_attention=True)
+    expected = tiny_coca.encode_images(images, want_attention=True)
     for name, tensor in zip(wanted, [expected.class_embedding, expected.image_embeddings, expected.attention]):
         np.testing.assert_allclose(good.outputs[name], tensor.numpy(), atol=TOLERANCE, rtol=0)
     assert bad.error.code == TritonError.INVALID_ARG and "image" in str(bad.error)
 
 
-def test_text_encoder(models, reference):
+def test_text_encoder(models, tiny_coca):
     texts = np.array([[b"a dog"], [b"a photo of a cat"]], dtype=np.object_)
     plain, detailed, empty = models["coca_text_encoder"].execute([
         Request({"TEXT": texts}, ["CLASS_EMBEDDING"]), Request({"TEXT": texts[1:]}, ["ATTENTION", "TOKENS"]),
         Request({"TEXT": np.array([[b""]], np.object_)}, ["CLASS_EMBEDDING"])])
-    np.testing.assert_allclose(plain.outputs["CLASS_EMBEDDING"], reference.embed_texts(["a dog", "a photo of a cat"]),
+    np.testing.assert_allclose(plain.outputs["CLASS_EMBEDDING"], tiny_coca.embed_texts(["a dog", "a photo of a cat"]),
                                atol=TOLERANCE, rtol=0)
-    expected = reference.encode_texts(["a photo of a cat"], want_attention=True)
+    expected = tiny_coca.encode_texts(["a photo of a cat"], want_attention=True)
     np.testing.assert_allclose(detailed.outputs["ATTENTION"], expected.attention[-1].numpy(), atol=TOLERANCE, rtol=0)
     assert detailed.outputs["TOKENS"].tolist() == expected.kept_tokens.tolist()
     assert empty.error.code == TritonError.INVALID_ARG and "empty" in str(empty.error)
@@ -126,9 +120,9 @@ def test_text_encoder(models, reference):
 
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=12), SamplingParams(max_tokens=8, num_beams=4, num_beam_groups=2)],
                          ids=["greedy", "beams"])
-def test_text_decoder_runs_captions_to_done(models, reference, images, params):
+def test_text_decoder_runs_captions_to_done(models, tiny_coca, images, params):
     decoder = models["coca_text_decoder"]
-    embeddings = reference.encode_images(images[:2]).image_embeddings.numpy()
+    embeddings = tiny_coca.encode_images(images[:2]).image_embeddings.numpy()
     outputs = ["TOKEN", "DONE", "TOKENS", "BATCH_ROWS", "STATS"]
     start = {name: np.array([[value]], dtype) for field, (name, dtype) in SAMPLING_INPUTS.items()
              if (value := getattr(params, field)) is not None}
@@ -142,7 +136,7 @@ def test_text_decoder_runs_captions_to_done(models, reference, images, params):
             break
         requests = [Request({}, outputs, 100 + i) for i in range(2)]
     tokens = [r.outputs["TOKENS"][0].tolist() for r in responses]
-    assert tokens == [c.tokens for c in reference.caption(images[:2], params)]
+    assert tokens == [c.tokens for c in tiny_coca.caption(images[:2], params)]
     assert max(rows) == 2 * params.num_beams  # both captions in one forward
     ended = decoder.execute([Request({}, outputs, 100 + i, END) for i in range(2)])
     stats = json.loads(ended[-1].outputs["STATS"][0, 0])
