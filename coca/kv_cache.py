@@ -22,14 +22,18 @@ def slot_rows(slots: Slots, device=None) -> torch.Tensor:
     return slots
 
 
-class KVCache(nn.Module):
-    """Self-attention keys and values of one layer: (capacity, H, max_len, D)."""
+class KeyValueBuffers(nn.Module):
+    """Preallocated keys and values of one layer: (capacity, H, length, D), never saved with the model."""
 
-    def __init__(self, capacity: int, heads: int, max_len: int, head_dim: int, dtype, device=None):
+    def __init__(self, capacity: int, heads: int, length: int, head_dim: int, dtype, device=None):
         super().__init__()
-        shape = (capacity, heads, max_len, head_dim)
+        shape = (capacity, heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class KVCache(KeyValueBuffers):
+    """Self-attention keys and values of one layer: length = max positions."""
 
     def update(self, slots: Slots, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
         """Write k, v (B, H, T, D) at positions (B, T); return keys/values 0..length-1, (B, H, L, D)."""
@@ -46,14 +50,8 @@ class KVCache(nn.Module):
         self.v[rows] = self.v[source]
 
 
-class CrossKV(nn.Module):
-    """Cross-attention keys and values of one layer, computed once per image: (capacity, H, N, D)."""
-
-    def __init__(self, capacity: int, heads: int, tokens: int, head_dim: int, dtype, device=None):
-        super().__init__()
-        shape = (capacity, heads, tokens, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+class CrossKV(KeyValueBuffers):
+    """Cross-attention keys and values of one layer, computed once per image: length = image tokens."""
 
     def write(self, slots: Slots, k: torch.Tensor, v: torch.Tensor):
         self.k[slots] = k
