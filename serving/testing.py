@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Iterator
 
-from serving.launcher import TritonServer, TritonServerError, find_triton
+from serving.launcher import TritonServer, TritonServerError, find_triton, pick_free_ports
 
 
 def triton_unavailable_reason() -> str | None:
@@ -62,3 +62,13 @@ def running_triton(
         raise
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def restartable_triton(model_repository: str | os.PathLike, **server_kwargs) -> Iterator[TritonServer]:
+    """`running_triton` on ports chosen up front, so a test can kill the server and start it again
+    at the same address."""
+    http, grpc_port, metrics = pick_free_ports(3)
+    with running_triton(model_repository, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                        **server_kwargs) as (_, _, server):
+        yield server

@@ -41,14 +41,10 @@ def repository(tmp_path_factory):
 @pytest.fixture(scope="module")
 def triton(repository):
     """One tritonserver on fixed ports, so a test can stop it and start it again at the same address."""
-    from serving.launcher import TritonServer, pick_free_ports
+    from serving.testing import restartable_triton
 
-    http, grpc_port, metrics = pick_free_ports(3)
-    server = TritonServer(repository[0], http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                          kill_on_parent_exit=True)
-    server.start()
-    yield server
-    server.stop()
+    with restartable_triton(repository[0]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

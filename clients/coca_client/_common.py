@@ -94,5 +94,12 @@ class Connection:
             return None
         return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
 
+    def open_channel(self, grpc_module):
+        """A channel from `grpc` or `grpc.aio` (same call shapes), secure when TLS is on."""
+        credentials, options = self.credentials(), self.options()
+        if credentials:
+            return grpc_module.secure_channel(self.target, credentials, options=options)
+        return grpc_module.insecure_channel(self.target, options=options)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

@@ -38,10 +38,7 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self.retry = retry
-        credentials = self.connection.credentials()
-        options = self.connection.options()
-        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
-                        else grpc.aio.insecure_channel(target, options=options))
+        self.channel = self.connection.open_channel(grpc.aio)
         self._stub = SearchServiceStub(self.channel)
         self._metadata = self.connection.metadata()
 

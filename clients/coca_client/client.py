@@ -50,10 +50,7 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.retry = retry
-        credentials = self.connection.credentials()
-        options = self.connection.options()
-        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials
-                        else grpc.insecure_channel(target, options=options))
+        self.channel = self.connection.open_channel(grpc)
         self._stub = SearchServiceStub(self.channel)
         self._metadata = self.connection.metadata()
 

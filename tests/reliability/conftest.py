@@ -95,14 +95,10 @@ def triton(exported):
     reason = triton_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from serving.launcher import TritonServer, pick_free_ports
+    from serving.testing import restartable_triton
 
-    http, grpc_port, metrics = pick_free_ports(3)
-    server = TritonServer(exported[0], http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                          kill_on_parent_exit=True)
-    server.start()
-    yield server
-    server.stop()
+    with restartable_triton(exported[0]) as server:
+        yield server
 
 
 @pytest.fixture
