@@ -5,13 +5,14 @@ Images are embedded and captioned one Triton request per image, concurrently:
 Triton's dynamic batcher (encoders) and sequence batcher (decoder) batch them,
 and a bad image fails its own request only.
 
-After a connection failure the client is closed and a new one made on the next
-call, so the service recovers as soon as Triton is back rather than waiting
-out gRPC's reconnect backoff (up to two minutes).
+After a connection failure the next call gets a new client (the failed one is
+closed once the calls still on it end), so the service recovers as soon as
+Triton is back.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Sequence, TypeVar
@@ -46,48 +47,73 @@ class CaptionResult:
     logprobs: list[float]  # empty: serving.client does not return them (yet)
 
 
+class _Connection:
+    """One Triton client and the number of calls using it. A connection that failed is retired: new
+    calls get a fresh one, and the old one is closed when its last call ends. (Closing a gRPC channel
+    cancels the calls still on it, which would leave their callers without an answer.)"""
+
+    def __init__(self, url: str):
+        from serving.client import TritonCoca
+
+        self.client = TritonCoca(url)
+        self.users = 0
+        self.retired = False
+
+    async def close_if_done(self) -> None:
+        if self.retired and self.users == 0:
+            try:
+                await self.client.close()
+            except Exception:  # closing a dead channel may fail too
+                pass
+
+
 class Models:
     """Embeddings and captions from the Triton server at `url`."""
 
     def __init__(self, url: str, logit_scale: float = 100.0):
         self.url = url
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
-        self._client = None
+        self._connection: Optional[_Connection] = None
         self._identity: Optional[ModelIdentity] = None
-        self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------ connection
-    async def _connect(self):
-        from serving.client import TritonCoca
-
-        async with self._lock:
-            if self._client is None:
-                self._client = TritonCoca(self.url)
-            return self._client
-
-    async def _drop(self, client) -> None:
-        async with self._lock:
-            if self._client is client:
-                self._client = None
+    @contextlib.asynccontextmanager
+    async def _lease(self):
+        """The current connection (made now if there is none), held for one call."""
+        if self._connection is None:
+            self._connection = _Connection(self.url)
+        connection = self._connection
+        connection.users += 1
         try:
-            await client.close()
-        except Exception:  # closing a dead channel may fail too
-            pass
+            yield connection
+        finally:
+            connection.users -= 1
+            await connection.close_if_done()
+
+    def _retire(self, connection: _Connection) -> None:
+        if self._connection is connection:
+            self._connection = None
+        connection.retired = True
+
+    def _unavailable(self, exc: BaseException) -> ModelsUnavailable:
+        return ModelsUnavailable(f"model server (Triton) at {self.url} is unavailable: {exc}")
 
     async def _call(self, fn: Callable[..., Awaitable[T]], timeout: float) -> T:
         """Run `fn(client)` within `timeout` seconds; connection failures become ModelsUnavailable."""
         from serving.errors import TritonUnavailableError
 
-        client = await self._connect()
-        try:
-            return await asyncio.wait_for(fn(client), timeout)
-        except TritonUnavailableError as exc:
-            await self._drop(client)
-            raise ModelsUnavailable(f"model server (Triton) at {self.url} is unavailable: {exc}") from None
+        async with self._lease() as connection:
+            try:
+                return await asyncio.wait_for(fn(connection.client), timeout)
+            except TritonUnavailableError as exc:
+                self._retire(connection)
+                raise self._unavailable(exc) from None
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._drop(self._client)
+        if self._connection is not None:
+            connection = self._connection
+            self._retire(connection)
+            await connection.close_if_done()
 
     async def ready(self) -> bool:
         try:
@@ -98,7 +124,7 @@ class Models:
 
     async def identity(self, timeout: float = 30.0, refresh: bool = False) -> ModelIdentity:
         """Which model Triton serves (asked once per connection, or now with `refresh`)."""
-        if not refresh and self._client is not None and self._identity is not None:
+        if not refresh and self._connection is not None and self._identity is not None:
             return self._identity
 
         async def ask(client):
@@ -153,19 +179,18 @@ class Models:
     async def _each(self, fn, items: Sequence, timeout: float) -> list:
         if not items:
             return []
+        from serving.errors import TritonUnavailableError
 
         async def run(client):
             return await asyncio.gather(*(fn(client, item) for item in items), return_exceptions=True)
 
-        from serving.errors import TritonUnavailableError
-
-        client = await self._connect()
-        results = await self._call(run, timeout)
-        failures = [r for r in results if isinstance(r, TritonUnavailableError)]
-        if failures:
-            await self._drop(client)
-            down = ModelsUnavailable(f"model server (Triton) at {self.url} is unavailable: {failures[0]}")
-            results = [down if isinstance(r, TritonUnavailableError) else r for r in results]
+        async with self._lease() as connection:
+            results = await asyncio.wait_for(run(connection.client), timeout)
+            failures = [r for r in results if isinstance(r, TritonUnavailableError)]
+            if failures:
+                self._retire(connection)
+                down = self._unavailable(failures[0])
+                results = [down if isinstance(r, TritonUnavailableError) else r for r in results]
         return results
 
 

@@ -59,7 +59,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, DecodeError):  # an AddImages stream item that does not parse (e.g. a non-UTF-8 string)
+    if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
@@ -125,9 +125,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         remaining = context.time_remaining() if context is not None else None
         return self.config.triton_timeout_s if remaining is None else max(remaining, 0.001)
 
-    async def ensure_models(self, refresh: bool = False) -> None:
+    async def ensure_models(self, refresh: bool = False, context=None) -> None:
         """Triton answers and serves the store's model; the index is open (its dimension known)."""
-        identity = await self.models.identity(refresh=refresh)
+        identity = await self.models.identity(timeout=self._timeout(context), refresh=refresh)
         async with self._opening:
             if identity != self._bound:
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
@@ -162,7 +162,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     # ------------------------------------------------------------ AddImages
     async def AddImages(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
         try:
-            await self.ensure_models()
+            await self.ensure_models(context=context)
             async for result in self._add_stream(request_iterator, context):
                 yield result
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -289,7 +289,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         text = request.text.strip()
         if not text:
             raise bad("text is empty: give at least one word to search for")
-        await self.ensure_models()
+        await self.ensure_models(context=context)
         vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
         return await self._search(vector, options, context)
 
@@ -297,7 +297,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
         if request.WhichOneof("query") == "image" or self.engine.index is None:
-            await self.ensure_models()  # by id, a known store needs no Triton
+            await self.ensure_models(context=context)  # by id, a known store needs no Triton
         vector = await self._image_vector(request.image if request.WhichOneof("query") == "image" else None,
                                           request.id, context)
         return await self._search(vector, options, context)

@@ -38,6 +38,19 @@ from .protocol import CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUT
 
 ImageInput = Union[bytes, str, os.PathLike]
 
+# tritonclient's message limits, plus: a subchannel of this channel's own, so that a new client is not
+# tied to the reconnect backoff another channel to the same address is sitting in (gRPC shares
+# subchannels process-wide by default); and reconnect tries at most 1 s apart instead of up to 120 s,
+# so a restarted Triton is used within a second.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 @dataclass
 class Generation:
@@ -71,7 +84,7 @@ class TritonCoca:
     @property
     def client(self) -> grpcaio.InferenceServerClient:
         if self._client is None:  # created inside the running loop, which it binds to
-            self._client = grpcaio.InferenceServerClient(self.url)
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         return self._client
 
     # --- identity ----------------------------------------------------------------------

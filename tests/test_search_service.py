@@ -216,7 +216,7 @@ def test_bad_items_fail_alone(client, photos, roots):
     assert client.get(results[8].id).uri == f"file://{(root / 'ok.jpg').resolve()}"
 
 
-def test_bad_requests_get_the_right_status(client, photos):
+def test_bad_requests_get_the_right_status(service, client, photos):
     def status(call, *args, **kwargs):
         error = rpc_error(call, *args, **kwargs)
         return error.code(), error.details()
@@ -243,6 +243,11 @@ def test_bad_requests_get_the_right_status(client, photos):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "{}" in message
     code, message = status(client.search_text, "a cat", timeout=0.001)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Bytes that do not parse as the request (field 1 "text" holding non-UTF-8) are refused in words.
+    with grpc.insecure_channel(service.address) as channel:
+        search_raw = channel.unary_unary("/coca.search.v1.SearchService/SearchText")
+        code, message = status(search_raw, b"\x0a\x02\xff\xfe", timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed request message" in message
     assert client.search_text("a cat", k=1).hits  # still serving
 
 

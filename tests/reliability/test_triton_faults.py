@@ -66,19 +66,15 @@ def test_triton_killed_mid_search(shared_service, live_triton, figures):
             t.join(60)
         failures = [o for o in outcomes if o != "ok"]
         assert failures, "no search ran while Triton was down"
-        # Open finding: a search in flight at the moment of the kill can hang until the client's deadline
-        # (DEADLINE_EXCEEDED) instead of failing fast; counted, not hidden. Nothing else is allowed.
-        late = [e for e in failures if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED]
-        for exc in failures:
-            assert exc in late or (exc.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in exc.details()), exc
+        for exc in failures:  # also those in flight at the kill: none waits for its deadline
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in exc.details(), exc
         assert shared_service.proc.poll() is None
         assert client.stats().count == before  # searches write nothing, not even when cut
         started = time.monotonic()
         server.start()
         recovered = wait_for(lambda: client.search_text("a photo of a dog", k=3) is not None, 60)
         figures.record("triton faults: SIGKILL mid-search", searches_ok=outcomes.count("ok"),
-                       unavailable_with_message=len(failures) - len(late), deadline_exceeded_in_flight=len(late),
-                       other_errors=0,
+                       unavailable_with_message=len(failures), other_errors=0,
                        recovered_s_after_restart=round(recovered, 1),
                        triton_restart_s=round(time.monotonic() - started - recovered, 1))
 
