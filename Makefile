@@ -19,12 +19,16 @@ demo: venv
 	$(VENV)/bin/coca demo $(DEMO_ARGS)
 
 # The full reliability suite: crash safety, Triton faults, decoder cache hygiene, fuzzing, load, security,
-# long tests included (make test runs its short part). Figures: a table at the end, and JSON in
-# $(RELIABILITY_REPORT).
+# long tests included (make test runs its short part), plus the service tests it relies on for TLS, message
+# limits, path confinement and bombs. Figures: a table at the end, and JSON in $(RELIABILITY_REPORT).
 RELIABILITY_REPORT ?= reliability-report.json
+SECURITY_TESTS := $(addprefix tests/test_search_service.py::,test_token_tls_and_message_limit \
+	test_bad_items_fail_alone test_bad_requests_get_the_right_status)
 test-reliability: venv
-	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q -m "long or not long" tests/reliability
+	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q -m "long or not long" \
+		tests/reliability $(SECURITY_TESTS)
 
-# Placeholder until bench/ has a runner.
+# One benchmark: make bench BENCH="caption --model coca-tiny" (names: python -m bench, or coca bench --help).
+BENCH ?= caption --model coca-tiny --pretrained random
 bench: venv
-	@if [ -f bench/__main__.py ]; then $(PY) -m bench; else echo "bench: no benchmarks yet"; fi
+	$(PY) -m bench $(BENCH)

@@ -36,12 +36,25 @@ def decoder_pid(server) -> int:
 
 @pytest.mark.parametrize("sequences", [pytest.param(50, id="50-sequences"),
                                        pytest.param(1000, id="1000-sequences", marks=pytest.mark.long)])
-def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, live_triton, figures):
+def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, live_triton, shared_service, figures):
+    import grpc
+
+    from clients.search_client import SearchClient
     from serving.client import TritonCoca, _start_inputs
     from serving.protocol import STEP_OUTPUTS, TEXT_DECODER
 
     server = live_triton
     pid = decoder_pid(server)
+    image = unique_jpegs(98, 1)[0]
+
+    service = SearchClient(shared_service.address, timeout=30)
+    assert service.caption(image=image, max_tokens=4).tokens  # warm: the next one is quick, within the TTL
+
+    def caption_through_the_service() -> grpc.RpcError:
+        """A Caption call while the cache is full (the service uses the same Triton)."""
+        with pytest.raises(grpc.RpcError) as info:
+            service.caption(image=image, max_tokens=4)
+        return info.value
 
     async def start(t, sequence_id, embeddings):
         inputs = _start_inputs(embeddings, SamplingParams(max_tokens=8))
@@ -61,7 +74,7 @@ def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, l
             embeddings = (await t.image_embeddings(unique_jpegs(99, 1)))[0]
             baseline, _ = await wait_until_freed(t, 30)
             rss_before = None  # measured after the first round (the first decode allocates torch's pools)
-            abandoned = refused = 0
+            abandoned = refused = refused_by_service = 0
             freed_after = []
             next_id = 1_000_000
             while abandoned < sequences:
@@ -75,6 +88,11 @@ def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, l
                 for error in errors:  # beyond the cap: a clear error, nothing else
                     assert isinstance(error, CapacityError) and "decoder cache full" in str(error), repr(error)
                 refused += len(errors)
+                if n == CAPACITY:  # the TTL (IDLE_S + 0.5 s) has not passed: still full
+                    error = await asyncio.to_thread(caption_through_the_service)
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                    assert "decoder cache full" in error.details(), error.details()
+                    refused_by_service += 1
                 full = await t.decoder_stats()
                 assert full["live_sequences"] >= n
                 abandoned += n
@@ -84,16 +102,21 @@ def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, l
                 assert (stats["free_rows"], stats["cache_bytes_in_use"]) == (CAPACITY, baseline["cache_bytes_in_use"])
             after = await t.decoder_stats()
             text, tokens = await t.caption(embeddings, SamplingParams(max_tokens=8))  # still decodes
-            return baseline, after, rss_before, rss_bytes(pid), abandoned, refused, freed_after, tokens
+            return (baseline, after, rss_before, rss_bytes(pid), abandoned, refused, refused_by_service, freed_after,
+                    tokens)
 
-    baseline, after, rss_before, rss_after, abandoned, refused, freed_after, tokens = asyncio.run(work())
+    with service:
+        baseline, after, rss_before, rss_after, abandoned, refused, refused_by_service, freed_after, tokens = \
+            asyncio.run(work())
     assert tokens and server.is_alive()
     assert after["live_sequences"] == baseline["live_sequences"] == 0
     assert after["cache_bytes_in_use"] == baseline["cache_bytes_in_use"] == 0
     assert after["expired_by_timer"] + after["expired_by_execute"] - \
         (baseline["expired_by_timer"] + baseline["expired_by_execute"]) >= abandoned
     assert rss_after - rss_before < 64 << 20, (rss_before, rss_after)  # no per-sequence leak
+    assert refused_by_service >= 1
     figures.record(f"decoder: {sequences} abandoned sequences", abandoned=abandoned, refused_past_cap=refused,
+                   service_captions_refused_resource_exhausted=refused_by_service,
                    capacity_rows=CAPACITY, ttl_s=IDLE_S + 0.5, freed_within_s_max=round(max(freed_after), 2),
                    live_after=after["live_sequences"], cache_bytes_in_use_after=after["cache_bytes_in_use"],
                    decoder_rss_mb_before=round(rss_before / 2**20, 1), decoder_rss_mb_after=round(rss_after / 2**20, 1))
