@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from coca.errors import CocaError, InvalidInputError
+from coca.prompts import DEFAULT_TEMPLATE
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -151,7 +152,7 @@ def classify(args):
 classify.configure = lambda p: (
     p.add_argument("image"),
     p.add_argument("--labels", required=True, help="comma-separated class names"),
-    p.add_argument("--template", default="This is a photo of a {}"),
+    p.add_argument("--template", default=DEFAULT_TEMPLATE),
     p.add_argument("--top", type=int, default=10),
 )
 
@@ -168,7 +169,7 @@ def eval_zero_shot(args):
 
 eval_zero_shot.configure = lambda p: (
     p.add_argument("directory"),
-    p.add_argument("--template", default="This is a photo of a {}"),
+    p.add_argument("--template", default=DEFAULT_TEMPLATE),
     p.add_argument("--batch-size", type=int, default=16),
     p.add_argument("--json", action="store_true", help="also print a JSON summary line"),
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from coca.errors import InvalidInputError
+from coca.prompts import label_prompts
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -49,7 +50,7 @@ def image_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def evaluate_folder(model, directory: Path, template: str, batch_size: int = 16) -> ZeroShotReport:
     classes, samples = image_folder(directory)
-    text = model.embed_texts([template.format(c.replace("_", " ")) for c in classes])
+    text = model.embed_texts(label_prompts(template, [c.replace("_", " ") for c in classes]))
     images = model.embed_images([str(p) for p, _ in samples], batch_size=batch_size, progress=True)
     predicted = (images @ text.T).argmax(1)
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)

@@ -237,6 +237,8 @@ def _container(stream: BinaryIO, name: str) -> Iterator[av.container.InputContai
             raise InvalidVideoError(f"{name}: a still image ({demuxer}), not a video")
         if not container.streams.video:
             raise InvalidVideoError(f"{name}: no video stream")
+        if container.streams.video[0].codec_context is None:  # e.g. a truncated header: no codec to decode with
+            raise InvalidVideoError(f"{name}: the video stream has no decodable codec (truncated or corrupt file?)")
         yield container
 
 

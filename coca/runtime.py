@@ -17,6 +17,7 @@ from .errors import InvalidInputError, InvalidTextError
 from .generate import Generated, generate
 from .loading import create_open_clip, from_open_clip, resolve_dtype
 from .model import CoCa, ImageEncoding, TextEncoding
+from .prompts import DEFAULT_TEMPLATE, label_prompts
 from .sampling import EOT, PAD, SOT, SamplingParams
 
 
@@ -122,13 +123,12 @@ class Coca:
         order = np.argsort(distances, kind="stable")
         return [(texts[i], float(distances[i])) for i in order]
 
-    def classify(self, image, labels: Sequence[str], template: str = "This is a photo of a {}") -> list[tuple[str, float]]:
+    def classify(self, image, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[tuple[str, float]]:
         """Zero-shot classification: labels with softmax probabilities, most likely first."""
         if not labels:
             raise InvalidInputError("give at least one label")
-        if "{}" not in template:
-            raise InvalidInputError(f"template {template!r} has no '{{}}' where the label goes")
-        logits = self.logit_scale * (self.embed_texts([template.format(l) for l in labels]) @ self.embed_images([image])[0])
+        prompts = label_prompts(template, labels)
+        logits = self.logit_scale * (self.embed_texts(prompts) @ self.embed_images([image])[0])
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from coca.errors import CapacityError, InvalidImageError, InvalidInputError
+from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.sampling import SamplingParams
 
 from .config import PathRefused, ServiceConfig
@@ -34,7 +35,6 @@ MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones comm
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_CHARS = 4096
-DEFAULT_TEMPLATE = "This is a photo of a {}"
 
 
 class ServiceError(Exception):
@@ -174,13 +174,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """Batches of whatever has arrived (up to add_batch), a few in flight, results in request order.
 
         A batch starts as soon as one item is there, so a client that waits for each
-        result before sending the next item is served too.
+        result before sending the next item is served too. If the stream breaks (a message
+        that does not parse), the items before it are still committed and acknowledged,
+        then the stream fails with the error.
         """
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.config.add_batch)
         reader = asyncio.create_task(_read_stream(request_iterator, queue))
         inflight: collections.deque[asyncio.Task] = collections.deque()
         next_batch: Optional[asyncio.Task] = None
-        ended = False
+        ended: bool | Exception = False
         committed = asyncio.get_running_loop().create_future()
         committed.set_result(None)
         try:
@@ -189,6 +191,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     next_batch = asyncio.create_task(_take_batch(queue, self.config.add_batch))
                 waiting = [t for t in (next_batch, inflight[0] if inflight else None) if t is not None]
                 if not waiting:
+                    if isinstance(ended, Exception):
+                        raise ended
                     return
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if next_batch is not None and next_batch.done():
@@ -401,11 +405,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         labels = self._check_texts(list(request.labels), "label")
-        template = request.template or DEFAULT_TEMPLATE
-        if "{}" not in template:
-            raise bad(f"template {template!r} has no '{{}}' where the label goes")
+        prompts = label_prompts(request.template or DEFAULT_TEMPLATE, labels)
         image = await self._ref_vector(request.image, context)
-        texts = await self.models.embed_texts([template.format(label) for label in labels], self._timeout(context))
+        texts = await self.models.embed_texts(prompts, self._timeout(context))
         similarity = texts @ image
         logits = self.models.logit_scale * similarity
         probs = np.exp(logits - logits.max())
@@ -470,13 +472,14 @@ async def _read_stream(request_iterator, queue: asyncio.Queue) -> None:
         await queue.put(exc)
 
 
-async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool]:
-    """The next item (waiting for it) plus whatever else is already queued, up to `size`; and whether the stream ended."""
+async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool | Exception]:
+    """The next item (waiting for it) plus whatever else is already queued, up to `size`; and whether the
+    stream ended: True, or the exception that broke it (after the items in the batch)."""
     batch = []
     entry = await queue.get()
     while True:
         if isinstance(entry, Exception):
-            raise entry
+            return batch, entry
         if entry is None:
             return batch, True
         batch.append(entry)

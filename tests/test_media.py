@@ -273,6 +273,18 @@ def test_truncated_video(video_path, tmp_path):
         video_frames(tmp_path / "cut.mp4")
 
 
+def test_every_truncation_of_a_video_decodes_or_is_invalid(video_path):
+    """Found by the fuzz suite: a cut inside the header left a stream without a codec (AttributeError)."""
+    data = video_path.read_bytes()
+    outcomes = set()
+    for n in range(0, len(data), max(1, len(data) // 400)):
+        try:
+            outcomes.add(len(video_frames(data[:n], 4)))
+        except InvalidVideoError:
+            outcomes.add("invalid")
+    assert outcomes == {4, "invalid"}
+
+
 def test_random_bytes_are_not_a_video():
     data = np.random.default_rng(2).integers(0, 256, 4000, dtype=np.uint8).tobytes()
     with pytest.raises(InvalidVideoError, match=r"^<bytes, 4000 B>: not a video"):

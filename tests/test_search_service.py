@@ -216,6 +216,22 @@ def test_bad_items_fail_alone(client, photos, roots):
     assert client.get(results[8].id).uri == f"file://{(root / 'ok.jpg').resolve()}"
 
 
+def test_a_stream_broken_by_a_message_that_does_not_parse_acknowledges_what_came_before(service, client, photos):
+    good = [pb.AddImageRequest(image=data).SerializeToString() for data in noisy_variants(photos[4:5], 3)]
+    broken = b"\x12\x02\xff\xfe"  # field 2 (path) holding non-UTF-8: the message does not parse
+    before = client.stats().count
+    with grpc.insecure_channel(service.address) as channel:
+        add_raw = channel.stream_stream("/coca.search.v1.SearchService/AddImages",
+                                        response_deserializer=pb.AddImageResult.FromString)
+        received = []
+        with pytest.raises(grpc.RpcError) as info:
+            for result in add_raw(iter([*good, broken, good[0]]), timeout=60):
+                received.append(result)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed request message" in info.value.details()
+    assert [(r.index, r.outcome) for r in received] == [(0, ADDED), (1, ADDED), (2, ADDED)]  # committed, then said so
+    assert client.stats().count == before + 3
+
+
 def test_bad_requests_get_the_right_status(service, client, photos):
     def status(call, *args, **kwargs):
         error = rpc_error(call, *args, **kwargs)
@@ -239,8 +255,9 @@ def test_bad_requests_get_the_right_status(service, client, photos):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in message
     code, message = status(client.classify, [], image=photos[0])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "label" in message
-    code, message = status(client.classify, ["cat"], image=photos[0], template="no slot")
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "{}" in message
+    for template in ("no slot", "{} and {}", "{0}{1}", "{"):  # the last three were INTERNAL errors (fuzz suite)
+        code, message = status(client.classify, ["cat"], image=photos[0], template=template)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "template" in message, (template, message)
     code, message = status(client.search_text, "a cat", timeout=0.001)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     # Bytes that do not parse as the request (field 1 "text" holding non-UTF-8) are refused in words.

@@ -40,7 +40,8 @@ def test_mixed_load_holds(clients, seconds, shared_service, live_triton, figures
                 started = time.perf_counter()
                 try:
                     if op == "ingest":
-                        images = unique_jpegs(100_000 * (n + 1) + batch, 4)
+                        # new images in every run of this test in one session (the service is shared)
+                        images = unique_jpegs(10_000_000 * clients + 100_000 * (n + 1) + batch, 4)
                         batch += 1
                         results = list(c.add_images(pb.AddImageRequest(image=i, metadata={"client": str(n)})
                                                     for i in images))
