@@ -23,6 +23,13 @@ class Generated:
     logprobs: list[float]  # model log-probability of each token (0 where not sampled: forced EOT, beams)
 
 
+@dataclass
+class Caption:
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+
+
 class SlotPool:
     """Free cache slots; hands out contiguous runs when it can (reads are then views)."""
 

@@ -14,6 +14,7 @@ PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode"
 
 from . import media
 from .errors import InvalidInputError, InvalidTextError
+from .decoding import Caption
 from .generate import Generated, generate
 from .loading import create_open_clip, from_open_clip, resolve_dtype
 from .model import CoCa, ImageEncoding, TextEncoding
@@ -29,13 +30,6 @@ def batches(items: Sequence, size: int) -> Iterable[Sequence]:
 def tokens_to_text(tokenizer, tokens: Sequence[int]) -> str:
     """Caption text of generated token ids (start, end and padding tokens dropped)."""
     return tokenizer.decode([t for t in tokens if t not in (SOT, EOT, PAD)]).strip()
-
-
-@dataclass
-class Caption:
-    text: str
-    tokens: list[int]
-    logprobs: list[float]
 
 
 class Coca:

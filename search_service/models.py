@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from coca.decoding import Caption
 from coca.sampling import SamplingParams
 
 log = logging.getLogger("search_service.models")
@@ -38,13 +39,6 @@ class ModelIdentity:
     model: str
     pretrained: str
     embed_dim: int
-
-
-@dataclass
-class CaptionResult:
-    text: str
-    tokens: list[int]
-    logprobs: list[float]  # empty: serving.client does not return them (yet)
 
 
 class _Connection:
@@ -157,22 +151,22 @@ class Models:
         return np.asarray(await self._call(run, timeout), np.float32)
 
     # ------------------------------------------------------------ captions
-    async def caption(self, image: bytes, params: SamplingParams, timeout: float) -> CaptionResult:
+    async def caption(self, image: bytes, params: SamplingParams, timeout: float) -> Caption:
         async def run(client):
-            return _caption(*await client.caption(image, params))
+            return await client.caption(image, params)
 
         return await self._call(run, timeout)
 
-    async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> CaptionResult:
+    async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> Caption:
         async def run(client):
-            return _caption(*await client.caption_video(video, frames=frames, params=params))
+            return await client.caption_video(video, frames=frames, params=params)
 
         return await self._call(run, timeout)
 
     async def caption_each(self, images: Sequence[bytes], params: SamplingParams, timeout: float) -> list:
         """Captions of several images at once, one decoder sequence each; one result or exception per image."""
         async def one(client, data):
-            return _caption(*await client.caption(data, params))
+            return await client.caption(data, params)
 
         return await self._each(one, images, timeout)
 
@@ -193,6 +187,3 @@ class Models:
                 results = [down if isinstance(r, TritonUnavailableError) else r for r in results]
         return results
 
-
-def _caption(text: str, tokens: list[int]) -> CaptionResult:
-    return CaptionResult(text=text, tokens=[int(t) for t in tokens], logprobs=[])

@@ -3,7 +3,7 @@
     async with TritonCoca("127.0.0.1:8001") as triton:
         await triton.check_identity("coca_ViT-B-32")        # refuse a server holding another model
         vectors = await triton.embed_images([open("a.jpg", "rb").read()])
-        text, tokens = await triton.caption(b"...jpeg bytes...", SamplingParams())
+        caption = await triton.caption(b"...jpeg bytes...", SamplingParams())  # coca.Caption
 
 Each caption is one sequence of the decoder model (unique correlation id, END always
 sent, also on error or cancellation); captions of many images run concurrently, so
@@ -29,6 +29,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from coca import media
+from coca.decoding import Caption
 from coca.errors import CapacityError, InvalidInputError
 from coca.export import TRITON_MODELS, Identity
 from coca.sampling import SamplingParams
@@ -57,6 +58,7 @@ class Generation:
     """One caption as the decoder produced it, with the batch size of each step's forward."""
 
     tokens: list[int]
+    logprobs: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
 
 
@@ -153,14 +155,14 @@ class TritonCoca:
         return {name: result.as_numpy(name) for name in outputs}
 
     # --- captions ----------------------------------------------------------------------
-    async def caption(self, image: Union[ImageInput, np.ndarray], params: SamplingParams = SamplingParams()):
-        """(text, tokens) for an image (bytes or path) or its ImageEmbeddings (255, W)."""
+    async def caption(self, image: Union[ImageInput, np.ndarray], params: SamplingParams = SamplingParams()) -> Caption:
+        """The caption of an image (bytes or path) or of its ImageEmbeddings (255, W)."""
         embeddings = image if isinstance(image, np.ndarray) else (await self.image_embeddings([image]))[0]
         generation = await self.generate(embeddings, params)
-        return await self.text(generation.tokens), generation.tokens
+        return Caption(await self.text(generation.tokens), generation.tokens, generation.logprobs)
 
     async def caption_many(self, images: Sequence[ImageInput], params: SamplingParams = SamplingParams(),
-                           concurrency: int = 16) -> list[tuple[str, list[int]]]:
+                           concurrency: int = 16) -> list[Caption]:
         """Captions of many images, `concurrency` sequences at a time, in input order."""
         limit = asyncio.Semaphore(concurrency)
 
@@ -170,8 +172,9 @@ class TritonCoca:
 
         return list(await asyncio.gather(*(one(image) for image in images)))
 
-    async def caption_video(self, video: ImageInput, frames: int = 16, params: SamplingParams = SamplingParams()):
-        """(text, tokens) of a video: frames decoded here, their ImageEmbeddings averaged (as in process)."""
+    async def caption_video(self, video: ImageInput, frames: int = 16,
+                            params: SamplingParams = SamplingParams()) -> Caption:
+        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process)."""
         import torch
 
         pictures = await asyncio.to_thread(media.video_frames, video, frames)
@@ -191,6 +194,7 @@ class TritonCoca:
                 generation.batch_rows.append(int(result.as_numpy("BATCH_ROWS")[0, 0]))
                 if bool(result.as_numpy("DONE")[0, 0]):
                     generation.tokens = result.as_numpy("TOKENS")[0].tolist()
+                    generation.logprobs = result.as_numpy("LOGPROBS")[0].tolist()
                     return generation
         finally:  # END frees the server's cache and Triton's sequence slot, whatever happened
             await asyncio.shield(self._end(sequence_id))
@@ -261,8 +265,8 @@ def caption_files(url: str, files: Sequence[str], params: SamplingParams, frames
             async def one(path):
                 async with limit:
                     if media.is_video(path):
-                        return (await triton.caption_video(path, frames, params))[0]
-                    return (await triton.caption(path, params))[0]
+                        return (await triton.caption_video(path, frames, params)).text
+                    return (await triton.caption(path, params)).text
 
             return await asyncio.gather(*(one(path) for path in files))
 

@@ -20,7 +20,7 @@ SAMPLING_INPUTS = {
     "num_beam_groups": ("NUM_BEAM_GROUPS", np.int32),
     "seed": ("SEED", np.int64),
 }
-STEP_OUTPUTS = ("TOKEN", "LOGPROB", "DONE", "TOKENS", "BATCH_ROWS")
+STEP_OUTPUTS = ("TOKEN", "LOGPROB", "DONE", "TOKENS", "LOGPROBS", "BATCH_ROWS")
 
 # The decoder answers a full cache with UNAVAILABLE and this message start (coca's CapacityError);
 # the client tells it from a connection failure, also UNAVAILABLE, by these words.

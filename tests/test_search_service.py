@@ -272,6 +272,7 @@ def test_caption_classify_rank_match_in_process(client, photos, reference, tmp_p
     got = client.caption(image=photos[2], max_tokens=12)
     want = reference.caption([photos[2]], max_tokens=12)[0]
     assert got.text == want.text and list(got.tokens) == want.tokens
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-4)  # float32 (proto and model)
     labels = ["cat", "rocket", "coffee", "person"]
     classified = client.classify(labels, image=photos[3])
     expected = dict(reference.classify(photos[3], labels))

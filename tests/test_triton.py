@@ -140,14 +140,17 @@ def test_captions_equal_in_process(triton, tiny_coca, images, photos, params):
     url, _ = triton
     captions = on_triton(url, lambda t: t.caption_many(photos, params))
     expected = [tiny_coca.caption([image], params)[0] for image in images]
-    assert [tokens for _, tokens in captions] == [c.tokens for c in expected]
-    assert [text for text, _ in captions] == [c.text for c in expected]
+    assert [c.tokens for c in captions] == [c.tokens for c in expected]
+    assert [c.text for c in captions] == [c.text for c in expected]
+    for got, want in zip(captions, expected):  # float32 both; other rows in the batch may change the sums
+        assert len(got.logprobs) == len(want.logprobs) and any(got.logprobs)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-4)
 
 
 def test_beam_search_equals_in_process(triton, tiny_coca, images, photos):
     url, _ = triton
     captions = on_triton(url, lambda t: t.caption_many(photos[:2], BEAMS))
-    assert [tokens for _, tokens in captions] == [tiny_coca.caption([i], BEAMS)[0].tokens for i in images[:2]]
+    assert [c.tokens for c in captions] == [tiny_coca.caption([i], BEAMS)[0].tokens for i in images[:2]]
 
 
 def test_video_caption_equals_in_process(triton, tiny_coca, tmp_path):
@@ -155,9 +158,9 @@ def test_video_caption_equals_in_process(triton, tiny_coca, tmp_path):
 
     url, _ = triton
     video = make_video(tmp_path / "clip.mp4")
-    text, tokens = on_triton(url, lambda t: t.caption_video(video.read_bytes(), frames=4, params=GREEDY))
+    got = on_triton(url, lambda t: t.caption_video(video.read_bytes(), frames=4, params=GREEDY))
     expected = tiny_coca.caption_video(str(video), frames=4, params=GREEDY)
-    assert (text, tokens) == (expected.text, expected.tokens)
+    assert (got.text, got.tokens) == (expected.text, expected.tokens)
 
 
 def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, photos):
@@ -245,9 +248,9 @@ def test_the_cache_cap_is_a_clear_error(triton, tiny_coca, images, photos):
             await asyncio.gather(*(end(t, i) for i in [*ids, 9000]))
         return stats, await t.decoder_stats(), await t.caption(embeddings, GREEDY)
 
-    full, freed, (_, tokens) = on_triton(url, work)
+    full, freed, caption = on_triton(url, work)
     assert full["free_rows"] == 0 and freed["free_rows"] == CAPACITY
-    assert tokens == tiny_coca.caption(images[:1], GREEDY)[0].tokens
+    assert caption.tokens == tiny_coca.caption(images[:1], GREEDY)[0].tokens
 
 
 # --- malformed requests ----------------------------------------------------------------------
@@ -284,7 +287,7 @@ def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(trit
             await asyncio.gather(*(end(t, i) for i in range(9101, 9107)))
         return await t.caption(embeddings, GREEDY), await t.decoder_stats()
 
-    (_, tokens), stats = on_triton(url, work)
-    assert tokens == tiny_coca.caption(images[:1], GREEDY)[0].tokens
+    caption, stats = on_triton(url, work)
+    assert caption.tokens == tiny_coca.caption(images[:1], GREEDY)[0].tokens
     assert stats["free_rows"] == CAPACITY
     assert server.is_alive()

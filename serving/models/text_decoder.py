@@ -3,10 +3,10 @@
 Protocol (sequence batcher, `oldest` strategy; see model_repository/coca_text_decoder/config.pbtxt):
 START carries IMAGE_EMBEDDINGS (1, 255, W) and optional sampling inputs; every request,
 START included, advances its caption by one token and answers TOKEN, LOGPROB, DONE,
-TOKENS, BATCH_ROWS (and STATS on request). A request with END computes nothing: it
+TOKENS, LOGPROBS, BATCH_ROWS (and STATS on request). A request with END computes nothing: it
 frees the sequence. START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
 (and DONE) and starts nothing. A finished caption gives its cache rows back at once; until END
-its requests just answer DONE with the final TOKENS.
+its requests just answer DONE with the final TOKENS and LOGPROBS.
 
 Memory: a `coca.decoding.Decoder` preallocates `capacity_rows` KV-cache rows; a full
 cache answers START with UNAVAILABLE ("decoder cache full ..."). Sequences idle longer
@@ -138,14 +138,14 @@ class TextDecoderModel(CocaModel):
     def _outputs(self, request, sequence, rows: int, stats: dict):
         if isinstance(sequence, RequestError):
             return sequence
-        tokens = sequence.result().tokens if sequence.done or not isinstance(sequence, BeamSequence) else []
-        logprobs = getattr(sequence, "logprobs", None)  # sampled captions only
-        logprob = logprobs[-1] if logprobs else 0.0
+        result = sequence.result() if sequence.done or not isinstance(sequence, BeamSequence) else None
+        tokens, logprobs = (result.tokens, result.logprobs) if result else ([], [])
         outputs = {
             "TOKEN": np.array([[tokens[-1] if tokens else -1]], np.int64),
-            "LOGPROB": np.array([[logprob]], np.float32),
+            "LOGPROB": np.array([[logprobs[-1] if logprobs else 0.0]], np.float32),
             "DONE": np.array([[sequence.done]], np.bool_),
             "TOKENS": np.array([tokens], np.int64).reshape(1, -1),
+            "LOGPROBS": np.array([logprobs], np.float32).reshape(1, -1),
             "BATCH_ROWS": np.array([[rows]], np.int32),
             "STATS": np.array([[json.dumps(stats).encode()]], np.object_),
         }

@@ -101,7 +101,7 @@ def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, l
                 rss_before = rss_before or rss_bytes(pid)
                 assert (stats["free_rows"], stats["cache_bytes_in_use"]) == (CAPACITY, baseline["cache_bytes_in_use"])
             after = await t.decoder_stats()
-            text, tokens = await t.caption(embeddings, SamplingParams(max_tokens=8))  # still decodes
+            tokens = (await t.caption(embeddings, SamplingParams(max_tokens=8))).tokens  # still decodes
             return (baseline, after, rss_before, rss_bytes(pid), abandoned, refused, refused_by_service, freed_after,
                     tokens)
 
