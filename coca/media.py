@@ -25,6 +25,11 @@ from coca.errors import InvalidImageError, InvalidVideoError
 # bomb (a tiny file whose header promises gigabytes of pixels).
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# Widest aspect ratio we accept (long side : short side). open_clip resizes the short side to
+# the model's input size before the centre crop, so a 1x65535 PNG of 69 bytes would become a
+# 224 x 14,680,064 image first: over a minute and gigabytes. 100:1 costs at most 5 MP.
+MAX_ASPECT_RATIO = 100
+
 # Alpha is composited on this colour rather than dropped: the colour values
 # stored under fully transparent pixels are arbitrary (often black), while a
 # viewer shows a transparent logo or product shot on a light page.
@@ -95,9 +100,37 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         return _normalise(_decode_image(stream, name, max_pixels), name)
 
 
+def check_dimensions(width: int, height: int, name: str, kind: str = "image", max_pixels: int | None = None,
+                     error: type[Exception] = InvalidImageError) -> None:
+    """Refuse a zero size, more than `max_pixels` (None: no limit) or a ratio over MAX_ASPECT_RATIO."""
+    if width == 0 or height == 0:
+        raise error(f"{name}: {kind} has zero size ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise error(f"{name}: {kind} is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{max_pixels} (possible decompression bomb)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise error(f"{name}: {kind} is {width}x{height}, an aspect ratio of {ratio:.0f}:1, over the limit of "
+                    f"{MAX_ASPECT_RATIO}:1 (resizing its short side to the model's input would make it huge)")
+
+
+def image_header(source: Union[bytes, BinaryIO], name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image with only its header parsed (nothing decoded yet), size checked."""
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        image = _open_header(stream)
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError(f"{name}: not an image (unrecognised format)") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(f"{name}: image too large, possible decompression bomb ({exc})") from exc
+    except Exception as exc:  # plugins raise SyntaxError, struct.error, ValueError ... on bad headers
+        raise InvalidImageError(f"{name}: corrupt image header: {exc}") from exc
+    check_dimensions(*image.size, name, image.format or "image", max_pixels)
+    return image
+
+
 def _normalise(image: Image.Image, name: str) -> Image.Image:
-    if image.width == 0 or image.height == 0:
-        raise InvalidImageError(f"{name}: image has zero size ({image.width}x{image.height})")
+    check_dimensions(image.width, image.height, name)
     try:
         return _to_rgb(_upright(image))
     except (OSError, ValueError) as exc:  # e.g. a LAB TIFF: Pillow has no LAB->RGB
@@ -108,22 +141,8 @@ def _decode_image(stream: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     # Truncated data raises in image.load() only while Pillow's process-wide
     # ImageFile.LOAD_TRUNCATED_IMAGES keeps its default, False; nothing in
     # this package sets it, and nothing else in the process should.
-    try:
-        image = _open_header(stream)
-    except UnidentifiedImageError as exc:
-        raise InvalidImageError(f"{name}: not an image (unrecognised format)") from exc
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError(f"{name}: image too large, possible decompression bomb ({exc})") from exc
-    except Exception as exc:  # plugins raise SyntaxError, struct.error, ValueError ... on bad headers
-        raise InvalidImageError(f"{name}: corrupt image header: {exc}") from exc
-
+    image = image_header(stream, name, max_pixels)
     kind = image.format or "image"
-    width, height = image.size
-    if width * height > max_pixels:
-        raise InvalidImageError(
-            f"{name}: {kind} is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{max_pixels} (possible decompression bomb)"
-        )
     try:
         image.load()
     except OSError as exc:
@@ -247,11 +266,8 @@ def _header_frame_count(stream: BinaryIO, name: str, max_pixels: int) -> int:
     with _container(stream, name) as container:
         video = container.streams.video[0]
         width, height = video.codec_context.width, video.codec_context.height
-        if width * height > max_pixels:
-            raise InvalidVideoError(
-                f"{name}: frames are {width}x{height} = {width * height} pixels, "
-                f"over the limit of {max_pixels}"
-            )
+        if width and height:  # 0 when the header does not say; decoded frames are checked as they come
+            check_dimensions(width, height, name, "frames", max_pixels, InvalidVideoError)
         return max(int(video.frames or 0), 0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import io
 import logging
 import math
 from dataclasses import dataclass
@@ -13,9 +12,9 @@ from typing import AsyncIterator, Optional
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
-from PIL import Image, UnidentifiedImageError
 
-from coca.errors import CapacityError, InvalidImageError, InvalidInputError
+from coca import media
+from coca.errors import CapacityError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.sampling import SamplingParams
 
@@ -143,21 +142,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if len(data) > self.config.max_image_bytes:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{name}: {len(data)} bytes, over the limit of {self.config.max_image_bytes}")
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise InvalidImageError(f"{name}: image too large, possible decompression bomb ({exc})") from None
-        except UnidentifiedImageError:
-            raise InvalidImageError(f"{name}: not an image (unrecognised format)") from None
-        except Exception as exc:
-            raise InvalidImageError(f"{name}: corrupt image header: {exc}") from None
-        width, height = image.size
-        if width * height > self.config.max_pixels:
-            raise InvalidImageError(
-                f"{name}: {image.format} is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{self.config.max_pixels} (possible decompression bomb)")
-        if width == 0 or height == 0:
-            raise InvalidImageError(f"{name}: image has zero size ({width}x{height})")
+        media.image_header(data, name, self.config.max_pixels)
 
     # ------------------------------------------------------------ AddImages
     async def AddImages(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:

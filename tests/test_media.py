@@ -210,6 +210,19 @@ def test_max_pixels_is_configurable(tmp_path):
     assert load_image(tmp_path / "small.png", max_pixels=10_000).size == (100, 100)
 
 
+def test_extreme_aspect_ratio_is_refused_before_decoding():
+    """Found by the fuzz suite: a 69-byte PNG claiming 1x65535 took 74 s in open_clip's resize."""
+    from tests.reliability.test_fuzz import png_claiming
+
+    for width, height in [(1, 65535), (7000, 1), (1, 101)]:
+        with pytest.raises(InvalidImageError, match=r"aspect ratio of \d+:1, over the limit of 100:1"):
+            load_image(png_claiming(width, height))
+    tall = Image.new("RGB", (3, 300), (1, 2, 3))
+    assert load_image(tall).size == (3, 300)  # 100:1 is allowed
+    with pytest.raises(InvalidImageError, match="aspect ratio"):
+        load_image(Image.new("RGB", (2, 300)))  # in-memory images too
+
+
 def test_unsupported_type_is_a_programming_error():
     with pytest.raises(TypeError):
         load_image(12345)

@@ -269,6 +269,7 @@ def test_malformed_requests_get_proper_statuses(examples, shared_service, video,
     improper: list[str] = []  # collected, so that one run reports every kind of failure
     changed: list[str] = []  # cases after which the store or index did not hold what the replies said
     previous, started = "", 0.0
+    slowest: list = [0.0, ""]  # seconds, case: a slow reply is how the 1x65535 PNG (74 s) showed
 
     def check_status(code, message, what):
         codes[code.name] += 1
@@ -311,7 +312,9 @@ def test_malformed_requests_get_proper_statuses(examples, shared_service, video,
             changed.append(f"{what[:600]}: replies {[(r.outcome, r.error.code) for r in results]}, count "
                            f"{now.count} (expected {expected_count}), indexed {now.indexed}; previous case: {previous}")
             expected_count = now.count
-        previous = f"{what[:600]} ({time.monotonic() - started:.1f} s)"
+        took = time.monotonic() - started
+        previous = f"{what[:600]} ({took:.1f} s)"
+        slowest[:] = max(slowest, [took, what[:300]])
 
     try:
         run()
@@ -321,4 +324,5 @@ def test_malformed_requests_get_proper_statuses(examples, shared_service, video,
     assert not changed, f"{len(changed)} cases changed the store unlike their replies:\n" + "\n".join(changed[:20])
     figures.record(f"fuzz: {examples} generated malformed requests", cases=sum(tally.values()), crashes=0,
                    improper_statuses=len(improper), items_added=added, index_changed_by_rejected=0,
-                   statuses=dict(sorted(codes.items())), kinds=dict(sorted(tally.items())))
+                   statuses=dict(sorted(codes.items())), kinds=dict(sorted(tally.items())),
+                   slowest_case_s=round(slowest[0], 1), slowest_case=slowest[1])
