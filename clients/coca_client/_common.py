@@ -10,6 +10,8 @@ from typing import Iterator, Optional, Union
 
 import grpc
 
+from search_service.pb.search_pb2_grpc import SearchServiceStub
+
 MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 TOKEN_ENV = "COCA_SEARCH_TOKEN"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})  # nothing else is retried: other codes will not change
@@ -103,3 +105,25 @@ class Connection:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+DEFAULT_TIMEOUT = 120.0
+
+
+class ClientBase:
+    """What Client and AsyncClient set up alike: the connection, its channel and stub, call defaults.
+    `grpc_module` is grpc (blocking channel) or grpc.aio."""
+
+    grpc_module = grpc
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 retry: RetryPolicy = RetryPolicy(), token: Optional[str] = None,
+                 tls_ca: Union[None, str, os.PathLike, bytes] = None, tls: Optional[bool] = None,
+                 server_name: Optional[str] = None):
+        self.connection = Connection.make(target, token, tls_ca, tls, server_name)
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self.channel = self.connection.open_channel(self.grpc_module)
+        self._stub = SearchServiceStub(self.channel)
+        self._metadata = self.connection.metadata()

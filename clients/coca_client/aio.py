@@ -17,30 +17,19 @@ from typing import AsyncIterator, Iterable, Optional, Sequence, Union
 import grpc
 
 from search_service.pb import search_pb2 as pb
-from search_service.pb.search_pb2_grpc import SearchServiceStub
 
 from . import types as t
-from ._common import NO_RETRY, RETRYABLE, Connection, Deadline, RetryPolicy
-from .client import DEFAULT_TIMEOUT, _UNSET
+from ._common import NO_RETRY, RETRYABLE, ClientBase, Deadline
+from .client import _UNSET
 from .errors import NotFound, Unavailable, from_rpc_error
 
 CORE_WRITE_ERROR = "Internal error from Core"
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """asyncio flavour of `Client` (same arguments). Create it inside the event loop that uses it."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: Optional[float] = DEFAULT_TIMEOUT,
-                 retry: RetryPolicy = RetryPolicy(), token: Optional[str] = None,
-                 tls_ca: Union[None, str, os.PathLike, bytes] = None, tls: Optional[bool] = None,
-                 server_name: Optional[str] = None):
-        self.connection = Connection.make(target, token, tls_ca, tls, server_name)
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self.channel = self.connection.open_channel(grpc.aio)
-        self._stub = SearchServiceStub(self.channel)
-        self._metadata = self.connection.metadata()
+    grpc_module = grpc.aio
 
     async def close(self) -> None:
         await self.channel.close()

@@ -18,18 +18,16 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import grpc
 
 from search_service.pb import search_pb2 as pb
-from search_service.pb.search_pb2_grpc import SearchServiceStub
 
 from . import types as t
-from ._common import NO_RETRY, RETRYABLE, Connection, Deadline, RetryPolicy
+from ._common import DEFAULT_TIMEOUT, NO_RETRY, RETRYABLE, ClientBase, Deadline
 from .errors import NotFound, SearchError, Unavailable, from_rpc_error
 
-DEFAULT_TIMEOUT = 120.0
 
 _UNSET = object()
 
 
-class Client:
+class Client(ClientBase):
     """A connection to the search service. Thread-safe; close() it (or use `with`).
 
     target        HOST:PORT of the service
@@ -42,17 +40,6 @@ class Client:
     server_name   TLS host name to check when it differs from the target's host
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: Optional[float] = DEFAULT_TIMEOUT,
-                 retry: RetryPolicy = RetryPolicy(), token: Optional[str] = None,
-                 tls_ca: Union[None, str, os.PathLike, bytes] = None, tls: Optional[bool] = None,
-                 server_name: Optional[str] = None):
-        self.connection = Connection.make(target, token, tls_ca, tls, server_name)
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self.channel = self.connection.open_channel(grpc)
-        self._stub = SearchServiceStub(self.channel)
-        self._metadata = self.connection.metadata()
 
     # ------------------------------------------------------------ plumbing
     def close(self) -> None:
