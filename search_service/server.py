@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import DEFAULT_PORT, ServiceConfig
@@ -73,8 +73,8 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 class ParseRequests(grpc.aio.ServerInterceptor):
     """Unary requests are parsed inside the call, so that bytes which do not parse (e.g. a non-UTF-8
-    string) get INVALID_ARGUMENT saying so; grpc.aio's own answer is UNKNOWN. (AddImages items fail
-    one by one in the stream, see service.status_of.)"""
+    string) get INVALID_ARGUMENT saying so; grpc.aio's own answer is UNKNOWN. (An AddImages message
+    that does not parse ends its stream the same way, after the items before it are acknowledged.)"""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
