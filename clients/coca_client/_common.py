@@ -6,11 +6,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import grpc
 
 from search_service.pb.search_pb2_grpc import SearchServiceStub
+
+from . import types as t
 
 MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 TOKEN_ENV = "COCA_SEARCH_TOKEN"
@@ -127,3 +129,39 @@ class ClientBase:
         self.channel = self.connection.open_channel(self.grpc_module)
         self._stub = SearchServiceStub(self.channel)
         self._metadata = self.connection.metadata()
+
+
+class AddStream:
+    """One `add` call's resume state, shared by the sync and asyncio clients: which items the next
+    AddImages stream sends, the results' indices in the caller's items, and whether a failure is
+    retried. Only a sequence can be replayed; a stream resumes after the last acknowledged item."""
+
+    def __init__(self, items, retry: RetryPolicy, timeout: Optional[float]):
+        self.items = items
+        self.replayable = isinstance(items, Sequence)
+        self.deadline = Deadline(timeout)
+        self.attempt = 0
+        self._waits = retry.backoffs() if self.replayable else NO_RETRY.backoffs()
+        self._start = 0  # first item not yet acknowledged
+        self._base = 0  # the current stream's item 0 is items[_base]
+
+    def requests(self) -> Iterator:
+        """The next stream's requests: the items not yet acknowledged (all, the first time)."""
+        self.attempt += 1
+        self._base = self._start
+        source = self.items[self._start:] if self.replayable else self.items
+        return (t.as_add_item(item).to_pb() for item in source)
+
+    def result(self, response):
+        """The AddResult of one response, indexed in the caller's items."""
+        result = t.AddResult.from_pb(response, offset=self._base)
+        if self.replayable:
+            self._start = result.index + 1
+        return result
+
+    def wait_before_retry(self, error) -> Optional[float]:
+        """Seconds to wait before resuming after `error`, or None: raise it."""
+        wait = next(self._waits, None) if error.code in RETRYABLE else None
+        if wait is None or not self.deadline.allows(wait) or (self.replayable and self._start >= len(self.items)):
+            return None
+        return wait

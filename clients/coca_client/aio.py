@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import AsyncIterator, Iterable, Optional, Sequence, Union
+from typing import AsyncIterator, Iterable, Optional, Union
 
 import grpc
 
 from search_service.pb import search_pb2 as pb
 
 from . import types as t
-from ._common import NO_RETRY, RETRYABLE, ClientBase, Deadline
+from ._common import RETRYABLE, AddStream, ClientBase, Deadline
 from .client import _UNSET
 from .errors import NotFound, Unavailable, from_rpc_error
 
@@ -83,32 +83,22 @@ class AsyncClient(ClientBase):
     async def add(self, items: Iterable[Union[t.AddItem, bytes, str, os.PathLike]], *,
                   timeout: Optional[float] = None) -> AsyncIterator[t.AddResult]:
         """As Client.add: results in order; a sequence of items resumes after UNAVAILABLE."""
-        replayable = isinstance(items, Sequence)
-        deadline = Deadline(timeout)
-        waits = self.retry.backoffs() if replayable else NO_RETRY.backoffs()
-        start, attempt = 0, 0
+        stream = AddStream(items, self.retry, timeout)
         while True:
-            attempt += 1
-            source = items[start:] if replayable else items
-            base = start  # this stream's item 0 is items[base]
-            call = self._stub.AddImages((t.as_add_item(item).to_pb() for item in source),
-                                        timeout=deadline.remaining(), metadata=self._metadata)
+            call = self._stub.AddImages(stream.requests(), timeout=stream.deadline.remaining(), metadata=self._metadata)
             try:
-                async for result in call:
-                    converted = t.AddResult.from_pb(result, offset=base)
-                    yield converted
-                    if replayable:
-                        start = converted.index + 1
+                async for response in call:
+                    yield stream.result(response)
                 return
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc, "AddImages", self.target, attempt)
+                error = from_rpc_error(exc, "AddImages", self.target, stream.attempt)
                 if error.code == grpc.StatusCode.INTERNAL and error.details == CORE_WRITE_ERROR:
                     # grpc.aio reports a request written while the server was ending the stream (say, with
                     # UNAVAILABLE) as this client-side INTERNAL, and the server's status is lost: a broken stream.
                     error = Unavailable(grpc.StatusCode.UNAVAILABLE, f"the stream broke while sending ({error.details})",
-                                        "AddImages", self.target, attempt)
-                wait = next(waits, None) if error.code in RETRYABLE else None
-                if wait is None or not deadline.allows(wait) or (replayable and start >= len(items)):
+                                        "AddImages", self.target, stream.attempt)
+                wait = stream.wait_before_retry(error)
+                if wait is None:
                     raise error from None
                 await asyncio.sleep(wait)
             finally:

@@ -20,7 +20,7 @@ import grpc
 from search_service.pb import search_pb2 as pb
 
 from . import types as t
-from ._common import DEFAULT_TIMEOUT, NO_RETRY, RETRYABLE, ClientBase, Deadline
+from ._common import DEFAULT_TIMEOUT, RETRYABLE, AddStream, ClientBase, Deadline
 from .errors import NotFound, SearchError, Unavailable, from_rpc_error
 
 
@@ -106,26 +106,17 @@ class Client(ClientBase):
         UNAVAILABLE resumes after the last acknowledged item (adding is idempotent by content); a generator
         cannot be replayed, so then the error is raised.
         """
-        replayable = isinstance(items, Sequence)
-        deadline = Deadline(timeout)
-        waits = self.retry.backoffs() if replayable else NO_RETRY.backoffs()
-        start, attempt = 0, 0
+        stream = AddStream(items, self.retry, timeout)
         while True:
-            attempt += 1
-            source = items[start:] if replayable else items
-            base = start  # this stream's item 0 is items[base]
-            requests = (t.as_add_item(item).to_pb() for item in source)
             try:
-                for result in self._stub.AddImages(requests, timeout=deadline.remaining(), metadata=self._metadata):
-                    converted = t.AddResult.from_pb(result, offset=base)
-                    yield converted
-                    if replayable:
-                        start = converted.index + 1
+                for response in self._stub.AddImages(stream.requests(), timeout=stream.deadline.remaining(),
+                                                     metadata=self._metadata):
+                    yield stream.result(response)
                 return
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc, "AddImages", self.target, attempt)
-                wait = next(waits, None) if error.code in RETRYABLE else None
-                if wait is None or not deadline.allows(wait) or (replayable and start >= len(items)):
+                error = from_rpc_error(exc, "AddImages", self.target, stream.attempt)
+                wait = stream.wait_before_retry(error)
+                if wait is None:
                     raise error from None
                 time.sleep(wait)
 
