@@ -11,10 +11,16 @@ commit returns only after the WAL is fsynced. A kill -9 cannot lose a commit
 even with synchronous=NORMAL (the WAL write has reached the OS before commit
 returns); FULL also survives a power cut or kernel crash, and costs one fsync
 per commit, which group commit (one transaction per batch of images) makes
-cheap. Blobs are written to a temp file, fsynced, renamed into place and their
-directory fsynced *before* the row that names them is committed: a committed
-row never points at a missing or partial file. A crash between the two leaves
-an unreferenced blob, which is harmless and reused if the content comes again.
+cheap. Blob bytes are staged (temp file under blobs/.staging, fsynced) by the
+caller's thread; the writer then decides, inside the transaction that inserts
+the row, whether the item is new: only then is the staged file renamed into
+place (and its directory fsynced) before the commit, otherwise it is removed.
+Deletes unlink a blob on the same writer after their commit. So blob presence
+is decided under the writer's serialisation, never by a racy exists-check: a
+committed row never points at a missing or partial file, and an add that is
+refused (duplicate content, id conflict) leaves no file behind. A crash between
+rename and commit (or between a delete's commit and its unlink) leaves an
+unreferenced blob; `sweep_blobs` removes those and staging leftovers at start.
 
 Every add and delete appends to `changes` in the same transaction; its
 AUTOINCREMENT `seq` is the clock the FAISS snapshot records, so start-up
@@ -100,7 +106,7 @@ class NewItem:
     embedding: np.ndarray  # (D,) float32, unit norm
     id: str = ""  # empty: default_id(sha256)
     metadata: dict[str, str] = field(default_factory=dict)
-    blob: Optional[str] = None
+    data: Optional[bytes] = None  # the image bytes to keep (None: indexed from a server-side file)
 
 
 @dataclass
@@ -138,24 +144,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write a file so that it is either absent/old or complete: temp file, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 class Store:
@@ -226,32 +214,108 @@ class Store:
     def blob_path(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256
 
-    def put_blob(self, sha256: str, data: bytes) -> str:
-        """Keep `data` under its hash (durably, before any row names it); returns its relative path."""
-        path = self.blob_path(sha256)
-        if not path.exists():
-            write_atomic(path, [data])
-        return str(path.relative_to(self.data_dir))
+    @property
+    def staging_dir(self) -> Path:
+        return self.blob_dir / ".staging"
+
+    def stage_blob(self, data: bytes) -> Path:
+        """Write `data` durably to a staging file (any thread); `add` places it or removes it."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.staging_dir, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return Path(tmp)
 
     def read_image(self, item: Item) -> bytes:
         """The item's encoded bytes: its blob, or the server-side file it was indexed from."""
         path = self.data_dir / item.blob if item.blob else Path(item.uri.removeprefix("file://"))
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:  # name the item, not the server's file layout
+            raise StoreError(f"the image of item {item.id!r} cannot be read ({exc.strerror})") from None
         if sha256_hex(data) != item.sha256:
-            raise StoreError(f"{path}: content changed since it was indexed")
+            raise StoreError(f"the image of item {item.id!r} changed since it was indexed")
         return data
 
+    def sweep_blobs(self) -> int:
+        """Remove staging leftovers and blobs no row names (after a crash); returns how many. Writer only."""
+        removed = 0
+        if self.staging_dir.is_dir():
+            for leftover in self.staging_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+                    removed += 1
+        if not self.blob_dir.is_dir():
+            return removed
+        for folder in self.blob_dir.iterdir():
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            names = [p.name for p in folder.iterdir()]
+            known = self._known_shas(names)
+            for name in names:
+                if name not in known:
+                    with contextlib.suppress(OSError):
+                        (folder / name).unlink()
+                        removed += 1
+        return removed
+
+    def _known_shas(self, shas: list[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(shas), 500):
+            chunk = shas[start:start + 500]
+            rows = self._writer.execute(
+                f"SELECT sha256 FROM items WHERE blob IS NOT NULL AND sha256 IN ({','.join('?' * len(chunk))})", chunk)
+            known.update(r[0] for r in rows)
+        return known
+
     # ------------------------------------------------------------ writes
-    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
-        """Insert new items in one transaction; content already present is a duplicate, not an error."""
+    def add(self, items: list[NewItem], staged: Optional[list[Optional[Path]]] = None
+            ) -> list[AddOutcome | ConflictError]:
+        """Insert new items in one transaction; content already present is a duplicate, not an error.
+
+        `staged[i]` is item i's blob from `stage_blob` (or None): it is placed when the item is
+        added and removed otherwise, before this returns, whatever happens. Writer thread only.
+        """
+        staged = list(staged) if staged is not None else [None] * len(items)
         now = time.time()
         outcomes: list[AddOutcome | ConflictError] = []
-        with self._transaction() as db:
-            for item in items:
-                outcomes.append(self._add_one(db, item, now))
+        placed: list[Path] = []
+        try:
+            with self._transaction() as db:
+                for item, blob in zip(items, staged):
+                    outcome = self._add_one(db, item, blob, now)
+                    outcomes.append(outcome)
+                    if isinstance(outcome, AddOutcome) and outcome.added and blob is not None:
+                        placed.append(self._place(blob, item.sha256))
+                for folder in {p.parent for p in placed}:
+                    fsync_dir(folder)  # the renames are durable before the rows that name them commit
+        except BaseException:
+            for path in placed:  # rolled back: nothing names them
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        finally:
+            for blob in staged:
+                if blob is not None:
+                    with contextlib.suppress(OSError):
+                        blob.unlink()
         return outcomes
 
-    def _add_one(self, db: sqlite3.Connection, item: NewItem, now: float) -> AddOutcome | ConflictError:
+    def _place(self, staged: Path, sha256: str) -> Path:
+        final = self.blob_path(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+        return final
+
+    def _add_one(self, db: sqlite3.Connection, item: NewItem, blob: Optional[Path], now: float
+                 ) -> AddOutcome | ConflictError:
         row = db.execute("SELECT vid, id FROM items WHERE sha256 = ?", (item.sha256,)).fetchone()
         if row is not None:
             return AddOutcome(id=row[1], sha256=item.sha256, added=False, vid=row[0])
@@ -259,10 +323,11 @@ class Store:
         if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone():
             return ConflictError(f"id {item_id!r} already names other content")
         embedding = np.ascontiguousarray(item.embedding, dtype=np.float32)
+        blob_name = str(self.blob_path(item.sha256).relative_to(self.data_dir)) if blob is not None else None
         vid = db.execute(
             "INSERT INTO items (id, sha256, uri, blob, metadata, embedding, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (item_id, item.sha256, item.uri, item.blob, json.dumps(item.metadata, sort_keys=True),
+            (item_id, item.sha256, item.uri, blob_name, json.dumps(item.metadata, sort_keys=True),
              embedding.tobytes(), now, now),
         ).lastrowid
         db.executemany("INSERT INTO item_meta VALUES (?, ?, ?)", [(k, v, vid) for k, v in item.metadata.items()])
@@ -336,16 +401,9 @@ class Store:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
-    def matching(self, filters: dict[str, str]) -> set[int]:
-        """vids whose metadata has every key = value of `filters` (uses the (key, value) index)."""
-        db = self._reader()
-        result: Optional[set[int]] = None
-        for key, value in sorted(filters.items()):
-            vids = {r[0] for r in db.execute("SELECT vid FROM item_meta WHERE key = ? AND value = ?", (key, value))}
-            result = vids if result is None else result & vids
-            if not result:
-                return set()
-        return result or set()
+    def metadata_rows(self) -> Iterator[tuple[int, str, str]]:
+        """(vid, key, value) of every item's metadata, in vid order (for the in-memory filter index)."""
+        yield from self._reader().execute("SELECT vid, key, value FROM item_meta ORDER BY vid")
 
     def embeddings(self, vids: Optional[list[int]] = None, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vids, embeddings (n, D)) in chunks: all items in vid order, or just `vids`."""
