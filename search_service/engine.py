@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
+from .collection import Collection, Hit, QueryError, check_query
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
 from .store import AddOutcome, ConflictError, Item, NewItem, Store
@@ -36,18 +36,11 @@ def snapshot_file(factory: str) -> str:
     return f"index-{factory_label(factory)}.faiss"
 
 
-@dataclass
-class Hit:
-    item: Item
-    score: float
+__all__ = ["Engine", "Hit", "QueryError", "snapshot_file"]
 
 
-class QueryError(ValueError):
-    """A query vector the index cannot take (wrong dimension, NaN or infinite values)."""
-
-
-class Engine:
-    """The durable collection: open it, add and delete items, search it, close it."""
+class Engine(Collection):
+    """The embedded collection: SQLite + blob files + FAISS in this process, one writer thread."""
 
     def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000):
         self.store = Store(data_dir)
@@ -127,7 +120,7 @@ class Engine:
     def delete(self, item_id: str) -> Optional[Item]:
         return self._write(lambda: self._delete(item_id))
 
-    def set_captions(self, captions: dict[int, str]) -> None:
+    def set_captions(self, captions: dict[str, str]) -> None:
         if captions:
             self._write(lambda: self.store.set_captions(captions))
 
@@ -214,7 +207,7 @@ class Engine:
     def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
                min_score: Optional[float] = None) -> list[Hit]:
         """Best `k` items for a unit query vector, highest score first, each with its exact score."""
-        query = self._check_query(query)
+        query = check_query(query, self.index.dim if self.index is not None else None)
         allowed = self.metadata.matching(filters) if filters else None
         index = self.index
         if allowed is not None and not index.keeps_vectors and index.exact_for(len(allowed), index.size):
@@ -228,16 +221,6 @@ class Engine:
             ranked = [(vid, score) for vid, score in ranked if score >= min_score]
         items = self.store.get_many([vid for vid, _ in ranked])
         return [Hit(items[vid], score) for vid, score in ranked if vid in items]  # skips items deleted meanwhile
-
-    def _check_query(self, query: np.ndarray) -> np.ndarray:
-        query = np.asarray(query, np.float32).reshape(-1)
-        if self.index is None:
-            raise QueryError("the collection is not open yet")
-        if query.shape[0] != self.index.dim:
-            raise QueryError(f"query vector has {query.shape[0]} dimensions, the index {self.index.dim}")
-        if not np.isfinite(query).all():
-            raise QueryError("query vector holds NaN or infinite values")
-        return query
 
     def _exact(self, query: np.ndarray, k: int, vids: list[int]) -> list[tuple[int, float]]:
         """Exact scores of a few items, from the store's float32 vectors; the best k, highest first."""

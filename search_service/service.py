@@ -19,11 +19,12 @@ from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.sampling import SamplingParams
 
 from .config import PathRefused, ServiceConfig
-from .engine import Engine, Hit, QueryError
+from .collection import Collection, Hit, QueryError, StoreUnavailable
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
 from .pb import search_pb2 as pb
 from .pb import search_pb2_grpc
-from .store import ConflictError, Item, ModelMismatchError, NewItem, StoreError, sha256_hex
+from .blobs import BlobError
+from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
 
 log = logging.getLogger("search_service")
 
@@ -62,7 +63,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
-    if isinstance(exc, ModelsUnavailable):
+    if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (ModelMismatch, ModelMismatchError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
@@ -110,7 +111,7 @@ class SearchOptions:
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    def __init__(self, config: ServiceConfig, engine: Engine, models: Models):
+    def __init__(self, config: ServiceConfig, engine: Collection, models: Models):
         self.config = config
         self.engine = engine
         self.models = models
@@ -318,26 +319,26 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         errors: dict[int, str] = {}
         if options.with_captions:
             errors = await self._caption_hits(hits, context)
-        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.vid, "")) for h in hits],
+        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits],
                                  searched=self.engine.size)
 
-    async def _caption_hits(self, hits: list[Hit], context) -> dict[int, str]:
+    async def _caption_hits(self, hits: list[Hit], context) -> dict[str, str]:
         """Caption the hits that have no caption, concurrently (one decoder sequence each); store them."""
         missing = [h.item for h in hits if not h.item.caption]
         if not missing:
             return {}
         images = await asyncio.to_thread(_read_images, self.engine, missing)
         readable = [(item, data) for item, data in zip(missing, images) if isinstance(data, bytes)]
-        errors = {item.vid: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
+        errors = {item.id: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
         captions = await self.models.caption_each([d for _, d in readable], self.caption_params, self._timeout(context))
-        new: dict[int, str] = {}
+        new: dict[str, str] = {}
         for (item, _), caption in zip(readable, captions):
             if isinstance(caption, ModelsUnavailable):
                 raise caption
             if isinstance(caption, BaseException):
-                errors[item.vid] = status_of(caption)[1]
+                errors[item.id] = status_of(caption)[1]
             else:
-                item.caption = new[item.vid] = caption.text
+                item.caption = new[item.id] = caption.text
         await asyncio.to_thread(self.engine.set_captions, new)
         return errors
 
@@ -498,14 +499,14 @@ def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
     return SamplingParams(**values)  # validates: InvalidInputError -> INVALID_ARGUMENT
 
 
-def _read_image(engine: Engine, item: Item) -> bytes:
+def _read_image(engine: Collection, item: Item) -> bytes:
     try:
         return engine.read_image(item)
-    except StoreError as exc:
+    except BlobError as exc:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
 
-def _read_images(engine: Engine, items: list[Item]) -> list:
+def _read_images(engine: Collection, items: list[Item]) -> list:
     out = []
     for item in items:
         try:

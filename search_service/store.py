@@ -32,12 +32,9 @@ open their own connection per thread (WAL: readers never block the writer).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +43,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+
+from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, read_checked, sha256_hex
+
+__all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
+           "default_id", "fsync_dir", "sha256_hex"]
 
 SCHEMA_VERSION = "1"
 
@@ -88,10 +90,6 @@ class ConflictError(StoreError):
 
 class ModelMismatchError(StoreError):
     """The store holds embeddings of another model (or dimension) than the one offered."""
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def default_id(sha256: str) -> str:
@@ -138,21 +136,13 @@ class Change:
     op: str
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Store:
     """Items, their embeddings and captions, in one SQLite database plus a blob directory."""
 
     def __init__(self, data_dir: str | os.PathLike):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_dir = self.data_dir / "blobs"
+        self.blobs = BlobDirectory(self.data_dir)
         self.path = self.data_dir / "store.sqlite3"
         self._local = threading.local()
         self._writer = self._connect()
@@ -211,67 +201,26 @@ class Store:
             db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", wanted.items())
 
     # ------------------------------------------------------------ blobs
-    def blob_path(self, sha256: str) -> Path:
-        return self.blob_dir / sha256[:2] / sha256
-
-    @property
-    def staging_dir(self) -> Path:
-        return self.blob_dir / ".staging"
-
     def stage_blob(self, data: bytes) -> Path:
         """Write `data` durably to a staging file (any thread); `add` places it or removes it."""
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.staging_dir, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return Path(tmp)
+        return self.blobs.stage(data)
 
     def read_image(self, item: Item) -> bytes:
-        """The item's encoded bytes: its blob, or the server-side file it was indexed from."""
-        path = self.data_dir / item.blob if item.blob else Path(item.uri.removeprefix("file://"))
-        try:
-            data = path.read_bytes()
-        except OSError as exc:  # name the item, not the server's file layout
-            raise StoreError(f"the image of item {item.id!r} cannot be read ({exc.strerror})") from None
-        if sha256_hex(data) != item.sha256:
-            raise StoreError(f"the image of item {item.id!r} changed since it was indexed")
-        return data
+        """The item's encoded bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
+        what = f"the image of item {item.id!r}"
+        if item.blob:
+            return self.blobs.read(item.blob, item.sha256, what)
+        return read_checked(Path(item.uri.removeprefix("file://")), item.sha256, what)
 
     def sweep_blobs(self) -> int:
         """Remove staging leftovers and blobs no row names (after a crash); returns how many. Writer only."""
-        removed = 0
-        if self.staging_dir.is_dir():
-            for leftover in self.staging_dir.iterdir():
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-                    removed += 1
-        if not self.blob_dir.is_dir():
-            return removed
-        for folder in self.blob_dir.iterdir():
-            if folder.name.startswith(".") or not folder.is_dir():
-                continue
-            names = [p.name for p in folder.iterdir()]
-            known = self._known_shas(names)
-            for name in names:
-                if name not in known:
-                    with contextlib.suppress(OSError):
-                        (folder / name).unlink()
-                        removed += 1
-        return removed
+        return self.blobs.sweep(self._referenced_blobs)
 
-    def _known_shas(self, shas: list[str]) -> set[str]:
+    def _referenced_blobs(self, names: list[str]) -> set[str]:
         known: set[str] = set()
-        for start in range(0, len(shas), 500):
-            chunk = shas[start:start + 500]
-            rows = self._writer.execute(
-                f"SELECT sha256 FROM items WHERE blob IS NOT NULL AND sha256 IN ({','.join('?' * len(chunk))})", chunk)
+        for start in range(0, len(names), 500):
+            chunk = names[start:start + 500]
+            rows = self._writer.execute(f"SELECT blob FROM items WHERE blob IN ({','.join('?' * len(chunk))})", chunk)
             known.update(r[0] for r in rows)
         return known
 
@@ -293,26 +242,16 @@ class Store:
                     outcome = self._add_one(db, item, blob, now)
                     outcomes.append(outcome)
                     if isinstance(outcome, AddOutcome) and outcome.added and blob is not None:
-                        placed.append(self._place(blob, item.sha256))
-                for folder in {p.parent for p in placed}:
-                    fsync_dir(folder)  # the renames are durable before the rows that name them commit
+                        placed.append(self.blobs.place(blob, item.sha256))
+                fsync_dirs(placed)  # the renames are durable before the rows that name them commit
         except BaseException:
             for path in placed:  # rolled back: nothing names them
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                discard(path)
             raise
         finally:
             for blob in staged:
-                if blob is not None:
-                    with contextlib.suppress(OSError):
-                        blob.unlink()
+                discard(blob)
         return outcomes
-
-    def _place(self, staged: Path, sha256: str) -> Path:
-        final = self.blob_path(sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
-        return final
 
     def _add_one(self, db: sqlite3.Connection, item: NewItem, blob: Optional[Path], now: float
                  ) -> AddOutcome | ConflictError:
@@ -323,7 +262,7 @@ class Store:
         if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone():
             return ConflictError(f"id {item_id!r} already names other content")
         embedding = np.ascontiguousarray(item.embedding, dtype=np.float32)
-        blob_name = str(self.blob_path(item.sha256).relative_to(self.data_dir)) if blob is not None else None
+        blob_name = self.blobs.relative(item.sha256) if blob is not None else None
         vid = db.execute(
             "INSERT INTO items (id, sha256, uri, blob, metadata, embedding, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -344,15 +283,15 @@ class Store:
             db.execute("DELETE FROM item_meta WHERE vid = ?", (item.vid,))
             db.execute("INSERT INTO changes (vid, op) VALUES (?, 'delete')", (item.vid,))
         if item.blob:  # after the commit: a crash in between leaves an unreferenced blob, never a dangling row
-            with contextlib.suppress(OSError):
-                os.unlink(self.data_dir / item.blob)
+            self.blobs.unlink(item.blob)
         return item
 
-    def set_captions(self, captions: dict[int, str]) -> None:
+    def set_captions(self, captions: dict[str, str]) -> None:
+        """Captions by item id (ids deleted meanwhile are skipped)."""
         now = time.time()
         with self._transaction() as db:
-            db.executemany("UPDATE items SET caption = ?, updated_at = ? WHERE vid = ?",
-                           [(text, now, vid) for vid, text in captions.items()])
+            db.executemany("UPDATE items SET caption = ?, updated_at = ? WHERE id = ?",
+                           [(text, now, item_id) for item_id, text in captions.items()])
 
     def store_uuid(self) -> str:
         return self.info()["store_uuid"]

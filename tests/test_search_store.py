@@ -387,13 +387,13 @@ def test_refused_adds_leave_no_blob_and_crash_leftovers_are_swept(tmp_path):
         [clash] = engine.add([NewItem(sha256_hex(data), "mem:b", unit(rng, 1)[0], id="taken", data=data)])
         assert isinstance(clash, ConflictError)
     assert {p.name for p in (tmp_path / "blobs").glob("??/*")} == {first.sha256}
-    assert not list(engine.store.staging_dir.iterdir())
+    assert not list(engine.store.blobs.staging.iterdir())
     engine.close()
     orphan = tmp_path / "blobs" / "ff" / ("ff" * 32)  # as after a crash between rename and commit
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"nobody")
     (tmp_path / "blobs" / ".staging" / "x.tmp").write_bytes(b"half")
     engine = open_engine(tmp_path)
-    assert not orphan.exists() and not list(engine.store.staging_dir.iterdir())
+    assert not orphan.exists() and not list(engine.store.blobs.staging.iterdir())
     assert engine.read_image(engine.get("taken")) == b"a"
     engine.close()
