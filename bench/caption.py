@@ -38,7 +38,7 @@ def step_seconds(net, batch: int, steps: int = 16) -> float:
     cache = net.new_cache(batch, steps)
     slots, device = slice(0, batch), net.device
     with torch.inference_mode():
-        net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config["multimodal_cfg"]["width"]))
+        net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config.decoder.width))
         tokens = torch.full((batch, 1), SOT, device=device)
         net.decode(tokens, torch.zeros(batch, dtype=torch.long, device=device), cache, slots)  # warm-up
         synchronize(device)

@@ -77,22 +77,21 @@ def triton_alone(url: str, images: list[bytes]) -> float:
 
 
 def through_service(url: str, images: list[bytes], warmup: list[bytes]) -> tuple[float, int]:
-    from clients.search_client import SearchClient
-    from search_service.pb import search_pb2 as pb
+    from clients.coca_client import Client, Outcome
     from search_service.testing import ServiceProcess
 
     with tempfile.TemporaryDirectory(prefix="coca-ingest-") as data, ServiceProcess(data, url) as service, \
-            SearchClient(service.address) as client:
-        list(client.add_images(pb.AddImageRequest(image=w) for w in warmup))
+            Client(service.address) as client:
+        list(client.add(warmup))
         started = time.perf_counter()
-        results = list(client.add_images(pb.AddImageRequest(image=i) for i in images))
+        results = list(client.add(images))
         elapsed = time.perf_counter() - started
-    added = sum(r.outcome == pb.AddImageResult.ADDED for r in results)
+    added = sum(r.outcome is Outcome.ADDED for r in results)
     return len(images) / elapsed, added
 
 
 def main(argv=None) -> int:
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
     from serving.launcher import TritonServer
 
     args = parse(argv)

@@ -173,9 +173,9 @@ def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def query_service(address: str, texts: list[str]) -> tuple[list[float], list[list[str]]]:
-    from clients.search_client import SearchClient
+    from clients.coca_client import Client
 
-    with SearchClient(address) as client:
+    with Client(address) as client:
         for text in texts[:5]:  # warm-up: channel, Triton, index pages
             client.search_text(text, k=10)
         times, uris = [], []
@@ -251,7 +251,7 @@ def measure(directory: Path, factory: str, knob: str, value: int, triton_url: st
 
 
 def main(argv=None) -> int:
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
     from serving.launcher import TritonServer
 
     args = parse(argv)

@@ -68,11 +68,9 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
 def serve(args) -> int:
     import asyncio
 
-    from search_service.config import ServiceConfig
-    from search_service.index import IndexSettings
-    from search_service.modelrepo import ensure_repository
-    from search_service.server import run
+    from search_service import IndexSettings, ServiceConfig, run
     from serving.launcher import TritonServer
+    from serving.repository import ensure_repository
 
     data = Path(args.data)
     repository, logit_scale = ensure_repository(data / "model_repository", args.model, args.pretrained,
@@ -126,11 +124,8 @@ def index(args) -> int:
     from tqdm import tqdm
 
     from clients.coca_client import Outcome, SearchError
-    from clients.search_client import image_files
-    from coca.errors import InvalidInputError
+    from coca.media import image_files
 
-    if not Path(args.directory).is_dir():
-        raise InvalidInputError(f"{args.directory}: not a directory")
     files = image_files(args.directory)
     metadata = parse_pairs(args.meta, "--meta")
     counts = {outcome.value: 0 for outcome in Outcome}

@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ log = logging.getLogger("search_service")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 HEALTH_POLL_S = 2.0
+READY = re.compile(r"search service ready on (\S+):(\d+)")  # the line run() prints once it serves
 OPEN_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")  # probes need no token
 
 

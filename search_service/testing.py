@@ -1,18 +1,21 @@
-"""Run the search service as a real process (for tests and benchmarks): start, wait until ready, stop or kill."""
+"""The service's test kit: run it as a real process (start, wait until ready, stop or kill), and call
+its RPCs at the protobuf level (WireClient)."""
 from __future__ import annotations
 
-import collections
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
-READY = re.compile(r"search service ready on (\S+):(\d+)")
+import grpc
+
+from serving.supervisor import Supervisor
+
+from .pb import search_pb2 as pb
+from .pb.search_pb2_grpc import SearchServiceStub
+from .server import READY
+
+MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 
 
 class ServiceProcess:
@@ -22,53 +25,141 @@ class ServiceProcess:
         self.command = [sys.executable, "-m", "search_service.server", "--data", str(data_dir),
                         "--triton", triton_url, "--port", "0", *args]
         self.env = {**os.environ, **(env or {})}
-        self.proc: Optional[subprocess.Popen] = None
-        self.address: Optional[str] = None
-        self._lines: collections.deque[str] = collections.deque(maxlen=200)
-        self._ready = threading.Event()
+        self.process: Optional[Supervisor] = None
+
+    @property
+    def proc(self):
+        return self.process.proc if self.process else None
+
+    @property
+    def address(self) -> Optional[str]:
+        match = self.process.ready_match if self.process else None
+        return f"{match.group(1)}:{match.group(2)}" if match else None
 
     def start(self, timeout: float = 120.0) -> "ServiceProcess":
-        self._ready.clear()
-        self.proc = subprocess.Popen(self.command, cwd=Path(__file__).resolve().parents[1], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"search service did not start:\n{self.output()}")
+        self.process = Supervisor(self.command, name="search service", cwd=Path(__file__).resolve().parents[1],
+                                  env=self.env, ready=READY).start()
+        try:
+            self.process.wait_ready(timeout)
+        except RuntimeError:
+            self.process.kill()
+            raise
         return self
 
-    def _pump(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self._lines.append(line)
-            match = READY.search(line)
-            if match:
-                self.address = f"{match.group(1)}:{match.group(2)}"
-                self._ready.set()
-
     def output(self) -> str:
-        return "".join(self._lines)
+        return self.process.tail() if self.process else ""
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (graceful: the index is snapshotted) and wait."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """SIGTERM (graceful: the index is snapshotted) and wait; RuntimeError if it had to be killed."""
+        if self.process is None:
+            return 0
+        returncode = self.process.stop(timeout)
+        if self.process.forced:
             raise RuntimeError(f"search service ignored SIGTERM for {timeout} s:\n{self.output()}")
+        return returncode
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.process is not None:
+            self.process.kill()
 
     def __enter__(self) -> "ServiceProcess":
-        return self.start() if self.proc is None else self
+        return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class WireClient:
+    """The service's RPCs one to one: protobuf requests in, protobuf answers out, grpc.RpcError with the
+    server's status and message, no retries. For tests of the wire contract; applications use
+    clients.coca_client (typed results, retries, one deadline per call).
+
+        with WireClient(service.address) as client:
+            client.search_text("a cat", k=5).hits
+    """
+
+    def __init__(self, address: str = "127.0.0.1:50051", token: Optional[str] = None,
+                 tls_ca: Optional[str | os.PathLike] = None, timeout: Optional[float] = 300.0):
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = SearchServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "WireClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: Optional[float] = None):
+        return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    # ------------------------------------------------------------ indexing
+    def add_images(self, requests: Iterable[pb.AddImageRequest], timeout: Optional[float] = None) -> Iterator[pb.AddImageResult]:
+        """Stream requests; one result per request, in order, each sent after its item is committed."""
+        return self.stub.AddImages(iter(requests), timeout=timeout, metadata=self.metadata)
+
+    # ------------------------------------------------------------ search
+    def search_text(self, text: str, k: int = 10, with_captions: bool = False, filters: Optional[dict] = None,
+                    min_score: Optional[float] = None, timeout: Optional[float] = None) -> pb.SearchResponse:
+        return self._call(self.stub.SearchText, pb.SearchTextRequest(
+            text=text, options=_options(k, with_captions, filters, min_score)), timeout)
+
+    def search_image(self, image: Optional[bytes] = None, id: str = "", k: int = 10, with_captions: bool = False,
+                     filters: Optional[dict] = None, min_score: Optional[float] = None,
+                     timeout: Optional[float] = None) -> pb.SearchResponse:
+        request = pb.SearchImageRequest(options=_options(k, with_captions, filters, min_score))
+        if image is not None:
+            request.image = image
+        else:
+            request.id = id
+        return self._call(self.stub.SearchImage, request, timeout)
+
+    # ------------------------------------------------------------ items and models
+    def get(self, id: str, include_image: bool = False, include_embedding: bool = False) -> pb.Item:
+        return self._call(self.stub.Get, pb.GetRequest(id=id, include_image=include_image,
+                                                       include_embedding=include_embedding))
+
+    def delete(self, id: str) -> pb.DeleteResponse:
+        return self._call(self.stub.Delete, pb.DeleteRequest(id=id))
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call(self.stub.Stats, pb.StatsRequest())
+
+    def caption(self, image: Optional[bytes] = None, video: Optional[bytes] = None, id: str = "", frames: int = 0,
+                **sampling) -> pb.CaptionResponse:
+        request = pb.CaptionRequest(frames=frames, sampling=pb.SamplingSettings(**sampling))
+        if image is not None:
+            request.image = image
+        elif video is not None:
+            request.video = video
+        else:
+            request.id = id
+        return self._call(self.stub.Caption, request)
+
+    def classify(self, labels: list[str], image: Optional[bytes] = None, id: str = "", template: str = "") -> pb.ClassifyResponse:
+        return self._call(self.stub.Classify, pb.ClassifyRequest(image=_ref(image, id), labels=labels, template=template))
+
+    def rank(self, texts: list[str], image: Optional[bytes] = None, id: str = "") -> pb.RankResponse:
+        return self._call(self.stub.Rank, pb.RankRequest(image=_ref(image, id), texts=texts))
+
+
+def _options(k, with_captions, filters, min_score) -> pb.SearchOptions:
+    options = pb.SearchOptions(k=k, with_captions=with_captions, filters=filters or {})
+    if min_score is not None:
+        options.min_score = min_score
+    return options
+
+
+def _ref(image: Optional[bytes], id: str) -> pb.ImageRef:
+    return pb.ImageRef(image=image) if image is not None else pb.ImageRef(id=id)
