@@ -22,9 +22,9 @@ from typing import Optional
 
 from clients.coca_client import SearchError
 from coca.errors import UnknownModelError, WeightsUnavailableError
-from search_service import READY
+from search_service import ServiceChild
 from serving.launcher import pick_free_ports
-from serving.supervisor import ProcessError, Supervisor
+from serving.supervisor import ProcessError
 
 BANNER = """
 ########################################################################
@@ -111,51 +111,32 @@ def _offline_unless_hub_reachable(timeout: float = 3.0) -> None:
         constants.HF_HUB_OFFLINE = True  # read at request time by huggingface_hub: fail fast, use the cache
 
 
-class ServeProcess:
-    """`coca serve` as a supervised child (serving.supervisor): its output goes straight to a log file (so it
-    never dies of a broken pipe half-way through stopping Triton), SIGTERM stops it (both servers shut down
-    cleanly), SIGKILL to its process group is the last resort, and it dies with this process."""
+class ServeProcess(ServiceChild):
+    """`coca serve` as a supervised child: its output goes straight to a log file (so it never dies of a broken
+    pipe half-way through stopping Triton), SIGTERM stops it (both servers shut down cleanly), SIGKILL to its
+    process group is the last resort, and it dies with this process."""
 
     def __init__(self, command: list[str], log_path: Path):
-        self.command, self.log_path = command, log_path
-        self.process: Optional[Supervisor] = None
+        super().__init__(command, name="`coca serve`", log_file=log_path)
+        self.log_path = log_path
         self.web_url: Optional[str] = None
-
-    @property
-    def proc(self):
-        return self.process.proc if self.process else None
-
-    @property
-    def address(self) -> Optional[str]:
-        match = self.process.ready_match if self.process else None
-        return f"{match.group(1)}:{match.group(2)}" if match else None
 
     @property
     def lines(self) -> list[str]:
         """The last lines it wrote."""
-        return self.process.tail(60).splitlines(keepends=True) if self.process else []
+        return self.output(60).splitlines(keepends=True)
 
     def start(self, timeout: float = 600.0) -> "ServeProcess":
-        self.process = Supervisor(self.command, name="`coca serve`", cwd=ROOT, log_file=self.log_path,
-                                  ready=READY).start()
         try:
-            self.process.wait_ready(timeout)
+            super().start(timeout)
         except ProcessError as exc:
-            self.stop()
             raise RuntimeError(f"`coca serve` did not start (log {self.log_path}):\n" + "".join(self.lines)) from exc
-        web = WEB_GALLERY.search(self.process.tail())
+        web = WEB_GALLERY.search(self.output())
         self.web_url = web.group(1) if web else None
         return self
 
     def stop(self, grace: float = 60.0) -> None:
-        if self.process is not None:
-            self.process.stop(grace)
-
-    def __enter__(self) -> "ServeProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().stop(grace)
 
 
 def _free_port() -> int:

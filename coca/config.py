@@ -50,8 +50,8 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class TextConfig:
-    """Causal text tower with a learned CLS (open_clip `text_cfg`)."""
+class TowerConfig:
+    """A stack of causal blocks over tokens: the sizes the text tower and the decoder share."""
 
     context_length: int
     vocab_size: int
@@ -59,19 +59,18 @@ class TextConfig:
     heads: int
     layers: int
     mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class TextConfig(TowerConfig):
+    """Causal text tower with a learned CLS (open_clip `text_cfg`)."""
+
     correct_cls_mask: bool = False  # legacy CoCa weights: False (see TextEncoder.key_validity)
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(TowerConfig):
     """Multimodal decoder: self-attention then cross-attention to the image, per layer (open_clip `multimodal_cfg`)."""
-
-    context_length: int
-    vocab_size: int
-    width: int
-    heads: int
-    layers: int
-    mlp_ratio: float = 4.0
 
 
 @dataclass(frozen=True)

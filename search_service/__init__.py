@@ -10,7 +10,7 @@ not pull in the service.
 
 _PUBLIC = {  # name -> module that defines it
     "ServiceConfig": "config", "DEFAULT_PORT": "config", "IndexSettings": "index",
-    "run": "server", "READY": "server",
+    "run": "server", "ServiceChild": "process",
 }
 __all__ = list(_PUBLIC)
 

@@ -15,7 +15,6 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from .config import DEFAULT_PORT, ServiceConfig
 from .engine import Engine
 from .index import IndexSettings
 from .models import Models
+from .process import READY_LINE
 from .pb import search_pb2, search_pb2_grpc
 from .service import SearchServicer, status_of
 
@@ -38,7 +38,6 @@ log = logging.getLogger("search_service")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 HEALTH_POLL_S = 2.0
-READY = re.compile(r"search service ready on (\S+):(\d+)")  # the line run() prints once it serves
 OPEN_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")  # probes need no token
 
 
@@ -211,7 +210,7 @@ async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> No
     running = await start(config, progress=sys.stderr.isatty())
     if config.bearer_token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
-    print(f"search service ready on {config.host}:{running.port} (data {config.data_dir}, "
+    print(READY_LINE.format(host=config.host, port=running.port) + f" (data {config.data_dir}, "
           f"Triton {config.triton_url}, index {config.index.factory})", flush=True)
     try:
         await stop.wait()

@@ -9,65 +9,27 @@ from typing import Iterable, Iterator, Optional
 
 import grpc
 
-from serving.supervisor import Supervisor
-
 from .pb import search_pb2 as pb
 from .pb.search_pb2_grpc import SearchServiceStub
-from .server import READY
+from .process import ServiceChild
 
 MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 
 
-class ServiceProcess:
+class ServiceProcess(ServiceChild):
     """`python -m search_service.server ...` in a child process, its output kept for error messages."""
 
     def __init__(self, data_dir: str | os.PathLike, triton_url: str, *args: str, env: Optional[dict] = None):
-        self.command = [sys.executable, "-m", "search_service.server", "--data", str(data_dir),
-                        "--triton", triton_url, "--port", "0", *args]
-        self.env = {**os.environ, **(env or {})}
-        self.process: Optional[Supervisor] = None
-
-    @property
-    def proc(self):
-        return self.process.proc if self.process else None
-
-    @property
-    def address(self) -> Optional[str]:
-        match = self.process.ready_match if self.process else None
-        return f"{match.group(1)}:{match.group(2)}" if match else None
-
-    def start(self, timeout: float = 120.0) -> "ServiceProcess":
-        self.process = Supervisor(self.command, name="search service", cwd=Path(__file__).resolve().parents[1],
-                                  env=self.env, ready=READY).start()
-        try:
-            self.process.wait_ready(timeout)
-        except RuntimeError:
-            self.process.kill()
-            raise
-        return self
-
-    def output(self) -> str:
-        return self.process.tail() if self.process else ""
+        super().__init__([sys.executable, "-m", "search_service.server", "--data", str(data_dir),
+                          "--triton", triton_url, "--port", "0", *args],
+                         name="search service", env={**os.environ, **(env or {})})
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful: the index is snapshotted) and wait; RuntimeError if it had to be killed."""
-        if self.process is None:
-            return 0
-        returncode = self.process.stop(timeout)
-        if self.process.forced:
+        returncode = super().stop(timeout)
+        if self.process is not None and self.process.forced:
             raise RuntimeError(f"search service ignored SIGTERM for {timeout} s:\n{self.output()}")
-        return returncode
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs."""
-        if self.process is not None:
-            self.process.kill()
-
-    def __enter__(self) -> "ServiceProcess":
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return returncode or 0
 
 
 class WireClient:
@@ -92,14 +54,11 @@ class WireClient:
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
 
-    def close(self) -> None:
-        self.channel.close()
-
     def __enter__(self) -> "WireClient":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.channel.close()
 
     def _call(self, method, request, timeout: Optional[float] = None):
         return method(request, timeout=timeout or self.timeout, metadata=self.metadata)

@@ -2,7 +2,6 @@
 Real child processes: small Python programs."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
