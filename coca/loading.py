@@ -2,7 +2,8 @@
 
 open_clip stays the loader (hub download, checkpoint conversion,
 `weights_only=True`); we then move its state dict into our modules, whose
-parameter names are open_clip's own.
+parameter names are open_clip's own. Each part's weights also go out to a
+safetensors file and back (`save_part`, `load_part`: what a served part loads).
 """
 from __future__ import annotations
 
