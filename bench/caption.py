@@ -16,14 +16,12 @@ import coca
 from coca.generate import generate
 from coca.sampling import SOT, SamplingParams
 
-from .common import best_of, copy_bandwidth, print_json, print_table, sample_images, synchronize
+from .common import add_model_options, best_of, copy_bandwidth, print_json, print_table, sample_images, synchronize
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench caption", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="coca_ViT-B-32")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)

@@ -25,14 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import print_json, print_table, sample_images
+from .common import add_model_options, print_json, print_table, sample_images
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench ingest", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="coca_ViT-B-32")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
     p.add_argument("--images", type=int, default=256, help="images sent through the service")
     p.add_argument("--in-process-images", type=int, default=64, help="images per in-process batch-size trial")
     p.add_argument("--batch-sizes", default="1,4,8,16")

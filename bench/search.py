@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import print_json, print_table
+from .common import add_model_options, print_json, print_table
 
 ADJECTIVES = ["red", "blue", "green", "yellow", "black", "white", "small", "large", "old", "young", "wooden",
               "shiny", "striped", "spotted", "wet", "dusty", "bright", "dark", "tiny", "giant", "broken", "new",
@@ -53,9 +53,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench search", description=__doc__.splitlines()[0])
     p.add_argument("--vectors", default="100000", help="comma-separated collection sizes")
     p.add_argument("--index", action="append", help="FAISS factory string (repeatable; default HNSW32)")
-    p.add_argument("--model", default="coca_ViT-B-32")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
     p.add_argument("--clusters", type=int, default=2000)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--ef-search", default="128", help="HNSW efSearch values, comma-separated")

@@ -20,14 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import print_json, print_table, sample_images
+from .common import add_model_options, print_json, print_table, sample_images
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench service", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="coca-tiny")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p, model="coca-tiny")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--cache", default="data/bench/service")
     return p.parse_args(argv)
