@@ -485,7 +485,7 @@ def test_delete_on_a_trained_ivf_index_keeps_the_service_up_and_answers_right(tm
     rng = np.random.default_rng(11)
     images = [jpeg(Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))) for _ in range(90)]
     with ServiceProcess(tmp_path, triton.grpc_url, "--index", "IVF2,Flat", "--nprobe", "2") as process, \
-            SearchClient(process.address, timeout=60) as client:
+            WireClient(process.address, timeout=60) as client:
         ids = [r.id for r in add(client, images)]
         assert len(set(ids)) == 90
         wait_for(lambda: client.stats().index_active == "IVF2,Flat", 60, "the trained IVF index")
