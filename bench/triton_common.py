@@ -26,8 +26,7 @@ def repository_dir(args) -> Path:
 @contextlib.contextmanager
 def served_repository(args) -> Iterator[tuple[str, object]]:
     """(gRPC url, identity) of a Triton serving args.model: started here on an exported repository, or --url."""
-    from coca.export import DecoderSettings, configure_decoder
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import DecoderSettings, configure_decoder, ensure_repository
     from serving.client import TritonCoca
 
     async def identity(url):

@@ -62,7 +62,7 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
                    help="allow server-side paths under DIR in AddImages (repeatable)")
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
-    from search_service.server import add_store_arguments
+    from search_service import add_store_arguments
 
     add_store_arguments(p)
 
@@ -70,10 +70,9 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
 def serve(args) -> int:
     import asyncio
 
-    from search_service.config import ServiceConfig
-    from search_service.modelrepo import ensure_repository
-    from search_service.server import run, store_settings
+    from search_service import ServiceConfig, run, store_settings
     from serving.launcher import TritonServer
+    from serving.repository import ensure_repository
 
     data = Path(args.data)
     repository, logit_scale = ensure_repository(data / "model_repository", args.model, args.pretrained,
@@ -127,11 +126,8 @@ def index(args) -> int:
     from tqdm import tqdm
 
     from clients.coca_client import Outcome, SearchError
-    from clients.search_client import image_files
-    from coca.errors import InvalidInputError
+    from coca.media import image_files
 
-    if not Path(args.directory).is_dir():
-        raise InvalidInputError(f"{args.directory}: not a directory")
     files = image_files(args.directory)
     metadata = parse_pairs(args.meta, "--meta")
     counts = {outcome.value: 0 for outcome in Outcome}

@@ -32,6 +32,7 @@ from .engine import Engine
 from .index import IndexSettings
 from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
 from .models import Models
+from .process import READY_LINE
 from .pb import search_pb2, search_pb2_grpc
 from .service import SearchServicer, status_of
 
@@ -251,7 +252,7 @@ async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> No
         log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
     store = (f"Milvus {config.milvus.uri} collection {config.milvus.collection}" if config.vector_store == "milvus"
              else f"index {config.index.factory}")
-    print(f"search service ready on {config.host}:{running.port} (data {config.data_dir}, "
+    print(READY_LINE.format(host=config.host, port=running.port) + f" (data {config.data_dir}, "
           f"Triton {config.triton_url}, {store})", flush=True)
     try:
         await stop.wait()

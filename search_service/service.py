@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from coca import media
 from coca.errors import CapacityError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE, label_prompts
-from coca.sampling import SamplingParams
+from coca.settings import SamplingParams
 
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable

@@ -23,7 +23,7 @@ from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
-from clients.search_client import SearchClient  # noqa: E402
+from search_service.testing import WireClient  # noqa: E402
 from search_service.milvus import filter_expression  # noqa: E402
 from search_service.pb import search_pb2 as pb  # noqa: E402
 from search_service.testing import ServiceProcess  # noqa: E402
@@ -34,7 +34,7 @@ ADDED, DUPLICATE = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
     from serving.testing import restartable_triton
 
     repository, _ = ensure_repository(tmp_path_factory.mktemp("milvus-e2e") / "repo", MODEL, PRETRAINED, SEED)
@@ -86,7 +86,7 @@ def test_two_replicas_share_one_collection(tmp_path, triton, milvus_server):
     name = f"replicas_{time.time_ns()}"
     data = images(1, 12)
     with replica(tmp_path, triton, milvus_server, name) as a, replica(tmp_path, triton, milvus_server, name) as b, \
-            SearchClient(a.address, timeout=60) as ca, SearchClient(b.address, timeout=60) as cb:
+            WireClient(a.address, timeout=60) as ca, WireClient(b.address, timeout=60) as cb:
         # read-your-writes through one replica (Session consistency): 0 misses
         misses = 0
         for image in data[:8]:
@@ -135,7 +135,7 @@ def test_sigkill_of_a_replica_mid_ingest_loses_nothing_acknowledged(tmp_path, tr
     acked = []
     victim = replica(tmp_path, triton, milvus_server, name).start()
     try:
-        with SearchClient(victim.address, timeout=60) as client:
+        with WireClient(victim.address, timeout=60) as client:
             stream = client.add_images(pb.AddImageRequest(image=d) for d in data)
             with pytest.raises(grpc.RpcError):
                 for result in stream:
@@ -147,7 +147,7 @@ def test_sigkill_of_a_replica_mid_ingest_loses_nothing_acknowledged(tmp_path, tr
         victim.kill()
     assert len(acked) >= 30
     with replica(tmp_path, triton, milvus_server, name) as survivor, \
-            SearchClient(survivor.address, timeout=60) as client:
+            WireClient(survivor.address, timeout=60) as client:
         for item_id, image in acked:
             assert client.get(item_id, include_image=True).image == image  # row and bytes
         for item_id, image in acked[::6]:
@@ -159,7 +159,7 @@ def test_milvus_down_gives_unavailable_naming_milvus_then_recovers(tmp_path, tri
 
     name = f"outage_{time.time_ns()}"
     data = images(3, 3)
-    with replica(tmp_path, triton, milvus_server, name) as service, SearchClient(service.address, timeout=30) as client, \
+    with replica(tmp_path, triton, milvus_server, name) as service, WireClient(service.address, timeout=30) as client, \
             grpc.insecure_channel(service.address) as channel:
         stored = add(client, data[:2])
         check = health_pb2_grpc.HealthStub(channel).Check
