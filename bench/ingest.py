@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from .common import print_json, print_table, sample_images
+from .common import distinct_images, print_json, print_table
+from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 
 def parse(argv):
@@ -36,19 +36,14 @@ def parse(argv):
     p.add_argument("--images", type=int, default=256, help="images sent through the service")
     p.add_argument("--in-process-images", type=int, default=64, help="images per in-process batch-size trial")
     p.add_argument("--batch-sizes", default="1,4,8,16")
+    add_encoder_options(p)
     p.add_argument("--cache", default="data/bench/ingest")
     return p.parse_args(argv)
 
 
 def distinct_jpegs(count: int, seed: int, side: int = 512) -> list[bytes]:
-    rng = np.random.default_rng(seed)
     out = []
-    for photo in sample_images(count):
-        w, h = photo.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = photo.crop((x, y, x + cw, y + ch))
-        crop.thumbnail((side, side))
+    for crop in distinct_images(count, seed, side):
         buffer = io.BytesIO()
         crop.save(buffer, format="JPEG", quality=90)
         out.append(buffer.getvalue())
@@ -106,8 +101,8 @@ def main(argv=None) -> int:
     sweep = {int(b): in_process_rate(model, trial, int(b)) for b in args.batch_sizes.split(",")}
     best_batch = max(sweep, key=sweep.get)
     before = in_process_rate(model, images, best_batch)
-    repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}",
-                                      args.model, args.pretrained, args.seed)
+    repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
+                                      args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
     with TritonServer(repository, kill_on_parent_exit=True) as triton:
         direct = triton_alone(triton.grpc_url, images)
         service_rate, added = through_service(triton.grpc_url, images, warmup)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import print_json, print_table
+from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 ADJECTIVES = ["red", "blue", "green", "yellow", "black", "white", "small", "large", "old", "young", "wooden",
               "shiny", "striped", "spotted", "wet", "dusty", "bright", "dark", "tiny", "giant", "broken", "new",
@@ -60,6 +61,7 @@ def parse(argv):
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--ef-search", default="128", help="HNSW efSearch values, comma-separated")
     p.add_argument("--nprobe", default="32", help="IVF nprobe values, comma-separated")
+    add_encoder_options(p)
     p.add_argument("--cache", default="data/bench/search")
     return p.parse_args(argv)
 
@@ -258,8 +260,8 @@ def main(argv=None) -> int:
     factories = args.index or ["HNSW32"]
     sizes = [int(v) for v in args.vectors.split(",")]
     cache = Path(args.cache)
-    repository, _ = ensure_repository(cache / f"repo-{args.model}-{args.pretrained}-s{args.seed}", args.model,
-                                      args.pretrained, args.seed)
+    repository, _ = ensure_repository(cache / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
+                                      args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
     rows, results = [], []
     with TritonServer(repository, kill_on_parent_exit=True) as triton:
         identity = _identity(triton.grpc_url)

@@ -27,6 +27,7 @@ import torch
 
 from .errors import InvalidInputError
 from .loading import part_state_dict, resolve_dtype
+from .quant import check_precision
 from .runtime import Coca
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
@@ -36,6 +37,8 @@ TRITON_MODELS = {  # Triton model name -> CoCa part it serves
     "coca_text_decoder": "text_decoder",
 }
 WEIGHTS_FILE = "weights.safetensors"
+ONNX_FILE = "model.onnx"  # an encoder's ONNX graph (`coca export --format onnx`), beside its weights
+ENCODER_RUNTIMES = ("torch", "onnxruntime")
 MANIFEST_FILE = "coca_manifest.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 PARAMETER_PREFIX = "coca_"
@@ -69,6 +72,21 @@ class DecoderSettings:
     sequence_idle_s: Optional[float] = None  # Triton drops a silent sequence after this
     expiry_interval_s: Optional[float] = None  # how often the model's timer looks for idle caches
     queue_delay_us: Optional[int] = None  # how long the sequence batcher waits to fill a batch of steps
+    precision: Optional[str] = None  # "fp32" or "int8" (coca/quant.py): the decode step's arithmetic
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How the two encoder models compute: torch (default), or their ONNX graphs in ONNX Runtime."""
+
+    runtime: str = "torch"
+    precision: str = "fp32"  # with onnxruntime: "int8" = 8-bit MatMulNBits weights (coca/onnx_encoders.py)
+
+    def __post_init__(self):
+        if self.runtime not in ENCODER_RUNTIMES:
+            raise InvalidInputError(f"unknown encoder runtime {self.runtime!r}: use one of {', '.join(ENCODER_RUNTIMES)}")
+        if self.precision != "fp32" and self.runtime != "onnxruntime":
+            raise InvalidInputError(f"encoder precision {self.precision} needs the onnxruntime runtime (--format onnx)")
 
 
 def export_repository(
@@ -76,6 +94,7 @@ def export_repository(
     out_dir: Union[str, os.PathLike],
     dtype=None,
     decoder: DecoderSettings = DecoderSettings(),
+    encoders: EncoderSettings = EncoderSettings(),
     torch_threads: Optional[int] = None,
     templates: Union[str, os.PathLike] = TEMPLATES,
 ) -> Path:
@@ -91,6 +110,7 @@ def export_repository(
         model=model.model_name, pretrained=model.pretrained, dtype=DTYPE_NAMES[dtype],
         embed_dim=model.net.config["embed_dim"], repository_id=repository_id(hashes),
     )
+    onnx_hashes = _write_onnx(model, out, encoders.precision) if encoders.runtime == "onnxruntime" else {}
     for name in TRITON_MODELS:
         _write_model_files(templates / name, out / name)
         parameters = {
@@ -98,6 +118,10 @@ def export_repository(
             "coca_weights_sha256": hashes[name],
             "coca_preprocess": json.dumps(model.preprocess_cfg),
         }
+        if name != "coca_text_decoder":
+            parameters.update(runtime=encoders.runtime, precision=encoders.precision)
+        if name in onnx_hashes:
+            parameters["coca_onnx_sha256"] = onnx_hashes[name]
         if torch_threads is not None:
             parameters["torch_threads"] = str(torch_threads)
         config = (templates / name / "config.pbtxt").read_text()
@@ -164,6 +188,20 @@ def _write_weights(model: Coca, part: str, path: Path, dtype: torch.dtype) -> st
     return file_sha256(path)
 
 
+def _write_onnx(model: Coca, out: Path, precision: str) -> dict[str, str]:
+    """Each encoder's ONNX graph as <model>/1/model.onnx; returns their sha256 by Triton model."""
+    from .onnx_encoders import IMAGE_FILE, TEXT_FILE, write_onnx_encoders
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".onnx-") as tmp:
+        files = write_onnx_encoders(model, tmp, precision)
+        hashes = {}
+        for name, file in (("coca_text_encoder", TEXT_FILE), ("coca_image_encoder", IMAGE_FILE)):
+            target = out / name / "1" / ONNX_FILE
+            os.replace(files[file], target)  # a server never sees half a file
+            hashes[name] = file_sha256(target)
+    return hashes
+
+
 def _write_model_files(template: Path, dest: Path):
     """model.py from the template, unless exporting in place."""
     source = template / "1" / "model.py"
@@ -190,7 +228,8 @@ def configure_decoder(repository: Union[str, os.PathLike], settings: DecoderSett
 
 
 def _decoder_config(config: str, settings: DecoderSettings) -> str:
-    values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s}
+    values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s,
+              "precision": settings.precision and check_precision(settings.precision)}
     if settings.sequence_idle_s is not None:  # the model's TTL: a bit after Triton forgets the sequence
         values["sequence_ttl_seconds"] = settings.sequence_idle_s + max(0.5, 0.2 * settings.sequence_idle_s)
         config = _set_number(config, "max_sequence_idle_microseconds", round(settings.sequence_idle_s * 1e6))

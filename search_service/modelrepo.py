@@ -8,14 +8,17 @@ MARKER = "search_export.json"  # beside the repository: what was exported, and t
 
 
 def ensure_repository(directory: str | Path, model: str, pretrained: str, seed: int = 0,
-                      dtype: str = "float32") -> tuple[Path, float]:
+                      dtype: str = "float32", encoders=None) -> tuple[Path, float]:
     """`directory` as a model repository of this model and weights (exported now unless it already is).
 
+    encoders: a coca.export.EncoderSettings (default: torch, fp32).
     Returns the repository and the model's logit scale (Classify's softmax scale).
     """
     repository = Path(directory)
     marker = repository.parent / f"{repository.name}.{MARKER}"
     wanted = {"model": model, "pretrained": pretrained, "seed": seed, "dtype": dtype}
+    if encoders is not None and encoders.runtime != "torch":
+        wanted["encoders"] = [encoders.runtime, encoders.precision]
     if marker.is_file() and (repository / "coca_manifest.json").is_file():
         recorded = json.loads(marker.read_text())
         if {k: recorded.get(k) for k in wanted} == wanted:
@@ -26,6 +29,6 @@ def ensure_repository(directory: str | Path, model: str, pretrained: str, seed: 
     print(f"exporting {model} ({pretrained}) to {repository} ...", flush=True)
     loaded = coca.load(model, pretrained=pretrained, seed=seed, dtype=dtype)
     repository.mkdir(parents=True, exist_ok=True)
-    export_repository(loaded, repository)
+    export_repository(loaded, repository, **({"encoders": encoders} if encoders is not None else {}))
     marker.write_text(json.dumps({**wanted, "logit_scale": loaded.logit_scale}, indent=2) + "\n")
     return repository, loaded.logit_scale
