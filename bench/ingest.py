@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     before = in_process_rate(model, images, best_batch)
     repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
                                       args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
-    with TritonServer(repository, kill_on_parent_exit=True) as triton:
+    with TritonServer(repository, kill_on_parent_exit=True).start(timeout=600) as triton:  # slow on a loaded box
         direct = triton_alone(triton.grpc_url, images)
         service_rate, added = through_service(triton.grpc_url, images, warmup)
     after = in_process_rate(model, images, best_batch)

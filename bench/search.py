@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     repository, _ = ensure_repository(cache / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
                                       args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
     rows, results = [], []
-    with TritonServer(repository, kill_on_parent_exit=True) as triton:
+    with TritonServer(repository, kill_on_parent_exit=True).start(timeout=600) as triton:  # slow on a loaded box
         identity = _identity(triton.grpc_url)
         query_texts = phrases(np.random.default_rng(args.seed + 1), args.queries,
                               skip=set(phrases(np.random.default_rng(args.seed), args.clusters)))

@@ -62,6 +62,6 @@ def served_repository(args) -> Iterator[tuple[str, object]]:
                                       encoder_settings(args))
     configure_decoder(repository, DecoderSettings(capacity_rows=args.capacity, queue_delay_us=args.queue_delay_us,
                                                              precision=args.decoder_precision))
-    with running_triton(repository) as (url, _, server):
+    with running_triton(repository, timeout=600) as (url, _, server):  # a loaded shared box starts slowly
         print(f"tritonserver pid {server.pid} on {url} ({repository})", flush=True)
         yield url, asyncio.run(identity(url))
