@@ -17,8 +17,9 @@ def ensure_repository(directory: str | Path, model: str, pretrained: str, seed: 
     repository = Path(directory)
     marker = repository.parent / f"{repository.name}.{MARKER}"
     wanted = {"model": model, "pretrained": pretrained, "seed": seed, "dtype": dtype}
-    if encoders is not None and encoders.runtime != "torch":
-        wanted["encoders"] = [encoders.runtime, encoders.precision]
+    # torch encoders are recorded as None, so markers written before this key existed still match
+    use_onnx = encoders is not None and encoders.runtime != "torch"
+    wanted["encoders"] = [encoders.runtime, encoders.precision] if use_onnx else None
     if marker.is_file() and (repository / "coca_manifest.json").is_file():
         recorded = json.loads(marker.read_text())
         if {k: recorded.get(k) for k in wanted} == wanted:
