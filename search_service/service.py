@@ -19,11 +19,12 @@ from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.sampling import SamplingParams
 
 from .config import PathRefused, ServiceConfig
-from .engine import Engine, Hit
+from .collection import Collection, Hit, QueryError, StoreUnavailable
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
 from .pb import search_pb2 as pb
 from .pb import search_pb2_grpc
-from .store import ConflictError, Item, ModelMismatchError, NewItem, StoreError, sha256_hex
+from .blobs import BlobError
+from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
 
 log = logging.getLogger("search_service")
 
@@ -56,13 +57,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.PERMISSION_DENIED), str(exc)
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, (InvalidInputError, QueryError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
-    if isinstance(exc, ModelsUnavailable):
+    if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (ModelMismatch, ModelMismatchError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
@@ -110,7 +111,7 @@ class SearchOptions:
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    def __init__(self, config: ServiceConfig, engine: Engine, models: Models):
+    def __init__(self, config: ServiceConfig, engine: Collection, models: Models):
         self.config = config
         self.engine = engine
         self.models = models
@@ -131,7 +132,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if identity != self._bound:
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
-            if self.engine.index is None:
+            if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
 
     def check_image(self, data: bytes, name: str = "") -> None:
@@ -251,17 +252,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         else:
             raise bad("item has neither image bytes nor a path")
         sha = sha256_hex(data)
-        known = self.engine.store.find_sha(sha)
+        known = self.engine.find_sha(sha)
         if known is not None:  # no model call for content we have
             return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
         return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
 
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
-        items = []
-        for p, vector in ready:
-            blob = self.engine.store.put_blob(p.sha256, p.data) if p.keep_blob else None
-            items.append(NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata, blob=blob))
+        items = [NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata,
+                         data=p.data if p.keep_blob else None) for p, vector in ready]
         results = []
         for (p, _), outcome in zip(ready, self.engine.add(items)):
             if isinstance(outcome, ConflictError):
@@ -285,7 +284,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
-        if request.WhichOneof("query") == "image" or self.engine.index is None:
+        if request.WhichOneof("query") == "image" or not self.engine.is_open:
             await self.ensure_models(context=context)  # by id, a known store needs no Triton
         vector = await self._image_vector(request.image if request.WhichOneof("query") == "image" else None,
                                           request.id, context)
@@ -310,7 +309,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return vector
         if not item_id:
             raise bad("give image bytes or the id of an indexed image")
-        item = await asyncio.to_thread(self.engine.store.get, item_id, True)
+        item = await asyncio.to_thread(self.engine.get, item_id, True)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
         return item.embedding
@@ -320,26 +319,26 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         errors: dict[int, str] = {}
         if options.with_captions:
             errors = await self._caption_hits(hits, context)
-        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.vid, "")) for h in hits],
-                                 searched=self.engine.index.size)
+        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits],
+                                 searched=self.engine.size)
 
-    async def _caption_hits(self, hits: list[Hit], context) -> dict[int, str]:
+    async def _caption_hits(self, hits: list[Hit], context) -> dict[str, str]:
         """Caption the hits that have no caption, concurrently (one decoder sequence each); store them."""
         missing = [h.item for h in hits if not h.item.caption]
         if not missing:
             return {}
-        images = await asyncio.to_thread(_read_images, self.engine.store, missing)
+        images = await asyncio.to_thread(_read_images, self.engine, missing)
         readable = [(item, data) for item, data in zip(missing, images) if isinstance(data, bytes)]
-        errors = {item.vid: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
+        errors = {item.id: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
         captions = await self.models.caption_each([d for _, d in readable], self.caption_params, self._timeout(context))
-        new: dict[int, str] = {}
+        new: dict[str, str] = {}
         for (item, _), caption in zip(readable, captions):
             if isinstance(caption, ModelsUnavailable):
                 raise caption
             if isinstance(caption, BaseException):
-                errors[item.vid] = status_of(caption)[1]
+                errors[item.id] = status_of(caption)[1]
             else:
-                item.caption = new[item.vid] = caption.text
+                item.caption = new[item.id] = caption.text
         await asyncio.to_thread(self.engine.set_captions, new)
         return errors
 
@@ -367,10 +366,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return data
         if not item_id:
             raise bad("give image bytes (or a video) or the id of an indexed image")
-        item = await asyncio.to_thread(self.engine.store.get, item_id)
+        item = await asyncio.to_thread(self.engine.get, item_id)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
-        return await asyncio.to_thread(_read_image, self.engine.store, item)
+        return await asyncio.to_thread(_read_image, self.engine, item)
 
     async def _ref_vector(self, ref: pb.ImageRef, context) -> np.ndarray:
         if ref.WhichOneof("ref") is None:
@@ -414,7 +413,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Get(self, request: pb.GetRequest, context) -> pb.Item:
         if not request.id:
             raise bad("give the id of an item")
-        item = await asyncio.to_thread(self.engine.store.get, request.id, request.include_embedding)
+        item = await asyncio.to_thread(self.engine.get, request.id, request.include_embedding)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
         reply = pb.Item(id=item.id, content_sha256=item.sha256, uri=item.uri, metadata=item.metadata,
@@ -422,14 +421,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if request.include_embedding:
             reply.embedding.extend(item.embedding.tolist())
         if request.include_image:
-            reply.image = await asyncio.to_thread(_read_image, self.engine.store, item)
+            reply.image = await asyncio.to_thread(_read_image, self.engine, item)
         return reply
 
     @rpc
     async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
         if not request.id:
             raise bad("give the id of an item")
-        if self.engine.index is None:  # nothing was ever indexed
+        if not self.engine.is_open:  # nothing was ever indexed
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
         item = await asyncio.to_thread(self.engine.delete, request.id)
         if item is None:
@@ -500,18 +499,18 @@ def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
     return SamplingParams(**values)  # validates: InvalidInputError -> INVALID_ARGUMENT
 
 
-def _read_image(store, item: Item) -> bytes:
+def _read_image(engine: Collection, item: Item) -> bytes:
     try:
-        return store.read_image(item)
-    except (OSError, StoreError) as exc:
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"image of item {item.id!r} is no longer readable: {exc}") from None
+        return engine.read_image(item)
+    except BlobError as exc:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
 
-def _read_images(store, items: list[Item]) -> list:
+def _read_images(engine: Collection, items: list[Item]) -> list:
     out = []
     for item in items:
         try:
-            out.append(_read_image(store, item))
+            out.append(_read_image(engine, item))
         except ServiceError as exc:
             out.append(exc)
     return out

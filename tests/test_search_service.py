@@ -506,3 +506,27 @@ def test_coca_serve_starts_and_stops_both(background_serve):
     assert proc.wait(60) == 0, log.read_text()
     out = log.read_text()
     assert "search service stopped" in out and "stopping tritonserver" in out
+
+
+def test_delete_on_a_trained_ivf_index_keeps_the_service_up_and_answers_right(tmp_path, triton):
+    """The issue's reproduction: IVF trained inside the service, then Delete. It used to abort the process on a
+    FAISS assertion (IndexIDMap2 over IVF); now every search afterwards equals exact search over the live items."""
+    rng = np.random.default_rng(11)
+    images = [jpeg(Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))) for _ in range(90)]
+    with ServiceProcess(tmp_path, triton.grpc_url, "--index", "IVF2,Flat", "--nprobe", "2") as process, \
+            SearchClient(process.address, timeout=60) as client:
+        ids = [r.id for r in add(client, images)]
+        assert len(set(ids)) == 90
+        wait_for(lambda: client.stats().index_active == "IVF2,Flat", 60, "the trained IVF index")
+        for gone in ids[:5]:
+            assert client.delete(gone).id == gone
+        live = ids[5:]
+        vectors = np.array([list(client.get(i, include_embedding=True).embedding) for i in live], np.float32)
+        for row, item_id in enumerate(live[:15]):
+            hits = client.search_image(id=item_id, k=5).hits
+            exact = vectors @ vectors[row]
+            order = np.argsort(-exact)[:5]
+            assert [h.id for h in hits] == [live[i] for i in order]
+            assert np.allclose([h.score for h in hits], exact[order], atol=1e-5)
+        stats = client.stats()
+        assert stats.count == stats.indexed == 85 and process.proc.poll() is None
