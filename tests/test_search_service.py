@@ -397,7 +397,7 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
         item = add(client, fresh[:1])[0]
         triton.stop()
         try:
-            error = rpc_error(client.search_text, "a cat")
+            error = rpc_error(client.search_text, "a cat nobody searched before")  # not cached
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in error.details()
             assert triton.grpc_url in error.details()
             error = rpc_error(lambda: list(client.add_images([pb.AddImageRequest(image=fresh[1])])))
