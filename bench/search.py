@@ -297,7 +297,8 @@ def measure(directory: Path, factory: str, knob: str, value: int, triton_url: st
 
     flag = {"ef": "--ef-search", "nprobe": "--nprobe"}[knob]
     started = time.perf_counter()
-    with ServiceProcess(directory, triton_url, "--index", factory, flag, str(value)) as service:
+    # loading a 1M-vector store and index takes minutes on a loaded 2-core box
+    with ServiceProcess(directory, triton_url, "--index", factory, flag, str(value)).start(timeout=1200) as service:
         load_s = time.perf_counter() - started
         times, uris = query_service(service.address, texts)
         embed = embed_times(triton_url, texts[:50])  # same moment, same load: the Triton share of the latency
