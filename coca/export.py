@@ -192,7 +192,9 @@ def _write_onnx(model: Coca, out: Path, precision: str) -> dict[str, str]:
     """Each encoder's ONNX graph as <model>/1/model.onnx; returns their sha256 by Triton model."""
     from .onnx_encoders import IMAGE_FILE, TEXT_FILE, write_onnx_encoders
 
-    with tempfile.TemporaryDirectory(dir=out, prefix=".onnx-") as tmp:
+    # scratch inside a model's folder, not the repository root: a leftover (a killed export) must not
+    # look like a model to Triton, which ignores non-numeric folders inside a model
+    with tempfile.TemporaryDirectory(dir=out / "coca_text_encoder", prefix=".onnx-") as tmp:
         files = write_onnx_encoders(model, tmp, precision)
         hashes = {}
         for name, file in (("coca_text_encoder", TEXT_FILE), ("coca_image_encoder", IMAGE_FILE)):
