@@ -106,7 +106,7 @@ def triton_fast(tiny_coca, tmp_path_factory):
     repo = tmp_path_factory.mktemp("fast_repository")
     export_repository(tiny_coca, repo, decoder=DecoderSettings(precision="int8"),
                       encoders=EncoderSettings("onnxruntime", "fp32"))
-    with running_triton(repo) as (grpc_url, _, server):
+    with running_triton(repo, timeout=300) as (grpc_url, _, server):  # loading torch + ONNX Runtime x3
         yield grpc_url, repo
 
 
