@@ -18,14 +18,12 @@ import coca
 from coca.generate import generate
 from coca.sampling import SOT, SamplingParams
 
-from .common import best_of, distinct_images, print_json, print_table, sample_images, synchronize
+from .common import add_model_options, best_of, distinct_images, print_json, print_table, sample_images, synchronize
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench caption", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="coca_ViT-B-32")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
@@ -43,7 +41,7 @@ def step_seconds(net, batch: int, steps: int = 16) -> float:
     cache = net.new_cache(batch, steps)
     slots, device = slice(0, batch), net.device
     with torch.inference_mode():
-        net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config["multimodal_cfg"]["width"]))
+        net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config.decoder.width))
         tokens = torch.full((batch, 1), SOT, device=device)
         net.decode(tokens, torch.zeros(batch, dtype=torch.long, device=device), cache, slots)  # warm-up
         synchronize(device)

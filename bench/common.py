@@ -51,6 +51,13 @@ def distinct_images(count: int, seed: int = 0, side: int = 512) -> list:
     return out
 
 
+def add_model_options(p, model: str = "coca_ViT-B-32") -> None:
+    """--model, --pretrained (default random: the hub is not reachable here) and --seed."""
+    p.add_argument("--model", default=model)
+    p.add_argument("--pretrained", default="random")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -24,15 +24,13 @@ import time
 from pathlib import Path
 
 
-from .common import distinct_images, print_json, print_table
+from .common import add_model_options, distinct_images, print_json, print_table
 from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench ingest", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="coca_ViT-B-32")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
     p.add_argument("--images", type=int, default=256, help="images sent through the service")
     p.add_argument("--in-process-images", type=int, default=64, help="images per in-process batch-size trial")
     p.add_argument("--batch-sizes", default="1,4,8,16")
@@ -72,22 +70,21 @@ def triton_alone(url: str, images: list[bytes]) -> float:
 
 
 def through_service(url: str, images: list[bytes], warmup: list[bytes]) -> tuple[float, int]:
-    from clients.search_client import SearchClient
-    from search_service.pb import search_pb2 as pb
+    from clients.coca_client import Client, Outcome
     from search_service.testing import ServiceProcess
 
     with tempfile.TemporaryDirectory(prefix="coca-ingest-") as data, ServiceProcess(data, url) as service, \
-            SearchClient(service.address) as client:
-        list(client.add_images(pb.AddImageRequest(image=w) for w in warmup))
+            Client(service.address) as client:
+        list(client.add(warmup))
         started = time.perf_counter()
-        results = list(client.add_images(pb.AddImageRequest(image=i) for i in images))
+        results = list(client.add(images))
         elapsed = time.perf_counter() - started
-    added = sum(r.outcome == pb.AddImageResult.ADDED for r in results)
+    added = sum(r.outcome is Outcome.ADDED for r in results)
     return len(images) / elapsed, added
 
 
 def main(argv=None) -> int:
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
     from serving.launcher import TritonServer
 
     args = parse(argv)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import print_json, print_table
+from .common import add_model_options, print_json, print_table
 from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 ADJECTIVES = ["red", "blue", "green", "yellow", "black", "white", "small", "large", "old", "young", "wooden",
@@ -63,9 +63,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="coca bench search", description=__doc__.splitlines()[0])
     p.add_argument("--vectors", default="100000", help="comma-separated collection sizes")
     p.add_argument("--index", action="append", help="FAISS factory string (repeatable; default HNSW32)")
-    p.add_argument("--model", default="coca_ViT-B-32")
-    p.add_argument("--pretrained", default="random")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
     p.add_argument("--clusters", type=int, default=2000)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--ef-search", default="128", help="HNSW efSearch values, comma-separated")
@@ -194,9 +192,9 @@ def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def query_service(address: str, texts: list[str]) -> tuple[list[float], list[list[str]]]:
-    from clients.search_client import SearchClient
+    from clients.coca_client import Client
 
-    with SearchClient(address) as client:
+    with Client(address) as client:
         for text in texts[:5]:  # warm-up: channel, Triton, index pages
             client.search_text(text, k=10)
         times, uris = [], []
@@ -307,7 +305,7 @@ def measure(directory: Path, factory: str, knob: str, value: int, triton_url: st
 
 
 def main(argv=None) -> int:
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
     from serving.launcher import TritonServer
 
     args = parse(argv)

@@ -28,7 +28,7 @@ def add_encoder_options(p: argparse.ArgumentParser):
 
 
 def encoder_settings(args):
-    from coca.export import EncoderSettings
+    from serving.repository import EncoderSettings
 
     return EncoderSettings(args.encoder_runtime, args.encoder_precision)
 
@@ -45,8 +45,7 @@ def repository_dir(args) -> Path:
 @contextlib.contextmanager
 def served_repository(args) -> Iterator[tuple[str, object]]:
     """(gRPC url, identity) of a Triton serving args.model: started here on an exported repository, or --url."""
-    from coca.export import DecoderSettings, configure_decoder
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import DecoderSettings, configure_decoder, ensure_repository
     from serving.client import TritonCoca
 
     async def identity(url):

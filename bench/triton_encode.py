@@ -70,12 +70,14 @@ def perf_analyzer_images_per_s(url: str, images: list[bytes], seconds: float = 5
     import numpy as np
     from tritonclient.utils import serialize_byte_tensor
 
+    from serving.protocol import IMAGE_ENCODER
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as data:
         # perf_analyzer reads a BYTES input as a serialized tensor (length-prefixed elements)
         steps = [{"IMAGE": {"b64": base64.b64encode(serialize_byte_tensor(np.array([image], np.object_)).item()).decode()}}
                  for image in images]
         json.dump({"data": steps}, data)
-    command = ["scripts/perf_analyzer.sh", "-m", "coca_image_encoder", "-u", url, "-i", "grpc", "-b", "1",
+    command = ["scripts/perf_analyzer.sh", "-m", IMAGE_ENCODER, "-u", url, "-i", "grpc", "-b", "1",
                "--input-data", data.name, "--concurrency-range", "1", "--measurement-interval", str(int(seconds * 1000)),
                "--stability-percentage", "30", "--max-trials", "10"]  # this machine is shared and noisy
     print(" ".join(command), flush=True)

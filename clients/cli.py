@@ -10,11 +10,13 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 from coca.errors import CocaError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE
+from coca.settings import SamplingParams
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -38,28 +40,29 @@ def add_model_options(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+# SamplingParams field -> its CLI option (seed: the model options' --seed, used when temperature > 0)
+SAMPLING_OPTIONS = {
+    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "num_beams": "--beams",
+    "num_beam_groups": "--beam-groups", "repetition_penalty": "--repetition-penalty",
+    "min_tokens": "--min-tokens", "max_tokens": "--max-tokens", "seed": "--seed",
+}
+SAMPLING_HELP = {"temperature": "0 = greedy"}
+
+
 def add_sampling_options(p: argparse.ArgumentParser):
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--beam-groups", type=int, default=1)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--min-tokens", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=25)
+    """One option per SamplingParams field, its default and type the field's."""
+    defaults = SamplingParams()
+    for field in fields(SamplingParams):
+        if field.name != "seed":
+            default = getattr(defaults, field.name)
+            p.add_argument(SAMPLING_OPTIONS[field.name], dest=field.name, type=type(default), default=default,
+                           help=SAMPLING_HELP.get(field.name, f"default {default}"))
     p.add_argument("--frames", type=int, default=16, help="frames sampled from a video")
 
 
 def sampling_params(args):
-    from coca import SamplingParams
-
-    return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        num_beams=args.beams, num_beam_groups=args.beam_groups,
-        repetition_penalty=args.repetition_penalty,
-        min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-        seed=args.seed if args.temperature > 0 else None,
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if f.name != "seed"}
+    return SamplingParams(**values, seed=args.seed if args.temperature > 0 else None)
 
 
 def load_model(args):
@@ -215,7 +218,6 @@ attention_text.configure = lambda p: (
 @command("plot", "feature-space plot (t-SNE) of images with thumbnails, or of texts")
 def plot(args):
     from coca import media, plots
-    from clients.zero_shot import IMAGE_SUFFIXES
 
     if args.index:  # the running search service's images: no model here
         from clients.plot_index import plot_index
@@ -226,7 +228,7 @@ def plot(args):
         points, labels = model.embed_texts(args.texts), args.texts
     else:
         folder = Path(args.directory or ".")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = media.image_files(folder)
         if len(files) < 2:
             raise InvalidInputError(f"{folder}: need at least two images to plot")
         points, labels = model.embed_images([str(f) for f in files], progress=True), [media.load_image(f) for f in files]
@@ -261,9 +263,10 @@ info.configure = lambda p: p.add_argument("--arrays", action="store_true", help=
 
 @command("bench", "benchmarks (see bench/): caption, ...")
 def bench(args):
-    from bench import run
+    import subprocess
 
-    return run(args.name, args.rest)
+    # A program of its own (python -m bench): the benchmarks may import any layer, nothing imports them.
+    return subprocess.call([sys.executable, "-m", "bench", args.name, *args.rest])
 
 
 bench.configure = lambda p: (p.add_argument("name"), p.add_argument("rest", nargs=argparse.REMAINDER))
@@ -322,7 +325,7 @@ search.raw = True
 
 @command("export", "write a Triton model repository (configs, model.py, each part's weights) for a model")
 def export(args):
-    from coca.export import DecoderSettings, EncoderSettings, export_repository
+    from serving.repository import DecoderSettings, EncoderSettings, export_repository
 
     settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle,
                                precision=args.decoder_precision)
@@ -348,7 +351,7 @@ export.configure = lambda p: (
 
 @command("triton", "run tritonserver (CPU, Python backend) on an exported model repository until Ctrl-C")
 def triton(args):
-    from coca.export import read_manifest
+    from serving.repository import read_manifest
     from serving.launcher import main as launch
 
     read_manifest(args.model_repository)  # a repository without weights: say so before starting anything

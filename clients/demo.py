@@ -12,20 +12,19 @@ With --serve it keeps the service and the web gallery running until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import collections
-import ctypes
-import os
+import contextlib
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from clients.coca_client import SearchError
 from coca.errors import UnknownModelError, WeightsUnavailableError
+from search_service import ServiceChild
+from serving.launcher import pick_free_ports
+from serving.supervisor import ProcessError
 
 BANNER = """
 ########################################################################
@@ -40,7 +39,7 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "cat", "rocket", "camera", "hubble_d
           "clock", "colorwheel", "immunohistochemistry"]
 QUERIES = ["a cat", "an astronaut in a space suit", "a cup of coffee"]
 LABELS = ["astronaut", "coffee", "cat", "rocket", "coins", "moon", "galaxies", "clock"]
-READY = re.compile(r"search service ready on (\S+):(\d+)")
+WEB_GALLERY = re.compile(r"^web gallery on (\S+)", re.M)  # what `coca serve --web` prints
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,7 +70,7 @@ def sample_photos(folder: Path, names: list[str] = PHOTOS) -> list[Path]:
 
 def export_model(out: Path, model: str, pretrained: str, seed: int, dtype: str) -> tuple[Path, str]:
     """The data dir of this model and weights, its model repository exported; falls back to random weights."""
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
 
     def data_dir(tag: str) -> Path:
         return out / f"search-{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(tag).name)}"
@@ -112,97 +111,35 @@ def _offline_unless_hub_reachable(timeout: float = 3.0) -> None:
         constants.HF_HUB_OFFLINE = True  # read at request time by huggingface_hub: fail fast, use the cache
 
 
-class ServeProcess:
-    """`coca serve` as a child in its own session, its output going straight to a log file (so it never
-    dies of a broken pipe half-way through stopping Triton), stopped with SIGTERM (both servers shut down
-    cleanly), SIGKILL to its process group as the last resort. If this process dies, the kernel sends the
-    child SIGTERM (PR_SET_PDEATHSIG), so nothing outlives the demo."""
+class ServeProcess(ServiceChild):
+    """`coca serve` as a supervised child: its output goes straight to a log file (so it never dies of a broken
+    pipe half-way through stopping Triton), SIGTERM stops it (both servers shut down cleanly), SIGKILL to its
+    process group is the last resort, and it dies with this process."""
 
     def __init__(self, command: list[str], log_path: Path):
-        self.command, self.log_path = command, log_path
-        self.proc: Optional[subprocess.Popen] = None
-        self.address: Optional[str] = None
+        super().__init__(command, name="`coca serve`", log_file=log_path)
+        self.log_path = log_path
         self.web_url: Optional[str] = None
-        self.lines: collections.deque[str] = collections.deque(maxlen=60)
-        self._ready = threading.Event()
+
+    @property
+    def lines(self) -> list[str]:
+        """The last lines it wrote."""
+        return self.output(60).splitlines(keepends=True)
 
     def start(self, timeout: float = 600.0) -> "ServeProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            offset = log.tell()
-            self.proc = subprocess.Popen(self.command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        threading.Thread(target=self._follow, args=(offset,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                time.sleep(0.3)  # the last lines
-                raise RuntimeError(f"`coca serve` did not start (log {self.log_path}):\n" + "".join(self.lines))
+        try:
+            super().start(timeout)
+        except ProcessError as exc:
+            raise RuntimeError(f"`coca serve` did not start (log {self.log_path}):\n" + "".join(self.lines)) from exc
+        web = WEB_GALLERY.search(self.output())
+        self.web_url = web.group(1) if web else None
         return self
-
-    def _follow(self, offset: int) -> None:
-        """Read the log as it grows: remember the last lines, find the addresses."""
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            log.seek(offset)
-            pending = ""
-            while True:
-                chunk = log.readline()
-                if not chunk:
-                    if self.proc.poll() is not None:
-                        return
-                    time.sleep(0.1)
-                    continue
-                pending += chunk
-                if not pending.endswith("\n"):
-                    continue
-                line, pending = pending, ""
-                self.lines.append(line)
-                if line.startswith("web gallery on "):
-                    self.web_url = line.split()[-1]
-                match = READY.search(line)
-                if match:
-                    self.address = f"{match.group(1)}:{match.group(2)}"
-                    self._ready.set()
 
     def stop(self, grace: float = 60.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with _suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def __enter__(self) -> "ServeProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    with _suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class _suppress:
-    def __init__(self, *kinds):
-        self.kinds = kinds
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, self.kinds)
+        super().stop(grace)
 
 
 def _free_port() -> int:
-    from serving.launcher import pick_free_ports
-
     return pick_free_ports(1)[0]
 
 
@@ -250,7 +187,7 @@ def _interrupt(signum, frame):
 
 
 def _say(text: str) -> None:
-    with _suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError):
         print(text, flush=True)
 
 

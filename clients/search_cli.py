@@ -58,11 +58,13 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/search", help="data directory (default %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="search service port on 127.0.0.1")
     p.add_argument("--triton-port", type=int, default=None, help="Triton gRPC port (default: a free one)")
-    p.add_argument("--index", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF1024,Flat ...)")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow server-side paths under DIR in AddImages (repeatable)")
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
+    from search_service import add_store_arguments
+
+    add_store_arguments(p)
     p.add_argument("--encoders", choices=["torch", "onnxruntime", "onnxruntime-int8"], default="torch",
                    help="how Triton's encoders compute: torch, their ONNX graphs in ONNX Runtime (equal within 1e-5, "
                         "faster on CPU), or those with 8-bit weights (opt-in; agreement in README)")
@@ -71,14 +73,12 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
 def serve(args) -> int:
     import asyncio
 
-    from search_service.config import ServiceConfig
-    from search_service.index import IndexSettings
-    from search_service.modelrepo import ensure_repository
-    from search_service.server import run
+    from search_service import ServiceConfig, run, store_settings
     from serving.launcher import TritonServer
+    from serving.repository import ensure_repository
 
     data = Path(args.data)
-    from coca.export import EncoderSettings
+    from serving.repository import EncoderSettings
 
     runtime, _, precision = args.encoders.partition("-")
     repository, logit_scale = ensure_repository(data / "model_repository", args.model, args.pretrained,
@@ -90,8 +90,8 @@ def serve(args) -> int:
     try:
         print(f"tritonserver ready on {triton.grpc_url}", flush=True)
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
-                               allowed_roots=[Path(r) for r in args.root],
-                               index=IndexSettings(factory=args.index), logit_scale=logit_scale)
+                               allowed_roots=[Path(r) for r in args.root], **store_settings(args),
+                               logit_scale=logit_scale)
         gallery = _start_web(args) if args.web is not None else None
         try:
             asyncio.run(run(config))
@@ -132,11 +132,8 @@ def index(args) -> int:
     from tqdm import tqdm
 
     from clients.coca_client import Outcome, SearchError
-    from clients.search_client import image_files
-    from coca.errors import InvalidInputError
+    from coca.media import image_files
 
-    if not Path(args.directory).is_dir():
-        raise InvalidInputError(f"{args.directory}: not a directory")
     files = image_files(args.directory)
     metadata = parse_pairs(args.meta, "--meta")
     counts = {outcome.value: 0 for outcome in Outcome}

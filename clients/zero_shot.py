@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from coca.errors import InvalidInputError
+from coca.media import image_files
 from coca.prompts import label_prompts
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -37,12 +36,7 @@ def image_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if not directory.is_dir():
         raise InvalidInputError(f"{directory}: not a directory")
     classes = sorted(d.name for d in directory.iterdir() if d.is_dir())
-    samples = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((directory / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    samples = [(path, label) for label, name in enumerate(classes) for path in image_files(directory / name)]
     if len(classes) < 2 or not samples:
         raise InvalidInputError(f"{directory}: expected one sub-folder of images per class (at least two classes)")
     return classes, samples

@@ -14,7 +14,7 @@ from .errors import (
 # so that `coca --help`, the search service and clients that only need errors or settings start fast.
 _LAZY = {
     "load": "runtime", "from_reference": "runtime", "Coca": "runtime", "Caption": "decoding",
-    "create_open_clip": "loading", "coca_model_names": "loading", "SamplingParams": "sampling",
+    "create_open_clip": "loading", "coca_model_names": "loading", "SamplingParams": "settings",
 }
 
 

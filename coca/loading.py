@@ -2,10 +2,13 @@
 
 open_clip stays the loader (hub download, checkpoint conversion,
 `weights_only=True`); we then move its state dict into our modules, whose
-parameter names are open_clip's own.
+parameter names are open_clip's own. Each part's weights also go out to a
+safetensors file and back (`save_part`, `load_part`: what a served part loads).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Union
@@ -14,6 +17,7 @@ import open_clip
 import torch
 
 from .errors import UnknownModelError, WeightsUnavailableError
+from .config import CocaConfig
 from .model import CoCa
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -28,12 +32,13 @@ def coca_model_names() -> list[str]:
     return [n for n in open_clip.list_models() if "multimodal_cfg" in (open_clip.get_model_config(n) or {})]
 
 
-def model_config(model_name: str) -> dict:
+def model_config(model_name: str) -> CocaConfig:
+    """The config of a CoCa model open_clip (or coca/model_configs) knows by name; UnknownModelError otherwise."""
     if model_name not in coca_model_names():
         raise UnknownModelError(
             f"unknown model {model_name!r}: CoCa models are {', '.join(coca_model_names())}"
         )
-    return open_clip.get_model_config(model_name)
+    return CocaConfig.from_dict(open_clip.get_model_config(model_name))
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -42,6 +47,11 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if dtype not in DTYPES:
         raise UnknownModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name `resolve_dtype` reads back: float32, bfloat16."""
+    return str(dtype).removeprefix("torch.")
 
 
 def is_checkpoint_path(pretrained: str) -> bool:
@@ -139,3 +149,28 @@ def load_part(model_name: str, part: str, weights_file: Union[str, Path], dtype=
         module.to(device=device, dtype=resolve_dtype(dtype) if dtype is not None else None)
         module.requires_grad_(False)
     return net.eval()
+
+
+def save_part(net: CoCa, part: str, path: Union[str, Path], dtype: torch.dtype, about: dict) -> str:
+    """Write one part's weights (open_clip names) as a safetensors file; return its sha256.
+
+    `about` (JSON-able) is stored as the file's one metadata key. The file appears whole or not at all.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.to(dtype).contiguous() for k, v in part_state_dict(net, part).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # One metadata key: safetensors writes several in random order, and the file's sha256 must be repeatable.
+    save_file(state, str(tmp), metadata={"coca": json.dumps({**about, "part": part}, sort_keys=True)})
+    os.replace(tmp, path)  # a reader never sees half a file
+    return file_sha256(path)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -12,13 +12,14 @@ import os
 import threading
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
 import av
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from coca.errors import InvalidImageError, InvalidVideoError
+from coca.errors import InvalidImageError, InvalidInputError, InvalidVideoError
 
 # Largest image or video frame we decode, in pixels (width * height). 40 MP
 # covers every camera photo; anything larger is more likely a decompression
@@ -343,3 +344,15 @@ def _pillow_identifies(stream: BinaryIO) -> bool:
         return True  # an oversized image: load_image() says so
     except Exception:
         return False
+
+
+# --- folders of images -------------------------------------------------------------------
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def image_files(directory: Union[str, os.PathLike]) -> list[Path]:
+    """Image files under `directory` (searched recursively, by suffix), sorted so runs visit them in the same order."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise InvalidInputError(f"{directory}: not a directory")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -11,12 +11,13 @@ D = head dim, W = width, V = vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CocaConfig, DecoderConfig, TextConfig, VisionConfig
 from .kv_cache import CrossKV, DecoderCache, KVCache
 
 
@@ -199,19 +200,15 @@ class ImageEncoding:
 class ImageEncoder(nn.Module):
     """ViT + attentional pooler (open_clip `visual` with attentional_pool=True)."""
 
-    def __init__(self, cfg: dict, embed_dim: int):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
-        width, patch, size = cfg["width"], cfg["patch_size"], cfg["image_size"]
-        grid = size // patch
+        width, patch, grid = cfg.width, cfg.patch_size, cfg.grid
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        heads = width // cfg.get("head_width", 64)
-        self.transformer = Blocks(width, heads, cfg["layers"], cfg.get("mlp_ratio", 4.0))
-        self.attn_pool = AttentionalPooler(
-            embed_dim, width, cfg.get("attn_pooler_heads", 8), cfg.get("attn_pooler_queries", 256)
-        )
+        self.transformer = Blocks(width, cfg.heads, cfg.layers, cfg.mlp_ratio)
+        self.attn_pool = AttentionalPooler(embed_dim, width, cfg.attn_pooler_heads, cfg.attn_pooler_queries)
         self.ln_post = LayerNorm(embed_dim)
         self.proj = nn.Parameter(torch.empty(embed_dim, embed_dim))
         self.grid = grid
@@ -246,17 +243,17 @@ class TextEncoder(nn.Module):
     The decoder reuses this tower without its CLS: see `embed_step`.
     """
 
-    def __init__(self, cfg: dict, embed_dim: int, pad_id: int = 0):
+    def __init__(self, cfg: TextConfig, embed_dim: int, pad_id: int = 0):
         super().__init__()
-        width, self.context_length = cfg["width"], cfg["context_length"]
-        self.token_embedding = nn.Embedding(cfg["vocab_size"], width)
+        width, self.context_length = cfg.width, cfg.context_length
+        self.token_embedding = nn.Embedding(cfg.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(self.context_length + 1, width))
         self.cls_emb = nn.Parameter(torch.empty(width))
-        self.transformer = Blocks(width, cfg["heads"], cfg["layers"], cfg.get("mlp_ratio", 4.0))
+        self.transformer = Blocks(width, cfg.heads, cfg.layers, cfg.mlp_ratio)
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.pad_id = pad_id
-        self.correct_cls_mask = cfg.get("correct_cls_mask", False)
+        self.correct_cls_mask = cfg.correct_cls_mask
 
     def key_validity(self, text: torch.Tensor) -> torch.Tensor:
         """open_clip's pad mask over the context_length + 1 keys, CLS key last.
@@ -315,14 +312,13 @@ class TextEncoder(nn.Module):
 class TextDecoder(nn.Module):
     """Multimodal decoder: causal self-attention then cross-attention to the image, per layer."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        width, heads, layers = cfg["width"], cfg["heads"], cfg["layers"]
-        mlp_ratio = cfg.get("mlp_ratio", 4.0)
-        self.resblocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
-        self.cross_attn = nn.ModuleList([CrossBlock(width, heads, mlp_ratio) for _ in range(layers)])
+        width, heads, mlp_ratio = cfg.width, cfg.heads, cfg.mlp_ratio
+        self.resblocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(cfg.layers)])
+        self.cross_attn = nn.ModuleList([CrossBlock(width, heads, mlp_ratio) for _ in range(cfg.layers)])
         self.ln_final = LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, cfg["vocab_size"]))
+        self.text_projection = nn.Parameter(torch.empty(width, cfg.vocab_size))
         self.vocab_kernel = None  # faster replacement of `@ text_projection` (coca/quant.py)
 
     def vocab_logits(self, x):
@@ -344,15 +340,15 @@ class TextDecoder(nn.Module):
 
 
 class CoCa(nn.Module):
-    """The whole net, with open_clip's module names; built from an open_clip model config."""
+    """The whole net, with open_clip's module names; built from a CocaConfig (or open_clip's config dict)."""
 
-    def __init__(self, cfg: dict, pad_id: int = 0):
+    def __init__(self, cfg: Union[CocaConfig, dict], pad_id: int = 0):
         super().__init__()
-        embed_dim = cfg["embed_dim"]
+        cfg = cfg if isinstance(cfg, CocaConfig) else CocaConfig.from_dict(cfg)
         self.config = cfg
-        self.visual = ImageEncoder(cfg["vision_cfg"], embed_dim)
-        self.text = TextEncoder(cfg["text_cfg"], embed_dim, pad_id)
-        self.text_decoder = TextDecoder(cfg["multimodal_cfg"])
+        self.visual = ImageEncoder(cfg.vision, cfg.embed_dim)
+        self.text = TextEncoder(cfg.text, cfg.embed_dim, pad_id)
+        self.text_decoder = TextDecoder(cfg.decoder)
         self.logit_scale = nn.Parameter(torch.empty(()))
 
     @property
@@ -373,13 +369,13 @@ class CoCa(nn.Module):
 
     def new_cache(self, capacity: int, max_len: Optional[int] = None) -> DecoderCache:
         """Preallocated KV caches for `capacity` concurrent sequences."""
-        t, d = self.config["text_cfg"], self.config["multimodal_cfg"]
+        t, d = self.config.text, self.config.decoder
         return DecoderCache(
             capacity=capacity,
-            max_len=max_len or d["context_length"],
-            text_layers=t["layers"], text_heads=t["heads"], text_width=t["width"],
-            decoder_layers=d["layers"], decoder_heads=d["heads"], decoder_width=d["width"],
-            image_tokens=self.config["vision_cfg"].get("attn_pooler_queries", 256) - 1,
+            max_len=max_len or d.context_length,
+            text_layers=t.layers, text_heads=t.heads, text_width=t.width,
+            decoder_layers=d.layers, decoder_heads=d.heads, decoder_width=d.width,
+            image_tokens=self.config.vision.image_tokens,
             dtype=self.dtype,
             device=self.device,
         )

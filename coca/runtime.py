@@ -64,7 +64,7 @@ class Coca:
 
             chunks = tqdm(chunks, total=-(-len(images) // batch_size), unit="batch", desc="embedding images")
         out = [self.encode_images(chunk).class_embedding.cpu().numpy() for chunk in chunks]
-        return np.concatenate(out) if out else np.zeros((0, self.net.config["embed_dim"]), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.net.config.embed_dim), np.float32)
 
     # --- text encoder --------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -80,7 +80,7 @@ class Coca:
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Normalised text ClassEmbeddings (N, E), float32."""
         out = [self.encode_texts(chunk).class_embedding.cpu().numpy() for chunk in batches(list(texts), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.net.config["embed_dim"]), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.net.config.embed_dim), np.float32)
 
     def token_strings(self, tokens: Sequence[int]) -> list[str]:
         return [self.tokenizer.decoder[t].replace("</w>", "") for t in tokens]

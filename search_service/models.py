@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 import numpy as np
 
 from coca.decoding import Caption
-from coca.sampling import SamplingParams
+from coca.settings import SamplingParams
 
 log = logging.getLogger("search_service.models")
 T = TypeVar("T")

@@ -26,10 +26,13 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import DEFAULT_PORT, ServiceConfig
+from .collection import Collection, StoreUnavailable
+from .config import DEFAULT_PORT, VECTOR_STORES, ServiceConfig
 from .engine import Engine
 from .index import IndexSettings
+from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
 from .models import Models
+from .process import READY_LINE
 from .pb import search_pb2, search_pb2_grpc
 from .service import SearchServicer, status_of
 
@@ -97,7 +100,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    engine: Engine
+    engine: Collection
     models: Models
     health: health.aio.HealthServicer
     _watch: asyncio.Task
@@ -116,10 +119,14 @@ class RunningServer:
 
 async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     """Open the store and index, then serve on config.host:config.port (0 = a free port)."""
-    engine = Engine(config.data_dir, config.index, config.snapshot_every)
+    engine = open_collection(config)
     models = Models(config.triton_url, config.logit_scale, config.text_cache_size)
-    if engine.dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
-        log.info("index: %s", await asyncio.to_thread(engine.open_index, engine.dim, progress))
+    try:
+        dim = await asyncio.to_thread(lambda: engine.dim)
+        if dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
+            log.info("index: %s", await asyncio.to_thread(engine.open_index, dim, progress))
+    except StoreUnavailable as exc:  # opened once it answers (health says NOT_SERVING meanwhile)
+        log.warning("%s", exc)
     servicer = SearchServicer(config, engine, models)
     health_servicer = health.aio.HealthServicer()
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
@@ -138,6 +145,13 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     return RunningServer(server, port, engine, models, health_servicer, watch)
 
 
+def open_collection(config: ServiceConfig) -> Collection:
+    """The collection the config names: the embedded SQLite + FAISS store, or a Milvus collection."""
+    if config.vector_store == "milvus":
+        return MilvusCollection(config.data_dir, config.milvus)
+    return Engine(config.data_dir, config.index, config.snapshot_every)
+
+
 def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
     return grpc.ssl_server_credentials([pair])
@@ -151,6 +165,7 @@ async def _watch_models(servicer: SearchServicer, health_servicer) -> None:
     while True:
         try:
             await servicer.ensure_models(refresh=True)
+            await asyncio.to_thread(servicer.engine.ping)
             status = serving
         except asyncio.CancelledError:
             raise
@@ -174,9 +189,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow AddImages server-side paths under DIR (repeatable; none by default)")
-    p.add_argument("--index", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
-    p.add_argument("--ef-search", type=int, default=IndexSettings.ef_search)
-    p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe)
+    add_store_arguments(p)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--text-cache-size", type=int, default=ServiceConfig.text_cache_size,
@@ -188,14 +201,42 @@ def parse_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """Where items live: the embedded FAISS store (default) or a Milvus collection; shared with `coca serve`."""
+    p.add_argument("--vector-store", choices=VECTOR_STORES, default="faiss",
+                   help="faiss: SQLite + FAISS in --data (default); milvus: a Milvus collection, image bytes in --data")
+    p.add_argument("--index", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
+    p.add_argument("--ef-search", type=int, default=IndexSettings.ef_search, help="HNSW search breadth (FAISS, Milvus)")
+    p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe, help="IVF lists searched (FAISS, Milvus)")
+    p.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
+    p.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
+    p.add_argument("--collection", default=MilvusSettings.collection, help="Milvus collection (default %(default)s)")
+    p.add_argument("--milvus-index", default=MilvusSettings.index_type, help="Milvus index type: HNSW, IVF_FLAT, FLAT")
+    p.add_argument("--milvus-consistency", choices=CONSISTENCY_LEVELS, default=MilvusSettings.consistency,
+                   help="default consistency of reads (default %(default)s: a replica sees its own writes)")
+
+
+def store_settings(args) -> dict:
+    """ServiceConfig fields for the options of add_store_arguments."""
+    token = os.environ.get("COCA_MILVUS_TOKEN", "")
+    if args.milvus_token_file:
+        token = Path(args.milvus_token_file).read_text().strip()
+    return {
+        "vector_store": args.vector_store,
+        "index": IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
+        "milvus": MilvusSettings(uri=args.milvus_uri, token=token, collection=args.collection,
+                                 index_type=args.milvus_index, ef_search=args.ef_search, nprobe=args.nprobe,
+                                 consistency=args.milvus_consistency),
+    }
+
+
 def config_from_args(args) -> ServiceConfig:
     token = os.environ.get("COCA_SEARCH_TOKEN") or None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     return ServiceConfig(
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
-        allowed_roots=[Path(r) for r in args.root],
-        index=IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
+        allowed_roots=[Path(r) for r in args.root], **store_settings(args),
         logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
         bearer_token=token, text_cache_size=max(0, args.text_cache_size),
@@ -211,8 +252,10 @@ async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> No
     running = await start(config, progress=sys.stderr.isatty())
     if config.bearer_token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
-    print(f"search service ready on {config.host}:{running.port} (data {config.data_dir}, "
-          f"Triton {config.triton_url}, index {config.index.factory})", flush=True)
+    store = (f"Milvus {config.milvus.uri} collection {config.milvus.collection}" if config.vector_store == "milvus"
+             else f"index {config.index.factory}")
+    print(READY_LINE.format(host=config.host, port=running.port) + f" (data {config.data_dir}, "
+          f"Triton {config.triton_url}, {store})", flush=True)
     try:
         await stop.wait()
     finally:

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from coca import media
 from coca.errors import CapacityError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE, label_prompts
-from coca.sampling import SamplingParams
+from coca.settings import SamplingParams
 
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable
@@ -108,6 +108,11 @@ class SearchOptions:
     min_score: Optional[float]
     filters: dict[str, str]
     with_captions: bool
+    consistency: Optional[str] = None  # remote stores: Strong, Session, Bounded, Eventually; None: the default
+
+
+CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session",
+               pb.CONSISTENCY_BOUNDED: "Bounded", pb.CONSISTENCY_EVENTUALLY: "Eventually"}
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
@@ -231,6 +236,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         for index, request in batch:
             try:
                 out.append(self._prepare(index, request))
+            except StoreUnavailable:  # not this item's fault: the stream fails, as when Triton is down
+                raise
             except Exception as exc:
                 out.append(_failed(index, exc))
         return out
@@ -297,7 +304,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         min_score = options.min_score if options.HasField("min_score") else None
         if min_score is not None and not (math.isfinite(min_score) and -1 <= min_score <= 1):
             raise bad(f"min_score must be a cosine similarity in [-1, 1], got {min_score}")
-        return SearchOptions(k, min_score, _check_metadata(dict(options.filters), "filter"), options.with_captions)
+        if options.consistency and options.consistency not in CONSISTENCY:
+            raise bad(f"unknown consistency {options.consistency}")
+        return SearchOptions(k, min_score, _check_metadata(dict(options.filters), "filter"), options.with_captions,
+                             CONSISTENCY.get(options.consistency))
 
     async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
         """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
@@ -315,7 +325,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return item.embedding
 
     async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
-        hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score)
+        hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score,
+                                       options.consistency)
         errors: dict[int, str] = {}
         if options.with_captions:
             errors = await self._caption_hits(hits, context)

@@ -31,11 +31,11 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from coca import media
 from coca.decoding import Caption
 from coca.errors import CapacityError, InvalidInputError
-from coca.export import TRITON_MODELS, Identity
-from coca.sampling import SamplingParams
+from coca.settings import SamplingParams
 
 from .errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError
-from .protocol import CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS, TEXT_DECODER, TEXT_ENCODER
+from .protocol import (CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS, TEXT_DECODER, TEXT_ENCODER,
+                       TRITON_MODELS, Identity)
 
 ImageInput = Union[bytes, str, os.PathLike]
 

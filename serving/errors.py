@@ -13,3 +13,7 @@ class IdentityMismatchError(CocaError):
 
 class TritonRequestError(CocaError):
     """The server answered with an error that is not the caller's input (internal, unknown sequence)."""
+
+
+class TritonServerError(RuntimeError):
+    """The server could not be found, started, or made ready. The message carries the log tail."""

@@ -1,13 +1,6 @@
-"""Start and stop the real ``tritonserver`` (CPU, Python backend) for a model repository.
-
-The ``nvidia-pytriton`` wheel ships a complete Triton server tree under
-``site-packages/pytriton/tritonserver/`` (``bin/tritonserver``, ``backends/python``,
-``caches/local``) and one Python-backend stub per Python version under
-``python_backend_stubs/<major.minor>/``.  The Python backend looks for its stub next to
-``libtriton_python.so`` (``<backend-dir>/python/triton_python_backend_stub``) and the
-wheel does not put it there.  Rather than writing into site-packages at run time, each
-server gets a private backend directory (a temporary directory of symlinks to the
-wheel's files plus the stub for *our* Python version), removed again on ``stop()``.
+"""Run the real ``tritonserver`` (CPU, Python backend) on a model repository: start, wait until
+ready, stop (finding the install is serving/triton_install.py; the process itself is supervised
+by serving/supervisor.py).
 
 The stub runs an embedded, *isolated* Python (``sys.flags.isolated == 1``: PYTHONPATH
 and PYTHONHOME are ignored).  It finds its prefix by searching ``PATH`` for ``python3``,
@@ -35,172 +28,27 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import collections
 import contextlib
-import ctypes
-import importlib.util
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
-import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, TextIO
 
-__all__ = [
-    "PythonEnv",
-    "TritonDist",
-    "TritonServer",
-    "TritonServerError",
-    "find_triton",
-    "main",
-    "pick_free_ports",
-    "prepare_backend_dir",
-    "python_env",
-]
+from .errors import TritonServerError
+from .supervisor import ProcessError, Supervisor
+from .triton_install import find_triton, prepare_backend_dir, python_env
 
-STUB_NAME = "triton_python_backend_stub"
+__all__ = ["TritonServer", "TritonServerError", "main", "pick_free_ports"]
+
 DEFAULT_HOST = "127.0.0.1"
-
-
-class TritonServerError(RuntimeError):
-    """The server could not be found, started, or made ready.  The message carries the log tail."""
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-@dataclass(frozen=True)
-class TritonDist:
-    """Where the server tree of the installed ``nvidia-pytriton`` wheel lives."""
-
-    root: Path  # .../site-packages/pytriton/tritonserver
-    server_bin: Path
-    backends_dir: Path
-    caches_dir: Path
-    stub: Path  # the stub built for the requested Python version
-    libs_dir: Path  # .../site-packages/nvidia_pytriton.libs (auditwheel-vendored libraries)
-
-
-@dataclass(frozen=True)
-class PythonEnv:
-    """The Python environment the stubs should run in (normally the one running us)."""
-
-    executable: Path  # not resolved: <venv>/bin/python
-    bin_dir: Path  # goes first in PATH
-    version: tuple[int, int]
-    libdir: Path | None  # directory holding libpython3.X.so.1.0 (sysconfig LIBDIR), if shared
-
-
-def python_env(executable: str | os.PathLike | None = None) -> PythonEnv:
-    """Describe the interpreter whose environment the Python-backend stubs must use."""
-    if executable is None:
-        exe = Path(sys.executable)
-        version = (sys.version_info.major, sys.version_info.minor)
-        libdir = sysconfig.get_config_var("LIBDIR")
-        ldlibrary = sysconfig.get_config_var("INSTSONAME") or ""
-    else:
-        exe = Path(executable)
-        code = (
-            "import json, sys, sysconfig; print(json.dumps([sys.version_info[:2], "
-            "sysconfig.get_config_var('LIBDIR'), sysconfig.get_config_var('INSTSONAME')]))"
-        )
-        try:
-            out = subprocess.run([str(exe), "-I", "-c", code], check=True, capture_output=True, text=True).stdout
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise TritonServerError(f"cannot run the Python interpreter {exe}: {exc}") from exc
-        (major, minor), libdir, ldlibrary = json.loads(out)
-        version = (int(major), int(minor))
-    exe = Path(os.path.abspath(exe))  # absolute, but keep the venv's symlink
-    if not (exe.parent / "python3").exists():
-        warnings.warn(
-            f"{exe.parent} has no 'python3': the Python-backend stub finds its environment by "
-            "searching PATH for python3 and will fall back to another interpreter's site-packages",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    shared = None
-    if libdir and ldlibrary and (Path(libdir) / ldlibrary).exists():
-        shared = Path(libdir)
-    return PythonEnv(executable=exe, bin_dir=exe.parent, version=version, libdir=shared)
-
-
-def find_triton(python_version: tuple[int, int] | None = None) -> TritonDist:
-    """Locate the ``tritonserver`` tree inside the installed ``nvidia-pytriton`` package.
-
-    Only looks the package up (``importlib.util.find_spec``); ``pytriton`` is not imported.
-    """
-    if python_version is None:
-        python_version = (sys.version_info.major, sys.version_info.minor)
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError(
-            "the nvidia-pytriton package is not installed in this environment; it provides the "
-            "tritonserver binary (pip install nvidia-pytriton==0.7.0)"
-        )
-    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-    tag = f"{python_version[0]}.{python_version[1]}"
-    dist = TritonDist(
-        root=root,
-        server_bin=root / "bin" / "tritonserver",
-        backends_dir=root / "backends",
-        caches_dir=root / "caches",
-        stub=root / "python_backend_stubs" / tag / STUB_NAME,
-        libs_dir=root.parent.parent / "nvidia_pytriton.libs",
-    )
-    if not os.access(dist.server_bin, os.X_OK):
-        raise TritonServerError(f"no executable tritonserver at {dist.server_bin}")
-    if not (dist.backends_dir / "python" / "libtriton_python.so").exists():
-        raise TritonServerError(f"no Python backend at {dist.backends_dir / 'python'}")
-    if not dist.stub.exists():
-        have = sorted(p.name for p in (root / "python_backend_stubs").glob("*"))
-        raise TritonServerError(
-            f"no Python-backend stub for Python {tag} at {dist.stub} (the wheel has: {', '.join(have) or 'none'})"
-        )
-    return dist
-
-
-def prepare_backend_dir(dist: TritonDist, dest: str | os.PathLike) -> Path:
-    """Assemble a backend directory at *dest* out of symlinks into the wheel.
-
-    ``dest/python/`` gets links to every file of the wheel's Python backend and to the stub
-    for our Python version; other backends (none in 0.7.0) are linked as whole directories.
-    Nothing is written into site-packages.
-    """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for entry in dist.backends_dir.iterdir():
-        if entry.name == "python":
-            continue
-        link = dest / entry.name
-        if not link.exists():
-            link.symlink_to(entry, target_is_directory=entry.is_dir())
-    py = dest / "python"
-    py.mkdir(exist_ok=True)
-    for entry in (dist.backends_dir / "python").iterdir():
-        if entry.name in ("__pycache__", STUB_NAME):
-            continue
-        link = py / entry.name
-        if not link.exists():
-            link.symlink_to(entry)
-    stub = py / STUB_NAME
-    if not stub.exists():
-        stub.symlink_to(dist.stub)
-    return dest
-
-
-# --------------------------------------------------------------------------- ports
 
 
 def pick_free_ports(n: int = 3, host: str = DEFAULT_HOST) -> list[int]:
@@ -217,40 +65,11 @@ def pick_free_ports(n: int = 3, host: str = DEFAULT_HOST) -> list[int]:
             s.close()
 
 
-# --------------------------------------------------------------------------- process helpers
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group *pgid* (Linux /proc)."""
-    members = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces/parentheses
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] != b"Z":
-            members.append(int(d))
-    return members
-
-
 def _list_dir(path: str) -> list[str]:
     try:
         return os.listdir(path)
     except OSError:
         return []
-
-
-def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - best effort
-        pass
 
 
 _LIVE_SERVERS: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
@@ -263,18 +82,14 @@ def _stop_live_servers() -> None:  # pragma: no cover - exercised only on abnorm
             server.stop(grace=10)
 
 
-# --------------------------------------------------------------------------- server
-
-
 class TritonServer:
     """One ``tritonserver`` process (plus its Python-backend stub processes).
 
     >>> with TritonServer("tests/triton_models") as server:   # picks free ports
     ...     server.grpc_url, server.http_url                   # ('127.0.0.1:4xxxx', 'http://127.0.0.1:4xxxx')
 
-    The server runs in its own process group (``start_new_session``); every model instance
-    of the Python backend is a child stub process in that group, so ``stop()`` can make
-    sure none is left behind.
+    The server runs in its own process group; every model instance of the Python backend is a
+    child stub process in that group, so ``stop()`` can make sure none is left behind.
 
     Ports left as ``None`` are picked free at ``start()``; if the server then fails to bind
     (another process grabbed the port), ``start()`` retries with new ports.
@@ -311,11 +126,8 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.exit_timeout_secs = int(exit_timeout_secs)
         self.kill_on_parent_exit = kill_on_parent_exit
-        self._tail: collections.deque[str] = collections.deque(maxlen=log_tail_lines)
-        self._tail_lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-        self._log_fh: TextIO | None = None
+        self.log_tail_lines = log_tail_lines
+        self._process: Supervisor | None = None
         self._workdir: Path | None = None
         self.returncode: int | None = None
 
@@ -334,7 +146,7 @@ class TritonServer:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._process.pid if self.is_alive() else None
 
     @property
     def shm_region_prefix(self) -> str:
@@ -347,16 +159,14 @@ class TritonServer:
         return self._workdir
 
     def is_alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process is not None and self._process.is_alive()
 
     def process_group_members(self) -> list[int]:
         """PIDs of the server and its stubs still alive (empty once stopped)."""
-        return _group_members(self._proc.pid) if self._proc else []
+        return self._process.group_members() if self._process else []
 
     def log_tail(self, n: int = 60) -> str:
-        with self._tail_lock:
-            lines = list(self._tail)[-n:]
-        return "".join(lines)
+        return self._process.tail(n) if self._process else ""
 
     # ---------------------------------------------------------------- command / env
     def command(self, backend_dir: str | os.PathLike) -> list[str]:
@@ -428,116 +238,47 @@ class TritonServer:
         backend_dir = prepare_backend_dir(self.dist, self._workdir / "backends")
         cwd = self._workdir / "cwd"  # empty: the stub puts the cwd on sys.path
         cwd.mkdir()
-        with self._tail_lock:
-            self._tail.clear()
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log_file, "a", encoding="utf-8", errors="replace")
-        cmd = self.command(backend_dir)
-        self._proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=self.environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() reaches the stubs too
-            preexec_fn=_set_parent_death_signal if self.kill_on_parent_exit else None,
-        )
+        self._process = Supervisor(
+            self.command(backend_dir), name="tritonserver", cwd=cwd, env=self.environment(),
+            log_file=self.log_file, echo=self._echo, tail_lines=self.log_tail_lines,
+            die_with_parent=self.kill_on_parent_exit,
+        ).start()
         self.returncode = None
         _LIVE_SERVERS.add(self)
-        self._reader = threading.Thread(
-            target=self._pump_log, args=(self._proc.stdout,), name=f"tritonserver-log-{self._proc.pid}", daemon=True
-        )
-        self._reader.start()
 
-    def _pump_log(self, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace")
-            with self._tail_lock:
-                self._tail.append(line)
-            fh = self._log_fh
-            if fh is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    fh.write(line)
-                    fh.flush()
-            if self._echo is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    self._echo.write(line)
-                    self._echo.flush()
-        stream.close()
+    def _health_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        assert self._proc is not None
-        url = f"{self.http_url}/v2/health/ready"
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = self._proc.poll()
-            if rc is not None:
-                if self._reader is not None:
-                    self._reader.join(timeout=5)
-                raise TritonServerError(
-                    f"tritonserver exited with code {rc} before it was ready "
-                    f"(model repository {self.model_repository}). Log tail:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TritonServerError(
-                    f"tritonserver not ready after {timeout:.0f} s (model repository "
-                    f"{self.model_repository}). Log tail:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
+        assert self._process is not None
+        try:
+            self._process.wait_ready(timeout, probe=self._health_ready)
+        except ProcessError as exc:
+            raise TritonServerError(f"{exc} (model repository {self.model_repository})") from None
 
     def stop(self, grace: float = 30.0) -> int | None:
         """Stop the server: SIGTERM to the server (it unloads models, calling each stub's
         ``finalize()``), SIGKILL to the whole process group after *grace* seconds, then
         SIGKILL whatever is left in the group (stray stubs).  Returns the server's exit code."""
-        proc = self._proc
-        if proc is None:
+        process = self._process
+        if process is None:
             return self.returncode
-        pgid = proc.pid  # start_new_session: pgid == pid
         try:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pgid, signal.SIGKILL)
-                    proc.wait()
-            # Stubs notice that their parent is gone and exit on their own; give them a moment.
-            deadline = time.monotonic() + 5
-            while _group_members(pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _group_members(pgid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                deadline = time.monotonic() + 5
-                while _group_members(pgid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
+            self.returncode = process.stop(grace)
             # Regions of a stub that was killed are never unlinked; ours have a unique prefix.
-            if not _group_members(pgid):
+            if not process.group_members():
                 for name in _list_dir("/dev/shm"):
                     if name.startswith(self.shm_region_prefix):
                         with contextlib.suppress(OSError):
                             os.unlink(os.path.join("/dev/shm", name))
         finally:
-            self.returncode = proc.returncode
-            if self._reader is not None:
-                self._reader.join(timeout=5)
-            if self._log_fh is not None:
-                self._log_fh.close()
-                self._log_fh = None
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
-            self._proc = None
             _LIVE_SERVERS.discard(self)
         return self.returncode
 

@@ -1,12 +1,45 @@
-"""What the CoCa Triton models and their client agree on: names, dtypes, error wording.
+"""What the CoCa Triton models, their client and the repository writer agree on: names, identity,
+dtypes, error wording.
 
-Imported by both sides (serving.models inside the server, serving.client outside).
+Imported by all three sides (serving.models inside the server, serving.client outside,
+serving.repository writing the repository).
 """
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 IMAGE_ENCODER, TEXT_ENCODER, TEXT_DECODER = "coca_image_encoder", "coca_text_encoder", "coca_text_decoder"
+TRITON_MODELS = {  # Triton model name -> CoCa part it serves (coca.loading.PARTS)
+    IMAGE_ENCODER: "image_encoder",
+    TEXT_ENCODER: "text_encoder",
+    TEXT_DECODER: "text_decoder",
+}
+WEIGHTS_FILE = "weights.safetensors"  # in <model>/<version>/, beside model.py
+ONNX_FILE = "model.onnx"  # an encoder's ONNX graph (`coca export --format onnx`), beside its weights
+PARAMETER_PREFIX = "coca_"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which model and weights a repository holds; the same in every model's config."""
+
+    model: str
+    pretrained: str
+    dtype: str
+    embed_dim: int
+    repository_id: str  # hash of all parts' weights: equal ids, equal weights
+
+    def parameters(self) -> dict[str, str]:
+        return {PARAMETER_PREFIX + k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> "Identity":
+        """From a model config's parameters (values as strings); KeyError if one is missing."""
+        values = {name: parameters[PARAMETER_PREFIX + name] for name in cls.__dataclass_fields__}
+        return cls(**{**values, "embed_dim": int(values["embed_dim"])})
+
 
 # SamplingParams field -> (decoder input sent with START, its numpy dtype)
 SAMPLING_INPUTS = {

@@ -21,7 +21,9 @@ import os
 import sys
 from typing import Iterator
 
-from serving.launcher import TritonServer, TritonServerError, find_triton, pick_free_ports
+from serving.errors import TritonServerError
+from serving.launcher import TritonServer, pick_free_ports
+from serving.triton_install import find_triton
 
 
 def triton_unavailable_reason() -> str | None:

@@ -130,3 +130,9 @@ def test_plot_images_and_texts(capsys, images, tmp_path):
     out2 = tmp_path / "texts.png"
     assert run(capsys, "plot", "--texts", "Paris", "New York", "a cat", *TINY, "--out", str(out2), "--method", "pca")[0] == 0
     assert out2.stat().st_size > 1000
+
+
+def test_bench_runs_the_benchmark_program(capfd):
+    """`coca bench NAME` runs `python -m bench NAME` (the CLI imports no benchmark code)."""
+    assert main(["bench", "no-such-bench"]) == 2
+    assert "unknown benchmark 'no-such-bench'" in capfd.readouterr().err

@@ -37,7 +37,7 @@ SCREENSHOT_DIR = os.environ.get("COCA_SCREENSHOT_DIR")  # also copy screenshots 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from clients.demo import ServeProcess, sample_photos
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
     from serving.launcher import pick_free_ports
 
     data = tmp_path_factory.mktemp("served")

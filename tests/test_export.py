@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from coca.errors import WeightsUnavailableError
-from coca.export import (
-    MANIFEST_FILE, TEMPLATES, TRITON_MODELS, WEIGHTS_FILE, DecoderSettings, Identity, config_parameters,
-    export_repository, file_sha256,
-)
-from coca.loading import PARTS, load_part, part_state_dict
+from coca.loading import PARTS, file_sha256, load_part, part_state_dict
+from serving.protocol import TRITON_MODELS, WEIGHTS_FILE, Identity
+from serving.repository import MANIFEST_FILE, TEMPLATES, DecoderSettings, config_parameters, export_repository
 from serving.models.sequences import SequenceTable
 
 

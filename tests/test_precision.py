@@ -18,7 +18,8 @@ import torch
 
 import coca
 from coca.errors import InvalidInputError
-from coca.export import ONNX_FILE, DecoderSettings, EncoderSettings, config_parameters, export_repository
+from serving.protocol import ONNX_FILE
+from serving.repository import DecoderSettings, EncoderSettings, config_parameters, export_repository
 from coca.generate import generate
 from coca.onnx_encoders import IMAGE_FILE, TEXT_FILE, OnnxEncoder, write_onnx_encoders
 from coca.quant import quantize
@@ -111,7 +112,7 @@ def triton_fast(tiny_coca, tmp_path_factory):
 
 
 def test_export_writes_onnx_graphs_with_their_hashes(triton_fast):
-    from coca.export import file_sha256
+    from coca.loading import file_sha256
 
     _, repo = triton_fast
     for name in ("coca_text_encoder", "coca_image_encoder"):

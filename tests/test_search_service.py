@@ -21,9 +21,8 @@ from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
-from clients.search_client import SearchClient  # noqa: E402
 from search_service.pb import search_pb2 as pb  # noqa: E402
-from search_service.testing import ServiceProcess  # noqa: E402
+from search_service.testing import ServiceProcess, WireClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
@@ -33,7 +32,7 @@ ADDED, DUPLICATE, FAILED = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE,
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
 
     return ensure_repository(tmp_path_factory.mktemp("search") / "repo", MODEL, PRETRAINED, SEED)
 
@@ -76,17 +75,25 @@ def roots(tmp_path_factory, photos):
     return root, outside
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory, triton, repository, roots):
-    """The service most tests share (its own data dir)."""
+def store_args(request, name: str) -> tuple[str, ...]:
+    """Service flags for the vector store a parametrised fixture asks for (a fresh Milvus collection each)."""
+    if request.param == "faiss":
+        return ()
+    server = request.getfixturevalue("milvus_server")
+    return ("--vector-store", "milvus", "--milvus-uri", server.uri, "--collection", f"{name}_{time.time_ns()}")
+
+
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def service(request, tmp_path_factory, triton, repository, roots):
+    """The service most tests share (its own data dir), over each vector store: the same tests run on both."""
     with ServiceProcess(tmp_path_factory.mktemp("data"), triton.grpc_url, "--root", str(roots[0]),
-                        "--logit-scale", str(repository[1])) as process:
+                        "--logit-scale", str(repository[1]), *store_args(request, "e2e")) as process:
         yield process
 
 
 @pytest.fixture
 def client(service):
-    with SearchClient(service.address, timeout=60) as c:
+    with WireClient(service.address, timeout=60) as c:
         yield c
 
 
@@ -348,7 +355,7 @@ def test_health_and_reflection(service):
 def test_restart_and_sigkill_lose_nothing(tmp_path, triton, photos):
     """A clean restart keeps everything; kill -9 in the middle of an AddImages stream loses no
     acknowledged item, and after either the index holds exactly the store's items."""
-    with ServiceProcess(tmp_path, triton.grpc_url) as service, SearchClient(service.address) as client:
+    with ServiceProcess(tmp_path, triton.grpc_url) as service, WireClient(service.address) as client:
         ids = [r.id for r in add(client, photos[:4], metadata={"k": "v"})]
         captioned = client.search_text("a rocket", k=2, with_captions=True).hits
         before = [(h.id, round(h.score, 5), h.caption) for h in client.search_text("a rocket", k=4).hits]
@@ -356,7 +363,7 @@ def test_restart_and_sigkill_lose_nothing(tmp_path, triton, photos):
     service = ServiceProcess(tmp_path, triton.grpc_url).start()
     acked = []
     try:
-        with SearchClient(service.address) as client:
+        with WireClient(service.address) as client:
             stats = client.stats()
             assert stats.count == stats.indexed == 3 and stats.snapshot_sequence == stats.last_sequence
             after = [(h.id, round(h.score, 5), h.caption) for h in client.search_text("a rocket", k=4).hits]
@@ -374,7 +381,7 @@ def test_restart_and_sigkill_lose_nothing(tmp_path, triton, photos):
     finally:
         service.kill()
     assert len(acked) >= 40
-    with ServiceProcess(tmp_path, triton.grpc_url) as service, SearchClient(service.address) as client:
+    with ServiceProcess(tmp_path, triton.grpc_url) as service, WireClient(service.address) as client:
         stats = client.stats()
         assert stats.count == stats.indexed and stats.count >= 3 + len(acked)
         for item_id in acked[::7]:
@@ -427,16 +434,16 @@ def test_token_tls_and_message_limit(tmp_path, triton, photos):
     token.write_text("s3cret\n")
     args = ["--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token), "--max-message-mb", "1"]
     with ServiceProcess(tmp_path / "data", triton.grpc_url, *args) as service:
-        with SearchClient(service.address, tls_ca=cert) as anonymous:
+        with WireClient(service.address, tls_ca=cert) as anonymous:
             error = rpc_error(anonymous.stats)
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in error.details()
-        with SearchClient(service.address, token="wrong", tls_ca=cert) as wrong:
+        with WireClient(service.address, token="wrong", tls_ca=cert) as wrong:
             assert rpc_error(wrong.stats).code() == grpc.StatusCode.UNAUTHENTICATED
-        with SearchClient(service.address, token="s3cret", tls_ca=cert) as client:
+        with WireClient(service.address, token="s3cret", tls_ca=cert) as client:
             assert add(client, photos[:1])[0].outcome == ADDED
             big = rpc_error(lambda: list(client.add_images([pb.AddImageRequest(image=os.urandom(2 << 20))])))
             assert big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        with SearchClient(service.address, token="s3cret") as plaintext:  # TLS only
+        with WireClient(service.address, token="s3cret") as plaintext:  # TLS only
             assert rpc_error(plaintext.stats).code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -474,7 +481,7 @@ def test_cli_index_resume_search_html(tmp_path, service, photos, capsys):
 def background_serve(tmp_path_factory, repository, service):
     """`coca serve` (its own Triton + service) started early, so its start overlaps the other tests;
     the last test checks it."""
-    from search_service.modelrepo import MARKER
+    from serving.repository import MARKER
     from serving.launcher import pick_free_ports
 
     data = tmp_path_factory.mktemp("serve")
@@ -501,7 +508,7 @@ def test_coca_serve_starts_and_stops_both(background_serve):
     wait_for(lambda: "search service ready" in log.read_text() or proc.poll() is not None, 120, "coca serve")
     assert proc.poll() is None, log.read_text()
     assert "exporting" not in log.read_text()
-    with SearchClient(f"127.0.0.1:{port}") as client:
+    with WireClient(f"127.0.0.1:{port}") as client:
         assert wait_for(lambda: client.stats().triton_ready, 20, "Triton ready")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, log.read_text()
@@ -515,7 +522,7 @@ def test_delete_on_a_trained_ivf_index_keeps_the_service_up_and_answers_right(tm
     rng = np.random.default_rng(11)
     images = [jpeg(Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))) for _ in range(90)]
     with ServiceProcess(tmp_path, triton.grpc_url, "--index", "IVF2,Flat", "--nprobe", "2") as process, \
-            SearchClient(process.address, timeout=60) as client:
+            WireClient(process.address, timeout=60) as client:
         ids = [r.id for r in add(client, images)]
         assert len(set(ids)) == 90
         wait_for(lambda: client.stats().index_active == "IVF2,Flat", 60, "the trained IVF index")

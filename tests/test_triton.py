@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from coca.errors import CapacityError, InvalidInputError
-from coca.export import DecoderSettings, export_repository
+from serving.repository import DecoderSettings, export_repository
 from coca.sampling import SamplingParams
 from serving.testing import running_triton, triton_unavailable_reason
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.launcher import TritonServer, _group_members
+from serving.launcher import TritonServer
+from serving.supervisor import group_members
 from serving.testing import running_triton, triton_unavailable_reason
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -272,7 +273,7 @@ def test_stop_leaves_no_processes(tmp_path):
     finally:
         rc = server.stop()
     assert rc == 0
-    assert _group_members(pgid) == []
+    assert group_members(pgid) == []
     assert _procs_mentioning(workdir) == []
     assert not Path(workdir).exists()
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(shm_prefix)]
@@ -313,4 +314,4 @@ def test_cli_runs_until_sigterm(tmp_path):
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
     assert "stopped (tritonserver exit code 0)" in out
-    assert _group_members(pid) == []
+    assert group_members(pid) == []

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coca.export import TRITON_MODELS, config_parameters, export_repository
+from serving.protocol import TRITON_MODELS
+from serving.repository import config_parameters, export_repository
 from coca.sampling import SamplingParams
 from serving.protocol import SAMPLING_INPUTS
 

@@ -13,6 +13,7 @@ import grpc
 from search_service.pb.search_pb2_grpc import SearchServiceStub
 
 from . import types as t
+from .errors import Unavailable, from_rpc_error
 
 MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 TOKEN_ENV = "COCA_SEARCH_TOKEN"
@@ -110,6 +111,31 @@ class Connection:
 
 
 DEFAULT_TIMEOUT = 120.0
+UNSET = object()  # a call's timeout left out: the client's default
+
+
+class UnaryAttempts:
+    """One unary call's attempts inside one deadline, shared by the sync and asyncio clients:
+    each attempt's timeout, and after a failure how long to wait before the next (or the error to raise)."""
+
+    def __init__(self, method: str, target: str, retry: RetryPolicy, timeout: Optional[float]):
+        self.method, self.target = method, target
+        self.deadline = Deadline(timeout)
+        self._waits = retry.backoffs()
+        self.attempt = 0
+
+    def timeout(self) -> Optional[float]:
+        """The next attempt's timeout (what is left of the deadline)."""
+        self.attempt += 1
+        return self.deadline.remaining()
+
+    def wait_after(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt; raises the typed error when there is none."""
+        error = from_rpc_error(exc, self.method, self.target, self.attempt)
+        wait = next(self._waits, None) if error.code in RETRYABLE else None
+        if wait is None or not self.deadline.allows(wait):
+            raise error from None
+        return wait
 
 
 class ClientBase:
@@ -129,6 +155,44 @@ class ClientBase:
         self.channel = self.connection.open_channel(self.grpc_module)
         self._stub = SearchServiceStub(self.channel)
         self._metadata = self.connection.metadata()
+
+    def _attempts(self, method: str, timeout=UNSET) -> UnaryAttempts:
+        return UnaryAttempts(method, self.target, self.retry, self.timeout if timeout is UNSET else timeout)
+
+
+class HealthWait:
+    """wait_ready's loop, shared by the sync and asyncio clients: ask Health.Check until it says SERVING;
+    after any other answer, pause and ask again until `timeout` seconds have passed, then Unavailable."""
+
+    PAUSE_S = 0.25
+
+    def __init__(self, client: "ClientBase", service: str, timeout: float):
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self.health = health_pb2
+        self.check = health_pb2_grpc.HealthStub(client.channel).Check
+        self.request = health_pb2.HealthCheckRequest(service=service)
+        self.target, self.timeout = client.target, timeout
+        self.end = time.monotonic() + timeout
+        self.last = "no answer"
+
+    def check_timeout(self) -> float:
+        return max(0.1, min(5.0, self.end - time.monotonic()))
+
+    def serving(self, reply) -> bool:
+        if reply.status == self.health.HealthCheckResponse.SERVING:
+            return True
+        self.last = f"health is {self.health.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        return False
+
+    def pause_after(self, exc: Optional[grpc.RpcError] = None) -> float:
+        """Seconds to pause before asking again; Unavailable once the time is up."""
+        if exc is not None:
+            self.last = f"{exc.code().name}: {exc.details()}"
+        if time.monotonic() >= self.end:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {self.timeout:.0f} s ({self.last})",
+                              "Health.Check", self.target)
+        return self.PAUSE_S
 
 
 class AddStream:

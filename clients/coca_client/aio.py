@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import AsyncIterator, Iterable, Optional, Union
 
 import grpc
@@ -19,8 +18,7 @@ import grpc
 from search_service.pb import search_pb2 as pb
 
 from . import types as t
-from ._common import RETRYABLE, AddStream, ClientBase, Deadline
-from .client import _UNSET
+from ._common import UNSET as _UNSET, AddStream, ClientBase, HealthWait
 from .errors import NotFound, Unavailable, from_rpc_error
 
 CORE_WRITE_ERROR = "Internal error from Core"
@@ -44,40 +42,22 @@ class AsyncClient(ClientBase):
         return f"AsyncClient({self.target!r}, tls={self.connection.tls})"
 
     async def _unary(self, method: str, request, timeout=_UNSET):
-        call = getattr(self._stub, method)
-        deadline = Deadline(self.timeout if timeout is _UNSET else timeout)
-        waits = self.retry.backoffs()
-        attempt = 0
+        call, attempts = getattr(self._stub, method), self._attempts(method, timeout)
         while True:
-            attempt += 1
             try:
-                return await call(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return await call(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc, method, self.target, attempt)
-                wait = next(waits, None) if error.code in RETRYABLE else None
-                if wait is None or not deadline.allows(wait):
-                    raise error from None
-                await asyncio.sleep(wait)
+                await asyncio.sleep(attempts.wait_after(exc))
 
     async def wait_ready(self, timeout: float = 60.0, service: str = "coca.search.v1.SearchService") -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        check = health_pb2_grpc.HealthStub(self.channel).Check
-        end = time.monotonic() + timeout
-        last = "no answer"
+        wait = HealthWait(self, service, timeout)
         while True:
             try:
-                reply = await check(health_pb2.HealthCheckRequest(service=service),
-                                    timeout=max(0.1, min(5.0, end - time.monotonic())), metadata=self._metadata)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if wait.serving(await wait.check(wait.request, timeout=wait.check_timeout(), metadata=self._metadata)):
                     return
-                last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+                await asyncio.sleep(wait.pause_after())
             except grpc.RpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"
-            if time.monotonic() >= end:
-                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {timeout:.0f} s ({last})",
-                                  "Health.Check", self.target)
-            await asyncio.sleep(0.25)
+                await asyncio.sleep(wait.pause_after(exc))
 
     # ------------------------------------------------------------ indexing
     async def add(self, items: Iterable[Union[t.AddItem, bytes, str, os.PathLike]], *,

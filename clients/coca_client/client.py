@@ -20,11 +20,8 @@ import grpc
 from search_service.pb import search_pb2 as pb
 
 from . import types as t
-from ._common import DEFAULT_TIMEOUT, RETRYABLE, AddStream, ClientBase, Deadline
-from .errors import NotFound, SearchError, Unavailable, from_rpc_error
-
-
-_UNSET = object()
+from ._common import DEFAULT_TIMEOUT, UNSET as _UNSET, AddStream, ClientBase, HealthWait
+from .errors import NotFound, SearchError, from_rpc_error
 
 
 class Client(ClientBase):
@@ -54,47 +51,26 @@ class Client(ClientBase):
     def __repr__(self) -> str:
         return f"Client({self.target!r}, tls={self.connection.tls})"
 
-    def _deadline(self, timeout) -> Deadline:
-        return Deadline(self.timeout if timeout is _UNSET else timeout)
-
     def _unary(self, method: str, request, timeout=_UNSET):
         """One unary call with retries on UNAVAILABLE (backoff + jitter) inside one deadline."""
-        call = getattr(self._stub, method)
-        deadline = self._deadline(timeout)
-        waits = self.retry.backoffs()
-        attempt = 0
+        call, attempts = getattr(self._stub, method), self._attempts(method, timeout)
         while True:
-            attempt += 1
             try:
-                return call(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return call(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc, method, self.target, attempt)
-                wait = next(waits, None) if error.code in RETRYABLE else None
-                if wait is None or not deadline.allows(wait):
-                    raise error from None
-                time.sleep(wait)
+                time.sleep(attempts.wait_after(exc))
 
     # ------------------------------------------------------------ health
     def wait_ready(self, timeout: float = 60.0, service: str = "coca.search.v1.SearchService") -> None:
         """Block until the service reports SERVING (its health follows Triton's); Unavailable if it never does."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        check = health_pb2_grpc.HealthStub(self.channel).Check
-        end = time.monotonic() + timeout
-        last = "no answer"
+        wait = HealthWait(self, service, timeout)
         while True:
             try:
-                status = check(health_pb2.HealthCheckRequest(service=service), timeout=max(0.1, min(5.0, end - time.monotonic())),
-                               metadata=self._metadata).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
+                if wait.serving(wait.check(wait.request, timeout=wait.check_timeout(), metadata=self._metadata)):
                     return
-                last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+                time.sleep(wait.pause_after())
             except grpc.RpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"
-            if time.monotonic() >= end:
-                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {timeout:.0f} s ({last})",
-                                  "Health.Check", self.target)
-            time.sleep(0.25)
+                time.sleep(wait.pause_after(exc))
 
     # ------------------------------------------------------------ indexing
     def add(self, items: Iterable[Union[t.AddItem, bytes, str, os.PathLike]], *,

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from coca.errors import InvalidInputError
-from coca.export import ONNX_FILE, WEIGHTS_FILE, Identity, file_sha256
-from coca.loading import load_part
+from coca.loading import file_sha256, load_part
 from coca.runtime import Coca
+from serving.protocol import ONNX_FILE, WEIGHTS_FILE, Identity
 
 
 class RequestError(Exception):

@@ -80,7 +80,7 @@ def pytest_terminal_summary(terminalreporter):
 def exported(tmp_path_factory):
     """coca-tiny exported with a small decoder cache and a short TTL; (repository, logit_scale)."""
     import coca
-    from coca.export import DecoderSettings, export_repository
+    from serving.repository import DecoderSettings, export_repository
 
     repo = tmp_path_factory.mktemp("reliability") / "model_repository"
     model = coca.load(MODEL, pretrained=PRETRAINED, seed=SEED)

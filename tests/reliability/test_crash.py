@@ -48,7 +48,7 @@ def index_matches_store(data_dir) -> dict:
 @needs_triton
 @pytest.mark.parametrize("rounds", ROUNDS)
 def test_sigkill_during_streamed_ingest_loses_nothing(rounds, tmp_path, live_triton, exported, figures):
-    from clients.search_client import SearchClient
+    from search_service.testing import WireClient
     from search_service.pb import search_pb2 as pb
     from search_service.testing import ServiceProcess
 
@@ -62,7 +62,7 @@ def test_sigkill_during_streamed_ingest_loses_nothing(rounds, tmp_path, live_tri
         service = ServiceProcess(data, live_triton.grpc_url, *service_args(exported)).start()
         restart_s.append(time.monotonic() - started)
         try:
-            with SearchClient(service.address, timeout=60) as client:
+            with WireClient(service.address, timeout=60) as client:
                 # The previous round's acknowledged items survived, exactly once, and are searchable.
                 stats = client.stats()
                 assert stats.count == stats.indexed, stats
@@ -96,7 +96,7 @@ def test_sigkill_during_streamed_ingest_loses_nothing(rounds, tmp_path, live_tri
     # way the service does gives an index equal to the store. (The long run also restarts the service.)
     if rounds > 3:
         with ServiceProcess(data, live_triton.grpc_url, *service_args(exported)) as service, \
-                SearchClient(service.address, timeout=60) as client:
+                WireClient(service.address, timeout=60) as client:
             stats = client.stats()
             assert stats.count == stats.indexed
             assert [i for i in acked if _missing(client, i)] == []

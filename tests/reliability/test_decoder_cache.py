@@ -39,7 +39,7 @@ def decoder_pid(server) -> int:
 def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, live_triton, shared_service, figures):
     import grpc
 
-    from clients.search_client import SearchClient
+    from search_service.testing import WireClient
     from serving.client import TritonCoca, _start_inputs
     from serving.protocol import STEP_OUTPUTS, TEXT_DECODER
 
@@ -47,7 +47,7 @@ def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, l
     pid = decoder_pid(server)
     image = unique_jpegs(98, 1)[0]
 
-    service = SearchClient(shared_service.address, timeout=30)
+    service = WireClient(shared_service.address, timeout=30)
     assert service.caption(image=image, max_tokens=4).tokens  # warm: the next one is quick, within the TTL
 
     def caption_through_the_service() -> grpc.RpcError:

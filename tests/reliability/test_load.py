@@ -19,10 +19,10 @@ pytestmark = needs_triton
 @pytest.mark.parametrize("clients,seconds", [pytest.param(4, 15, id="4x15s"),
                                              pytest.param(16, 120, id="16x120s", marks=pytest.mark.long)])
 def test_mixed_load_holds(clients, seconds, shared_service, live_triton, figures):
-    from clients.search_client import SearchClient
+    from search_service.testing import WireClient
     from search_service.pb import search_pb2 as pb
 
-    with SearchClient(shared_service.address, timeout=60) as client:  # something to search from the start
+    with WireClient(shared_service.address, timeout=60) as client:  # something to search from the start
         seed_ids = [r.id for r in client.add_images(pb.AddImageRequest(image=i) for i in unique_jpegs(7000, 8))]
     latencies: dict[str, list[float]] = {}
     errors: list[str] = []
@@ -33,7 +33,7 @@ def test_mixed_load_holds(clients, seconds, shared_service, live_triton, figures
         rng = random.Random(n)
         known = list(seed_ids)
         batch = 0
-        with SearchClient(shared_service.address, timeout=60) as c:
+        with WireClient(shared_service.address, timeout=60) as c:
             while time.monotonic() < deadline:
                 op = rng.choices(["ingest", "search_text", "search_captions", "search_image", "caption", "get"],
                                  weights=[3, 4, 1, 2, 1, 2])[0]
@@ -78,7 +78,7 @@ def test_mixed_load_holds(clients, seconds, shared_service, live_triton, figures
             t.join(seconds + 120)
     assert errors == [], errors[:10]
     assert shared_service.proc.poll() is None and live_triton.is_alive()
-    with SearchClient(shared_service.address, timeout=60) as client:
+    with WireClient(shared_service.address, timeout=60) as client:
         stats = client.stats()
         assert stats.count == stats.indexed
     s_mb = np.array(service_rss.values()) / 2**20

@@ -40,10 +40,10 @@ def wait_for(predicate, timeout: float):
 
 
 def test_triton_killed_mid_search(shared_service, live_triton, figures):
-    from clients.search_client import SearchClient
+    from search_service.testing import WireClient
 
     server = live_triton
-    with SearchClient(shared_service.address, timeout=10) as client:
+    with WireClient(shared_service.address, timeout=10) as client:
         before = client.stats().count
         outcomes: list = []
         stop = threading.Event()
@@ -84,12 +84,12 @@ def test_triton_killed_mid_search(shared_service, live_triton, figures):
 
 @pytest.mark.long
 def test_triton_killed_mid_ingest(shared_service, live_triton, figures):
-    from clients.search_client import SearchClient
+    from search_service.testing import WireClient
     from search_service.pb import search_pb2 as pb
 
     server = live_triton
     images = unique_jpegs(31337, 300)
-    with SearchClient(shared_service.address, timeout=60) as client:
+    with WireClient(shared_service.address, timeout=60) as client:
         before = client.stats().count
         acked = []
         killer = threading.Timer(1.0, kill_triton, args=(server,))
@@ -142,9 +142,9 @@ def test_a_caption_sequence_cut_by_a_triton_restart_fails_cleanly(shared_service
     server.start()
     with pytest.raises(InvalidInputError, match="START"):  # the new server never saw the sequence
         asyncio.run(step())
-    from clients.search_client import SearchClient
+    from search_service.testing import WireClient
 
-    with SearchClient(shared_service.address, timeout=60) as client:
+    with WireClient(shared_service.address, timeout=60) as client:
         wait_for(lambda: client.caption(image=unique_jpegs(6, 1)[0], max_tokens=8).tokens, 60)
     figures.record("triton faults: caption sequence cut by a restart", step_while_down="UNAVAILABLE",
                    step_after_restart="INVALID_ARGUMENT (no START)", captions_after_restart="ok")

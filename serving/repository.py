@@ -5,11 +5,12 @@
 For each Triton model the repository gets `<name>/config.pbtxt` (the template from
 the git-tracked `model_repository/` folder, with this model's dims and identity
 filled in), `<name>/1/model.py` (a one-line import of serving.models) and
-`<name>/1/weights.safetensors` (that part's weights only). `coca_manifest.json`
-at the top records the identity and each file's sha256; the same identity goes
-into every config's `parameters`, where a client reads it through Triton's model
-config and refuses a mismatch. Exporting into the template folder itself works:
-configs are rewritten in place (their dims and coca_* parameters), model.py stays.
+`<name>/1/weights.safetensors` (that part's weights only, written by coca.loading).
+`coca_manifest.json` at the top records the identity and each file's sha256; the
+same identity goes into every config's `parameters`, where a client reads it through
+Triton's model config and refuses a mismatch. Exporting into the template folder
+itself works: configs are rewritten in place (their dims and coca_* parameters),
+model.py stays. `ensure_repository` exports once and reuses the result.
 """
 from __future__ import annotations
 
@@ -23,45 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
+from coca.errors import InvalidInputError
 
-from .errors import InvalidInputError
-from .loading import part_state_dict, resolve_dtype
-from .quant import check_precision
-from .runtime import Coca
+from .protocol import IMAGE_ENCODER, ONNX_FILE, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, WEIGHTS_FILE, Identity
 
+# The templates: the repository's own model_repository/ folder (a git checkout of coca-search has it).
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
-TRITON_MODELS = {  # Triton model name -> CoCa part it serves
-    "coca_image_encoder": "image_encoder",
-    "coca_text_encoder": "text_encoder",
-    "coca_text_decoder": "text_decoder",
-}
-WEIGHTS_FILE = "weights.safetensors"
-ONNX_FILE = "model.onnx"  # an encoder's ONNX graph (`coca export --format onnx`), beside its weights
 ENCODER_RUNTIMES = ("torch", "onnxruntime")
 MANIFEST_FILE = "coca_manifest.json"
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-PARAMETER_PREFIX = "coca_"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Which model and weights a repository holds; the same in every model's config."""
-
-    model: str
-    pretrained: str
-    dtype: str
-    embed_dim: int
-    repository_id: str  # hash of all parts' weights: equal ids, equal weights
-
-    def parameters(self) -> dict[str, str]:
-        return {PARAMETER_PREFIX + k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_parameters(cls, parameters: dict[str, str]) -> "Identity":
-        """From a model config's parameters (values as strings); KeyError if one is missing."""
-        values = {name: parameters[PARAMETER_PREFIX + name] for name in cls.__dataclass_fields__}
-        return cls(**{**values, "embed_dim": int(values["embed_dim"])})
+MARKER = "search_export.json"  # beside a reused repository: what was exported, and the logit scale Triton does not serve
 
 
 @dataclass(frozen=True)
@@ -90,7 +61,7 @@ class EncoderSettings:
 
 
 def export_repository(
-    model: Coca,
+    model,
     out_dir: Union[str, os.PathLike],
     dtype=None,
     decoder: DecoderSettings = DecoderSettings(),
@@ -98,17 +69,20 @@ def export_repository(
     torch_threads: Optional[int] = None,
     templates: Union[str, os.PathLike] = TEMPLATES,
 ) -> Path:
-    """Write (or refresh) a Triton model repository for `model`; return the manifest's path.
+    """Write (or refresh) a Triton model repository for `model` (a coca.Coca); return the manifest's path.
 
     dtype: the weights' dtype on disk and in the server (default: the model's).
     """
+    from coca.loading import dtype_name, resolve_dtype, save_part  # torch + open_clip: only when exporting
+
     out, templates = Path(out_dir).resolve(), Path(templates).resolve()
     dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
-    hashes = {name: _write_weights(model, part, out / name / "1" / WEIGHTS_FILE, dtype)
+    about = {"model": model.model_name, "pretrained": model.pretrained}
+    hashes = {name: save_part(model.net, part, out / name / "1" / WEIGHTS_FILE, dtype, about)
               for name, part in TRITON_MODELS.items()}
     identity = Identity(
-        model=model.model_name, pretrained=model.pretrained, dtype=DTYPE_NAMES[dtype],
-        embed_dim=model.net.config["embed_dim"], repository_id=repository_id(hashes),
+        model=model.model_name, pretrained=model.pretrained, dtype=dtype_name(dtype),
+        embed_dim=model.net.config.embed_dim, repository_id=repository_id(hashes),
     )
     onnx_hashes = _write_onnx(model, out, encoders.precision) if encoders.runtime == "onnxruntime" else {}
     for name in TRITON_MODELS:
@@ -127,7 +101,7 @@ def export_repository(
         config = (templates / name / "config.pbtxt").read_text()
         config = _set_dims(config, tensor_dims(model.net)[name])
         config = _set_parameters(config, parameters)
-        if name == "coca_text_decoder":
+        if name == TEXT_DECODER:
             config = _decoder_config(config, decoder)
         _write_text(out / name / "config.pbtxt", config)
     manifest = {
@@ -138,6 +112,33 @@ def export_repository(
     }
     _write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return out / MANIFEST_FILE
+
+
+def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained: str, seed: int = 0,
+                      dtype: str = "float32", encoders: Optional[EncoderSettings] = None) -> tuple[Path, float]:
+    """`directory` as a model repository of this model and weights (exported now unless it already is).
+
+    encoders: how the encoders compute (default: torch, fp32).
+    Returns the repository and the model's logit scale (Classify's softmax scale).
+    """
+    repository = Path(directory)
+    marker = repository.parent / f"{repository.name}.{MARKER}"
+    wanted = {"model": model, "pretrained": pretrained, "seed": seed, "dtype": dtype}
+    # torch encoders are recorded as None, so markers written before this key existed still match
+    use_onnx = encoders is not None and encoders.runtime != "torch"
+    wanted["encoders"] = [encoders.runtime, encoders.precision] if use_onnx else None
+    if marker.is_file() and (repository / MANIFEST_FILE).is_file():
+        recorded = json.loads(marker.read_text())
+        if {k: recorded.get(k) for k in wanted} == wanted:
+            return repository, float(recorded["logit_scale"])
+    import coca
+
+    print(f"exporting {model} ({pretrained}) to {repository} ...", flush=True)
+    loaded = coca.load(model, pretrained=pretrained, seed=seed, dtype=dtype)
+    repository.mkdir(parents=True, exist_ok=True)
+    export_repository(loaded, repository, encoders=encoders or EncoderSettings())
+    marker.write_text(json.dumps({**wanted, "logit_scale": loaded.logit_scale}, indent=2) + "\n")
+    return repository, loaded.logit_scale
 
 
 def read_manifest(repository: Union[str, os.PathLike]) -> dict:
@@ -152,45 +153,25 @@ def repository_id(hashes: dict[str, str]) -> str:
     return hashlib.sha256("".join(hashes[name] for name in sorted(hashes)).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tensor_dims(net) -> dict[str, dict[str, list[int]]]:
     """Per Triton model, the dims (without batch) of its model-specific tensors."""
     queries, width = net.visual.attn_pool.query.shape  # query 0 pools, the others feed the decoder
     heads = net.visual.transformer.resblocks[-1].attn.heads
     patches = net.visual.grid ** 2 + 1
-    embed = net.config["embed_dim"]
+    embed = net.config.embed_dim
     return {
-        "coca_image_encoder": {"CLASS_EMBEDDING": [embed], "IMAGE_EMBEDDINGS": [queries - 1, width],
-                               "ATTENTION": [heads, patches, patches]},
-        "coca_text_encoder": {"CLASS_EMBEDDING": [embed]},
-        "coca_text_decoder": {"IMAGE_EMBEDDINGS": [-1, width]},
+        IMAGE_ENCODER: {"CLASS_EMBEDDING": [embed], "IMAGE_EMBEDDINGS": [queries - 1, width],
+                        "ATTENTION": [heads, patches, patches]},
+        TEXT_ENCODER: {"CLASS_EMBEDDING": [embed]},
+        TEXT_DECODER: {"IMAGE_EMBEDDINGS": [-1, width]},
     }
 
 
 # --- files -------------------------------------------------------------------------------
-def _write_weights(model: Coca, part: str, path: Path, dtype: torch.dtype) -> str:
-    from safetensors.torch import save_file
-
-    state = {k: v.to(dtype).contiguous() for k, v in part_state_dict(model.net, part).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # One metadata key: safetensors writes several in random order, and the file's sha256 must be repeatable.
-    about = json.dumps({"model": model.model_name, "pretrained": model.pretrained, "part": part}, sort_keys=True)
-    save_file(state, str(tmp), metadata={"coca": about})
-    os.replace(tmp, path)  # a server never sees half a file
-    return file_sha256(path)
-
-
-def _write_onnx(model: Coca, out: Path, precision: str) -> dict[str, str]:
+def _write_onnx(model, out: Path, precision: str) -> dict[str, str]:
     """Each encoder's ONNX graph as <model>/1/model.onnx; returns their sha256 by Triton model."""
-    from .onnx_encoders import IMAGE_FILE, TEXT_FILE, write_onnx_encoders
+    from coca.loading import file_sha256
+    from coca.onnx_encoders import IMAGE_FILE, TEXT_FILE, write_onnx_encoders
 
     # scratch inside a model's folder, not the repository root: a leftover (a killed export) must not
     # look like a model to Triton, which ignores non-numeric folders inside a model
@@ -202,6 +183,12 @@ def _write_onnx(model: Coca, out: Path, precision: str) -> dict[str, str]:
             os.replace(files[file], target)  # a server never sees half a file
             hashes[name] = file_sha256(target)
     return hashes
+
+
+def _check_precision(precision: str) -> str:
+    from coca.quant import check_precision  # torch: only when configuring a precision
+
+    return check_precision(precision)
 
 
 def _write_model_files(template: Path, dest: Path):
@@ -225,13 +212,13 @@ def _write_text(path: Path, text: str):
 # --- config.pbtxt edits (text, so comments and layout survive; every edit is idempotent) ---
 def configure_decoder(repository: Union[str, os.PathLike], settings: DecoderSettings):
     """Change the decoder's knobs in an exported repository (weights untouched); restart Triton after."""
-    path = Path(repository) / "coca_text_decoder" / "config.pbtxt"
+    path = Path(repository) / TEXT_DECODER / "config.pbtxt"
     _write_text(path, _decoder_config(path.read_text(), settings))
 
 
 def _decoder_config(config: str, settings: DecoderSettings) -> str:
     values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s,
-              "precision": settings.precision and check_precision(settings.precision)}
+              "precision": settings.precision and _check_precision(settings.precision)}
     if settings.sequence_idle_s is not None:  # the model's TTL: a bit after Triton forgets the sequence
         values["sequence_ttl_seconds"] = settings.sequence_idle_s + max(0.5, 0.2 * settings.sequence_idle_s)
         config = _set_number(config, "max_sequence_idle_microseconds", round(settings.sequence_idle_s * 1e6))
