@@ -449,7 +449,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
-        return pb.StatsResponse(**stats, triton_ready=await self.models.ready())
+        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=await self.models.ready())
 
 
 # ---------------------------------------------------------------- module helpers
