@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .query import Filter, Order
 from .store import AddOutcome, ConflictError, Item, NewItem
 
 
@@ -25,6 +26,18 @@ from .store import AddOutcome, ConflictError, Item, NewItem
 class Hit:
     item: Item
     score: float  # the exact inner product of the query with the item's stored embedding
+    position: Optional[list] = None  # in a search ordered by a field: where the hit sits (a page resumes after it)
+
+
+@dataclass
+class Page:
+    items: list[Item]
+    total: int  # items passing the filter, on all pages
+    next_after: Optional[list]  # the position the next page resumes after; None: this was the last page
+
+
+class Unsupported(Exception):
+    """This store cannot do what was asked; the message names the store and the feature."""
 
 
 class QueryError(ValueError):
@@ -106,11 +119,20 @@ class Collection(abc.ABC):
         """Searchable items, as last known; never blocks (callers on an event loop use it)."""
 
     @abc.abstractmethod
-    def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
-               min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
-        """Best `k` live items for a unit query vector, highest score first, each with its exact score.
+    def search(self, query: np.ndarray, k: int, filters: Filter | dict[str, str] | None = None,
+               min_score: Optional[float] = None, consistency: Optional[str] = None,
+               order: Optional[Order] = None, after: Optional[list] = None) -> list[Hit]:
+        """Best `k` live items for a unit query vector passing `filters`, highest score first, each with its
+        exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
+        field's order, after the position `after` (a previous hit's `position`).
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
+
+    @abc.abstractmethod
+    def list_items(self, filters: Filter | dict[str, str] | None, order: Optional[Order], after: Optional[list],
+                   limit: int, with_embeddings: bool = False, consistency: Optional[str] = None) -> Page:
+        """Up to `limit` items passing `filters`, in `order` (None: the store's own stable order), after
+        the position `after` (the previous page's `next_after`)."""
 
     @abc.abstractmethod
     def stats(self) -> dict:

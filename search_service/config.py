@@ -8,6 +8,7 @@ from typing import Optional
 
 from .index import IndexSettings
 from .milvus import MilvusSettings
+from .query import Schema
 
 VECTOR_STORES = ("faiss", "milvus")
 
@@ -36,6 +37,9 @@ class ServiceConfig:
     max_image_bytes: int = 32 << 20  # one image (bytes or file)
     max_pixels: int = 40_000_000  # decompression-bomb guard (coca.media's default)
     max_k: int = 1000
+    max_search_depth: int = 10_000  # search pages reach this many hits deep (page tokens)
+    max_page_size: int = 1000  # List
+    schema: Schema = field(default_factory=Schema)  # declared metadata fields (--field NAME:TYPE)
     max_texts: int = 1000  # labels in Classify, texts in Rank
     add_batch: int = 32  # images embedded concurrently and committed together in AddImages
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)

@@ -20,9 +20,10 @@ from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
-from .collection import Collection, Hit, QueryError, check_query
+from .collection import Collection, Hit, Page, QueryError, check_query
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
+from .query import Filter, Order, QueryInputError, Schema
 from .store import AddOutcome, ConflictError, Item, NewItem, Store
 
 log = logging.getLogger("search_service.engine")
@@ -42,13 +43,15 @@ __all__ = ["Engine", "Hit", "QueryError", "snapshot_file"]
 class Engine(Collection):
     """The embedded collection: SQLite + blob files + FAISS in this process, one writer thread."""
 
-    def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000):
+    def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000,
+                 schema: Schema = Schema()):
         self.store = Store(data_dir)
         self.settings = settings
+        self.schema = schema
         self.snapshot_every = snapshot_every
         self.snapshot_path = Path(data_dir) / snapshot_file(settings.factory)
         self.index: Optional[VectorIndex] = None
-        self.metadata = MetadataIndex()
+        self.metadata = MetadataIndex(schema)
         self.snapshot_seq = 0
         self.snapshot_failures = 0
         self._retry_at = 0.0  # monotonic time before which a failed snapshot is not tried again
@@ -76,7 +79,7 @@ class Engine(Collection):
         index, how = self._load_or_rebuild(dim, progress)
         self.snapshot_seq = index.seq if how.startswith("snapshot") else 0
         replayed = index.catch_up(self.store)
-        self.metadata.load(self.store.metadata_rows())
+        self.metadata.load(self.store.item_times(), self.store.metadata_rows())
         self.index = index
         if replayed or how.startswith("rebuilt"):
             self._snapshot_or_retry_later()
@@ -137,8 +140,9 @@ class Engine(Collection):
         vids = np.array([vid for vid, _ in new], np.int64)
         vectors = np.stack([item.embedding for _, item in new]) if new else np.zeros((0, self.index.dim), np.float32)
         self.index.add(vids, vectors, self.store.last_seq())
+        times = {o.vid: o.created_at for o in outcomes if isinstance(o, AddOutcome)}
         for vid, item in new:
-            self.metadata.add(vid, item.metadata)
+            self.metadata.add(vid, item.metadata, times[vid])
         self._after_write()
         return outcomes
 
@@ -204,12 +208,17 @@ class Engine(Collection):
         """Searchable vectors (0 before the index is open); never waits for a writer."""
         return self.index.size if self.index is not None else 0
 
-    def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
-               min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
-        """Best `k` items for a unit query vector, highest score first, each with its exact score.
+    def search(self, query: np.ndarray, k: int, filters: Filter | dict[str, str] | None = None,
+               min_score: Optional[float] = None, consistency: Optional[str] = None,
+               order: Optional[Order] = None, after: Optional[list] = None) -> list[Hit]:
+        """Best `k` items for a unit query vector, highest score first, each with its exact score; or with
+        `order`, the first `k` passing items (above min_score) in that order, after position `after`.
         (Always from everything committed: `consistency` has no weaker choice here.)"""
         query = check_query(query, self.index.dim if self.index is not None else None)
-        allowed = self.metadata.matching(filters) if filters else None
+        flt = Filter.of(filters)
+        allowed = self.metadata.matching(flt) if flt else None
+        if order is not None:
+            return self._ordered_search(query, k, allowed, min_score, order, after)
         index = self.index
         if allowed is not None and not index.keeps_vectors and index.exact_for(len(allowed), index.size):
             ranked = self._exact(query, k, allowed.tolist())
@@ -222,6 +231,56 @@ class Engine(Collection):
             ranked = [(vid, score) for vid, score in ranked if score >= min_score]
         items = self.store.get_many([vid for vid, _ in ranked])
         return [Hit(items[vid], score) for vid, score in ranked if vid in items]  # skips items deleted meanwhile
+
+    def _ordered_search(self, query: np.ndarray, k: int, allowed: Optional[np.ndarray], min_score: Optional[float],
+                        order: Order, after: Optional[list]) -> list[Hit]:
+        """Walk the passing items in `order`, scoring them exactly a chunk at a time, until `k` pass min_score."""
+        vids = self.metadata.ordered(self.metadata.live() if allowed is None else allowed, order,
+                                     self._check_position(after, order))
+        found: list[tuple[int, float]] = []
+        chunk = max(256, 4 * k)
+        for start in range(0, len(vids), chunk):
+            part = vids[start:start + chunk]
+            scores = self._scores(query, part)
+            keep = ~np.isnan(scores) if min_score is None else scores >= min_score  # NaN: deleted meanwhile
+            found.extend(zip(part[keep].tolist(), scores[keep].tolist()))
+            if len(found) >= k:
+                break
+        found = found[:k]
+        items = self.store.get_many([vid for vid, _ in found])
+        positions = self.metadata.positions(np.array([vid for vid, _ in found], np.int64), order)
+        return [Hit(items[vid], score, position) for (vid, score), position in zip(found, positions) if vid in items]
+
+    def list_items(self, filters: Filter | dict[str, str] | None, order: Optional[Order], after: Optional[list],
+                   limit: int, with_embeddings: bool = False, consistency: Optional[str] = None) -> Page:
+        flt = Filter.of(filters)
+        vids = self.metadata.matching(flt) if flt else self.metadata.live()
+        ordered = self.metadata.ordered(vids, order, self._check_position(after, order))
+        page = ordered[:limit]
+        items = self.store.get_many(page.tolist(), with_embeddings)
+        more = len(ordered) > limit and len(page)
+        next_after = self.metadata.positions(page[-1:], order)[0] if more else None
+        return Page([items[vid] for vid in page.tolist() if vid in items], len(vids), next_after)
+
+    @staticmethod
+    def _check_position(after: Optional[list], order: Optional[Order]) -> Optional[list]:
+        """A resume position from a page token: [vid], or [value or None, vid] in a field order."""
+        if after is None:
+            return None
+        shape = ((float, int, type(None)), int) if order is not None else (int,)
+        if (not isinstance(after, list) or len(after) != len(shape)
+                or not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(after, shape))):
+            raise QueryInputError("page_token does not fit this listing's order")
+        return after
+
+    def _scores(self, query: np.ndarray, vids: np.ndarray) -> np.ndarray:
+        """Exact scores of `vids` in their order (NaN for vids no longer stored): from the index's own
+        uncompressed vectors when it keeps them, else from the store."""
+        vectors = self.index.vectors_of(vids)
+        if vectors is not None:
+            return (vectors @ query).astype(np.float64)
+        scores = dict(self._exact(query, len(vids), vids.tolist()))
+        return np.array([scores.get(vid, np.nan) for vid in vids.tolist()], np.float64)
 
     def _exact(self, query: np.ndarray, k: int, vids: list[int]) -> list[tuple[int, float]]:
         """Exact scores of a few items, from the store's float32 vectors; the best k, highest first."""

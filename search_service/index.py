@@ -377,6 +377,23 @@ class VectorIndex:
             return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         return None
 
+    def vectors_of(self, vids: np.ndarray) -> Optional[np.ndarray]:
+        """The stored vectors of `vids`, in that order (NaN rows for vids the index does not hold), when
+        the index keeps them uncompressed in flat storage (Flat, HNSW-Flat); None otherwise."""
+        with self.lock.read():
+            storage = _flat_storage(self.index)
+            if storage is None:
+                return None
+            id_map = self._positions_map()
+            out = np.full((len(vids), self.dim), np.nan, np.float32)
+            if not len(id_map) or not len(vids):
+                return out
+            positions = np.minimum(np.searchsorted(id_map, vids), len(id_map) - 1)
+            found = id_map[positions] == vids
+            xb = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self.dim).reshape(storage.ntotal, self.dim)
+            out[found] = xb[positions[found]]  # a copy: valid after the lock
+        return out
+
     def _positions_map(self) -> np.ndarray:
         """id_map as an array (sorted: vids are added in increasing order and removals keep the order)."""
         id_map = self._id_map

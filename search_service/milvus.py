@@ -40,7 +40,8 @@ from typing import Callable, Optional, TypeVar
 import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dirs
-from .collection import Collection, Hit, StoreUnavailable, check_query
+from .collection import Collection, Hit, Page, StoreUnavailable, Unsupported, check_query
+from .query import ADDED_AT, Condition, Filter, Order, QueryInputError
 from .store import AddOutcome, ConflictError, Item, ModelMismatchError, NewItem, default_id
 
 log = logging.getLogger("search_service.milvus")
@@ -87,9 +88,29 @@ def literal(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def filter_expression(filters: dict[str, str]) -> str:
-    """`key = value` terms (all must hold) as a Milvus boolean expression over the JSON `meta` field."""
-    return " and ".join(f"meta[{literal(key)}] == {literal(value)}" for key, value in sorted(filters.items()))
+def filter_expression(filters: Filter | dict[str, str]) -> str:
+    """Conditions (all must hold) as a Milvus boolean expression over the JSON `meta` field and
+    `created_at`; Unsupported for what Milvus cannot express here (ranges over metadata: its values
+    are stored as strings)."""
+    return " and ".join(_condition_expression(c) for c in (Filter.of(filters) or Filter()).conditions)
+
+
+def _condition_expression(condition: Condition) -> str:
+    if condition.is_range:
+        if condition.field != ADDED_AT:
+            raise Unsupported(f"range on {condition.field!r}: the Milvus store keeps metadata as strings and ranges "
+                              f"over added_at only (the embedded store ranges over declared number/date fields)")
+        terms = []
+        if condition.low is not None:
+            terms.append(f"created_at {'>' if condition.low_open else '>='} {condition.low!r}")
+        if condition.high is not None:
+            terms.append(f"created_at {'<' if condition.high_open else '<='} {condition.high!r}")
+        test = " and ".join(terms) or "created_at >= 0"
+    else:
+        field = f"meta[{literal(condition.field)}]"
+        test = (f"{field} == {literal(condition.values[0])}" if len(condition.values) == 1
+                else in_list(field, list(condition.values)))
+    return f"not ({test})" if condition.negate else f"({test})"
 
 
 def in_list(field: str, values: list[str]) -> str:
@@ -288,7 +309,7 @@ class MilvusCollection(Collection):
         rows, placed, now = [], [], time.time()
         try:
             for item in items:
-                outcome = self._decide(item, present, owners)
+                outcome = self._decide(item, present, owners, now)
                 outcomes.append(outcome)
                 if isinstance(outcome, AddOutcome) and outcome.added:
                     blob = ""
@@ -311,7 +332,7 @@ class MilvusCollection(Collection):
         return outcomes
 
     @staticmethod
-    def _decide(item: NewItem, present: dict[str, str], owners: dict[str, str]) -> AddOutcome | ConflictError:
+    def _decide(item: NewItem, present: dict[str, str], owners: dict[str, str], now: float) -> AddOutcome | ConflictError:
         """Duplicate (content known), conflict (id names other content) or new; updates the maps."""
         if item.sha256 in present:
             return AddOutcome(id=present[item.sha256], sha256=item.sha256, added=False, vid=-1)
@@ -319,7 +340,7 @@ class MilvusCollection(Collection):
         if owners.get(item_id, item.sha256) != item.sha256:
             return ConflictError(f"id {item_id!r} already names other content")
         present[item.sha256], owners[item_id] = item_id, item.sha256
-        return AddOutcome(id=item_id, sha256=item.sha256, added=True, vid=-1)
+        return AddOutcome(id=item_id, sha256=item.sha256, added=True, vid=-1, created_at=now)
 
     def _row(self, item: NewItem, item_id: str, blob: str, now: float, caption: str = "",
              created_at: Optional[float] = None) -> dict:
@@ -368,13 +389,14 @@ class MilvusCollection(Collection):
     def size(self) -> int:
         return self._size
 
-    def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
-               min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
+    def search(self, query: np.ndarray, k: int, filters: Filter | dict[str, str] | None = None,
+               min_score: Optional[float] = None, consistency: Optional[str] = None,
+               order: Optional[Order] = None, after: Optional[list] = None) -> list[Hit]:
+        if order is not None:
+            raise Unsupported(f"ordering hits by {order.field!r}: Milvus 2.3 searches return hits by score only "
+                              "(the embedded store orders by fields)")
         query = check_query(query, self._dim)
-        terms = [filter_expression(filters)] if filters else []
-        hidden = sorted(self._recently_deleted())
-        if hidden:
-            terms.append(f"not ({in_list('pk', hidden)})")
+        terms = self._terms(filters)
         results = self._call("search", lambda c: c.search(
             self.name, data=[query.tolist()], limit=k, filter=" and ".join(terms), output_fields=ROW_FIELDS,
             search_params=self._search_params(k), **self._opts,
@@ -382,8 +404,37 @@ class MilvusCollection(Collection):
         hits = [Hit(_item(r["entity"]), float(r["distance"])) for r in results[0]]
         return [h for h in hits if min_score is None or h.score >= min_score]
 
-    def _count(self, level: str = "Strong") -> int:
-        rows = self._call("count", lambda c: c.query(self.name, filter="", output_fields=["count(*)"],
+    def _terms(self, filters: Filter | dict[str, str] | None) -> list[str]:
+        """The filter's expression, and one hiding what this replica deleted lately."""
+        terms = [filter_expression(filters)] if filters else []
+        hidden = sorted(self._recently_deleted())
+        if hidden:
+            terms.append(f"not ({in_list('pk', hidden)})")
+        return terms
+
+    def list_items(self, filters: Filter | dict[str, str] | None, order: Optional[Order], after: Optional[list],
+                   limit: int, with_embeddings: bool = False, consistency: Optional[str] = None) -> Page:
+        """Pages in primary-key (content sha256) order: Milvus answers a query with a limit in that order."""
+        if order is not None:
+            raise Unsupported(f"listing by {order.field!r}: Milvus 2.3 queries have no order; the Milvus store "
+                              "lists in its own stable order (the embedded store orders by fields)")
+        if after is not None and not (isinstance(after, list) and len(after) == 1 and isinstance(after[0], str)):
+            raise QueryInputError("page_token does not fit this listing")
+        terms = self._terms(filters)
+        level = consistency or self.settings.consistency
+        total = self._count(level, " and ".join(terms))
+        if after:
+            terms.append(f"pk > {literal(after[0])}")
+        fields = ROW_FIELDS + (["embedding"] if with_embeddings else [])
+        rows = self._call("list", lambda c: c.query(self.name, filter=" and ".join(terms) or "pk != \"\"",
+                                                    output_fields=fields, limit=limit + 1, **self._opts,
+                                                    consistency_level=level))
+        rows.sort(key=lambda r: r["pk"])
+        items = [_item(r) for r in rows[:limit]]
+        return Page(items, total, [items[-1].sha256] if len(rows) > limit else None)
+
+    def _count(self, level: str = "Strong", expression: str = "") -> int:
+        rows = self._call("count", lambda c: c.query(self.name, filter=expression, output_fields=["count(*)"],
                                                      **self._opts, consistency_level=level))
         return int(rows[0]["count(*)"]) if rows else 0
 

@@ -31,6 +31,7 @@ from .config import DEFAULT_PORT, VECTOR_STORES, ServiceConfig
 from .engine import Engine
 from .index import IndexSettings
 from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
+from .query import FIELD_TYPES, Schema
 from .models import Models
 from .process import READY_LINE
 from .pb import search_pb2, search_pb2_grpc
@@ -149,7 +150,7 @@ def open_collection(config: ServiceConfig) -> Collection:
     """The collection the config names: the embedded SQLite + FAISS store, or a Milvus collection."""
     if config.vector_store == "milvus":
         return MilvusCollection(config.data_dir, config.milvus)
-    return Engine(config.data_dir, config.index, config.snapshot_every)
+    return Engine(config.data_dir, config.index, config.snapshot_every, config.schema)
 
 
 def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
@@ -208,6 +209,9 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
     p.add_argument("--ef-search", type=int, default=IndexSettings.ef_search, help="HNSW search breadth (FAISS, Milvus)")
     p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe, help="IVF lists searched (FAISS, Milvus)")
+    p.add_argument("--field", action="append", default=[], metavar="NAME:TYPE",
+                   help=f"declare a metadata field's type ({', '.join(FIELD_TYPES)}): number and date fields can be "
+                        "ranged over and ordered by, text fields are matched by KEYWORD search (repeatable)")
     p.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
     p.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
     p.add_argument("--collection", default=MilvusSettings.collection, help="Milvus collection (default %(default)s)")
@@ -223,6 +227,7 @@ def store_settings(args) -> dict:
         token = Path(args.milvus_token_file).read_text().strip()
     return {
         "vector_store": args.vector_store,
+        "schema": Schema.parse(args.field),
         "index": IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
         "milvus": MilvusSettings(uri=args.milvus_uri, token=token, collection=args.collection,
                                  index_type=args.milvus_index, ef_search=args.ef_search, nprobe=args.nprobe,

@@ -19,9 +19,11 @@ from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.settings import SamplingParams
 
 from .config import PathRefused, ServiceConfig
-from .collection import Collection, Hit, QueryError, StoreUnavailable
+from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupported
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
+from .options import SearchPage, filter_from_pb, list_position, list_token, order_from_pb, search_fingerprint
 from .pb import search_pb2 as pb
+from .query import Filter, Order, QueryInputError, fingerprint
 from .pb import search_pb2_grpc
 from .blobs import BlobError
 from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
@@ -29,6 +31,7 @@ from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
 log = logging.getLogger("search_service")
 
 DEFAULT_K = 10
+DEFAULT_PAGE_SIZE = 100
 DEFAULT_FRAMES = 16
 MAX_FRAMES = 64
 MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones commit
@@ -57,7 +60,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.PERMISSION_DENIED), str(exc)
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, (InvalidInputError, QueryError)):
+    if isinstance(exc, (InvalidInputError, QueryError, QueryInputError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
@@ -67,6 +70,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (ModelMismatch, ModelMismatchError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, Unsupported):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"not offered by this store: {exc}"
     if isinstance(exc, asyncio.TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the model server did not answer in time"
     log.exception("internal error", exc_info=exc)
@@ -106,9 +111,15 @@ class Prepared:
 class SearchOptions:
     k: int
     min_score: Optional[float]
-    filters: dict[str, str]
+    filters: Optional[Filter]
     with_captions: bool
     consistency: Optional[str] = None  # remote stores: Strong, Session, Bounded, Eventually; None: the default
+    order: Optional[Order] = None  # by a field instead of by score
+    page_token: str = ""
+
+    def key(self) -> list:
+        """What identifies the query's ranking besides the query itself (for page tokens)."""
+        return [self.min_score, self.filters.key() if self.filters else [], self.order.key() if self.order else None]
 
 
 CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session",
@@ -245,6 +256,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def _prepare(self, index: int, request: pb.AddImageRequest):
         item_id = _check_id(request.id) if request.id else ""
         metadata = _check_metadata(dict(request.metadata))
+        try:
+            self.config.schema.check_metadata(metadata)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
         source = request.WhichOneof("source")
         if source == "image":
             data, uri, keep = request.image, request.uri, True
@@ -286,16 +301,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise bad("text is empty: give at least one word to search for")
         await self.ensure_models(context=context)
         vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
-        return await self._search(vector, options, context)
+        return await self._search(vector, options, context, ["text", text])
 
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
         if request.WhichOneof("query") == "image" or not self.engine.is_open:
             await self.ensure_models(context=context)  # by id, a known store needs no Triton
-        vector = await self._image_vector(request.image if request.WhichOneof("query") == "image" else None,
-                                          request.id, context)
-        return await self._search(vector, options, context)
+        by_image = request.WhichOneof("query") == "image"
+        vector = await self._image_vector(request.image if by_image else None, request.id, context)
+        return await self._search(vector, options, context, ["image", request.image] if by_image else ["id", request.id])
 
     def _options(self, options: pb.SearchOptions) -> SearchOptions:
         k = options.k or DEFAULT_K
@@ -306,8 +321,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise bad(f"min_score must be a cosine similarity in [-1, 1], got {min_score}")
         if options.consistency and options.consistency not in CONSISTENCY:
             raise bad(f"unknown consistency {options.consistency}")
-        return SearchOptions(k, min_score, _check_metadata(dict(options.filters), "filter"), options.with_captions,
-                             CONSISTENCY.get(options.consistency))
+        schema = self.config.schema
+        filters = filter_from_pb(_check_metadata(dict(options.filters), "filter"), options.where, schema)
+        return SearchOptions(k, min_score, filters, options.with_captions, CONSISTENCY.get(options.consistency),
+                             order_from_pb(options.order_by, schema), options.page_token)
 
     async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
         """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
@@ -324,9 +341,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
         return item.embedding
 
-    async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
-        hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score,
-                                       options.consistency)
+    async def _search(self, vector: np.ndarray, options: SearchOptions, context, query: list) -> pb.SearchResponse:
+        """A page of hits: by score (a slice of the ranking) or in a field's order; see options.py."""
+        page = SearchPage.start(options.page_token, search_fingerprint(query, options.key()), options.k,
+                                self.config.max_search_depth)
+        if options.order is None:
+            hits = await asyncio.to_thread(self.engine.search, vector, page.depth + options.k, options.filters,
+                                           options.min_score, options.consistency)
+            hits, token = page.by_score(hits, options.k)
+        else:
+            hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score,
+                                           options.consistency, options.order, page.after)
+            hits, token = page.by_field(hits, options.k)
+        response = await self._respond(hits, options, context)
+        response.next_page_token = token
+        return response
+
+    async def _respond(self, hits: list[Hit], options: SearchOptions, context) -> pb.SearchResponse:
         errors: dict[int, str] = {}
         if options.with_captions:
             errors = await self._caption_hits(hits, context)
@@ -427,10 +458,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         item = await asyncio.to_thread(self.engine.get, request.id, request.include_embedding)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
-        reply = pb.Item(id=item.id, content_sha256=item.sha256, uri=item.uri, metadata=item.metadata,
-                        caption=item.caption or "", created_at=item.created_at, updated_at=item.updated_at)
-        if request.include_embedding:
-            reply.embedding.extend(item.embedding.tolist())
+        reply = _item(item, request.include_embedding)
         if request.include_image:
             reply.image = await asyncio.to_thread(_read_image, self.engine, item)
         return reply
@@ -447,9 +475,27 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return pb.DeleteResponse(id=item.id)
 
     @rpc
+    async def List(self, request: pb.ListRequest, context) -> pb.ListResponse:
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= self.config.max_page_size:
+            raise bad(f"page_size must be in [1, {self.config.max_page_size}], got {request.page_size}")
+        schema = self.config.schema
+        filters = filter_from_pb(_check_metadata(dict(request.filters), "filter"), request.where, schema)
+        order = order_from_pb(request.order_by, schema)
+        query = fingerprint("list", filters.key() if filters else [], order.key() if order else None)
+        after = list_position(request.page_token, query)
+        if not self.engine.is_open:  # nothing was ever indexed
+            return pb.ListResponse()
+        page = await asyncio.to_thread(self.engine.list_items, filters, order, after, size, request.include_embeddings)
+        return pb.ListResponse(items=[_item(i, request.include_embeddings) for i in page.items],
+                               next_page_token=list_token(page, query), total=page.total)
+
+    @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
-        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=await self.models.ready())
+        schema = [pb.FieldSpec(name=name, type=kind) for name, kind in self.config.schema.as_pairs()]
+        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=await self.models.ready(),
+                                schema=schema)
 
 
 # ---------------------------------------------------------------- module helpers
@@ -529,5 +575,13 @@ def _read_images(engine: Collection, items: list[Item]) -> list:
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:
     item = hit.item
-    return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri,
-                  caption=item.caption or "", caption_error=caption_error)
+    return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri, similarity=hit.score,
+                  caption=item.caption or "", caption_error=caption_error, added_at=item.created_at)
+
+
+def _item(item: Item, with_embedding: bool) -> pb.Item:
+    reply = pb.Item(id=item.id, content_sha256=item.sha256, uri=item.uri, metadata=item.metadata,
+                    caption=item.caption or "", created_at=item.created_at, updated_at=item.updated_at)
+    if with_embedding:
+        reply.embedding.extend(item.embedding.tolist())
+    return reply

@@ -113,6 +113,7 @@ class AddOutcome:
     sha256: str
     added: bool  # False: the content was already there under `id`
     vid: int
+    created_at: float = 0.0  # when the item was stored (now, for a new one)
 
 
 @dataclass
@@ -252,9 +253,9 @@ class Store:
 
     def _add_one(self, db: sqlite3.Connection, item: NewItem, blob: Optional[Path], now: float
                  ) -> AddOutcome | ConflictError:
-        row = db.execute("SELECT vid, id FROM items WHERE sha256 = ?", (item.sha256,)).fetchone()
+        row = db.execute("SELECT vid, id, created_at FROM items WHERE sha256 = ?", (item.sha256,)).fetchone()
         if row is not None:
-            return AddOutcome(id=row[1], sha256=item.sha256, added=False, vid=row[0])
+            return AddOutcome(id=row[1], sha256=item.sha256, added=False, vid=row[0], created_at=row[2])
         item_id = item.id or default_id(item.sha256)
         if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone():
             return ConflictError(f"id {item_id!r} already names other content")
@@ -268,7 +269,7 @@ class Store:
         ).lastrowid
         db.executemany("INSERT INTO item_meta VALUES (?, ?, ?)", [(k, v, vid) for k, v in item.metadata.items()])
         db.execute("INSERT INTO changes (vid, op) VALUES (?, 'add')", (vid,))
-        return AddOutcome(id=item_id, sha256=item.sha256, added=True, vid=vid)
+        return AddOutcome(id=item_id, sha256=item.sha256, added=True, vid=vid, created_at=now)
 
     def delete(self, item_id: str) -> Optional[Item]:
         """Remove an item (row, metadata, its blob); returns what was removed, None if unknown."""
@@ -320,13 +321,14 @@ class Store:
     def find_sha(self, sha256: str) -> Optional[Item]:
         return self._get(self._reader(), "sha256", sha256, False)
 
-    def get_many(self, vids: list[int]) -> dict[int, Item]:
+    def get_many(self, vids: list[int], with_embedding: bool = False) -> dict[int, Item]:
         out: dict[int, Item] = {}
         db = self._reader()
+        columns = self._COLUMNS + (", embedding" if with_embedding else "")
         for start in range(0, len(vids), 500):
             chunk = vids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in db.execute(f"SELECT {self._COLUMNS} FROM items WHERE vid IN ({marks})", chunk):
+            for row in db.execute(f"SELECT {columns} FROM items WHERE vid IN ({marks})", chunk):
                 out[row[0]] = _item(row)
         return out
 
@@ -336,6 +338,10 @@ class Store:
     def last_seq(self) -> int:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
+
+    def item_times(self) -> Iterator[tuple[int, float]]:
+        """(vid, created_at) of every item, in vid order (the filter index's live items and added_at)."""
+        yield from self._reader().execute("SELECT vid, created_at FROM items ORDER BY vid")
 
     def metadata_rows(self) -> Iterator[tuple[int, str, str]]:
         """(vid, key, value) of every item's metadata, in vid order (for the in-memory filter index)."""

@@ -24,7 +24,9 @@ from serving.testing import triton_unavailable_reason
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
 from search_service.testing import WireClient  # noqa: E402
+from search_service.collection import Unsupported  # noqa: E402
 from search_service.milvus import filter_expression  # noqa: E402
+from search_service.query import Condition, Filter  # noqa: E402
 from search_service.pb import search_pb2 as pb  # noqa: E402
 from search_service.testing import ServiceProcess  # noqa: E402
 
@@ -76,8 +78,12 @@ def wait_for(predicate, timeout: float, what: str):
 
 def test_filter_values_cannot_inject_expressions():
     hostile = 'x" or meta["k"] != "'
-    assert filter_expression({"k": hostile}) == 'meta["k"] == "x\\" or meta[\\"k\\"] != \\""'
-    assert filter_expression({'we"ird': "\\", "a": "ünï 😀\n"}) == 'meta["a"] == "ünï 😀\\n" and meta["we\\"ird"] == "\\\\"'
+    assert filter_expression({"k": hostile}) == '(meta["k"] == "x\\" or meta[\\"k\\"] != \\"")'
+    assert filter_expression({'we"ird': "\\", "a": "ünï 😀\n"}) == '(meta["a"] == "ünï 😀\\n") and (meta["we\\"ird"] == "\\\\")'
+    condition = Condition('k"]', (hostile, "b"), negate=True)
+    assert filter_expression(Filter((condition,))) == 'not (meta["k\\"]"] in ["x\\" or meta[\\"k\\"] != \\"", "b"])'
+    with pytest.raises(Unsupported, match="added_at only"):
+        filter_expression(Filter((Condition("year", low=2000.0),)))
 
 
 def test_two_replicas_share_one_collection(tmp_path, triton, milvus_server):

@@ -22,7 +22,7 @@ CONSISTENCY_BOUNDED: Consistency
 CONSISTENCY_EVENTUALLY: Consistency
 
 class AddImageRequest(_message.Message):
-    __slots__ = ("image", "path", "id", "metadata", "uri")
+    __slots__ = ("image", "path", "id", "metadata", "uri", "options")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,12 +35,32 @@ class AddImageRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     path: str
     id: str
     metadata: _containers.ScalarMap[str, str]
     uri: str
-    def __init__(self, image: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ...) -> None: ...
+    options: AddOptions
+    def __init__(self, image: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., options: _Optional[_Union[AddOptions, _Mapping]] = ...) -> None: ...
+
+class AddOptions(_message.Message):
+    __slots__ = ("caption", "near_duplicate_threshold", "skip_near_duplicates")
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SKIP_NEAR_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    caption: bool
+    near_duplicate_threshold: float
+    skip_near_duplicates: bool
+    def __init__(self, caption: _Optional[bool] = ..., near_duplicate_threshold: _Optional[float] = ..., skip_near_duplicates: _Optional[bool] = ...) -> None: ...
+
+class NearDuplicate(_message.Message):
+    __slots__ = ("id", "score")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -51,31 +71,77 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AddImageResult(_message.Message):
-    __slots__ = ("index", "outcome", "id", "content_sha256", "error")
+    __slots__ = ("index", "outcome", "id", "content_sha256", "error", "near_duplicate", "caption")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[AddImageResult.Outcome]
         ADDED: _ClassVar[AddImageResult.Outcome]
         DUPLICATE: _ClassVar[AddImageResult.Outcome]
         FAILED: _ClassVar[AddImageResult.Outcome]
+        NEAR_DUPLICATE: _ClassVar[AddImageResult.Outcome]
     OUTCOME_UNSPECIFIED: AddImageResult.Outcome
     ADDED: AddImageResult.Outcome
     DUPLICATE: AddImageResult.Outcome
     FAILED: AddImageResult.Outcome
+    NEAR_DUPLICATE: AddImageResult.Outcome
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
     index: int
     outcome: AddImageResult.Outcome
     id: str
     content_sha256: str
     error: Error
-    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    near_duplicate: NearDuplicate
+    caption: str
+    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., near_duplicate: _Optional[_Union[NearDuplicate, _Mapping]] = ..., caption: _Optional[str] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("field", "equals", "any_of", "range", "negate")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    EQUALS_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    NEGATE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    equals: str
+    any_of: ValueList
+    range: Range
+    negate: bool
+    def __init__(self, field: _Optional[str] = ..., equals: _Optional[str] = ..., any_of: _Optional[_Union[ValueList, _Mapping]] = ..., range: _Optional[_Union[Range, _Mapping]] = ..., negate: _Optional[bool] = ...) -> None: ...
+
+class ValueList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("gte", "gt", "lte", "lt")
+    GTE_FIELD_NUMBER: _ClassVar[int]
+    GT_FIELD_NUMBER: _ClassVar[int]
+    LTE_FIELD_NUMBER: _ClassVar[int]
+    LT_FIELD_NUMBER: _ClassVar[int]
+    gte: str
+    gt: str
+    lte: str
+    lt: str
+    def __init__(self, gte: _Optional[str] = ..., gt: _Optional[str] = ..., lte: _Optional[str] = ..., lt: _Optional[str] = ...) -> None: ...
+
+class Order(_message.Message):
+    __slots__ = ("field", "descending")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    DESCENDING_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    descending: bool
+    def __init__(self, field: _Optional[str] = ..., descending: _Optional[bool] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("k", "min_score", "filters", "with_captions", "consistency")
+    __slots__ = ("k", "min_score", "filters", "with_captions", "consistency", "where", "order_by", "page_token")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,20 +154,38 @@ class SearchOptions(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_CAPTIONS_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     k: int
     min_score: float
     filters: _containers.ScalarMap[str, str]
     with_captions: bool
     consistency: Consistency
-    def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
+    where: _containers.RepeatedCompositeFieldContainer[Condition]
+    order_by: Order
+    page_token: str
+    def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., where: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., order_by: _Optional[_Union[Order, _Mapping]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SearchTextRequest(_message.Message):
-    __slots__ = ("text", "options")
+    __slots__ = ("text", "options", "mode", "keyword_weight")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VECTOR: _ClassVar[SearchTextRequest.Mode]
+        KEYWORD: _ClassVar[SearchTextRequest.Mode]
+        HYBRID: _ClassVar[SearchTextRequest.Mode]
+    VECTOR: SearchTextRequest.Mode
+    KEYWORD: SearchTextRequest.Mode
+    HYBRID: SearchTextRequest.Mode
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     text: str
     options: SearchOptions
-    def __init__(self, text: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+    mode: SearchTextRequest.Mode
+    keyword_weight: float
+    def __init__(self, text: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., mode: _Optional[_Union[SearchTextRequest.Mode, str]] = ..., keyword_weight: _Optional[float] = ...) -> None: ...
 
 class SearchImageRequest(_message.Message):
     __slots__ = ("image", "id", "options")
@@ -114,7 +198,7 @@ class SearchImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., id: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error")
+    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "similarity", "vector_rank", "keyword_rank", "keyword_score", "added_at")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,21 +212,33 @@ class Hit(_message.Message):
     URI_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     CAPTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_RANK_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_RANK_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ADDED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     metadata: _containers.ScalarMap[str, str]
     uri: str
     caption: str
     caption_error: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ...) -> None: ...
+    similarity: float
+    vector_rank: int
+    keyword_rank: int
+    keyword_score: float
+    added_at: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., similarity: _Optional[float] = ..., vector_rank: _Optional[int] = ..., keyword_rank: _Optional[int] = ..., keyword_score: _Optional[float] = ..., added_at: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "searched")
+    __slots__ = ("hits", "searched", "next_page_token")
     HITS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     searched: int
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., searched: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., searched: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SamplingSettings(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "num_beams", "num_beam_groups", "repetition_penalty", "min_tokens", "max_tokens", "seed")
@@ -297,12 +393,93 @@ class DeleteResponse(_message.Message):
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
+class ListRequest(_message.Message):
+    __slots__ = ("filters", "where", "order_by", "page_size", "page_token", "include_embeddings")
+    class FiltersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    filters: _containers.ScalarMap[str, str]
+    where: _containers.RepeatedCompositeFieldContainer[Condition]
+    order_by: Order
+    page_size: int
+    page_token: str
+    include_embeddings: bool
+    def __init__(self, filters: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., order_by: _Optional[_Union[Order, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_embeddings: _Optional[bool] = ...) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("items", "next_page_token", "total")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    next_page_token: str
+    total: int
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
+class FindDuplicatesRequest(_message.Message):
+    __slots__ = ("threshold", "page_size", "page_token", "neighbors")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    page_size: int
+    page_token: str
+    neighbors: int
+    def __init__(self, threshold: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., neighbors: _Optional[int] = ...) -> None: ...
+
+class DuplicatePair(_message.Message):
+    __slots__ = ("a", "b", "score")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    a: str
+    b: str
+    score: float
+    def __init__(self, a: _Optional[str] = ..., b: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class DuplicateGroup(_message.Message):
+    __slots__ = ("ids", "pairs")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    pairs: _containers.RepeatedCompositeFieldContainer[DuplicatePair]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[DuplicatePair, _Mapping]]] = ...) -> None: ...
+
+class FindDuplicatesResponse(_message.Message):
+    __slots__ = ("groups", "next_page_token", "total_groups")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[DuplicateGroup]
+    next_page_token: str
+    total_groups: int
+    def __init__(self, groups: _Optional[_Iterable[_Union[DuplicateGroup, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_groups: _Optional[int] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FieldSpec(_message.Message):
+    __slots__ = ("name", "type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "schema", "keyword_search", "captions_pending", "caption_retries_done", "caption_retries_failed", "caption_retry_error")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +493,12 @@ class StatsResponse(_message.Message):
     QUERY_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     QUERY_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     QUERY_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_RETRIES_DONE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_RETRIES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_RETRY_ERROR_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
     index_type: str
@@ -329,4 +512,10 @@ class StatsResponse(_message.Message):
     query_cache_hits: int
     query_cache_misses: int
     query_cache_entries: int
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ...) -> None: ...
+    schema: _containers.RepeatedCompositeFieldContainer[FieldSpec]
+    keyword_search: bool
+    captions_pending: int
+    caption_retries_done: int
+    caption_retries_failed: int
+    caption_retry_error: str
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., keyword_search: _Optional[bool] = ..., captions_pending: _Optional[int] = ..., caption_retries_done: _Optional[int] = ..., caption_retries_failed: _Optional[int] = ..., caption_retry_error: _Optional[str] = ...) -> None: ...

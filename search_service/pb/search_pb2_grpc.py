@@ -80,6 +80,16 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/coca.search.v1.SearchService/List',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.ListRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.FindDuplicates = channel.unary_unary(
+                '/coca.search.v1.SearchService/FindDuplicates',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -142,6 +152,20 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Browse: the items that pass the conditions, in an order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindDuplicates(self, request, context):
+        """Groups of near-identical images across the collection (cosine similarity >= threshold), paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +213,16 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.StatsRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.StatsResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ListRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.ListResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +468,60 @@ class SearchService:
             '/coca.search.v1.SearchService/Stats',
             coca_dot_search_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coca.search.v1.SearchService/List',
+            coca_dot_search_dot_v1_dot_search__pb2.ListRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coca.search.v1.SearchService/FindDuplicates',
+            coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

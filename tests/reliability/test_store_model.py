@@ -2,19 +2,28 @@
 
 A hypothesis state machine drives the real Engine (SQLite, blob files, FAISS) through adds (new content,
 duplicate content with other metadata, an id already taken), deletes, delete-then-re-add, searches with and
-without filters and min_score, snapshots, restarts (close + reopen), kills (abandoned without closing, as
-after SIGKILL) and, for IVF/PQ, the switch from the untrained Flat fallback to the trained index. A plain
-in-memory oracle holds what every acknowledged write said; after every step:
+without filters (equals, any-of, ranges over declared number/date fields and added_at, each maybe negated,
+AND-ed) and min_score, searches ordered by a field, every page of a search (page tokens, as the service
+makes them), List pages, snapshots, restarts (close + reopen), kills (abandoned without closing, as after
+SIGKILL) and, for IVF/PQ, the switch from the untrained Flat fallback to the trained index. A plain
+in-memory oracle holds what every acknowledged write said (and evaluates filters its own way: typed values
+from a fixed table); after every step:
   * every search hit is live, carries its own metadata and its true score (the exact inner product of the
     query with the item's stored embedding, within 1e-5), passes the filter and min_score, in score order;
   * exact indexes (Flat, IVF with nprobe == nlist; and any filtered search small enough to be exact) return
     the oracle's brute-force top-k; HNSW and IVF-PQ meet a recall floor over the run;
+  * a search ordered by a field returns exactly the oracle's first k passing items in that order (items
+    without the field last, ties in insertion order), on every index;
+  * the pages of one query never repeat a hit; on exact indexes (and in a field order) they concatenate to
+    the oracle's whole answer; List pages concatenate to every passing item in the store's order, and
+    `total` counts them; the Milvus store refuses what it cannot do (field order, typed ranges) as Unsupported;
   * Get of every live id returns its bytes (sha256 equal) and metadata; deleted ids are unknown; counts
     agree; the blob directory holds exactly the live items' files (no orphans, none missing).
 `make test` runs a short profile per index family, `make test-reliability` thousands of steps.
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import hashlib
 import shutil
@@ -27,10 +36,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from search_service.collection import Collection
+from search_service.collection import Collection, Unsupported
 from search_service.engine import Engine
 from search_service.index import IndexSettings
 from search_service.milvus import MilvusCollection, MilvusSettings
+from search_service.options import SearchPage
+from search_service.query import ADDED_AT, Condition, Filter, Order, Schema
 from search_service.store import AddOutcome, ConflictError, NewItem, default_id, sha256_hex
 
 DIM = 16
@@ -47,17 +58,38 @@ FAMILIES = {
     "milvus:HNSW": ({"hnsw_m": 8, "ef_construction": 64, "ef_search": 16}, 0.90),
 }
 
-metadata_values = st.fixed_dictionaries({}, optional={"colour": st.sampled_from(COLOURS),
-                                                      "shape": st.sampled_from(SHAPES)})
+SCHEMA = Schema({"size": "number", "taken": "date"})
+UTC = datetime.timezone.utc
+# The oracle's typed values: a fixed table, not the service's parsers ("x" and "soon" do not parse: missing).
+SIZES = {"1": 1.0, "2": 2.0, "3": 3.0, "5": 5.0, "8": 8.0, "13": 13.0, "-2.5": -2.5, "x": None}
+DATES = {"2024-01-01": datetime.datetime(2024, 1, 1, tzinfo=UTC).timestamp(),
+         "2024-01-02T12:00:00Z": datetime.datetime(2024, 1, 2, 12, tzinfo=UTC).timestamp(),
+         "2024-01-02T13:00:00+02:00": datetime.datetime(2024, 1, 2, 11, tzinfo=UTC).timestamp(),
+         "2024-03-01 08:30": datetime.datetime(2024, 3, 1, 8, 30, tzinfo=UTC).timestamp(), "soon": None}
+TYPED_VALUES = {"size": SIZES, "taken": DATES}
+
+metadata_values = st.fixed_dictionaries({}, optional={
+    "colour": st.sampled_from(COLOURS), "shape": st.sampled_from(SHAPES), "size": st.sampled_from(list(SIZES)),
+    "taken": st.sampled_from(list(DATES))})
 filter_values = st.one_of(st.none(), st.fixed_dictionaries({}, optional={"colour": st.sampled_from(COLOURS),
                                                                          "shape": st.sampled_from(SHAPES)}))
+bounds = st.tuples(st.one_of(st.none(), st.floats(0, 1)), st.booleans())  # a quantile of the field's values, open?
+condition_specs = st.one_of(
+    st.tuples(st.just("equals"), st.sampled_from(["colour", "shape", "size"]),
+              st.sampled_from(COLOURS + SHAPES + ["3", "x"]), st.booleans()),
+    st.tuples(st.just("any_of"), st.sampled_from(["colour", "size", "taken"]),
+              st.lists(st.sampled_from(COLOURS + list(SIZES) + list(DATES)[:2]), min_size=1, max_size=4, unique=True),
+              st.booleans()),
+    st.tuples(st.just("range"), st.sampled_from(["size", "taken", ADDED_AT]), st.tuples(bounds, bounds), st.booleans()))
+conditions = st.lists(condition_specs, max_size=3)
+orders = st.one_of(st.none(), st.tuples(st.sampled_from(["size", "taken", ADDED_AT]), st.booleans()))
 
 
 class Totals:
     """What all machines of one family did (for the recall floor and the report)."""
 
     def __init__(self):
-        self.steps = self.searches = self.found = self.expected = self.trained = 0
+        self.steps = self.searches = self.found = self.expected = self.trained = self.paged = self.listed = 0
 
 
 def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
@@ -74,7 +106,8 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
             else:
                 self.settings = IndexSettings(factory=factory, **index_settings)
             self.engine = self._open()
-            self.live: dict[str, dict] = {}  # id -> {sha, data, metadata, embedding}
+            self.live: dict[str, dict] = {}  # id -> {sha, data, metadata, embedding, added_at, seq}
+            self.seq = 0  # insertion order (the engine's ties and List order)
             self.gone: set[str] = set()  # ids deleted and not re-added
             self.contents: list[tuple[bytes, np.ndarray]] = []  # every content made so far
             self.rng = np.random.default_rng(0)
@@ -84,7 +117,7 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
             if on_milvus:
                 engine = MilvusCollection(self.dir, self.settings)
             else:
-                engine = Engine(self.dir, self.settings, snapshot_every=7)
+                engine = Engine(self.dir, self.settings, snapshot_every=7, schema=SCHEMA)
             engine.bind_model("test-model", "random", DIM)
             engine.open_index(DIM)
             return engine
@@ -112,8 +145,9 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
         def _expect_added(self, outcome, item: NewItem, wanted_id: str):
             assert isinstance(outcome, AddOutcome) and outcome.added, outcome
             assert outcome.id == wanted_id
+            self.seq += 1
             self.live[wanted_id] = {"sha": item.sha256, "data": item.data, "metadata": dict(item.metadata),
-                                    "embedding": item.embedding}
+                                    "embedding": item.embedding, "added_at": outcome.created_at, "seq": self.seq}
             self.gone.discard(wanted_id)
 
         def _live_with_sha(self, sha: str):
@@ -180,16 +214,103 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
                            data=known["data"])
             self._expect_added(self._add(item), item, item_id)
 
-        @rule(from_item=st.booleans(), pick=st.integers(0, 10 ** 6), k=st.integers(1, 25),
-              filters=filter_values, min_score=st.one_of(st.none(), st.floats(-0.5, 0.9)))
-        def search(self, from_item, pick, k, filters, min_score):
+        def _query(self, from_item: bool, pick: int) -> np.ndarray:
             if from_item and self.live:
-                query = self.live[sorted(self.live)[pick % len(self.live)]]["embedding"]
+                return self.live[sorted(self.live)[pick % len(self.live)]]["embedding"]
+            query = self.rng.standard_normal(DIM).astype(np.float32)
+            return query / np.linalg.norm(query)
+
+        def _filter(self, legacy: dict | None, specs: list) -> Filter:
+            """The conditions the strategies describe; range bounds are quantiles of the values present."""
+            made = [Condition(key, (value,)) for key, value in sorted((legacy or {}).items())]
+            for kind, name, arg, negate in specs:
+                if kind == "equals":
+                    made.append(Condition(name, (arg,), negate=negate))
+                elif kind == "any_of":
+                    made.append(Condition(name, tuple(arg), negate=negate))
+                else:
+                    (low, low_open), (high, high_open) = arg
+                    present = sorted(v for v in (_typed(name, i) for i in self.live.values()) if v is not None) or [0.0]
+                    at = lambda q: None if q is None else present[min(int(q * len(present)), len(present) - 1)]
+                    made.append(Condition(name, low=at(low), high=at(high), low_open=low_open, high_open=high_open,
+                                          negate=negate))
+            return Filter(tuple(made))
+
+        def _unsupported(self, flt: Filter, order) -> bool:
+            """What the Milvus store refuses: a field order, a range over metadata."""
+            return on_milvus and (order is not None or any(c.is_range and c.field != ADDED_AT for c in flt.conditions))
+
+        @rule(from_item=st.booleans(), pick=st.integers(0, 10 ** 6), k=st.integers(1, 25), legacy=filter_values,
+              specs=conditions, min_score=st.one_of(st.none(), st.floats(-0.5, 0.9)), order=orders)
+        def search(self, from_item, pick, k, legacy, specs, min_score, order):
+            query, flt = self._query(from_item, pick), self._filter(legacy, specs)
+            order = Order(*order) if order else None
+            if self._unsupported(flt, order):
+                with pytest.raises(Unsupported):
+                    self.engine.search(query, k, flt, min_score, order=order)
+                return
+            hits = self.engine.search(query, k, flt or None, min_score, order=order)
+            if order is None:
+                self._check_search(query, k, flt, min_score, hits)
             else:
-                query = self.rng.standard_normal(DIM).astype(np.float32)
-                query /= np.linalg.norm(query)
-            hits = self.engine.search(query, k, filters or None, min_score)
-            self._check_search(query, k, filters or {}, min_score, hits)
+                self._check_ordered(query, k, flt, min_score, order, hits)
+
+        @rule(from_item=st.booleans(), pick=st.integers(0, 10 ** 6), k=st.integers(2, 8), specs=conditions,
+              min_score=st.one_of(st.none(), st.floats(-0.5, 0.9)), order=orders)
+        def page_through(self, from_item, pick, k, specs, min_score, order):
+            """Every page of one query, as the service pages (options.SearchPage), the store unchanged."""
+            query, flt = self._query(from_item, pick), self._filter(None, specs)
+            order = Order(*order) if order else None
+            if self._unsupported(flt, order):
+                return
+            seen, token = [], ""
+            for _ in range(40):
+                page = SearchPage.start(token, "q", k, max_depth=10_000)
+                if order is None:
+                    hits, token = page.by_score(self.engine.search(query, page.depth + k, flt or None, min_score), k)
+                else:
+                    hits, token = page.by_field(
+                        self.engine.search(query, k, flt or None, min_score, order=order, after=page.after), k)
+                seen.extend(hits)
+                if not token:
+                    break
+            totals.paged += 1
+            ids = [h.item.id for h in seen]
+            assert len(ids) == len(set(ids)), f"a hit shown twice: {ids}"
+            expected = self._ranked(query, flt, min_score, order)
+            if order is not None:
+                assert ids == [i for i, _ in expected][:len(ids)] and (token or len(ids) == len(expected))
+            else:
+                scores = [h.score for h in seen]
+                assert scores == sorted(scores, reverse=True)
+                if recall_floor is None or self._trained_ann_is_bypassed(dict(expected)):
+                    assert len(ids) == len(expected) or token, (len(ids), len(expected))
+                    assert np.allclose(scores, [s for _, s in expected][:len(ids)], atol=SCORE_TOL)
+
+        @rule(limit=st.integers(1, 9), specs=conditions, order=orders)
+        def list_pages(self, limit, specs, order):
+            flt, order = self._filter(None, specs), (Order(*order) if order else None)
+            if self._unsupported(flt, order):
+                with pytest.raises(Unsupported):
+                    self.engine.list_items(flt, order, None, limit)
+                return
+            listed, after = [], None
+            for _ in range(200):
+                page = self.engine.list_items(flt or None, order, after, limit)
+                assert page.total == len(self._passing(flt)) and len(page.items) <= limit
+                listed.extend(page.items)
+                after = page.next_after
+                if after is None:
+                    break
+            totals.listed += 1
+            passing = self._passing(flt)
+            if order is not None:
+                expected = [i for i, _ in self._ranked(None, flt, None, order)]
+            else:  # the engine lists in insertion order, Milvus by primary key (the content sha256)
+                expected = sorted(passing, key=lambda i: self.live[i]["sha"] if on_milvus else self.live[i]["seq"])
+            assert [item.id for item in listed] == expected
+            for item in listed:
+                assert item.metadata == self.live[item.id]["metadata"]
 
         @rule()
         def snapshot(self):
@@ -207,17 +328,42 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
             self.engine = self._open()
 
         # ------------------------------------------------------------ the oracle
-        def _check_search(self, query, k, filters, min_score, hits):
+        def _passing(self, flt: Filter) -> list[str]:
+            return [i for i, v in self.live.items() if all(_holds(c, v) for c in flt.conditions)]
+
+        def _ranked(self, query, flt: Filter, min_score, order) -> list[tuple[str, float]]:
+            """The oracle's whole answer: passing items (scoring >= min_score) by score, or in a field's
+            order (items without the field last, ties in insertion order)."""
+            scored = [(i, float(np.dot(self.live[i]["embedding"].astype(np.float64), query)) if query is not None
+                       else 0.0) for i in self._passing(flt)]
+            if min_score is not None:
+                scored = [(i, s) for i, s in scored if s >= min_score]
+            if order is None:
+                return sorted(scored, key=lambda pair: (-pair[1], pair[0]))
+
+            def position(pair):
+                value = _typed(order.field, self.live[pair[0]])
+                key = 0.0 if value is None else (-value if order.descending else value)
+                return value is None, key, self.live[pair[0]]["seq"]
+
+            return sorted(scored, key=position)
+
+        def _check_ordered(self, query, k, flt, min_score, order, hits):
             totals.searches += 1
-            exact = {i: float(np.dot(v["embedding"].astype(np.float64), query)) for i, v in self.live.items()
-                     if all(v["metadata"].get(key) == value for key, value in filters.items())}
+            expected = self._ranked(query, flt, min_score, order)[:k]
+            assert [h.item.id for h in hits] == [i for i, _ in expected], (order, [h.item.id for h in hits], expected)
+            assert np.allclose([h.score for h in hits], [s for _, s in expected], atol=SCORE_TOL)
+
+        def _check_search(self, query, k, flt, min_score, hits):
+            totals.searches += 1
+            exact = {i: float(np.dot(self.live[i]["embedding"].astype(np.float64), query)) for i in self._passing(flt)}
             ranked = sorted(exact.items(), key=lambda pair: -pair[1])
             if min_score is not None:
                 ranked = [(i, s) for i, s in ranked if s >= min_score]
             best = ranked[:k]
             assert len(hits) <= k
             for hit in hits:
-                assert hit.item.id in exact, f"{hit.item.id} is not live or does not pass {filters}"
+                assert hit.item.id in exact, f"{hit.item.id} is not live or does not pass {flt}"
                 assert hit.item.metadata == self.live[hit.item.id]["metadata"]
                 assert abs(hit.score - exact[hit.item.id]) <= SCORE_TOL, (hit.score, exact[hit.item.id])
                 assert min_score is None or hit.score >= min_score
@@ -260,6 +406,27 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
     return StoreMachine
 
 
+def _typed(name: str, known: dict):
+    """The oracle's typed value of a field of an item (None: missing or not of the type)."""
+    if name == ADDED_AT:
+        return known["added_at"]
+    text = known["metadata"].get(name)
+    return None if text is None else TYPED_VALUES[name].get(text)
+
+
+def _holds(condition: Condition, known: dict) -> bool:
+    if condition.is_range:
+        value = _typed(condition.field, known)
+        passed = value is not None
+        if passed and condition.low is not None:
+            passed = value > condition.low if condition.low_open else value >= condition.low
+        if passed and condition.high is not None:
+            passed = value < condition.high if condition.high_open else value <= condition.high
+    else:
+        passed = known["metadata"].get(condition.field) in condition.values
+    return passed != condition.negate
+
+
 def run_family(factory: str, examples: int, steps: int, figures, request) -> None:
     totals = Totals()
     uri = request.getfixturevalue("milvus_server").uri if factory.startswith("milvus:") else ""
@@ -270,8 +437,10 @@ def run_family(factory: str, examples: int, steps: int, figures, request) -> Non
     _, floor = FAMILIES[factory]
     recall = totals.found / totals.expected if totals.expected else 1.0
     figures.record(f"store model {factory}", runs=examples, steps=totals.steps, searches=totals.searches,
+                   paged_queries=totals.paged, listings=totals.listed,
                    steps_with_trained_index=totals.trained, approximate_recall=round(recall, 4),
                    recall_floor=floor or "exact", mismatches=0)
+    assert totals.searches and totals.paged and totals.listed, "the run left searches, pages or List untested"
     if floor is not None:
         assert recall >= floor, f"{factory}: recall {recall:.3f} over {totals.expected} expected hits < {floor}"
     if factory.startswith("IVF"):
@@ -280,7 +449,7 @@ def run_family(factory: str, examples: int, steps: int, figures, request) -> Non
 
 @pytest.mark.parametrize("factory", list(FAMILIES))
 def test_store_model_short(factory, figures, request):
-    run_family(factory, examples=6, steps=40, figures=figures, request=request)
+    run_family(factory, examples=15, steps=25, figures=figures, request=request)
 
 
 @pytest.mark.long
