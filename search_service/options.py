@@ -95,22 +95,28 @@ class SearchPage:
                                   f"min_score) or browse with List")
         return cls(query, depth, after)
 
+    def depth_by_score(self, k: int) -> int:
+        """How deep to search for this page by score: through it, and one more hit (is there a next page?)."""
+        return self.depth + k + 1
+
     def by_score(self, hits: list[Hit], k: int) -> tuple[list[Hit], str]:
-        """This page of a ranking searched `depth + k` deep, and the next page's token ("" when none)."""
+        """This page of a ranking searched `depth_by_score(k)` deep, and the next page's token ("" when none)."""
         ranked = sorted(hits, key=_rank_key)
         if self.after is not None:
             cursor = _cursor(self.after)
             ranked = [h for h in ranked if _rank_key(h) > cursor]
         page = ranked[:k]
-        more = bool(page) and len(hits) >= self.depth + k
+        more = len(ranked) > k
         token = encode_token(self.query, {"d": self.depth + len(page), "a": [page[-1].score, page[-1].item.id]}) \
             if more else ""
         return page, token
 
     def by_field(self, hits: list[Hit], k: int) -> tuple[list[Hit], str]:
-        """A page of a search in a field's order (the store resumed after `after`) and the next token."""
-        more = len(hits) >= k and hits[-1].position is not None
-        return hits, encode_token(self.query, {"d": self.depth + len(hits), "a": hits[-1].position}) if more else ""
+        """A page of a search in a field's order, from `k + 1` hits the store gave after `after`, and the
+        next page's token."""
+        page = hits[:k]
+        more = len(hits) > k
+        return page, encode_token(self.query, {"d": self.depth + len(page), "a": page[-1].position}) if more else ""
 
 
 def _rank_key(hit: Hit) -> tuple[float, str]:

@@ -346,12 +346,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         page = SearchPage.start(options.page_token, search_fingerprint(query, options.key()), options.k,
                                 self.config.max_search_depth)
         if options.order is None:
-            hits = await asyncio.to_thread(self.engine.search, vector, page.depth + options.k, options.filters,
-                                           options.min_score, options.consistency)
+            hits = await asyncio.to_thread(self.engine.search, vector, page.depth_by_score(options.k),
+                                           options.filters, options.min_score, options.consistency)
             hits, token = page.by_score(hits, options.k)
         else:
-            hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score,
-                                           options.consistency, options.order, page.after)
+            hits = await asyncio.to_thread(self.engine.search, vector, options.k + 1, options.filters,
+                                           options.min_score, options.consistency, options.order, page.after)
             hits, token = page.by_field(hits, options.k)
         response = await self._respond(hits, options, context)
         response.next_page_token = token

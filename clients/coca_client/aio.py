@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import AsyncIterator, Iterable, Optional, Union
+from typing import AsyncIterator, Iterable, Optional, Sequence, Union
 
 import grpc
 
@@ -87,15 +87,19 @@ class AsyncClient(ClientBase):
     # ------------------------------------------------------------ search
     async def search_text(self, text: str, k: int = 10, *, with_captions: bool = False,
                           filters: Optional[dict] = None, min_score: Optional[float] = None,
+                          where: Sequence[t.Condition] = (), order_by: str = "", page_token: str = "",
                           timeout=_UNSET) -> t.SearchResult:
-        request = pb.SearchTextRequest(text=text, options=t.search_options(k, with_captions, filters, min_score))
-        return t.SearchResult.from_pb(await self._unary("SearchText", request, timeout))
+        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
+        return t.SearchResult.from_pb(await self._unary("SearchText", pb.SearchTextRequest(text=text, options=options),
+                                                        timeout))
 
     async def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
                            with_captions: bool = False, filters: Optional[dict] = None,
-                           min_score: Optional[float] = None, timeout=_UNSET) -> t.SearchResult:
-        request = t.search_image_request(image, id, t.search_options(k, with_captions, filters, min_score))
-        return t.SearchResult.from_pb(await self._unary("SearchImage", request, timeout))
+                           min_score: Optional[float] = None, where: Sequence[t.Condition] = (), order_by: str = "",
+                           page_token: str = "", timeout=_UNSET) -> t.SearchResult:
+        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
+        return t.SearchResult.from_pb(await self._unary("SearchImage", t.search_image_request(image, id, options),
+                                                        timeout))
 
     # ------------------------------------------------------------ model calls
     async def caption(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None,
@@ -128,6 +132,12 @@ class AsyncClient(ClientBase):
             if exc.attempts > 1:
                 return id
             raise
+
+    async def list(self, *, filters: Optional[dict] = None, where: Sequence[t.Condition] = (), order_by: str = "",
+                   page_size: int = 100, page_token: str = "", include_embeddings: bool = False,
+                   timeout=_UNSET) -> t.ListPage:
+        request = t.list_request(filters, where, order_by, page_size, page_token, include_embeddings)
+        return t.ListPage.from_pb(await self._unary("List", request, timeout), include_embeddings)
 
     async def stats(self, *, timeout=_UNSET) -> t.Stats:
         return t.Stats.from_pb(await self._unary("Stats", pb.StatsRequest(), timeout))

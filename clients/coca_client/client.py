@@ -110,16 +110,20 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------ search
     def search_text(self, text: str, k: int = 10, *, with_captions: bool = False, filters: Optional[dict] = None,
-                    min_score: Optional[float] = None, timeout=_UNSET) -> t.SearchResult:
-        request = pb.SearchTextRequest(text=text, options=t.search_options(k, with_captions, filters, min_score))
-        return t.SearchResult.from_pb(self._unary("SearchText", request, timeout))
+                    min_score: Optional[float] = None, where: Sequence[t.Condition] = (), order_by: str = "",
+                    page_token: str = "", timeout=_UNSET) -> t.SearchResult:
+        """Items like the text. `where`: more conditions (AND); `order_by`: a date/number field ("-field":
+        descending) instead of by score; `page_token`: the previous result's next_page_token (same query)."""
+        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
+        return t.SearchResult.from_pb(self._unary("SearchText", pb.SearchTextRequest(text=text, options=options), timeout))
 
     def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
                      with_captions: bool = False, filters: Optional[dict] = None, min_score: Optional[float] = None,
+                     where: Sequence[t.Condition] = (), order_by: str = "", page_token: str = "",
                      timeout=_UNSET) -> t.SearchResult:
         """Images like `image` (bytes or a local file), or like the indexed item `id` (which finds itself first)."""
-        request = t.search_image_request(image, id, t.search_options(k, with_captions, filters, min_score))
-        return t.SearchResult.from_pb(self._unary("SearchImage", request, timeout))
+        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
+        return t.SearchResult.from_pb(self._unary("SearchImage", t.search_image_request(image, id, options), timeout))
 
     # ------------------------------------------------------------ model calls
     def caption(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None, id: str = "",
@@ -156,6 +160,21 @@ class Client(ClientBase):
             if exc.attempts > 1:  # an earlier attempt went through but its answer was lost
                 return id
             raise
+
+    def list(self, *, filters: Optional[dict] = None, where: Sequence[t.Condition] = (), order_by: str = "",
+             page_size: int = 100, page_token: str = "", include_embeddings: bool = False,
+             timeout=_UNSET) -> t.ListPage:
+        """One page of the items passing the conditions, oldest first or in `order_by` ("-added_at": newest first)."""
+        request = t.list_request(filters, where, order_by, page_size, page_token, include_embeddings)
+        return t.ListPage.from_pb(self._unary("List", request, timeout), include_embeddings)
+
+    def iter_items(self, **query) -> Iterator[t.Item]:
+        """Every item passing the conditions (list()'s arguments), a page at a time."""
+        token = None
+        while token != "":
+            page = self.list(**query, page_token=token or "")
+            yield from page.items
+            token = page.next_page_token
 
     def stats(self, *, timeout=_UNSET) -> t.Stats:
         return t.Stats.from_pb(self._unary("Stats", pb.StatsRequest(), timeout))

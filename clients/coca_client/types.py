@@ -5,7 +5,7 @@ import enum
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import grpc
 import numpy as np
@@ -26,20 +26,23 @@ class Hit:
     caption: str = ""
     caption_error: str = ""  # why no caption could be made (only with with_captions)
     metadata: dict[str, str] = field(default_factory=dict)
+    added_at: float = 0.0  # when the item was stored (Unix seconds)
 
     @classmethod
     def from_pb(cls, hit: pb.Hit) -> "Hit":
-        return cls(hit.id, float(hit.score), hit.uri, hit.caption, hit.caption_error, dict(hit.metadata))
+        return cls(hit.id, float(hit.score), hit.uri, hit.caption, hit.caption_error, dict(hit.metadata),
+                   hit.added_at)
 
 
 @dataclass(frozen=True)
 class SearchResult:
     hits: list[Hit]
     searched: int  # items in the index
+    next_page_token: str = ""  # pass as page_token (same query otherwise) for the next page; "" when none
 
     @classmethod
     def from_pb(cls, response: pb.SearchResponse) -> "SearchResult":
-        return cls([Hit.from_pb(h) for h in response.hits], int(response.searched))
+        return cls([Hit.from_pb(h) for h in response.hits], int(response.searched), response.next_page_token)
 
     def __iter__(self):
         return iter(self.hits)
@@ -138,6 +141,18 @@ class Item:
 
 
 @dataclass(frozen=True)
+class ListPage:
+    items: list["Item"]
+    next_page_token: str  # "" on the last page
+    total: int  # items passing the conditions, on all pages
+
+    @classmethod
+    def from_pb(cls, response: pb.ListResponse, include_embeddings: bool) -> "ListPage":
+        return cls([Item.from_pb(i, False, include_embeddings) for i in response.items], response.next_page_token,
+                   int(response.total))
+
+
+@dataclass(frozen=True)
 class Stats:
     count: int
     indexed: int
@@ -211,11 +226,59 @@ def as_add_item(item) -> AddItem:
     raise TypeError(f"add() takes AddItem, bytes or a file path, not {type(item).__name__}")
 
 
-def search_options(k: int, with_captions: bool, filters: Optional[dict], min_score: Optional[float]) -> pb.SearchOptions:
-    options = pb.SearchOptions(k=k, with_captions=with_captions, filters=filters or {})
+Bound = Union[str, float, int]  # a number, or a date as ISO 8601 text ("2024-05-01", "2024-05-01T12:00:00Z")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition of a search or listing: give one of `equals`, `any_of`, or range bounds (on added_at or
+    a field the service's schema declares number/date); `negate` keeps the items that fail it.
+
+        Condition("colour", any_of=["red", "blue"]), Condition("year", gte=2000, lt=2010),
+        Condition("added_at", gte="2024-05-01"), Condition("album", equals="trip", negate=True)
+    """
+
+    field: str
+    equals: Optional[str] = None
+    any_of: Optional[Sequence[str]] = None
+    gte: Optional[Bound] = None
+    gt: Optional[Bound] = None
+    lte: Optional[Bound] = None
+    lt: Optional[Bound] = None
+    negate: bool = False
+
+    def to_pb(self) -> pb.Condition:
+        condition = pb.Condition(field=self.field, negate=self.negate)
+        bounds = {name: str(getattr(self, name)) for name in ("gte", "gt", "lte", "lt") if getattr(self, name) is not None}
+        if sum((self.equals is not None, self.any_of is not None, bool(bounds))) != 1:
+            raise ValueError(f"condition on {self.field!r}: give one of equals, any_of or range bounds")
+        if self.equals is not None:
+            condition.equals = self.equals
+        elif self.any_of is not None:
+            condition.any_of.values.extend(self.any_of)
+        else:
+            condition.range.CopyFrom(pb.Range(**bounds))
+        return condition
+
+
+def order_pb(order_by: str) -> pb.Order:
+    """"added_at" (ascending) or "-added_at" (descending) as a protobuf Order; "" for none."""
+    return pb.Order(field=order_by.removeprefix("-"), descending=order_by.startswith("-"))
+
+
+def search_options(k: int, with_captions: bool, filters: Optional[dict], min_score: Optional[float],
+                   where: Sequence[Condition] = (), order_by: str = "", page_token: str = "") -> pb.SearchOptions:
+    options = pb.SearchOptions(k=k, with_captions=with_captions, filters=filters or {},
+                               where=[c.to_pb() for c in where], order_by=order_pb(order_by), page_token=page_token)
     if min_score is not None:
         options.min_score = min_score
     return options
+
+
+def list_request(filters: Optional[dict], where: Sequence[Condition], order_by: str, page_size: int,
+                 page_token: str, include_embeddings: bool) -> pb.ListRequest:
+    return pb.ListRequest(filters=filters or {}, where=[c.to_pb() for c in where], order_by=order_pb(order_by),
+                          page_size=page_size, page_token=page_token, include_embeddings=include_embeddings)
 
 
 def image_ref(image: Optional[ImageInput], id: str) -> pb.ImageRef:
