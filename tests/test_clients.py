@@ -25,8 +25,8 @@ from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
-from clients.coca_client import (AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound,  # noqa: E402
-                                 Outcome, RetryPolicy)
+from clients.coca_client import (AsyncClient, Client, Condition, DeadlineExceeded, InvalidArgument,  # noqa: E402
+                                 NotFound, Outcome, RetryPolicy)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
@@ -108,6 +108,38 @@ def test_search_caption_get_classify_rank(served, client):
     assert sum(l.probability for l in labels) == pytest.approx(1.0, abs=1e-4)
     ranked = client.rank(["a cat", "a cup of coffee"], id=same.id)
     assert [r.distance for r in ranked] == sorted(r.distance for r in ranked)
+
+
+def test_list_conditions_order_and_pages(served, client):
+    """List, conditions, order and page tokens through the client, against what the client was told was stored."""
+    ids = list(dict.fromkeys(r.id for r in served.added))  # in the order stored (the duplicate shares an id)
+    sample = {"set": "sample"}
+    listed = list(client.iter_items(filters=sample, page_size=2))
+    assert [i.id for i in listed] == ids
+    page = client.list(filters=sample, page_size=2)
+    assert page.total == len(ids) and len(page.items) == 2 and page.next_page_token
+    newest = client.list(filters=sample, order_by="-added_at", page_size=len(ids)).items
+    assert [i.id for i in newest] == [i.id for i in sorted(listed, key=lambda i: (-i.created_at, ids.index(i.id)))]
+    whole = client.search_text("a photo", k=len(ids), filters=sample)
+    paged, token = [], ""
+    while True:
+        result = client.search_text("a photo", k=3, filters=sample, page_token=token)
+        paged += result.hits
+        token = result.next_page_token
+        if not token:
+            break
+    assert [(h.id, h.score) for h in paged] == [(h.id, h.score) for h in whole]
+    latest = max(i.created_at for i in listed)
+    until = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(latest + 1)) + "Z"
+    kept = client.search_text("a photo", k=len(ids), where=[Condition("set", any_of=["sample", "other"]),
+                                                            Condition("added_at", lt=until)])
+    assert [h.id for h in kept] == [h.id for h in whole] and all(h.added_at > 0 for h in kept)
+    assert client.search_text("a photo", where=[Condition("added_at", gte=until)]).hits == []
+    assert client.search_text("a photo", filters=sample, where=[Condition("set", equals="sample", negate=True)]).hits == []
+    with pytest.raises(InvalidArgument, match="range on 'set'"):
+        client.list(where=[Condition("set", gte=1)])
+    with pytest.raises(ValueError, match="give one of"):
+        client.list(where=[Condition("set", equals="a", any_of=["b"])])
 
 
 def test_errors_carry_status_and_message(served, client, tmp_path):
