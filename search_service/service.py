@@ -23,7 +23,8 @@ from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupport
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
 from .options import SearchPage, filter_from_pb, list_position, list_token, order_from_pb, search_fingerprint
 from .pb import search_pb2 as pb
-from .query import Filter, Order, QueryInputError, fingerprint
+from .query import Filter, Order, QueryInputError, decode_token, encode_token, fingerprint
+from .duplicates import GroupCache, check_threshold, find_groups, nearest_other
 from .pb import search_pb2_grpc
 from .blobs import BlobError
 from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
@@ -32,6 +33,9 @@ log = logging.getLogger("search_service")
 
 DEFAULT_K = 10
 DEFAULT_PAGE_SIZE = 100
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
+DEFAULT_DUPLICATE_PAGE = 50
+DEFAULT_NEIGHBORS, MAX_NEIGHBORS = 10, 100
 DEFAULT_FRAMES = 16
 MAX_FRAMES = 64
 MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones commit
@@ -105,6 +109,8 @@ class Prepared:
     id: str
     metadata: dict[str, str]
     keep_blob: bool
+    near_duplicate: Optional[float] = None  # AddOptions.near_duplicate_threshold
+    skip_near_duplicate: bool = False
 
 
 @dataclass
@@ -134,6 +140,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.caption_params = SamplingParams()
         self._bound: Optional[ModelIdentity] = None
         self._opening = asyncio.Lock()
+        self._groups = GroupCache()  # FindDuplicates pages slice one cached answer
 
     # ------------------------------------------------------------ helpers
     def _timeout(self, context) -> float:
@@ -277,20 +284,39 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         known = self.engine.find_sha(sha)
         if known is not None:  # no model call for content we have
             return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
-        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
+        options = request.options
+        near = None
+        if options.HasField("near_duplicate_threshold"):
+            near = check_threshold(options.near_duplicate_threshold, "options.near_duplicate_threshold")
+        elif options.skip_near_duplicates:
+            raise bad("options.skip_near_duplicates needs options.near_duplicate_threshold")
+        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep, near,
+                        options.skip_near_duplicates)
 
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
-        """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
+        """Blobs first (fsynced), then one transaction for the batch; only then are results sent. With a
+        near-duplicate check, one item at a time (each must see the ones before it)."""
+        if any(p.near_duplicate is not None for p, _ in ready):
+            return [result for one in ready for result in self._commit_checked(one)]
         items = [NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata,
                          data=p.data if p.keep_blob else None) for p, vector in ready]
-        results = []
-        for (p, _), outcome in zip(ready, self.engine.add(items)):
-            if isinstance(outcome, ConflictError):
-                results.append(_failed(p.index, outcome, p.sha256))
-            else:
-                kind = pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE
-                results.append(pb.AddImageResult(index=p.index, outcome=kind, id=outcome.id, content_sha256=p.sha256))
-        return results
+        return [_added(p, outcome) for (p, _), outcome in zip(ready, self.engine.add(items))]
+
+    def _commit_checked(self, ready: tuple[Prepared, np.ndarray]) -> list[pb.AddImageResult]:
+        p, vector = ready
+        near = None if p.near_duplicate is None else nearest_other(self.engine, vector, p.sha256, "Strong")
+        if near is not None and near.score < p.near_duplicate:
+            near = None
+        if near is not None and p.skip_near_duplicate:
+            return [pb.AddImageResult(index=p.index, outcome=pb.AddImageResult.NEAR_DUPLICATE, content_sha256=p.sha256,
+                                      near_duplicate=pb.NearDuplicate(id=near.item.id, score=near.score))]
+        (outcome,) = self.engine.add([NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id,
+                                              metadata=p.metadata, data=p.data if p.keep_blob else None)])
+        result = _added(p, outcome)
+        if near is not None and result.outcome == pb.AddImageResult.ADDED:
+            result.outcome = pb.AddImageResult.NEAR_DUPLICATE
+            result.near_duplicate.CopyFrom(pb.NearDuplicate(id=near.item.id, score=near.score))
+        return [result]
 
     # ------------------------------------------------------------ search
     @rpc
@@ -491,6 +517,38 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                next_page_token=list_token(page, query), total=page.total)
 
     @rpc
+    async def FindDuplicates(self, request: pb.FindDuplicatesRequest, context) -> pb.FindDuplicatesResponse:
+        threshold = request.threshold or DEFAULT_DUPLICATE_THRESHOLD
+        size, neighbors = request.page_size or DEFAULT_DUPLICATE_PAGE, request.neighbors or DEFAULT_NEIGHBORS
+        try:
+            check_threshold(threshold, "threshold")
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        if not 1 <= size <= self.config.max_page_size:
+            raise bad(f"page_size must be in [1, {self.config.max_page_size}], got {request.page_size}")
+        if not 1 <= neighbors <= MAX_NEIGHBORS:
+            raise bad(f"neighbors must be in [1, {MAX_NEIGHBORS}], got {request.neighbors}")
+        query = fingerprint("duplicates", threshold, neighbors, size)
+        start = decode_token(request.page_token, query).get("o", -1) if request.page_token else 0
+        if not isinstance(start, int) or start < 0:
+            raise bad("page_token is not one this service made (pass next_page_token back unchanged)")
+        if not self.engine.is_open:
+            return pb.FindDuplicatesResponse()
+        groups = await asyncio.to_thread(self._duplicate_groups, threshold, neighbors)
+        page = groups[start:start + size]
+        more = start + size < len(groups)
+        return pb.FindDuplicatesResponse(
+            groups=[pb.DuplicateGroup(ids=g.ids, pairs=[pb.DuplicatePair(a=a, b=b, score=s) for a, b, s in g.pairs])
+                    for g in page],
+            next_page_token=encode_token(query, {"o": start + size}) if more else "", total_groups=len(groups))
+
+    def _duplicate_groups(self, threshold: float, neighbors: int) -> list:
+        sequence = self.engine.stats().get("last_sequence", 0)
+        if not sequence:  # a store without a change sequence (Milvus): computed afresh each page
+            return find_groups(self.engine, threshold, neighbors)
+        return self._groups.groups(self.engine, threshold, neighbors, sequence)
+
+    @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
         schema = [pb.FieldSpec(name=name, type=kind) for name, kind in self.config.schema.as_pairs()]
@@ -527,6 +585,14 @@ async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool | Exc
         if len(batch) >= size or queue.empty():
             return batch, False
         entry = queue.get_nowait()
+
+
+def _added(p: Prepared, outcome) -> pb.AddImageResult:
+    """The result of committing a prepared item (ADDED, DUPLICATE, or FAILED on an id conflict)."""
+    if isinstance(outcome, ConflictError):
+        return _failed(p.index, outcome, p.sha256)
+    kind = pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE
+    return pb.AddImageResult(index=p.index, outcome=kind, id=outcome.id, content_sha256=p.sha256)
 
 
 def _failed(index: int, exc: BaseException, sha256: str = "") -> pb.AddImageResult:

@@ -301,6 +301,77 @@ def test_conditions_order_and_pages_match_exact_search(request, client, photos, 
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details(), error.details()
 
 
+def stored_embeddings(client) -> dict[str, np.ndarray]:
+    """Every item's stored embedding, through List (the oracle's view of the collection)."""
+    out, token = {}, ""
+    while True:
+        page = client.stub.List(pb.ListRequest(page_size=50, page_token=token, include_embeddings=True), timeout=60)
+        out.update((i.id, np.array(i.embedding, np.float64)) for i in page.items)
+        token = page.next_page_token
+        if not token:
+            return out
+
+
+def test_near_duplicates_on_add_and_find_duplicates(client, photos, reference):
+    """NEAR_DUPLICATE names the closest stored item (earlier items of the stream included) with its exact score;
+    FindDuplicates' pages are the connected components of the exact pairs above the threshold."""
+    variants = noisy_variants(photos[2:3], 3)
+    assert add(client, photos[2:3])[0].outcome in (ADDED, DUPLICATE)  # the original (maybe stored already)
+    before = stored_embeddings(client)
+    vectors = reference.embed_images(variants).astype(np.float64)
+    ids, matrix = list(before), np.stack(list(before.values()))
+    best0 = int(np.argmax(matrix @ vectors[0]))
+    score0, score1 = float(matrix[best0] @ vectors[0]), max(float((matrix @ vectors[1]).max()), float(vectors[0] @ vectors[1]))
+    threshold = min(score0, score1) - 1e-3
+    options = [pb.AddOptions(near_duplicate_threshold=threshold), pb.AddOptions(near_duplicate_threshold=threshold,
+               skip_near_duplicates=True), pb.AddOptions(near_duplicate_threshold=1.0)]
+    results = list(client.add_images(pb.AddImageRequest(image=v, options=o) for v, o in zip(variants, options)))
+    NEAR = pb.AddImageResult.NEAR_DUPLICATE
+    assert [r.outcome for r in results] == [NEAR, NEAR, ADDED], results
+    assert results[0].near_duplicate.id == ids[best0] and results[0].id
+    assert results[0].near_duplicate.score == pytest.approx(score0, abs=1e-4)
+    assert results[1].id == "" and results[1].near_duplicate.score == pytest.approx(score1, abs=1e-4)
+    after = stored_embeddings(client)
+    assert set(after) == set(before) | {results[0].id, results[2].id}  # the skipped one was not stored
+    bad_threshold = list(client.add_images([pb.AddImageRequest(image=variants[1], options=pb.AddOptions(
+        near_duplicate_threshold=1.5))]))[0]
+    assert bad_threshold.outcome == FAILED and "near_duplicate_threshold" in bad_threshold.error.message
+
+    ids, matrix = list(after), np.stack(list(after.values()))
+    scores = matrix @ matrix.T
+    upper = np.sort(scores[np.triu_indices(len(ids), 1)])[::-1][: max(2, len(ids) // 3)]
+    gap = int(np.argmax(upper[:-1] - upper[1:]))  # a threshold in the widest gap: no pair sits on it
+    cut = float(upper[gap] + upper[gap + 1]) / 2
+    pairs = {(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)) if scores[i, j] >= cut}
+    expected = components(pairs)
+    groups, token, pages = [], "", 0
+    while True:
+        response = client.stub.FindDuplicates(pb.FindDuplicatesRequest(threshold=cut, page_size=2, neighbors=100,
+                                                                       page_token=token), timeout=120)
+        groups += response.groups
+        pages += 1
+        token = response.next_page_token
+        if not token:
+            break
+    assert response.total_groups == len(expected) == len(groups) and pages == max(1, -(-len(expected) // 2))
+    assert {frozenset(g.ids) for g in groups} == expected
+    assert [len(g.ids) for g in groups] == sorted((len(g.ids) for g in groups), reverse=True)
+    for group in groups:
+        for pair in group.pairs:
+            assert pair.score == pytest.approx(scores[ids.index(pair.a), ids.index(pair.b)], abs=1e-4)
+    error = rpc_error(client.stub.FindDuplicates, pb.FindDuplicatesRequest(threshold=2.0))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "threshold" in error.details()
+
+
+def components(pairs: set[tuple[str, str]]) -> set[frozenset]:
+    groups: list[set] = []
+    for a, b in pairs:
+        touching = [g for g in groups if a in g or b in g]
+        merged = set().union({a, b}, *touching)
+        groups = [g for g in groups if g not in touching] + [merged]
+    return {frozenset(g) for g in groups}
+
+
 def test_bad_items_fail_alone(client, photos, roots):
     root, outside = roots
     bomb = io.BytesIO()
