@@ -25,8 +25,8 @@ from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
-from clients.coca_client import (AsyncClient, Client, Condition, DeadlineExceeded, InvalidArgument,  # noqa: E402
-                                 NotFound, Outcome, RetryPolicy)
+from clients.coca_client import (AddItem, AsyncClient, Client, Condition, DeadlineExceeded,  # noqa: E402
+                                 InvalidArgument, NotFound, Outcome, RetryPolicy)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
@@ -140,6 +140,34 @@ def test_list_conditions_order_and_pages(served, client):
         client.list(where=[Condition("set", gte=1)])
     with pytest.raises(ValueError, match="give one of"):
         client.list(where=[Condition("set", equals="a", any_of=["b"])])
+
+
+def test_near_duplicates_through_the_client(served, client):
+    from PIL import Image
+
+    stored = {i.id: i.embedding.astype(np.float64) for i in client.iter_items(include_embeddings=True)}
+    image = np.asarray(Image.open(by_name(served, "astronaut")).convert("RGB").resize((128, 128)), np.int16)
+    noisy = np.clip(image + np.random.default_rng(1).integers(-6, 6, image.shape), 0, 255).astype(np.uint8)
+    path = served.data / "astronaut-noisy.png"
+    Image.fromarray(noisy).save(path)
+    vector = next(client.add([AddItem(image=path, near_duplicate_threshold=1.0, skip_near_duplicates=True)]))
+    assert vector.outcome is Outcome.ADDED  # nothing that similar: stored
+    mine = client.get(vector.id, include_embedding=True).embedding.astype(np.float64)
+    closest = max(stored, key=lambda i: stored[i] @ mine)
+    score = float(stored[closest] @ mine)
+    again = list(client.add([AddItem(image=by_name(served, "coffee"), near_duplicate_threshold=0.5)]))
+    assert again[0].outcome is Outcome.DUPLICATE  # the same content stays a plain duplicate
+    groups = []
+    page = client.find_duplicates(score - 1e-3, page_size=1, neighbors=20)
+    groups += page.groups
+    while page.next_page_token:
+        page = client.find_duplicates(score - 1e-3, page_size=1, neighbors=20, page_token=page.next_page_token)
+        groups += page.groups
+    assert len(groups) == page.total_groups
+    group = next(g for g in groups if vector.id in g.ids)
+    assert closest in group.ids
+    assert any({a, b} == {vector.id, closest} and s == pytest.approx(score, abs=1e-4) for a, b, s in group.pairs)
+    assert client.delete(vector.id) == vector.id  # leave the module's collection as it was
 
 
 def test_errors_carry_status_and_message(served, client, tmp_path):

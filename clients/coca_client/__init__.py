@@ -21,13 +21,13 @@ from .aio import AsyncClient
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                      NotFound, PermissionDenied, ResourceExhausted, SearchError, Unauthenticated, Unavailable)
-from .types import (AddItem, AddResult, Caption, Condition, Hit, Item, ItemError, LabelScore, ListPage, Outcome,
-                    Sampling, SearchResult, Stats, TextScore)
+from .types import (AddItem, AddResult, Caption, Condition, DuplicateGroup, DuplicatePage, Hit, Item, ItemError,
+                    LabelScore, ListPage, Outcome, Sampling, SearchResult, Stats, TextScore)
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "DEFAULT_TIMEOUT",
-    "AddItem", "AddResult", "Caption", "Condition", "Hit", "ListPage", "Item", "ItemError", "LabelScore", "Outcome", "Sampling",
-    "SearchResult", "Stats", "TextScore",
+    "AddItem", "AddResult", "Caption", "Condition", "DuplicateGroup", "DuplicatePage", "Hit", "Item", "ItemError",
+    "LabelScore", "ListPage", "Outcome", "Sampling", "SearchResult", "Stats", "TextScore",
     "SearchError", "AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
     "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable",
 ]

@@ -139,5 +139,12 @@ class AsyncClient(ClientBase):
         request = t.list_request(filters, where, order_by, page_size, page_token, include_embeddings)
         return t.ListPage.from_pb(await self._unary("List", request, timeout), include_embeddings)
 
+    async def find_duplicates(self, threshold: float = 0.95, *, page_size: int = 50, page_token: str = "",
+                        neighbors: int = 10, timeout=_UNSET) -> t.DuplicatePage:
+        """Groups of near-identical items (cosine similarity >= threshold), largest first, a page at a time."""
+        request = pb.FindDuplicatesRequest(threshold=threshold, page_size=page_size, page_token=page_token,
+                                           neighbors=neighbors)
+        return t.DuplicatePage.from_pb(await self._unary("FindDuplicates", request, timeout))
+
     async def stats(self, *, timeout=_UNSET) -> t.Stats:
         return t.Stats.from_pb(await self._unary("Stats", pb.StatsRequest(), timeout))

@@ -176,6 +176,13 @@ class Client(ClientBase):
             yield from page.items
             token = page.next_page_token
 
+    def find_duplicates(self, threshold: float = 0.95, *, page_size: int = 50, page_token: str = "",
+                        neighbors: int = 10, timeout=_UNSET) -> t.DuplicatePage:
+        """Groups of near-identical items (cosine similarity >= threshold), largest first, a page at a time."""
+        request = pb.FindDuplicatesRequest(threshold=threshold, page_size=page_size, page_token=page_token,
+                                           neighbors=neighbors)
+        return t.DuplicatePage.from_pb(self._unary("FindDuplicates", request, timeout))
+
     def stats(self, *, timeout=_UNSET) -> t.Stats:
         return t.Stats.from_pb(self._unary("Stats", pb.StatsRequest(), timeout))
 

@@ -58,10 +58,11 @@ class Outcome(str, enum.Enum):
     ADDED = "added"  # new content, committed
     DUPLICATE = "duplicate"  # this content was already indexed (under `id`)
     FAILED = "failed"  # nothing stored; see `error`
+    NEAR_DUPLICATE = "near_duplicate"  # like `near_duplicate` (stored under `id`, unless skipped: then no id)
 
 
 _OUTCOMES = {pb.AddImageResult.ADDED: Outcome.ADDED, pb.AddImageResult.DUPLICATE: Outcome.DUPLICATE,
-             pb.AddImageResult.FAILED: Outcome.FAILED}
+             pb.AddImageResult.FAILED: Outcome.FAILED, pb.AddImageResult.NEAR_DUPLICATE: Outcome.NEAR_DUPLICATE}
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,16 @@ class AddResult:
     id: str = ""
     content_sha256: str = ""
     error: Optional[ItemError] = None
+    near_duplicate: Optional[tuple[str, float]] = None  # (id, cosine similarity) of the stored item it resembles
 
     @classmethod
     def from_pb(cls, result: pb.AddImageResult, offset: int = 0) -> "AddResult":
         error = None
         if result.HasField("error") and (result.error.code or result.error.message):
             error = ItemError(status_code(result.error.code), result.error.message)
+        near = (result.near_duplicate.id, result.near_duplicate.score) if result.HasField("near_duplicate") else None
         return cls(int(result.index) + offset, _OUTCOMES.get(result.outcome, Outcome.FAILED), result.id,
-                   result.content_sha256, error)
+                   result.content_sha256, error, near)
 
     @property
     def ok(self) -> bool:
@@ -153,6 +156,24 @@ class ListPage:
 
 
 @dataclass(frozen=True)
+class DuplicateGroup:
+    ids: list[str]
+    pairs: list[tuple[str, str, float]]  # (a, b, cosine similarity), most similar first
+
+
+@dataclass(frozen=True)
+class DuplicatePage:
+    groups: list[DuplicateGroup]  # largest first
+    next_page_token: str
+    total_groups: int
+
+    @classmethod
+    def from_pb(cls, response: pb.FindDuplicatesResponse) -> "DuplicatePage":
+        groups = [DuplicateGroup(list(g.ids), [(p.a, p.b, p.score) for p in g.pairs]) for g in response.groups]
+        return cls(groups, response.next_page_token, int(response.total_groups))
+
+
+@dataclass(frozen=True)
 class Stats:
     count: int
     indexed: int
@@ -181,9 +202,12 @@ class AddItem:
     id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     uri: str = ""  # a label stored with `image` items (e.g. the file name)
+    near_duplicate_threshold: Optional[float] = None  # report NEAR_DUPLICATE at or above this cosine similarity
+    skip_near_duplicates: bool = False  # ... and do not store it
 
     def to_pb(self) -> pb.AddImageRequest:
-        request = pb.AddImageRequest(id=self.id, metadata=self.metadata, uri=self.uri)
+        request = pb.AddImageRequest(id=self.id, metadata=self.metadata, uri=self.uri, options=pb.AddOptions(
+            near_duplicate_threshold=self.near_duplicate_threshold, skip_near_duplicates=self.skip_near_duplicates))
         if self.path is not None:
             request.path = str(self.path)
         elif self.image is not None:
