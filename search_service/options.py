@@ -1,11 +1,12 @@
 """Search and List requests from protobuf: conditions, order and pages (the store-agnostic part).
 
 Pages of a search are slices of one ranking:
-  * by score (and in KEYWORD/HYBRID mode by their scores): hits are ranked by (score desc, id); a page
-    token holds how many hits earlier pages gave (`depth`) and the last one's (score, id). The next
-    page searches `depth + k` deep and keeps the hits ranked after that cursor, so no hit shows twice
-    even if the collection changed in between; while it is unchanged, pages are the ranking's slices.
-  * by a field: the store walks the field's order from the last hit's position.
+  * by score: hits are ranked by (score desc, id); a page token holds how many hits earlier pages
+    gave (`depth`) and the last one's (score, id). The next page searches `depth + k + 1` deep and
+    keeps the hits ranked after that cursor, so no hit shows twice even if the collection changed in
+    between; while it is unchanged, pages are the ranking's slices. The one extra hit says whether a
+    next page exists (no token leads to an empty page).
+  * by a field: the store walks the field's order from the last hit's position (k + 1 hits, likewise).
 List pages resume from the store's position of the last item. Every token carries the fingerprint
 of its query, so a token from another query is refused (INVALID_ARGUMENT) rather than misread.
 """

@@ -641,7 +641,7 @@ def _read_images(engine: Collection, items: list[Item]) -> list:
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:
     item = hit.item
-    return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri, similarity=hit.score,
+    return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri,
                   caption=item.caption or "", caption_error=caption_error, added_at=item.created_at)
 
 

@@ -45,14 +45,12 @@ class AddImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., options: _Optional[_Union[AddOptions, _Mapping]] = ...) -> None: ...
 
 class AddOptions(_message.Message):
-    __slots__ = ("caption", "near_duplicate_threshold", "skip_near_duplicates")
-    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("near_duplicate_threshold", "skip_near_duplicates")
     NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SKIP_NEAR_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
-    caption: bool
     near_duplicate_threshold: float
     skip_near_duplicates: bool
-    def __init__(self, caption: _Optional[bool] = ..., near_duplicate_threshold: _Optional[float] = ..., skip_near_duplicates: _Optional[bool] = ...) -> None: ...
+    def __init__(self, near_duplicate_threshold: _Optional[float] = ..., skip_near_duplicates: _Optional[bool] = ...) -> None: ...
 
 class NearDuplicate(_message.Message):
     __slots__ = ("id", "score")
@@ -71,7 +69,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AddImageResult(_message.Message):
-    __slots__ = ("index", "outcome", "id", "content_sha256", "error", "near_duplicate", "caption")
+    __slots__ = ("index", "outcome", "id", "content_sha256", "error", "near_duplicate")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[AddImageResult.Outcome]
@@ -90,15 +88,13 @@ class AddImageResult(_message.Message):
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
-    CAPTION_FIELD_NUMBER: _ClassVar[int]
     index: int
     outcome: AddImageResult.Outcome
     id: str
     content_sha256: str
     error: Error
     near_duplicate: NearDuplicate
-    caption: str
-    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., near_duplicate: _Optional[_Union[NearDuplicate, _Mapping]] = ..., caption: _Optional[str] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., near_duplicate: _Optional[_Union[NearDuplicate, _Mapping]] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("field", "equals", "any_of", "range", "negate")
@@ -168,24 +164,12 @@ class SearchOptions(_message.Message):
     def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., where: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., order_by: _Optional[_Union[Order, _Mapping]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SearchTextRequest(_message.Message):
-    __slots__ = ("text", "options", "mode", "keyword_weight")
-    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        VECTOR: _ClassVar[SearchTextRequest.Mode]
-        KEYWORD: _ClassVar[SearchTextRequest.Mode]
-        HYBRID: _ClassVar[SearchTextRequest.Mode]
-    VECTOR: SearchTextRequest.Mode
-    KEYWORD: SearchTextRequest.Mode
-    HYBRID: SearchTextRequest.Mode
+    __slots__ = ("text", "options")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
-    MODE_FIELD_NUMBER: _ClassVar[int]
-    KEYWORD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     text: str
     options: SearchOptions
-    mode: SearchTextRequest.Mode
-    keyword_weight: float
-    def __init__(self, text: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., mode: _Optional[_Union[SearchTextRequest.Mode, str]] = ..., keyword_weight: _Optional[float] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
 
 class SearchImageRequest(_message.Message):
     __slots__ = ("image", "id", "options")
@@ -198,7 +182,7 @@ class SearchImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., id: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "similarity", "vector_rank", "keyword_rank", "keyword_score", "added_at")
+    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "added_at")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,10 +196,6 @@ class Hit(_message.Message):
     URI_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     CAPTION_ERROR_FIELD_NUMBER: _ClassVar[int]
-    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
-    VECTOR_RANK_FIELD_NUMBER: _ClassVar[int]
-    KEYWORD_RANK_FIELD_NUMBER: _ClassVar[int]
-    KEYWORD_SCORE_FIELD_NUMBER: _ClassVar[int]
     ADDED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
@@ -223,12 +203,8 @@ class Hit(_message.Message):
     uri: str
     caption: str
     caption_error: str
-    similarity: float
-    vector_rank: int
-    keyword_rank: int
-    keyword_score: float
     added_at: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., similarity: _Optional[float] = ..., vector_rank: _Optional[int] = ..., keyword_rank: _Optional[int] = ..., keyword_score: _Optional[float] = ..., added_at: _Optional[float] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., added_at: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "searched", "next_page_token")
@@ -479,7 +455,7 @@ class FieldSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "schema", "keyword_search", "captions_pending", "caption_retries_done", "caption_retries_failed", "caption_retry_error")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "schema")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -494,11 +470,6 @@ class StatsResponse(_message.Message):
     QUERY_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     QUERY_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
-    KEYWORD_SEARCH_FIELD_NUMBER: _ClassVar[int]
-    CAPTIONS_PENDING_FIELD_NUMBER: _ClassVar[int]
-    CAPTION_RETRIES_DONE_FIELD_NUMBER: _ClassVar[int]
-    CAPTION_RETRIES_FAILED_FIELD_NUMBER: _ClassVar[int]
-    CAPTION_RETRY_ERROR_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
     index_type: str
@@ -513,9 +484,4 @@ class StatsResponse(_message.Message):
     query_cache_misses: int
     query_cache_entries: int
     schema: _containers.RepeatedCompositeFieldContainer[FieldSpec]
-    keyword_search: bool
-    captions_pending: int
-    caption_retries_done: int
-    caption_retries_failed: int
-    caption_retry_error: str
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., keyword_search: _Optional[bool] = ..., captions_pending: _Optional[int] = ..., caption_retries_done: _Optional[int] = ..., caption_retries_failed: _Optional[int] = ..., caption_retry_error: _Optional[str] = ...) -> None: ...
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ...) -> None: ...
