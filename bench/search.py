@@ -514,8 +514,8 @@ def text_tower_floor_ms(args) -> dict:
 
     from .caption import matvec_bandwidth
 
-    text = model_config(args.model)["text_cfg"]
-    width, layers = text["width"], text["layers"]
+    text = model_config(args.model).text
+    width, layers = text.width, text.layers
     nbytes = layers * 12 * width * width * 4  # attention 4 W^2 + MLP 8 W^2 per layer, fp32
     bandwidth = matvec_bandwidth(nbytes)
     return {"weight_mb": round(nbytes / 1e6, 1), "matvec_gbs": round(bandwidth / 1e9, 2),
