@@ -1,3 +1,4 @@
+import uuid
 """The clients against the real thing: one `coca serve --web` (tritonserver + the gRPC search service +
 the web gallery; coca-tiny, random weights) for the module, sample photos indexed once. Covers the Python
 client (sync and asyncio), the Node.js client, the web gallery in headless Chromium (with a screenshot),
@@ -116,8 +117,8 @@ def test_errors_carry_status_and_message(served, client, tmp_path):
     assert "text is empty" in info.value.details and f"SearchText on {served.address}" in str(info.value)
     with pytest.raises(NotFound, match="no item with id 'nope'"):
         client.get("nope")
-    with pytest.raises(DeadlineExceeded):
-        client.search_text("a cat", timeout=0.001)
+    with pytest.raises(DeadlineExceeded):  # a text never asked before: no cached embedding answers in time
+        client.search_text(f"a cat {uuid.uuid4().hex}", timeout=0.001)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     results = list(client.add_files([broken, tmp_path / "missing.jpg", by_name(served, "rocket")]))
