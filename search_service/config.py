@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from coca.texts import MAX_TEXT_CHARS
+
 from .index import IndexSettings
 
 DEFAULT_PORT = 50051
@@ -32,6 +34,10 @@ class ServiceConfig:
     max_pixels: int = 40_000_000  # decompression-bomb guard (coca.media's default)
     max_k: int = 1000
     max_texts: int = 1000  # labels in Classify, texts in Rank
+    max_text_chars: int = MAX_TEXT_CHARS  # one query, label prompt or Rank text (the Triton model's own bound)
+    max_request_text_chars: int = 50_000  # all texts of one Classify/Rank: bounds the tokenizer's work per call
+    max_uri_chars: int = 4096  # an AddImages uri label (a path's length on Linux)
+    caption_workers: int = 8  # hits captioned at once by one search with_captions (each one decoder sequence)
     add_batch: int = 32  # images embedded concurrently and committed together in AddImages
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
     tls_cert: Optional[Path] = None
@@ -45,6 +51,8 @@ class ServiceConfig:
         self.allowed_roots = [Path(r) for r in self.allowed_roots]
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key file")
+        if self.caption_workers < 1:
+            raise ValueError(f"caption workers must be at least 1, got {self.caption_workers}")
 
     def resolve_path(self, path: str) -> Path:
         return resolve_under_roots(path, self.allowed_roots)

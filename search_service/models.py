@@ -163,13 +163,6 @@ class Models:
 
         return await self._call(run, timeout)
 
-    async def caption_each(self, images: Sequence[bytes], params: SamplingParams, timeout: float) -> list:
-        """Captions of several images at once, one decoder sequence each; one result or exception per image."""
-        async def one(client, data):
-            return await client.caption(data, params)
-
-        return await self._each(one, images, timeout)
-
     async def _each(self, fn, items: Sequence, timeout: float) -> list:
         if not items:
             return []

@@ -179,6 +179,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--caption-workers", type=int, default=ServiceConfig.caption_workers,
+                   help="hits one search with_captions captions at once (default %(default)s)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--token-file", help="file holding the bearer token clients must send "
@@ -194,7 +196,7 @@ def config_from_args(args) -> ServiceConfig:
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
         allowed_roots=[Path(r) for r in args.root],
         index=IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
-        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
+        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20, caption_workers=args.caption_workers,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
         bearer_token=token,
     )

@@ -6,6 +6,7 @@ import collections
 import functools
 import logging
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
@@ -17,6 +18,7 @@ from coca import media
 from coca.errors import CapacityError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.sampling import SamplingParams
+from coca.texts import check_text
 
 from .config import PathRefused, ServiceConfig
 from .engine import Engine, Hit
@@ -34,6 +36,7 @@ MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones comm
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_CHARS = 4096
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
 class ServiceError(Exception):
@@ -239,7 +242,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         metadata = _check_metadata(dict(request.metadata))
         source = request.WhichOneof("source")
         if source == "image":
-            data, uri, keep = request.image, request.uri, True
+            data, uri, keep = request.image, self._check_uri(request.uri), True
             self.check_image(data)
         elif source == "path":
             path = self.config.resolve_path(request.path)
@@ -255,6 +258,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if known is not None:  # no model call for content we have
             return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
         return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
+
+    def _check_uri(self, uri: str) -> str:
+        """A label shown to clients (and on terminals): bounded, and no control characters in it."""
+        if len(uri) > self.config.max_uri_chars:
+            raise bad(f"uri is {len(uri)} characters long, over the limit of {self.config.max_uri_chars}")
+        unsafe = next((c for c in uri if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS), None)
+        if unsafe is not None:
+            raise bad(f"uri {uri[:40]!r} holds the control character {unsafe!r}: uris must be printable text")
+        return uri
 
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
@@ -275,9 +287,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def SearchText(self, request: pb.SearchTextRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
-        text = request.text.strip()
-        if not text:
-            raise bad("text is empty: give at least one word to search for")
+        text = check_text(request.text, "text", self.config.max_text_chars).strip()
         await self.ensure_models(context=context)
         vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
         return await self._search(vector, options, context)
@@ -317,30 +327,37 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
         hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score)
-        errors: dict[int, str] = {}
-        if options.with_captions:
-            errors = await self._caption_hits(hits, context)
+        errors = await self._caption_hits(hits, context) if options.with_captions else {}
         return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.vid, "")) for h in hits],
                                  searched=self.engine.index.size)
 
     async def _caption_hits(self, hits: list[Hit], context) -> dict[int, str]:
-        """Caption the hits that have no caption, concurrently (one decoder sequence each); store them."""
-        missing = [h.item for h in hits if not h.item.caption]
-        if not missing:
-            return {}
-        images = await asyncio.to_thread(_read_images, self.engine.store, missing)
-        readable = [(item, data) for item, data in zip(missing, images) if isinstance(data, bytes)]
-        errors = {item.vid: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
-        captions = await self.models.caption_each([d for _, d in readable], self.caption_params, self._timeout(context))
-        new: dict[int, str] = {}
-        for (item, _), caption in zip(readable, captions):
-            if isinstance(caption, ModelsUnavailable):
-                raise caption
-            if isinstance(caption, BaseException):
-                errors[item.vid] = status_of(caption)[1]
-            else:
-                item.caption = new[item.vid] = caption.text
-        await asyncio.to_thread(self.engine.set_captions, new)
+        """Caption the hits that have no caption: `caption_workers` at a time (each reads its image,
+        then runs one decoder sequence), each caption stored as soon as it is made, so the work done
+        stands even if the call then fails or passes its deadline. Returns the errors by vid."""
+        pending = collections.deque(h.item for h in hits if not h.item.caption)
+        errors: dict[int, str] = {}
+
+        async def worker():
+            while pending:
+                item = pending.popleft()
+                try:
+                    data = await asyncio.to_thread(_read_image, self.engine.store, item)
+                    caption = await self.models.caption(data, self.caption_params, self._timeout(context))
+                except ModelsUnavailable:
+                    raise  # Triton is down: the search fails UNAVAILABLE
+                except Exception as exc:
+                    errors[item.vid] = status_of(exc)[1]
+                    continue
+                await asyncio.to_thread(self.engine.set_captions, {item.vid: caption.text})
+                item.caption = caption.text
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.config.caption_workers, len(pending)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
         return errors
 
     # ------------------------------------------------------------ model calls
@@ -378,19 +395,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return await self._image_vector(ref.image if ref.WhichOneof("ref") == "image" else None, ref.id, context)
 
     def _check_texts(self, texts: list[str], what: str) -> list[str]:
+        """Texts the text encoder takes: how many, each one, and all together (the tokenizer's work)."""
         if not texts:
             raise bad(f"give at least one {what}")
         if len(texts) > self.config.max_texts:
             raise bad(f"at most {self.config.max_texts} {what}s, got {len(texts)}")
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise bad(f"{what} #{i + 1} is empty")
+            check_text(text, f"{what} #{i + 1}", self.config.max_text_chars)
+        total = sum(len(t) for t in texts)
+        if total > self.config.max_request_text_chars:
+            raise bad(f"the {what}s are {total} characters in all, over the limit of "
+                      f"{self.config.max_request_text_chars} per request")
         return texts
 
     @rpc
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         labels = self._check_texts(list(request.labels), "label")
-        prompts = label_prompts(request.template or DEFAULT_TEMPLATE, labels)
+        prompts = self._check_texts(label_prompts(request.template or DEFAULT_TEMPLATE, labels), "prompt")
         image = await self._ref_vector(request.image, context)
         texts = await self.models.embed_texts(prompts, self._timeout(context))
         similarity = texts @ image
@@ -497,7 +518,7 @@ def _check_metadata(metadata: dict[str, str], what: str = "metadata") -> dict[st
 def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
     """SamplingParams from the fields the client set (the others keep their defaults)."""
     values = {field.name: value for field, value in settings.ListFields()}
-    return SamplingParams(**values)  # validates: InvalidInputError -> INVALID_ARGUMENT
+    return SamplingParams.from_float32(values)  # validates: InvalidInputError -> INVALID_ARGUMENT
 
 
 def _read_image(store, item: Item) -> bytes:
@@ -505,16 +526,6 @@ def _read_image(store, item: Item) -> bytes:
         return store.read_image(item)
     except (OSError, StoreError) as exc:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, f"image of item {item.id!r} is no longer readable: {exc}") from None
-
-
-def _read_images(store, items: list[Item]) -> list:
-    out = []
-    for item in items:
-        try:
-            out.append(_read_image(store, item))
-        except ServiceError as exc:
-            out.append(exc)
-    return out
 
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:

@@ -3,12 +3,14 @@ server in its own process, real SQLite and FAISS. One Triton serves the module; 
 started per test where a test kills, restarts or reconfigures one."""
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -266,6 +268,70 @@ def test_bad_requests_get_the_right_status(service, client, photos):
         code, message = status(search_raw, b"\x0a\x02\xff\xfe", timeout=30)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed request message" in message
     assert client.search_text("a cat", k=1).hits  # still serving
+
+
+def test_inputs_past_their_bounds_are_invalid_argument(client, photos):
+    """Every unbounded input of the review has a bound now, named in the error; nothing is stored."""
+    def refused(call, *args, **kwargs) -> str:
+        error = rpc_error(call, *args, **kwargs)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+        return error.details()
+
+    assert "text is 1001 characters long, over the limit of 1000" in refused(client.search_text, "a" * 1001)
+    assert "text #2 is 1001 characters long" in refused(client.rank, ["a cat", "b" * 1001], image=photos[0])
+    assert "50000 per request" in refused(client.rank, ["word " * 199] * 60, image=photos[0])  # 59,700 characters
+    assert "prompt #1 is" in refused(client.classify, ["cat"], image=photos[0], template="{} " + "x" * 1000)
+    for beams in (17, 64):  # 64 took the whole decoder cache; more answered "busy", though it could never fit
+        assert "num_beams must be in [1, 16]" in refused(client.caption, image=photos[0], num_beams=beams)
+    assert "repetition_penalty must be in [0.1, 10]" in refused(client.caption, image=photos[0], repetition_penalty=1e-30)
+    before = client.stats().count
+    fresh = noisy_variants(photos[5:6], 3)
+    uris = ["x" * 4097, "evil\x1b[2J\x1b[31mname.jpg", "f\u202egpj.exe", "фото 1.jpg"]  # the last one is fine
+    results = list(client.add_images(pb.AddImageRequest(image=data, uri=uri) for data, uri in zip(fresh + fresh[:1], uris)))
+    assert [r.outcome for r in results] == [FAILED, FAILED, FAILED, ADDED]
+    assert all(r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results[:3])
+    assert "over the limit of 4096" in results[0].error.message and "control character" in results[1].error.message
+    assert client.stats().count == before + 1 and client.get(results[3].id).uri == "фото 1.jpg"
+    assert client.search_text("a" * 1000, k=1).hits  # at the bound: served
+
+
+def test_search_with_captions_runs_a_bounded_pool_and_keeps_each_caption_as_it_finishes(client, triton, photos,
+                                                                                         reference):
+    """k hits to caption start at most `caption_workers` (8) decoder sequences at once (before: all k at
+    once), and each caption is stored when it is made (before: all together at the end)."""
+    from serving.client import TritonCoca
+
+    images = noisy_variants(photos[6:9], 24)
+    ids = [r.id for r in add(client, images, metadata={"set": "fanout"})]
+    decoding, stored_counts, done = [], [], threading.Event()
+
+    def watch_triton():
+        async def poll():
+            async with TritonCoca(triton.grpc_url) as t:
+                while not done.is_set():
+                    decoding.append((await t.decoder_stats())["decoding_sequences"])
+        asyncio.run(poll())
+
+    def watch_store():  # one search reads the hits' captions in one query: a consistent count
+        while not done.is_set():
+            hits = client.search_text("a photo", k=24, filters={"set": "fanout"}).hits
+            stored_counts.append(sum(1 for h in hits if h.caption))
+
+    watchers = [threading.Thread(target=watch_triton), threading.Thread(target=watch_store)]
+    for w in watchers:
+        w.start()
+    try:
+        hits = client.search_text("a photo", k=24, with_captions=True, filters={"set": "fanout"}).hits
+    finally:
+        done.set()
+        for w in watchers:
+            w.join(30)
+    by_id = dict(zip(ids, images))
+    assert len(hits) == 24 and all(not h.caption_error for h in hits)
+    assert [h.caption for h in hits] == [reference.caption([by_id[h.id]])[0].text for h in hits]
+    assert all(client.get(h.id).caption == h.caption for h in hits)
+    assert 2 <= max(decoding) <= 8, decoding
+    assert any(0 < n < 24 for n in stored_counts), stored_counts
 
 
 def test_caption_classify_rank_match_in_process(client, photos, reference, tmp_path):

@@ -134,6 +134,22 @@ def test_an_empty_text_fails_alone(triton, tiny_coca):
     np.testing.assert_allclose(good, tiny_coca.embed_texts(["a cat"]), atol=1e-5, rtol=0)
 
 
+def test_texts_over_the_length_bound_fail_alone(triton, tiny_coca):
+    """A direct Triton caller cannot feed the tokenizer megabytes (its BPE is quadratic in a word's length)."""
+    from coca.texts import MAX_TEXT_CHARS
+
+    url, _ = triton
+    at_bound = "a cat " * (MAX_TEXT_CHARS // 6) + "x" * (MAX_TEXT_CHARS % 6)
+
+    async def work(t):
+        return await asyncio.gather(t.embed_texts([at_bound]), t.embed_texts(["q" * (MAX_TEXT_CHARS + 1)]),
+                                    return_exceptions=True)
+
+    good, long = on_triton(url, work)
+    assert isinstance(long, InvalidInputError) and f"over the limit of {MAX_TEXT_CHARS}" in str(long), long
+    np.testing.assert_allclose(good, tiny_coca.embed_texts([at_bound]), atol=1e-5, rtol=0)
+
+
 # --- captions --------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
 def test_captions_equal_in_process(triton, tiny_coca, images, photos, params):
@@ -181,6 +197,31 @@ def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, p
         assert generation.tokens == tiny_coca.caption([images[i % 4]], settings[i])[0].tokens, f"sequence {i}"
     rows = [r for g in generations for r in g.batch_rows]
     assert max(rows) > 1, f"every forward computed one row: {rows}"
+
+
+def test_a_failing_caption_fails_alone_in_its_triton_batch(triton, tiny_coca, images, photos):
+    """Sequences whose scores turn NaN (finite but huge image embeddings: they pass the START checks)
+    share forwards with good ones; only they fail, and the good ones equal in-process greedy. Before,
+    a sampled NaN row made torch.multinomial raise in the batched step, failing every caption in it."""
+    url, _ = triton
+    nan_prone = SamplingParams(temperature=1.0, top_k=0, seed=1, max_tokens=12)
+
+    async def work(t):
+        embeddings = await t.image_embeddings(photos)
+        huge = np.full_like(embeddings[0], 1e20)
+        huge[..., ::2] = -1e20
+        good = [t.generate(e, GREEDY) for e in embeddings]
+        bad = [t.generate(huge, nan_prone) for _ in range(4)]
+        return await asyncio.gather(*(c for pair in zip(good, bad) for c in pair), return_exceptions=True)
+
+    outcomes = on_triton(url, work)
+    good, bad = outcomes[0::2], outcomes[1::2]
+    for outcome in bad:
+        assert isinstance(outcome, InvalidInputError) and "NaN or infinite" in str(outcome), outcome
+    assert [g.tokens for g in good] == [tiny_coca.caption([i], GREEDY)[0].tokens for i in images]
+    rows = [r for g in good for r in g.batch_rows]
+    assert max(rows) > len(good), f"no failing caption shared a forward with the good ones: {rows}"
+    assert on_triton(url, lambda t: t.decoder_stats())["free_rows"] == CAPACITY
 
 
 def test_caption_files_is_what_the_cli_prints(triton, tiny_coca, images, tmp_path):
