@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from coca import media
 from coca.decoding import Caption
 from coca.sampling import SamplingParams
 
@@ -158,8 +159,9 @@ class Models:
         return await self._call(run, timeout)
 
     async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> Caption:
-        async def run(client):
-            return await client.caption_video(video, frames=frames, params=params)
+        async def run(client):  # decoding gives up by itself at the deadline: a thread cannot be cancelled
+            return await client.caption_video(video, frames=frames, params=params,
+                                              decode_seconds=min(timeout, media.DEFAULT_MAX_DECODE_SECONDS))
 
         return await self._call(run, timeout)
 

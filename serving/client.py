@@ -172,12 +172,15 @@ class TritonCoca:
 
         return list(await asyncio.gather(*(one(image) for image in images)))
 
-    async def caption_video(self, video: ImageInput, frames: int = 16,
-                            params: SamplingParams = SamplingParams()) -> Caption:
-        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process)."""
+    async def caption_video(self, video: ImageInput, frames: int = 16, params: SamplingParams = SamplingParams(),
+                            decode_seconds: float = media.DEFAULT_MAX_DECODE_SECONDS) -> Caption:
+        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process).
+
+        Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`.
+        """
         import torch
 
-        pictures = await asyncio.to_thread(media.video_frames, video, frames)
+        pictures = await asyncio.to_thread(media.video_frames, video, frames, max_seconds=decode_seconds)
         embeddings = await self.image_embeddings([_png(p) for p in pictures])  # PNG: lossless, same pixels
         return await self.caption(torch.from_numpy(embeddings).mean(0).numpy(), params)
 
