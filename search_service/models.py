@@ -8,12 +8,18 @@ and a bad image fails its own request only.
 After a connection failure the next call gets a new client (the failed one is
 closed once the calls still on it end), so the service recovers as soon as
 Triton is back.
+
+Which model and weights Triton serves is asked again on every new connection, when the
+last answer is older than IDENTITY_MAX_AGE_S, and whenever a caller wants it fresh
+(health, Stats, and each AddImages batch before it commits): a Triton restarted with
+other weights is noticed, never mixed into the store.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
@@ -25,6 +31,7 @@ from coca.sampling import SamplingParams
 
 log = logging.getLogger("search_service.models")
 T = TypeVar("T")
+IDENTITY_MAX_AGE_S = 2.0  # an identity older than this is asked again before it is relied on
 
 
 class ModelsUnavailable(Exception):
@@ -40,6 +47,10 @@ class ModelIdentity:
     model: str
     pretrained: str
     embed_dim: int
+    weights: str  # the export's repository id: a hash of all the weights (equal ids, equal weights)
+
+    def __str__(self) -> str:
+        return f"{self.model} ({self.pretrained}, dim {self.embed_dim}, weights {self.weights[:12]})"
 
 
 class _Connection:
@@ -69,7 +80,7 @@ class Models:
         self.url = url
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
         self._connection: Optional[_Connection] = None
-        self._identity: Optional[ModelIdentity] = None
+        self._verified: Optional[tuple[ModelIdentity, _Connection, float]] = None  # answer, on what, when
 
     # ------------------------------------------------------------ connection
     @contextlib.asynccontextmanager
@@ -95,14 +106,17 @@ class Models:
 
     async def _call(self, fn: Callable[..., Awaitable[T]], timeout: float) -> T:
         """Run `fn(client)` within `timeout` seconds; connection failures become ModelsUnavailable."""
+        async with self._lease() as connection:
+            return await self._call_on(connection, fn, timeout)
+
+    async def _call_on(self, connection: _Connection, fn: Callable[..., Awaitable[T]], timeout: float) -> T:
         from serving.errors import TritonUnavailableError
 
-        async with self._lease() as connection:
-            try:
-                return await asyncio.wait_for(fn(connection.client), timeout)
-            except TritonUnavailableError as exc:
-                self._retire(connection)
-                raise self._unavailable(exc) from None
+        try:
+            return await asyncio.wait_for(fn(connection.client), timeout)
+        except TritonUnavailableError as exc:
+            self._retire(connection)
+            raise self._unavailable(exc) from None
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -110,17 +124,13 @@ class Models:
             self._retire(connection)
             await connection.close_if_done()
 
-    async def ready(self) -> bool:
-        try:
-            await self.identity(timeout=5.0, refresh=True)
-            return True
-        except (ModelsUnavailable, asyncio.TimeoutError):
-            return False
-
-    async def identity(self, timeout: float = 30.0, refresh: bool = False) -> ModelIdentity:
-        """Which model Triton serves (asked once per connection, or now with `refresh`)."""
-        if not refresh and self._connection is not None and self._identity is not None:
-            return self._identity
+    async def identity(self, timeout: float, fresh: bool = False) -> ModelIdentity:
+        """Which model and weights Triton serves: asked now if `fresh`, on a new connection, or when the
+        last answer is older than IDENTITY_MAX_AGE_S; ModelsUnavailable (or a timeout) when it does not answer."""
+        if not fresh and self._verified is not None:
+            identity, connection, when = self._verified
+            if connection is self._connection and time.monotonic() - when < IDENTITY_MAX_AGE_S:
+                return identity
 
         async def ask(client):
             from serving.errors import IdentityMismatchError
@@ -129,12 +139,12 @@ class Models:
                 found = await client.identity()
             except IdentityMismatchError as exc:
                 raise ModelMismatch(str(exc)) from None
-            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim))
+            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
 
-        identity = await self._call(ask, timeout)
-        if self._identity is not None and identity != self._identity:
-            raise ModelMismatch(f"Triton at {self.url} now serves {identity}, the service started with {self._identity}")
-        self._identity = identity
+        asked_at = time.monotonic()
+        async with self._lease() as connection:
+            identity = await self._call_on(connection, ask, timeout)
+        self._verified = (identity, connection, asked_at)
         return identity
 
     # ------------------------------------------------------------ embeddings

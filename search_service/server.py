@@ -31,7 +31,7 @@ from .engine import Engine
 from .index import IndexSettings
 from .models import Models
 from .pb import search_pb2, search_pb2_grpc
-from .service import SearchServicer, status_of
+from .service import TRITON_CHECK_S, SearchServicer, status_of
 
 log = logging.getLogger("search_service")
 
@@ -121,7 +121,9 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     if engine.dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
         log.info("index: %s", await asyncio.to_thread(engine.open_index, engine.dim, progress))
     servicer = SearchServicer(config, engine, models)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = LiveHealth(servicer)
+    for name in ("", SERVICE_NAME):  # until Triton has said what it serves
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     interceptors = [BearerTokenAuth(config.bearer_token)] if config.bearer_token else []
@@ -134,7 +136,7 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, _credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     await server.start()
-    watch = asyncio.create_task(_watch_models(servicer, health_servicer))
+    watch = asyncio.create_task(_watch_models(health_servicer))
     return RunningServer(server, port, engine, models, health_servicer, watch)
 
 
@@ -143,25 +145,34 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([pair])
 
 
-async def _watch_models(servicer: SearchServicer, health_servicer) -> None:
-    """Health follows Triton: SERVING while the models answer (and match the store), NOT_SERVING otherwise."""
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    last = None
-    while True:
-        try:
-            await servicer.ensure_models(refresh=True)
-            status = serving
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            status = not_serving
-            if last != not_serving:
-                log.warning("not serving: %s", status_of(exc)[1])
-        if status != last:
+class LiveHealth(health.aio.HealthServicer):
+    """Health that follows Triton: SERVING while it answers with the store's model and weights,
+    NOT_SERVING otherwise. A Check asks Triton then and there (within TRITON_CHECK_S; concurrent
+    probes share one question); Watch streams the changes the poller sees every HEALTH_POLL_S."""
+
+    def __init__(self, servicer: SearchServicer):
+        super().__init__()
+        self.servicer = servicer
+        self._last: Optional[int] = None
+
+    async def refresh(self) -> None:
+        problem = await self.servicer.models_problem(TRITON_CHECK_S)
+        status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        if problem is not None and self._last != status:
+            log.warning("not serving: %s", problem)
+        if status != self._last:
+            self._last = status
             for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
-            last = status
+                await self.set(name, status)
+
+    async def Check(self, request, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+async def _watch_models(health_servicer: LiveHealth) -> None:
+    while True:
+        await health_servicer.refresh()
         await asyncio.sleep(HEALTH_POLL_S)
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("search_service")
 DEFAULT_K = 10
 DEFAULT_FRAMES = 16
 MAX_FRAMES = 64
+TRITON_CHECK_S = 1.5  # how long health and Stats wait for Triton to say what it serves
 MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones commit
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
@@ -118,8 +119,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.engine = engine
         self.models = models
         self.caption_params = SamplingParams()
-        self._bound: Optional[ModelIdentity] = None
+        self._bound: Optional[ModelIdentity] = None  # what this process bound the store to (Triton's first answer)
         self._opening = asyncio.Lock()
+        self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
 
     # ------------------------------------------------------------ helpers
     def _timeout(self, context) -> float:
@@ -127,15 +129,35 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         remaining = context.time_remaining() if context is not None else None
         return self.config.triton_timeout_s if remaining is None else max(remaining, 0.001)
 
-    async def ensure_models(self, refresh: bool = False, context=None) -> None:
-        """Triton answers and serves the store's model; the index is open (its dimension known)."""
-        identity = await self.models.identity(timeout=self._timeout(context), refresh=refresh)
+    async def ensure_models(self, context=None, fresh: bool = False, timeout: Optional[float] = None) -> None:
+        """Triton answers and serves the store's model and weights (asked now when `fresh`); the index is
+        open. ModelMismatch when Triton serves other weights than those the store was bound to."""
+        identity = await self.models.identity(timeout or self._timeout(context), fresh=fresh)
         async with self._opening:
-            if identity != self._bound:
+            if self._bound is None:
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
+            elif identity != self._bound:
+                raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
+                                    f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if self.engine.index is None:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
+
+    async def models_problem(self, timeout: float) -> Optional[str]:
+        """Why Triton cannot serve this store now (None when it can), asked of Triton now, within `timeout`.
+        Concurrent callers (health probes, Stats, the health poller) share one check in flight."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._problem(timeout))
+        return await asyncio.shield(self._checking)
+
+    async def _problem(self, timeout: float) -> Optional[str]:
+        try:
+            await self.ensure_models(fresh=True, timeout=timeout)
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return status_of(exc)[1]
 
     def check_image(self, data: bytes, name: str = "") -> None:
         """Size, format and pixel-count checks from the header alone (the model decodes it again)."""
@@ -210,6 +232,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             pending = [p for p in prepared if isinstance(p, Prepared)]
             vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
             results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
+            if pending:  # the embeddings come from the weights the store holds: asked again, not assumed
+                await self.ensure_models(context=context, fresh=True)
             ready: list[tuple[Prepared, np.ndarray]] = []
             for p, vector in zip(pending, vectors):
                 if isinstance(vector, ModelsUnavailable):
@@ -364,6 +388,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Caption(self, request: pb.CaptionRequest, context) -> pb.CaptionResponse:
         params = sampling_params(request.sampling)
+        await self.ensure_models(context=context)
         media = request.WhichOneof("media")
         timeout = self._timeout(context)
         if media == "video":
@@ -412,6 +437,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         labels = self._check_texts(list(request.labels), "label")
         prompts = self._check_texts(label_prompts(request.template or DEFAULT_TEMPLATE, labels), "prompt")
+        await self.ensure_models(context=context)
         image = await self._ref_vector(request.image, context)
         texts = await self.models.embed_texts(prompts, self._timeout(context))
         similarity = texts @ image
@@ -425,6 +451,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         texts = self._check_texts(list(request.texts), "text")
+        await self.ensure_models(context=context)
         image = await self._ref_vector(request.image, context)
         distances = 1 - (await self.models.embed_texts(texts, self._timeout(context))) @ image
         order = np.argsort(distances, kind="stable")
@@ -460,7 +487,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
-        return pb.StatsResponse(**stats, triton_ready=await self.models.ready())
+        ready = await self.models_problem(TRITON_CHECK_S) is None
+        return pb.StatsResponse(**stats, triton_ready=ready)
 
 
 # ---------------------------------------------------------------- module helpers

@@ -69,7 +69,6 @@ class TritonCoca:
         self.url = url
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
         self._client: Optional[grpcaio.InferenceServerClient] = None
-        self._identity: Optional[Identity] = None
         self._tokenizer = None
 
     async def __aenter__(self) -> "TritonCoca":
@@ -91,17 +90,19 @@ class TritonCoca:
 
     # --- identity ----------------------------------------------------------------------
     async def identity(self) -> Identity:
-        """The model and weights the server's repository holds (the same in all three models)."""
-        if self._identity is None:
-            configs = await asyncio.gather(*(self._call(self.client.get_model_config(name, as_json=True), name)
-                                             for name in TRITON_MODELS))
-            found = {name: _identity(name, c["config"]) for name, c in zip(TRITON_MODELS, configs)}
-            if len(set(found.values())) > 1:
-                raise IdentityMismatchError(
-                    f"the models on {self.url} come from different exports: "
-                    + "; ".join(f"{name}: {i.model} ({i.pretrained}, id {i.repository_id})" for name, i in found.items()))
-            self._identity = next(iter(found.values()))
-        return self._identity
+        """The model and weights the server's repository holds (the same in all three models).
+
+        Asked anew on every call (three small config requests): the server may have been
+        restarted with other weights since, and an answer also says that it is up and loaded.
+        """
+        configs = await asyncio.gather(*(self._call(self.client.get_model_config(name, as_json=True), name)
+                                         for name in TRITON_MODELS))
+        found = {name: _identity(name, c["config"]) for name, c in zip(TRITON_MODELS, configs)}
+        if len(set(found.values())) > 1:
+            raise IdentityMismatchError(
+                f"the models on {self.url} come from different exports: "
+                + "; ".join(f"{name}: {i.model} ({i.pretrained}, id {i.repository_id})" for name, i in found.items()))
+        return next(iter(found.values()))
 
     async def check_identity(self, expected_model: Optional[str] = None,
                              expected_pretrained: Optional[str] = None) -> Identity:

@@ -454,6 +454,48 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
                  10, "SERVING")
 
 
+def test_health_asks_triton_and_other_weights_are_refused(tmp_path, triton, photos):
+    """Health and Stats ask Triton each time (before: its first answer was cached for good, so health
+    said SERVING while Triton was down); a Triton restarted with other weights of the same model and
+    dimension (coca-tiny, seed 1) is refused with FAILED_PRECONDITION and nothing is written (before:
+    its embeddings were added to the store built with seed 0)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from search_service.modelrepo import ensure_repository
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    other_repository, _ = ensure_repository(tmp_path / "seed1" / "repo", MODEL, PRETRAINED, seed=1)
+    original_repository = triton.model_repository
+    fresh = noisy_variants(photos[2:3], 3)
+    with ServiceProcess(tmp_path / "data", triton.grpc_url) as service, SearchClient(service.address) as client, \
+            grpc.insecure_channel(service.address) as channel:
+        check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert add(client, fresh[:1])[0].outcome == ADDED
+        assert wait_for(lambda: check() == serving, 10, "SERVING") and client.stats().triton_ready
+        try:
+            triton.stop()  # nothing else calls Triton: the probe itself must find out
+            started = time.monotonic()
+            assert check() == not_serving and not client.stats().triton_ready
+            assert time.monotonic() - started < 5
+            triton.model_repository = other_repository  # same ports, same model and dimension, other weights
+            triton.start()
+            before = client.stats().count
+            for call in (lambda: add(client, fresh[1:2]), lambda: client.search_text("a cat"),
+                         lambda: client.caption(image=fresh[1])):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), error.details())
+                assert "weights" in error.details() and "serve those weights again" in error.details()
+            assert check() == not_serving and not client.stats().triton_ready
+            assert client.stats().count == before  # nothing of the other weights reached the store
+        finally:
+            triton.stop()
+            triton.model_repository = original_repository
+            triton.start()
+        assert wait_for(lambda: check() == serving, 30, "SERVING again") and client.stats().triton_ready
+        assert add(client, fresh[1:2])[0].outcome == ADDED
+        assert client.search_image(fresh[1], k=1).hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_token_tls_and_message_limit(tmp_path, triton, photos):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
