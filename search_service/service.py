@@ -8,6 +8,7 @@ import logging
 import math
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import grpc
@@ -269,11 +270,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             data, uri, keep = request.image, self._check_uri(request.uri), True
             self.check_image(data)
         elif source == "path":
-            path = self.config.resolve_path(request.path)
-            if path.stat().st_size > self.config.max_image_bytes:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{request.path}: over the image size limit of {self.config.max_image_bytes} bytes")
-            data, uri, keep = path.read_bytes(), f"file://{path}", False
+            path, data = self._read_server_file(request.path)
+            uri, keep = f"file://{path}", False
             self.check_image(data, request.path)
         else:
             raise bad("item has neither image bytes nor a path")
@@ -282,6 +280,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if known is not None:  # no model call for content we have
             return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
         return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
+
+    def _read_server_file(self, given: str) -> tuple[Path, bytes]:
+        """The file a client named (under the roots) and its bytes; errors name it as the client did."""
+        path = self.config.resolve_path(given)
+        try:
+            if path.stat().st_size > self.config.max_image_bytes:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{given}: over the image size limit of {self.config.max_image_bytes} bytes")
+            return path, path.read_bytes()
+        except OSError as exc:  # gone or unreadable since it was resolved; its message holds the real path
+            raise PathRefused(f"{given!r}: cannot read it ({exc.strerror or type(exc).__name__})",
+                              not_found=isinstance(exc, FileNotFoundError)) from None
 
     def _check_uri(self, uri: str) -> str:
         """A label shown to clients (and on terminals): bounded, and no control characters in it."""
@@ -550,10 +560,14 @@ def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
 
 
 def _read_image(store, item: Item) -> bytes:
+    """The item's bytes; NOT_FOUND saying why not, without the server's paths (the errors' own messages name them)."""
     try:
         return store.read_image(item)
-    except (OSError, StoreError) as exc:
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"image of item {item.id!r} is no longer readable: {exc}") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    except StoreError:
+        reason = "its file changed since it was indexed"
+    raise ServiceError(grpc.StatusCode.NOT_FOUND, f"image of item {item.id!r} is no longer readable ({reason})")
 
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:

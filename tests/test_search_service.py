@@ -454,6 +454,46 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
                  10, "SERVING")
 
 
+def test_path_errors_name_the_path_as_the_client_gave_it(tmp_path, triton, photos):
+    """Unreadable images and server-side paths are explained without the server's own paths (before:
+    the OS error's text, e.g. "No such file or directory: '/srv/data/blobs/..'", reached the client)."""
+    root, data = tmp_path / "root", tmp_path / "data"
+    root.mkdir()
+    gone, changed, blob = noisy_variants(photos[9:12], 3)
+    (root / "gone.jpg").write_bytes(gone)
+    (root / "changed.jpg").write_bytes(changed)
+    with ServiceProcess(data, triton.grpc_url, "--root", str(root)) as service, SearchClient(service.address) as client:
+        results = list(client.add_images([pb.AddImageRequest(path="gone.jpg", metadata={"set": "paths"}),
+                                          pb.AddImageRequest(path="changed.jpg", metadata={"set": "paths"}),
+                                          pb.AddImageRequest(image=blob, metadata={"set": "paths"})]))
+        assert [r.outcome for r in results] == [ADDED] * 3
+        (root / "gone.jpg").unlink()
+        (root / "changed.jpg").write_bytes(blob)
+        next(data.glob(f"blobs/*/{results[2].content_sha256}")).unlink()
+        messages = []
+        for result, reason in zip(results, ["No such file or directory", "changed since it was indexed",
+                                            "No such file or directory"]):
+            error = rpc_error(client.get, result.id, include_image=True)
+            assert error.code() == grpc.StatusCode.NOT_FOUND and reason in error.details(), error.details()
+            messages.append(error.details())
+        hits = client.search_text("a photo", k=3, with_captions=True, filters={"set": "paths"}).hits
+        assert len(hits) == 3 and all("no longer readable" in h.caption_error for h in hits)
+        messages += [h.caption_error for h in hits]
+        again = list(client.add_images([pb.AddImageRequest(path="gone.jpg"), pb.AddImageRequest(path="nested/../x.jpg"),
+                                        pb.AddImageRequest(path="q" * 5000)]))
+        assert "'gone.jpg': no such file" in again[0].error.message and again[2].error.message.endswith("...: not a usable path (File name too long)")
+        messages += [r.error.message for r in again]
+        if os.geteuid() != 0:  # root reads any file: an unreadable one cannot be made
+            (root / "locked.jpg").write_bytes(gone)
+            (root / "locked.jpg").chmod(0)
+            locked = list(client.add_images([pb.AddImageRequest(path="locked.jpg")]))[0]
+            assert locked.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+            assert "'locked.jpg': cannot read it (Permission denied)" in locked.error.message
+            messages.append(locked.error.message)
+    for message in messages:
+        assert str(tmp_path) not in message and str(tmp_path.resolve()) not in message, message
+
+
 def test_health_asks_triton_and_other_weights_are_refused(tmp_path, triton, photos):
     """Health and Stats ask Triton each time (before: its first answer was cached for good, so health
     said SERVING while Triton was down); a Triton restarted with other weights of the same model and
