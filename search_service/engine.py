@@ -1,28 +1,34 @@
 """Store + index, kept in step: the part of the service that knows no gRPC and no Triton.
 
-Every write (add, delete, caption) runs on one writer thread, which commits to
-SQLite and then applies the change to FAISS before returning: the index never
-runs ahead of the store, changes reach FAISS in commit order, and a snapshot
-taken on that thread covers exactly the changes up to its recorded seq.
+Every write (add, delete, caption, model binding) runs on one writer thread,
+which commits to SQLite and then applies the change to FAISS and to the
+in-memory filter index before returning: the index never runs ahead of the
+store, changes reach FAISS in commit order, and a snapshot taken on that thread
+covers exactly the changes up to its recorded seq. A write is acknowledged
+once committed: snapshot or rebuild failures after it (a full disk, say) are
+logged and retried later with a backoff, never turned into the write's answer.
 Reads (search, get) run on any thread. The methods block; asyncio callers use
-asyncio.to_thread.
+asyncio.to_thread. Nothing outside this class touches the store or the index.
 """
 from __future__ import annotations
 
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
-from .index import EXACT_FILTER_LIMIT, IndexSettings, SnapshotError, VectorIndex, factory_label
+from .collection import Collection, Hit, QueryError, check_query
+from .filters import MetadataIndex
+from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
 from .store import AddOutcome, ConflictError, Item, NewItem, Store
 
 log = logging.getLogger("search_service.engine")
 T = TypeVar("T")
+
+SNAPSHOT_RETRY_S = (1.0, 300.0)  # first and longest wait before retrying a failed snapshot/rebuild
 
 
 def snapshot_file(factory: str) -> str:
@@ -30,14 +36,11 @@ def snapshot_file(factory: str) -> str:
     return f"index-{factory_label(factory)}.faiss"
 
 
-@dataclass
-class Hit:
-    item: Item
-    score: float
+__all__ = ["Engine", "Hit", "QueryError", "snapshot_file"]
 
 
-class Engine:
-    """The durable collection: open it, add and delete items, search it, close it."""
+class Engine(Collection):
+    """The embedded collection: SQLite + blob files + FAISS in this process, one writer thread."""
 
     def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000):
         self.store = Store(data_dir)
@@ -45,8 +48,10 @@ class Engine:
         self.snapshot_every = snapshot_every
         self.snapshot_path = Path(data_dir) / snapshot_file(settings.factory)
         self.index: Optional[VectorIndex] = None
+        self.metadata = MetadataIndex()
         self.snapshot_seq = 0
-        self.exact_filter_limit = EXACT_FILTER_LIMIT
+        self.snapshot_failures = 0
+        self._retry_at = 0.0  # monotonic time before which a failed snapshot is not tried again
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
 
     # ------------------------------------------------------------ life cycle
@@ -55,17 +60,28 @@ class Engine:
         value = self.store.info().get("embedding_dim")
         return int(value) if value else None
 
+    @property
+    def is_open(self) -> bool:
+        return self.index is not None
+
     def bind_model(self, model: str, pretrained: str, dim: int) -> None:
-        self.store.bind_model(model, pretrained, dim)
+        self._write(lambda: self.store.bind_model(model, pretrained, dim))
 
     def open_index(self, dim: int, progress: bool = False) -> str:
         """Load the snapshot and replay newer changes, or rebuild from the store; says which."""
-        self.index, how = self._load_or_rebuild(dim, progress)
-        self.snapshot_seq = self.index.seq if how.startswith("snapshot") else 0
-        replayed = self.index.catch_up(self.store)
+        return self._write(lambda: self._open_index(dim, progress))
+
+    def _open_index(self, dim: int, progress: bool) -> str:
+        swept = self.store.sweep_blobs()
+        index, how = self._load_or_rebuild(dim, progress)
+        self.snapshot_seq = index.seq if how.startswith("snapshot") else 0
+        replayed = index.catch_up(self.store)
+        self.metadata.load(self.store.metadata_rows())
+        self.index = index
         if replayed or how.startswith("rebuilt"):
-            self._snapshot()
-        return f"{how}; replayed {replayed} changes; {self.index.size} vectors ({self.index.active})"
+            self._snapshot_or_retry_later()
+        cleaned = f"; removed {swept} unreferenced blob file(s)" if swept else ""
+        return f"{how}; replayed {replayed} changes; {index.size} vectors ({index.active}){cleaned}"
 
     def _load_or_rebuild(self, dim: int, progress: bool) -> tuple[VectorIndex, str]:
         try:
@@ -89,24 +105,40 @@ class Engine:
 
     # ------------------------------------------------------------ writes (writer thread)
     def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
-        return self._write(lambda: self._add(items))
+        """Commit new items (their kept bytes staged first, on the caller's thread); one outcome each."""
+        staged = []
+        try:
+            for item in items:
+                staged.append(self.store.stage_blob(item.data) if item.data is not None else None)
+        except BaseException:
+            for path in staged:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            raise
+        return self._write(lambda: self._add(items, staged))
 
     def delete(self, item_id: str) -> Optional[Item]:
         return self._write(lambda: self._delete(item_id))
 
-    def set_captions(self, captions: dict[int, str]) -> None:
+    def set_captions(self, captions: dict[str, str]) -> None:
         if captions:
             self._write(lambda: self.store.set_captions(captions))
+
+    def snapshot(self) -> None:
+        """Write a snapshot now (raises on failure, unlike the automatic ones)."""
+        self._write(self._snapshot)
 
     def _write(self, fn: Callable[[], T]) -> T:
         return self._writer.submit(fn).result()
 
-    def _add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
-        outcomes = self.store.add(items)
-        new = [(o.vid, item.embedding) for o, item in zip(outcomes, items) if isinstance(o, AddOutcome) and o.added]
-        vids = np.array([v for v, _ in new], np.int64)
-        vectors = np.stack([e for _, e in new]) if new else np.zeros((0, self.index.dim), np.float32)
+    def _add(self, items: list[NewItem], staged: list) -> list[AddOutcome | ConflictError]:
+        outcomes = self.store.add(items, staged)
+        new = [(o.vid, item) for o, item in zip(outcomes, items) if isinstance(o, AddOutcome) and o.added]
+        vids = np.array([vid for vid, _ in new], np.int64)
+        vectors = np.stack([item.embedding for _, item in new]) if new else np.zeros((0, self.index.dim), np.float32)
         self.index.add(vids, vectors, self.store.last_seq())
+        for vid, item in new:
+            self.metadata.add(vid, item.metadata)
         self._after_write()
         return outcomes
 
@@ -114,54 +146,99 @@ class Engine:
         item = self.store.delete(item_id)
         if item is not None:
             self.index.remove([item.vid], self.store.last_seq())
+            self.metadata.remove(item.vid, item.metadata)
             self._after_write()
         return item
 
     def _after_write(self) -> None:
-        if self.index.needs_rebuild():
-            self.index.rebuild(self.store)
+        """Rebuild (training arrived, tombstones piled up) or snapshot when due; never fails the write."""
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            if self.index.needs_rebuild():
+                self.index.rebuild(self.store)
+                self._snapshot()
+            elif self.index.seq - self.snapshot_seq >= self.snapshot_every:
+                self._snapshot()
+        except Exception as exc:  # the write itself is committed: it stands
+            self._failed_snapshot(exc)
+
+    def _snapshot_or_retry_later(self) -> None:
+        try:
             self._snapshot()
-        elif self.index.seq - self.snapshot_seq >= self.snapshot_every:
-            self._snapshot()
+        except Exception as exc:
+            self._failed_snapshot(exc)
+
+    def _failed_snapshot(self, exc: Exception) -> None:
+        self.snapshot_failures += 1
+        first, longest = SNAPSHOT_RETRY_S
+        wait = min(longest, first * 2 ** min(self.snapshot_failures - 1, 16))
+        self._retry_at = time.monotonic() + wait
+        log.error("index snapshot/rebuild failed (%s: %s); committed writes stand, retrying in %.0f s",
+                  type(exc).__name__, exc, wait)
 
     def _snapshot(self) -> None:
         started = time.perf_counter()
         seq = self.index.save(self.snapshot_path, self.store.store_uuid())
         self.store.prune_changes(seq)
         self.snapshot_seq = seq
+        self.snapshot_failures, self._retry_at = 0, 0.0
         log.info("index snapshot at seq %d (%.2f s)", seq, time.perf_counter() - started)
 
     def _snapshot_if_changed(self) -> None:
         if self.index.seq != self.snapshot_seq or not self.snapshot_path.exists():
-            self._snapshot()
+            self._snapshot_or_retry_later()
 
     # ------------------------------------------------------------ reads
+    def get(self, item_id: str, with_embedding: bool = False) -> Optional[Item]:
+        return self.store.get(item_id, with_embedding)
+
+    def find_sha(self, sha256: str) -> Optional[Item]:
+        return self.store.find_sha(sha256)
+
+    def read_image(self, item: Item) -> bytes:
+        return self.store.read_image(item)
+
+    @property
+    def size(self) -> int:
+        """Searchable vectors (0 before the index is open); never waits for a writer."""
+        return self.index.size if self.index is not None else 0
+
     def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
                min_score: Optional[float] = None) -> list[Hit]:
-        """Best `k` items for a unit query vector, highest score first."""
-        allowed = self.store.matching(filters) if filters else None
-        if allowed is not None and len(allowed) <= self.exact_filter_limit:
-            ranked = self._exact(query, k, allowed)
+        """Best `k` items for a unit query vector, highest score first, each with its exact score."""
+        query = check_query(query, self.index.dim if self.index is not None else None)
+        allowed = self.metadata.matching(filters) if filters else None
+        index = self.index
+        if allowed is not None and not index.keeps_vectors and index.exact_for(len(allowed), index.size):
+            ranked = self._exact(query, k, allowed.tolist())
+        elif index.lossy:  # approximate codes: more candidates, re-scored exactly
+            candidates = index.search(query, k * self.settings.rerank, allowed)
+            ranked = self._exact(query, k, [vid for vid, _ in candidates])
         else:
-            ranked = self.index.search(query, k, allowed)
+            ranked = index.search(query, k, allowed)
         if min_score is not None:
             ranked = [(vid, score) for vid, score in ranked if score >= min_score]
         items = self.store.get_many([vid for vid, _ in ranked])
         return [Hit(items[vid], score) for vid, score in ranked if vid in items]  # skips items deleted meanwhile
 
-    def _exact(self, query: np.ndarray, k: int, vids: set[int]) -> list[tuple[int, float]]:
-        """Exact scores over a few items (a selective filter), from the store's vectors."""
-        scored: list[tuple[int, float]] = []
-        for ids, vectors in self.store.embeddings(sorted(vids)):
-            scored.extend(zip(ids.tolist(), (vectors @ query.astype(np.float32)).tolist()))
-        scored.sort(key=lambda pair: -pair[1])
-        return scored[:k]
+    def _exact(self, query: np.ndarray, k: int, vids: list[int]) -> list[tuple[int, float]]:
+        """Exact scores of a few items, from the store's float32 vectors; the best k, highest first."""
+        vids_list, scores = [], []
+        for ids, vectors in self.store.embeddings(vids):
+            vids_list.append(ids)
+            scores.append(vectors @ query)
+        if not vids_list:
+            return []
+        ids, values = np.concatenate(vids_list), np.concatenate(scores)
+        order = np.lexsort((ids, -values))[:k]  # ties: lower vid first, as a stable answer
+        return [(int(ids[i]), float(values[i])) for i in order]
 
     def stats(self) -> dict:
         info = self.store.info()
         return {
             "count": self.store.count(),
-            "indexed": self.index.size if self.index else 0,
+            "indexed": self.size,
             "index_type": self.settings.factory,
             "index_active": self.index.active if self.index else "",
             "model": info.get("model", ""),

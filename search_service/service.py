@@ -22,11 +22,12 @@ from coca.sampling import SamplingParams
 from coca.texts import check_text
 
 from .config import PathRefused, ServiceConfig
-from .engine import Engine, Hit
+from .collection import Collection, Hit, QueryError, StoreUnavailable
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
 from .pb import search_pb2 as pb
 from .pb import search_pb2_grpc
-from .store import ConflictError, Item, ModelMismatchError, NewItem, StoreError, sha256_hex
+from .blobs import BlobError
+from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
 
 log = logging.getLogger("search_service")
 
@@ -61,13 +62,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.PERMISSION_DENIED), str(exc)
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, (InvalidInputError, QueryError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
-    if isinstance(exc, ModelsUnavailable):
+    if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (ModelMismatch, ModelMismatchError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
@@ -115,7 +116,7 @@ class SearchOptions:
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    def __init__(self, config: ServiceConfig, engine: Engine, models: Models):
+    def __init__(self, config: ServiceConfig, engine: Collection, models: Models):
         self.config = config
         self.engine = engine
         self.models = models
@@ -141,7 +142,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             elif identity != self._bound:
                 raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
-            if self.engine.index is None:
+            if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
 
     async def models_problem(self, timeout: float) -> Optional[str]:
@@ -276,7 +277,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         else:
             raise bad("item has neither image bytes nor a path")
         sha = sha256_hex(data)
-        known = self.engine.store.find_sha(sha)
+        known = self.engine.find_sha(sha)
         if known is not None:  # no model call for content we have
             return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
         return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
@@ -304,10 +305,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
-        items = []
-        for p, vector in ready:
-            blob = self.engine.store.put_blob(p.sha256, p.data) if p.keep_blob else None
-            items.append(NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata, blob=blob))
+        items = [NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata,
+                         data=p.data if p.keep_blob else None) for p, vector in ready]
         results = []
         for (p, _), outcome in zip(ready, self.engine.add(items)):
             if isinstance(outcome, ConflictError):
@@ -329,7 +328,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
-        if request.WhichOneof("query") == "image" or self.engine.index is None:
+        if request.WhichOneof("query") == "image" or not self.engine.is_open:
             await self.ensure_models(context=context)  # by id, a known store needs no Triton
         vector = await self._image_vector(request.image if request.WhichOneof("query") == "image" else None,
                                           request.id, context)
@@ -354,7 +353,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return vector
         if not item_id:
             raise bad("give image bytes or the id of an indexed image")
-        item = await asyncio.to_thread(self.engine.store.get, item_id, True)
+        item = await asyncio.to_thread(self.engine.get, item_id, True)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
         return item.embedding
@@ -362,28 +361,27 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
         hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score)
         errors = await self._caption_hits(hits, context) if options.with_captions else {}
-        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.vid, "")) for h in hits],
-                                 searched=self.engine.index.size)
+        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits], searched=self.engine.size)
 
-    async def _caption_hits(self, hits: list[Hit], context) -> dict[int, str]:
+    async def _caption_hits(self, hits: list[Hit], context) -> dict[str, str]:
         """Caption the hits that have no caption: `caption_workers` at a time (each reads its image,
         then runs one decoder sequence), each caption stored as soon as it is made, so the work done
-        stands even if the call then fails or passes its deadline. Returns the errors by vid."""
+        stands even if the call then fails or passes its deadline. Returns the errors by item id."""
         pending = collections.deque(h.item for h in hits if not h.item.caption)
-        errors: dict[int, str] = {}
+        errors: dict[str, str] = {}
 
         async def worker():
             while pending:
                 item = pending.popleft()
                 try:
-                    data = await asyncio.to_thread(_read_image, self.engine.store, item)
+                    data = await asyncio.to_thread(_read_image, self.engine, item)
                     caption = await self.models.caption(data, self.caption_params, self._timeout(context))
                 except ModelsUnavailable:
                     raise  # Triton is down: the search fails UNAVAILABLE
                 except Exception as exc:
-                    errors[item.vid] = status_of(exc)[1]
+                    errors[item.id] = status_of(exc)[1]
                     continue
-                await asyncio.to_thread(self.engine.set_captions, {item.vid: caption.text})
+                await asyncio.to_thread(self.engine.set_captions, {item.id: caption.text})
                 item.caption = caption.text
 
         workers = [asyncio.create_task(worker()) for _ in range(min(self.config.caption_workers, len(pending)))]
@@ -419,10 +417,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return data
         if not item_id:
             raise bad("give image bytes (or a video) or the id of an indexed image")
-        item = await asyncio.to_thread(self.engine.store.get, item_id)
+        item = await asyncio.to_thread(self.engine.get, item_id)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
-        return await asyncio.to_thread(_read_image, self.engine.store, item)
+        return await asyncio.to_thread(_read_image, self.engine, item)
 
     async def _ref_vector(self, ref: pb.ImageRef, context) -> np.ndarray:
         if ref.WhichOneof("ref") is None:
@@ -472,7 +470,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Get(self, request: pb.GetRequest, context) -> pb.Item:
         if not request.id:
             raise bad("give the id of an item")
-        item = await asyncio.to_thread(self.engine.store.get, request.id, request.include_embedding)
+        item = await asyncio.to_thread(self.engine.get, request.id, request.include_embedding)
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
         reply = pb.Item(id=item.id, content_sha256=item.sha256, uri=item.uri, metadata=item.metadata,
@@ -480,14 +478,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if request.include_embedding:
             reply.embedding.extend(item.embedding.tolist())
         if request.include_image:
-            reply.image = await asyncio.to_thread(_read_image, self.engine.store, item)
+            reply.image = await asyncio.to_thread(_read_image, self.engine, item)
         return reply
 
     @rpc
     async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
         if not request.id:
             raise bad("give the id of an item")
-        if self.engine.index is None:  # nothing was ever indexed
+        if not self.engine.is_open:  # nothing was ever indexed
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
         item = await asyncio.to_thread(self.engine.delete, request.id)
         if item is None:
@@ -559,15 +557,11 @@ def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
     return SamplingParams.from_float32(values)  # validates: InvalidInputError -> INVALID_ARGUMENT
 
 
-def _read_image(store, item: Item) -> bytes:
-    """The item's bytes; NOT_FOUND saying why not, without the server's paths (the errors' own messages name them)."""
+def _read_image(engine: Collection, item: Item) -> bytes:
     try:
-        return store.read_image(item)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-    except StoreError:
-        reason = "its file changed since it was indexed"
-    raise ServiceError(grpc.StatusCode.NOT_FOUND, f"image of item {item.id!r} is no longer readable ({reason})")
+        return engine.read_image(item)
+    except BlobError as exc:  # its message names the item, not server paths
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:

@@ -11,10 +11,16 @@ commit returns only after the WAL is fsynced. A kill -9 cannot lose a commit
 even with synchronous=NORMAL (the WAL write has reached the OS before commit
 returns); FULL also survives a power cut or kernel crash, and costs one fsync
 per commit, which group commit (one transaction per batch of images) makes
-cheap. Blobs are written to a temp file, fsynced, renamed into place and their
-directory fsynced *before* the row that names them is committed: a committed
-row never points at a missing or partial file. A crash between the two leaves
-an unreferenced blob, which is harmless and reused if the content comes again.
+cheap. Blob bytes are staged (temp file under blobs/.staging, fsynced) by the
+caller's thread; the writer then decides, inside the transaction that inserts
+the row, whether the item is new: only then is the staged file renamed into
+place (and its directory fsynced) before the commit, otherwise it is removed.
+Deletes unlink a blob on the same writer after their commit. So blob presence
+is decided under the writer's serialisation, never by a racy exists-check: a
+committed row never points at a missing or partial file, and an add that is
+refused (duplicate content, id conflict) leaves no file behind. A crash between
+rename and commit (or between a delete's commit and its unlink) leaves an
+unreferenced blob; `sweep_blobs` removes those and staging leftovers at start.
 
 Every add and delete appends to `changes` in the same transaction; its
 AUTOINCREMENT `seq` is the clock the FAISS snapshot records, so start-up
@@ -26,12 +32,9 @@ open their own connection per thread (WAL: readers never block the writer).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -40,6 +43,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+
+from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, read_checked, sha256_hex
+
+__all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
+           "default_id", "fsync_dir", "sha256_hex"]
 
 SCHEMA_VERSION = "1"
 
@@ -84,10 +92,6 @@ class ModelMismatchError(StoreError):
     """The store holds embeddings of another model (or dimension) than the one offered."""
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def default_id(sha256: str) -> str:
     """Ids derived from content: the first 128 bits of its sha256, in hex."""
     return sha256[:32]
@@ -100,7 +104,7 @@ class NewItem:
     embedding: np.ndarray  # (D,) float32, unit norm
     id: str = ""  # empty: default_id(sha256)
     metadata: dict[str, str] = field(default_factory=dict)
-    blob: Optional[str] = None
+    data: Optional[bytes] = None  # the image bytes to keep (None: indexed from a server-side file)
 
 
 @dataclass
@@ -132,39 +136,13 @@ class Change:
     op: str
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write a file so that it is either absent/old or complete: temp file, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 class Store:
     """Items, their embeddings and captions, in one SQLite database plus a blob directory."""
 
     def __init__(self, data_dir: str | os.PathLike):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_dir = self.data_dir / "blobs"
+        self.blobs = BlobDirectory(self.data_dir)
         self.path = self.data_dir / "store.sqlite3"
         self._local = threading.local()
         self._writer = self._connect()
@@ -223,35 +201,60 @@ class Store:
             db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", wanted.items())
 
     # ------------------------------------------------------------ blobs
-    def blob_path(self, sha256: str) -> Path:
-        return self.blob_dir / sha256[:2] / sha256
-
-    def put_blob(self, sha256: str, data: bytes) -> str:
-        """Keep `data` under its hash (durably, before any row names it); returns its relative path."""
-        path = self.blob_path(sha256)
-        if not path.exists():
-            write_atomic(path, [data])
-        return str(path.relative_to(self.data_dir))
+    def stage_blob(self, data: bytes) -> Path:
+        """Write `data` durably to a staging file (any thread); `add` places it or removes it."""
+        return self.blobs.stage(data)
 
     def read_image(self, item: Item) -> bytes:
-        """The item's encoded bytes: its blob, or the server-side file it was indexed from."""
-        path = self.data_dir / item.blob if item.blob else Path(item.uri.removeprefix("file://"))
-        data = path.read_bytes()
-        if sha256_hex(data) != item.sha256:
-            raise StoreError(f"{path}: content changed since it was indexed")
-        return data
+        """The item's encoded bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
+        what = f"the image of item {item.id!r}"
+        if item.blob:
+            return self.blobs.read(item.blob, item.sha256, what)
+        return read_checked(Path(item.uri.removeprefix("file://")), item.sha256, what)
+
+    def sweep_blobs(self) -> int:
+        """Remove staging leftovers and blobs no row names (after a crash); returns how many. Writer only."""
+        return self.blobs.sweep(self._referenced_blobs)
+
+    def _referenced_blobs(self, names: list[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(names), 500):
+            chunk = names[start:start + 500]
+            rows = self._writer.execute(f"SELECT blob FROM items WHERE blob IN ({','.join('?' * len(chunk))})", chunk)
+            known.update(r[0] for r in rows)
+        return known
 
     # ------------------------------------------------------------ writes
-    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
-        """Insert new items in one transaction; content already present is a duplicate, not an error."""
+    def add(self, items: list[NewItem], staged: Optional[list[Optional[Path]]] = None
+            ) -> list[AddOutcome | ConflictError]:
+        """Insert new items in one transaction; content already present is a duplicate, not an error.
+
+        `staged[i]` is item i's blob from `stage_blob` (or None): it is placed when the item is
+        added and removed otherwise, before this returns, whatever happens. Writer thread only.
+        """
+        staged = list(staged) if staged is not None else [None] * len(items)
         now = time.time()
         outcomes: list[AddOutcome | ConflictError] = []
-        with self._transaction() as db:
-            for item in items:
-                outcomes.append(self._add_one(db, item, now))
+        placed: list[Path] = []
+        try:
+            with self._transaction() as db:
+                for item, blob in zip(items, staged):
+                    outcome = self._add_one(db, item, blob, now)
+                    outcomes.append(outcome)
+                    if isinstance(outcome, AddOutcome) and outcome.added and blob is not None:
+                        placed.append(self.blobs.place(blob, item.sha256))
+                fsync_dirs(placed)  # the renames are durable before the rows that name them commit
+        except BaseException:
+            for path in placed:  # rolled back: nothing names them
+                discard(path)
+            raise
+        finally:
+            for blob in staged:
+                discard(blob)
         return outcomes
 
-    def _add_one(self, db: sqlite3.Connection, item: NewItem, now: float) -> AddOutcome | ConflictError:
+    def _add_one(self, db: sqlite3.Connection, item: NewItem, blob: Optional[Path], now: float
+                 ) -> AddOutcome | ConflictError:
         row = db.execute("SELECT vid, id FROM items WHERE sha256 = ?", (item.sha256,)).fetchone()
         if row is not None:
             return AddOutcome(id=row[1], sha256=item.sha256, added=False, vid=row[0])
@@ -259,10 +262,11 @@ class Store:
         if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone():
             return ConflictError(f"id {item_id!r} already names other content")
         embedding = np.ascontiguousarray(item.embedding, dtype=np.float32)
+        blob_name = self.blobs.relative(item.sha256) if blob is not None else None
         vid = db.execute(
             "INSERT INTO items (id, sha256, uri, blob, metadata, embedding, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (item_id, item.sha256, item.uri, item.blob, json.dumps(item.metadata, sort_keys=True),
+            (item_id, item.sha256, item.uri, blob_name, json.dumps(item.metadata, sort_keys=True),
              embedding.tobytes(), now, now),
         ).lastrowid
         db.executemany("INSERT INTO item_meta VALUES (?, ?, ?)", [(k, v, vid) for k, v in item.metadata.items()])
@@ -279,15 +283,15 @@ class Store:
             db.execute("DELETE FROM item_meta WHERE vid = ?", (item.vid,))
             db.execute("INSERT INTO changes (vid, op) VALUES (?, 'delete')", (item.vid,))
         if item.blob:  # after the commit: a crash in between leaves an unreferenced blob, never a dangling row
-            with contextlib.suppress(OSError):
-                os.unlink(self.data_dir / item.blob)
+            self.blobs.unlink(item.blob)
         return item
 
-    def set_captions(self, captions: dict[int, str]) -> None:
+    def set_captions(self, captions: dict[str, str]) -> None:
+        """Captions by item id (ids deleted meanwhile are skipped)."""
         now = time.time()
         with self._transaction() as db:
-            db.executemany("UPDATE items SET caption = ?, updated_at = ? WHERE vid = ?",
-                           [(text, now, vid) for vid, text in captions.items()])
+            db.executemany("UPDATE items SET caption = ?, updated_at = ? WHERE id = ?",
+                           [(text, now, item_id) for item_id, text in captions.items()])
 
     def store_uuid(self) -> str:
         return self.info()["store_uuid"]
@@ -336,16 +340,9 @@ class Store:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
-    def matching(self, filters: dict[str, str]) -> set[int]:
-        """vids whose metadata has every key = value of `filters` (uses the (key, value) index)."""
-        db = self._reader()
-        result: Optional[set[int]] = None
-        for key, value in sorted(filters.items()):
-            vids = {r[0] for r in db.execute("SELECT vid FROM item_meta WHERE key = ? AND value = ?", (key, value))}
-            result = vids if result is None else result & vids
-            if not result:
-                return set()
-        return result or set()
+    def metadata_rows(self) -> Iterator[tuple[int, str, str]]:
+        """(vid, key, value) of every item's metadata, in vid order (for the in-memory filter index)."""
+        yield from self._reader().execute("SELECT vid, key, value FROM item_meta ORDER BY vid")
 
     def embeddings(self, vids: Optional[list[int]] = None, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vids, embeddings (n, D)) in chunks: all items in vid order, or just `vids`."""

@@ -40,9 +40,7 @@ def open_engine(path, factory="Flat", **kw):
 
 
 def index_ids(engine):
-    index = engine.index
-    ids = {int(i) for i in np.asarray([index.index.id_map.at(j) for j in range(index.index.ntotal)])}
-    return ids - index.tombstones
+    return set(engine.index.ids().tolist())
 
 
 def store_ids(engine):
@@ -80,8 +78,8 @@ def test_delete_removes_row_vector_and_blob(tmp_path):
     engine = open_engine(tmp_path)
     data = b"\x89PNG not really"
     sha = sha256_hex(data)
-    blob = engine.store.put_blob(sha, data)
-    first = engine.add([NewItem(sha, "blob:" + sha, unit(rng, 1)[0], blob=blob)] + items(rng, 3))[0]
+    first = engine.add([NewItem(sha, "blob:" + sha, unit(rng, 1)[0], data=data)] + items(rng, 3))[0]
+    blob = engine.get(first.id).blob
     assert (tmp_path / blob).read_bytes() == data
     removed = engine.delete(first.id)
     assert removed is not None and removed.id == first.id
@@ -172,8 +170,7 @@ def test_ivf_serves_flat_until_trained(tmp_path):
 @pytest.mark.parametrize("exact_limit", [0, 10_000])  # selector inside FAISS, exact scoring
 def test_filters_min_score_and_k(tmp_path, exact_limit):
     rng = np.random.default_rng(6)
-    engine = open_engine(tmp_path, factory="HNSW16")
-    engine.exact_filter_limit = exact_limit
+    engine = open_engine(tmp_path, factory="HNSW16", settings={"exact_min": exact_limit, "exact_fraction": 0.0})
     engine.add(items(rng, 30, meta={"colour": "red"}) + items(rng, 30, start=30, meta={"colour": "blue"}))
     query = unit(rng, 1)[0]
     red = engine.search(query, 50, {"colour": "red"})
@@ -271,4 +268,132 @@ def test_searches_run_while_items_are_added(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and engine.index.size == engine.store.count() == 350
+    engine.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs (root can mount one here and in CI); None where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(directory: Path, leave: int) -> Path:
+    """Fill the file system of `directory` until `leave` bytes are free."""
+    filler = directory / "filler"
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    with open(filler, "wb") as out:
+        out.write(b"\0" * max(free - leave, 0))
+    return filler
+
+
+def test_a_full_disk_fails_the_snapshot_not_the_write(small_disk, tmp_path, monkeypatch):
+    """ENOSPC while snapshotting after a committed write: the write is acknowledged, the partial .tmp removed,
+    later writes do not rewrite the index each time, and the snapshot is retried once there is room."""
+    import errno
+
+    from search_service import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SNAPSHOT_RETRY_S", (30.0, 30.0))
+    rng = np.random.default_rng(8)
+    data_dir = small_disk / "data" if small_disk is not None else tmp_path / "data"
+    engine = open_engine(data_dir, snapshot_every=1)
+    added = engine.add(items(rng, 10_000))
+    calls = []
+    if small_disk is not None:  # a real full disk: room for a few commits, not for a 720 kB snapshot
+        filler = fill_disk(small_disk, leave=400 << 10)
+    else:  # no mount allowed: the same failure, injected after a partial write
+        real_save = engine.index.save
+
+        def failing_save(path, uuid):
+            (Path(path).parent / f".{Path(path).name}.tmp").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(engine.index, "save", failing_save)
+    original_snapshot = engine._snapshot
+    monkeypatch.setattr(engine, "_snapshot", lambda: (calls.append(1), original_snapshot())[1])
+
+    removed = engine.delete(added[0].id)  # committed: its answer is the item, not an internal error
+    assert removed is not None and removed.id == added[0].id
+    assert engine.snapshot_failures == 1 and len(calls) == 1
+    assert not list(data_dir.glob(".*.tmp")), "the partial snapshot was left behind"
+    for outcome in added[1:4]:
+        assert engine.delete(outcome.id) is not None
+    assert len(calls) == 1, "every later write tried to rewrite the whole index"
+
+    if small_disk is not None:
+        filler.unlink()
+    else:
+        monkeypatch.setattr(engine.index, "save", real_save)
+    monkeypatch.setattr(engine, "_retry_at", 0.0)  # the backoff has passed
+    assert engine.delete(added[4].id) is not None
+    assert engine.snapshot_failures == 0 and engine.snapshot_seq == engine.index.seq
+    engine.close()
+    engine = open_engine(data_dir)
+    assert all(engine.get(o.id) is None for o in added[:5]) and engine.size == 9995
+    engine.close()
+
+
+def test_an_add_racing_a_delete_of_the_same_content_keeps_its_bytes(tmp_path):
+    """The blob of an acknowledged add is there even when a Delete of the same content ran meanwhile."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    engine = open_engine(tmp_path)
+    data = b"the same bytes, added and deleted concurrently"
+    sha = sha256_hex(data)
+    vector = unit(rng, 1)[0]
+    lost = []
+    for _ in range(150):
+        engine.add([NewItem(sha, "mem:x", vector, data=data)])
+        start = threading.Barrier(2)
+
+        def add():
+            start.wait()
+            engine.add([NewItem(sha, "mem:x", vector, data=data)])
+
+        def delete():
+            start.wait()
+            engine.delete(default_id(sha))
+
+        threads = [threading.Thread(target=add), threading.Thread(target=delete)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        item = engine.get(default_id(sha))
+        if item is not None and not (tmp_path / item.blob).is_file():
+            lost.append(item.vid)
+        engine.delete(default_id(sha))
+    assert lost == [], f"{len(lost)} acknowledged adds have no image file"
+    assert not list((tmp_path / "blobs").glob("??/*")), "orphan blobs"
+    engine.close()
+
+
+def test_refused_adds_leave_no_blob_and_crash_leftovers_are_swept(tmp_path):
+    rng = np.random.default_rng(10)
+    engine = open_engine(tmp_path)
+    [first] = engine.add([NewItem(sha256_hex(b"a"), "mem:a", unit(rng, 1)[0], id="taken", data=b"a")])
+    for i in range(20):  # an id conflict, again and again: no file may stay behind
+        data = f"other {i}".encode()
+        [clash] = engine.add([NewItem(sha256_hex(data), "mem:b", unit(rng, 1)[0], id="taken", data=data)])
+        assert isinstance(clash, ConflictError)
+    assert {p.name for p in (tmp_path / "blobs").glob("??/*")} == {first.sha256}
+    assert not list(engine.store.blobs.staging.iterdir())
+    engine.close()
+    orphan = tmp_path / "blobs" / "ff" / ("ff" * 32)  # as after a crash between rename and commit
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"nobody")
+    (tmp_path / "blobs" / ".staging" / "x.tmp").write_bytes(b"half")
+    engine = open_engine(tmp_path)
+    assert not orphan.exists() and not list(engine.store.blobs.staging.iterdir())
+    assert engine.read_image(engine.get("taken")) == b"a"
     engine.close()

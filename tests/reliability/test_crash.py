@@ -29,8 +29,6 @@ ROUNDS = [pytest.param(3, id="3-kills"), pytest.param(20, id="20-kills", marks=p
 
 def index_matches_store(data_dir) -> dict:
     """Open the data directory the way the service does (snapshot + catch-up) and compare FAISS with SQLite."""
-    import faiss
-
     from search_service.engine import Engine
     from search_service.index import IndexSettings
 
@@ -38,9 +36,8 @@ def index_matches_store(data_dir) -> dict:
     try:
         how = engine.open_index(engine.dim)
         vids = np.concatenate([v for v, _ in engine.store.embeddings()] or [np.zeros(0, np.int64)])
-        faiss_ids = faiss.vector_to_array(engine.index.index.id_map)
-        live = sorted(set(faiss_ids.tolist()) - engine.index.tombstones)
-        assert len(faiss_ids) == len(set(faiss_ids.tolist())), "an id is twice in FAISS"
+        live = engine.index.ids().tolist()
+        assert len(live) == len(set(live)), "an id is twice in FAISS"
         assert live == sorted(vids.tolist()), "FAISS and SQLite hold different ids"
         assert engine.store.count() == len(vids) == len(live)
         return {"count": len(vids), "opened": how}

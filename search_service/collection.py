@@ -1,0 +1,112 @@
+"""The seam between the servicer and where items live: one small interface, two implementations.
+
+* `search_service.engine.Engine`: the embedded default — SQLite (truth) + blob files + an
+  in-process FAISS index, one process owning one data directory.
+* `search_service.milvus.MilvusCollection`: items in a Milvus collection, bytes in a blob
+  directory (local or a shared mount); the service holds no state of its own, so any number of
+  replicas can serve and write the same collection.
+
+The servicer only ever talks to a `Collection`; it never knows which one it has. Methods block;
+asyncio callers use asyncio.to_thread. Identity of items: an id (default: derived from the
+content's sha256, so the same bytes get the same id everywhere) and the content sha256.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .store import AddOutcome, ConflictError, Item, NewItem
+
+
+@dataclass
+class Hit:
+    item: Item
+    score: float  # the exact inner product of the query with the item's stored embedding
+
+
+class QueryError(ValueError):
+    """A query vector the index cannot take (wrong dimension, NaN or infinite values)."""
+
+
+class StoreUnavailable(Exception):
+    """The store behind a collection cannot be reached (a remote engine is down); retry later."""
+
+
+def check_query(query: np.ndarray, dim: Optional[int]) -> np.ndarray:
+    """A flat float32 query of the collection's dimension with finite values, or QueryError."""
+    query = np.asarray(query, np.float32).reshape(-1)
+    if dim is None:
+        raise QueryError("the collection is not open yet")
+    if query.shape[0] != dim:
+        raise QueryError(f"query vector has {query.shape[0]} dimensions, the index {dim}")
+    if not np.isfinite(query).all():
+        raise QueryError("query vector holds NaN or infinite values")
+    return query
+
+
+class Collection(abc.ABC):
+    """Items with embeddings, metadata, captions and image bytes; searched by inner product."""
+
+    # ------------------------------------------------------------ life cycle
+    @property
+    @abc.abstractmethod
+    def dim(self) -> Optional[int]:
+        """The embedding dimension of a collection that already exists (None: nothing bound yet)."""
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool:
+        """Searchable: `open_index` has run."""
+
+    @abc.abstractmethod
+    def bind_model(self, model: str, pretrained: str, dim: int) -> None:
+        """Record the model whose embeddings the collection holds; ModelMismatchError for another one."""
+
+    @abc.abstractmethod
+    def open_index(self, dim: int, progress: bool = False) -> str:
+        """Make the collection searchable; returns a line saying how (loaded, rebuilt, connected)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush what needs flushing and release resources."""
+
+    # ------------------------------------------------------------ writes
+    @abc.abstractmethod
+    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
+        """Store new items durably; content already present is a duplicate (its id), not an error."""
+
+    @abc.abstractmethod
+    def delete(self, item_id: str) -> Optional[Item]:
+        """Remove an item and its bytes; returns what was removed, None if unknown."""
+
+    @abc.abstractmethod
+    def set_captions(self, captions: dict[str, str]) -> None:
+        """Keep captions by item id (ids deleted meanwhile are skipped)."""
+
+    # ------------------------------------------------------------ reads
+    @abc.abstractmethod
+    def get(self, item_id: str, with_embedding: bool = False) -> Optional[Item]: ...
+
+    @abc.abstractmethod
+    def find_sha(self, sha256: str) -> Optional[Item]: ...
+
+    @abc.abstractmethod
+    def read_image(self, item: Item) -> bytes:
+        """The item's bytes (checked against its sha256); BlobError when they cannot be read."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Searchable items, as last known; never blocks (callers on an event loop use it)."""
+
+    @abc.abstractmethod
+    def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
+               min_score: Optional[float] = None) -> list[Hit]:
+        """Best `k` live items for a unit query vector, highest score first, each with its exact score."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """count, indexed, index_type, index_active, model, pretrained, embedding_dim, sequence numbers."""

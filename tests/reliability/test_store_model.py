@@ -1,0 +1,268 @@
+"""Model-based test of the store + index: random sequences of changes, every answer checked against an oracle.
+
+A hypothesis state machine drives the real Engine (SQLite, blob files, FAISS) through adds (new content,
+duplicate content with other metadata, an id already taken), deletes, delete-then-re-add, searches with and
+without filters and min_score, snapshots, restarts (close + reopen), kills (abandoned without closing, as
+after SIGKILL) and, for IVF/PQ, the switch from the untrained Flat fallback to the trained index. A plain
+in-memory oracle holds what every acknowledged write said; after every step:
+  * every search hit is live, carries its own metadata and its true score (the exact inner product of the
+    query with the item's stored embedding, within 1e-5), passes the filter and min_score, in score order;
+  * exact indexes (Flat, IVF with nprobe == nlist; and any filtered search small enough to be exact) return
+    the oracle's brute-force top-k; HNSW and IVF-PQ meet a recall floor over the run;
+  * Get of every live id returns its bytes (sha256 equal) and metadata; deleted ids are unknown; counts
+    agree; the blob directory holds exactly the live items' files (no orphans, none missing).
+`make test` runs a short profile per index family, `make test-reliability` thousands of steps.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+
+from search_service.engine import Engine
+from search_service.index import IndexSettings
+from search_service.store import AddOutcome, ConflictError, NewItem, default_id, sha256_hex
+
+DIM = 16
+SCORE_TOL = 1e-5
+COLOURS, SHAPES = ["red", "green", "blue"], ["round", "square"]
+
+# factory -> (index settings, recall floor over the run, or None for exact)
+FAMILIES = {
+    "Flat": ({}, None),
+    "HNSW16": ({"ef_search": 16}, 0.90),
+    "IVF4,Flat": ({"nprobe": 4, "train_per_centroid": 10}, None),
+    "IVF2,PQ4x4": ({"nprobe": 2, "train_per_centroid": 5, "rerank": 4}, 0.90),
+}
+
+metadata_values = st.fixed_dictionaries({}, optional={"colour": st.sampled_from(COLOURS),
+                                                      "shape": st.sampled_from(SHAPES)})
+filter_values = st.one_of(st.none(), st.fixed_dictionaries({}, optional={"colour": st.sampled_from(COLOURS),
+                                                                         "shape": st.sampled_from(SHAPES)}))
+
+
+class Totals:
+    """What all machines of one family did (for the recall floor and the report)."""
+
+    def __init__(self):
+        self.steps = self.searches = self.found = self.expected = self.trained = 0
+
+
+def make_machine(factory: str, totals: Totals):
+    index_settings, recall_floor = FAMILIES[factory]
+
+    class StoreMachine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.dir = Path(tempfile.mkdtemp(prefix="coca-model-"))
+            self.settings = IndexSettings(factory=factory, **index_settings)
+            self.engine = self._open()
+            self.live: dict[str, dict] = {}  # id -> {sha, data, metadata, embedding}
+            self.gone: set[str] = set()  # ids deleted and not re-added
+            self.contents: list[tuple[bytes, np.ndarray]] = []  # every content made so far
+            self.rng = np.random.default_rng(0)
+            self.abandoned: list[Engine] = []
+
+        def _open(self) -> Engine:
+            engine = Engine(self.dir, self.settings, snapshot_every=7)
+            engine.bind_model("test-model", "random", DIM)
+            engine.open_index(DIM)
+            return engine
+
+        def teardown(self):
+            self.engine.close()
+            self.abandoned.clear()
+            gc.collect()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+        # ------------------------------------------------------------ helpers
+        def _new_content(self) -> tuple[bytes, np.ndarray]:
+            data = self.rng.bytes(int(self.rng.integers(8, 64)))
+            vector = self.rng.standard_normal(DIM).astype(np.float32)
+            content = (data, vector / np.linalg.norm(vector))
+            self.contents.append(content)
+            return content
+
+        def _add(self, item: NewItem):
+            [outcome] = self.engine.add([item])
+            return outcome
+
+        def _expect_added(self, outcome, item: NewItem, wanted_id: str):
+            assert isinstance(outcome, AddOutcome) and outcome.added, outcome
+            assert outcome.id == wanted_id
+            self.live[wanted_id] = {"sha": item.sha256, "data": item.data, "metadata": dict(item.metadata),
+                                    "embedding": item.embedding}
+            self.gone.discard(wanted_id)
+
+        def _live_with_sha(self, sha: str):
+            return next((i for i, v in self.live.items() if v["sha"] == sha), None)
+
+        # ------------------------------------------------------------ rules
+        @initialize(count=st.integers(0, 60))
+        def start(self, count):
+            """Start with some items, so that runs cross the IVF/PQ training threshold at different steps."""
+            totals.steps += 1
+            for _ in range(0, count, 12):
+                self.add_new(min(12, count), [{"colour": COLOURS[count % 3]}] * 12, False)
+                count -= 12
+
+        @rule(count=st.integers(1, 12), metadata=st.lists(metadata_values, min_size=12, max_size=12),
+              explicit=st.booleans())
+        def add_new(self, count, metadata, explicit):
+            items = []
+            for i in range(count):
+                data, vector = self._new_content()
+                item_id = f"item-{len(self.contents)}" if explicit and i % 2 else ""
+                items.append(NewItem(sha256_hex(data), f"mem:{len(self.contents)}", vector, id=item_id,
+                                     metadata=metadata[i], data=data))
+            outcomes = self.engine.add(items)
+            for item, outcome in zip(items, outcomes):
+                self._expect_added(outcome, item, item.id or default_id(item.sha256))
+
+        @precondition(lambda self: self.live)
+        @rule(pick=st.integers(0, 10 ** 6), metadata=metadata_values, other_id=st.booleans())
+        def add_duplicate(self, pick, metadata, other_id):
+            item_id = sorted(self.live)[pick % len(self.live)]
+            known = self.live[item_id]
+            outcome = self._add(NewItem(known["sha"], "mem:again", known["embedding"], metadata=metadata,
+                                        id="another-id" if other_id else "", data=known["data"]))
+            assert isinstance(outcome, AddOutcome) and not outcome.added and outcome.id == item_id
+
+        @precondition(lambda self: self.live)
+        @rule(pick=st.integers(0, 10 ** 6))
+        def add_with_taken_id(self, pick):
+            taken = sorted(self.live)[pick % len(self.live)]
+            data, vector = self._new_content()
+            outcome = self._add(NewItem(sha256_hex(data), "mem:clash", vector, id=taken, data=data))
+            assert isinstance(outcome, ConflictError), outcome  # and leaves no blob: see the invariant
+
+        @rule(pick=st.integers(0, 10 ** 6), unknown=st.booleans())
+        def delete(self, pick, unknown):
+            if unknown or not self.live:
+                assert self.engine.delete(f"nobody-{pick}") is None
+                return
+            item_id = sorted(self.live)[pick % len(self.live)]
+            removed = self.engine.delete(item_id)
+            assert removed is not None and removed.id == item_id
+            del self.live[item_id]
+            self.gone.add(item_id)
+
+        @precondition(lambda self: self.live)
+        @rule(pick=st.integers(0, 10 ** 6), metadata=metadata_values)
+        def delete_then_readd(self, pick, metadata):
+            item_id = sorted(self.live)[pick % len(self.live)]
+            known = self.live[item_id]
+            assert self.engine.delete(item_id) is not None
+            del self.live[item_id]
+            item = NewItem(known["sha"], "mem:back", known["embedding"], id=item_id, metadata=metadata,
+                           data=known["data"])
+            self._expect_added(self._add(item), item, item_id)
+
+        @rule(from_item=st.booleans(), pick=st.integers(0, 10 ** 6), k=st.integers(1, 25),
+              filters=filter_values, min_score=st.one_of(st.none(), st.floats(-0.5, 0.9)))
+        def search(self, from_item, pick, k, filters, min_score):
+            if from_item and self.live:
+                query = self.live[sorted(self.live)[pick % len(self.live)]]["embedding"]
+            else:
+                query = self.rng.standard_normal(DIM).astype(np.float32)
+                query /= np.linalg.norm(query)
+            hits = self.engine.search(query, k, filters or None, min_score)
+            self._check_search(query, k, filters or {}, min_score, hits)
+
+        @rule()
+        def snapshot(self):
+            self.engine.snapshot()
+
+        @rule()
+        def restart(self):
+            self.engine.close()
+            self.engine = self._open()
+
+        @rule()
+        def kill(self):
+            self.abandoned.append(self.engine)  # never closed: no final snapshot, nothing flushed by us
+            self.engine = self._open()
+
+        # ------------------------------------------------------------ the oracle
+        def _check_search(self, query, k, filters, min_score, hits):
+            totals.searches += 1
+            exact = {i: float(np.dot(v["embedding"].astype(np.float64), query)) for i, v in self.live.items()
+                     if all(v["metadata"].get(key) == value for key, value in filters.items())}
+            ranked = sorted(exact.items(), key=lambda pair: -pair[1])
+            if min_score is not None:
+                ranked = [(i, s) for i, s in ranked if s >= min_score]
+            best = ranked[:k]
+            assert len(hits) <= k
+            for hit in hits:
+                assert hit.item.id in exact, f"{hit.item.id} is not live or does not pass {filters}"
+                assert hit.item.metadata == self.live[hit.item.id]["metadata"]
+                assert abs(hit.score - exact[hit.item.id]) <= SCORE_TOL, (hit.score, exact[hit.item.id])
+                assert min_score is None or hit.score >= min_score
+            scores = [h.score for h in hits]
+            assert scores == sorted(scores, reverse=True)
+            is_exact = recall_floor is None or self.engine.index.waiting_for_training or self._exact_filter(exact)
+            if is_exact:  # the same top-k, up to ties within the tolerance
+                assert len(hits) == len(best), ([h.item.id for h in hits], best)
+                assert np.allclose(scores, [s for _, s in best], atol=SCORE_TOL), (scores, best)
+            else:
+                totals.expected += len(best)
+                totals.found += len({h.item.id for h in hits} & {i for i, _ in best})
+
+        def _exact_filter(self, matched: dict) -> bool:
+            index = self.engine.index
+            return bool(matched) and len(matched) < len(self.live) and index.exact_for(len(matched), index.size)
+
+        @invariant()
+        def store_agrees(self):
+            totals.steps += 1
+            if not self.engine.index.waiting_for_training:
+                totals.trained += 1
+            assert self.engine.store.count() == len(self.live) == self.engine.size
+            for item_id, known in self.live.items():
+                item = self.engine.get(item_id)
+                assert item is not None and item.metadata == known["metadata"]
+                data = self.engine.read_image(item)
+                assert hashlib.sha256(data).hexdigest() == known["sha"] == item.sha256
+            for item_id in self.gone:
+                assert self.engine.get(item_id) is None
+            blobs = {p.name for p in (self.dir / "blobs").glob("??/*")}
+            assert blobs == {v["sha"] for v in self.live.values()}, "orphan or missing blob files"
+
+    StoreMachine.__name__ = f"StoreMachine_{factory.replace(',', '_')}"
+    return StoreMachine
+
+
+def run_family(factory: str, examples: int, steps: int, figures) -> None:
+    totals = Totals()
+    machine = make_machine(factory, totals)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=examples, stateful_step_count=steps, deadline=None, database=None, derandomize=True,
+        suppress_health_check=list(HealthCheck)))
+    _, floor = FAMILIES[factory]
+    recall = totals.found / totals.expected if totals.expected else 1.0
+    figures.record(f"store model {factory}", runs=examples, steps=totals.steps, searches=totals.searches,
+                   steps_with_trained_index=totals.trained, approximate_recall=round(recall, 4),
+                   recall_floor=floor or "exact", mismatches=0)
+    if floor is not None:
+        assert recall >= floor, f"{factory}: recall {recall:.3f} over {totals.expected} expected hits < {floor}"
+    if factory.startswith("IVF"):
+        assert totals.trained, f"{factory}: no run reached the trained index"
+
+
+@pytest.mark.parametrize("factory", list(FAMILIES))
+def test_store_model_short(factory, figures):
+    run_family(factory, examples=6, steps=40, figures=figures)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("factory", list(FAMILIES))
+def test_store_model_long(factory, figures):
+    run_family(factory, examples=60, steps=80, figures=figures)
