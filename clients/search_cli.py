@@ -58,20 +58,21 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/search", help="data directory (default %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="search service port on 127.0.0.1")
     p.add_argument("--triton-port", type=int, default=None, help="Triton gRPC port (default: a free one)")
-    p.add_argument("--index", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF1024,Flat ...)")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow server-side paths under DIR in AddImages (repeatable)")
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
+    from search_service.server import add_store_arguments
+
+    add_store_arguments(p)
 
 
 def serve(args) -> int:
     import asyncio
 
     from search_service.config import ServiceConfig
-    from search_service.index import IndexSettings
     from search_service.modelrepo import ensure_repository
-    from search_service.server import run
+    from search_service.server import run, store_settings
     from serving.launcher import TritonServer
 
     data = Path(args.data)
@@ -84,8 +85,8 @@ def serve(args) -> int:
     try:
         print(f"tritonserver ready on {triton.grpc_url}", flush=True)
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
-                               allowed_roots=[Path(r) for r in args.root],
-                               index=IndexSettings(factory=args.index), logit_scale=logit_scale)
+                               allowed_roots=[Path(r) for r in args.root], **store_settings(args),
+                               logit_scale=logit_scale)
         gallery = _start_web(args) if args.web is not None else None
         try:
             asyncio.run(run(config))

@@ -51,6 +51,15 @@ if [[ "${COCA_NO_BROWSER:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >
         || echo "bootstrap: WARNING: could not install chromium (the browser test will skip)" >&2
 fi
 
+# docker-compose.yml is validated with `docker-compose config` (Debian's Compose v1: no Docker engine is
+# needed to check a file). Installed the same way as chromium: as root, only when no Compose is there.
+if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1 \
+        && ! docker compose version >/dev/null 2>&1; then
+    echo "bootstrap: installing docker-compose (apt-get) to validate docker-compose.yml" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose; } >&2 \
+        || echo "bootstrap: WARNING: could not install docker-compose (the compose test will skip)" >&2
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
     exit 0
 fi

@@ -70,9 +70,12 @@ class BlobDirectory:
         os.replace(staged, final)
         return final
 
-    def read(self, relative: str, sha256: str, what: str) -> bytes:
-        """The bytes at `relative`, checked against `sha256`; BlobError names `what`, not server paths."""
-        return read_checked(self.path(relative), sha256, what)
+    def read_item(self, item) -> bytes:
+        """An item's bytes: its blob here, or the server-side file it was indexed from (a file:// uri),
+        checked against its sha256; BlobError names the item, not server paths."""
+        what = f"the image of item {item.id!r}"
+        path = self.path(item.blob) if item.blob else Path(item.uri.removeprefix("file://"))
+        return read_checked(path, item.sha256, what)
 
     def unlink(self, relative: str) -> None:
         discard(self.path(relative))

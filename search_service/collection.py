@@ -73,6 +73,9 @@ class Collection(abc.ABC):
     def close(self) -> None:
         """Flush what needs flushing and release resources."""
 
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached now (health checks); local stores can."""
+
     # ------------------------------------------------------------ writes
     @abc.abstractmethod
     def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
@@ -104,8 +107,10 @@ class Collection(abc.ABC):
 
     @abc.abstractmethod
     def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
-               min_score: Optional[float] = None) -> list[Hit]:
-        """Best `k` live items for a unit query vector, highest score first, each with its exact score."""
+               min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
+        """Best `k` live items for a unit query vector, highest score first, each with its exact score.
+
+        `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
 
     @abc.abstractmethod
     def stats(self) -> dict:

@@ -9,6 +9,9 @@ from typing import Optional
 from coca.texts import MAX_TEXT_CHARS
 
 from .index import IndexSettings
+from .milvus import MilvusSettings
+
+VECTOR_STORES = ("faiss", "milvus")
 
 DEFAULT_PORT = 50051
 
@@ -29,6 +32,8 @@ class ServiceConfig:
     port: int = DEFAULT_PORT  # 0: pick a free port
     allowed_roots: list[Path] = field(default_factory=list)  # empty: no server-side paths at all
     index: IndexSettings = field(default_factory=IndexSettings)
+    vector_store: str = "faiss"  # "faiss": SQLite + FAISS in data_dir; "milvus": a Milvus collection + blobs in data_dir
+    milvus: MilvusSettings = field(default_factory=MilvusSettings)
     max_message_bytes: int = 64 << 20  # larger gRPC messages are refused with RESOURCE_EXHAUSTED
     max_image_bytes: int = 32 << 20  # one image (bytes or file)
     max_pixels: int = 40_000_000  # decompression-bomb guard (coca.media's default)
@@ -53,6 +58,8 @@ class ServiceConfig:
             raise ValueError("TLS needs both a certificate and a key file")
         if self.caption_workers < 1:
             raise ValueError(f"caption workers must be at least 1, got {self.caption_workers}")
+        if self.vector_store not in VECTOR_STORES:
+            raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
 
     def resolve_path(self, path: str) -> Path:
         return resolve_under_roots(path, self.allowed_roots)

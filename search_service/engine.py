@@ -205,8 +205,9 @@ class Engine(Collection):
         return self.index.size if self.index is not None else 0
 
     def search(self, query: np.ndarray, k: int, filters: Optional[dict[str, str]] = None,
-               min_score: Optional[float] = None) -> list[Hit]:
-        """Best `k` items for a unit query vector, highest score first, each with its exact score."""
+               min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
+        """Best `k` items for a unit query vector, highest score first, each with its exact score.
+        (Always from everything committed: `consistency` has no weaker choice here.)"""
         query = check_query(query, self.index.dim if self.index is not None else None)
         allowed = self.metadata.matching(filters) if filters else None
         index = self.index

@@ -26,9 +26,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import DEFAULT_PORT, ServiceConfig
+from .collection import Collection, StoreUnavailable
+from .config import DEFAULT_PORT, VECTOR_STORES, ServiceConfig
 from .engine import Engine
 from .index import IndexSettings
+from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
 from .models import Models
 from .pb import search_pb2, search_pb2_grpc
 from .service import TRITON_CHECK_S, SearchServicer, status_of
@@ -97,7 +99,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    engine: Engine
+    engine: Collection
     models: Models
     health: health.aio.HealthServicer
     _watch: asyncio.Task
@@ -116,10 +118,14 @@ class RunningServer:
 
 async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     """Open the store and index, then serve on config.host:config.port (0 = a free port)."""
-    engine = Engine(config.data_dir, config.index, config.snapshot_every)
+    engine = open_collection(config)
     models = Models(config.triton_url, config.logit_scale)
-    if engine.dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
-        log.info("index: %s", await asyncio.to_thread(engine.open_index, engine.dim, progress))
+    try:
+        dim = await asyncio.to_thread(lambda: engine.dim)
+        if dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
+            log.info("index: %s", await asyncio.to_thread(engine.open_index, dim, progress))
+    except StoreUnavailable as exc:  # opened once it answers (health says NOT_SERVING meanwhile)
+        log.warning("%s", exc)
     servicer = SearchServicer(config, engine, models)
     health_servicer = LiveHealth(servicer)
     for name in ("", SERVICE_NAME):  # until Triton has said what it serves
@@ -140,15 +146,23 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     return RunningServer(server, port, engine, models, health_servicer, watch)
 
 
+def open_collection(config: ServiceConfig) -> Collection:
+    """The collection the config names: the embedded SQLite + FAISS store, or a Milvus collection."""
+    if config.vector_store == "milvus":
+        return MilvusCollection(config.data_dir, config.milvus)
+    return Engine(config.data_dir, config.index, config.snapshot_every)
+
+
 def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
     return grpc.ssl_server_credentials([pair])
 
 
 class LiveHealth(health.aio.HealthServicer):
-    """Health that follows Triton: SERVING while it answers with the store's model and weights,
-    NOT_SERVING otherwise. A Check asks Triton then and there (within TRITON_CHECK_S; concurrent
-    probes share one question); Watch streams the changes the poller sees every HEALTH_POLL_S."""
+    """Health that follows Triton and the store: SERVING while Triton answers with the store's model
+    and weights and the store can be reached, NOT_SERVING otherwise. A Check asks then and there
+    (Triton within TRITON_CHECK_S; concurrent probes share one question); Watch streams the changes
+    the poller sees every HEALTH_POLL_S."""
 
     def __init__(self, servicer: SearchServicer):
         super().__init__()
@@ -156,7 +170,7 @@ class LiveHealth(health.aio.HealthServicer):
         self._last: Optional[int] = None
 
     async def refresh(self) -> None:
-        problem = await self.servicer.models_problem(TRITON_CHECK_S)
+        problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
         status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
         if problem is not None and self._last != status:
             log.warning("not serving: %s", problem)
@@ -185,9 +199,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow AddImages server-side paths under DIR (repeatable; none by default)")
-    p.add_argument("--index", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
-    p.add_argument("--ef-search", type=int, default=IndexSettings.ef_search)
-    p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe)
+    add_store_arguments(p)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--caption-workers", type=int, default=ServiceConfig.caption_workers,
@@ -199,14 +211,42 @@ def parse_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """Where items live: the embedded FAISS store (default) or a Milvus collection; shared with `coca serve`."""
+    p.add_argument("--vector-store", choices=VECTOR_STORES, default="faiss",
+                   help="faiss: SQLite + FAISS in --data (default); milvus: a Milvus collection, image bytes in --data")
+    p.add_argument("--index", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
+    p.add_argument("--ef-search", type=int, default=IndexSettings.ef_search, help="HNSW search breadth (FAISS, Milvus)")
+    p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe, help="IVF lists searched (FAISS, Milvus)")
+    p.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
+    p.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
+    p.add_argument("--collection", default=MilvusSettings.collection, help="Milvus collection (default %(default)s)")
+    p.add_argument("--milvus-index", default=MilvusSettings.index_type, help="Milvus index type: HNSW, IVF_FLAT, FLAT")
+    p.add_argument("--milvus-consistency", choices=CONSISTENCY_LEVELS, default=MilvusSettings.consistency,
+                   help="default consistency of reads (default %(default)s: a replica sees its own writes)")
+
+
+def store_settings(args) -> dict:
+    """ServiceConfig fields for the options of add_store_arguments."""
+    token = os.environ.get("COCA_MILVUS_TOKEN", "")
+    if args.milvus_token_file:
+        token = Path(args.milvus_token_file).read_text().strip()
+    return {
+        "vector_store": args.vector_store,
+        "index": IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
+        "milvus": MilvusSettings(uri=args.milvus_uri, token=token, collection=args.collection,
+                                 index_type=args.milvus_index, ef_search=args.ef_search, nprobe=args.nprobe,
+                                 consistency=args.milvus_consistency),
+    }
+
+
 def config_from_args(args) -> ServiceConfig:
     token = os.environ.get("COCA_SEARCH_TOKEN") or None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     return ServiceConfig(
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
-        allowed_roots=[Path(r) for r in args.root],
-        index=IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
+        allowed_roots=[Path(r) for r in args.root], **store_settings(args),
         logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20, caption_workers=args.caption_workers,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
         bearer_token=token,
@@ -222,8 +262,10 @@ async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> No
     running = await start(config, progress=sys.stderr.isatty())
     if config.bearer_token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
+    store = (f"Milvus {config.milvus.uri} collection {config.milvus.collection}" if config.vector_store == "milvus"
+             else f"index {config.index.factory}")
     print(f"search service ready on {config.host}:{running.port} (data {config.data_dir}, "
-          f"Triton {config.triton_url}, index {config.index.factory})", flush=True)
+          f"Triton {config.triton_url}, {store})", flush=True)
     try:
         await stop.wait()
     finally:

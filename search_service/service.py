@@ -113,6 +113,11 @@ class SearchOptions:
     min_score: Optional[float]
     filters: dict[str, str]
     with_captions: bool
+    consistency: Optional[str] = None  # remote stores: Strong, Session, Bounded, Eventually; None: the default
+
+
+CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session",
+               pb.CONSISTENCY_BOUNDED: "Bounded", pb.CONSISTENCY_EVENTUALLY: "Eventually"}
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
@@ -158,6 +163,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return None
         except asyncio.CancelledError:
             raise
+        except Exception as exc:
+            return status_of(exc)[1]
+
+    async def store_problem(self) -> Optional[str]:
+        """Why the store cannot be reached now (None when it can): a remote one may be down."""
+        try:
+            await asyncio.to_thread(self.engine.ping)
+            return None
         except Exception as exc:
             return status_of(exc)[1]
 
@@ -259,6 +272,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         for index, request in batch:
             try:
                 out.append(self._prepare(index, request))
+            except StoreUnavailable:  # not this item's fault: the stream fails, as when Triton is down
+                raise
             except Exception as exc:
                 out.append(_failed(index, exc))
         return out
@@ -341,7 +356,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         min_score = options.min_score if options.HasField("min_score") else None
         if min_score is not None and not (math.isfinite(min_score) and -1 <= min_score <= 1):
             raise bad(f"min_score must be a cosine similarity in [-1, 1], got {min_score}")
-        return SearchOptions(k, min_score, _check_metadata(dict(options.filters), "filter"), options.with_captions)
+        if options.consistency and options.consistency not in CONSISTENCY:
+            raise bad(f"unknown consistency {options.consistency}")
+        return SearchOptions(k, min_score, _check_metadata(dict(options.filters), "filter"), options.with_captions,
+                             CONSISTENCY.get(options.consistency))
 
     async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
         """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
@@ -359,7 +377,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return item.embedding
 
     async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
-        hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score)
+        hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score,
+                                       options.consistency)
         errors = await self._caption_hits(hits, context) if options.with_captions else {}
         return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits], searched=self.engine.size)
 

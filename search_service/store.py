@@ -44,7 +44,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, read_checked, sha256_hex
+from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, sha256_hex
 
 __all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
            "default_id", "fsync_dir", "sha256_hex"]
@@ -207,10 +207,7 @@ class Store:
 
     def read_image(self, item: Item) -> bytes:
         """The item's encoded bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
-        what = f"the image of item {item.id!r}"
-        if item.blob:
-            return self.blobs.read(item.blob, item.sha256, what)
-        return read_checked(Path(item.uri.removeprefix("file://")), item.sha256, what)
+        return self.blobs.read_item(item)
 
     def sweep_blobs(self) -> int:
         """Remove staging leftovers and blobs no row names (after a crash); returns how many. Writer only."""

@@ -28,3 +28,16 @@ def tiny_coca():
     import coca
 
     return coca.load("coca-tiny", pretrained="random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus standalone for the whole test session (one per host: see search_service.testing)."""
+    from search_service.testing import MilvusServerProcess
+
+    server = MilvusServerProcess(tmp_path_factory.mktemp("milvus"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -78,11 +78,19 @@ def roots(tmp_path_factory, photos):
     return root, outside
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory, triton, repository, roots):
-    """The service most tests share (its own data dir)."""
+def store_args(request, name: str) -> tuple[str, ...]:
+    """Service flags for the vector store a parametrised fixture asks for (a fresh Milvus collection each)."""
+    if request.param == "faiss":
+        return ()
+    server = request.getfixturevalue("milvus_server")
+    return ("--vector-store", "milvus", "--milvus-uri", server.uri, "--collection", f"{name}_{time.time_ns()}")
+
+
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def service(request, tmp_path_factory, triton, repository, roots):
+    """The service most tests share (its own data dir), over each vector store: the same tests run on both."""
     with ServiceProcess(tmp_path_factory.mktemp("data"), triton.grpc_url, "--root", str(roots[0]),
-                        "--logit-scale", str(repository[1])) as process:
+                        "--logit-scale", str(repository[1]), *store_args(request, "e2e")) as process:
         yield process
 
 

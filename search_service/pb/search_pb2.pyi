@@ -8,6 +8,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONSISTENCY_DEFAULT: _ClassVar[Consistency]
+    CONSISTENCY_STRONG: _ClassVar[Consistency]
+    CONSISTENCY_SESSION: _ClassVar[Consistency]
+    CONSISTENCY_BOUNDED: _ClassVar[Consistency]
+    CONSISTENCY_EVENTUALLY: _ClassVar[Consistency]
+CONSISTENCY_DEFAULT: Consistency
+CONSISTENCY_STRONG: Consistency
+CONSISTENCY_SESSION: Consistency
+CONSISTENCY_BOUNDED: Consistency
+CONSISTENCY_EVENTUALLY: Consistency
+
 class AddImageRequest(_message.Message):
     __slots__ = ("image", "path", "id", "metadata", "uri")
     class MetadataEntry(_message.Message):
@@ -62,7 +75,7 @@ class AddImageResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("k", "min_score", "filters", "with_captions")
+    __slots__ = ("k", "min_score", "filters", "with_captions", "consistency")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,11 +87,13 @@ class SearchOptions(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     k: int
     min_score: float
     filters: _containers.ScalarMap[str, str]
     with_captions: bool
-    def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ...) -> None: ...
+    consistency: Consistency
+    def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
 
 class SearchTextRequest(_message.Message):
     __slots__ = ("text", "options")

@@ -27,20 +27,24 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
+from search_service.collection import Collection
 from search_service.engine import Engine
 from search_service.index import IndexSettings
+from search_service.milvus import MilvusCollection, MilvusSettings
 from search_service.store import AddOutcome, ConflictError, NewItem, default_id, sha256_hex
 
 DIM = 16
 SCORE_TOL = 1e-5
 COLOURS, SHAPES = ["red", "green", "blue"], ["round", "square"]
 
-# factory -> (index settings, recall floor over the run, or None for exact)
+# family -> (index settings, recall floor over the run, or None for exact). "milvus:" families run the same
+# machine against a MilvusCollection on the session's real Milvus server.
 FAMILIES = {
     "Flat": ({}, None),
     "HNSW16": ({"ef_search": 16}, 0.90),
     "IVF4,Flat": ({"nprobe": 4, "train_per_centroid": 10}, None),
     "IVF2,PQ4x4": ({"nprobe": 2, "train_per_centroid": 5, "rerank": 4}, 0.90),
+    "milvus:HNSW": ({"hnsw_m": 8, "ef_construction": 64, "ef_search": 16}, 0.90),
 }
 
 metadata_values = st.fixed_dictionaries({}, optional={"colour": st.sampled_from(COLOURS),
@@ -56,14 +60,19 @@ class Totals:
         self.steps = self.searches = self.found = self.expected = self.trained = 0
 
 
-def make_machine(factory: str, totals: Totals):
+def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
     index_settings, recall_floor = FAMILIES[factory]
+    on_milvus = factory.startswith("milvus:")
 
     class StoreMachine(RuleBasedStateMachine):
         def __init__(self):
             super().__init__()
             self.dir = Path(tempfile.mkdtemp(prefix="coca-model-"))
-            self.settings = IndexSettings(factory=factory, **index_settings)
+            if on_milvus:
+                self.settings = MilvusSettings(uri=milvus_uri, collection=f"model_{self.dir.name.replace('-', '_')}",
+                                               index_type=factory.split(":")[1], **index_settings)
+            else:
+                self.settings = IndexSettings(factory=factory, **index_settings)
             self.engine = self._open()
             self.live: dict[str, dict] = {}  # id -> {sha, data, metadata, embedding}
             self.gone: set[str] = set()  # ids deleted and not re-added
@@ -71,13 +80,18 @@ def make_machine(factory: str, totals: Totals):
             self.rng = np.random.default_rng(0)
             self.abandoned: list[Engine] = []
 
-        def _open(self) -> Engine:
-            engine = Engine(self.dir, self.settings, snapshot_every=7)
+        def _open(self) -> Collection:
+            if on_milvus:
+                engine = MilvusCollection(self.dir, self.settings)
+            else:
+                engine = Engine(self.dir, self.settings, snapshot_every=7)
             engine.bind_model("test-model", "random", DIM)
             engine.open_index(DIM)
             return engine
 
         def teardown(self):
+            if on_milvus:
+                self.engine.client.drop_collection(self.settings.collection)
             self.engine.close()
             self.abandoned.clear()
             gc.collect()
@@ -179,7 +193,8 @@ def make_machine(factory: str, totals: Totals):
 
         @rule()
         def snapshot(self):
-            self.engine.snapshot()
+            if not on_milvus:  # Milvus persists by itself
+                self.engine.snapshot()
 
         @rule()
         def restart(self):
@@ -208,7 +223,7 @@ def make_machine(factory: str, totals: Totals):
                 assert min_score is None or hit.score >= min_score
             scores = [h.score for h in hits]
             assert scores == sorted(scores, reverse=True)
-            is_exact = recall_floor is None or self.engine.index.waiting_for_training or self._exact_filter(exact)
+            is_exact = recall_floor is None or self._trained_ann_is_bypassed(exact)
             if is_exact:  # the same top-k, up to ties within the tolerance
                 assert len(hits) == len(best), ([h.item.id for h in hits], best)
                 assert np.allclose(scores, [s for _, s in best], atol=SCORE_TOL), (scores, best)
@@ -216,16 +231,21 @@ def make_machine(factory: str, totals: Totals):
                 totals.expected += len(best)
                 totals.found += len({h.item.id for h in hits} & {i for i, _ in best})
 
-        def _exact_filter(self, matched: dict) -> bool:
+        def _trained_ann_is_bypassed(self, matched: dict) -> bool:
+            """The embedded engine searches exactly while its IVF/PQ index waits for training, and for a
+            filter selecting few enough items."""
+            if on_milvus:
+                return False
             index = self.engine.index
-            return bool(matched) and len(matched) < len(self.live) and index.exact_for(len(matched), index.size)
+            small_filter = bool(matched) and len(matched) < len(self.live) and index.exact_for(len(matched), index.size)
+            return index.waiting_for_training or small_filter
 
         @invariant()
         def store_agrees(self):
             totals.steps += 1
-            if not self.engine.index.waiting_for_training:
+            if on_milvus or not self.engine.index.waiting_for_training:
                 totals.trained += 1
-            assert self.engine.store.count() == len(self.live) == self.engine.size
+            assert self.engine.stats()["count"] == len(self.live) == self.engine.size
             for item_id, known in self.live.items():
                 item = self.engine.get(item_id)
                 assert item is not None and item.metadata == known["metadata"]
@@ -233,16 +253,17 @@ def make_machine(factory: str, totals: Totals):
                 assert hashlib.sha256(data).hexdigest() == known["sha"] == item.sha256
             for item_id in self.gone:
                 assert self.engine.get(item_id) is None
-            blobs = {p.name for p in (self.dir / "blobs").glob("??/*")}
-            assert blobs == {v["sha"] for v in self.live.values()}, "orphan or missing blob files"
+            blobs = sorted(p.name.split(".")[0] for p in (self.dir / "blobs").glob("??/*"))  # Milvus: <sha>.<random>
+            assert blobs == sorted(v["sha"] for v in self.live.values()), "orphan or missing blob files"
 
     StoreMachine.__name__ = f"StoreMachine_{factory.replace(',', '_')}"
     return StoreMachine
 
 
-def run_family(factory: str, examples: int, steps: int, figures) -> None:
+def run_family(factory: str, examples: int, steps: int, figures, request) -> None:
     totals = Totals()
-    machine = make_machine(factory, totals)
+    uri = request.getfixturevalue("milvus_server").uri if factory.startswith("milvus:") else ""
+    machine = make_machine(factory, totals, uri)
     run_state_machine_as_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None, derandomize=True,
         suppress_health_check=list(HealthCheck)))
@@ -258,11 +279,11 @@ def run_family(factory: str, examples: int, steps: int, figures) -> None:
 
 
 @pytest.mark.parametrize("factory", list(FAMILIES))
-def test_store_model_short(factory, figures):
-    run_family(factory, examples=6, steps=40, figures=figures)
+def test_store_model_short(factory, figures, request):
+    run_family(factory, examples=6, steps=40, figures=figures, request=request)
 
 
 @pytest.mark.long
 @pytest.mark.parametrize("factory", list(FAMILIES))
-def test_store_model_long(factory, figures):
-    run_family(factory, examples=60, steps=80, figures=figures)
+def test_store_model_long(factory, figures, request):
+    run_family(factory, examples=60, steps=80, figures=figures, request=request)
