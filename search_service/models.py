@@ -8,23 +8,31 @@ and a bad image fails its own request only.
 After a connection failure the next call gets a new client (the failed one is
 closed once the calls still on it end), so the service recovers as soon as
 Triton is back.
+
+Which model and weights Triton serves is asked again on every new connection, when the
+last answer is older than IDENTITY_MAX_AGE_S, and whenever a caller wants it fresh
+(health, Stats, and each AddImages batch before it commits): a Triton restarted with
+other weights is noticed, never mixed into the store.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from coca import media
 from coca.decoding import Caption
 from coca.settings import SamplingParams
 
 log = logging.getLogger("search_service.models")
 T = TypeVar("T")
+IDENTITY_MAX_AGE_S = 2.0  # an identity older than this is asked again before it is relied on
 
 
 class ModelsUnavailable(Exception):
@@ -40,6 +48,10 @@ class ModelIdentity:
     model: str
     pretrained: str
     embed_dim: int
+    weights: str  # the export's repository id: a hash of all the weights (equal ids, equal weights)
+
+    def __str__(self) -> str:
+        return f"{self.model} ({self.pretrained}, dim {self.embed_dim}, weights {self.weights[:12]})"
 
 
 class _Connection:
@@ -106,7 +118,7 @@ class Models:
         self.url = url
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
         self._connection: Optional[_Connection] = None
-        self._identity: Optional[ModelIdentity] = None
+        self._verified: Optional[tuple[ModelIdentity, _Connection, float]] = None  # answer, on what, when
         self.text_cache = TextEmbeddingCache(text_cache_size)
 
     # ------------------------------------------------------------ connection
@@ -133,14 +145,17 @@ class Models:
 
     async def _call(self, fn: Callable[..., Awaitable[T]], timeout: float) -> T:
         """Run `fn(client)` within `timeout` seconds; connection failures become ModelsUnavailable."""
+        async with self._lease() as connection:
+            return await self._call_on(connection, fn, timeout)
+
+    async def _call_on(self, connection: _Connection, fn: Callable[..., Awaitable[T]], timeout: float) -> T:
         from serving.errors import TritonUnavailableError
 
-        async with self._lease() as connection:
-            try:
-                return await asyncio.wait_for(fn(connection.client), timeout)
-            except TritonUnavailableError as exc:
-                self._retire(connection)
-                raise self._unavailable(exc) from None
+        try:
+            return await asyncio.wait_for(fn(connection.client), timeout)
+        except TritonUnavailableError as exc:
+            self._retire(connection)
+            raise self._unavailable(exc) from None
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -148,17 +163,13 @@ class Models:
             self._retire(connection)
             await connection.close_if_done()
 
-    async def ready(self) -> bool:
-        try:
-            await self.identity(timeout=5.0, refresh=True)
-            return True
-        except (ModelsUnavailable, asyncio.TimeoutError):
-            return False
-
-    async def identity(self, timeout: float = 30.0, refresh: bool = False) -> ModelIdentity:
-        """Which model Triton serves (asked once per connection, or now with `refresh`)."""
-        if not refresh and self._connection is not None and self._identity is not None:
-            return self._identity
+    async def identity(self, timeout: float, fresh: bool = False) -> ModelIdentity:
+        """Which model and weights Triton serves: asked now if `fresh`, on a new connection, or when the
+        last answer is older than IDENTITY_MAX_AGE_S; ModelsUnavailable (or a timeout) when it does not answer."""
+        if not fresh and self._verified is not None:
+            identity, connection, when = self._verified
+            if connection is self._connection and time.monotonic() - when < IDENTITY_MAX_AGE_S:
+                return identity
 
         async def ask(client):
             from serving.errors import IdentityMismatchError
@@ -167,13 +178,14 @@ class Models:
                 found = await client.identity()
             except IdentityMismatchError as exc:
                 raise ModelMismatch(str(exc)) from None
-            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim))
+            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
 
-        identity = await self._call(ask, timeout)
-        if self._identity is not None and identity != self._identity:
+        asked_at = time.monotonic()
+        async with self._lease() as connection:
+            identity = await self._call_on(connection, ask, timeout)
+        if self._verified is not None and identity != self._verified[0]:
             self.text_cache.clear()  # its vectors are the old model's
-            raise ModelMismatch(f"Triton at {self.url} now serves {identity}, the service started with {self._identity}")
-        self._identity = identity
+        self._verified = (identity, connection, asked_at)
         return identity
 
     # ------------------------------------------------------------ embeddings
@@ -206,17 +218,11 @@ class Models:
         return await self._call(run, timeout)
 
     async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> Caption:
-        async def run(client):
-            return await client.caption_video(video, frames=frames, params=params)
+        async def run(client):  # decoding gives up by itself at the deadline: a thread cannot be cancelled
+            return await client.caption_video(video, frames=frames, params=params,
+                                              decode_seconds=min(timeout, media.DEFAULT_MAX_DECODE_SECONDS))
 
         return await self._call(run, timeout)
-
-    async def caption_each(self, images: Sequence[bytes], params: SamplingParams, timeout: float) -> list:
-        """Captions of several images at once, one decoder sequence each; one result or exception per image."""
-        async def one(client, data):
-            return await client.caption(data, params)
-
-        return await self._each(one, images, timeout)
 
     async def _each(self, fn, items: Sequence, timeout: float) -> list:
         if not items:

@@ -34,7 +34,7 @@ from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
 from .models import Models
 from .process import READY_LINE
 from .pb import search_pb2, search_pb2_grpc
-from .service import SearchServicer, status_of
+from .service import TRITON_CHECK_S, SearchServicer, status_of
 
 log = logging.getLogger("search_service")
 
@@ -128,7 +128,9 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     except StoreUnavailable as exc:  # opened once it answers (health says NOT_SERVING meanwhile)
         log.warning("%s", exc)
     servicer = SearchServicer(config, engine, models)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = LiveHealth(servicer)
+    for name in ("", SERVICE_NAME):  # until Triton has said what it serves
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     interceptors = [BearerTokenAuth(config.bearer_token)] if config.bearer_token else []
@@ -141,7 +143,7 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, _credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     await server.start()
-    watch = asyncio.create_task(_watch_models(servicer, health_servicer))
+    watch = asyncio.create_task(_watch_models(health_servicer))
     return RunningServer(server, port, engine, models, health_servicer, watch)
 
 
@@ -157,26 +159,35 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([pair])
 
 
-async def _watch_models(servicer: SearchServicer, health_servicer) -> None:
-    """Health follows Triton: SERVING while the models answer (and match the store), NOT_SERVING otherwise."""
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    last = None
-    while True:
-        try:
-            await servicer.ensure_models(refresh=True)
-            await asyncio.to_thread(servicer.engine.ping)
-            status = serving
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            status = not_serving
-            if last != not_serving:
-                log.warning("not serving: %s", status_of(exc)[1])
-        if status != last:
+class LiveHealth(health.aio.HealthServicer):
+    """Health that follows Triton and the store: SERVING while Triton answers with the store's model
+    and weights and the store can be reached, NOT_SERVING otherwise. A Check asks then and there
+    (Triton within TRITON_CHECK_S; concurrent probes share one question); Watch streams the changes
+    the poller sees every HEALTH_POLL_S."""
+
+    def __init__(self, servicer: SearchServicer):
+        super().__init__()
+        self.servicer = servicer
+        self._last: Optional[int] = None
+
+    async def refresh(self) -> None:
+        problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
+        status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        if problem is not None and self._last != status:
+            log.warning("not serving: %s", problem)
+        if status != self._last:
+            self._last = status
             for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
-            last = status
+                await self.set(name, status)
+
+    async def Check(self, request, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+async def _watch_models(health_servicer: LiveHealth) -> None:
+    while True:
+        await health_servicer.refresh()
         await asyncio.sleep(HEALTH_POLL_S)
 
 
@@ -194,6 +205,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--text-cache-size", type=int, default=ServiceConfig.text_cache_size,
                    help="recent query-text embeddings kept (LRU; 0 = none; Stats reports hits/misses)")
+    p.add_argument("--caption-workers", type=int, default=ServiceConfig.caption_workers,
+                   help="hits one search with_captions captions at once (default %(default)s)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--token-file", help="file holding the bearer token clients must send "
@@ -237,7 +250,7 @@ def config_from_args(args) -> ServiceConfig:
     return ServiceConfig(
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
         allowed_roots=[Path(r) for r in args.root], **store_settings(args),
-        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
+        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20, caption_workers=args.caption_workers,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
         bearer_token=token, text_cache_size=max(0, args.text_cache_size),
     )

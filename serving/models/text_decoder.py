@@ -36,6 +36,7 @@ class Probe:
     """What a stats probe (START+END, no IMAGE_EMBEDDINGS) gets: a finished, empty caption."""
 
     done = True
+    error = None
 
     def __init__(self):
         self.rows: list[int] = []
@@ -107,7 +108,7 @@ class TextDecoderModel(CocaModel):
                                f"(batch 1, one row per image token), got {list(embeddings.shape)}")
         if not np.isfinite(embeddings).all():
             raise RequestError("IMAGE_EMBEDDINGS holds NaN or infinite values")
-        params = SamplingParams(**self._sampling_values(request))  # InvalidInputError says what is wrong
+        params = SamplingParams.from_float32(self._sampling_values(request))  # InvalidInputError says what is wrong
         try:
             [sequence] = self.decoder.start(torch.tensor(embeddings), params)
         except CapacityError as exc:
@@ -140,6 +141,8 @@ class TextDecoderModel(CocaModel):
     def _outputs(self, request, sequence, rows: int, stats: dict):
         if isinstance(sequence, RequestError):
             return sequence
+        if sequence.error is not None:  # this caption failed alone; its neighbours went on
+            return RequestError(str(sequence.error))
         result = sequence.result() if sequence.done or not isinstance(sequence, BeamSequence) else None
         tokens, logprobs = (result.tokens, result.logprobs) if result else ([], [])
         outputs = {
