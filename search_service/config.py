@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from serving.pool import parse_endpoints
+
 from .index import IndexSettings
 from .milvus import MilvusSettings
 
@@ -25,7 +27,7 @@ class PathRefused(Exception):
 @dataclass
 class ServiceConfig:
     data_dir: Path
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = "127.0.0.1:8001"  # one HOST:PORT, or several joined by commas (serving.pool)
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = DEFAULT_PORT  # 0: pick a free port
     allowed_roots: list[Path] = field(default_factory=list)  # empty: no server-side paths at all
@@ -50,6 +52,7 @@ class ServiceConfig:
         self.allowed_roots = [Path(r) for r in self.allowed_roots]
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key file")
+        parse_endpoints(self.triton_url)  # ValueError naming a malformed address
         if self.vector_store not in VECTOR_STORES:
             raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
 

@@ -449,7 +449,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
-        return pb.StatsResponse(**stats, triton_ready=await self.models.ready())
+        ready = await self.models.ready()
+        return pb.StatsResponse(**stats, triton_ready=ready, triton_endpoints=[
+            pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
+                              last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()])
 
 
 # ---------------------------------------------------------------- module helpers
