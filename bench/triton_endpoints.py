@@ -46,7 +46,7 @@ def two_endpoints(args) -> Iterator[list[str]]:
     from serving.testing import restartable_tritons
 
     repository = exported_repository(args)
-    with restartable_tritons(repository, count=2) as servers:
+    with restartable_tritons(repository, count=2, timeout=600) as servers:  # a loaded shared box starts slowly
         print(f"tritonservers pids {[s.pid for s in servers]} on {[s.grpc_url for s in servers]} ({repository})",
               flush=True)
         yield [s.grpc_url for s in servers]

@@ -46,6 +46,7 @@ class ServiceConfig:
     bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"
     logit_scale: float = 100.0  # Classify's softmax scale: Triton does not serve CoCa's learned one
     triton_timeout_s: float = 60.0  # per model call when the client set no deadline
+    text_cache_size: int = 4096  # recent query-text embeddings kept (2 KiB each at 512-d); 0: none
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
@@ -41,6 +42,43 @@ class ModelIdentity:
     embed_dim: int
 
 
+class TextEmbeddingCache:
+    """The last `capacity` text embeddings, least recently used out first (0: no cache).
+
+    A repeated query (a popular search, Classify's label prompts) costs a dict lookup instead of
+    a text-tower forward. Valid for one model: the owner clears it when the served model changes.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, text: str) -> Optional[np.ndarray]:
+        vector = self._vectors.get(text)
+        if vector is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._vectors.move_to_end(text)
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self._vectors[text] = vector
+        self._vectors.move_to_end(text)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+
+    def clear(self) -> None:
+        self._vectors.clear()
+
+    def stats(self) -> dict:
+        return {"query_cache_hits": self.hits, "query_cache_misses": self.misses,
+                "query_cache_entries": len(self._vectors)}
+
+
 class Models:
     """Embeddings and captions from the Triton endpoints in `urls` ("HOST:PORT" or "HOST:PORT,HOST:PORT,...").
 
@@ -49,13 +87,14 @@ class Models:
     endpoint it is that server, and a fresh connection after each failure.
     """
 
-    def __init__(self, urls: str, logit_scale: float = 100.0):
+    def __init__(self, urls: str, logit_scale: float = 100.0, text_cache_size: int = 4096):
         from serving.pool import TritonPool
 
         self.pool = TritonPool(urls)
         self.url = str(self.pool)
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
         self._identity: Optional[ModelIdentity] = None
+        self.text_cache = TextEmbeddingCache(text_cache_size)
 
     def _unavailable(self, exc: BaseException) -> ModelsUnavailable:
         if len(self.pool.endpoints) > 1:
@@ -102,6 +141,7 @@ class Models:
             raise self._unavailable(exc) from None
         identity = ModelIdentity(found.model, found.pretrained, int(found.embed_dim))
         if self._identity is not None and identity != self._identity:
+            self.text_cache.clear()  # its vectors are the old model's
             raise ModelMismatch(f"Triton at {self.url} now serves {identity}, the service started with {self._identity}")
         self._identity = identity
         return identity
@@ -115,10 +155,18 @@ class Models:
         return await self._each(one, images, timeout)
 
     async def embed_texts(self, texts: Sequence[str], timeout: float) -> np.ndarray:
-        async def run(client):
-            return await client.embed_texts(list(texts))
+        """(N, D) float32; texts seen recently come from the cache, the others from Triton in one call."""
+        found = [self.text_cache.get(text) for text in texts]
+        missing = list(dict.fromkeys(t for t, v in zip(texts, found) if v is None))
+        if missing:
+            async def run(client):
+                return await client.embed_texts(missing)
 
-        return np.asarray(await self._call(run, timeout), np.float32)
+            computed = dict(zip(missing, np.asarray(await self._call(run, timeout), np.float32)))
+            for text, vector in computed.items():
+                self.text_cache.put(text, vector)
+            found = [computed[t] if v is None else v for t, v in zip(texts, found)]
+        return np.stack(found) if found else np.zeros((0, 0), np.float32)
 
     # ------------------------------------------------------------ captions
     async def caption(self, image: bytes, params: SamplingParams, timeout: float) -> Caption:

@@ -38,7 +38,7 @@ class ServiceChild:
         """The last lines it wrote."""
         return self.process.tail(lines) if self.process else ""
 
-    def start(self, timeout: float = 120.0):
+    def start(self, timeout: float = 300.0):
         """Start it and wait for the ready line; ProcessError (with its output) if it exits or times out first."""
         self.process = Supervisor(self.command, name=self.name, cwd=ROOT, env=self.env, log_file=self.log_file,
                                   ready=READY).start()

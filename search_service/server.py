@@ -120,7 +120,7 @@ class RunningServer:
 async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     """Open the store and index, then serve on config.host:config.port (0 = a free port)."""
     engine = open_collection(config)
-    models = Models(config.triton_url, config.logit_scale)
+    models = Models(config.triton_url, config.logit_scale, config.text_cache_size)
     try:
         dim = await asyncio.to_thread(lambda: engine.dim)
         if dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
@@ -206,6 +206,8 @@ def parse_args(argv) -> argparse.Namespace:
     add_store_arguments(p)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--text-cache-size", type=int, default=ServiceConfig.text_cache_size,
+                   help="recent query-text embeddings kept (LRU; 0 = none; Stats reports hits/misses)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--token-file", help="file holding the bearer token clients must send "
@@ -251,7 +253,7 @@ def config_from_args(args) -> ServiceConfig:
         allowed_roots=[Path(r) for r in args.root], **store_settings(args),
         logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
-        bearer_token=token,
+        bearer_token=token, text_cache_size=max(0, args.text_cache_size),
     )
 
 

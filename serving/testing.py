@@ -41,7 +41,7 @@ def triton_unavailable_reason() -> str | None:
 def running_triton(
     model_repository: str | os.PathLike,
     *,
-    timeout: float = 120.0,
+    timeout: float = 300.0,
     dump_log_on_error: bool = True,
     **server_kwargs,
 ) -> Iterator[tuple[str, str, TritonServer]]:

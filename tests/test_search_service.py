@@ -154,6 +154,35 @@ def test_index_search_caption_end_to_end(client, photos, reference):
     assert client.get(ids[1], include_image=True).image == photos[1]
 
 
+def test_a_repeated_query_comes_from_the_cache_and_stats_count_it(client, photos, reference):
+    images = noisy_variants(photos[:1], 3)  # new content: its metadata is this test's
+    assert [r.outcome for r in add(client, images, metadata={"set": "cache"})] == [ADDED] * 3
+    text = "a query text nobody else searches for"
+    before = client.stats()
+    first = client.search_text(text, k=3, filters={"set": "cache"}).hits
+    second = client.search_text(text, k=3, filters={"set": "cache"}).hits
+    after = client.stats()
+    assert (after.query_cache_misses - before.query_cache_misses, after.query_cache_hits - before.query_cache_hits) == (1, 1)
+    assert [(h.id, h.score) for h in second] == [(h.id, h.score) for h in first]
+    expected = np.sort(reference.embed_images(images) @ reference.embed_texts([text])[0])[::-1]
+    np.testing.assert_allclose([h.score for h in second], expected, atol=1e-4)
+
+
+def test_text_embedding_cache_drops_the_least_recently_used():
+    from search_service.models import TextEmbeddingCache
+
+    cache = TextEmbeddingCache(2)
+    cache.put("a", np.zeros(2))
+    cache.put("b", np.ones(2))
+    assert cache.get("a") is not None  # "a" is now the most recent
+    cache.put("c", np.full(2, 2.0))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert cache.stats() == {"query_cache_hits": 3, "query_cache_misses": 1, "query_cache_entries": 2}
+    off = TextEmbeddingCache(0)
+    off.put("a", np.zeros(2))
+    assert off.get("a") is None
+
+
 def test_duplicates_share_one_id_and_one_vector(client, photos):
     before = client.stats().count
     first = add(client, [photos[6], photos[6]])  # twice in one stream
@@ -376,7 +405,7 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
         item = add(client, fresh[:1])[0]
         triton.stop()
         try:
-            error = rpc_error(client.search_text, "a cat")
+            error = rpc_error(client.search_text, "a cat nobody searched before")  # not cached
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in error.details()
             assert triton.grpc_url in error.details()
             error = rpc_error(lambda: list(client.add_images([pb.AddImageRequest(image=fresh[1])])))

@@ -302,7 +302,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "triton_endpoints")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,9 @@ class StatsResponse(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TRITON_READY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TRITON_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
@@ -324,8 +327,11 @@ class StatsResponse(_message.Message):
     last_sequence: int
     snapshot_sequence: int
     triton_ready: bool
+    query_cache_hits: int
+    query_cache_misses: int
+    query_cache_entries: int
     triton_endpoints: _containers.RepeatedCompositeFieldContainer[TritonEndpoint]
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ...) -> None: ...
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ...) -> None: ...
 
 class TritonEndpoint(_message.Message):
     __slots__ = ("address", "healthy", "in_flight", "calls", "outages", "last_error", "down_seconds")

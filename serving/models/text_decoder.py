@@ -49,7 +49,9 @@ class TextDecoderModel(CocaModel):
 
     def setup(self):
         import transformers.generation  # noqa: F401  beam search's scorer: import now, not in a request
+        from coca.quant import quantize
 
+        quantize(self.coca.net, self.parameters.get("precision", "fp32"))  # opt-in int8 (coca/quant.py)
         self.decoder = Decoder(self.coca.net, capacity=int(self.parameters.get("capacity_rows", "64")))
         cross = self.decoder.cache.cross[0].k  # (capacity, heads, image tokens, head dim)
         self.embeddings_shape = (1, cross.shape[2], self.coca.net.text_decoder.ln_final.normalized_shape[0])
@@ -58,7 +60,7 @@ class TextDecoderModel(CocaModel):
         self.lock = threading.Lock()  # execute() and the expiry timer
         interval = float(self.parameters.get("expiry_interval_seconds", "1"))
         self.timer = RepeatingTimer(interval, self._expire_from_timer, name=f"{self.name}-expiry")
-        self.log_info(f"{self.name}: {self.decoder.capacity} cache rows, {self.decoder.cache.nbytes() / 2**20:.0f} MiB; "
+        self.log_info(f"{self.name}: {getattr(self.coca.net, 'precision', 'fp32')}, {self.decoder.capacity} cache rows, {self.decoder.cache.nbytes() / 2**20:.0f} MiB; "
                       f"sequences expire after {self.sequences.ttl_s:g} s idle")
 
     def finalize(self):
