@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from coca.texts import MAX_TEXT_CHARS
+from serving.pool import parse_endpoints
 
 from .index import IndexSettings
 from .milvus import MilvusSettings
@@ -27,7 +28,7 @@ class PathRefused(Exception):
 @dataclass
 class ServiceConfig:
     data_dir: Path
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = "127.0.0.1:8001"  # one HOST:PORT, or several joined by commas (serving.pool)
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = DEFAULT_PORT  # 0: pick a free port
     allowed_roots: list[Path] = field(default_factory=list)  # empty: no server-side paths at all
@@ -59,6 +60,7 @@ class ServiceConfig:
             raise ValueError("TLS needs both a certificate and a key file")
         if self.caption_workers < 1:
             raise ValueError(f"caption workers must be at least 1, got {self.caption_workers}")
+        parse_endpoints(self.triton_url)  # ValueError naming a malformed address
         if self.vector_store not in VECTOR_STORES:
             raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
 

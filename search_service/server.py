@@ -179,6 +179,7 @@ class LiveHealth(health.aio.HealthServicer):
             self._last = status
             for name in ("", SERVICE_NAME):
                 await self.set(name, status)
+        await _set_endpoint_health(self.servicer.models, self)
 
     async def Check(self, request, context):
         await self.refresh()
@@ -191,11 +192,24 @@ async def _watch_models(health_servicer: LiveHealth) -> None:
         await asyncio.sleep(HEALTH_POLL_S)
 
 
+async def _set_endpoint_health(models: Models, health_servicer) -> None:
+    """Each Triton endpoint under its own health name, "coca.search.v1.SearchService/triton/HOST:PORT":
+    SERVING while it is in rotation. (The service itself is SERVING while any endpoint is.)"""
+    for endpoint in models.endpoints():
+        status = health_pb2.HealthCheckResponse.SERVING if endpoint.healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(endpoint_health_name(endpoint.url), status)
+
+
+def endpoint_health_name(url: str) -> str:
+    return f"{SERVICE_NAME}/triton/{url}"
+
+
 # ---------------------------------------------------------------- command line
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m search_service.server", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="data directory (store, blobs, index snapshot)")
-    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address HOST:PORT")
+    p.add_argument("--triton", default="127.0.0.1:8001", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="Triton gRPC address; several (same model export) share the load and cover for each other")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--root", action="append", default=[], metavar="DIR",

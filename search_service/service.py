@@ -515,7 +515,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
         ready = await self.models_problem(TRITON_CHECK_S) is None
-        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=ready)
+        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=ready, triton_endpoints=[
+            pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
+                              last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()])
 
 
 # ---------------------------------------------------------------- module helpers
