@@ -47,10 +47,10 @@ class _Connection:
     calls get a fresh one, and the old one is closed when its last call ends. (Closing a gRPC channel
     cancels the calls still on it, which would leave their callers without an answer.)"""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, observe=None):
         from serving.client import TritonCoca
 
-        self.client = TritonCoca(url)
+        self.client = TritonCoca(url, observe=observe)
         self.users = 0
         self.retired = False
 
@@ -102,8 +102,9 @@ class TextEmbeddingCache:
 class Models:
     """Embeddings and captions from the Triton server at `url`."""
 
-    def __init__(self, url: str, logit_scale: float = 100.0, text_cache_size: int = 4096):
+    def __init__(self, url: str, logit_scale: float = 100.0, text_cache_size: int = 4096, observe=None):
         self.url = url
+        self.observe = observe  # (model, seconds, ok) after each Triton infer call: the metrics
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
         self._connection: Optional[_Connection] = None
         self._identity: Optional[ModelIdentity] = None
@@ -114,7 +115,7 @@ class Models:
     async def _lease(self):
         """The current connection (made now if there is none), held for one call."""
         if self._connection is None:
-            self._connection = _Connection(self.url)
+            self._connection = _Connection(self.url, self.observe)
         connection = self._connection
         connection.users += 1
         try:
@@ -210,13 +211,6 @@ class Models:
             return await client.caption_video(video, frames=frames, params=params)
 
         return await self._call(run, timeout)
-
-    async def caption_each(self, images: Sequence[bytes], params: SamplingParams, timeout: float) -> list:
-        """Captions of several images at once, one decoder sequence each; one result or exception per image."""
-        async def one(client, data):
-            return await client.caption(data, params)
-
-        return await self._each(one, images, timeout)
 
     async def _each(self, fn, items: Sequence, timeout: float) -> list:
         if not items:
