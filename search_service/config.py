@@ -8,7 +8,7 @@ from typing import Optional
 
 from coca.texts import MAX_TEXT_CHARS
 from serving.pool import parse_endpoints
-
+from .admission import Limits
 from .index import IndexSettings
 from .milvus import MilvusSettings
 
@@ -48,10 +48,12 @@ class ServiceConfig:
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
-    bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"
+    bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"; several: one per line
     logit_scale: float = 100.0  # Classify's softmax scale: Triton does not serve CoCa's learned one
     triton_timeout_s: float = 60.0  # per model call when the client set no deadline
     text_cache_size: int = 4096  # recent query-text embeddings kept (2 KiB each at 512-d); 0: none
+    limits: Limits = field(default_factory=Limits)  # load shedding: bounds on work in flight, rate limit
+    metrics_port: Optional[int] = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
@@ -61,6 +63,8 @@ class ServiceConfig:
         if self.caption_workers < 1:
             raise ValueError(f"caption workers must be at least 1, got {self.caption_workers}")
         parse_endpoints(self.triton_url)  # ValueError naming a malformed address
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in [0, 65535] (0: a free one), got {self.metrics_port}")
         if self.vector_store not in VECTOR_STORES:
             raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
 

@@ -96,13 +96,14 @@ class Models:
 
     The work is spread over the endpoints by serving.pool.TritonPool (least loaded, a caption pinned
     to one endpoint, a call cut by an endpoint's failure run again once on another); with one
-    endpoint it is that server, and a fresh connection after each failure.
+    endpoint it is that server, and a fresh connection after each failure. `observe(model, seconds, ok)`
+    is told of each Triton infer call (the metrics).
     """
 
-    def __init__(self, urls: str, logit_scale: float = 100.0, text_cache_size: int = 4096):
+    def __init__(self, urls: str, logit_scale: float = 100.0, text_cache_size: int = 4096, observe=None):
         from serving.pool import TritonPool
 
-        self.pool = TritonPool(urls)
+        self.pool = TritonPool(urls, observe=observe)
         self.url = str(self.pool)
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
         self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it was asked

@@ -21,6 +21,7 @@ from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.settings import SamplingParams
 from coca.texts import check_text
 
+from .admission import CAPTION_SEQUENCES, Admission, Shed
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
@@ -66,6 +67,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
+    if isinstance(exc, Shed):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
     if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
@@ -121,10 +124,12 @@ CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    def __init__(self, config: ServiceConfig, engine: Collection, models: Models):
+    def __init__(self, config: ServiceConfig, engine: Collection, models: Models,
+                 admission: Optional[Admission] = None):
         self.config = config
         self.engine = engine
         self.models = models
+        self.admission = admission or Admission(config.limits)  # bounds decoder sequences (load shedding)
         self.caption_params = SamplingParams()
         self._bound: Optional[ModelIdentity] = None  # what this process bound the store to (Triton's first answer)
         self._opening = asyncio.Lock()
@@ -394,7 +399,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 item = pending.popleft()
                 try:
                     data = await asyncio.to_thread(_read_image, self.engine, item)
-                    caption = await self.models.caption(data, self.caption_params, self._timeout(context))
+                    caption = await self._caption(data, self.caption_params, self._timeout(context))
                 except ModelsUnavailable:
                     raise  # Triton is down: the search fails UNAVAILABLE
                 except Exception as exc:
@@ -424,11 +429,17 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 raise bad(f"frames must be in [1, {MAX_FRAMES}], got {request.frames}")
             if len(request.video) > self.config.max_image_bytes:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
-            caption = await self.models.caption_video(request.video, frames, params, timeout)
+            with self.admission.hold(CAPTION_SEQUENCES):
+                caption = await self.models.caption_video(request.video, frames, params, timeout)
         else:
             data = await self._image_bytes(request.image if media == "image" else None, request.id)
-            caption = await self.models.caption(data, params, timeout)
+            caption = await self._caption(data, params, timeout)
         return pb.CaptionResponse(text=caption.text, tokens=caption.tokens, logprobs=caption.logprobs)
+
+    async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
+        """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""
+        with self.admission.hold(CAPTION_SEQUENCES):
+            return await self.models.caption(data, params, timeout)
 
     async def _image_bytes(self, data: Optional[bytes], item_id: str) -> bytes:
         if data is not None:

@@ -19,9 +19,10 @@ import io
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -38,6 +39,7 @@ from .protocol import (CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OU
                        TRITON_MODELS, Identity)
 
 ImageInput = Union[bytes, str, os.PathLike]
+InferObserver = Callable[[str, float, bool], None]  # (model, seconds, succeeded)
 
 # tritonclient's message limits, plus: a subchannel of this channel's own, so that a new client is not
 # tied to the reconnect backoff another channel to the same address is sitting in (gRPC shares
@@ -65,9 +67,10 @@ class Generation:
 class TritonCoca:
     """CoCa through Triton: embeddings and captions; one instance per event loop."""
 
-    def __init__(self, url: str, timeout_s: Optional[float] = None):
+    def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None):
         self.url = url
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
+        self.observe = observe  # told (model, seconds, ok) after every infer call: the service's metrics
         self._client: Optional[grpcaio.InferenceServerClient] = None
         self._tokenizer = None
 
@@ -233,8 +236,15 @@ class TritonCoca:
     # --- transport -----------------------------------------------------------------------
     async def _infer(self, model: str, inputs: list, outputs: Sequence[str], **sequence):
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        return await self._call(
-            self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s, **sequence), model)
+        started, ok = time.perf_counter(), False
+        try:
+            result = await self._call(
+                self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s, **sequence), model)
+            ok = True
+            return result
+        finally:
+            if self.observe is not None:
+                self.observe(model, time.perf_counter() - started, ok)
 
     async def _call(self, request, model: str):
         try:
