@@ -42,25 +42,37 @@ def repository_dir(args) -> Path:
     return Path(args.cache) / f"{args.model}-{Path(args.pretrained).name}-seed{args.seed}-{args.dtype}{encoder_suffix(args)}"
 
 
-@contextlib.contextmanager
-def served_repository(args) -> Iterator[tuple[str, object]]:
-    """(gRPC url, identity) of a Triton serving args.model: started here on an exported repository, or --url."""
+def exported_repository(args) -> Path:
+    """args.model exported (once, cached under --cache) with the decoder settings asked for."""
     from serving.repository import DecoderSettings, configure_decoder, ensure_repository
-    from serving.client import TritonCoca
-
-    async def identity(url):
-        async with TritonCoca(url) as triton:
-            return await triton.check_identity(args.model, args.pretrained)
-
-    if args.url:
-        yield args.url, asyncio.run(identity(args.url))
-        return
-    from serving.testing import running_triton
 
     repository, _ = ensure_repository(repository_dir(args), args.model, args.pretrained, args.seed, args.dtype,
                                       encoder_settings(args))
     configure_decoder(repository, DecoderSettings(capacity_rows=args.capacity, queue_delay_us=args.queue_delay_us,
                                                              precision=args.decoder_precision))
+    return repository
+
+
+def served_identity(args, url: str):
+    """What the Triton at `url` serves; IdentityMismatchError unless it is args.model / args.pretrained."""
+    from serving.client import TritonCoca
+
+    async def ask():
+        async with TritonCoca(url) as triton:
+            return await triton.check_identity(args.model, args.pretrained)
+
+    return asyncio.run(ask())
+
+
+@contextlib.contextmanager
+def served_repository(args) -> Iterator[tuple[str, object]]:
+    """(gRPC url, identity) of a Triton serving args.model: started here on an exported repository, or --url."""
+    if args.url:
+        yield args.url, served_identity(args, args.url)
+        return
+    from serving.testing import running_triton
+
+    repository = exported_repository(args)
     with running_triton(repository, timeout=600) as (url, _, server):  # a loaded shared box starts slowly
         print(f"tritonserver pid {server.pid} on {url} ({repository})", flush=True)
-        yield url, asyncio.run(identity(url))
+        yield url, served_identity(args, url)

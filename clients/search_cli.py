@@ -62,9 +62,10 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
                    help="allow server-side paths under DIR in AddImages (repeatable)")
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
-    from search_service import add_store_arguments
+    from search_service import add_operator_arguments, add_store_arguments
 
     add_store_arguments(p)
+    add_operator_arguments(p)
     p.add_argument("--encoders", choices=["torch", "onnxruntime", "onnxruntime-int8"], default="torch",
                    help="how Triton's encoders compute: torch, their ONNX graphs in ONNX Runtime (equal within 1e-5, "
                         "faster on CPU), or those with 8-bit weights (opt-in; agreement in README)")
@@ -73,7 +74,7 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
 def serve(args) -> int:
     import asyncio
 
-    from search_service import ServiceConfig, run, store_settings
+    from search_service import ServiceConfig, operator_settings, run, store_settings
     from serving.launcher import TritonServer
     from serving.repository import ensure_repository
 
@@ -91,7 +92,7 @@ def serve(args) -> int:
         print(f"tritonserver ready on {triton.grpc_url}", flush=True)
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
                                allowed_roots=[Path(r) for r in args.root], **store_settings(args),
-                               logit_scale=logit_scale)
+                               **operator_settings(args), logit_scale=logit_scale)
         gallery = _start_web(args) if args.web is not None else None
         try:
             asyncio.run(run(config))

@@ -6,14 +6,14 @@
     model.embed_images(["photo.jpg"]), model.embed_texts(["a dog"])
 """
 from .errors import (
-    CapacityError, CocaError, InvalidImageError, InvalidInputError, InvalidTextError,
+    CapacityError, CocaError, GenerationError, InvalidImageError, InvalidInputError, InvalidTextError,
     InvalidVideoError, UnknownModelError, WeightsUnavailableError,
 )
 
 # open_clip (and transformers, through it) takes seconds to import: load the model side on first use,
 # so that `coca --help`, the search service and clients that only need errors or settings start fast.
 _LAZY = {
-    "load": "runtime", "from_reference": "runtime", "Coca": "runtime", "Caption": "decoding",
+    "load": "runtime", "from_reference": "runtime", "Coca": "runtime", "Caption": "captions",
     "create_open_clip": "loading", "coca_model_names": "loading", "SamplingParams": "settings",
 }
 
@@ -28,5 +28,5 @@ def __getattr__(name):
 __all__ = [
     "load", "from_reference", "create_open_clip", "coca_model_names", "Coca", "Caption", "SamplingParams",
     "CocaError", "InvalidInputError", "InvalidImageError", "InvalidVideoError", "InvalidTextError",
-    "UnknownModelError", "WeightsUnavailableError", "CapacityError",
+    "UnknownModelError", "WeightsUnavailableError", "CapacityError", "GenerationError",
 ]

@@ -128,6 +128,10 @@ class Collection(abc.ABC):
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
 
+    def captioned(self) -> Optional[int]:
+        """Items with a stored caption (metrics); None where the store cannot count them cheaply."""
+        return None
+
     @abc.abstractmethod
     def list_items(self, filters: Filter | dict[str, str] | None, order: Optional[Order], after: Optional[list],
                    limit: int, with_embeddings: bool = False, consistency: Optional[str] = None) -> Page:

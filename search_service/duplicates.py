@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from .collection import Collection, Hit
+from .query import QueryInputError
 
 LIST_PAGE = 1000
 
@@ -32,7 +33,7 @@ class Group:
 
 def check_threshold(value: float, what: str) -> float:
     if not 0 < value <= 1:
-        raise ValueError(f"{what} must be a cosine similarity in (0, 1], got {value}")
+        raise QueryInputError(f"{what} must be a cosine similarity in (0, 1], got {value}")
     return value
 
 

@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 from serving.supervisor import Supervisor
 
 READY_LINE = "search service ready on {host}:{port}"  # server.run prints it (and more) once it serves
-READY = re.compile(READY_LINE.format(host=r"(\S+)", port=r"(\d+)"))
+METRICS_NOTE = ", metrics {url}"  # in the ready line's parentheses when --metrics-port is given
+READY = re.compile(READY_LINE.format(host=r"(\S+)", port=r"(\d+)")
+                   + r"(?:.*?" + METRICS_NOTE.format(url=r"(http://[^\s),]+/metrics)") + ")?")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,12 @@ class ServiceChild:
         """HOST:PORT it serves on, once ready."""
         match = self.process.ready_match if self.process else None
         return f"{match.group(1)}:{match.group(2)}" if match else None
+
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """Its Prometheus endpoint (http://HOST:PORT/metrics), once ready, if it serves one."""
+        match = self.process.ready_match if self.process else None
+        return match.group(3) if match else None
 
     def output(self, lines: Optional[int] = None) -> str:
         """The last lines it wrote."""

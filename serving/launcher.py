@@ -282,6 +282,13 @@ class TritonServer:
             _LIVE_SERVERS.discard(self)
         return self.returncode
 
+    def kill(self) -> None:
+        """SIGKILL to the server and its stubs at once (a crash: no shutdown code runs), then what
+        stop() cleans up. start() brings it back on the same ports if they were fixed."""
+        if self._process is not None:
+            self._process.kill()
+        self.stop(grace=1)
+
     def __enter__(self) -> "TritonServer":
         if not self.is_alive():
             self.start()

@@ -30,26 +30,15 @@ def tiny_coca():
     return coca.load("coca-tiny", pretrained="random", seed=0)
 
 
-MILVUS_LOCK = "/tmp/coca-search-test-milvus.lock"
-
-
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A real Milvus standalone for the whole test session. One per host (its embedded etcd has a fixed
-    port: see search_service.testing), so test sessions running side by side take turns through a lock."""
-    import fcntl
-
+    port): test sessions and benchmarks running side by side take turns (see MilvusServerProcess)."""
     from search_service.testing import MilvusServerProcess
 
-    with open(MILVUS_LOCK, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"\nwaiting for another test session's Milvus ({MILVUS_LOCK}) ...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        server = MilvusServerProcess(tmp_path_factory.mktemp("milvus"))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    server = MilvusServerProcess(tmp_path_factory.mktemp("milvus"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

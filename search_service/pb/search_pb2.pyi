@@ -455,7 +455,7 @@ class FieldSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "schema")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "schema")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -469,6 +469,7 @@ class StatsResponse(_message.Message):
     QUERY_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     QUERY_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     QUERY_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TRITON_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
@@ -483,5 +484,24 @@ class StatsResponse(_message.Message):
     query_cache_hits: int
     query_cache_misses: int
     query_cache_entries: int
+    triton_endpoints: _containers.RepeatedCompositeFieldContainer[TritonEndpoint]
     schema: _containers.RepeatedCompositeFieldContainer[FieldSpec]
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ...) -> None: ...
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ...) -> None: ...
+
+class TritonEndpoint(_message.Message):
+    __slots__ = ("address", "healthy", "in_flight", "calls", "outages", "last_error", "down_seconds")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    OUTAGES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    healthy: bool
+    in_flight: int
+    calls: int
+    outages: int
+    last_error: str
+    down_seconds: float
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., outages: _Optional[int] = ..., last_error: _Optional[str] = ..., down_seconds: _Optional[float] = ...) -> None: ...

@@ -4,7 +4,8 @@ Protocol (sequence batcher, `oldest` strategy; see model_repository/coca_text_de
 START carries IMAGE_EMBEDDINGS (1, 255, W) and optional sampling inputs; every request,
 START included, advances its caption by one token and answers TOKEN, LOGPROB, DONE,
 TOKENS, LOGPROBS, BATCH_ROWS (and STATS on request). A request with END computes nothing: it
-frees the sequence. START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
+frees the sequence, and answers TEXT, the finished caption read by the model's tokenizer (so
+clients need no tokenizer). START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
 (and DONE) and starts nothing. A finished caption gives its cache rows back at once; until END
 its requests just answer DONE with the final TOKENS and LOGPROBS.
 
@@ -36,6 +37,7 @@ class Probe:
     """What a stats probe (START+END, no IMAGE_EMBEDDINGS) gets: a finished, empty caption."""
 
     done = True
+    error = None
 
     def __init__(self):
         self.rows: list[int] = []
@@ -107,7 +109,7 @@ class TextDecoderModel(CocaModel):
                                f"(batch 1, one row per image token), got {list(embeddings.shape)}")
         if not np.isfinite(embeddings).all():
             raise RequestError("IMAGE_EMBEDDINGS holds NaN or infinite values")
-        params = SamplingParams(**self._sampling_values(request))  # InvalidInputError says what is wrong
+        params = SamplingParams.from_float32(self._sampling_values(request))  # InvalidInputError says what is wrong
         try:
             [sequence] = self.decoder.start(torch.tensor(embeddings), params)
         except CapacityError as exc:
@@ -140,6 +142,8 @@ class TextDecoderModel(CocaModel):
     def _outputs(self, request, sequence, rows: int, stats: dict):
         if isinstance(sequence, RequestError):
             return sequence
+        if sequence.error is not None:  # this caption failed alone; its neighbours went on
+            return RequestError(str(sequence.error))
         result = sequence.result() if sequence.done or not isinstance(sequence, BeamSequence) else None
         tokens, logprobs = (result.tokens, result.logprobs) if result else ([], [])
         outputs = {
@@ -152,6 +156,9 @@ class TextDecoderModel(CocaModel):
             "STATS": np.array([[json.dumps(stats).encode()]], np.object_),
         }
         wanted = set(request.requested_output_names())
+        if "TEXT" in wanted:
+            text = self.coca.decode_text(tokens) if sequence.done else ""
+            outputs["TEXT"] = np.array([[text.encode()]], np.object_)
         return {name: value for name, value in outputs.items() if name in wanted}
 
     # --- memory ------------------------------------------------------------------------
