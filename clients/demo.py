@@ -223,6 +223,6 @@ def tour(address: str, photos: list[Path], args, out: Path) -> None:
         print(f"\n== zero-shot classification of {photo.name}\n   "
               + ", ".join(f"{l.label} {l.probability:.1%}" for l in labels))
 
-        points, thumbs, _, _ = fetch_points(client, "a photo", 1000)
+        points, thumbs, _, _ = fetch_points(client, None, 1000)
         png = plots.feature_space_png(points, thumbs, out / "tsne.png")
         print(f"\n== feature space of the index (t-SNE, from the stored embeddings): {png}")

@@ -27,6 +27,9 @@ class Hit:
     item: Item
     score: float  # the exact inner product of the query with the item's stored embedding
     position: Optional[list] = None  # in a search ordered by a field: where the hit sits (a page resumes after it)
+    vector_rank: int = 0  # KEYWORD/HYBRID modes: where the lists placed it (1 = first; 0 = not in that list)
+    keyword_rank: int = 0
+    keyword_score: float = 0.0  # the keyword relevance (-BM25)
 
 
 @dataclass
@@ -131,6 +134,11 @@ class Collection(abc.ABC):
     def captioned(self) -> Optional[int]:
         """Items with a stored caption (metrics); None where the store cannot count them cheaply."""
         return None
+
+    def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
+        """The `k` live items passing `filters` whose caption best matches the words of `text` (BM25), most
+        relevant first; `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
+        raise Unsupported(f"keyword search over captions: {type(self).__name__} has no full-text index")
 
     @abc.abstractmethod
     def list_items(self, filters: Filter | dict[str, str] | None, order: Optional[Order], after: Optional[list],

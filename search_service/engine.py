@@ -232,6 +232,16 @@ class Engine(Collection):
         items = self.store.get_many([vid for vid, _ in ranked])
         return [Hit(items[vid], score) for vid, score in ranked if vid in items]  # skips items deleted meanwhile
 
+    def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
+        matches = self.store.keyword_matches(text)  # deleted items leave the full-text index with their row
+        flt = Filter.of(filters)
+        if flt and matches:
+            allowed = np.isin(np.array([vid for vid, _ in matches], np.int64), self.metadata.matching(flt))
+            matches = [m for m, keep in zip(matches, allowed.tolist()) if keep]
+        matches = matches[:k]
+        items = self.store.get_many([vid for vid, _ in matches])
+        return [Hit(items[vid], score) for vid, score in matches if vid in items]
+
     def _ordered_search(self, query: np.ndarray, k: int, allowed: Optional[np.ndarray], min_score: Optional[float],
                         order: Order, after: Optional[list]) -> list[Hit]:
         """Walk the passing items in `order`, scoring them exactly a chunk at a time, until `k` pass min_score."""

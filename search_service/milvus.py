@@ -412,6 +412,10 @@ class MilvusCollection(Collection):
         hits = [Hit(_item(r["entity"]), float(r["distance"])) for r in results[0]]
         return [h for h in hits if min_score is None or h.score >= min_score]
 
+    def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
+        raise Unsupported("keyword search over captions: Milvus 2.3.5 has no full-text index (the embedded "
+                          "SQLite + FAISS store has one: --vector-store faiss)")
+
     def _terms(self, filters: Filter | dict[str, str] | None) -> list[str]:
         """The filter's expression, and one hiding what this replica deleted lately."""
         terms = [filter_expression(filters)] if filters else []

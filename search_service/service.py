@@ -30,6 +30,7 @@ from .options import SearchPage, filter_from_pb, list_position, list_token, orde
 from .pb import search_pb2 as pb
 from .query import Filter, Order, QueryInputError, decode_token, encode_token, fingerprint
 from .duplicates import GroupCache, check_threshold, find_groups, nearest_other
+from .hybrid import DEFAULT_KEYWORD_WEIGHT, check_weight, fuse, keyword_hits
 from .pb import search_pb2_grpc
 from .blobs import BlobError
 from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
@@ -384,8 +385,28 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         options = self._options(request.options)
         text = check_text(request.text, "text", self.config.max_text_chars).strip()
         await self.ensure_models(context=context)
+        if request.mode != pb.SearchTextRequest.VECTOR:
+            return await self._search_words(request, text, options, context)
         vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
         return await self._search(vector, options, context, ["text", text])
+
+    async def _search_words(self, request: pb.SearchTextRequest, text: str, options: SearchOptions,
+                            context) -> pb.SearchResponse:
+        """KEYWORD (captions, BM25) or HYBRID (fused with the vector list) search; pages by score."""
+        if options.order is not None or options.min_score is not None:
+            raise bad("order_by and min_score work in VECTOR mode only")
+        weight = check_weight(request.keyword_weight if request.HasField("keyword_weight") else DEFAULT_KEYWORD_WEIGHT)
+        page = SearchPage.start(options.page_token, search_fingerprint(["text", text, request.mode, weight],
+                                                                       options.key()),
+                                options.k, self.config.max_search_depth)
+        depth = page.depth_by_score(options.k)
+        words = keyword_hits(await asyncio.to_thread(self.engine.keyword_search, text, depth, options.filters))
+        if request.mode == pb.SearchTextRequest.HYBRID:
+            vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
+            near = await asyncio.to_thread(self.engine.search, vector, depth, options.filters, None, options.consistency)
+            words = fuse(near, words, weight)
+        hits, token = page.by_score(words, options.k)
+        return await self._respond(hits, options, context, token)
 
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
@@ -437,6 +458,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             hits = await asyncio.to_thread(self.engine.search, vector, options.k + 1, options.filters,
                                            options.min_score, options.consistency, options.order, page.after)
             hits, token = page.by_field(hits, options.k)
+        return await self._respond(hits, options, context, token)
+
+    async def _respond(self, hits: list[Hit], options: SearchOptions, context, token: str) -> pb.SearchResponse:
         errors = await self._caption_hits(hits, context) if options.with_captions else {}
         return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits], searched=self.engine.size,
                                  next_page_token=token)
@@ -700,7 +724,8 @@ def _read_image(engine: Collection, item: Item) -> bytes:
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:
     item = hit.item
     return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri,
-                  caption=item.caption or "", caption_error=caption_error, added_at=item.created_at)
+                  caption=item.caption or "", caption_error=caption_error, added_at=item.created_at,
+                  vector_rank=hit.vector_rank, keyword_rank=hit.keyword_rank, keyword_score=hit.keyword_score)
 
 
 def _item(item: Item, with_embedding: bool) -> pb.Item:

@@ -143,6 +143,22 @@ def test_list_conditions_order_and_pages(served, client):
         client.list(where=[Condition("set", equals="a", any_of=["b"])])
 
 
+def test_keyword_and_hybrid_search_through_the_client(served, client):
+    def words(text):
+        return "".join(ch.lower() if ch.isalnum() else " " for ch in text).split()
+
+    captioned = client.search_text("a photo", k=3, with_captions=True, filters={"set": "sample"}).hits
+    word = words(captioned[0].caption)[0]
+    keyword = client.search_text(word, mode="keyword", k=50).hits
+    assert captioned[0].id in [h.id for h in keyword] and all(word in words(h.caption) for h in keyword)
+    assert [h.keyword_rank for h in keyword] == list(range(1, len(keyword) + 1))
+    hybrid = client.search_text(word, mode="hybrid", k=3, keyword_weight=1.0).hits  # the keyword list leads
+    top = min(3, len(keyword))
+    assert [h.id for h in hybrid][:top] == [h.id for h in keyword][:top] and all(h.keyword_rank for h in hybrid[:top])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        client.search_text(word, mode="fuzzy")
+
+
 def test_near_duplicates_through_the_client(served, client):
     from PIL import Image
 
@@ -251,6 +267,9 @@ def test_plot_index(served, tmp_path, capsys):
     code, out, err = coca(capsys, "plot", "--index", "--server", served.address, "--out", str(out_png))
     assert code == 0, err
     assert f"plotting all {len(served.photos) - 1} indexed images (tsne)" in out
+    code, out, err = coca(capsys, "plot", "--index", "--server", served.address, "--limit", "2", "--filter",
+                          "set=sample", "--out", str(tmp_path / "first.png"), "--method", "pca")
+    assert code == 0 and f"plotting the first 2 of {len(served.photos) - 1} matching images" in out, err
     assert Image.open(out_png).size[0] > 300
     code, out, err = coca(capsys, "plot", "--index", "--server", served.address, "--limit", "3", "--query", "a cat",
                           "--out", str(tmp_path / "few.png"), "--method", "pca")

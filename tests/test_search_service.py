@@ -303,6 +303,71 @@ def test_conditions_order_and_pages_match_exact_search(request, client, photos, 
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details(), error.details()
 
 
+def bm25(query_words: list[str], captions: dict[str, str]) -> dict[str, float]:
+    """SQLite FTS5's bm25() (k1 1.2, b 0.75, idf floored at 1e-6), negated: higher is better. The test's own."""
+    docs = {i: "".join(ch.lower() if ch.isalnum() else " " for ch in c).split() for i, c in captions.items()}
+    average = sum(map(len, docs.values())) / len(docs)
+    scores = {}
+    for i, words in docs.items():
+        total, found = 0.0, False
+        for word in query_words:
+            having = sum(word in d for d in docs.values())
+            idf = max(np.log((len(docs) - having + 0.5) / (having + 0.5)), 1e-6)
+            tf = words.count(word)
+            found |= tf > 0
+            total += idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(words) / average))
+        if found:
+            scores[i] = total
+    return scores
+
+
+def test_keyword_and_hybrid_search_over_captions(request, client, photos):
+    """KEYWORD hits are the items whose caption holds a word of the query, by BM25 (the test's own); HYBRID is
+    the reciprocal-rank fusion of the VECTOR and KEYWORD lists; Milvus answers FAILED_PRECONDITION naming itself."""
+    images = noisy_variants([photos[0], photos[6], photos[9], photos[11]], 4)
+    assert [r.outcome for r in add(client, images, metadata={"set": "words"})] == [ADDED] * 4
+    if request.node.callspec.params["service"] == "milvus":
+        error = rpc_error(client.stub.SearchText, pb.SearchTextRequest(text="a cat", mode=pb.SearchTextRequest.KEYWORD))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "Milvus" in error.details()
+        return
+    client.search_text("a photo", k=4, with_captions=True, filters={"set": "words"})  # captions them (stored)
+    captions = {}
+    token = ""
+    while True:  # every caption in the store: BM25 counts the whole collection
+        page = client.stub.List(pb.ListRequest(page_size=100, page_token=token), timeout=60)
+        captions.update((i.id, i.caption) for i in page.items if i.caption)
+        token = page.next_page_token
+        if not token:
+            break
+    mine = [i.id for i in client.stub.List(pb.ListRequest(filters={"set": "words"})).items]
+    word = "".join(ch.lower() if ch.isalnum() else " " for ch in captions[mine[0]]).split()[0]
+    text = f"{word} zzqx"  # a second word no caption holds
+
+    def search(mode, k=10, **extra):
+        options = pb.SearchOptions(k=k, filters={"set": "words"})
+        return client.stub.SearchText(pb.SearchTextRequest(text=text, options=options, mode=mode, **extra),
+                                      timeout=60).hits
+
+    relevance = bm25([word, "zzqx"], captions)
+    expected = sorted((i for i in relevance if i in mine), key=lambda i: (-relevance[i], i))
+    hits = search(pb.SearchTextRequest.KEYWORD)
+    assert [h.id for h in hits] == expected and mine[0] in expected
+    np.testing.assert_allclose([h.score for h in hits], [relevance[i] for i in expected], rtol=1e-4)
+    assert [h.keyword_rank for h in hits] == list(range(1, len(hits) + 1))
+    vector = client.search_text(text, k=4, filters={"set": "words"}).hits
+    for weight in (0.5, 0.8):
+        fused = {}
+        for rank, h in enumerate(vector, 1):
+            fused[h.id] = (1 - weight) / (60 + rank)
+        for rank, h in enumerate(hits, 1):
+            fused[h.id] = fused.get(h.id, 0.0) + weight / (60 + rank)
+        hybrid = search(pb.SearchTextRequest.HYBRID, k=3, keyword_weight=weight)
+        assert [h.id for h in hybrid] == sorted(fused, key=lambda i: (-fused[i], i))[:3]
+        np.testing.assert_allclose([h.score for h in hybrid], sorted(fused.values(), reverse=True)[:3], rtol=1e-5)
+    error = rpc_error(search, pb.SearchTextRequest.HYBRID, keyword_weight=1.5)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "keyword_weight" in error.details()
+
+
 def stored_embeddings(client) -> dict[str, np.ndarray]:
     """Every item's stored embedding, through List (the oracle's view of the collection)."""
     out, token = {}, ""

@@ -397,3 +397,34 @@ def test_refused_adds_leave_no_blob_and_crash_leftovers_are_swept(tmp_path):
     assert not orphan.exists() and not list(engine.store.blobs.staging.iterdir())
     assert engine.read_image(engine.get("taken")) == b"a"
     engine.close()
+
+
+def test_keyword_index_follows_captions_and_a_version_1_store_is_migrated(tmp_path):
+    """The FTS5 index holds exactly the live captions (set, replaced, deleted) and a store written before it
+    (schema version 1: no caption_text) opens with its captions indexed."""
+    import sqlite3
+
+    rng = np.random.default_rng(5)
+    engine = open_engine(tmp_path, snapshot_every=10_000)
+    added = engine.add(items(rng, 4, meta={"album": "a"}))
+    ids = [o.id for o in added]
+    engine.set_captions({ids[0]: "a red cat", ids[1]: "a cat on a cat", ids[2]: "a dog", ids[3]: "Red bus"})
+    engine.set_captions({ids[2]: "a red dog"})
+    engine.delete(ids[1])
+    hits = engine.keyword_search("RED cat!", 10)
+    assert sorted(h.item.id for h in hits) == sorted([ids[0], ids[2], ids[3]])
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True) and hits[0].item.id == ids[0]
+    assert engine.keyword_search('" OR *', 10) == [] and engine.keyword_search("cat", 10, {"album": "b"}) == []
+    engine.close()
+    # Back to version 1: no full-text table, no triggers; a caption stored then.
+    db = sqlite3.connect(tmp_path / "store.sqlite3")
+    db.executescript("DROP TRIGGER caption_text_add; DROP TRIGGER caption_text_drop; DROP TRIGGER caption_text_set; "
+                     "DROP TABLE caption_text; UPDATE info SET value = '1' WHERE key = 'schema_version';")
+    db.execute("UPDATE items SET caption = 'a blue whale' WHERE id = ?", (ids[3],))
+    db.commit()
+    db.close()
+    engine = open_engine(tmp_path, snapshot_every=10_000)
+    assert [h.item.id for h in engine.keyword_search("whale", 10)] == [ids[3]]
+    assert sorted(h.item.id for h in engine.keyword_search("red", 10)) == sorted([ids[0], ids[2]])
+    assert Store(tmp_path).info()["schema_version"] == "2"
+    engine.close()

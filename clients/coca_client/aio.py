@@ -88,10 +88,11 @@ class AsyncClient(ClientBase):
     async def search_text(self, text: str, k: int = 10, *, with_captions: bool = False,
                           filters: Optional[dict] = None, min_score: Optional[float] = None,
                           where: Sequence[t.Condition] = (), order_by: str = "", page_token: str = "",
+                          mode: str = "vector", keyword_weight: Optional[float] = None,
                           timeout=_UNSET) -> t.SearchResult:
         options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
-        return t.SearchResult.from_pb(await self._unary("SearchText", pb.SearchTextRequest(text=text, options=options),
-                                                        timeout))
+        request = t.search_text_request(text, options, mode, keyword_weight)
+        return t.SearchResult.from_pb(await self._unary("SearchText", request, timeout))
 
     async def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
                            with_captions: bool = False, filters: Optional[dict] = None,

@@ -111,11 +111,14 @@ class Client(ClientBase):
     # ------------------------------------------------------------ search
     def search_text(self, text: str, k: int = 10, *, with_captions: bool = False, filters: Optional[dict] = None,
                     min_score: Optional[float] = None, where: Sequence[t.Condition] = (), order_by: str = "",
-                    page_token: str = "", timeout=_UNSET) -> t.SearchResult:
+                    page_token: str = "", mode: str = "vector", keyword_weight: Optional[float] = None,
+                    timeout=_UNSET) -> t.SearchResult:
         """Items like the text. `where`: more conditions (AND); `order_by`: a date/number field ("-field":
-        descending) instead of by score; `page_token`: the previous result's next_page_token (same query)."""
+        descending) instead of by score; `page_token`: the previous result's next_page_token (same query);
+        `mode`: "vector", "keyword" (caption words, BM25) or "hybrid" (both, fused; `keyword_weight` 0..1)."""
         options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
-        return t.SearchResult.from_pb(self._unary("SearchText", pb.SearchTextRequest(text=text, options=options), timeout))
+        request = t.search_text_request(text, options, mode, keyword_weight)
+        return t.SearchResult.from_pb(self._unary("SearchText", request, timeout))
 
     def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
                      with_captions: bool = False, filters: Optional[dict] = None, min_score: Optional[float] = None,

@@ -27,11 +27,14 @@ class Hit:
     caption_error: str = ""  # why no caption could be made (only with with_captions)
     metadata: dict[str, str] = field(default_factory=dict)
     added_at: float = 0.0  # when the item was stored (Unix seconds)
+    vector_rank: int = 0  # mode="keyword"/"hybrid": where each list placed it (1 = first; 0 = not found by it)
+    keyword_rank: int = 0
+    keyword_score: float = 0.0
 
     @classmethod
     def from_pb(cls, hit: pb.Hit) -> "Hit":
         return cls(hit.id, float(hit.score), hit.uri, hit.caption, hit.caption_error, dict(hit.metadata),
-                   hit.added_at)
+                   hit.added_at, hit.vector_rank, hit.keyword_rank, hit.keyword_score)
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,17 @@ def image_ref(image: Optional[ImageInput], id: str) -> pb.ImageRef:
     if (image is None) == (not id):
         raise ValueError("give either an image or the id of an indexed one")
     return pb.ImageRef(image=read_image(image)) if image is not None else pb.ImageRef(id=id)
+
+
+MODES = {"vector": pb.SearchTextRequest.VECTOR, "keyword": pb.SearchTextRequest.KEYWORD,
+         "hybrid": pb.SearchTextRequest.HYBRID}
+
+
+def search_text_request(text: str, options: pb.SearchOptions, mode: str,
+                        keyword_weight: Optional[float]) -> pb.SearchTextRequest:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return pb.SearchTextRequest(text=text, options=options, mode=MODES[mode], keyword_weight=keyword_weight)
 
 
 def search_image_request(image: Optional[ImageInput], id: str, options: pb.SearchOptions) -> pb.SearchImageRequest:

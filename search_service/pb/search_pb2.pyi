@@ -164,12 +164,24 @@ class SearchOptions(_message.Message):
     def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., where: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., order_by: _Optional[_Union[Order, _Mapping]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SearchTextRequest(_message.Message):
-    __slots__ = ("text", "options")
+    __slots__ = ("text", "options", "mode", "keyword_weight")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VECTOR: _ClassVar[SearchTextRequest.Mode]
+        KEYWORD: _ClassVar[SearchTextRequest.Mode]
+        HYBRID: _ClassVar[SearchTextRequest.Mode]
+    VECTOR: SearchTextRequest.Mode
+    KEYWORD: SearchTextRequest.Mode
+    HYBRID: SearchTextRequest.Mode
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     text: str
     options: SearchOptions
-    def __init__(self, text: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+    mode: SearchTextRequest.Mode
+    keyword_weight: float
+    def __init__(self, text: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., mode: _Optional[_Union[SearchTextRequest.Mode, str]] = ..., keyword_weight: _Optional[float] = ...) -> None: ...
 
 class SearchImageRequest(_message.Message):
     __slots__ = ("image", "id", "options")
@@ -182,7 +194,7 @@ class SearchImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., id: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "added_at")
+    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "added_at", "vector_rank", "keyword_rank", "keyword_score")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +209,9 @@ class Hit(_message.Message):
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     CAPTION_ERROR_FIELD_NUMBER: _ClassVar[int]
     ADDED_AT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_RANK_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_RANK_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     metadata: _containers.ScalarMap[str, str]
@@ -204,7 +219,10 @@ class Hit(_message.Message):
     caption: str
     caption_error: str
     added_at: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., added_at: _Optional[float] = ...) -> None: ...
+    vector_rank: int
+    keyword_rank: int
+    keyword_score: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., added_at: _Optional[float] = ..., vector_rank: _Optional[int] = ..., keyword_rank: _Optional[int] = ..., keyword_score: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "searched", "next_page_token")
