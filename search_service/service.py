@@ -121,6 +121,7 @@ class Prepared:
     keep_blob: bool
     near_duplicate: Optional[float] = None  # AddOptions.near_duplicate_threshold
     skip_near_duplicate: bool = False
+    caption: bool = False  # AddOptions.caption
 
 
 @dataclass
@@ -287,10 +288,29 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 outcomes = await asyncio.to_thread(self._commit, ready)
                 for (p, _), outcome in zip(ready, outcomes):
                     results[p.index] = outcome
+            if not turn.done():
+                turn.set_result(None)  # the next batch may commit while these are captioned
+            await self._caption_added([(p, results[p.index]) for p, _ in ready if p.caption], context)
             return [results[i] for i, _ in batch]
         finally:
             if not turn.done():
                 turn.set_result(None)
+
+    async def _caption_added(self, added: list[tuple[Prepared, pb.AddImageResult]], context) -> None:
+        """AddOptions.caption: caption the items just stored, concurrently; store each caption and put it in
+        the item's result. A failure is the result's caption_error, not the add's."""
+        stored = [(p, r) for p, r in added if r.id and r.outcome in (pb.AddImageResult.ADDED,
+                                                                      pb.AddImageResult.NEAR_DUPLICATE)]
+        captions = await asyncio.gather(*(self._caption(p.data, self.caption_params, self._timeout(context))
+                                          for p, _ in stored), return_exceptions=True)
+        made = {}
+        for (_, result), caption in zip(stored, captions):
+            if isinstance(caption, BaseException):
+                result.caption_error = status_of(caption)[1]
+            else:
+                result.caption = made[result.id] = caption.text
+        if made:
+            await asyncio.to_thread(self.engine.set_captions, made)
 
     def _prepare_all(self, batch) -> list:
         out = []
@@ -331,7 +351,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         elif options.skip_near_duplicates:
             raise bad("options.skip_near_duplicates needs options.near_duplicate_threshold")
         return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep, near,
-                        options.skip_near_duplicates)
+                        options.skip_near_duplicates, options.caption)
 
     def _read_server_file(self, given: str) -> tuple[Path, bytes]:
         """The file a client named (under the roots) and its bytes; errors name it as the client did."""

@@ -167,8 +167,10 @@ def test_near_duplicates_through_the_client(served, client):
     noisy = np.clip(image + np.random.default_rng(1).integers(-6, 6, image.shape), 0, 255).astype(np.uint8)
     path = served.data / "astronaut-noisy.png"
     Image.fromarray(noisy).save(path)
-    vector = next(client.add([AddItem(image=path, near_duplicate_threshold=1.0, skip_near_duplicates=True)]))
+    vector = next(client.add([AddItem(image=path, near_duplicate_threshold=1.0, skip_near_duplicates=True,
+                                      caption=True)]))
     assert vector.outcome is Outcome.ADDED  # nothing that similar: stored
+    assert vector.caption and client.get(vector.id).caption == vector.caption  # captioned as it was added
     mine = client.get(vector.id, include_embedding=True).embedding.astype(np.float64)
     closest = max(stored, key=lambda i: stored[i] @ mine)
     score = float(stored[closest] @ mine)

@@ -368,6 +368,21 @@ def test_keyword_and_hybrid_search_over_captions(request, client, photos):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "keyword_weight" in error.details()
 
 
+def test_caption_on_ingest_is_stored_and_found_by_words(request, client, photos, reference):
+    images = noisy_variants(photos[5:6], 2)
+    results = list(client.add_images(pb.AddImageRequest(image=data, metadata={"set": "ingest"},
+                                                        options=pb.AddOptions(caption=True)) for data in images))
+    assert [r.outcome for r in results] == [ADDED, ADDED]
+    for result, data in zip(results, images):
+        assert result.caption == reference.caption([data])[0].text and not result.caption_error
+        assert client.get(result.id).caption == result.caption
+    if request.node.callspec.params["service"] == "faiss":
+        word = "".join(ch.lower() if ch.isalnum() else " " for ch in results[0].caption).split()[0]
+        found = client.stub.SearchText(pb.SearchTextRequest(text=word, mode=pb.SearchTextRequest.KEYWORD,
+                                                            options=pb.SearchOptions(filters={"set": "ingest"})))
+        assert results[0].id in [h.id for h in found.hits]
+
+
 def stored_embeddings(client) -> dict[str, np.ndarray]:
     """Every item's stored embedding, through List (the oracle's view of the collection)."""
     out, token = {}, ""

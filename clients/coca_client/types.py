@@ -88,6 +88,8 @@ class AddResult:
     content_sha256: str = ""
     error: Optional[ItemError] = None
     near_duplicate: Optional[tuple[str, float]] = None  # (id, cosine similarity) of the stored item it resembles
+    caption: str = ""  # with AddItem(caption=True): the caption stored with it
+    caption_error: str = ""  # ... or why none was made (the item is stored all the same)
 
     @classmethod
     def from_pb(cls, result: pb.AddImageResult, offset: int = 0) -> "AddResult":
@@ -96,7 +98,7 @@ class AddResult:
             error = ItemError(status_code(result.error.code), result.error.message)
         near = (result.near_duplicate.id, result.near_duplicate.score) if result.HasField("near_duplicate") else None
         return cls(int(result.index) + offset, _OUTCOMES.get(result.outcome, Outcome.FAILED), result.id,
-                   result.content_sha256, error, near)
+                   result.content_sha256, error, near, result.caption, result.caption_error)
 
     @property
     def ok(self) -> bool:
@@ -227,10 +229,12 @@ class AddItem:
     uri: str = ""  # a label stored with `image` items (e.g. the file name)
     near_duplicate_threshold: Optional[float] = None  # report NEAR_DUPLICATE at or above this cosine similarity
     skip_near_duplicates: bool = False  # ... and do not store it
+    caption: bool = False  # caption it as part of the add (AddResult.caption)
 
     def to_pb(self) -> pb.AddImageRequest:
         request = pb.AddImageRequest(id=self.id, metadata=self.metadata, uri=self.uri, options=pb.AddOptions(
-            near_duplicate_threshold=self.near_duplicate_threshold, skip_near_duplicates=self.skip_near_duplicates))
+            near_duplicate_threshold=self.near_duplicate_threshold, skip_near_duplicates=self.skip_near_duplicates,
+            caption=self.caption))
         if self.path is not None:
             request.path = str(self.path)
         elif self.image is not None:

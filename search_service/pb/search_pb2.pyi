@@ -45,12 +45,14 @@ class AddImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., options: _Optional[_Union[AddOptions, _Mapping]] = ...) -> None: ...
 
 class AddOptions(_message.Message):
-    __slots__ = ("near_duplicate_threshold", "skip_near_duplicates")
+    __slots__ = ("near_duplicate_threshold", "skip_near_duplicates", "caption")
     NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SKIP_NEAR_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
     near_duplicate_threshold: float
     skip_near_duplicates: bool
-    def __init__(self, near_duplicate_threshold: _Optional[float] = ..., skip_near_duplicates: _Optional[bool] = ...) -> None: ...
+    caption: bool
+    def __init__(self, near_duplicate_threshold: _Optional[float] = ..., skip_near_duplicates: _Optional[bool] = ..., caption: _Optional[bool] = ...) -> None: ...
 
 class NearDuplicate(_message.Message):
     __slots__ = ("id", "score")
@@ -69,7 +71,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AddImageResult(_message.Message):
-    __slots__ = ("index", "outcome", "id", "content_sha256", "error", "near_duplicate")
+    __slots__ = ("index", "outcome", "id", "content_sha256", "error", "near_duplicate", "caption", "caption_error")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[AddImageResult.Outcome]
@@ -88,13 +90,17 @@ class AddImageResult(_message.Message):
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_ERROR_FIELD_NUMBER: _ClassVar[int]
     index: int
     outcome: AddImageResult.Outcome
     id: str
     content_sha256: str
     error: Error
     near_duplicate: NearDuplicate
-    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., near_duplicate: _Optional[_Union[NearDuplicate, _Mapping]] = ...) -> None: ...
+    caption: str
+    caption_error: str
+    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., near_duplicate: _Optional[_Union[NearDuplicate, _Mapping]] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("field", "equals", "any_of", "range", "negate")
