@@ -164,8 +164,40 @@ def configure_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", action="store_true", help="caption the hits (stored for next time)")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata must match")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
+    p.add_argument("--where", action="append", default=[], metavar="CONDITION",
+                   help="a condition (AND): FIELD=V, FIELD!=V, FIELD=A|B (any of), FIELD>=V, FIELD>V, FIELD<=V, "
+                        "FIELD<V (added_at or a declared number/date field; dates in ISO 8601)")
+    p.add_argument("--order-by", default="", metavar="FIELD",
+                   help="hits in this field's order (--order-by=-FIELD: descending)")
+    p.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="vector",
+                   help="text search: by embedding, by caption words (BM25), or both fused (default %(default)s)")
+    p.add_argument("--keyword-weight", type=float, default=None, help="--mode hybrid: the keyword list's weight 0..1")
+    p.add_argument("--page-token", default="", help="the next_page_token printed by the previous page")
     p.add_argument("--html", help="also write an HTML page of thumbnails, scores and captions")
     add_connection_options(p)
+
+
+OPERATORS = ("!=", ">=", "<=", "=", ">", "<")  # longest first
+BOUNDS = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
+
+
+def parse_condition(text: str):
+    """A --where condition as a client Condition (see the option's help)."""
+    from clients.coca_client import Condition
+    from coca.errors import InvalidInputError
+
+    at = min(((text.find(op), -len(op), op) for op in OPERATORS if text.find(op) > 0), default=None)
+    if at is None:
+        raise InvalidInputError(f"--where {text!r}: write FIELD=V, FIELD!=V, FIELD=A|B, FIELD>=V, FIELD>V, FIELD<=V "
+                                "or FIELD<V")
+    op = at[2]
+    field, value = text[:at[0]], text[at[0] + len(op):]
+    if op in BOUNDS:
+        return Condition(field, **{BOUNDS[op]: value})
+    values = value.split("|")
+    if len(values) > 1:
+        return Condition(field, any_of=values, negate=op == "!=")
+    return Condition(field, equals=value, negate=op == "!=")
 
 
 def search(args) -> int:
@@ -175,15 +207,19 @@ def search(args) -> int:
     if (args.text is None) == (args.image is None):
         raise InvalidInputError("give either a text or --image FILE")
     filters = parse_pairs(args.filter, "--filter")
+    query = dict(k=args.k, with_captions=args.captions, filters=filters, min_score=args.min_score,
+                 where=[parse_condition(c) for c in args.where], order_by=args.order_by, page_token=args.page_token)
     with connect(args) as client:
         try:
             if args.image:
-                response = client.search_image(Path(args.image), k=args.k, with_captions=args.captions,
-                                                filters=filters, min_score=args.min_score)
+                if args.mode != "vector":
+                    raise InvalidInputError("--mode keyword/hybrid search with a text, not --image")
+                response = client.search_image(Path(args.image), **query)
             else:
-                response = client.search_text(args.text, k=args.k, with_captions=args.captions,
-                                              filters=filters, min_score=args.min_score)
+                response = client.search_text(args.text, mode=args.mode, keyword_weight=args.keyword_weight, **query)
             print_hits(response.hits)
+            if response.next_page_token:
+                print(f"next page: --page-token {response.next_page_token}")
             if args.html:
                 query = args.text or f"image {args.image}"
                 write_html(args.html, query, response.hits, [_thumbnail(client, h.id) for h in response.hits])

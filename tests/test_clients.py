@@ -260,6 +260,23 @@ def test_cli_search_goes_through_the_client(served, capsys):
     assert code == 1 and "UNAVAILABLE" in err and "Start one with `coca serve`" in err
     code, out, err = coca(capsys, "search", "   ", "--server", served.address)
     assert code == 2 and "INVALID_ARGUMENT: text is empty" in err
+    args = ["search", "a rocket", "-k", "2", "--server", served.address, "--where", "set=sample|other",
+            "--where", "added_at>=2000-01-01", "--order-by=-added_at"]
+    code, out, err = coca(capsys, *args)
+    with Client(served.address) as client:
+        newest = client.list(filters={"set": "sample"}, order_by="-added_at", page_size=3).items
+    def hit_ids(out):
+        return [l.split()[2] for l in out.splitlines() if re.match(r"\s*\d+\s+-?\d\.\d{3}\s", l)]
+
+    assert code == 0 and hit_ids(out) == [i.id for i in newest[:2]], (out, err)
+    token = out.splitlines()[-1].split("--page-token ")[1]
+    code, out, err = coca(capsys, *args, "--page-token", token)
+    assert code == 0 and hit_ids(out)[0] == newest[2].id, out
+    code, out, err = coca(capsys, "search", "a rocket", "--server", served.address, "--where", "set~x")
+    assert code == 2 and "--where 'set~x'" in err
+    code, out, err = coca(capsys, "search", "a rocket", "--server", served.address, "--mode", "keyword",
+                          "--where", "set>=1")
+    assert code == 2 and "range on 'set'" in err
 
 
 def test_plot_index(served, tmp_path, capsys):
