@@ -2,7 +2,7 @@
 
 Layout of a data directory::
 
-    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info
+    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, caption full-text index (FTS5)
     blobs/ab/abcdef...             image bytes received over the wire, named by sha256
     index.faiss                    the derived FAISS snapshot (search_service/index.py)
 
