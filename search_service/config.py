@@ -38,6 +38,7 @@ class ServiceConfig:
     max_k: int = 1000
     max_texts: int = 1000  # labels in Classify, texts in Rank
     add_batch: int = 32  # images embedded concurrently and committed together in AddImages
+    accept_embeddings: bool = False  # AddImages takes callers' precomputed embeddings (trusts its writers)
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
@@ -39,6 +39,7 @@ class ModelIdentity:
     model: str
     pretrained: str
     embed_dim: int
+    repository_id: str = field(default="", compare=False)  # the export's weights hash (precomputed embeddings)
 
 
 class _Connection:
@@ -128,7 +129,7 @@ class Models:
                 found = await client.identity()
             except IdentityMismatchError as exc:
                 raise ModelMismatch(str(exc)) from None
-            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim))
+            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
 
         identity = await self._call(ask, timeout)
         if self._identity is not None and identity != self._identity:

@@ -6,6 +6,7 @@ import collections
 import functools
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
@@ -35,6 +36,9 @@ MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones comm
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_CHARS = 4096
+MAX_FIND_HASHES = 1024  # content hashes in one FindContent
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within this of 1
 
 
 class ServiceError(Exception):
@@ -100,6 +104,7 @@ class Prepared:
     id: str
     metadata: dict[str, str]
     keep_blob: bool
+    embedding: Optional[np.ndarray] = None  # given by the caller (--accept-embeddings): no Triton call
 
 
 @dataclass
@@ -210,10 +215,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """
         try:
             prepared = await asyncio.to_thread(self._prepare_all, batch)
-            pending = [p for p in prepared if isinstance(p, Prepared)]
+            pending = [p for p in prepared if isinstance(p, Prepared) and p.embedding is None]
             vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
             results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
-            ready: list[tuple[Prepared, np.ndarray]] = []
+            ready = [(p, p.embedding) for p in prepared if isinstance(p, Prepared) and p.embedding is not None]
             for p, vector in zip(pending, vectors):
                 if isinstance(vector, ModelsUnavailable):
                     raise vector  # Triton is down: fail the stream, nothing below was acknowledged
@@ -221,6 +226,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     results[p.index] = _failed(p.index, vector, p.sha256)
                 else:
                     ready.append((p, vector))
+            ready.sort(key=lambda pair: pair[0].index)  # stream order: the first copy of repeated content is ADDED
             await previous
             if ready:
                 outcomes = await asyncio.to_thread(self._commit, ready)
@@ -245,6 +251,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def _prepare(self, index: int, request: pb.AddImageRequest):
         item_id = _check_id(request.id) if request.id else ""
         metadata = _check_metadata(dict(request.metadata))
+        given = self._given_embedding(request.embedding) if request.HasField("embedding") else None
         source = request.WhichOneof("source")
         if source == "image":
             data, uri, keep = request.image, request.uri, True
@@ -262,7 +269,33 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         known = self.engine.find_sha(sha)
         if known is not None:  # no model call for content we have
             return pb.AddImageResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id, content_sha256=sha)
-        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep)
+        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep, given)
+
+    def _given_embedding(self, given: pb.Embedding) -> np.ndarray:
+        """A caller's embedding, if this service trusts its writers' vectors and the vector fits its model.
+
+        Nothing here can tell that the vector is this image's (that takes a model call): hence off by
+        default. What is checked: the export it came from (same weights as ours), dimension, finite, unit.
+        """
+        if not self.config.accept_embeddings:
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               "this service embeds images itself and takes no precomputed embeddings "
+                               "(start it with --accept-embeddings to trust its writers' vectors)")
+        bound = self._bound
+        if given.repository_id != bound.repository_id:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"embedding made with export {given.repository_id[:16]!r}, but the Triton behind "
+                               f"this service serves {bound.model} ({bound.pretrained}) export "
+                               f"{bound.repository_id[:16]!r}: embed with the same export")
+        vector = np.asarray(given.values, np.float32)
+        if vector.shape != (bound.embed_dim,):
+            raise bad(f"embedding has {vector.size} values, the model's embeddings {bound.embed_dim}")
+        if not np.isfinite(vector).all():
+            raise bad("embedding holds NaN or infinite values")
+        norm = float(np.linalg.norm(vector))
+        if abs(norm - 1) > EMBEDDING_NORM_TOLERANCE:
+            raise bad(f"embedding norm is {norm:.4f}: embeddings are unit vectors")
+        return vector
 
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
@@ -276,6 +309,22 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 kind = pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE
                 results.append(pb.AddImageResult(index=p.index, outcome=kind, id=outcome.id, content_sha256=p.sha256))
         return results
+
+    @rpc
+    async def FindContent(self, request: pb.FindContentRequest, context) -> pb.FindContentResponse:
+        hashes = list(request.content_sha256)
+        if not 1 <= len(hashes) <= MAX_FIND_HASHES:
+            raise bad(f"give 1..{MAX_FIND_HASHES} content hashes, got {len(hashes)}")
+        for i, sha in enumerate(hashes):
+            if not SHA256_HEX.fullmatch(sha):
+                raise bad(f"content_sha256 #{i}: {sha[:70]!r} is not 64 lowercase hex digits")
+        if not self.engine.is_open:  # a known store answers without Triton
+            await self.ensure_models(context=context)
+
+        def find() -> list[str]:
+            return [item.id if (item := self.engine.find_sha(sha)) is not None else "" for sha in hashes]
+
+        return pb.FindContentResponse(ids=await asyncio.to_thread(find))
 
     # ------------------------------------------------------------ search
     @rpc
@@ -449,7 +498,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
-        return pb.StatsResponse(**stats, triton_ready=await self.models.ready())
+        ready = await self.models.ready()
+        repository_id = self._bound.repository_id if ready and self._bound is not None else ""
+        return pb.StatsResponse(**stats, triton_ready=ready, repository_id=repository_id,
+                                accepts_embeddings=self.config.accept_embeddings)
 
 
 # ---------------------------------------------------------------- module helpers
