@@ -2,7 +2,7 @@
 
     coca serve [--data DIR] [--model NAME --pretrained TAG|PATH|random] [--port 50051]
     coca index DIR [--server 127.0.0.1:50051] [--meta key=value ...]
-    coca index SOURCE --ray [ADDRESS] [--triton HOST:PORT,...] [--writers N] [--report FILE]
+    coca index SOURCE [SOURCE ...] --ray [ADDRESS] [--triton HOST:PORT,...] [--writers N] [--report FILE]
     coca search "a red car" [-k 10] [--captions] [--html out.html]
     coca search --image photo.jpg
 """
@@ -117,8 +117,9 @@ def _start_web(args):
 def configure_index(p: argparse.ArgumentParser) -> None:
     from clients.ray_ingest import cli as ray_cli
 
-    p.add_argument("source", metavar="SOURCE", help="folder of images (searched recursively); with --ray also "
-                   "a glob, a text file of paths/URIs, or a Parquet/CSV manifest (clients/ray_ingest/sources.py)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder of images (searched recursively); with "
+                   "--ray also a glob, a text file of paths/URIs, or a Parquet/CSV manifest, several in one run "
+                   "(clients/ray_ingest/sources.py)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata for every image")
     p.add_argument("--server-paths", action="store_true",
                    help="send paths instead of bytes (the folder must be under one of the server's --root)")
@@ -139,7 +140,9 @@ def index(args) -> int:
             raise InvalidInputError("--server-paths does not apply with --ray (Ray workers read the files)")
         return ray_cli.run(args, metadata)
     ray_cli.check_plain(args)
-    files = image_files(args.source)
+    if len(args.sources) > 1:
+        raise InvalidInputError("give one folder (several SOURCEs only with --ray)")
+    files = image_files(args.sources[0])
     counts = {outcome.value: 0 for outcome in Outcome}
     with connect(args) as client, tqdm(total=len(files), unit="img", desc="indexing") as bar:
         try:

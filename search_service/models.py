@@ -117,6 +117,11 @@ class Models:
         except (ModelsUnavailable, asyncio.TimeoutError):
             return False
 
+    @property
+    def known_identity(self) -> Optional[ModelIdentity]:
+        """What Triton said it serves when last asked (None before it first answered)."""
+        return self._identity
+
     async def identity(self, timeout: float = 30.0, refresh: bool = False) -> ModelIdentity:
         """Which model Triton serves (asked once per connection, or now with `refresh`)."""
         if not refresh and self._connection is not None and self._identity is not None:

@@ -281,7 +281,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
                                "this service embeds images itself and takes no precomputed embeddings "
                                "(start it with --accept-embeddings to trust its writers' vectors)")
-        bound = self._bound
+        bound = self.models.known_identity  # as Triton answered for this stream (ModelIdentity's == ignores the export)
         if given.repository_id != bound.repository_id:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"embedding made with export {given.repository_id[:16]!r}, but the Triton behind "
@@ -499,7 +499,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
         ready = await self.models.ready()
-        repository_id = self._bound.repository_id if ready and self._bound is not None else ""
+        known = self.models.known_identity
+        repository_id = known.repository_id if ready and known is not None else ""
         return pb.StatsResponse(**stats, triton_ready=ready, repository_id=repository_id,
                                 accepts_embeddings=self.config.accept_embeddings)
 

@@ -43,7 +43,7 @@ def plan_from_args(args, metadata: dict[str, str]):
 
     token, tls_ca = _credentials(args)
     tritons = [t.strip() for t in (args.triton or "").split(",") if t.strip()]
-    return IngestPlan(source=args.source, service=ServiceTarget(args.server, token, tls_ca, args.timeout),
+    return IngestPlan(sources=args.sources, service=ServiceTarget(args.server, token, tls_ca, args.timeout),
                       tritons=tritons, metadata=metadata, path_column=args.path_column,
                       batch_size=args.batch_size, writers=args.writers)
 
@@ -58,18 +58,16 @@ def _credentials(args):
 
 
 def run(args, metadata: dict[str, str]) -> int:
-    from .pipeline import build, outcomes, preflight, ray_session
+    from .pipeline import build, outcomes, preflight, ray_session, total
 
     plan = plan_from_args(args, metadata)
-    stats = preflight(plan)  # before Ray starts: a set-up error costs nothing
+    sources, repository_id = preflight(plan)  # before Ray starts: a set-up error costs nothing
     summary = Summary()
     report = open(args.report, "w", encoding="utf-8") if args.report else None
     try:
-        with ray_session(args.ray), _bar(None) as bar:
-            dataset, total = build(plan, stats)
-            bar.reset(total=total)
+        with ray_session(args.ray), _bar(total(sources)) as bar:
             summary.start()
-            for outcome in outcomes(dataset):
+            for outcome in outcomes(build(plan, sources, repository_id)):
                 summary.count(outcome)
                 if outcome.outcome == "failed":
                     bar.write(failure_line(outcome), file=sys.stderr)
@@ -78,8 +76,6 @@ def run(args, metadata: dict[str, str]) -> int:
                 bar.update(1)
                 bar.set_postfix(summary.postfix(), refresh=False)
     except Exception as exc:  # Triton or the service went away mid-run; Ray wraps the cause
-        if isinstance(exc, InvalidInputError):
-            raise
         print(summary.line(), file=sys.stderr)
         print(f"coca index: error: {_cause(exc)} (run it again to resume: indexed images are skipped by "
               f"content hash)", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The driver: check the set-up, build the Ray Data pipeline, stream per-item outcomes back.
 
-    plan = IngestPlan(source="photos/", service=ServiceTarget("127.0.0.1:50051"), tritons=["127.0.0.1:8001"])
+    plan = IngestPlan(sources=["photos/", "more.parquet"], service=ServiceTarget("127.0.0.1:50051"), tritons=["127.0.0.1:8001"])
     with ray_session(address=None):
         for outcome in ingest(plan):
             ...
@@ -27,8 +27,6 @@ from .stages import OUTPUT_COLUMNS, ServiceTarget
 
 CPUS_PER_READ_TASK = 0.5  # reading and hashing; fractional so that a 2-CPU cluster runs several at once
 CPUS_PER_ACTOR = 0.25  # embedders and writers wait on the network; an actor asking more than a node has never starts
-# An actor that dies fails the run (run it again to resume) rather than coming back without its connections.
-ACTOR_OPTIONS = {"num_cpus": CPUS_PER_ACTOR, "max_restarts": 0}
 MAX_BATCH = 1024  # one FindContent call per batch
 
 
@@ -38,7 +36,7 @@ class IngestError(CocaError):
 
 @dataclass
 class IngestPlan:
-    source: str
+    sources: list[str]  # one pipeline over all of them
     service: ServiceTarget
     tritons: list[str] = field(default_factory=list)  # empty: the service embeds
     metadata: dict[str, str] = field(default_factory=dict)  # for every item (manifest columns override)
@@ -49,6 +47,8 @@ class IngestPlan:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
+        if not self.sources:
+            raise IngestError("give at least one SOURCE")
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise IngestError(f"--batch-size must be in [1, {MAX_BATCH}], got {self.batch_size}")
         if self.writers < 1:
@@ -84,16 +84,20 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None):
 
 
 def preflight(plan: IngestPlan):
-    """The service's Stats, after checking that the plan can run against it (IngestError says why not)."""
+    """(the checked Sources, the export Ray embeds with: "" when the service embeds) once the plan can run
+    (InvalidInputError, IngestError say why not). Nothing here needs Ray: a set-up error costs no cluster start."""
     from clients.coca_client import SearchError
 
+    from .sources import resolve
+
+    sources = [resolve(source, plan.path_column) for source in plan.sources]
     try:
         with plan.service.connect() as client:
             stats = client.stats()
     except SearchError as exc:
         raise IngestError(f"search service at {plan.service.address}: {exc}") from None
     if not plan.tritons:
-        return stats
+        return sources, ""
     if not stats.accepts_embeddings:
         raise IngestError(f"the search service at {plan.service.address} takes no precomputed embeddings: start it "
                           "with --accept-embeddings, or leave out --triton so that it embeds the images itself")
@@ -101,7 +105,7 @@ def preflight(plan: IngestPlan):
         raise IngestError(f"the search service at {plan.service.address} cannot reach its Triton "
                           "(it must say which export it serves)")
     _check_endpoints(plan.tritons, stats.repository_id)
-    return stats
+    return sources, stats.repository_id
 
 
 def _check_endpoints(endpoints: list[str], repository_id: str) -> None:
@@ -125,33 +129,36 @@ def _check_endpoints(endpoints: list[str], repository_id: str) -> None:
                               "embeddings must come from the same weights")
 
 
-def build(plan: IngestPlan, stats):
-    """(the pipeline's Dataset of OUTPUT_COLUMNS rows, number of items or None when not known up front)."""
+def total(sources) -> Optional[int]:
+    """Items in all the sources, when each knows its count without being read."""
+    counts = [source.total for source in sources]
+    return None if None in counts else sum(counts)
+
+
+def build(plan: IngestPlan, sources, repository_id: str):
+    """The pipeline: a Dataset of OUTPUT_COLUMNS rows (needs a Ray session)."""
     import ray
     import ray.data
 
-    from .sources import source_dataset
     from .stages import EndpointClaims, Embedder, Writer, read_and_check
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws one bar of its own
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no "Starting execution ..." lines between bar updates
-    dataset, total = source_dataset(plan.source, plan.metadata, plan.path_column)
-    dataset = dataset.map_batches(read_and_check, batch_size=plan.batch_size, num_cpus=CPUS_PER_READ_TASK,
-                                  fn_kwargs={"max_bytes": plan.max_image_bytes, "max_pixels": plan.max_pixels})
-    repository_id = ""
+    first, *others = [source.dataset(plan.metadata) for source in sources]
+    dataset = (first.union(*others) if others else first).map_batches(
+        read_and_check, batch_size=plan.batch_size, num_cpus=CPUS_PER_READ_TASK,
+        fn_kwargs={"max_bytes": plan.max_image_bytes, "max_pixels": plan.max_pixels})
     if plan.tritons:
-        repository_id = stats.repository_id
         claims = EndpointClaims.remote(plan.tritons)
         dataset = dataset.map_batches(
-            Embedder, batch_size=plan.batch_size, **ACTOR_OPTIONS,
+            Embedder, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,
             compute=ray.data.ActorPoolStrategy(size=len(plan.tritons), max_tasks_in_flight_per_actor=2),
-            fn_constructor_kwargs={"claims": claims, "service": plan.service, "repository_id": repository_id,
-                                   "dim": stats.embedding_dim})
+            fn_constructor_kwargs={"claims": claims, "service": plan.service, "repository_id": repository_id})
     dataset = dataset.map_batches(
-        Writer, batch_size=plan.batch_size, **ACTOR_OPTIONS,
+        Writer, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,
         compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"service": plan.service, "repository_id": repository_id, "lookup": not plan.tritons})
-    return dataset, total
+    return dataset
 
 
 def outcomes(dataset) -> Iterator[ItemOutcome]:
@@ -164,5 +171,4 @@ def outcomes(dataset) -> Iterator[ItemOutcome]:
 
 def ingest(plan: IngestPlan) -> Iterator[ItemOutcome]:
     """Check the set-up, then run the pipeline in the current Ray session (see ray_session)."""
-    dataset, _ = build(plan, preflight(plan))
-    yield from outcomes(dataset)
+    yield from outcomes(build(plan, *preflight(plan)))

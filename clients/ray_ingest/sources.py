@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,19 +37,42 @@ class ItemFailure(Exception):
 
 
 # ---------------------------------------------------------------- SOURCE -> rows
-def source_dataset(source: str, metadata: dict[str, str], path_column: Optional[str] = None):
-    """(dataset of rows {source, uri, metadata (JSON text)}, number of rows or None when unknown cheaply)."""
-    import ray.data
+@dataclass
+class Source:
+    """A checked SOURCE: its entries (directory, glob, text file) or its manifest and path column."""
 
+    entries: Optional[list[str]] = None
+    manifest: Optional[Path] = None
+    path_column: str = ""
+
+    @property
+    def total(self) -> Optional[int]:
+        """Number of items, when known without reading the whole source."""
+        if self.entries is not None:
+            return len(self.entries)
+        return _manifest_rows(self.manifest)
+
+    def dataset(self, metadata: dict[str, str]):
+        """A Ray Dataset of rows {source, uri, metadata (JSON text)}."""
+        import ray.data
+
+        if self.entries is not None:
+            shared = json.dumps(metadata)
+            return ray.data.from_items([{"source": e, "uri": _uri(e), "metadata": shared} for e in self.entries])
+        read = ray.data.read_parquet if self.manifest.suffix.lower() == ".parquet" else ray.data.read_csv
+        return read(str(self.manifest)).map_batches(
+            _manifest_rows_to_items, batch_format="pyarrow", zero_copy_batch=True,
+            fn_kwargs={"column": self.path_column, "base": str(self.manifest.parent), "shared": metadata})
+
+
+def resolve(source: str, path_column: Optional[str] = None) -> Source:
+    """What SOURCE names, checked on this machine before anything starts (InvalidInputError if unusable)."""
     path = Path(source)
     if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
-        return _manifest_dataset(path, metadata, path_column), _manifest_rows(path)
+        return Source(manifest=path, path_column=_path_column(path, path_column))
     if path_column is not None:
         raise InvalidInputError(f"--path-column applies to a Parquet/CSV manifest, not to {source}")
-    entries = _listed(source)
-    shared = json.dumps(metadata)
-    rows = [{"source": entry, "uri": _uri(entry), "metadata": shared} for entry in entries]
-    return ray.data.from_items(rows), len(rows)
+    return Source(entries=_listed(source))
 
 
 def _listed(source: str) -> list[str]:
@@ -80,7 +104,7 @@ def _resolve(entry: str, base: Path) -> str:
     """A URI as is; a relative path from `base`."""
     if "://" in entry or os.path.isabs(entry):
         return entry
-    return str(base / entry)
+    return os.path.normpath(base / entry)
 
 
 def _uri(entry: str) -> str:
@@ -88,19 +112,14 @@ def _uri(entry: str) -> str:
     return entry if "://" in entry else os.path.abspath(entry)
 
 
-def _manifest_dataset(path: Path, metadata: dict[str, str], path_column: Optional[str]):
-    import ray.data
-
+def _path_column(path: Path, wanted: Optional[str]) -> str:
     columns = _manifest_columns(path)
-    column = path_column or next((c for c in PATH_COLUMNS if c in columns), None)
+    column = wanted or next((c for c in PATH_COLUMNS if c in columns), None)
     if column not in columns:
-        wanted = f"column {path_column!r}" if path_column else f"a column named {' or '.join(PATH_COLUMNS)}"
-        raise InvalidInputError(f"{path}: no {wanted} (columns: {', '.join(columns) or 'none'}); "
+        named = f"column {wanted!r}" if wanted else f"a column named {' or '.join(PATH_COLUMNS)}"
+        raise InvalidInputError(f"{path}: no {named} (columns: {', '.join(columns) or 'none'}); "
                                 f"name the one holding paths with --path-column")
-    read = ray.data.read_parquet if path.suffix.lower() == ".parquet" else ray.data.read_csv
-    return read(str(path)).map_batches(
-        _manifest_rows_to_items, batch_format="pyarrow", zero_copy_batch=True,
-        fn_kwargs={"column": column, "base": str(path.parent), "shared": metadata})
+    return column
 
 
 def _manifest_columns(path: Path) -> list[str]:
@@ -174,6 +193,8 @@ def _read_remote(uri: str, max_bytes: int) -> bytes:
 
 
 def _capped(source: str, data: bytes, max_bytes: int) -> bytes:
+    if not data:
+        raise ItemFailure("INVALID_ARGUMENT", f"{source}: empty file (0 bytes)")
     if len(data) > max_bytes:
         raise ItemFailure("RESOURCE_EXHAUSTED", f"{source}: over the image size limit of {max_bytes} bytes")
     return data

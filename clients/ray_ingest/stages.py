@@ -105,15 +105,15 @@ class Embedder:
     """One Triton endpoint: skips stored content, embeds the rest (one request per image, IMAGES_IN_FLIGHT
     open; Triton batches them), adds `embedding` (N, dim). A bad image fails alone with Triton's reason."""
 
-    def __init__(self, claims, service: ServiceTarget, repository_id: str, dim: int):
+    def __init__(self, claims, service: ServiceTarget, repository_id: str):
         from serving.client import TritonCoca
 
         self.endpoint = ray.get(claims.claim.remote())
         self.loop = asyncio.new_event_loop()  # the Triton client lives on this loop for the actor's life
         self.triton = TritonCoca(self.endpoint)
         self.service = service.connect()
-        self.dim = dim
         identity = self.loop.run_until_complete(self.triton.identity())
+        self.dim = identity.embed_dim
         if identity.repository_id != repository_id:
             raise RuntimeError(f"Triton at {self.endpoint} serves {identity.model} ({identity.pretrained}) export "
                                f"{identity.repository_id[:16]}, the service's Triton export {repository_id[:16]}")
