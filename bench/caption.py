@@ -1,9 +1,11 @@
 """Caption speed: our KV-cached decoder vs open_clip `generate`, same weights, same images.
 
-    coca bench caption --model coca_ViT-B-32 --pretrained random --max-tokens 20 --batch 1 [--dtype bfloat16]
+    coca bench caption --model coca_ViT-B-32 --pretrained random --max-tokens 20 --batch 1 [--precision fp32,int8] [--dtype bfloat16]
 
-Also measures this machine's copy bandwidth in the same run and reports our
-decode step as a multiple of its floor (weight bytes per step / bandwidth).
+Also measures, beside each decode step, its floor: one fp32 matrix-vector product over as
+many bytes as the step's weights (the time just to stream them), and reports step / floor.
+--precision int8 adds the int8 decoder (coca/quant.py), with its greedy captions on a fixed
+set of distinct photos compared to fp32's (agreement printed).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import coca
 from coca.generate import generate
 from coca.sampling import SOT, SamplingParams
 
-from .common import add_model_options, best_of, copy_bandwidth, print_json, print_table, sample_images, synchronize
+from .common import add_model_options, best_of, distinct_images, print_json, print_table, sample_images, synchronize
 
 
 def parse(argv):
@@ -28,6 +30,9 @@ def parse(argv):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 also runs float32 and reports agreement")
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    p.add_argument("--precision", default="fp32,int8", help="comma-separated: fp32, int8 (coca/quant.py), each vs fp32")
+    p.add_argument("--agreement-images", type=int, default=24, help="distinct photos of the fixed agreement set")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return p.parse_args(argv)
 
 
@@ -78,49 +83,79 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
+def matvec_bandwidth(nbytes: int, repeats: int = 5, device="cpu") -> float:
+    """Bytes per second of one fp32 matrix-vector product over `nbytes` of matrix: the weight-streaming floor."""
+    rows = max(1, nbytes // (4 * 512))
+    matrix = torch.randn(rows, 512, device=device)
+    vector = torch.randn(512, device=device)
+    with torch.inference_mode():
+        torch.mv(matrix, vector)
+        seconds, _ = best_of(lambda: torch.mv(matrix, vector), repeats, device)
+    return rows * 512 * 4 / seconds
+
+
+def variants(args, reference):
+    """(label, model) of every precision to measure, fp32 first."""
+    from coca.quant import quantize
+
+    out = [("float32", coca.from_reference(args.model, args.pretrained, reference, device=args.device))]
+    if args.dtype == "bfloat16":
+        out.append(("bfloat16", coca.from_reference(args.model, args.pretrained, reference, dtype="bfloat16", device=args.device)))
+    for label, model in out:
+        model.step_bytes = model.net.step_weight_bytes()
+    for precision in args.precision.split(","):
+        if precision != "fp32":
+            model = coca.from_reference(args.model, args.pretrained, reference, device=args.device)
+            model.step_bytes = model.net.step_weight_bytes() // 4  # int8: one byte per weight (scales aside)
+            out.append((precision, quantize(model.net, precision) and model))
+    return out
+
+
+def caption_tokens(model, pixels, params, batch: int) -> list[list[int]]:
+    return [tokens for i in range(0, len(pixels), batch) for tokens in ours(model, pixels[i : i + batch], params)()]
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reference = coca.create_open_clip(args.model, args.pretrained, args.seed).to(args.device)
-    model = coca.from_reference(args.model, args.pretrained, reference, device=args.device)
-    pixels = model.pixels(sample_images(args.batch))
+    models = variants(args, reference)
+    fp32 = models[0][1]
+    pixels = fp32.pixels(sample_images(args.batch))
+    fixed_set = fp32.pixels(distinct_images(args.agreement_images, args.seed))
     params = SamplingParams(max_tokens=args.max_tokens)  # greedy, the card's default
 
-    ours(model, pixels, params)()  # warm-up (allocator, oneDNN kernels)
-    ours_s, our_tokens = best_of(ours(model, pixels, params), args.repeats, args.device)
     ref_s, ref_tokens = best_of(open_clip_generate(reference, pixels, params), max(1, args.repeats - 1), args.device)
-    bandwidth = copy_bandwidth(device=args.device)
-    step_s = step_seconds(model.net, args.batch)
-    floor_s = model.net.step_weight_bytes() / bandwidth
-
-    rows = [
-        ["open_clip generate", "float32", f"{ref_s:.3f}", "1.00", "", ""],
-        ["ours (KV cache)", "float32", f"{ours_s:.3f}", f"{ref_s / ours_s:.2f}", f"{step_s * 1e3:.1f}", f"{step_s / floor_s:.2f}"],
-    ]
-    result = {
-        "benchmark": "caption", "model": args.model, "device": args.device, "batch": args.batch,
-        "max_tokens": args.max_tokens,
-        "threads": torch.get_num_threads(),
-        "ours_s": round(ours_s, 4), "open_clip_s": round(ref_s, 4), "speedup": round(ref_s / ours_s, 2),
-        "identical": our_tokens == ref_tokens,
-        "step_ms": round(step_s * 1e3, 2), "step_weight_gb": round(model.net.step_weight_bytes() / 1e9, 3),
-        "copy_bandwidth_gbs": round(bandwidth / 1e9, 2), "step_over_floor": round(step_s / floor_s, 2),
-    }
-    if args.dtype == "bfloat16":
-        bf16 = coca.from_reference(args.model, args.pretrained, reference, dtype="bfloat16", device=args.device)
-        ours(bf16, pixels, params)()
-        bf16_s, bf16_tokens = best_of(ours(bf16, pixels, params), args.repeats, args.device)
-        bf16_step = step_seconds(bf16.net, args.batch)
-        bf16_floor = bf16.net.step_weight_bytes() / bandwidth
-        rows.append(["ours (KV cache)", "bfloat16", f"{bf16_s:.3f}", f"{ref_s / bf16_s:.2f}",
-                     f"{bf16_step * 1e3:.1f}", f"{bf16_step / bf16_floor:.2f}"])
-        result.update({
-            "bf16_s": round(bf16_s, 4), "bf16_speedup": round(ref_s / bf16_s, 2),
-            "bf16_step_ms": round(bf16_step * 1e3, 2), "bf16_step_over_floor": round(bf16_step / bf16_floor, 2),
-            "bf16_token_agreement": round(agreement(bf16_tokens, our_tokens), 4),
-        })
+    rows, measured = [["open_clip generate", "float32", f"{ref_s:.3f}", "1.00", "", "", "", ""]], {}
+    fixed_fp32 = caption_tokens(fp32, fixed_set, params, args.batch)
+    for label, model in models:
+        ours(model, pixels, params)()  # warm-up (allocator, oneDNN kernels)
+        seconds, tokens = best_of(ours(model, pixels, params), args.repeats, args.device)
+        step_s = step_seconds(model.net, args.batch)
+        floor_bytes = model.step_bytes
+        floor_s = floor_bytes / matvec_bandwidth(floor_bytes, device=args.device)  # measured now, beside the step
+        fixed = fixed_fp32 if model is fp32 else caption_tokens(model, fixed_set, params, args.batch)
+        same = sum(a == b for a, b in zip(fixed, fixed_fp32)) / len(fixed_fp32)
+        measured[label] = {
+            "seconds": round(seconds, 4), "speedup": round(ref_s / seconds, 2), "step_ms": round(step_s * 1e3, 2),
+            "step_weight_gb": round(floor_bytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 2),
+            "step_over_floor": round(step_s / floor_s, 2), "identical_to_open_clip": tokens == ref_tokens,
+            "captions_equal_fp32": round(same, 4), "token_agreement_fp32": round(agreement(fixed, fixed_fp32), 4),
+        }
+        rows.append([f"ours (KV cache)", label, f"{seconds:.3f}", f"{ref_s / seconds:.2f}", f"{step_s * 1e3:.1f}",
+                     f"{floor_s * 1e3:.1f}", f"{step_s / floor_s:.2f}", f"{same:.0%}"])
     print(f"{args.model} ({args.pretrained}), batch {args.batch}, {args.max_tokens} tokens, "
-          f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"identical tokens: {result['identical']}")
-    print_table(["implementation", "dtype", "seconds", "speedup", "step ms", "step/floor"], rows)
-    print_json(result)
+          f"{torch.get_num_threads()} threads; floor: one fp32 matvec over the step's weight bytes, measured "
+          f"beside each step; fixed set: {len(fixed_set)} distinct photos, greedy; fp32 identical to open_clip: "
+          f"{measured['float32']['identical_to_open_clip']}")
+    print_table(["implementation", "precision", "seconds", "speedup", "step ms", "floor ms", "step/floor",
+                 "captions = fp32"], rows)
+    print_json({
+        "benchmark": "caption", "model": args.model, "device": args.device, "batch": args.batch,
+        "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "open_clip_s": round(ref_s, 4),
+        "agreement_images": len(fixed_set), "targets": {"fp32_step_over_floor": 1.5, "fp32_speedup": 3.5,
+                                                        "reduced_speedup": 6, "captions_equal_fp32": 0.95},
+        "results": measured,
+    })
     return 0

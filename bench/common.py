@@ -25,15 +25,6 @@ def best_of(fn: Callable, repeats: int, device="cpu") -> tuple[float, object]:
     return best, result
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5, device="cpu") -> float:
-    """Memory bandwidth now, STREAM-copy style: bytes read + written per second."""
-    src = torch.ones(megabytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    seconds, _ = best_of(lambda: dst.copy_(src), repeats, device)
-    return 2 * src.numel() * src.element_size() / seconds
-
-
 def sample_images(count: int) -> list:
     """Real photos shipped with scikit-image, cycled to `count`."""
     from PIL import Image
@@ -42,6 +33,22 @@ def sample_images(count: int) -> list:
     names = ["astronaut", "coffee", "chelsea", "rocket", "cat", "camera"]
     photos = [Image.fromarray(getattr(data, n)()).convert("RGB") for n in names]
     return [photos[i % len(photos)] for i in range(count)]
+
+
+def distinct_images(count: int, seed: int = 0, side: int = 512) -> list:
+    """`count` different pictures: random crops of the sample photos (a fixed set for a seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for photo in sample_images(count):
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = photo.crop((x, y, x + cw, y + ch))
+        crop.thumbnail((side, side))
+        out.append(crop)
+    return out
 
 
 def add_model_options(p, model: str = "coca_ViT-B-32") -> None:

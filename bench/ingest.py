@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from .common import add_model_options, print_json, print_table, sample_images
+from .common import add_model_options, distinct_images, print_json, print_table
+from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 
 def parse(argv):
@@ -35,19 +35,14 @@ def parse(argv):
     p.add_argument("--images", type=int, default=256, help="images sent through the service")
     p.add_argument("--in-process-images", type=int, default=64, help="images per in-process batch-size trial")
     p.add_argument("--batch-sizes", default="1,4,8,16")
+    add_encoder_options(p)
     p.add_argument("--cache", default="data/bench/ingest")
     return p.parse_args(argv)
 
 
 def distinct_jpegs(count: int, seed: int, side: int = 512) -> list[bytes]:
-    rng = np.random.default_rng(seed)
     out = []
-    for photo in sample_images(count):
-        w, h = photo.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = photo.crop((x, y, x + cw, y + ch))
-        crop.thumbnail((side, side))
+    for crop in distinct_images(count, seed, side):
         buffer = io.BytesIO()
         crop.save(buffer, format="JPEG", quality=90)
         out.append(buffer.getvalue())
@@ -108,9 +103,9 @@ def main(argv=None) -> int:
     sweep = {int(b): in_process_rate(model, trial, int(b)) for b in args.batch_sizes.split(",")}
     best_batch = max(sweep, key=sweep.get)
     before = in_process_rate(model, images, best_batch)
-    repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}",
-                                      args.model, args.pretrained, args.seed)
-    with TritonServer(repository, kill_on_parent_exit=True) as triton:
+    repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
+                                      args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
+    with TritonServer(repository, kill_on_parent_exit=True).start(timeout=600) as triton:  # slow on a loaded box
         direct = triton_alone(triton.grpc_url, images)
         service_rate, added = through_service(triton.grpc_url, images, warmup)
     after = in_process_rate(model, images, best_batch)
@@ -121,13 +116,16 @@ def main(argv=None) -> int:
               f"{before / baseline:.2f} / {after / baseline:.2f}"],
              ["Triton alone (client, batches of 16)", f"{direct:.2f}", f"{direct / baseline:.2f}"],
              [f"service AddImages ({added} added)", f"{service_rate:.2f}", f"{service_rate / baseline:.2f}"]]
-    print(f"{args.model} ({args.pretrained}); {len(images)} distinct JPEGs; baseline = mean of in-process "
-          f"before and after = {baseline:.2f} images/s")
+    print(f"{args.model} ({args.pretrained}); {len(images)} distinct JPEGs; Triton encoders: {args.encoder_runtime} "
+          f"{args.encoder_precision}; baseline = in-process eager torch embed_images, mean of before and after = "
+          f"{baseline:.2f} images/s (targets: service >= 0.95x with torch encoders, >= 1.3x with ONNX Runtime)")
     print_table(["path", "images/s", "vs in-process"], rows)
     print_json({"benchmark": "ingest", "model": args.model, "images": len(images), "added": added,
                 "in_process_sweep": {str(b): round(r, 2) for b, r in sweep.items()}, "best_batch": best_batch,
                 "in_process_before": round(before, 2), "in_process_after": round(after, 2),
                 "triton_alone": round(direct, 2), "service": round(service_rate, 2),
                 "ratio": round(service_rate / baseline, 3),
-                "ratio_vs_faster_baseline": round(service_rate / max(before, after), 3), "target_ratio": 0.9})
+                "ratio_vs_faster_baseline": round(service_rate / max(before, after), 3),
+                "encoder_runtime": args.encoder_runtime, "encoder_precision": args.encoder_precision,
+                "target_ratio": 0.95 if args.encoder_runtime == "torch" else 1.3})
     return 0

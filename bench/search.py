@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import add_model_options, print_json, print_table
+from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 ADJECTIVES = ["red", "blue", "green", "yellow", "black", "white", "small", "large", "old", "young", "wooden",
               "shiny", "striped", "spotted", "wet", "dusty", "bright", "dark", "tiny", "giant", "broken", "new",
@@ -67,8 +69,11 @@ def parse(argv):
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--ef-search", default="128", help="HNSW efSearch values, comma-separated")
     p.add_argument("--nprobe", default="32", help="IVF nprobe values, comma-separated")
+    add_encoder_options(p)
     p.add_argument("--filter-selectivity", default="",
                    help=f"filtered searches at these shares of the collection, comma-separated (of {SELECTIVITIES})")
+    p.add_argument("--vector-store", default="faiss", help="faiss, milvus or both (comma-separated): side by side")
+    p.add_argument("--milvus-uri", default="", help="a running Milvus (default: start a local standalone)")
     p.add_argument("--cache", default="data/bench/search")
     return p.parse_args(argv)
 
@@ -245,18 +250,13 @@ def faiss_times(directory: Path, factory: str, dim: int, queries: np.ndarray, kn
     return out
 
 
-def filtered_times(directory: Path, factory: str, dim: int, queries: np.ndarray, selectivities: list[float],
-                   knobs: dict) -> list[dict]:
-    """Filtered searches in process through the Engine: p50 and recall@10 vs exact filtered search."""
+def filtered_times(directory: Path, engine, dim: int, queries: np.ndarray, selectivities: list[float]) -> list[dict]:
+    """Filtered searches in process through a Collection (the Engine, or Milvus): p50 and recall@10 vs exact
+    filtered search."""
     import faiss
-
-    from search_service.engine import Engine
-    from search_service.index import IndexSettings
 
     vectors = np.load(directory / "vectors.npy", mmap_mode="r")
     draws = np.load(directory / "draws.npy")
-    engine = Engine(directory, IndexSettings(factory=factory, **knobs))
-    engine.open_index(dim)
     out = []
     try:
         for share in selectivities:
@@ -273,10 +273,102 @@ def filtered_times(directory: Path, factory: str, dim: int, queries: np.ndarray,
                 found.append(len(got & set(want[want >= 0].tolist())) / min(10, len(chosen)))
             out.append({"selectivity": share, "matching": int(len(chosen)), "p50_ms": ms(times, 50),
                         "p99_ms": ms(times, 99), "recall_at_10": round(float(np.mean(found)), 4),
-                        "strategy": "exact" if engine.index.exact_for(len(chosen), engine.size) else "ANN+selector"})
+                        "strategy": _strategy(engine, len(chosen))})
     finally:
         engine.close()
     return out
+
+
+def _strategy(engine, matching: int) -> str:
+    index = getattr(engine, "index", None)
+    if index is None:
+        return "Milvus (its own filter)"
+    return "exact" if index.exact_for(matching, engine.size) else "ANN+selector"
+
+
+def open_engine(directory: Path, factory: str, dim: int, knobs: dict):
+    from search_service.engine import Engine
+    from search_service.index import IndexSettings
+
+    engine = Engine(directory, IndexSettings(factory=factory, **knobs))
+    engine.open_index(dim)
+    return engine
+
+
+# ---------------------------------------------------------------- Milvus
+def milvus_collection(directory: Path, uri: str, identity, count: int, ef: int):
+    """The synthetic collection loaded (once) into a Milvus collection named after it; HNSW M=32, ef 200."""
+    from search_service.milvus import MilvusCollection, MilvusSettings
+    from search_service.store import Store
+
+    name = "bench_" + "".join(c if c.isalnum() else "_" for c in directory.name)[-200:]
+    collection = MilvusCollection(directory / "milvus-blobs", MilvusSettings(uri=uri, collection=name, ef_search=ef,
+                                                                             timeout_s=600.0))
+    if collection.dim is not None and collection.open_index(identity.embed_dim) and collection.size == count:
+        return collection
+    if collection.dim is not None:
+        collection.client.drop_collection(name)
+    collection.bind_model(identity.model, identity.pretrained, identity.embed_dim)
+    from tqdm import tqdm
+
+    store = Store(directory)
+    started = time.perf_counter()
+    try:
+        with tqdm(total=count, unit="vec", desc=f"loading {count} vectors into Milvus") as bar:
+            for ids, vectors in store.embeddings(batch=2000):
+                items = store.get_many(ids.tolist())
+                collection.bulk_insert([_new_item(items[int(v)], e) for v, e in zip(ids, vectors)])
+                bar.update(len(ids))
+    finally:
+        store.close()
+    collection.client.flush(name)
+    print(f"loaded {count} vectors into Milvus in {time.perf_counter() - started:.0f} s (index builds in the "
+          "background; the first searches wait for it)", flush=True)
+    collection.open_index(identity.embed_dim)
+    return collection
+
+
+def _new_item(item, embedding):
+    from search_service.store import NewItem
+
+    return NewItem(sha256=item.sha256, uri=item.uri, embedding=embedding, id=item.id, metadata=item.metadata)
+
+
+def milvus_times(collection, queries: np.ndarray) -> float:
+    """p50 ms of the Milvus search alone (in this process: the MilvusCollection call the service makes)."""
+    for query in queries[:5]:
+        collection.search(query, 10)
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        collection.search(query, 10)
+        times.append(time.perf_counter() - started)
+    return ms(times, 50)
+
+
+def measure_milvus(directory: Path, uri: str, collection, ef: int, triton_url: str, texts: list[str], truth) -> dict:
+    from search_service.testing import ServiceProcess
+
+    started = time.perf_counter()
+    with ServiceProcess(directory / "milvus-blobs", triton_url, "--vector-store", "milvus", "--milvus-uri", uri,
+                        "--collection", collection.name, "--ef-search", str(ef)).start(timeout=1200) as service:
+        load_s = time.perf_counter() - started
+        times, uris = query_service(service.address, texts)
+        embed = embed_times(triton_url, texts[:50])
+    return {"p50_ms": ms(times, 50), "p99_ms": ms(times, 99), "recall_at_10": round(recall(uris, truth), 4),
+            "embed_p50_ms": ms(embed, 50), "service_start_s": round(load_s, 1)}
+
+
+@contextlib.contextmanager
+def milvus_server(args, stores: list[str]):
+    """The Milvus to benchmark: --milvus-uri, or a local standalone under the cache (one per host)."""
+    if "milvus" not in stores or args.milvus_uri:
+        yield args.milvus_uri
+        return
+    from search_service.testing import MilvusServerProcess
+
+    with MilvusServerProcess(Path(args.cache) / "milvus") as server:
+        yield server.uri
 
 
 def recall(uris: list[list[str]], truth: np.ndarray) -> float:
@@ -293,7 +385,8 @@ def measure(directory: Path, factory: str, knob: str, value: int, triton_url: st
 
     flag = {"ef": "--ef-search", "nprobe": "--nprobe"}[knob]
     started = time.perf_counter()
-    with ServiceProcess(directory, triton_url, "--index", factory, flag, str(value)) as service:
+    # loading a 1M-vector store and index takes minutes on a loaded 2-core box
+    with ServiceProcess(directory, triton_url, "--index", factory, flag, str(value)).start(timeout=1200) as service:
         load_s = time.perf_counter() - started
         times, uris = query_service(service.address, texts)
         embed = embed_times(triton_url, texts[:50])  # same moment, same load: the Triton share of the latency
@@ -309,22 +402,30 @@ def main(argv=None) -> int:
     factories = args.index or ["HNSW32"]
     sizes = [int(v) for v in args.vectors.split(",")]
     cache = Path(args.cache)
-    repository, _ = ensure_repository(cache / f"repo-{args.model}-{args.pretrained}-s{args.seed}", args.model,
-                                      args.pretrained, args.seed)
+    repository, _ = ensure_repository(cache / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
+                                      args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
     selectivities = [float(v) for v in args.filter_selectivity.split(",") if v]
     unknown = [s for s in selectivities if s not in SELECTIVITIES]
     if unknown:
         raise SystemExit(f"coca bench search: --filter-selectivity {unknown} not among {SELECTIVITIES}")
+    stores = [v for v in args.vector_store.split(",") if v]
+    if set(stores) - {"faiss", "milvus"}:
+        raise SystemExit(f"coca bench search: --vector-store takes faiss and/or milvus, got {args.vector_store!r}")
     rows, results, filtered_rows, filtered = [], [], [], []
-    with TritonServer(repository, kill_on_parent_exit=True) as triton:
+    with TritonServer(repository, kill_on_parent_exit=True).start(timeout=600) as triton, \
+            milvus_server(args, stores) as milvus_uri:  # Triton is slow to start on a loaded box
         identity = _identity(triton.grpc_url)
         query_texts = phrases(np.random.default_rng(args.seed + 1), args.queries,
                               skip=set(phrases(np.random.default_rng(args.seed), args.clusters)))
-        query_vectors = embed_texts(triton.grpc_url, query_texts)
+        query_vectors = embed_texts(triton.grpc_url, query_texts)  # served: what the service searches with
+        fp32_vectors = fp32_text_embeddings(args, query_texts)
+        cosines = np.sum(query_vectors * fp32_vectors, axis=1)
         for count in sizes:
             directory = collection(cache, triton.grpc_url, identity, count, args)
-            truth = exact_top10(np.load(directory / "vectors.npy", mmap_mode="r"), query_vectors)
-            for factory in factories:
+            vectors = np.load(directory / "vectors.npy", mmap_mode="r")
+            truth = exact_top10(vectors, fp32_vectors)  # the ground truth: exact search with fp32 embeddings
+            faithful = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_top10(vectors, query_vectors), truth)]))
+            for factory in factories if "faiss" in stores else []:
                 build = built_index(directory, factory, identity.embed_dim)
                 knob = "ef" if "HNSW" in factory else "nprobe"
                 values = [int(v) for v in (args.ef_search if knob == "ef" else args.nprobe).split(",")]
@@ -333,30 +434,92 @@ def main(argv=None) -> int:
                 for value in values:
                     m = measure(directory, factory, knob, value, triton.grpc_url, query_texts, truth)
                     result = {"vectors": count, "index": factory, knob: value, "build_s": build["build_s"],
-                              "build_cached": build["cached"], "faiss_p50_ms": alone[value], **m}
+                              "build_cached": build["cached"], "faiss_p50_ms": alone[value], **m,
+                              "served_vs_fp32_recall_at_10": round(faithful, 4)}
                     results.append(result)
                     rows.append([count, factory, f"{knob}={value}" if "Flat" != factory else "", build["build_s"],
                                  m["p50_ms"], m["p99_ms"], m["embed_p50_ms"], alone[value], f"{m['recall_at_10']:.3f}"])
                 if selectivities:
                     knobs = {"ef_search": values[0]} if knob == "ef" else {"nprobe": values[0]}
-                    for f in filtered_times(directory, factory, identity.embed_dim, query_vectors, selectivities, knobs):
+                    engine = open_engine(directory, factory, identity.embed_dim, knobs)
+                    for f in filtered_times(directory, engine, identity.embed_dim, query_vectors, selectivities):
                         filtered.append({"vectors": count, "index": factory, **knobs, **f})
                         filtered_rows.append([count, factory, f["selectivity"], f["matching"], f["strategy"],
                                               f["p50_ms"], f["p99_ms"], f"{f['recall_at_10']:.3f}"])
+            if "milvus" in stores:
+                ef = int(args.ef_search.split(",")[0])
+                started = time.perf_counter()
+                milvus = milvus_collection(directory, milvus_uri, identity, count, ef)
+                load_s = round(time.perf_counter() - started, 1)
+                alone = milvus_times(milvus, query_vectors)
+                m = measure_milvus(directory, milvus_uri, milvus, ef, triton.grpc_url, query_texts, truth)
+                results.append({"vectors": count, "index": "milvus:HNSW32", "ef": ef, "build_s": load_s,
+                                "store": "milvus", "index_p50_ms": alone, **m,
+                                "served_vs_fp32_recall_at_10": round(faithful, 4)})
+                rows.append([count, "milvus:HNSW32", f"ef={ef}", load_s, m["p50_ms"], m["p99_ms"],
+                             m["embed_p50_ms"], alone, f"{m['recall_at_10']:.3f}"])
+                for f in filtered_times(directory, milvus, identity.embed_dim, query_vectors, selectivities):
+                    filtered.append({"vectors": count, "index": "milvus:HNSW32", "ef_search": ef, **f})
+                    filtered_rows.append([count, "milvus:HNSW32", f["selectivity"], f["matching"], f["strategy"],
+                                          f["p50_ms"], f["p99_ms"], f"{f['recall_at_10']:.3f}"])
     print(f"{identity.model} ({identity.pretrained}), dim {identity.embed_dim}; {args.queries} text queries "
-          f"through gRPC + Triton, one at a time. embed p50: the text embedding alone (Triton, measured "
-          f"right after); FAISS p50: the index search alone, in process (ms)")
-    print_table(["vectors", "index", "knob", "build s", "p50 ms", "p99 ms", "embed p50", "FAISS p50", "recall@10"], rows)
+          f"through gRPC + Triton, one at a time; encoders: {args.encoder_runtime} {args.encoder_precision}. "
+          f"embed p50: the text embedding alone (Triton, measured right after); FAISS p50: the index search "
+          f"alone, in process (ms; for Milvus: the MilvusCollection search call, Session consistency); recall@10 against exact search with fp32 (open_clip-equal) query embeddings")
+    print(f"served query embeddings vs fp32 in process: cosine min {cosines.min():.6f}, mean {cosines.mean():.6f} "
+          f"(target >= 0.999); exact top-10 with served vs with fp32 embeddings: "
+          f"{', '.join(str(r['served_vs_fp32_recall_at_10']) for r in results)} (target >= 0.98)")
+    floor = text_tower_floor_ms(args)
+    print(f"floor: the text tower's fp32 weights streamed once = {floor['floor_ms']} ms "
+          f"({floor['weight_mb']} MB at {floor['matvec_gbs']} GB/s, one matvec measured now)")
+    print_table(["vectors", "index", "knob", "build s", "p50 ms", "p99 ms", "embed p50", "index p50", "recall@10"], rows)
+    _print_store_ratios(results)
     if filtered_rows:
         print("\nfiltered searches in process (Engine: metadata filter + index + items), recall@10 vs exact "
               "filtered search; target p50 <= 20 ms and recall@10 >= 0.95 at every selectivity")
         print_table(["vectors", "index", "selectivity", "matching", "strategy", "p50 ms", "p99 ms", "recall@10"],
                     filtered_rows)
     print_json({"benchmark": "search", "model": identity.model, "pretrained": identity.pretrained,
-                "dim": identity.embed_dim, "queries": args.queries,
-                "target": {"vectors": 1_000_000, "p50_ms": 20, "recall_at_10": 0.95}, "results": results,
+                "dim": identity.embed_dim, "queries": args.queries, "encoder_runtime": args.encoder_runtime,
+                "encoder_precision": args.encoder_precision, "served_cosine_min": round(float(cosines.min()), 6),
+                "served_cosine_mean": round(float(cosines.mean()), 6), "floor": floor,
+                "target": {"vectors": 1_000_000, "p50_ms": 20, "recall_at_10": 0.95, "served_cosine": 0.999,
+                           "served_vs_fp32_recall_at_10": 0.98}, "results": results,
                 "filtered": filtered})
     return 0
+
+
+def _print_store_ratios(results: list[dict]) -> None:
+    """Milvus vs in-process FAISS HNSW at the same size, measured in this run."""
+    for milvus in (r for r in results if r.get("store") == "milvus"):
+        faiss_rows = [r for r in results if r["vectors"] == milvus["vectors"] and "HNSW" in r["index"]
+                      and r.get("store") != "milvus"]
+        if faiss_rows:
+            base = faiss_rows[0]
+            print(f"{milvus['vectors']} vectors: Milvus / FAISS {base['index']} end-to-end p50 "
+                  f"{milvus['p50_ms'] / base['p50_ms']:.2f}x, index alone {milvus['index_p50_ms'] / base['faiss_p50_ms']:.1f}x "
+                  f"(Milvus: a gRPC round trip to another process + its segment search and result fetch)")
+
+
+def fp32_text_embeddings(args, texts: list[str]) -> np.ndarray:
+    """The queries' embeddings in process, fp32 torch (equal to open_clip's within 1e-5)."""
+    import coca
+
+    return coca.load(args.model, pretrained=args.pretrained, seed=args.seed).embed_texts(texts)
+
+
+def text_tower_floor_ms(args) -> dict:
+    """Time to stream the text tower's fp32 weights once (a matvec over as many bytes, measured now)."""
+    from coca.loading import model_config
+
+    from .caption import matvec_bandwidth
+
+    text = model_config(args.model).text
+    width, layers = text.width, text.layers
+    nbytes = layers * 12 * width * width * 4  # attention 4 W^2 + MLP 8 W^2 per layer, fp32
+    bandwidth = matvec_bandwidth(nbytes)
+    return {"weight_mb": round(nbytes / 1e6, 1), "matvec_gbs": round(bandwidth / 1e9, 2),
+            "floor_ms": round(nbytes / bandwidth * 1e3, 2)}
 
 
 def _identity(triton_url: str):

@@ -62,6 +62,24 @@ async def decoder_statistics(triton) -> dict:
     return {"executes": sum(int(c["count"]) for c in per_batch_size), "compute_ns": sum(int(c["ns"]) for c in per_batch_size)}
 
 
+def batching_bound(args) -> dict:
+    """What batching can give on this CPU: in-process decode step at 1 and 16 rows (the server's torch threads)."""
+    import torch
+
+    import coca
+    from coca.quant import quantize
+
+    from .caption import step_seconds
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the decoder model's torch_threads
+    net = quantize(coca.load(args.model, pretrained=args.pretrained, seed=args.seed).net, args.decoder_precision)
+    one, sixteen = step_seconds(net, 1), step_seconds(net, 16)
+    torch.set_num_threads(threads)
+    return {"step1_ms": round(one * 1e3, 1), "step16_ms": round(sixteen * 1e3, 1),
+            "speedup_16_bound": round(16 * one / sixteen, 2)}
+
+
 def main(argv=None) -> int:
     from coca.sampling import SamplingParams
 
@@ -79,6 +97,7 @@ def main(argv=None) -> int:
 
         embeddings = asyncio.run(embed())
         results = [asyncio.run(measure(url, c, args.rounds, embeddings, params)) for c in levels]
+    bound = batching_bound(args)
     base = results[0]["captions_per_s"] if levels[0] == 1 else None
     for r in results:
         r["speedup"] = round(r["captions_per_s"] / base, 2) if base else None
@@ -88,10 +107,14 @@ def main(argv=None) -> int:
                  "execute ms", "speedup"],
                 [[r["concurrency"], r["captions"], r["seconds"], r["captions_per_s"], r["tokens_per_s"],
                   r["mean_rows_per_forward"], r["max_rows_per_forward"], r["execute_ms"], r["speedup"]] for r in results])
+    print(f"bound (in process, same precision): a 16-row decode step costs {bound['step16_ms']} ms vs "
+          f"{bound['step1_ms']} ms for 1 row, so full batches give at most speedup_16 = {bound['speedup_16_bound']}x; "
+          f"targets: rows/forward >= 14, speedup_16 >= 6x fp32, >= 8x int8")
     by_level = {r["concurrency"]: r for r in results}
     print_json({
         "benchmark": "triton-caption", "model": identity.model, "pretrained": identity.pretrained,
         "dtype": identity.dtype, "max_tokens": args.max_tokens, "results": results,
         "speedup_16": by_level[16]["speedup"] if 16 in by_level and base else None,
+        "decoder_precision": args.decoder_precision, "bound": bound,
     })
     return 0

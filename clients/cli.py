@@ -325,10 +325,12 @@ search.raw = True
 
 @command("export", "write a Triton model repository (configs, model.py, each part's weights) for a model")
 def export(args):
-    from serving.repository import DecoderSettings, export_repository
+    from serving.repository import DecoderSettings, EncoderSettings, export_repository
 
-    settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle)
-    manifest = export_repository(load_model(args), args.out, decoder=settings)
+    settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle,
+                               precision=args.decoder_precision)
+    encoders = EncoderSettings("onnxruntime" if args.format == "onnx" else "torch", args.encoder_precision)
+    manifest = export_repository(load_model(args), args.out, decoder=settings, encoders=encoders)
     print(f"exported {args.model} ({args.pretrained}, {args.dtype}) to {args.out}; identity: {manifest}")
 
 
@@ -337,6 +339,13 @@ export.configure = lambda p: (
     p.add_argument("--capacity", type=int, help="decoder KV-cache rows (default 64; a beam search takes --beams)"),
     p.add_argument("--sequence-idle", type=float, metavar="SECONDS",
                    help="Triton drops a silent caption sequence after this (default 30); the decoder frees it soon after"),
+    p.add_argument("--format", choices=["python", "onnx"], default="python",
+                   help="onnx: also write the encoders as ONNX graphs (1/model.onnx, what NGC Triton's onnxruntime "
+                        "backend serves) and run them with ONNX Runtime inside the Python backend"),
+    p.add_argument("--encoder-precision", choices=["fp32", "int8"], default="fp32",
+                   help="with --format onnx: int8 = 8-bit weights (MatMulNBits), opt-in, agreement in README"),
+    p.add_argument("--decoder-precision", choices=["fp32", "int8"],
+                   help="the decode step's arithmetic (default fp32; int8: opt-in, agreement in README)"),
 )
 
 

@@ -197,7 +197,7 @@ def tour(address: str, photos: list[Path], args, out: Path) -> None:
     from coca import plots
 
     with Client(address, timeout=600) as client:
-        client.wait_ready(120)
+        client.wait_ready(300)
         print(f"\n== indexing {len(photos)} photos (AddImages stream)")
         for result in client.add_files(photos, {"set": "demo"}):
             detail = result.id if result.ok else str(result.error)

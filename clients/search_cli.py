@@ -63,21 +63,28 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
                    help="allow server-side paths under DIR in AddImages (repeatable)")
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
-    from search_service import add_store_arguments
+    from search_service import add_operator_arguments, add_store_arguments
 
     add_store_arguments(p)
+    add_operator_arguments(p)
+    p.add_argument("--encoders", choices=["torch", "onnxruntime", "onnxruntime-int8"], default="torch",
+                   help="how Triton's encoders compute: torch, their ONNX graphs in ONNX Runtime (equal within 1e-5, "
+                        "faster on CPU), or those with 8-bit weights (opt-in; agreement in README)")
 
 
 def serve(args) -> int:
     import asyncio
 
-    from search_service import ServiceConfig, run, store_settings
+    from search_service import ServiceConfig, operator_settings, run, store_settings
     from serving.launcher import TritonServer
     from serving.repository import ensure_repository
 
     data = Path(args.data)
+    from serving.repository import EncoderSettings
+
+    runtime, _, precision = args.encoders.partition("-")
     repository, logit_scale = ensure_repository(data / "model_repository", args.model, args.pretrained,
-                                                args.seed, args.dtype)
+                                                args.seed, args.dtype, EncoderSettings(runtime, precision or "fp32"))
     triton = TritonServer(repository, grpc_port=args.triton_port, echo=False, kill_on_parent_exit=True,
                           log_file=data / "triton.log")
     print(f"starting tritonserver on {repository} (log: {data / 'triton.log'}) ...", flush=True)
@@ -86,7 +93,7 @@ def serve(args) -> int:
         print(f"tritonserver ready on {triton.grpc_url}", flush=True)
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
                                allowed_roots=[Path(r) for r in args.root], **store_settings(args),
-                               logit_scale=logit_scale)
+                               **operator_settings(args), logit_scale=logit_scale)
         gallery = _start_web(args) if args.web is not None else None
         try:
             asyncio.run(run(config))

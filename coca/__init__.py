@@ -6,7 +6,7 @@
     model.embed_images(["photo.jpg"]), model.embed_texts(["a dog"])
 """
 from .errors import (
-    CapacityError, CocaError, InvalidImageError, InvalidInputError, InvalidTextError,
+    CapacityError, CocaError, GenerationError, InvalidImageError, InvalidInputError, InvalidTextError,
     InvalidVideoError, UnknownModelError, WeightsUnavailableError,
 )
 
@@ -28,5 +28,5 @@ def __getattr__(name):
 __all__ = [
     "load", "from_reference", "create_open_clip", "coca_model_names", "Coca", "Caption", "SamplingParams",
     "CocaError", "InvalidInputError", "InvalidImageError", "InvalidVideoError", "InvalidTextError",
-    "UnknownModelError", "WeightsUnavailableError", "CapacityError",
+    "UnknownModelError", "WeightsUnavailableError", "CapacityError", "GenerationError",
 ]

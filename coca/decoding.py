@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .errors import CapacityError
+from .errors import CapacityError, GenerationError, InvalidInputError
 from .model import CoCa
-from .sampling import EOT, PAD, SOT, RowParams, SamplingParams, ban_early_end, choose, penalise_repeats
+from .sampling import EOT, PAD, SOT, RowParams, SamplingParams, ban_early_end, choose, penalise_repeats, usable_rows
 
 
 @dataclass
@@ -57,7 +57,31 @@ class SlotPool:
         self.free.extend(slots)
 
 
-class SampledSequence:
+NOT_A_DISTRIBUTION = "its sampling distribution is NaN or infinite (settings out of range?)"
+
+
+class _Sequence:
+    """What both kinds of caption share: their cache rows, whether they are done, and the error that
+    ended one early (its scores were not a usable distribution); `result()` raises that error."""
+
+    rows: list[int]
+    done: bool = False
+    error: Optional[GenerationError] = None
+
+    def fail(self, reason: str):
+        self.error = GenerationError(f"caption failed: {reason}")
+        self.done = True
+
+    def result(self) -> Generated:
+        if self.error is not None:
+            raise self.error
+        return self._result()
+
+    def _result(self) -> Generated:
+        raise NotImplementedError
+
+
+class SampledSequence(_Sequence):
     """One caption sampled token by token (greedy when temperature is 0)."""
 
     def __init__(self, params: SamplingParams, slot: int):
@@ -65,7 +89,6 @@ class SampledSequence:
         self.row_params = RowParams.stack([params])
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
-        self.done = False
         self._force_end_if_due()
 
     def feed(self) -> tuple[list[int], list[int]]:
@@ -88,11 +111,11 @@ class SampledSequence:
     def history(self) -> list[int]:
         return [SOT, *self.tokens]
 
-    def result(self) -> Generated:
+    def _result(self) -> Generated:
         return Generated(list(self.tokens), list(self.logprobs))
 
 
-class BeamSequence:
+class BeamSequence(_Sequence):
     """open_clip's group beam search for one image (scores are summed raw logits)."""
 
     def __init__(self, params: SamplingParams, slots: list[int]):
@@ -105,7 +128,6 @@ class BeamSequence:
         self.input_ids = torch.full((beams, 1), SOT)
         self.scores = torch.full((beams,), -1e9)
         self.scores[:: self.sub] = 0  # first beam of each group starts, the rest wait (as open_clip)
-        self.done = False
         self._final: Optional[list[int]] = None
 
     def feed(self):
@@ -147,7 +169,7 @@ class BeamSequence:
         end = next((i + 1 for i, t in enumerate(best) if t in (EOT, PAD)), len(best))
         self._final, self.done = best[:end], True
 
-    def result(self) -> Generated:
+    def _result(self) -> Generated:
         return Generated(list(self._final), [0.0] * len(self._final))
 
 
@@ -179,7 +201,13 @@ class Decoder:
     def start(self, image_embs: torch.Tensor, params: SamplingParams) -> list[Sequence]:
         """One sequence per image (B, N, W); their cross-attention K/V are computed here, once."""
         per_image = params.num_beams
-        slots = self.pool.take(image_embs.shape[0] * per_image)
+        wanted = image_embs.shape[0] * per_image
+        if wanted > self.capacity:  # could never fit: a bad request, not a busy decoder
+            raise InvalidInputError(
+                f"{image_embs.shape[0]} caption(s) with num_beams {per_image} need {wanted} decoder cache rows, "
+                f"more than this decoder has in all ({self.capacity}); use at most {self.capacity // image_embs.shape[0]} beams"
+            )
+        slots = self.pool.take(wanted)
         try:
             self.net.start_sequences(self.cache, as_slots(slots), image_embs.repeat_interleave(per_image, dim=0))
         except Exception:
@@ -212,11 +240,14 @@ class Decoder:
             self.cache, as_slots(rows, device),
         )[:, -1].cpu()  # choosing tokens is cheap and stays on the CPU, with its seeded generators
         parts = logits.split([len(s.rows) for s in live])
-        sampled = [(s, part) for s, part in zip(live, parts) if isinstance(s, SampledSequence)]
+        for s, part in zip(live, parts):  # a broken input's NaN or inf fails its own caption only
+            if not bool(usable_rows(part).all()):
+                s.fail("the model's scores for it are NaN or infinite (are its image embeddings out of range?)")
+        sampled = [(s, part) for s, part in zip(live, parts) if isinstance(s, SampledSequence) and not s.done]
         if sampled:
             self._choose(sampled)
         for s, part in zip(live, parts):
-            if isinstance(s, BeamSequence):
+            if isinstance(s, BeamSequence) and not s.done:
                 reorder = s.advance(part)
                 rows_t = torch.tensor(s.rows, device=device)
                 self.cache.reorder(rows_t, rows_t[reorder.to(device)])
@@ -229,14 +260,17 @@ class Decoder:
         width = max(len(h) for h in histories)
         history = torch.tensor([h + [SOT] * (width - len(h)) for h in histories])  # SOT pads: already seen
         generated = torch.tensor([len(s.tokens) for s in seqs])
-        tokens, logprobs = choose(
+        tokens, logprobs, failed = choose(
             torch.cat([part for _, part in sampled]), history, generated, RowParams.cat([s.row_params for s in seqs])
         )
-        for s, token, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            s.accept(token, lp)
+        for s, token, lp, bad in zip(seqs, tokens.tolist(), logprobs.tolist(), failed.tolist()):
+            if bad:
+                s.fail(NOT_A_DISTRIBUTION)
+            else:
+                s.accept(token, lp)
 
     def run(self, sequences: list[Sequence]) -> list[Generated]:
-        """Step until all are done, then free their slots."""
+        """Step until all are done, then free their slots; a failed caption raises its error (after all ran)."""
         try:
             while self.step(sequences):
                 pass

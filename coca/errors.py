@@ -25,6 +25,11 @@ class InvalidTextError(InvalidInputError):
     """Empty or otherwise unusable text."""
 
 
+class GenerationError(InvalidInputError):
+    """One caption could not go on: its scores were NaN or infinite (an out-of-range input). Only
+    that caption fails; the others decoded in the same batch are unaffected."""
+
+
 class UnknownModelError(CocaError, LookupError):
     """A model name or pretrained tag that does not exist."""
 

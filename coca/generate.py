@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoding import Decoder, Generated, SampledSequence
+from .decoding import NOT_A_DISTRIBUTION, Decoder, Generated, SampledSequence
 from .model import CoCa
 from .sampling import RowParams, SamplingParams, choose
 
@@ -29,10 +29,13 @@ def generate_uncached(net: CoCa, image_embs: torch.Tensor, params: SamplingParam
     while live := [i for i, s in enumerate(sequences) if not s.done]:
         history = torch.tensor([sequences[i].history() for i in live])  # equal lengths: all started together
         logits = net.teacher_forced_logits(image_embs[live], history.to(net.device))[:, -1].cpu()
-        tokens, logprobs = choose(
+        tokens, logprobs, failed = choose(
             logits, history, torch.full((len(live),), history.shape[1] - 1),
             RowParams.cat([sequences[i].row_params for i in live]),
         )
-        for i, token, lp in zip(live, tokens.tolist(), logprobs.tolist()):
-            sequences[i].accept(token, lp)
+        for i, token, lp, bad in zip(live, tokens.tolist(), logprobs.tolist(), failed.tolist()):
+            if bad:
+                sequences[i].fail(NOT_A_DISTRIBUTION)
+            else:
+                sequences[i].accept(token, lp)
     return [s.result() for s in sequences]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
@@ -25,6 +27,16 @@ from coca.errors import InvalidImageError, InvalidInputError, InvalidVideoError
 # covers every camera photo; anything larger is more likely a decompression
 # bomb (a tiny file whose header promises gigabytes of pixels).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# Videos: a small file can hold hours of frames, or frames of 40 MP each, and decoding runs in a
+# thread nothing can interrupt. So decoding stops past a frame count and a wall-clock budget, every
+# decoded frame's size is checked (a stream can change size after its header), and the frames kept
+# are downscaled as they are decoded, to what the image preprocessing needs (open_clip resizes the
+# short side to 224 and crops the centre): short side at most 448, and at most 4 x 448 x 448 pixels.
+DEFAULT_MAX_VIDEO_FRAMES = 10_000  # 5.5 min at 30 fps
+DEFAULT_MAX_DECODE_SECONDS = 60.0
+KEPT_FRAME_SHORT_SIDE = 448
+KEPT_FRAME_PIXELS = 4 * 448 * 448
 
 # Widest aspect ratio we accept (long side : short side). open_clip resizes the short side to
 # the model's input size before the centre crop, so a 1x65535 PNG of 69 bytes would become a
@@ -210,33 +222,63 @@ def _to_8bit_gray(image: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------- videos
 
 
-def video_frames(
-    source: VideoSource, n: int = 16, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> list[Image.Image]:
+def video_frames(source: VideoSource, n: int = 16, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_frames: int = DEFAULT_MAX_VIDEO_FRAMES,
+                 max_seconds: float = DEFAULT_MAX_DECODE_SECONDS) -> list[Image.Image]:
     """Exactly `n` RGB frames sampled uniformly over the video's decoded frames.
 
     The frames at indices round(linspace(0, count - 1, n)) are kept, where
     `count` is the number of decodable frames; a video shorter than `n` frames
     repeats frames (the same object) so callers get a fixed batch size.
     Memory stays bounded: frames are decoded one by one and only the chosen
-    ones are kept. The count comes from the container header when it has one;
+    ones are kept, downscaled as they are decoded (short side at most
+    KEPT_FRAME_SHORT_SIDE, at most KEPT_FRAME_PIXELS; smaller frames are kept
+    as decoded). The count comes from the container header when it has one;
     otherwise (or when the header turns out wrong) the video is decoded once
     more to count or re-pick.
 
     Raises InvalidVideoError for data with no video stream or no decodable
-    frame, and for frames over `max_pixels`.
+    frame, for a frame over `max_pixels`, for more than `max_frames` frames,
+    and when decoding takes longer than `max_seconds`.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     name = describe_source(source)
+    budget = _Budget(name, max_pixels, max_frames, max_seconds)
     with _open_binary(source, InvalidVideoError) as stream:
-        count = _header_frame_count(stream, name, max_pixels)
+        count = _header_frame_count(stream, name, budget)
         if count == 0:
-            count = _count_frames(stream, name)
-        picked, decoded = _pick_frames(stream, name, _uniform_indices(count, n))
+            count = _count_frames(stream, name, budget)
+        picked, decoded = _pick_frames(stream, name, _uniform_indices(count, n), budget)
         if decoded != count:  # the header was wrong, or decoding stopped early
-            picked, _ = _pick_frames(stream, name, _uniform_indices(decoded, n))
+            picked, _ = _pick_frames(stream, name, _uniform_indices(decoded, n), budget)
     return picked
+
+
+@dataclass
+class _Budget:
+    """The limits of one video_frames call: frame size, frame count, and its deadline."""
+
+    name: str
+    max_pixels: int
+    max_frames: int
+    max_seconds: float
+
+    def __post_init__(self):
+        self.deadline = time.monotonic() + self.max_seconds
+
+    def check_count(self, frames: int, counted: str = "decoded") -> None:
+        if frames > self.max_frames:
+            raise InvalidVideoError(f"{self.name}: over {self.max_frames} frames ({counted}): "
+                                    "too long a video to caption; cut it shorter")
+
+    def check_frame(self, frame: av.VideoFrame, decoded: int) -> None:
+        """Between frames: the count, the time spent, and this frame's size."""
+        self.check_count(decoded)
+        if time.monotonic() > self.deadline:
+            raise InvalidVideoError(f"{self.name}: decoding took over {self.max_seconds:g} s "
+                                    f"({decoded} frames decoded): too long or too costly a video to caption")
+        check_dimensions(frame.width, frame.height, self.name, "frames", self.max_pixels, InvalidVideoError)
 
 
 def _uniform_indices(count: int, n: int) -> list[int]:
@@ -262,14 +304,16 @@ def _container(stream: BinaryIO, name: str) -> Iterator[av.container.InputContai
         yield container
 
 
-def _header_frame_count(stream: BinaryIO, name: str, max_pixels: int) -> int:
-    """Frame count the container claims (0 if unknown); rejects oversized frames."""
+def _header_frame_count(stream: BinaryIO, name: str, budget: _Budget) -> int:
+    """Frame count the container claims (0 if unknown); rejects oversized frames and too many frames."""
     with _container(stream, name) as container:
         video = container.streams.video[0]
         width, height = video.codec_context.width, video.codec_context.height
         if width and height:  # 0 when the header does not say; decoded frames are checked as they come
-            check_dimensions(width, height, name, "frames", max_pixels, InvalidVideoError)
-        return max(int(video.frames or 0), 0)
+            check_dimensions(width, height, name, "frames", budget.max_pixels, InvalidVideoError)
+        count = max(int(video.frames or 0), 0)
+        budget.check_count(count, "the header's count")
+        return count
 
 
 def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
@@ -286,15 +330,18 @@ def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.Video
         return
 
 
-def _count_frames(stream: BinaryIO, name: str) -> int:
+def _count_frames(stream: BinaryIO, name: str, budget: _Budget) -> int:
+    count = 0
     with _container(stream, name) as container:
-        count = sum(1 for _ in _decoded_frames(container))
+        for count, frame in enumerate(_decoded_frames(container), start=1):
+            budget.check_frame(frame, count)
     if count == 0:
         raise InvalidVideoError(f"{name}: no decodable video frames")
     return count
 
 
-def _pick_frames(stream: BinaryIO, name: str, indices: list[int]) -> tuple[list[Image.Image], int]:
+def _pick_frames(stream: BinaryIO, name: str, indices: list[int],
+                 budget: _Budget) -> tuple[list[Image.Image], int]:
     """The frames at `indices` (in order, repeats allowed) and the decoded count.
 
     Gives [] when the video has fewer frames than the largest index; the
@@ -305,13 +352,25 @@ def _pick_frames(stream: BinaryIO, name: str, indices: list[int]) -> tuple[list[
     decoded = 0
     with _container(stream, name) as container:
         for decoded, frame in enumerate(_decoded_frames(container), start=1):
+            budget.check_frame(frame, decoded)
             if decoded - 1 in wanted:
-                kept[decoded - 1] = frame.to_image()  # RGB
+                kept[decoded - 1] = _kept_image(frame)
     if decoded == 0:
         raise InvalidVideoError(f"{name}: no decodable video frames")
     if len(kept) < len(wanted):
         return [], decoded
     return [kept[i] for i in indices], decoded
+
+
+def _kept_image(frame: av.VideoFrame) -> Image.Image:
+    """The frame as RGB, scaled by FFmpeg (area averaging) straight from its decoded planes when it is
+    larger than kept frames may be, so a full-size RGB copy never exists."""
+    width, height = frame.width, frame.height
+    scale = min(1.0, KEPT_FRAME_SHORT_SIDE / min(width, height), (KEPT_FRAME_PIXELS / (width * height)) ** 0.5)
+    if scale == 1.0:
+        return frame.to_image()  # RGB, as decoded
+    return frame.to_image(width=max(1, round(width * scale)), height=max(1, round(height * scale)),
+                          interpolation="AREA")
 
 
 def is_video(source: ImageSource) -> bool:

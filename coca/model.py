@@ -83,25 +83,30 @@ class Attention(nn.Module):
             self.v_proj_weight = nn.Parameter(torch.empty(width, kv_width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.kernels: dict = {}  # projection name -> faster replacement (coca/quant.py); empty: F.linear
 
     def _weights(self):
         if self.packed:
             return self.in_proj_weight.chunk(3)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
+    def _project(self, name: str, x, weight, bias):
+        kernel = self.kernels.get(name)
+        return F.linear(x, weight, bias) if kernel is None else kernel(x)
+
     def project_q(self, x):
         wq, _, _ = self._weights()
-        return split_heads(F.linear(x, wq, self.in_proj_bias.chunk(3)[0]), self.heads)
+        return split_heads(self._project("q", x, wq, self.in_proj_bias.chunk(3)[0]), self.heads)
 
     def project_kv(self, x):
         _, wk, wv = self._weights()
         _, bk, bv = self.in_proj_bias.chunk(3)
-        return split_heads(F.linear(x, wk, bk), self.heads), split_heads(F.linear(x, wv, bv), self.heads)
+        return split_heads(self._project("k", x, wk, bk), self.heads), split_heads(self._project("v", x, wv, bv), self.heads)
 
     def project_qkv(self, x):
         if not self.packed:
             return (self.project_q(x), *self.project_kv(x))
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = self._project("qkv", x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
 
     def output(self, o):
@@ -262,7 +267,11 @@ class TextEncoder(nn.Module):
         return torch.cat([valid, ones] if self.correct_cls_mask else [ones, valid], dim=1)  # (B, C + 1)
 
     def forward(self, text: torch.Tensor, want_attention: bool = False) -> TextEncoding:
-        """ClassEmbedding over the real tokens only, equal to open_clip's 76-padded result.
+        """ClassEmbedding over the real tokens only, equal to open_clip's 76-padded result."""
+        return self.encode(*self.trim(text), want_attention)
+
+    def trim(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens (B, n) up to the last real one + 1, and which of their n + 1 keys are valid (CLS last).
 
         Keys past the last real token + 1 are masked for the CLS in open_clip anyway,
         so we drop them (see key_validity); the CLS keeps its position, context_length.
@@ -271,11 +280,15 @@ class TextEncoder(nn.Module):
         last_real = (text != self.pad_id).int().cumsum(1).argmax(1)  # index of the last real token
         n = int(min(last_real.max().item() + 2, self.context_length))
         valid = self.key_validity(text)
-        keep_valid = torch.cat([valid[:, :n], valid[:, -1:]], dim=1)  # (B, n + 1)
-        causal = torch.ones(n + 1, n + 1, dtype=torch.bool, device=text.device).tril()
-        mask = (causal & keep_valid[:, None, :])[:, None]  # (B, 1, n + 1, n + 1)
+        return text[:, :n], torch.cat([valid[:, :n], valid[:, -1:]], dim=1)  # (B, n), (B, n + 1)
+
+    def encode(self, tokens: torch.Tensor, key_valid: torch.Tensor, want_attention: bool = False) -> TextEncoding:
+        """The tower over trimmed tokens (no data-dependent shapes: what the ONNX export traces)."""
+        n = tokens.shape[1]
+        causal = torch.ones(n + 1, n + 1, dtype=torch.bool, device=tokens.device).tril()
+        mask = (causal & key_valid[:, None, :])[:, None]  # (B, 1, n + 1, n + 1)
         dtype = self.token_embedding.weight.dtype
-        x = self.token_embedding(text[:, :n]) + self.positional_embedding[:n]
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
         cls = (self.cls_emb + self.positional_embedding[self.context_length]).to(dtype)
         x = torch.cat([x, cls.view(1, 1, -1).expand(x.shape[0], -1, -1)], dim=1)
         x, weights = self.transformer(x, mask, want_attention)
@@ -283,7 +296,7 @@ class TextEncoder(nn.Module):
         return TextEncoding(
             F.normalize(pooled.float(), dim=-1),
             weights if want_attention else None,
-            text[:, :n] if want_attention else None,
+            tokens if want_attention else None,
         )
 
     def embed_step(self, tokens, pos, cache: DecoderCache, slots):
@@ -306,6 +319,11 @@ class TextDecoder(nn.Module):
         self.cross_attn = nn.ModuleList([CrossBlock(width, heads, mlp_ratio) for _ in range(cfg.layers)])
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, cfg.vocab_size))
+        self.vocab_kernel = None  # faster replacement of `@ text_projection` (coca/quant.py)
+
+    def vocab_logits(self, x):
+        x = self.ln_final(x)
+        return x @ self.text_projection if self.vocab_kernel is None else self.vocab_kernel(x)
 
     def image_kv(self, image_embs):
         """Cross-attention K/V of every layer, computed once per image."""
@@ -318,7 +336,7 @@ class TextDecoder(nn.Module):
             x = cross(x, *xkv.read(slots))
         if last_only:
             x = x[:, -1:]
-        return (self.ln_final(x) @ self.text_projection).float()  # (B, T, V)
+        return self.vocab_logits(x).float()  # (B, T, V)
 
 
 class CoCa(nn.Module):

@@ -13,13 +13,16 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 
 from . import media
-from .errors import InvalidInputError, InvalidTextError
+from .errors import InvalidInputError
 from .decoding import Caption
 from .generate import Generated, generate
 from .loading import create_open_clip, from_open_clip, resolve_dtype
 from .model import CoCa, ImageEncoding, TextEncoding
 from .prompts import DEFAULT_TEMPLATE, label_prompts
 from .sampling import EOT, PAD, SOT, SamplingParams
+from .texts import check_text
+
+MAX_TOKENIZER_CACHE_WORDS = 50_000  # distinct words: a few MB of real words (a 1,000-letter one costs ~0.8 s to make)
 
 
 def batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -41,6 +44,7 @@ class Coca:
         self.pretrained = pretrained
         self.preprocess_cfg = preprocess_cfg  # open_clip's: size, mean, std, interpolation, ...
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        self._tokenizer_cache_start = dict(getattr(self.tokenizer, "cache", None) or {})
         self.preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
 
     @property
@@ -69,9 +73,16 @@ class Coca:
     # --- text encoder --------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidTextError(f"text #{i + 1} is empty: give at least one word")
+            check_text(text, f"text #{i + 1}")
+        self._bound_tokenizer_cache()
         return self.tokenizer(list(texts))
+
+    def _bound_tokenizer_cache(self):
+        """open_clip's tokenizer remembers every distinct word forever: past a bound, it starts afresh
+        (from the entries it was created with), so a long-running server's memory stays bounded."""
+        cache = getattr(self.tokenizer, "cache", None)
+        if isinstance(cache, dict) and len(cache) > MAX_TOKENIZER_CACHE_WORDS:
+            self.tokenizer.cache = dict(self._tokenizer_cache_start)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], want_attention: bool = False) -> TextEncoding:

@@ -99,17 +99,33 @@ def filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
 
 
+def usable_rows(scores: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each row of scores (B, V) can be chosen from: no NaN, no +inf, something finite.
+    (softmax of such a row is a valid distribution; of any other row it holds NaN.)"""
+    return ~(scores.isnan() | scores.isposinf()).any(dim=-1) & scores.isfinite().any(dim=-1)
+
+
 def choose(logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor, rows: RowParams):
-    """Next token and its model log-probability for each row. logits (B, V) fp32."""
+    """Next token and its model log-probability for each row, and which rows failed. logits (B, V) fp32.
+
+    A row whose scores are not a usable distribution (NaN or infinite logits from a broken input)
+    fails alone: its token is meaningless and `failed` (B,) says so; the other rows are unaffected.
+    """
     logprobs = logits.log_softmax(dim=-1)
     logits = ban_early_end(logits.clone(), generated, rows.min_tokens)
     logits = penalise_repeats(logits, history, rows.repetition_penalty)
+    failed = ~usable_rows(logits)
     tokens = logits.argmax(dim=-1)
-    sampled = [i for i, g in enumerate(rows.generators) if g is not None]
+    sampled = [i for i, g in enumerate(rows.generators) if g is not None and not failed[i]]
     if sampled:
         index = torch.tensor(sampled)
         filtered = filter_top_p(filter_top_k(logits[index], rows.top_k[index]), rows.top_p[index])
-        probs = (filtered / rows.temperature[index, None]).softmax(dim=-1)
+        scaled = filtered / rows.temperature[index, None]
+        probs = scaled.softmax(dim=-1)
+        usable = usable_rows(scaled).tolist()
         for j, i in enumerate(sampled):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=rows.generators[i])[0]
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+            if usable[j]:
+                tokens[i] = torch.multinomial(probs[j], 1, generator=rows.generators[i])[0]
+            else:
+                failed[i] = True
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0], failed

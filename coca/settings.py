@@ -11,9 +11,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+import numpy as np
+
 from .errors import InvalidInputError
 
 MAX_TOKENS_LIMIT = 75  # the decoder's context is 76 positions, SOT included
+
+# Bounds of the settings (documented in README.md and search_service/README.md). Inside them every
+# logit stays finite: logits are O(10), so dividing by a temperature of 0.01 or a penalty of 0.1
+# leaves them far from float32's overflow, where softmax would give NaN and sampling would fail.
+MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 0.01  # the smallest temperature above 0 (0 itself is greedy)
+REPETITION_PENALTY_RANGE = (0.1, 10.0)
+MAX_BEAMS = 16  # rows of the decoder's cache one beam search takes; the model card uses 6
 
 
 @dataclass(frozen=True)
@@ -38,19 +48,23 @@ class SamplingParams:
 
     def __post_init__(self):
         problems = []
-        if not 0 <= self.temperature <= 100:
-            problems.append(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            problems.append(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}], "
+                            f"got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            problems.append(f"repetition_penalty must be in [{low}, {high:g}] (1 = off), got {self.repetition_penalty}")
         if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             problems.append(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
-        if self.min_tokens < 0:
-            problems.append(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.num_beams < 1 or self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
+        if not 0 <= self.min_tokens <= MAX_TOKENS_LIMIT:
+            problems.append(f"min_tokens must be in [0, {MAX_TOKENS_LIMIT}], got {self.min_tokens}")
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            problems.append(f"num_beams must be in [1, {MAX_BEAMS}], got {self.num_beams}")
+        elif self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
             problems.append(
                 f"num_beams ({self.num_beams}) must be a positive multiple of num_beam_groups ({self.num_beam_groups})"
             )
@@ -60,6 +74,12 @@ class SamplingParams:
     @property
     def effective_min_tokens(self) -> int:
         return min(self.min_tokens, self.max_tokens - 1)
+
+    @classmethod
+    def from_float32(cls, values: dict) -> "SamplingParams":
+        """Settings that travelled as float32 (protobuf, Triton): each float is taken as the shortest
+        decimal that rounds to it, i.e. as the caller wrote it (0.01, not 0.009999999776)."""
+        return cls(**{name: float(str(np.float32(v))) if isinstance(v, float) else v for name, v in values.items()})
 
     @classmethod
     def from_dict(cls, values: dict) -> "SamplingParams":

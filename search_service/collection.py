@@ -112,6 +112,10 @@ class Collection(abc.ABC):
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
 
+    def captioned(self) -> Optional[int]:
+        """Items with a stored caption (metrics); None where the store cannot count them cheaply."""
+        return None
+
     @abc.abstractmethod
     def stats(self) -> dict:
         """count, indexed, index_type, index_active, model, pretrained, embedding_dim, sequence numbers."""

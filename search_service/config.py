@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from coca.texts import MAX_TEXT_CHARS
+from serving.pool import parse_endpoints
+from .admission import Limits
 from .index import IndexSettings
 from .milvus import MilvusSettings
 
@@ -25,7 +28,7 @@ class PathRefused(Exception):
 @dataclass
 class ServiceConfig:
     data_dir: Path
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = "127.0.0.1:8001"  # one HOST:PORT, or several joined by commas (serving.pool)
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = DEFAULT_PORT  # 0: pick a free port
     allowed_roots: list[Path] = field(default_factory=list)  # empty: no server-side paths at all
@@ -37,20 +40,32 @@ class ServiceConfig:
     max_pixels: int = 40_000_000  # decompression-bomb guard (coca.media's default)
     max_k: int = 1000
     max_texts: int = 1000  # labels in Classify, texts in Rank
+    max_text_chars: int = MAX_TEXT_CHARS  # one query, label prompt or Rank text (the Triton model's own bound)
+    max_request_text_chars: int = 50_000  # all texts of one Classify/Rank: bounds the tokenizer's work per call
+    max_uri_chars: int = 4096  # an AddImages uri label (a path's length on Linux)
+    caption_workers: int = 8  # hits captioned at once by one search with_captions (each one decoder sequence)
     add_batch: int = 32  # images embedded concurrently and committed together in AddImages
     accept_embeddings: bool = False  # AddImages takes callers' precomputed embeddings (trusts its writers)
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
-    bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"
+    bearer_token: Optional[str] = None  # clients must send "authorization: Bearer <token>"; several: one per line
     logit_scale: float = 100.0  # Classify's softmax scale: Triton does not serve CoCa's learned one
     triton_timeout_s: float = 60.0  # per model call when the client set no deadline
+    text_cache_size: int = 4096  # recent query-text embeddings kept (2 KiB each at 512-d); 0: none
+    limits: Limits = field(default_factory=Limits)  # load shedding: bounds on work in flight, rate limit
+    metrics_port: Optional[int] = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
         self.allowed_roots = [Path(r) for r in self.allowed_roots]
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key file")
+        if self.caption_workers < 1:
+            raise ValueError(f"caption workers must be at least 1, got {self.caption_workers}")
+        parse_endpoints(self.triton_url)  # ValueError naming a malformed address
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in [0, 65535] (0: a free one), got {self.metrics_port}")
         if self.vector_store not in VECTOR_STORES:
             raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
 
@@ -63,24 +78,30 @@ def resolve_under_roots(path: str, roots: list[Path]) -> Path:
 
     Relative paths are taken relative to the first root. Any `..` component is
     refused outright, and symlinks are resolved before the check, so a link
-    inside a root that points outside it is refused too.
+    inside a root that points outside it is refused too. Messages show the path as
+    given (a link's target, or where a relative path landed, is not the client's business).
     """
+    shown = _as_given(path)
     if not roots:
-        raise PathRefused(f"{path!r}: this server accepts no server-side paths (no allowed roots configured)")
+        raise PathRefused(f"{shown}: this server accepts no server-side paths (no allowed roots configured)")
     if not path or "\x00" in path:
-        raise PathRefused(f"{path!r}: not a valid path")
+        raise PathRefused(f"{shown}: not a valid path")
     given = Path(path)
     if ".." in given.parts:
-        raise PathRefused(f"{path!r}: '..' is not allowed in server-side paths")
+        raise PathRefused(f"{shown}: '..' is not allowed in server-side paths")
     candidate = given if given.is_absolute() else roots[0] / given
     try:  # a name over the OS limits (ENAMETOOLONG), a loop of links (ELOOP): refused, not an internal error
         real = Path(os.path.realpath(candidate))
         real_roots = [Path(os.path.realpath(r)) for r in roots]
         if not any(real == r or real.is_relative_to(r) for r in real_roots):
-            shown = ", ".join(str(r) for r in roots)
-            raise PathRefused(f"{path!r}: outside the allowed roots ({shown})")
+            raise PathRefused(f"{shown}: outside the allowed roots ({', '.join(str(r) for r in roots)})")
         if not real.is_file():
-            raise PathRefused(f"{path!r}: no such file under the allowed roots", not_found=True)
+            raise PathRefused(f"{shown}: no such file under the allowed roots", not_found=True)
     except OSError as exc:
-        raise PathRefused(f"{path[:200]!r}: not a usable path ({exc.strerror})") from None
+        raise PathRefused(f"{shown}: not a usable path ({exc.strerror})") from None
     return real
+
+
+def _as_given(path: str, limit: int = 200) -> str:
+    """The path as the client wrote it, for messages: quoted, and cut short (never the resolved one)."""
+    return repr(path[:limit]) + ("..." if len(path) > limit else "")

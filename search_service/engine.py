@@ -235,6 +235,9 @@ class Engine(Collection):
         order = np.lexsort((ids, -values))[:k]  # ties: lower vid first, as a stable answer
         return [(int(ids[i]), float(values[i])) for i in order]
 
+    def captioned(self) -> int:
+        return self.store.captioned()
+
     def stats(self) -> dict:
         info = self.store.info()
         return {

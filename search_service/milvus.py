@@ -310,6 +310,14 @@ class MilvusCollection(Collection):
         self._size += len(rows)
         return outcomes
 
+    def bulk_insert(self, items: list[NewItem]) -> None:
+        """Load items known to be new (no duplicate checks, no blobs): for benchmarks and bulk loaders that
+        deduplicate themselves. `add` is the checked path."""
+        now = time.time()
+        rows = [self._row(item, item.id or default_id(item.sha256), "", now) for item in items]
+        self._call("insert", lambda c: c.insert(self.name, rows, **self._opts))
+        self._size += len(rows)
+
     @staticmethod
     def _decide(item: NewItem, present: dict[str, str], owners: dict[str, str]) -> AddOutcome | ConflictError:
         """Duplicate (content known), conflict (id names other content) or new; updates the maps."""

@@ -1,29 +1,38 @@
-"""The service's view of Triton: per-item outcomes, time limits, and a fresh channel after an outage.
+"""The service's view of Triton: per-item outcomes, time limits, several endpoints, typed failures.
 
-All model work goes through serving.client.TritonCoca (tritonclient.grpc.aio).
+All model work goes through serving.pool.TritonPool (one serving.client.TritonCoca per endpoint).
 Images are embedded and captioned one Triton request per image, concurrently:
 Triton's dynamic batcher (encoders) and sequence batcher (decoder) batch them,
 and a bad image fails its own request only.
 
 After a connection failure the next call gets a new client (the failed one is
 closed once the calls still on it end), so the service recovers as soon as
-Triton is back.
+Triton is back; with several endpoints the failed one leaves rotation until a
+probe finds it back, and the call it cut runs again on another.
+
+Which model and weights Triton serves is asked again when the last answer is older than
+IDENTITY_MAX_AGE_S or an endpoint is out of rotation, and whenever a caller wants it fresh
+(health, Stats, and each AddImages batch before it commits): a Triton restarted with
+other weights is noticed, never mixed into the store.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from dataclasses import dataclass, field
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from coca import media
 from coca.decoding import Caption
 from coca.settings import SamplingParams
 
 log = logging.getLogger("search_service.models")
 T = TypeVar("T")
+IDENTITY_MAX_AGE_S = 2.0  # an identity older than this is asked again before it is relied on
 
 
 class ModelsUnavailable(Exception):
@@ -39,107 +48,112 @@ class ModelIdentity:
     model: str
     pretrained: str
     embed_dim: int
-    repository_id: str = field(default="", compare=False)  # the export's weights hash (precomputed embeddings)
+    weights: str  # the export's repository id: a hash of all the weights (equal ids, equal weights)
+
+    def __str__(self) -> str:
+        return f"{self.model} ({self.pretrained}, dim {self.embed_dim}, weights {self.weights[:12]})"
 
 
-class _Connection:
-    """One Triton client and the number of calls using it. A connection that failed is retired: new
-    calls get a fresh one, and the old one is closed when its last call ends. (Closing a gRPC channel
-    cancels the calls still on it, which would leave their callers without an answer.)"""
+class TextEmbeddingCache:
+    """The last `capacity` text embeddings, least recently used out first (0: no cache).
 
-    def __init__(self, url: str):
-        from serving.client import TritonCoca
+    A repeated query (a popular search, Classify's label prompts) costs a dict lookup instead of
+    a text-tower forward. Valid for one model: the owner clears it when the served model changes.
+    """
 
-        self.client = TritonCoca(url)
-        self.users = 0
-        self.retired = False
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
 
-    async def close_if_done(self) -> None:
-        if self.retired and self.users == 0:
-            try:
-                await self.client.close()
-            except Exception:  # closing a dead channel may fail too
-                pass
+    def get(self, text: str) -> Optional[np.ndarray]:
+        vector = self._vectors.get(text)
+        if vector is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._vectors.move_to_end(text)
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self._vectors[text] = vector
+        self._vectors.move_to_end(text)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+
+    def clear(self) -> None:
+        self._vectors.clear()
+
+    def stats(self) -> dict:
+        return {"query_cache_hits": self.hits, "query_cache_misses": self.misses,
+                "query_cache_entries": len(self._vectors)}
 
 
 class Models:
-    """Embeddings and captions from the Triton server at `url`."""
+    """Embeddings and captions from the Triton endpoints in `urls` ("HOST:PORT" or "HOST:PORT,HOST:PORT,...").
 
-    def __init__(self, url: str, logit_scale: float = 100.0):
-        self.url = url
+    The work is spread over the endpoints by serving.pool.TritonPool (least loaded, a caption pinned
+    to one endpoint, a call cut by an endpoint's failure run again once on another); with one
+    endpoint it is that server, and a fresh connection after each failure. `observe(model, seconds, ok)`
+    is told of each Triton infer call (the metrics).
+    """
+
+    def __init__(self, urls: str, logit_scale: float = 100.0, text_cache_size: int = 4096, observe=None):
+        from serving.pool import TritonPool
+
+        self.pool = TritonPool(urls, observe=observe)
+        self.url = str(self.pool)
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
-        self._connection: Optional[_Connection] = None
-        self._identity: Optional[ModelIdentity] = None
-
-    # ------------------------------------------------------------ connection
-    @contextlib.asynccontextmanager
-    async def _lease(self):
-        """The current connection (made now if there is none), held for one call."""
-        if self._connection is None:
-            self._connection = _Connection(self.url)
-        connection = self._connection
-        connection.users += 1
-        try:
-            yield connection
-        finally:
-            connection.users -= 1
-            await connection.close_if_done()
-
-    def _retire(self, connection: _Connection) -> None:
-        if self._connection is connection:
-            self._connection = None
-        connection.retired = True
+        self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it was asked
+        self.text_cache = TextEmbeddingCache(text_cache_size)
 
     def _unavailable(self, exc: BaseException) -> ModelsUnavailable:
+        if len(self.pool.endpoints) > 1:
+            return ModelsUnavailable(f"model server (Triton) unavailable: {exc}")
         return ModelsUnavailable(f"model server (Triton) at {self.url} is unavailable: {exc}")
 
     async def _call(self, fn: Callable[..., Awaitable[T]], timeout: float) -> T:
-        """Run `fn(client)` within `timeout` seconds; connection failures become ModelsUnavailable."""
+        """Run `fn(client)` on the pool within `timeout` seconds; TritonUnavailableError becomes ModelsUnavailable."""
+        return await asyncio.wait_for(self._pooled(fn), timeout)
+
+    async def _pooled(self, fn: Callable[..., Awaitable[T]]) -> T:
         from serving.errors import TritonUnavailableError
 
-        async with self._lease() as connection:
-            try:
-                return await asyncio.wait_for(fn(connection.client), timeout)
-            except TritonUnavailableError as exc:
-                self._retire(connection)
-                raise self._unavailable(exc) from None
+        try:
+            return await self.pool.call(fn)
+        except TritonUnavailableError as exc:
+            raise self._unavailable(exc) from None
 
     async def close(self) -> None:
-        if self._connection is not None:
-            connection = self._connection
-            self._retire(connection)
-            await connection.close_if_done()
+        await self.pool.close()
 
-    async def ready(self) -> bool:
+    def endpoints(self) -> list:
+        """serving.pool.EndpointState of each Triton endpoint."""
+        return self.pool.states()
+
+    async def identity(self, timeout: float, fresh: bool = False) -> ModelIdentity:
+        """Which model and weights the endpoints serve: asked now if `fresh`, while an endpoint is out
+        of rotation, or when the last answer is older than IDENTITY_MAX_AGE_S; ModelsUnavailable (or a
+        timeout) when none answers, ModelMismatch when endpoints serve different exports."""
+        if not fresh and self.pool.healthy and self._verified is not None:
+            identity, when = self._verified
+            if time.monotonic() - when < IDENTITY_MAX_AGE_S:
+                return identity
+        from serving.errors import IdentityMismatchError, TritonUnavailableError
+
+        asked_at = time.monotonic()
         try:
-            await self.identity(timeout=5.0, refresh=True)
-            return True
-        except (ModelsUnavailable, asyncio.TimeoutError):
-            return False
-
-    @property
-    def known_identity(self) -> Optional[ModelIdentity]:
-        """What Triton said it serves when last asked (None before it first answered)."""
-        return self._identity
-
-    async def identity(self, timeout: float = 30.0, refresh: bool = False) -> ModelIdentity:
-        """Which model Triton serves (asked once per connection, or now with `refresh`)."""
-        if not refresh and self._connection is not None and self._identity is not None:
-            return self._identity
-
-        async def ask(client):
-            from serving.errors import IdentityMismatchError
-
-            try:
-                found = await client.identity()
-            except IdentityMismatchError as exc:
-                raise ModelMismatch(str(exc)) from None
-            return ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
-
-        identity = await self._call(ask, timeout)
-        if self._identity is not None and identity != self._identity:
-            raise ModelMismatch(f"Triton at {self.url} now serves {identity}, the service started with {self._identity}")
-        self._identity = identity
+            found = await self.pool.identity(timeout)
+        except IdentityMismatchError as exc:
+            raise ModelMismatch(str(exc)) from None
+        except TritonUnavailableError as exc:
+            raise self._unavailable(exc) from None
+        identity = ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
+        if self._verified is not None and identity != self._verified[0]:
+            self.text_cache.clear()  # its vectors are the old model's
+        self._verified = (identity, asked_at)
         return identity
 
     # ------------------------------------------------------------ embeddings
@@ -151,10 +165,18 @@ class Models:
         return await self._each(one, images, timeout)
 
     async def embed_texts(self, texts: Sequence[str], timeout: float) -> np.ndarray:
-        async def run(client):
-            return await client.embed_texts(list(texts))
+        """(N, D) float32; texts seen recently come from the cache, the others from Triton in one call."""
+        found = [self.text_cache.get(text) for text in texts]
+        missing = list(dict.fromkeys(t for t, v in zip(texts, found) if v is None))
+        if missing:
+            async def run(client):
+                return await client.embed_texts(missing)
 
-        return np.asarray(await self._call(run, timeout), np.float32)
+            computed = dict(zip(missing, np.asarray(await self._call(run, timeout), np.float32)))
+            for text, vector in computed.items():
+                self.text_cache.put(text, vector)
+            found = [computed[t] if v is None else v for t, v in zip(texts, found)]
+        return np.stack(found) if found else np.zeros((0, 0), np.float32)
 
     # ------------------------------------------------------------ captions
     async def caption(self, image: bytes, params: SamplingParams, timeout: float) -> Caption:
@@ -164,32 +186,17 @@ class Models:
         return await self._call(run, timeout)
 
     async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> Caption:
-        async def run(client):
-            return await client.caption_video(video, frames=frames, params=params)
+        async def run(client):  # decoding gives up by itself at the deadline: a thread cannot be cancelled
+            return await client.caption_video(video, frames=frames, params=params,
+                                              decode_seconds=min(timeout, media.DEFAULT_MAX_DECODE_SECONDS))
 
         return await self._call(run, timeout)
 
-    async def caption_each(self, images: Sequence[bytes], params: SamplingParams, timeout: float) -> list:
-        """Captions of several images at once, one decoder sequence each; one result or exception per image."""
-        async def one(client, data):
-            return await client.caption(data, params)
-
-        return await self._each(one, images, timeout)
-
     async def _each(self, fn, items: Sequence, timeout: float) -> list:
-        if not items:
-            return []
-        from serving.errors import TritonUnavailableError
+        """`fn(client, item)` for each item, each its own pool call (so spread over the endpoints); one
+        result or exception per item, ModelsUnavailable included."""
+        async def one(item):
+            return await self._pooled(lambda client: fn(client, item))
 
-        async def run(client):
-            return await asyncio.gather(*(fn(client, item) for item in items), return_exceptions=True)
-
-        async with self._lease() as connection:
-            results = await asyncio.wait_for(run(connection.client), timeout)
-            failures = [r for r in results if isinstance(r, TritonUnavailableError)]
-            if failures:
-                self._retire(connection)
-                down = self._unavailable(failures[0])
-                results = [down if isinstance(r, TritonUnavailableError) else r for r in results]
-        return results
-
+        return list(await asyncio.wait_for(asyncio.gather(*(one(item) for item in items), return_exceptions=True),
+                                           timeout))

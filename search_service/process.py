@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 from serving.supervisor import Supervisor
 
 READY_LINE = "search service ready on {host}:{port}"  # server.run prints it (and more) once it serves
-READY = re.compile(READY_LINE.format(host=r"(\S+)", port=r"(\d+)"))
+METRICS_NOTE = ", metrics {url}"  # in the ready line's parentheses when --metrics-port is given
+READY = re.compile(READY_LINE.format(host=r"(\S+)", port=r"(\d+)")
+                   + r"(?:.*?" + METRICS_NOTE.format(url=r"(http://[^\s),]+/metrics)") + ")?")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,11 +36,17 @@ class ServiceChild:
         match = self.process.ready_match if self.process else None
         return f"{match.group(1)}:{match.group(2)}" if match else None
 
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """Its Prometheus endpoint (http://HOST:PORT/metrics), once ready, if it serves one."""
+        match = self.process.ready_match if self.process else None
+        return match.group(3) if match else None
+
     def output(self, lines: Optional[int] = None) -> str:
         """The last lines it wrote."""
         return self.process.tail(lines) if self.process else ""
 
-    def start(self, timeout: float = 120.0):
+    def start(self, timeout: float = 300.0):
         """Start it and wait for the ready line; ProcessError (with its output) if it exits or times out first."""
         self.process = Supervisor(self.command, name=self.name, cwd=ROOT, env=self.env, log_file=self.log_file,
                                   ready=READY).start()

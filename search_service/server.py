@@ -26,15 +26,18 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .admission import Admission, Limits
 from .collection import Collection, StoreUnavailable
 from .config import DEFAULT_PORT, VECTOR_STORES, ServiceConfig
 from .engine import Engine
 from .index import IndexSettings
+from .interceptors import RecordMetrics, ShedLoad, with_behaviour
+from .metrics import MetricsServer, ServiceMetrics
 from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
 from .models import Models
-from .process import READY_LINE
+from .process import METRICS_NOTE, READY_LINE
 from .pb import search_pb2, search_pb2_grpc
-from .service import SearchServicer, status_of
+from .service import TRITON_CHECK_S, SearchServicer, status_of
 
 log = logging.getLogger("search_service")
 
@@ -44,17 +47,19 @@ OPEN_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch") 
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    """Require "authorization: Bearer <token>" on every call except health checks."""
+    """Require "authorization: Bearer <token>" on every call except health checks. `tokens`: one token,
+    or several, one per line (a token per client: the rate limit counts per token)."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: str):
+        self._expected = [f"Bearer {token.strip()}".encode() for token in tokens.splitlines() if token.strip()]
 
     async def intercept_service(self, continuation, details):
         if details.method in OPEN_METHODS:
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         handler = await continuation(details)
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+        given = given.encode() if isinstance(given, str) else given
+        if any([hmac.compare_digest(given, expected) for expected in self._expected]):  # a list: all compared
             return handler
         return _refusing(handler)
 
@@ -65,13 +70,7 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler is None:
-        return None
-    kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    make = kind[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return None if handler is None else with_behaviour(handler, lambda behaviour, kind: refuse)
 
 
 class ParseRequests(grpc.aio.ServerInterceptor):
@@ -104,6 +103,7 @@ class RunningServer:
     models: Models
     health: health.aio.HealthServicer
     _watch: asyncio.Task
+    metrics: Optional[MetricsServer] = None  # the /metrics endpoint, when --metrics-port is given
 
     @property
     def address(self) -> str:
@@ -113,6 +113,8 @@ class RunningServer:
         self._watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics is not None:  # before the store closes: a scrape reads it
+            await asyncio.to_thread(self.metrics.stop)
         await self.models.close()
         await asyncio.to_thread(self.engine.close)
 
@@ -120,19 +122,24 @@ class RunningServer:
 async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     """Open the store and index, then serve on config.host:config.port (0 = a free port)."""
     engine = open_collection(config)
-    models = Models(config.triton_url, config.logit_scale)
+    metrics = ServiceMetrics()
+    models = Models(config.triton_url, config.logit_scale, config.text_cache_size, observe=metrics.record_triton)
     try:
         dim = await asyncio.to_thread(lambda: engine.dim)
         if dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
             log.info("index: %s", await asyncio.to_thread(engine.open_index, dim, progress))
     except StoreUnavailable as exc:  # opened once it answers (health says NOT_SERVING meanwhile)
         log.warning("%s", exc)
-    servicer = SearchServicer(config, engine, models)
-    health_servicer = health.aio.HealthServicer()
+    admission = Admission(config.limits, on_shed=metrics.count_shed)
+    servicer = SearchServicer(config, engine, models, admission)
+    health_servicer = LiveHealth(servicer)
+    for name in ("", SERVICE_NAME):  # until Triton has said what it serves
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
-    interceptors = [BearerTokenAuth(config.bearer_token)] if config.bearer_token else []
-    interceptors.append(ParseRequests())
+    # outermost first: every call is recorded (refusals too); only authenticated calls take a slot
+    interceptors = [RecordMetrics(metrics), *([BearerTokenAuth(config.bearer_token)] if config.bearer_token else []),
+                    ShedLoad(admission, by_token=bool(config.bearer_token)), ParseRequests()]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -141,8 +148,12 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, _credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     await server.start()
-    watch = asyncio.create_task(_watch_models(servicer, health_servicer))
-    return RunningServer(server, port, engine, models, health_servicer, watch)
+    watch = asyncio.create_task(_watch_models(health_servicer))
+    endpoint = None
+    if config.metrics_port is not None:
+        metrics.watch(admission, engine, models.text_cache)
+        endpoint = metrics.serve(config.host, config.metrics_port)
+    return RunningServer(server, port, engine, models, health_servicer, watch, endpoint)
 
 
 def open_collection(config: ServiceConfig) -> Collection:
@@ -157,44 +168,72 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([pair])
 
 
-async def _watch_models(servicer: SearchServicer, health_servicer) -> None:
-    """Health follows Triton: SERVING while the models answer (and match the store), NOT_SERVING otherwise."""
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    last = None
-    while True:
-        try:
-            await servicer.ensure_models(refresh=True)
-            await asyncio.to_thread(servicer.engine.ping)
-            status = serving
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            status = not_serving
-            if last != not_serving:
-                log.warning("not serving: %s", status_of(exc)[1])
-        if status != last:
+class LiveHealth(health.aio.HealthServicer):
+    """Health that follows Triton and the store: SERVING while Triton answers with the store's model
+    and weights and the store can be reached, NOT_SERVING otherwise. A Check asks then and there
+    (Triton within TRITON_CHECK_S; concurrent probes share one question); Watch streams the changes
+    the poller sees every HEALTH_POLL_S."""
+
+    def __init__(self, servicer: SearchServicer):
+        super().__init__()
+        self.servicer = servicer
+        self._last: Optional[int] = None
+
+    async def refresh(self) -> None:
+        problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
+        status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        if problem is not None and self._last != status:
+            log.warning("not serving: %s", problem)
+        if status != self._last:
+            self._last = status
             for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
-            last = status
+                await self.set(name, status)
+        await _set_endpoint_health(self.servicer.models, self)
+
+    async def Check(self, request, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+async def _watch_models(health_servicer: LiveHealth) -> None:
+    while True:
+        await health_servicer.refresh()
         await asyncio.sleep(HEALTH_POLL_S)
+
+
+async def _set_endpoint_health(models: Models, health_servicer) -> None:
+    """Each Triton endpoint under its own health name, "coca.search.v1.SearchService/triton/HOST:PORT":
+    SERVING while it is in rotation. (The service itself is SERVING while any endpoint is.)"""
+    for endpoint in models.endpoints():
+        status = health_pb2.HealthCheckResponse.SERVING if endpoint.healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(endpoint_health_name(endpoint.url), status)
+
+
+def endpoint_health_name(url: str) -> str:
+    return f"{SERVICE_NAME}/triton/{url}"
 
 
 # ---------------------------------------------------------------- command line
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m search_service.server", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="data directory (store, blobs, index snapshot)")
-    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address HOST:PORT")
+    p.add_argument("--triton", default="127.0.0.1:8001", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="Triton gRPC address; several (same model export) share the load and cover for each other")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow AddImages server-side paths under DIR (repeatable; none by default)")
     add_store_arguments(p)
+    add_operator_arguments(p)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--text-cache-size", type=int, default=ServiceConfig.text_cache_size,
+                   help="recent query-text embeddings kept (LRU; 0 = none; Stats reports hits/misses)")
+    p.add_argument("--caption-workers", type=int, default=ServiceConfig.caption_workers,
+                   help="hits one search with_captions captions at once (default %(default)s)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
-    p.add_argument("--token-file", help="file holding the bearer token clients must send "
+    p.add_argument("--token-file", help="file holding the bearer token clients must send (or several, one per line) "
                    "(or set COCA_SEARCH_TOKEN); kept off the command line so ps does not show it")
     return p.parse_args(argv)
 
@@ -232,16 +271,43 @@ def store_settings(args) -> dict:
     }
 
 
+def add_operator_arguments(p: argparse.ArgumentParser) -> None:
+    """Metrics and load shedding (search_service/admission.py); shared with `coca serve`."""
+    g = p.add_argument_group("operators: metrics and load shedding")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST as --host (default: off; 0 = a free port)")
+    for flag, field, what in (("--max-inflight-search", "search", "SearchText/SearchImage/Classify/Rank/Get/Delete/Stats calls"),
+                              ("--max-inflight-ingest", "ingest", "AddImages streams"),
+                              ("--max-inflight-caption", "caption", "Caption calls"),
+                              ("--max-caption-sequences", "caption_sequences",
+                               "decoder sequences (Caption + searches with_captions; a hit that finds none free "
+                               "comes back uncaptioned)")):
+        g.add_argument(flag, type=int, default=getattr(Limits, field), metavar="N",
+                       help=f"{what} in flight; more are refused at once with RESOURCE_EXHAUSTED "
+                            "(default %(default)s; 0 = no bound)")
+    g.add_argument("--rate-limit", type=float, default=Limits.rate, metavar="PER_S",
+                   help="requests per second per bearer token (per client address without one); 0 = off (default)")
+    g.add_argument("--rate-burst", type=int, default=Limits.burst, metavar="N",
+                   help="requests a token may send at once under --rate-limit (default: the rate, at least 1)")
+
+
+def operator_settings(args) -> dict:
+    """ServiceConfig fields for the options of add_operator_arguments."""
+    limits = Limits(search=args.max_inflight_search, ingest=args.max_inflight_ingest, caption=args.max_inflight_caption,
+                    caption_sequences=args.max_caption_sequences, rate=args.rate_limit, burst=args.rate_burst)
+    return {"limits": limits, "metrics_port": args.metrics_port}
+
+
 def config_from_args(args) -> ServiceConfig:
     token = os.environ.get("COCA_SEARCH_TOKEN") or None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     return ServiceConfig(
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
-        allowed_roots=[Path(r) for r in args.root], **store_settings(args),
-        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
+        allowed_roots=[Path(r) for r in args.root], **store_settings(args), **operator_settings(args),
+        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20, caption_workers=args.caption_workers,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
-        bearer_token=token,
+        bearer_token=token, text_cache_size=max(0, args.text_cache_size),
     )
 
 
@@ -256,8 +322,10 @@ async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> No
         log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
     store = (f"Milvus {config.milvus.uri} collection {config.milvus.collection}" if config.vector_store == "milvus"
              else f"index {config.index.factory}")
+    metrics = "" if running.metrics is None else METRICS_NOTE.format(
+        url=f"http://{config.host}:{running.metrics.port}/metrics")
     print(READY_LINE.format(host=config.host, port=running.port) + f" (data {config.data_dir}, "
-          f"Triton {config.triton_url}, {store})", flush=True)
+          f"Triton {config.triton_url}, {store}{metrics})", flush=True)
     try:
         await stop.wait()
     finally:

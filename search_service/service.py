@@ -7,7 +7,9 @@ import functools
 import logging
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import grpc
@@ -18,7 +20,9 @@ from coca import media
 from coca.errors import CapacityError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.settings import SamplingParams
+from coca.texts import check_text
 
+from .admission import CAPTION_SEQUENCES, Admission, Shed
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
@@ -32,6 +36,7 @@ log = logging.getLogger("search_service")
 DEFAULT_K = 10
 DEFAULT_FRAMES = 16
 MAX_FRAMES = 64
+TRITON_CHECK_S = 1.5  # how long health and Stats wait for Triton to say what it serves
 MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones commit
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
@@ -39,6 +44,7 @@ MAX_METADATA_CHARS = 4096
 MAX_FIND_HASHES = 1024  # content hashes in one FindContent
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within this of 1
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
 class ServiceError(Exception):
@@ -65,6 +71,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
+    if isinstance(exc, Shed):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
     if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
@@ -121,13 +129,16 @@ CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
-    def __init__(self, config: ServiceConfig, engine: Collection, models: Models):
+    def __init__(self, config: ServiceConfig, engine: Collection, models: Models,
+                 admission: Optional[Admission] = None):
         self.config = config
         self.engine = engine
         self.models = models
+        self.admission = admission or Admission(config.limits)  # bounds decoder sequences (load shedding)
         self.caption_params = SamplingParams()
-        self._bound: Optional[ModelIdentity] = None
+        self._bound: Optional[ModelIdentity] = None  # what this process bound the store to (Triton's first answer)
         self._opening = asyncio.Lock()
+        self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
 
     # ------------------------------------------------------------ helpers
     def _timeout(self, context) -> float:
@@ -135,15 +146,43 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         remaining = context.time_remaining() if context is not None else None
         return self.config.triton_timeout_s if remaining is None else max(remaining, 0.001)
 
-    async def ensure_models(self, refresh: bool = False, context=None) -> None:
-        """Triton answers and serves the store's model; the index is open (its dimension known)."""
-        identity = await self.models.identity(timeout=self._timeout(context), refresh=refresh)
+    async def ensure_models(self, context=None, fresh: bool = False, timeout: Optional[float] = None) -> None:
+        """Triton answers and serves the store's model and weights (asked now when `fresh`); the index is
+        open. ModelMismatch when Triton serves other weights than those the store was bound to."""
+        identity = await self.models.identity(timeout or self._timeout(context), fresh=fresh)
         async with self._opening:
-            if identity != self._bound:
+            if self._bound is None:
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
+            elif identity != self._bound:
+                raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
+                                    f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
+
+    async def models_problem(self, timeout: float) -> Optional[str]:
+        """Why Triton cannot serve this store now (None when it can), asked of Triton now, within `timeout`.
+        Concurrent callers (health probes, Stats, the health poller) share one check in flight."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._problem(timeout))
+        return await asyncio.shield(self._checking)
+
+    async def _problem(self, timeout: float) -> Optional[str]:
+        try:
+            await self.ensure_models(fresh=True, timeout=timeout)
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return status_of(exc)[1]
+
+    async def store_problem(self) -> Optional[str]:
+        """Why the store cannot be reached now (None when it can): a remote one may be down."""
+        try:
+            await asyncio.to_thread(self.engine.ping)
+            return None
+        except Exception as exc:
+            return status_of(exc)[1]
 
     def check_image(self, data: bytes, name: str = "") -> None:
         """Size, format and pixel-count checks from the header alone (the model decodes it again)."""
@@ -218,6 +257,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             pending = [p for p in prepared if isinstance(p, Prepared) and p.embedding is None]
             vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
             results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
+            if pending:  # the embeddings come from the weights the store holds: asked again, not assumed
+                await self.ensure_models(context=context, fresh=True)
             ready = [(p, p.embedding) for p in prepared if isinstance(p, Prepared) and p.embedding is not None]
             for p, vector in zip(pending, vectors):
                 if isinstance(vector, ModelsUnavailable):
@@ -254,14 +295,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         given = self._given_embedding(request.embedding) if request.HasField("embedding") else None
         source = request.WhichOneof("source")
         if source == "image":
-            data, uri, keep = request.image, request.uri, True
+            data, uri, keep = request.image, self._check_uri(request.uri), True
             self.check_image(data)
         elif source == "path":
-            path = self.config.resolve_path(request.path)
-            if path.stat().st_size > self.config.max_image_bytes:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{request.path}: over the image size limit of {self.config.max_image_bytes} bytes")
-            data, uri, keep = path.read_bytes(), f"file://{path}", False
+            path, data = self._read_server_file(request.path)
+            uri, keep = f"file://{path}", False
             self.check_image(data, request.path)
         else:
             raise bad("item has neither image bytes nor a path")
@@ -281,12 +319,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
                                "this service embeds images itself and takes no precomputed embeddings "
                                "(start it with --accept-embeddings to trust its writers' vectors)")
-        bound = self.models.known_identity  # as Triton answered for this stream (ModelIdentity's == ignores the export)
-        if given.repository_id != bound.repository_id:
+        bound = self._bound  # the weights this store holds embeddings of (the stream checked Triton serves them)
+        if given.repository_id != bound.weights:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"embedding made with export {given.repository_id[:16]!r}, but the Triton behind "
-                               f"this service serves {bound.model} ({bound.pretrained}) export "
-                               f"{bound.repository_id[:16]!r}: embed with the same export")
+                               f"embedding made with export {given.repository_id[:16]!r}, but this store holds "
+                               f"embeddings of {bound.model} ({bound.pretrained}) export {bound.weights[:16]!r}: "
+                               "embed with the same export")
         vector = np.asarray(given.values, np.float32)
         if vector.shape != (bound.embed_dim,):
             raise bad(f"embedding has {vector.size} values, the model's embeddings {bound.embed_dim}")
@@ -296,6 +334,27 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if abs(norm - 1) > EMBEDDING_NORM_TOLERANCE:
             raise bad(f"embedding norm is {norm:.4f}: embeddings are unit vectors")
         return vector
+
+    def _read_server_file(self, given: str) -> tuple[Path, bytes]:
+        """The file a client named (under the roots) and its bytes; errors name it as the client did."""
+        path = self.config.resolve_path(given)
+        try:
+            if path.stat().st_size > self.config.max_image_bytes:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{given}: over the image size limit of {self.config.max_image_bytes} bytes")
+            return path, path.read_bytes()
+        except OSError as exc:  # gone or unreadable since it was resolved; its message holds the real path
+            raise PathRefused(f"{given!r}: cannot read it ({exc.strerror or type(exc).__name__})",
+                              not_found=isinstance(exc, FileNotFoundError)) from None
+
+    def _check_uri(self, uri: str) -> str:
+        """A label shown to clients (and on terminals): bounded, and no control characters in it."""
+        if len(uri) > self.config.max_uri_chars:
+            raise bad(f"uri is {len(uri)} characters long, over the limit of {self.config.max_uri_chars}")
+        unsafe = next((c for c in uri if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS), None)
+        if unsafe is not None:
+            raise bad(f"uri {uri[:40]!r} holds the control character {unsafe!r}: uris must be printable text")
+        return uri
 
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent."""
@@ -330,9 +389,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def SearchText(self, request: pb.SearchTextRequest, context) -> pb.SearchResponse:
         options = self._options(request.options)
-        text = request.text.strip()
-        if not text:
-            raise bad("text is empty: give at least one word to search for")
+        text = check_text(request.text, "text", self.config.max_text_chars).strip()
         await self.ensure_models(context=context)
         vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
         return await self._search(vector, options, context)
@@ -376,36 +433,43 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def _search(self, vector: np.ndarray, options: SearchOptions, context) -> pb.SearchResponse:
         hits = await asyncio.to_thread(self.engine.search, vector, options.k, options.filters, options.min_score,
                                        options.consistency)
-        errors: dict[int, str] = {}
-        if options.with_captions:
-            errors = await self._caption_hits(hits, context)
-        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits],
-                                 searched=self.engine.size)
+        errors = await self._caption_hits(hits, context) if options.with_captions else {}
+        return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits], searched=self.engine.size)
 
     async def _caption_hits(self, hits: list[Hit], context) -> dict[str, str]:
-        """Caption the hits that have no caption, concurrently (one decoder sequence each); store them."""
-        missing = [h.item for h in hits if not h.item.caption]
-        if not missing:
-            return {}
-        images = await asyncio.to_thread(_read_images, self.engine, missing)
-        readable = [(item, data) for item, data in zip(missing, images) if isinstance(data, bytes)]
-        errors = {item.id: str(data) for item, data in zip(missing, images) if not isinstance(data, bytes)}
-        captions = await self.models.caption_each([d for _, d in readable], self.caption_params, self._timeout(context))
-        new: dict[str, str] = {}
-        for (item, _), caption in zip(readable, captions):
-            if isinstance(caption, ModelsUnavailable):
-                raise caption
-            if isinstance(caption, BaseException):
-                errors[item.id] = status_of(caption)[1]
-            else:
-                item.caption = new[item.id] = caption.text
-        await asyncio.to_thread(self.engine.set_captions, new)
+        """Caption the hits that have no caption: `caption_workers` at a time (each reads its image,
+        then runs one decoder sequence), each caption stored as soon as it is made, so the work done
+        stands even if the call then fails or passes its deadline. Returns the errors by item id."""
+        pending = collections.deque(h.item for h in hits if not h.item.caption)
+        errors: dict[str, str] = {}
+
+        async def worker():
+            while pending:
+                item = pending.popleft()
+                try:
+                    data = await asyncio.to_thread(_read_image, self.engine, item)
+                    caption = await self._caption(data, self.caption_params, self._timeout(context))
+                except ModelsUnavailable:
+                    raise  # Triton is down: the search fails UNAVAILABLE
+                except Exception as exc:
+                    errors[item.id] = status_of(exc)[1]
+                    continue
+                await asyncio.to_thread(self.engine.set_captions, {item.id: caption.text})
+                item.caption = caption.text
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.config.caption_workers, len(pending)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
         return errors
 
     # ------------------------------------------------------------ model calls
     @rpc
     async def Caption(self, request: pb.CaptionRequest, context) -> pb.CaptionResponse:
         params = sampling_params(request.sampling)
+        await self.ensure_models(context=context)
         media = request.WhichOneof("media")
         timeout = self._timeout(context)
         if media == "video":
@@ -414,11 +478,17 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 raise bad(f"frames must be in [1, {MAX_FRAMES}], got {request.frames}")
             if len(request.video) > self.config.max_image_bytes:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
-            caption = await self.models.caption_video(request.video, frames, params, timeout)
+            with self.admission.hold(CAPTION_SEQUENCES):
+                caption = await self.models.caption_video(request.video, frames, params, timeout)
         else:
             data = await self._image_bytes(request.image if media == "image" else None, request.id)
-            caption = await self.models.caption(data, params, timeout)
+            caption = await self._caption(data, params, timeout)
         return pb.CaptionResponse(text=caption.text, tokens=caption.tokens, logprobs=caption.logprobs)
+
+    async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
+        """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""
+        with self.admission.hold(CAPTION_SEQUENCES):
+            return await self.models.caption(data, params, timeout)
 
     async def _image_bytes(self, data: Optional[bytes], item_id: str) -> bytes:
         if data is not None:
@@ -437,19 +507,24 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return await self._image_vector(ref.image if ref.WhichOneof("ref") == "image" else None, ref.id, context)
 
     def _check_texts(self, texts: list[str], what: str) -> list[str]:
+        """Texts the text encoder takes: how many, each one, and all together (the tokenizer's work)."""
         if not texts:
             raise bad(f"give at least one {what}")
         if len(texts) > self.config.max_texts:
             raise bad(f"at most {self.config.max_texts} {what}s, got {len(texts)}")
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise bad(f"{what} #{i + 1} is empty")
+            check_text(text, f"{what} #{i + 1}", self.config.max_text_chars)
+        total = sum(len(t) for t in texts)
+        if total > self.config.max_request_text_chars:
+            raise bad(f"the {what}s are {total} characters in all, over the limit of "
+                      f"{self.config.max_request_text_chars} per request")
         return texts
 
     @rpc
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         labels = self._check_texts(list(request.labels), "label")
-        prompts = label_prompts(request.template or DEFAULT_TEMPLATE, labels)
+        prompts = self._check_texts(label_prompts(request.template or DEFAULT_TEMPLATE, labels), "prompt")
+        await self.ensure_models(context=context)
         image = await self._ref_vector(request.image, context)
         texts = await self.models.embed_texts(prompts, self._timeout(context))
         similarity = texts @ image
@@ -463,6 +538,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         texts = self._check_texts(list(request.texts), "text")
+        await self.ensure_models(context=context)
         image = await self._ref_vector(request.image, context)
         distances = 1 - (await self.models.embed_texts(texts, self._timeout(context))) @ image
         order = np.argsort(distances, kind="stable")
@@ -498,11 +574,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         stats = await asyncio.to_thread(self.engine.stats)
-        ready = await self.models.ready()
-        known = self.models.known_identity
-        repository_id = known.repository_id if ready and known is not None else ""
-        return pb.StatsResponse(**stats, triton_ready=ready, repository_id=repository_id,
-                                accepts_embeddings=self.config.accept_embeddings)
+        ready = await self.models_problem(TRITON_CHECK_S) is None
+        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=ready, triton_endpoints=[
+            pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
+                              last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
+            repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings)
 
 
 # ---------------------------------------------------------------- module helpers
@@ -560,24 +636,14 @@ def _check_metadata(metadata: dict[str, str], what: str = "metadata") -> dict[st
 def sampling_params(settings: pb.SamplingSettings) -> SamplingParams:
     """SamplingParams from the fields the client set (the others keep their defaults)."""
     values = {field.name: value for field, value in settings.ListFields()}
-    return SamplingParams(**values)  # validates: InvalidInputError -> INVALID_ARGUMENT
+    return SamplingParams.from_float32(values)  # validates: InvalidInputError -> INVALID_ARGUMENT
 
 
 def _read_image(engine: Collection, item: Item) -> bytes:
     try:
         return engine.read_image(item)
-    except BlobError as exc:
+    except BlobError as exc:  # its message names the item, not server paths
         raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-
-
-def _read_images(engine: Collection, items: list[Item]) -> list:
-    out = []
-    for item in items:
-        try:
-            out.append(_read_image(engine, item))
-        except ServiceError as exc:
-            out.append(exc)
-    return out
 
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:

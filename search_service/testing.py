@@ -137,15 +137,31 @@ class MilvusServerProcess:
     hang); `kill()` is SIGKILL of the whole group; `start()` again reuses the data directory.
     """
 
+    LOCK = "/tmp/coca-search-milvus.lock"  # processes that want the host's one Milvus take turns
+
     def __init__(self, data_dir: str | os.PathLike, port: int = 19530):
         self.data_dir = Path(data_dir)
         self.port = port
         self.uri = f"http://127.0.0.1:{port}"
         self.process: Optional[Supervisor] = None
+        self._lock = None
+
+    def _take_turn(self) -> None:
+        import fcntl
+
+        if self._lock is not None:
+            return
+        self._lock = open(self.LOCK, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process's Milvus to stop ({self.LOCK}) ...", file=sys.stderr, flush=True)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
 
     def start(self, timeout: float = 300.0, attempt_s: float = 90.0) -> "MilvusServerProcess":
         """Launch and wait until it answers. A restart right after a kill sometimes never opens the proxy
         port (PLATFORM.md: the port lingers after a SIGKILL): such a launch is killed and tried again."""
+        self._take_turn()
         deadline = time.monotonic() + timeout
         while True:
             self.process = Supervisor(
@@ -178,8 +194,12 @@ class MilvusServerProcess:
                     client.close()
 
     def stop(self) -> None:
+        """Stop it and let the next process have its turn."""
         if self.process is not None:
             self.process.stop(grace=30.0)
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def kill(self) -> None:
         """SIGKILL of the whole group: no shutdown code runs (a crash)."""

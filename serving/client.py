@@ -19,9 +19,10 @@ import io
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -38,6 +39,7 @@ from .protocol import (CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OU
                        TRITON_MODELS, Identity)
 
 ImageInput = Union[bytes, str, os.PathLike]
+InferObserver = Callable[[str, float, bool], None]  # (model, seconds, succeeded)
 
 # tritonclient's message limits, plus: a subchannel of this channel's own, so that a new client is not
 # tied to the reconnect backoff another channel to the same address is sitting in (gRPC shares
@@ -65,11 +67,11 @@ class Generation:
 class TritonCoca:
     """CoCa through Triton: embeddings and captions; one instance per event loop."""
 
-    def __init__(self, url: str, timeout_s: Optional[float] = None):
+    def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None):
         self.url = url
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
+        self.observe = observe  # told (model, seconds, ok) after every infer call: the service's metrics
         self._client: Optional[grpcaio.InferenceServerClient] = None
-        self._identity: Optional[Identity] = None
         self._tokenizer = None
 
     async def __aenter__(self) -> "TritonCoca":
@@ -91,17 +93,19 @@ class TritonCoca:
 
     # --- identity ----------------------------------------------------------------------
     async def identity(self) -> Identity:
-        """The model and weights the server's repository holds (the same in all three models)."""
-        if self._identity is None:
-            configs = await asyncio.gather(*(self._call(self.client.get_model_config(name, as_json=True), name)
-                                             for name in TRITON_MODELS))
-            found = {name: _identity(name, c["config"]) for name, c in zip(TRITON_MODELS, configs)}
-            if len(set(found.values())) > 1:
-                raise IdentityMismatchError(
-                    f"the models on {self.url} come from different exports: "
-                    + "; ".join(f"{name}: {i.model} ({i.pretrained}, id {i.repository_id})" for name, i in found.items()))
-            self._identity = next(iter(found.values()))
-        return self._identity
+        """The model and weights the server's repository holds (the same in all three models).
+
+        Asked anew on every call (three small config requests): the server may have been
+        restarted with other weights since, and an answer also says that it is up and loaded.
+        """
+        configs = await asyncio.gather(*(self._call(self.client.get_model_config(name, as_json=True), name)
+                                         for name in TRITON_MODELS))
+        found = {name: _identity(name, c["config"]) for name, c in zip(TRITON_MODELS, configs)}
+        if len(set(found.values())) > 1:
+            raise IdentityMismatchError(
+                f"the models on {self.url} come from different exports: "
+                + "; ".join(f"{name}: {i.model} ({i.pretrained}, id {i.repository_id})" for name, i in found.items()))
+        return next(iter(found.values()))
 
     async def check_identity(self, expected_model: Optional[str] = None,
                              expected_pretrained: Optional[str] = None) -> Identity:
@@ -172,12 +176,15 @@ class TritonCoca:
 
         return list(await asyncio.gather(*(one(image) for image in images)))
 
-    async def caption_video(self, video: ImageInput, frames: int = 16,
-                            params: SamplingParams = SamplingParams()) -> Caption:
-        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process)."""
+    async def caption_video(self, video: ImageInput, frames: int = 16, params: SamplingParams = SamplingParams(),
+                            decode_seconds: float = media.DEFAULT_MAX_DECODE_SECONDS) -> Caption:
+        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process).
+
+        Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`.
+        """
         import torch
 
-        pictures = await asyncio.to_thread(media.video_frames, video, frames)
+        pictures = await asyncio.to_thread(media.video_frames, video, frames, max_seconds=decode_seconds)
         embeddings = await self.image_embeddings([_png(p) for p in pictures])  # PNG: lossless, same pixels
         return await self.caption(torch.from_numpy(embeddings).mean(0).numpy(), params)
 
@@ -229,8 +236,15 @@ class TritonCoca:
     # --- transport -----------------------------------------------------------------------
     async def _infer(self, model: str, inputs: list, outputs: Sequence[str], **sequence):
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        return await self._call(
-            self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s, **sequence), model)
+        started, ok = time.perf_counter(), False
+        try:
+            result = await self._call(
+                self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s, **sequence), model)
+            ok = True
+            return result
+        finally:
+            if self.observe is not None:
+                self.observe(model, time.perf_counter() - started, ok)
 
     async def _call(self, request, model: str):
         try:

@@ -208,7 +208,7 @@ class TritonServer:
         return env
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self, timeout: float = 120.0) -> "TritonServer":
+    def start(self, timeout: float = 300.0) -> "TritonServer":
         """Start the server and wait until ``/v2/health/ready`` answers 200 (all models loaded)."""
         if self.is_alive():
             raise TritonServerError("server already started")
@@ -253,7 +253,7 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 300.0) -> None:
         assert self._process is not None
         try:
             self._process.wait_ready(timeout, probe=self._health_ready)
@@ -281,6 +281,13 @@ class TritonServer:
                 self._workdir = None
             _LIVE_SERVERS.discard(self)
         return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its stubs at once (a crash: no shutdown code runs), then what
+        stop() cleans up. start() brings it back on the same ports if they were fixed."""
+        if self._process is not None:
+            self._process.kill()
+        self.stop(grace=1)
 
     def __enter__(self) -> "TritonServer":
         if not self.is_alive():
@@ -311,7 +318,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--log-file", default=None, help="also append the server log to this file")
-    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--python", default=None, help="interpreter whose venv the stubs use (default: this one)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []

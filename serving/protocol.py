@@ -17,6 +17,7 @@ TRITON_MODELS = {  # Triton model name -> CoCa part it serves (coca.loading.PART
     TEXT_DECODER: "text_decoder",
 }
 WEIGHTS_FILE = "weights.safetensors"  # in <model>/<version>/, beside model.py
+ONNX_FILE = "model.onnx"  # an encoder's ONNX graph (`coca export --format onnx`), beside its weights
 PARAMETER_PREFIX = "coca_"
 
 
@@ -52,7 +53,10 @@ SAMPLING_INPUTS = {
     "num_beam_groups": ("NUM_BEAM_GROUPS", np.int32),
     "seed": ("SEED", np.int64),
 }
-STEP_OUTPUTS = ("TOKEN", "LOGPROB", "DONE", "TOKENS", "LOGPROBS", "BATCH_ROWS")
+# What the caption loop asks of each step: every output tensor costs the Python backend a shared-memory
+# round of its own per request (16 requests per execute at concurrency 16), so TOKEN and LOGPROB, which
+# TOKENS and LOGPROBS already hold, are not asked for.
+STEP_OUTPUTS = ("DONE", "TOKENS", "LOGPROBS", "BATCH_ROWS")
 
 # The decoder answers a full cache with UNAVAILABLE and this message start (coca's CapacityError);
 # the client tells it from a connection failure, also UNAVAILABLE, by these words.

@@ -26,10 +26,11 @@ from typing import Optional, Union
 
 from coca.errors import InvalidInputError
 
-from .protocol import IMAGE_ENCODER, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, WEIGHTS_FILE, Identity
+from .protocol import IMAGE_ENCODER, ONNX_FILE, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, WEIGHTS_FILE, Identity
 
 # The templates: the repository's own model_repository/ folder (a git checkout of coca-search has it).
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
+ENCODER_RUNTIMES = ("torch", "onnxruntime")
 MANIFEST_FILE = "coca_manifest.json"
 MARKER = "search_export.json"  # beside a reused repository: what was exported, and the logit scale Triton does not serve
 
@@ -42,6 +43,21 @@ class DecoderSettings:
     sequence_idle_s: Optional[float] = None  # Triton drops a silent sequence after this
     expiry_interval_s: Optional[float] = None  # how often the model's timer looks for idle caches
     queue_delay_us: Optional[int] = None  # how long the sequence batcher waits to fill a batch of steps
+    precision: Optional[str] = None  # "fp32" or "int8" (coca/quant.py): the decode step's arithmetic
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How the two encoder models compute: torch (default), or their ONNX graphs in ONNX Runtime."""
+
+    runtime: str = "torch"
+    precision: str = "fp32"  # with onnxruntime: "int8" = 8-bit MatMulNBits weights (coca/onnx_encoders.py)
+
+    def __post_init__(self):
+        if self.runtime not in ENCODER_RUNTIMES:
+            raise InvalidInputError(f"unknown encoder runtime {self.runtime!r}: use one of {', '.join(ENCODER_RUNTIMES)}")
+        if self.precision != "fp32" and self.runtime != "onnxruntime":
+            raise InvalidInputError(f"encoder precision {self.precision} needs the onnxruntime runtime (--format onnx)")
 
 
 def export_repository(
@@ -49,6 +65,7 @@ def export_repository(
     out_dir: Union[str, os.PathLike],
     dtype=None,
     decoder: DecoderSettings = DecoderSettings(),
+    encoders: EncoderSettings = EncoderSettings(),
     torch_threads: Optional[int] = None,
     templates: Union[str, os.PathLike] = TEMPLATES,
 ) -> Path:
@@ -67,6 +84,7 @@ def export_repository(
         model=model.model_name, pretrained=model.pretrained, dtype=dtype_name(dtype),
         embed_dim=model.net.config.embed_dim, repository_id=repository_id(hashes),
     )
+    onnx_hashes = _write_onnx(model, out, encoders.precision) if encoders.runtime == "onnxruntime" else {}
     for name in TRITON_MODELS:
         _write_model_files(templates / name, out / name)
         parameters = {
@@ -74,6 +92,10 @@ def export_repository(
             "coca_weights_sha256": hashes[name],
             "coca_preprocess": json.dumps(model.preprocess_cfg),
         }
+        if name != "coca_text_decoder":
+            parameters.update(runtime=encoders.runtime, precision=encoders.precision)
+        if name in onnx_hashes:
+            parameters["coca_onnx_sha256"] = onnx_hashes[name]
         if torch_threads is not None:
             parameters["torch_threads"] = str(torch_threads)
         config = (templates / name / "config.pbtxt").read_text()
@@ -93,14 +115,18 @@ def export_repository(
 
 
 def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained: str, seed: int = 0,
-                      dtype: str = "float32") -> tuple[Path, float]:
+                      dtype: str = "float32", encoders: Optional[EncoderSettings] = None) -> tuple[Path, float]:
     """`directory` as a model repository of this model and weights (exported now unless it already is).
 
+    encoders: how the encoders compute (default: torch, fp32).
     Returns the repository and the model's logit scale (Classify's softmax scale).
     """
     repository = Path(directory)
     marker = repository.parent / f"{repository.name}.{MARKER}"
     wanted = {"model": model, "pretrained": pretrained, "seed": seed, "dtype": dtype}
+    # torch encoders are recorded as None, so markers written before this key existed still match
+    use_onnx = encoders is not None and encoders.runtime != "torch"
+    wanted["encoders"] = [encoders.runtime, encoders.precision] if use_onnx else None
     if marker.is_file() and (repository / MANIFEST_FILE).is_file():
         recorded = json.loads(marker.read_text())
         if {k: recorded.get(k) for k in wanted} == wanted:
@@ -110,7 +136,7 @@ def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained
     print(f"exporting {model} ({pretrained}) to {repository} ...", flush=True)
     loaded = coca.load(model, pretrained=pretrained, seed=seed, dtype=dtype)
     repository.mkdir(parents=True, exist_ok=True)
-    export_repository(loaded, repository)
+    export_repository(loaded, repository, encoders=encoders or EncoderSettings())
     marker.write_text(json.dumps({**wanted, "logit_scale": loaded.logit_scale}, indent=2) + "\n")
     return repository, loaded.logit_scale
 
@@ -142,6 +168,29 @@ def tensor_dims(net) -> dict[str, dict[str, list[int]]]:
 
 
 # --- files -------------------------------------------------------------------------------
+def _write_onnx(model, out: Path, precision: str) -> dict[str, str]:
+    """Each encoder's ONNX graph as <model>/1/model.onnx; returns their sha256 by Triton model."""
+    from coca.loading import file_sha256
+    from coca.onnx_encoders import IMAGE_FILE, TEXT_FILE, write_onnx_encoders
+
+    # scratch inside a model's folder, not the repository root: a leftover (a killed export) must not
+    # look like a model to Triton, which ignores non-numeric folders inside a model
+    with tempfile.TemporaryDirectory(dir=out / "coca_text_encoder", prefix=".onnx-") as tmp:
+        files = write_onnx_encoders(model, tmp, precision)
+        hashes = {}
+        for name, file in (("coca_text_encoder", TEXT_FILE), ("coca_image_encoder", IMAGE_FILE)):
+            target = out / name / "1" / ONNX_FILE
+            os.replace(files[file], target)  # a server never sees half a file
+            hashes[name] = file_sha256(target)
+    return hashes
+
+
+def _check_precision(precision: str) -> str:
+    from coca.quant import check_precision  # torch: only when configuring a precision
+
+    return check_precision(precision)
+
+
 def _write_model_files(template: Path, dest: Path):
     """model.py from the template, unless exporting in place."""
     source = template / "1" / "model.py"
@@ -168,7 +217,8 @@ def configure_decoder(repository: Union[str, os.PathLike], settings: DecoderSett
 
 
 def _decoder_config(config: str, settings: DecoderSettings) -> str:
-    values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s}
+    values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s,
+              "precision": settings.precision and _check_precision(settings.precision)}
     if settings.sequence_idle_s is not None:  # the model's TTL: a bit after Triton forgets the sequence
         values["sequence_ttl_seconds"] = settings.sequence_idle_s + max(0.5, 0.2 * settings.sequence_idle_s)
         config = _set_number(config, "max_sequence_idle_microseconds", round(settings.sequence_idle_s * 1e6))

@@ -41,7 +41,7 @@ def triton_unavailable_reason() -> str | None:
 def running_triton(
     model_repository: str | os.PathLike,
     *,
-    timeout: float = 120.0,
+    timeout: float = 300.0,
     dump_log_on_error: bool = True,
     **server_kwargs,
 ) -> Iterator[tuple[str, str, TritonServer]]:
@@ -74,3 +74,28 @@ def restartable_triton(model_repository: str | os.PathLike, **server_kwargs) -> 
     with running_triton(model_repository, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
                         **server_kwargs) as (_, _, server):
         yield server
+
+
+@contextlib.contextmanager
+def restartable_tritons(model_repository: str | os.PathLike, count: int = 2, timeout: float = 300.0,
+                        **server_kwargs) -> Iterator[list[TritonServer]]:
+    """`count` tritonservers on one repository (a pool of endpoints), each on ports chosen up front so
+    that a test can kill one and start it again at the same address.
+
+    Started one after the other from this thread: a server dies with the thread that started it
+    (kill_on_parent_exit), so never start one from a worker thread that ends before it should."""
+    server_kwargs.setdefault("kill_on_parent_exit", True)
+    ports = pick_free_ports(3 * count)
+    servers = [TritonServer(model_repository, http_port=ports[3 * i], grpc_port=ports[3 * i + 1],
+                            metrics_port=ports[3 * i + 2], **server_kwargs) for i in range(count)]
+    try:
+        for server in servers:
+            server.start(timeout)
+        yield servers
+    except BaseException:
+        for server in servers:
+            print(f"--- tritonserver log tail ({server!r}) ---\n{server.log_tail(60)}", file=sys.stderr)
+        raise
+    finally:
+        for server in servers:
+            server.stop()

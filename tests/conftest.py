@@ -32,7 +32,8 @@ def tiny_coca():
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
-    """A real Milvus standalone for the whole test session (one per host: see search_service.testing)."""
+    """A real Milvus standalone for the whole test session. One per host (its embedded etcd has a fixed
+    port): test sessions and benchmarks running side by side take turns (see MilvusServerProcess)."""
     from search_service.testing import MilvusServerProcess
 
     server = MilvusServerProcess(tmp_path_factory.mktemp("milvus"))

@@ -1,3 +1,4 @@
+import uuid
 """The clients against the real thing: one `coca serve --web` (tritonserver + the gRPC search service +
 the web gallery; coca-tiny, random weights) for the module, sample photos indexed once. Covers the Python
 client (sync and asyncio), the Node.js client, the web gallery in headless Chromium (with a screenshot),
@@ -116,8 +117,8 @@ def test_errors_carry_status_and_message(served, client, tmp_path):
     assert "text is empty" in info.value.details and f"SearchText on {served.address}" in str(info.value)
     with pytest.raises(NotFound, match="no item with id 'nope'"):
         client.get("nope")
-    with pytest.raises(DeadlineExceeded):
-        client.search_text("a cat", timeout=0.001)
+    with pytest.raises(DeadlineExceeded):  # a text never asked before: no cached embedding answers in time
+        client.search_text(f"a cat {uuid.uuid4().hex}", timeout=0.001)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     results = list(client.add_files([broken, tmp_path / "missing.jpg", by_name(served, "rocket")]))
@@ -249,9 +250,73 @@ def test_web_api(served):
     status, error = http(f"{base}/api/caption", b"not an image")
     assert status == 400 and "not an image" in error["error"]
     assert http(f"{base}/thumb/nope")[0] == 404
+    # A search with captions stores them: POST only (a cross-site link or <img> cannot start 100 captions).
+    status, error = http(f"{base}/api/search?q=a%20rocket&k=2&captions=1")
+    assert status == 405 and "POST" in error["error"]
+    status, captioned = http(f"{base}/api/search?q=a%20rocket&k=2&captions=1", b"")
+    assert status == 200 and all(h["caption"] for h in captioned["hits"])
+    assert [h["id"] for h in captioned["hits"]] == [h["id"] for h in found["hits"][:2]]
     for path in ["/../../etc/passwd", "/static/../server.py", "/static/%2e%2e/server.py", "/server.py",
                  "/thumb/..%2f..%2fetc%2fpasswd"]:
         assert http(base + path)[0] == 404, path
+
+
+@pytest.fixture
+def lone_gallery():
+    """The gallery with no service behind it: its Host, Origin and method checks come before any call."""
+    from clients.web.server import start_gallery
+
+    with Client("127.0.0.1:1", timeout=5) as client:
+        gallery = start_gallery(0, client)
+        try:
+            yield gallery
+        finally:
+            gallery.stop()
+
+
+def raw_request(gallery, method: str, path: str, headers: dict) -> tuple[int, str, str | None]:
+    """A request with exactly these headers (Host included), as another site's page could make it."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", gallery.server_address[1], timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read().decode(), response.getheader("Allow")
+    finally:
+        connection.close()
+
+
+def test_web_gallery_answers_its_own_pages_only(lone_gallery):
+    """DNS rebinding (a foreign Host) gets 421, another site's requests 403, GET with captions 405."""
+    port = lone_gallery.server_address[1]
+    own = {"Host": f"127.0.0.1:{port}"}
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost:{port}"):
+        assert raw_request(lone_gallery, "GET", "/", {"Host": host})[0] == 200, host
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1:{port + 1}", "127.0.0.1", ""):
+        for path in ("/", "/api/stats", "/thumb/abc"):
+            status, body, _ = raw_request(lone_gallery, "GET", path, {"Host": host})
+            assert status == 421 and "DNS-rebinding" in body, (host, path, status)
+    foreign = [("POST", "/api/caption?id=x", {"Origin": "http://attacker.example", "Content-Length": "0"}),
+               ("GET", "/api/stats", {"Origin": "null"}),
+               ("GET", "/api/stats", {"Origin": f"http://localhost:{port + 1}"}),
+               ("GET", "/thumb/abc", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}),
+               ("GET", "/api/stats", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}),
+               ("POST", "/api/search?q=cat&captions=1", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+                                                          "Content-Length": "0"})]  # a cross-site form
+    for method, path, headers in foreign:
+        status, body, _ = raw_request(lone_gallery, method, path, {**own, **headers})
+        assert status == 403 and "refused" in body, (method, path, headers, status, body)
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}  # a link to the gallery: its page
+    assert raw_request(lone_gallery, "GET", "/", {**own, **link})[0] == 200
+    assert raw_request(lone_gallery, "GET", "/app.js", {**own, "Origin": f"http://127.0.0.1:{port}",
+                                                         "Sec-Fetch-Site": "same-origin"})[0] == 200
+    for path in ("/api/search?q=cat&captions=1", "/api/similar?id=x&captions=true"):
+        status, body, allow = raw_request(lone_gallery, "GET", path, own)
+        assert (status, allow) == (405, "POST") and "POST" in body, (path, status, body)
 
 
 def browser_unavailable_reason() -> str | None:

@@ -4,7 +4,7 @@ import torch
 
 import coca
 from coca.decoding import Decoder
-from coca.errors import CapacityError
+from coca.errors import CapacityError, GenerationError, InvalidInputError
 from coca.generate import generate
 from coca.sampling import SamplingParams
 
@@ -65,3 +65,37 @@ def test_scattered_slots_read_the_right_cache_rows(tiny):
     results = decoder.run([a[0], b[0], a[2]])
     expected = generate(model.net, embs[[0, 3, 2]], GREEDY)
     assert [r.tokens for r in results] == [g.tokens for g in expected]
+
+
+def out_of_range(embs: torch.Tensor) -> torch.Tensor:
+    """Finite image embeddings (they pass every input check) whose logits come out NaN: +-1e20."""
+    huge = torch.full_like(embs, 1e20)
+    huge[..., ::2] = -1e20
+    return huge
+
+
+@pytest.mark.parametrize("params", [SAMPLED, GREEDY, BEAMS], ids=["sampled", "greedy", "beams"])
+def test_a_caption_with_nan_scores_fails_alone(tiny, params):
+    """Its neighbours in the same forwards finish with their solo tokens; before, a sampled row's NaN
+    made torch.multinomial raise inside step() and every caption of the batch failed."""
+    model, embs = tiny
+    decoder = Decoder(model.net, capacity=16)
+    good = decoder.start(embs[:2], GREEDY)
+    bad = decoder.start(out_of_range(embs[2:3]), params)
+    sequences = [good[0], bad[0], good[1]]
+    while decoder.step(sequences):
+        pass
+    assert [s.result().tokens for s in good] == [g.tokens for g in generate(model.net, embs[:2], GREEDY)]
+    with pytest.raises(GenerationError, match="NaN or infinite"):
+        bad[0].result()
+    for s in sequences:
+        decoder.release(s)
+    assert sorted(decoder.pool.free) == list(range(16))
+
+
+def test_a_beam_search_that_can_never_fit_is_invalid_not_busy(tiny):
+    model, embs = tiny
+    decoder = Decoder(model.net, capacity=8)
+    with pytest.raises(InvalidInputError, match=r"need 12 decoder cache rows, more than this decoder has in all \(8\)"):
+        decoder.start(embs[:1], SamplingParams(num_beams=12, num_beam_groups=3))
+    assert len(decoder.pool.free) == 8

@@ -351,3 +351,96 @@ def test_still_image_is_not_a_video(tmp_path):
     noise_image().save(tmp_path / "photo.jpg")
     with pytest.raises(InvalidVideoError, match=r"photo\.jpg: a still image \(\w+\), not a video"):
         video_frames(tmp_path / "photo.jpg")
+
+
+# ------------------------------------------------------------------ video bombs
+
+
+def write_yuv_video(path: Path, frames: int, width: int, height: int, pattern: bool = False) -> Path:
+    """H.264 written straight from YUV planes (fast even for large frames): flat grey level 16 + 8*i
+    per frame, or (pattern) a smooth picture that moves with i."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        yuv = np.full((height * 3 // 2, width), 128, np.uint8)
+        y, x = np.mgrid[0:height, 0:width]
+        for i in range(frames):
+            if pattern:
+                yuv[:height] = (128 + 100 * np.sin(x / width * 6 + i) * np.cos(y / height * 4 - i)).astype(np.uint8)
+            else:
+                yuv[:height] = (16 + 8 * i) % 236
+            for packet in stream.encode(av.VideoFrame.from_ndarray(yuv, format="yuv420p")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])  # the header's frame count; none (counted while decoding)
+def test_video_with_too_many_frames_is_refused(tmp_path, suffix):
+    path = write_yuv_video(tmp_path / f"long.{suffix}", 301, 16, 16)
+    with pytest.raises(InvalidVideoError, match=rf"long\.{suffix}: over 300 frames"):
+        video_frames(path, 4, max_frames=300)
+    assert len(video_frames(path, 4, max_frames=301)) == 4
+
+
+def test_video_decoding_stops_at_its_time_budget(tmp_path):
+    path = write_yuv_video(tmp_path / "slow.mkv", 600, 64, 48)
+    with pytest.raises(InvalidVideoError, match=r"slow\.mkv: decoding took over 0\.02 s \(\d+ frames decoded\)"):
+        video_frames(path, 4, max_seconds=0.02)
+
+
+def test_every_decoded_frame_is_size_checked(tmp_path, monkeypatch):
+    """A stream can change size after its header: the decoded frames are checked, not just the header."""
+    import coca.media
+
+    path = write_yuv_video(tmp_path / "big.mp4", 3, 640, 480)
+    monkeypatch.setattr(coca.media, "_header_frame_count", lambda *args: 0)  # as if the header said nothing
+    with pytest.raises(InvalidVideoError, match=r"640x480 = 307200 pixels, over the limit of 100000"):
+        video_frames(path, 2, max_pixels=100_000)
+
+
+def test_large_frames_are_downscaled_as_decoded_and_memory_stays_small(tmp_path):
+    """16 frames of 12 MP from an 0.8 MB file: kept as full RGB images that was ~1 GB of peak memory;
+    now each is scaled by FFmpeg to a short side of 448 before it becomes an RGB image."""
+    import json
+    import subprocess
+    import sys
+
+    path = write_yuv_video(tmp_path / "huge.mp4", 16, 4000, 3000)
+    script = ("import json, resource, sys\nimport numpy as np\nfrom coca import media\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "frames = media.video_frames(sys.argv[1], 16)\n"
+              "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base\n"
+              "print(json.dumps({'grown_mb': grown / 1024, 'sizes': sorted({f.size for f in frames}),\n"
+              "                  'means': [float(np.asarray(f).mean()) for f in frames]}))")
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    found = json.loads(run.stdout)
+    assert found["sizes"] == [[597, 448]]  # 4000x3000: short side 448, aspect kept
+    assert found["grown_mb"] < 350, f"peak memory grew by {found['grown_mb']:.0f} MB while decoding"
+    expected = [(8 * i) * 255 / 219 for i in range(16)]  # luma 16 + 8i (limited range) as RGB grey
+    assert np.allclose(found["means"], expected, atol=3), found["means"]  # every frame, in order
+
+
+def test_normal_video_frames_are_unchanged_and_large_ones_preprocess_alike(tmp_path, tiny_coca):
+    """Frames up to a short side of 448 are kept exactly as decoded (so captions of such videos are as
+    before); larger ones are downscaled, and open_clip's preprocessing of them is close to that of the
+    full frames (it resizes the short side to 224 anyway)."""
+    import torch
+
+    small = write_yuv_video(tmp_path / "small.mp4", 10, 640, 360, pattern=True)
+    large = write_yuv_video(tmp_path / "large.mp4", 10, 1920, 1080, pattern=True)
+    for path, size in ((small, (640, 360)), (large, (796, 448))):
+        with av.open(str(path)) as container:
+            decoded = [f.to_image() for f in container.decode(video=0)]
+        frames = video_frames(path, 4)
+        chosen = [decoded[i] for i in [0, 3, 6, 9]]
+        assert all(f.size == size for f in frames)
+        if path is small:
+            assert all(np.array_equal(np.asarray(f), np.asarray(c)) for f, c in zip(frames, chosen))
+        else:
+            ours = torch.stack([tiny_coca.preprocess(f) for f in frames])
+            full = torch.stack([tiny_coca.preprocess(c) for c in chosen])
+            assert float((ours - full).abs().mean()) < 0.03, float((ours - full).abs().mean())  # ~1 grey level
+            similarity = tiny_coca.embed_images(frames) @ tiny_coca.embed_images(chosen).T
+            assert np.diag(similarity).min() > 0.999, np.diag(similarity)

@@ -1,4 +1,6 @@
 """Our per-row sampling filters against the transformers processors open_clip uses."""
+import math
+
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
@@ -78,8 +80,35 @@ def test_logprobs_are_model_log_probabilities(tiny_embs):
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 500}, "max_tokens"),
         ({"num_beams": 4, "num_beam_groups": 3}, "num_beams"),
+        # bounds that keep every score finite and a beam search within a decoder's cache
+        ({"repetition_penalty": 1e-30}, r"repetition_penalty must be in \[0.1, 10\]"),
+        ({"repetition_penalty": 1e9}, r"repetition_penalty must be in \[0.1, 10\]"),
+        ({"temperature": 1e-30}, r"temperature must be 0 \(greedy\) or in \[0.01, 100\]"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"num_beams": 64}, r"num_beams must be in \[1, 16\]"),
+        ({"min_tokens": 10**9}, r"min_tokens must be in \[0, 75\]"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(settings, words):
     with pytest.raises(InvalidInputError, match=words):
         SamplingParams(**settings)
+
+
+def test_float32_settings_are_read_as_written():
+    """Protobuf and Triton carry floats as float32: 0.01 arrives as 0.009999999776, yet is the bound."""
+    import numpy as np
+
+    params = SamplingParams.from_float32({"temperature": float(np.float32(0.01)), "top_p": float(np.float32(0.9)),
+                                          "top_k": 40, "repetition_penalty": float(np.float32(0.1))})
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.01, 0.9, 40, 0.1)
+
+
+def test_settings_at_their_bounds_keep_every_score_finite(tiny_embs):
+    """The extreme settings validation allows still sample (before: a penalty near 0 turned the
+    seen tokens' logits into inf, softmax gave NaN, and torch.multinomial raised)."""
+    model, embs = tiny_embs
+    for settings in ({"repetition_penalty": 0.1}, {"repetition_penalty": 10.0}, {"temperature": 0.01},
+                     {"temperature": 100.0}):
+        params = SamplingParams(**{"temperature": 1.0, "top_k": 0, "seed": 3, "max_tokens": 10, **settings})
+        out = generate(model.net, embs[:2], params)
+        assert all(len(g.tokens) >= 1 and all(math.isfinite(lp) for lp in g.logprobs) for g in out)

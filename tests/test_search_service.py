@@ -3,12 +3,14 @@ server in its own process, real SQLite and FAISS. One Triton serves the module; 
 started per test where a test kills, restarts or reconfigures one."""
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +156,35 @@ def test_index_search_caption_end_to_end(client, photos, reference):
     assert client.get(ids[1], include_image=True).image == photos[1]
 
 
+def test_a_repeated_query_comes_from_the_cache_and_stats_count_it(client, photos, reference):
+    images = noisy_variants(photos[:1], 3)  # new content: its metadata is this test's
+    assert [r.outcome for r in add(client, images, metadata={"set": "cache"})] == [ADDED] * 3
+    text = "a query text nobody else searches for"
+    before = client.stats()
+    first = client.search_text(text, k=3, filters={"set": "cache"}).hits
+    second = client.search_text(text, k=3, filters={"set": "cache"}).hits
+    after = client.stats()
+    assert (after.query_cache_misses - before.query_cache_misses, after.query_cache_hits - before.query_cache_hits) == (1, 1)
+    assert [(h.id, h.score) for h in second] == [(h.id, h.score) for h in first]
+    expected = np.sort(reference.embed_images(images) @ reference.embed_texts([text])[0])[::-1]
+    np.testing.assert_allclose([h.score for h in second], expected, atol=1e-4)
+
+
+def test_text_embedding_cache_drops_the_least_recently_used():
+    from search_service.models import TextEmbeddingCache
+
+    cache = TextEmbeddingCache(2)
+    cache.put("a", np.zeros(2))
+    cache.put("b", np.ones(2))
+    assert cache.get("a") is not None  # "a" is now the most recent
+    cache.put("c", np.full(2, 2.0))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert cache.stats() == {"query_cache_hits": 3, "query_cache_misses": 1, "query_cache_entries": 2}
+    off = TextEmbeddingCache(0)
+    off.put("a", np.zeros(2))
+    assert off.get("a") is None
+
+
 def test_duplicates_share_one_id_and_one_vector(client, photos):
     before = client.stats().count
     first = add(client, [photos[6], photos[6]])  # twice in one stream
@@ -275,6 +306,70 @@ def test_bad_requests_get_the_right_status(service, client, photos):
     assert client.search_text("a cat", k=1).hits  # still serving
 
 
+def test_inputs_past_their_bounds_are_invalid_argument(client, photos):
+    """Every unbounded input of the review has a bound now, named in the error; nothing is stored."""
+    def refused(call, *args, **kwargs) -> str:
+        error = rpc_error(call, *args, **kwargs)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+        return error.details()
+
+    assert "text is 1001 characters long, over the limit of 1000" in refused(client.search_text, "a" * 1001)
+    assert "text #2 is 1001 characters long" in refused(client.rank, ["a cat", "b" * 1001], image=photos[0])
+    assert "50000 per request" in refused(client.rank, ["word " * 199] * 60, image=photos[0])  # 59,700 characters
+    assert "prompt #1 is" in refused(client.classify, ["cat"], image=photos[0], template="{} " + "x" * 1000)
+    for beams in (17, 64):  # 64 took the whole decoder cache; more answered "busy", though it could never fit
+        assert "num_beams must be in [1, 16]" in refused(client.caption, image=photos[0], num_beams=beams)
+    assert "repetition_penalty must be in [0.1, 10]" in refused(client.caption, image=photos[0], repetition_penalty=1e-30)
+    before = client.stats().count
+    fresh = noisy_variants(photos[5:6], 3)
+    uris = ["x" * 4097, "evil\x1b[2J\x1b[31mname.jpg", "f\u202egpj.exe", "фото 1.jpg"]  # the last one is fine
+    results = list(client.add_images(pb.AddImageRequest(image=data, uri=uri) for data, uri in zip(fresh + fresh[:1], uris)))
+    assert [r.outcome for r in results] == [FAILED, FAILED, FAILED, ADDED]
+    assert all(r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results[:3])
+    assert "over the limit of 4096" in results[0].error.message and "control character" in results[1].error.message
+    assert client.stats().count == before + 1 and client.get(results[3].id).uri == "фото 1.jpg"
+    assert client.search_text("a" * 1000, k=1).hits  # at the bound: served
+
+
+def test_search_with_captions_runs_a_bounded_pool_and_keeps_each_caption_as_it_finishes(client, triton, photos,
+                                                                                         reference):
+    """k hits to caption start at most `caption_workers` (8) decoder sequences at once (before: all k at
+    once), and each caption is stored when it is made (before: all together at the end)."""
+    from serving.client import TritonCoca
+
+    images = noisy_variants(photos[6:9], 24)
+    ids = [r.id for r in add(client, images, metadata={"set": "fanout"})]
+    decoding, stored_counts, done = [], [], threading.Event()
+
+    def watch_triton():
+        async def poll():
+            async with TritonCoca(triton.grpc_url) as t:
+                while not done.is_set():
+                    decoding.append((await t.decoder_stats())["decoding_sequences"])
+        asyncio.run(poll())
+
+    def watch_store():  # one search reads the hits' captions in one query: a consistent count
+        while not done.is_set():
+            hits = client.search_text("a photo", k=24, filters={"set": "fanout"}).hits
+            stored_counts.append(sum(1 for h in hits if h.caption))
+
+    watchers = [threading.Thread(target=watch_triton), threading.Thread(target=watch_store)]
+    for w in watchers:
+        w.start()
+    try:
+        hits = client.search_text("a photo", k=24, with_captions=True, filters={"set": "fanout"}).hits
+    finally:
+        done.set()
+        for w in watchers:
+            w.join(30)
+    by_id = dict(zip(ids, images))
+    assert len(hits) == 24 and all(not h.caption_error for h in hits)
+    assert [h.caption for h in hits] == [reference.caption([by_id[h.id]])[0].text for h in hits]
+    assert all(client.get(h.id).caption == h.caption for h in hits)
+    assert 2 <= max(decoding) <= 8, decoding
+    assert any(0 < n < 24 for n in stored_counts), stored_counts
+
+
 def test_caption_classify_rank_match_in_process(client, photos, reference, tmp_path):
     got = client.caption(image=photos[2], max_tokens=12)
     want = reference.caption([photos[2]], max_tokens=12)[0]
@@ -376,7 +471,7 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
         item = add(client, fresh[:1])[0]
         triton.stop()
         try:
-            error = rpc_error(client.search_text, "a cat")
+            error = rpc_error(client.search_text, "a cat nobody searched before")  # not cached
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in error.details()
             assert triton.grpc_url in error.details()
             error = rpc_error(lambda: list(client.add_images([pb.AddImageRequest(image=fresh[1])])))
@@ -393,6 +488,88 @@ def test_triton_down_gives_unavailable_then_recovers(service, client, triton, ph
         assert add(client, fresh[1:])[0].outcome == ADDED
         wait_for(lambda: check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING,
                  10, "SERVING")
+
+
+def test_path_errors_name_the_path_as_the_client_gave_it(tmp_path, triton, photos):
+    """Unreadable images and server-side paths are explained without the server's own paths (before:
+    the OS error's text, e.g. "No such file or directory: '/srv/data/blobs/..'", reached the client)."""
+    root, data = tmp_path / "root", tmp_path / "data"
+    root.mkdir()
+    gone, changed, blob = noisy_variants(photos[9:12], 3)
+    (root / "gone.jpg").write_bytes(gone)
+    (root / "changed.jpg").write_bytes(changed)
+    with ServiceProcess(data, triton.grpc_url, "--root", str(root)) as service, SearchClient(service.address) as client:
+        results = list(client.add_images([pb.AddImageRequest(path="gone.jpg", metadata={"set": "paths"}),
+                                          pb.AddImageRequest(path="changed.jpg", metadata={"set": "paths"}),
+                                          pb.AddImageRequest(image=blob, metadata={"set": "paths"})]))
+        assert [r.outcome for r in results] == [ADDED] * 3
+        (root / "gone.jpg").unlink()
+        (root / "changed.jpg").write_bytes(blob)
+        next(data.glob(f"blobs/*/{results[2].content_sha256}")).unlink()
+        messages = []
+        for result, reason in zip(results, ["cannot be read (No such file or directory)", "changed since it was indexed",
+                                            "cannot be read (No such file or directory)"]):
+            error = rpc_error(client.get, result.id, include_image=True)
+            assert error.code() == grpc.StatusCode.NOT_FOUND and reason in error.details(), error.details()
+            messages.append(error.details())
+        hits = client.search_text("a photo", k=3, with_captions=True, filters={"set": "paths"}).hits
+        assert len(hits) == 3 and all(f"the image of item {h.id!r}" in h.caption_error for h in hits)
+        messages += [h.caption_error for h in hits]
+        again = list(client.add_images([pb.AddImageRequest(path="gone.jpg"), pb.AddImageRequest(path="nested/../x.jpg"),
+                                        pb.AddImageRequest(path="q" * 5000)]))
+        assert "'gone.jpg': no such file" in again[0].error.message and again[2].error.message.endswith("...: not a usable path (File name too long)")
+        messages += [r.error.message for r in again]
+        if os.geteuid() != 0:  # root reads any file: an unreadable one cannot be made
+            (root / "locked.jpg").write_bytes(gone)
+            (root / "locked.jpg").chmod(0)
+            locked = list(client.add_images([pb.AddImageRequest(path="locked.jpg")]))[0]
+            assert locked.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+            assert "'locked.jpg': cannot read it (Permission denied)" in locked.error.message
+            messages.append(locked.error.message)
+    for message in messages:
+        assert str(tmp_path) not in message and str(tmp_path.resolve()) not in message, message
+
+
+def test_health_asks_triton_and_other_weights_are_refused(tmp_path, triton, photos):
+    """Health and Stats ask Triton each time (before: its first answer was cached for good, so health
+    said SERVING while Triton was down); a Triton restarted with other weights of the same model and
+    dimension (coca-tiny, seed 1) is refused with FAILED_PRECONDITION and nothing is written (before:
+    its embeddings were added to the store built with seed 0)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from search_service.modelrepo import ensure_repository
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    other_repository, _ = ensure_repository(tmp_path / "seed1" / "repo", MODEL, PRETRAINED, seed=1)
+    original_repository = triton.model_repository
+    fresh = noisy_variants(photos[2:3], 3)
+    with ServiceProcess(tmp_path / "data", triton.grpc_url) as service, SearchClient(service.address) as client, \
+            grpc.insecure_channel(service.address) as channel:
+        check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert add(client, fresh[:1])[0].outcome == ADDED
+        assert wait_for(lambda: check() == serving, 10, "SERVING") and client.stats().triton_ready
+        try:
+            triton.stop()  # nothing else calls Triton: the probe itself must find out
+            started = time.monotonic()
+            assert check() == not_serving and not client.stats().triton_ready
+            assert time.monotonic() - started < 5
+            triton.model_repository = other_repository  # same ports, same model and dimension, other weights
+            triton.start()
+            before = client.stats().count
+            for call in (lambda: add(client, fresh[1:2]), lambda: client.search_text("a cat"),
+                         lambda: client.caption(image=fresh[1])):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), error.details())
+                assert "weights" in error.details() and "serve those weights again" in error.details()
+            assert check() == not_serving and not client.stats().triton_ready
+            assert client.stats().count == before  # nothing of the other weights reached the store
+        finally:
+            triton.stop()
+            triton.model_repository = original_repository
+            triton.start()
+        assert wait_for(lambda: check() == serving, 30, "SERVING again") and client.stats().triton_ready
+        assert add(client, fresh[1:2])[0].outcome == ADDED
+        assert client.search_image(fresh[1], k=1).hits[0].score == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -109,3 +110,40 @@ def test_child_dies_with_its_parent(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_children_start_while_other_threads_are_inside_grpc():
+    """A start from a process whose other threads are in gRPC calls (a test's clients while it restarts
+    a Triton): with a preexec_fn the child ran Python between fork and exec, and 2 of 200 such starts
+    died of SIGABRT in abseil's mutex code before exec. setpriv sets the parent-death signal instead."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from serving.supervisor import launch_settings
+
+    assert launch_settings(["true"], True)[1] is None  # no Python in the child (setpriv is in util-linux)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+
+    def call_in_a_loop():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while not stop.is_set():
+                check(health_pb2.HealthCheckRequest())
+
+    threads = [threading.Thread(target=call_in_a_loop) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        codes = [Supervisor(["true"], name="true").start().proc.wait() for _ in range(300)]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        server.stop(0)
+    assert codes == [0] * 300, {code: codes.count(code) for code in set(codes)}

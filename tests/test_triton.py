@@ -134,6 +134,22 @@ def test_an_empty_text_fails_alone(triton, tiny_coca):
     np.testing.assert_allclose(good, tiny_coca.embed_texts(["a cat"]), atol=1e-5, rtol=0)
 
 
+def test_texts_over_the_length_bound_fail_alone(triton, tiny_coca):
+    """A direct Triton caller cannot feed the tokenizer megabytes (its BPE is quadratic in a word's length)."""
+    from coca.texts import MAX_TEXT_CHARS
+
+    url, _ = triton
+    at_bound = "a cat " * (MAX_TEXT_CHARS // 6) + "x" * (MAX_TEXT_CHARS % 6)
+
+    async def work(t):
+        return await asyncio.gather(t.embed_texts([at_bound]), t.embed_texts(["q" * (MAX_TEXT_CHARS + 1)]),
+                                    return_exceptions=True)
+
+    good, long = on_triton(url, work)
+    assert isinstance(long, InvalidInputError) and f"over the limit of {MAX_TEXT_CHARS}" in str(long), long
+    np.testing.assert_allclose(good, tiny_coca.embed_texts([at_bound]), atol=1e-5, rtol=0)
+
+
 # --- captions --------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
 def test_captions_equal_in_process(triton, tiny_coca, images, photos, params):
@@ -181,6 +197,40 @@ def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, p
         assert generation.tokens == tiny_coca.caption([images[i % 4]], settings[i])[0].tokens, f"sequence {i}"
     rows = [r for g in generations for r in g.batch_rows]
     assert max(rows) > 1, f"every forward computed one row: {rows}"
+
+
+def test_a_failing_caption_fails_alone_in_its_triton_batch(triton, tiny_coca, images, photos):
+    """Sequences whose scores turn NaN (finite but huge image embeddings: they pass the START checks)
+    share forwards with good ones; only they fail, and the good ones equal in-process greedy. Before,
+    a sampled NaN row made torch.multinomial raise in the batched step, failing every caption in it."""
+    url, _ = triton
+    # The same inputs at START (Triton batches only requests with the same set of inputs): a seed
+    # and a temperature for both; temperature 0 is greedy.
+    greedy = SamplingParams(temperature=0.0, seed=1, max_tokens=12)
+    nan_prone = SamplingParams(temperature=1.0, seed=1, max_tokens=12)
+    expected = [tiny_coca.caption([i], greedy)[0].tokens for i in images]
+
+    async def work(t):
+        embeddings = await t.image_embeddings(photos)
+        huge = np.full_like(embeddings[0], 1e20)
+        huge[..., ::2] = -1e20
+        rounds = []
+        for _ in range(3):  # until a failing START shared a forward with good ones (the first, in practice)
+            outcomes = await asyncio.gather(*(t.generate(e, greedy) for e in embeddings),
+                                            *(t.generate(huge, nan_prone) for _ in embeddings), return_exceptions=True)
+            rounds.append((outcomes[:len(photos)], outcomes[len(photos):]))
+            if max((g.batch_rows[0] for g in rounds[-1][0] if not isinstance(g, Exception)), default=0) > len(photos):
+                break
+        return rounds
+
+    rounds = on_triton(url, work)
+    for good, bad in rounds:
+        for outcome in bad:
+            assert isinstance(outcome, InvalidInputError) and "NaN or infinite" in str(outcome), outcome
+        assert [g.tokens if not isinstance(g, Exception) else g for g in good] == expected
+    first_steps = [g.batch_rows[0] for good, _ in rounds for g in good]  # rows of each good caption's first forward
+    assert max(first_steps) > len(photos), f"no failing caption shared a forward with the good ones: {first_steps}"
+    assert on_triton(url, lambda t: t.decoder_stats())["free_rows"] == CAPACITY
 
 
 def test_caption_files_is_what_the_cli_prints(triton, tiny_coca, images, tmp_path):
@@ -278,7 +328,7 @@ def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(trit
             bad_settings = [_array_input("IMAGE_EMBEDDINGS", embeddings[None]),
                             _array_input("TEMPERATURE", np.array([[-1]], np.float32)),
                             _array_input("TOP_P", np.array([[0]], np.float32))]
-            await expect(InvalidInputError, r"temperature must be in \[0, 100\], got -1.0.*top_p must be in", t._infer(
+            await expect(InvalidInputError, r"temperature must be 0 \(greedy\) or in \[0.01, 100\], got -1.0.*top_p must be in", t._infer(
                 TEXT_DECODER, bad_settings, STEP_OUTPUTS, sequence_id=9106, sequence_start=True))
             # Triton still holds 9106 (its START reached the model), the model does not:
             await expect(TritonRequestError, "unknown sequence 9106: it was never started here",

@@ -142,3 +142,31 @@ def test_text_decoder_runs_captions_to_done(models, tiny_coca, images, params):
     ended = decoder.execute([Request({}, outputs, 100 + i, END) for i in range(2)])
     stats = json.loads(ended[-1].outputs["STATS"][0, 0])
     assert (stats["live_sequences"], stats["free_rows"]) == (0, stats["capacity_rows"])
+
+
+def test_text_encoder_bounds_text_length_and_the_tokenizer_cache(models, tiny_coca, monkeypatch):
+    """Neither a long text nor a stream of new words grows the model's memory: a text over the bound
+    fails alone, and the tokenizer's word cache starts afresh past its bound (tokens still open_clip's)."""
+    import open_clip
+
+    from coca import runtime
+    from coca.texts import MAX_TEXT_CHARS
+
+    encoder = models["coca_text_encoder"]
+    long = np.array([[b"w" * (MAX_TEXT_CHARS + 1)]], dtype=np.object_)
+    good, refused = encoder.execute([Request({"TEXT": np.array([[b"a dog"]], np.object_)}, ["CLASS_EMBEDDING"]),
+                                     Request({"TEXT": long}, ["CLASS_EMBEDDING"])])
+    assert refused.error.code == TritonError.INVALID_ARG and f"over the limit of {MAX_TEXT_CHARS}" in str(refused.error)
+    np.testing.assert_allclose(good.outputs["CLASS_EMBEDDING"], tiny_coca.embed_texts(["a dog"]), atol=TOLERANCE, rtol=0)
+
+    monkeypatch.setattr(runtime, "MAX_TOKENIZER_CACHE_WORDS", 50)
+    words = [f"w{''.join(chr(97 + (i // 26 ** k) % 26) for k in range(4))}" for i in range(600)]
+    texts = [" ".join(words[i : i + 6]) for i in range(0, len(words), 6)]
+    reference = open_clip.get_tokenizer(tiny_coca.model_name)
+    sizes = []
+    for text in texts:
+        response = encoder.execute([Request({"TEXT": np.array([[text.encode()]], np.object_)}, ["TOKENS", "ATTENTION"])])[0]
+        assert response.error is None
+        assert response.outputs["TOKENS"].tolist() == tiny_coca.net.text(reference([text]), True).kept_tokens.tolist()
+        sizes.append(len(encoder.model.coca.tokenizer.cache))
+    assert max(sizes) <= 50 + 6 + 2, max(sizes)  # the bound, one text's words, the special tokens

@@ -9,7 +9,8 @@
             print(f"{hit.score:.3f}  {hit.id}  {hit.caption}")
         print(client.caption("coffee.jpg", max_tokens=20).text)
 
-- Results are dataclasses (Hit, SearchResult, AddResult, Caption, LabelScore, TextScore, Item, Stats).
+- Results are dataclasses (Hit, SearchResult, AddResult, Caption, LabelScore, TextScore, Item, Stats,
+  TritonEndpoint).
 - Each call takes `timeout=` (seconds; the client's default otherwise), one deadline covering its retries.
 - UNAVAILABLE (service down, or Triton behind it down) is retried with exponential backoff and jitter
   (RetryPolicy); no other status is: the answer would not change.
@@ -22,12 +23,12 @@ from .client import DEFAULT_TIMEOUT, Client
 from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                      NotFound, PermissionDenied, ResourceExhausted, SearchError, Unauthenticated, Unavailable)
 from .types import (AddItem, AddResult, Caption, Hit, Item, ItemError, LabelScore, Outcome, Sampling, SearchResult,
-                    Stats, TextScore)
+                    Stats, TextScore, TritonEndpoint)
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "DEFAULT_TIMEOUT",
     "AddItem", "AddResult", "Caption", "Hit", "Item", "ItemError", "LabelScore", "Outcome", "Sampling",
-    "SearchResult", "Stats", "TextScore",
+    "SearchResult", "Stats", "TextScore", "TritonEndpoint",
     "SearchError", "AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
     "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable",
 ]

@@ -138,6 +138,23 @@ class Item:
 
 
 @dataclass(frozen=True)
+class TritonEndpoint:
+    """One Triton endpoint of the service, as its Stats show it."""
+
+    address: str
+    healthy: bool  # in rotation
+    in_flight: int
+    calls: int
+    outages: int  # times taken out of rotation
+    last_error: str
+    down_seconds: float
+
+    @classmethod
+    def from_pb(cls, e: pb.TritonEndpoint) -> "TritonEndpoint":
+        return cls(**{f.name: getattr(e, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class Stats:
     count: int
     indexed: int
@@ -149,12 +166,15 @@ class Stats:
     last_sequence: int
     snapshot_sequence: int
     triton_ready: bool
+    triton_endpoints: tuple[TritonEndpoint, ...] = ()
     repository_id: str = ""  # the export (weights hash) the service's Triton serves
     accepts_embeddings: bool = False  # AddItem.embedding is taken (service started with --accept-embeddings)
 
     @classmethod
     def from_pb(cls, s: pb.StatsResponse) -> "Stats":
-        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+        values = {f.name: getattr(s, f.name) for f in fields(cls)}
+        values["triton_endpoints"] = tuple(TritonEndpoint.from_pb(e) for e in s.triton_endpoints)
+        return cls(**values)
 
 
 # ---------------------------------------------------------------- inputs

@@ -15,6 +15,8 @@ def main(argv=None) -> int:
     p.add_argument("--server", default="127.0.0.1:50051", help="search service HOST:PORT (default %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port (0: a free one; default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for http://NAME:PORT/ (repeatable; loopback names and --host always)")
     p.add_argument("--token-file", help="bearer token file of the search service (or set COCA_SEARCH_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS search service")
     args = p.parse_args(argv)
@@ -25,7 +27,7 @@ def main(argv=None) -> int:
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     client = Client(args.server, token=token, tls_ca=args.tls_ca, timeout=300)
-    gallery = start_gallery(args.port, client, args.host)
+    gallery = start_gallery(args.port, client, args.host, allowed_hosts=args.allow_host)
     print(f"web gallery on {gallery.url} (search service {args.server})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

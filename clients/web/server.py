@@ -7,15 +7,21 @@ It serves one page (static/: plain HTML, CSS and JS, no build step) and a small 
 the gRPC service through clients.coca_client:
 
     GET  /api/stats                              store size, model, index
-    GET  /api/search?q=TEXT&k=12&captions=1      text -> image search
+    GET  /api/search?q=TEXT&k=12                 text -> image search (POST too; POST only with captions=1)
     POST /api/search-image?k=12&captions=0       body: the image bytes (image -> image search)
-    GET  /api/similar?id=ID&k=12                 images like an indexed one
+    GET  /api/similar?id=ID&k=12                 images like an indexed one (POST too; POST only with captions=1)
     POST /api/caption                            body: image bytes; or POST /api/caption?id=ID (empty body)
     GET  /thumb/ID?size=256                      JPEG thumbnail of an indexed image
 
 Thumbnails come from the service (Get with include_image): the web server never opens a file by a
 name it was given, so it can show indexed images only, and only through the service's own rules (its
 content-addressed blobs, or files under its --root folders). It binds 127.0.0.1 unless told otherwise.
+
+It holds the service's token, so it answers its own pages only: a Host header that does not name it
+(127.0.0.1 / localhost / [::1] or the bound host, at its port) gets 421, which defeats DNS rebinding;
+a request another site's page makes (an Origin other than its own, or Sec-Fetch-Site other than
+same-origin) gets 403, except a plain navigation to its pages; and what writes to the store (a search
+with captions: they are stored) is POST only, so a cross-site link or image cannot trigger it (405).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from clients.coca_client import (Client, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
                                  ResourceExhausted, SearchError, Unauthenticated, Unavailable)
@@ -43,6 +49,8 @@ MAX_UPLOAD_BYTES = 32 << 20  # the service's default image limit
 MAX_K = 100
 THUMB_SIZES = (128, 256, 512)
 THUMB_CACHE = 512  # thumbnails kept in memory
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")  # all interfaces: name the host clients use with allowed_hosts
 CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; object-src 'none'"
 
 _STATUS_BY_ERROR = [(InvalidArgument, HTTPStatus.BAD_REQUEST), (NotFound, HTTPStatus.NOT_FOUND),
@@ -114,11 +122,13 @@ class GalleryServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], client: Client, title: str = "coca search"):
+    def __init__(self, address: tuple[str, int], client: Client, title: str = "coca search",
+                 allowed_hosts: Sequence[str] = ()):
         super().__init__(address, GalleryHandler)
         self.client = client
         self.thumbnails = Thumbnails(client)
         self.title = title
+        self.host_headers = host_headers(address[0], self.server_address[1], allowed_hosts)
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -140,10 +150,21 @@ class GalleryServer(ThreadingHTTPServer):
         self.server_close()
 
 
+def host_headers(bound: str, port: int, extra: Sequence[str] = ()) -> frozenset[str]:
+    """The Host header values that name this server: loopback names, the bound host and `extra` names,
+    each with its port (and bare on port 80, where browsers leave the port out)."""
+    names = {*LOOPBACK_NAMES, *extra}
+    if bound not in WILDCARD_BINDS:
+        names.add(f"[{bound}]" if ":" in bound else bound)
+    names = {n.lower() for n in names}
+    return frozenset({f"{n}:{port}" for n in names} | (names if port == 80 else set()))
+
+
 class GalleryHandler(BaseHTTPRequestHandler):
     server: GalleryServer
     protocol_version = "HTTP/1.1"
     server_version = "coca-web/1"
+    _body_read = False  # whether this request's body was read (else an error closes the connection)
 
     # ------------------------------------------------------------ routing
     def do_GET(self):
@@ -151,13 +172,19 @@ class GalleryHandler(BaseHTTPRequestHandler):
                         "/api/similar": self.api_similar})
 
     def do_POST(self):
-        self._dispatch({"/api/search-image": self.api_search_image, "/api/caption": self.api_caption})
+        self._dispatch({"/api/search": self.api_search, "/api/similar": self.api_similar,
+                        "/api/search-image": self.api_search_image, "/api/caption": self.api_caption})
 
     def _dispatch(self, routes: dict) -> None:
         started = time.monotonic()
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        self._body_read = False
         try:
+            self._check_origin(url.path)
+            if self.command == "GET" and url.path in ("/api/search", "/api/similar") and _flag(query, "captions"):
+                raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED,
+                                "a search with captions stores the captions: send it as POST", "METHOD_NOT_ALLOWED")
             if url.path in routes:
                 self._json(routes[url.path](query), started)
             elif self.command == "GET" and url.path.startswith("/thumb/"):
@@ -176,6 +203,23 @@ class GalleryHandler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug here: say so, keep serving
             log.exception("web request %s failed", self.path)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _check_origin(self, path: str) -> None:
+        """Only this server's own pages may use it (see the module docstring); HttpError otherwise."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.server.host_headers:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.MISDIRECTED_REQUEST,
+                            f"Host {host[:100]!r} does not name this gallery (use http://127.0.0.1:"
+                            f"{self.server.server_address[1]}/): refused, as a DNS-rebinding guard")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.strip().lower() != f"http://{host}":
+            raise HttpError(HTTPStatus.FORBIDDEN, f"cross-origin request from {origin[:100]!r} refused")
+        site = self.headers.get("Sec-Fetch-Site")
+        page = self.headers.get("Sec-Fetch-Mode") == "navigate" and self.command == "GET" \
+            and not path.startswith(("/api/", "/thumb/"))
+        if site not in (None, "same-origin", "none") and not page:
+            raise HttpError(HTTPStatus.FORBIDDEN, f"request made by another site ({site}) refused")
 
     # ------------------------------------------------------------ API
     def api_stats(self, query) -> dict:
@@ -243,6 +287,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image over {MAX_UPLOAD_BYTES >> 20} MB")
         data = self.rfile.read(size)
+        self._body_read = True
         if required and not data:
             raise HttpError(HTTPStatus.BAD_REQUEST, "empty upload: choose an image first", "INVALID_ARGUMENT")
         return data
@@ -253,13 +298,19 @@ class GalleryHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: HTTPStatus, message: str, code: str = "") -> None:
         body = json.dumps({"error": message, "code": code or status.phrase}).encode()
+        headers = {"Allow": "POST"} if status == HTTPStatus.METHOD_NOT_ALLOWED else {}
+        if self.headers.get("Content-Length", "0") != "0" and not self._body_read:
+            self.close_connection = True  # its unread body would be taken for the next request
         try:
-            self._send(status, body, "application/json")
+            self._send(status, body, "application/json", headers=headers)
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, cache: str = "no-store") -> None:
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, cache: str = "no-store",
+              headers: Optional[dict] = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache)
@@ -285,6 +336,9 @@ def _flag(query, name: str) -> bool:
     return query.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def start_gallery(port: int, client: Client, host: str = "127.0.0.1", title: str = "coca search") -> GalleryServer:
-    """Start the gallery on host:port (0 = a free port) in a background thread."""
-    return GalleryServer((host, port), client, title).start()
+def start_gallery(port: int, client: Client, host: str = "127.0.0.1", title: str = "coca search",
+                  allowed_hosts: Sequence[str] = ()) -> GalleryServer:
+    """Start the gallery on host:port (0 = a free port) in a background thread. It answers requests
+    whose Host names it: a loopback name, `host`, or one of `allowed_hosts` (e.g. the machine's
+    name, when bound to 0.0.0.0), each at its port."""
+    return GalleryServer((host, port), client, title, allowed_hosts).start()

@@ -324,7 +324,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "repository_id", "accepts_embeddings")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "repository_id", "accepts_embeddings")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +335,10 @@ class StatsResponse(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TRITON_READY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TRITON_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     count: int
@@ -347,6 +351,28 @@ class StatsResponse(_message.Message):
     last_sequence: int
     snapshot_sequence: int
     triton_ready: bool
+    query_cache_hits: int
+    query_cache_misses: int
+    query_cache_entries: int
+    triton_endpoints: _containers.RepeatedCompositeFieldContainer[TritonEndpoint]
     repository_id: str
     accepts_embeddings: bool
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ...) -> None: ...
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ...) -> None: ...
+
+class TritonEndpoint(_message.Message):
+    __slots__ = ("address", "healthy", "in_flight", "calls", "outages", "last_error", "down_seconds")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    OUTAGES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    healthy: bool
+    in_flight: int
+    calls: int
+    outages: int
+    last_error: str
+    down_seconds: float
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., outages: _Optional[int] = ..., last_error: _Optional[str] = ..., down_seconds: _Optional[float] = ...) -> None: ...

@@ -19,7 +19,7 @@ import torch
 from coca.errors import InvalidInputError
 from coca.loading import file_sha256, load_part
 from coca.runtime import Coca
-from serving.protocol import WEIGHTS_FILE, Identity
+from serving.protocol import ONNX_FILE, WEIGHTS_FILE, Identity
 
 
 class RequestError(Exception):
@@ -45,7 +45,8 @@ class CocaModel:
         torch.set_num_threads(int(self.parameters.get("torch_threads", "2")))
         self.identity = self._identity()
         started = time.perf_counter()
-        weights = Path(args["model_repository"]) / args["model_version"] / WEIGHTS_FILE
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        weights = self.version_dir / WEIGHTS_FILE
         self._check_weights(weights)
         net = load_part(self.identity.model, self.part, weights, device=self._device())
         preprocess = json.loads(self.parameters["coca_preprocess"])
@@ -135,7 +136,25 @@ class CocaModel:
 
 class EncoderModel(CocaModel):
     """A dynamically batched encoder: each request's input is prepared (and rejected) alone,
-    the good ones are encoded together, and each request gets the outputs it asked for."""
+    the good ones are encoded together, and each request gets the outputs it asked for.
+
+    Parameter `runtime`: "torch" (default) or "onnxruntime": the exported 1/model.onnx
+    (`coca export --format onnx`) computes the embeddings; attention outputs stay with torch.
+    """
+
+    onnx = None
+
+    def setup(self):
+        if self.parameters.get("runtime", "torch") != "onnxruntime":
+            return
+        from coca.onnx_encoders import OnnxEncoder
+
+        path = self.version_dir / ONNX_FILE
+        if not path.is_file() or file_sha256(path) != self.parameters.get("coca_onnx_sha256"):
+            raise RuntimeError(f"{self.name}: {path} is missing or not the file config.pbtxt was exported with; "
+                               "run `coca export --format onnx` into this repository again")
+        self.onnx = OnnxEncoder(path, threads=torch.get_num_threads())
+        self.log_info(f"{self.name}: embeddings by ONNX Runtime from {path} ({self.parameters.get('precision', 'fp32')})")
 
     def prepare(self, request) -> torch.Tensor:
         """The request's rows as one model input (B, ...); InvalidInputError fails that request."""

@@ -14,6 +14,9 @@ class ImageEncoderModel(EncoderModel):
         return self.coca.pixels(list(images))  # InvalidImageError names the broken image
 
     def forward(self, batch: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        if self.onnx is not None and "ATTENTION" not in wanted:
+            class_embedding, image_embeddings = self.onnx.encode_pixels(batch)
+            return {"CLASS_EMBEDDING": class_embedding, "IMAGE_EMBEDDINGS": image_embeddings}
         encoding = self.coca.net.visual(batch, want_attention="ATTENTION" in wanted)
         outputs = {"CLASS_EMBEDDING": encoding.class_embedding, "IMAGE_EMBEDDINGS": encoding.image_embeddings}
         if encoding.attention is not None:  # the last ViT block's, only when some request asked

@@ -36,6 +36,7 @@ class Probe:
     """What a stats probe (START+END, no IMAGE_EMBEDDINGS) gets: a finished, empty caption."""
 
     done = True
+    error = None
 
     def __init__(self):
         self.rows: list[int] = []
@@ -49,7 +50,9 @@ class TextDecoderModel(CocaModel):
 
     def setup(self):
         import transformers.generation  # noqa: F401  beam search's scorer: import now, not in a request
+        from coca.quant import quantize
 
+        quantize(self.coca.net, self.parameters.get("precision", "fp32"))  # opt-in int8 (coca/quant.py)
         self.decoder = Decoder(self.coca.net, capacity=int(self.parameters.get("capacity_rows", "64")))
         cross = self.decoder.cache.cross[0].k  # (capacity, heads, image tokens, head dim)
         self.embeddings_shape = (1, cross.shape[2], self.coca.net.text_decoder.ln_final.normalized_shape[0])
@@ -58,7 +61,7 @@ class TextDecoderModel(CocaModel):
         self.lock = threading.Lock()  # execute() and the expiry timer
         interval = float(self.parameters.get("expiry_interval_seconds", "1"))
         self.timer = RepeatingTimer(interval, self._expire_from_timer, name=f"{self.name}-expiry")
-        self.log_info(f"{self.name}: {self.decoder.capacity} cache rows, {self.decoder.cache.nbytes() / 2**20:.0f} MiB; "
+        self.log_info(f"{self.name}: {getattr(self.coca.net, 'precision', 'fp32')}, {self.decoder.capacity} cache rows, {self.decoder.cache.nbytes() / 2**20:.0f} MiB; "
                       f"sequences expire after {self.sequences.ttl_s:g} s idle")
 
     def finalize(self):
@@ -105,7 +108,7 @@ class TextDecoderModel(CocaModel):
                                f"(batch 1, one row per image token), got {list(embeddings.shape)}")
         if not np.isfinite(embeddings).all():
             raise RequestError("IMAGE_EMBEDDINGS holds NaN or infinite values")
-        params = SamplingParams(**self._sampling_values(request))  # InvalidInputError says what is wrong
+        params = SamplingParams.from_float32(self._sampling_values(request))  # InvalidInputError says what is wrong
         try:
             [sequence] = self.decoder.start(torch.tensor(embeddings), params)
         except CapacityError as exc:
@@ -138,6 +141,8 @@ class TextDecoderModel(CocaModel):
     def _outputs(self, request, sequence, rows: int, stats: dict):
         if isinstance(sequence, RequestError):
             return sequence
+        if sequence.error is not None:  # this caption failed alone; its neighbours went on
+            return RequestError(str(sequence.error))
         result = sequence.result() if sequence.done or not isinstance(sequence, BeamSequence) else None
         tokens, logprobs = (result.tokens, result.logprobs) if result else ([], [])
         outputs = {

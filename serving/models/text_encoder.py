@@ -29,6 +29,8 @@ class TextEncoderModel(EncoderModel):
         return ([plain] if plain else []) + [[i] for i in good if wanted[i] & DETAIL_OUTPUTS]
 
     def forward(self, batch: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        if self.onnx is not None and not wanted & DETAIL_OUTPUTS:
+            return {"CLASS_EMBEDDING": self.onnx.encode_texts(self.coca.net.text, batch)}
         encoding = self.coca.net.text(batch, want_attention=bool(wanted & DETAIL_OUTPUTS))
         outputs = {"CLASS_EMBEDDING": encoding.class_embedding}
         if encoding.attention is not None:

@@ -8,6 +8,7 @@ Runs last in the package (file order), and leaves Triton running.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import threading
@@ -47,10 +48,12 @@ def test_triton_killed_mid_search(shared_service, live_triton, figures):
         outcomes: list = []
         stop = threading.Event()
 
+        texts = itertools.count()  # each search a new text: a repeated one comes from the service's cache
+
         def searcher():
             while not stop.is_set():
                 try:
-                    client.search_text("a photo of a dog", k=3)
+                    client.search_text(f"a photo of dog number {next(texts)}", k=3)
                     outcomes.append("ok")
                 except grpc.RpcError as exc:
                     outcomes.append(exc)
@@ -72,7 +75,7 @@ def test_triton_killed_mid_search(shared_service, live_triton, figures):
         assert client.stats().count == before  # searches write nothing, not even when cut
         started = time.monotonic()
         server.start()
-        recovered = wait_for(lambda: client.search_text("a photo of a dog", k=3) is not None, 60)
+        recovered = wait_for(lambda: client.search_text(f"a photo of dog number {next(texts)}", k=3) is not None, 60)
         figures.record("triton faults: SIGKILL mid-search", searches_ok=outcomes.count("ok"),
                        unavailable_with_message=len(failures), other_errors=0,
                        recovered_s_after_restart=round(recovered, 1),

@@ -76,11 +76,12 @@ async function searchText(event) {
   event.preventDefault();
   const q = $("query").value.trim();
   if (!q) { setStatus("Type something to search for.", true); return; }
-  await run(`searching “${q}”`, () => api(`/api/search?q=${encodeURIComponent(q)}&${options()}`));
+  // POST: a search with captions stores them (the gallery refuses that as GET)
+  await run(`searching “${q}”`, () => api(`/api/search?q=${encodeURIComponent(q)}&${options()}`, { method: "POST" }));
 }
 
 async function similar(id, name) {
-  await run(`images like ${name}`, () => api(`/api/similar?id=${encodeURIComponent(id)}&${options()}`));
+  await run(`images like ${name}`, () => api(`/api/similar?id=${encodeURIComponent(id)}&${options()}`, { method: "POST" }));
 }
 
 async function searchImage() {

@@ -1,0 +1,304 @@
+"""Several Triton servers that serve the same CoCa export, used as one.
+
+    async with TritonPool(["10.0.0.1:8001", "10.0.0.2:8001"]) as pool:
+        await pool.identity()                                  # every endpoint serves the same export
+        vectors = await pool.call(lambda t: t.embed_images([jpeg]))
+        caption = await pool.call(lambda t: t.caption(jpeg, SamplingParams()))
+
+Routing: each call goes to the healthy endpoint with the fewest calls in flight (ties in turn).
+A call runs on one endpoint from start to end, so a caption's decoder sequence, and the KV cache
+that server keeps for it, stays where its START went.
+
+Failures: an endpoint whose server cannot be reached is taken out of rotation at once, and a probe
+asks it what it serves (a short deadline, every `probe_interval_s`) until it answers with the
+pool's model; then it is back. The call it cut runs again, once, on another endpoint: encoders are
+pure functions and greedy or seeded captions are reproducible, so the answer is the one an
+uninterrupted call gives. A full decoder cache is tried once elsewhere too. When no endpoint is
+healthy, calls still try them (a call is its own probe) and fail with TritonUnavailableError
+naming every endpoint. Endpoints that answer with different models make identity() fail with
+IdentityMismatchError naming both; an endpoint that comes back with another model stays out.
+
+One pool per event loop (like TritonCoca, which it holds one of per endpoint).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional, Sequence, TypeVar, Union
+
+from coca.errors import CapacityError
+
+from .client import InferObserver, TritonCoca
+from .errors import IdentityMismatchError, TritonUnavailableError
+from .protocol import Identity
+
+log = logging.getLogger("serving.pool")
+T = TypeVar("T")
+
+PROBE_INTERVAL_S = 0.5  # how often an endpoint out of rotation is asked whether it is back
+PROBE_TIMEOUT_S = 1.0  # how long a probe waits for the answer
+MAX_ENDPOINTS = 64
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def parse_endpoints(spec: Union[str, Sequence[str]]) -> list[str]:
+    """HOST:PORT addresses from "a:8001,b:8001" (or a list); ValueError naming what is wrong."""
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
+    if not parts or any(not p for p in parts):
+        raise ValueError(f"Triton endpoints must be HOST:PORT[,HOST:PORT...], got {spec!r}")
+    for part in parts:
+        match = _ADDRESS.match(part)
+        if match is None or not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError(f"Triton endpoint {part!r} is not HOST:PORT (port 1-65535)")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"Triton endpoint listed twice in {spec!r}")
+    if len(parts) > MAX_ENDPOINTS:
+        raise ValueError(f"at most {MAX_ENDPOINTS} Triton endpoints, got {len(parts)}")
+    return parts
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    """One endpoint as stats show it."""
+
+    url: str
+    healthy: bool  # in rotation
+    in_flight: int  # calls running on it now
+    calls: int  # calls finished on it (answered or failed)
+    outages: int  # times it was taken out of rotation
+    last_error: str  # why it was last taken out, or why a probe still keeps it out
+    down_s: float  # seconds out of rotation so far (0 while healthy)
+
+
+class _Connection:
+    """One TritonCoca and the number of calls using it. A connection that failed is retired: new
+    calls get a fresh one, and the old one is closed when its last call ends. (Closing a gRPC channel
+    cancels the calls still on it, which would leave their callers without an answer.)"""
+
+    def __init__(self, url: str, observe: Optional[InferObserver] = None):
+        self.client = TritonCoca(url, observe=observe)
+        self.users = 0
+        self.retired = False
+
+    async def close_if_done(self) -> None:
+        if self.retired and self.users == 0:
+            with contextlib.suppress(Exception):  # closing a dead channel may fail too
+                await self.client.close()
+
+
+class Endpoint:
+    """One Triton server of the pool: its connection, load and health."""
+
+    def __init__(self, url: str, observe: Optional[InferObserver] = None):
+        self.url = url
+        self.observe = observe  # told of each infer call (the service's metrics)
+        self.healthy = True  # until a call cannot reach it (identity() checks it first)
+        self.in_flight = 0
+        self.calls = 0
+        self.outages = 0
+        self.last_error = ""
+        self.down_since: Optional[float] = None
+        self.probe: Optional[asyncio.Task] = None
+        self._connection: Optional[_Connection] = None
+
+    async def run(self, fn: Callable[[TritonCoca], Awaitable[T]], counted: bool = True) -> T:
+        """`await fn(client)` on this endpoint's connection (a fresh one after a failure); `counted`
+        calls are load (in flight, calls), probes are not."""
+        if self._connection is None:
+            self._connection = _Connection(self.url, self.observe)
+        connection = self._connection
+        connection.users += 1
+        self.in_flight += counted
+        try:
+            return await fn(connection.client)
+        except TritonUnavailableError:
+            self.retire()
+            raise
+        finally:
+            self.in_flight -= counted
+            self.calls += counted
+            connection.users -= 1
+            await connection.close_if_done()
+
+    async def ask_identity(self, timeout: float) -> Identity:
+        """What the server serves, within `timeout` (a server that does not answer gets a fresh
+        connection next time)."""
+        try:
+            return await asyncio.wait_for(self.run(lambda client: client.identity(), counted=False), timeout)
+        except asyncio.TimeoutError:
+            self.retire()
+            raise
+
+    def retire(self) -> None:
+        if self._connection is not None:
+            self._connection.retired = True
+            self._connection = None
+
+    async def close(self) -> None:
+        if self.probe is not None:
+            self.probe.cancel()
+            with contextlib.suppress(BaseException):
+                await self.probe
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.retired = True
+            await connection.close_if_done()
+
+    def state(self) -> EndpointState:
+        down = 0.0 if self.down_since is None else time.monotonic() - self.down_since
+        return EndpointState(self.url, self.healthy, self.in_flight, self.calls, self.outages, self.last_error,
+                             round(down, 3))
+
+
+class TritonPool:
+    """Calls spread over Triton endpoints that serve the same model; see the module docstring."""
+
+    def __init__(self, endpoints: Union[str, Sequence[str]], probe_interval_s: float = PROBE_INTERVAL_S,
+                 probe_timeout_s: float = PROBE_TIMEOUT_S, observe: Optional[InferObserver] = None):
+        self.endpoints = [Endpoint(url, observe) for url in parse_endpoints(endpoints)]
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.failovers = 0  # calls run again on another endpoint
+        self._identity: Optional[Identity] = None  # what the endpoints last agreed they serve
+        self._turn = 0
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.endpoints]
+
+    def __str__(self) -> str:
+        return ", ".join(self.urls)
+
+    async def __aenter__(self) -> "TritonPool":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.close() for e in self.endpoints))
+
+    def states(self) -> list[EndpointState]:
+        return [e.state() for e in self.endpoints]
+
+    @property
+    def healthy(self) -> bool:
+        return any(e.healthy for e in self.endpoints)
+
+    # ------------------------------------------------------------ calls
+    async def call(self, fn: Callable[[TritonCoca], Awaitable[T]]) -> T:
+        """`await fn(client)` on the least-loaded healthy endpoint; run again once on another endpoint
+        if that server cannot be reached (it then leaves rotation) or its decoder cache is full."""
+        failed: list[tuple[Endpoint, Exception]] = []
+        while True:
+            endpoint = self._pick(exclude=[e for e, _ in failed])
+            try:
+                return await endpoint.run(fn)
+            except (TritonUnavailableError, CapacityError) as exc:
+                if isinstance(exc, TritonUnavailableError):
+                    self._take_out(endpoint, exc)
+                failed.append((endpoint, exc))
+                if len(failed) > 1 or len(failed) == len(self.endpoints):
+                    raise self._failure(failed) from None
+                self.failovers += 1
+                log.info("%s failed (%s): running the call again on another endpoint", endpoint.url, exc)
+
+    def _pick(self, exclude: Sequence[Endpoint]) -> Endpoint:
+        """The healthy endpoint with the fewest calls in flight, ties in turn; when none is healthy,
+        any not yet tried (the call finds out whether it is back)."""
+        left = [e for e in self.endpoints if e not in exclude]
+        candidates = [e for e in left if e.healthy] or left
+        turn, self._turn = self._turn, self._turn + 1
+        order = {id(e): (i - turn) % len(self.endpoints) for i, e in enumerate(self.endpoints)}
+        return min(candidates, key=lambda e: (e.in_flight, order[id(e)]))
+
+    @staticmethod
+    def _failure(failed: list[tuple[Endpoint, Exception]]) -> Exception:
+        """The error of a call no endpoint could serve: the last one's own when it is a full cache or the
+        only endpoint, else one naming each endpoint tried and its error."""
+        last = failed[-1][1]
+        if len(failed) == 1 or isinstance(last, CapacityError):
+            return last
+        return TritonUnavailableError("no Triton endpoint could serve the call: "
+                                      + "; ".join(f"{e.url}: {exc}" for e, exc in failed))
+
+    # ------------------------------------------------------------ health
+    def _take_out(self, endpoint: Endpoint, exc: BaseException) -> None:
+        endpoint.last_error = str(exc) or type(exc).__name__
+        if endpoint.healthy:
+            endpoint.healthy = False
+            endpoint.outages += 1
+            endpoint.down_since = time.monotonic()
+            log.warning("Triton endpoint %s out of rotation: %s", endpoint.url, endpoint.last_error)
+        if endpoint.probe is None or endpoint.probe.done():
+            endpoint.probe = asyncio.get_running_loop().create_task(self._probe(endpoint))
+
+    def _bring_back(self, endpoint: Endpoint) -> None:
+        if not endpoint.healthy:
+            log.warning("Triton endpoint %s back in rotation after %.1f s", endpoint.url,
+                        time.monotonic() - (endpoint.down_since or time.monotonic()))
+        endpoint.healthy, endpoint.down_since, endpoint.last_error = True, None, ""
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        """Ask an endpoint out of rotation what it serves until it answers with the pool's model."""
+        while not endpoint.healthy:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                found = await endpoint.ask_identity(self.probe_timeout_s)
+            except asyncio.TimeoutError:
+                endpoint.last_error = f"no answer to a probe within {self.probe_timeout_s} s"
+                continue
+            except Exception as exc:  # unreachable, or its models disagree among themselves
+                endpoint.last_error = str(exc) or type(exc).__name__
+                continue
+            if self._identity is not None and found != self._identity:
+                endpoint.last_error = f"serves {_shown(found)}, the other endpoints {_shown(self._identity)}"
+                continue
+            self._bring_back(endpoint)
+
+    async def identity(self, timeout: float = 30.0) -> Identity:
+        """The model and weights every endpoint serves, asked of each now (within `timeout`).
+
+        Endpoints that cannot be reached leave rotation (those that answer with the pool's model
+        rejoin it). IdentityMismatchError names two endpoints that serve different models;
+        TritonUnavailableError names every endpoint when none answers.
+        """
+        answers = await asyncio.gather(*(e.ask_identity(timeout) for e in self.endpoints), return_exceptions=True)
+        found: dict[str, Identity] = {}
+        for endpoint, answer in zip(self.endpoints, answers):
+            if isinstance(answer, Identity):
+                found[endpoint.url] = answer
+            elif isinstance(answer, TritonUnavailableError):
+                self._take_out(endpoint, answer)
+            elif isinstance(answer, BaseException) and not isinstance(answer, asyncio.TimeoutError):
+                raise answer  # e.g. its three models come from different exports
+        if not found:
+            if len(self.endpoints) == 1 and isinstance(answers[0], BaseException):
+                raise answers[0]
+            raise TritonUnavailableError("no Triton endpoint answered: " + "; ".join(
+                f"{e.url}: {_reason(a)}" for e, a in zip(self.endpoints, answers)))
+        identities = list(dict.fromkeys(found.values()))
+        if len(identities) > 1:
+            first, other = ([url for url, i in found.items() if i == identity][0] for identity in identities[:2])
+            raise IdentityMismatchError(
+                f"the Triton endpoints serve different models: {first} serves {_shown(found[first])}, "
+                f"{other} serves {_shown(found[other])}; every endpoint must serve the same export")
+        self._identity = identities[0]
+        for endpoint in self.endpoints:
+            if endpoint.url in found:
+                self._bring_back(endpoint)
+        return self._identity
+
+
+def _shown(identity: Identity) -> str:
+    return f"{identity.model} ({identity.pretrained}, {identity.dtype}, weights {identity.repository_id[:12]})"
+
+
+def _reason(answer) -> str:
+    if isinstance(answer, asyncio.TimeoutError):
+        return "no answer in time"
+    return str(answer)

@@ -1,0 +1,166 @@
+"""Load shedding: 64 clients against a service that admits 8 searches at a time.
+
+Every answer must be OK or RESOURCE_EXHAUSTED, each within 1 s (a refusal at once, never a queue that
+times everyone out); the searches admitted must stay about as fast as when the service is not
+overloaded; the service's RSS stays flat; the service's own metrics agree with what clients were told.
+The same clients against the same service without a bound are measured beside it, for the contrast.
+
+"Not overloaded" is the same search loop run by 8 clients (the bound: nothing is refused) and by one
+client, both measured in the same run just before the 64 (the machine is shared: only ratios measured
+side by side mean anything)."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from .conftest import RssSampler, needs_triton, service_args, unique_jpegs
+
+pytestmark = needs_triton
+
+LIMIT, CLIENTS = 8, 64
+ANSWER_WITHIN_S = 1.0
+P99_FACTOR = 2.0  # admitted p99 under 64 clients <= this x p99 of 8 clients (the bound, nothing shed)
+BACKOFF_S = (0.05, 0.15)  # a refused client waits this long (uniform) before it asks again
+RSS_GROWTH_MB = 64  # after the first quarter of the run
+
+
+class Tally:
+    """Every answer of a run: (seconds, status code), plus the largest in-flight count the metrics showed."""
+
+    def __init__(self):
+        self.answers: list[tuple[float, grpc.StatusCode]] = []
+        self.lock = threading.Lock()
+
+    def add(self, seconds: float, code: grpc.StatusCode) -> None:
+        with self.lock:
+            self.answers.append((seconds, code))
+
+    def seconds(self, code: grpc.StatusCode) -> np.ndarray:
+        return np.array([s for s, c in self.answers if c == code])
+
+    def codes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, code in self.answers:
+            out[code.name] = out.get(code.name, 0) + 1
+        return out
+
+
+def search_loop(address: str, clients: int, seconds: float, tag: str) -> Tally:
+    """`clients` threads, each its own channel, searching texts nobody searched before (each one a Triton
+    text-encoder call) for `seconds`; a refused client backs off BACKOFF_S before its next call."""
+    tally = Tally()
+    deadline = time.monotonic() + seconds
+
+    def client(n: int):
+        from search_service.testing import WireClient
+
+        rng = random.Random(n)
+        with WireClient(address, timeout=30) as c:
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                started = time.perf_counter()
+                try:
+                    c.search_text(f"{tag} client {n} query {i}", k=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                tally.add(time.perf_counter() - started, code)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    time.sleep(rng.uniform(*BACKOFF_S))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    return tally
+
+
+def metric(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def p99_ms(values: np.ndarray) -> float:
+    return round(float(np.percentile(values, 99)) * 1000, 1)
+
+
+@pytest.mark.parametrize("seconds", [pytest.param(10, id="64x10s"), pytest.param(60, id="64x60s", marks=pytest.mark.long)])
+def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exported, figures):
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess, WireClient
+
+    images = unique_jpegs(9100, 64)
+    results = {}
+    for bound in (LIMIT, 0):  # 0: no bound (the contrast)
+        args = service_args(exported, "--max-inflight-search", str(bound), "--metrics-port", "0")
+        with ServiceProcess(tmp_path / f"data-{bound}", live_triton.grpc_url, *args) as service:
+            with WireClient(service.address, timeout=120) as client:
+                assert len(list(client.add_images(pb.AddImageRequest(image=i) for i in images))) == len(images)
+            if bound:
+                search_loop(service.address, LIMIT, 2, "warm-up")
+                one = search_loop(service.address, 1, 4, "one client")
+                at_bound = search_loop(service.address, LIMIT, 5, "at the bound")
+            peak = [0.0]
+            watching = threading.Event()
+
+            def watch_inflight():  # the service's own count of searches in flight, sampled through the run
+                while not watching.wait(0.1):
+                    peak[0] = max(peak[0], metric(service.metrics_url, "coca_search_inflight", **{"class": "search"}))
+
+            watcher = threading.Thread(target=watch_inflight)
+            watcher.start()
+            with RssSampler(lambda: [service.proc.pid], interval=0.25) as rss:
+                overloaded = search_loop(service.address, CLIENTS, seconds, f"{CLIENTS} clients bound {bound}")
+            watching.set()
+            watcher.join()
+            shed = metric(service.metrics_url, "coca_search_shed_total", bound="search")
+            results[bound] = (overloaded, rss, peak[0], shed)
+
+    overloaded, rss, peak, shed = results[LIMIT]
+    OK, SHED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+    codes = overloaded.codes()
+    admitted, refused = overloaded.seconds(OK), overloaded.seconds(SHED)
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert refused.size > 0 and admitted.size > 0, codes
+    slowest = max(s for s, _ in overloaded.answers)
+    assert slowest <= ANSWER_WITHIN_S, f"an answer took {slowest:.2f} s"
+    assert 1 <= peak <= LIMIT and shed == refused.size  # the service's own count agrees with the clients'
+    assert set(one.codes()) == set(at_bound.codes()) == {"OK"}  # not overloaded: nothing refused
+    p99_one, p99_bound, p99_admitted = p99_ms(one.seconds(OK)), p99_ms(at_bound.seconds(OK)), p99_ms(admitted)
+    assert p99_admitted <= P99_FACTOR * p99_bound, (p99_admitted, p99_bound)
+    mb = np.array(rss.values()) / 2**20
+    quarter = mb[: max(1, len(mb) // 4)]
+    assert mb.max() - quarter.max() < RSS_GROWTH_MB, f"service RSS grew from {quarter.max():.0f} to {mb.max():.0f} MB"
+
+    unbounded = results[0][0]
+    all_unbounded = np.array([s for s, _ in unbounded.answers])
+    figures.record(
+        f"load shedding: {CLIENTS} clients x {seconds} s, --max-inflight-search {LIMIT}",
+        answers=len(overloaded.answers), ok=int(admitted.size), resource_exhausted=int(refused.size),
+        other_codes=sum(n for c, n in codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")),
+        slowest_answer_ms=round(slowest * 1000, 1), refusal_p99_ms=p99_ms(refused),
+        admitted_p50_p99_ms=f"{np.percentile(admitted, 50) * 1000:.0f} / {p99_admitted:.0f}",
+        p99_one_client_ms=p99_one, p99_8_clients_ms=p99_bound,
+        admitted_p99_over_8_clients=round(p99_admitted / p99_bound, 2),
+        admitted_p99_over_one_client=round(p99_admitted / p99_one, 2),
+        peak_inflight_seen=int(peak), admitted_per_s=round(admitted.size / seconds, 1),
+        service_rss_mb_min_max=f"{mb.min():.0f} / {mb.max():.0f}",
+        unbounded_answers=len(unbounded.answers), unbounded_codes=str(unbounded.codes()),
+        unbounded_p50_p99_ms=f"{np.percentile(all_unbounded, 50) * 1000:.0f} / {p99_ms(all_unbounded):.0f}",
+        unbounded_slowest_ms=round(float(all_unbounded.max()) * 1000, 1),
+        unbounded_peak_inflight=int(results[0][2]))

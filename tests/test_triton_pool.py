@@ -1,0 +1,383 @@
+"""Several Triton endpoints (serving.pool.TritonPool, `--triton A,B`): two real tritonservers serving
+coca-tiny (random weights, seed 0). Load is spread over both; an endpoint killed under load is taken out
+of rotation, the calls it cut run again on the other and give the answers an uninterrupted call gives
+(oracle: the in-process model, exact search over the stored items); started again, it rejoins. A pool
+whose endpoints serve different models is refused, naming both."""
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from coca.settings import SamplingParams
+from serving.testing import triton_unavailable_reason
+
+pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+
+MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
+START_S = 600.0  # a tritonserver start on a busy 2-core box (model processes import torch) took ~110 s
+GREEDY = SamplingParams(max_tokens=8)
+LONG_GREEDY = SamplingParams(max_tokens=60, min_tokens=60)  # long enough to be cut mid-way
+LONG_SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max_tokens=60, min_tokens=60)
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    from serving.repository import ensure_repository
+
+    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED)
+
+
+@pytest.fixture(scope="module")
+def servers(repository):
+    from serving.testing import restartable_tritons
+
+    with restartable_tritons(repository[0], count=2, timeout=START_S) as started:
+        yield started
+
+
+@pytest.fixture
+def tritons(servers):
+    """Both servers, started again if an earlier test left one down."""
+    for server in servers:
+        if not server.is_alive():
+            server.stop()
+            server.start(START_S)
+    return servers
+
+
+@pytest.fixture(scope="module")
+def reference():
+    import coca
+
+    return coca.load(MODEL, pretrained=PRETRAINED, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def photos(images) -> list[bytes]:
+    """12 distinct JPEGs: the 4 sample photos, each also cropped two ways."""
+    out = []
+    for path in images:
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        for box in [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h)]:
+            out.append(jpeg(image.crop(box)))
+    return out
+
+
+def jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def unique_jpegs(seed: int, count: int, size: int = 64) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [jpeg(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))) for _ in range(count)]
+
+
+def served(url: str, model: str) -> int:
+    """Requests `model` on the server at `url` has answered successfully (Triton's own statistics)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ---------------------------------------------------------------- addresses
+def test_endpoint_lists_are_checked():
+    from serving.pool import parse_endpoints
+
+    assert parse_endpoints("a:8001, 10.0.0.2:8001,[::1]:9") == ["a:8001", "10.0.0.2:8001", "[::1]:9"]
+    for spec, message in [("", "HOST:PORT"), ("a:8001,,b:8001", "HOST:PORT"), ("a", "'a' is not HOST:PORT"),
+                          ("a:0", "'a:0' is not HOST:PORT"), ("a:99999", "not HOST:PORT"),
+                          ("a:1,a:1", "listed twice"), ("http://a:1", "not HOST:PORT")]:
+        with pytest.raises(ValueError, match=message):
+            parse_endpoints(spec)
+
+
+def test_a_malformed_triton_flag_is_one_line_and_exit_2(tmp_path, capsys):
+    from search_service.server import main
+
+    assert main(["--data", str(tmp_path), "--triton", "127.0.0.1:8001,nohost"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "search service: error: Triton endpoint 'nohost' is not HOST:PORT (port 1-65535)"
+
+
+# ---------------------------------------------------------------- the pool
+def test_calls_spread_over_both_endpoints_and_answer_as_in_process(tritons, reference, photos):
+    from serving.pool import TritonPool
+    from serving.protocol import IMAGE_ENCODER, TEXT_DECODER
+
+    urls = [s.grpc_url for s in tritons]
+    before = {url: (served(url, IMAGE_ENCODER), served(url, TEXT_DECODER)) for url in urls}
+
+    async def work():
+        async with TritonPool(urls) as pool:
+            identity = await pool.identity()
+            vectors = await asyncio.gather(*(pool.call(lambda t, p=p: t.embed_images([p])) for p in photos))
+            captions = await asyncio.gather(*(pool.call(lambda t, p=p: t.caption(p, GREEDY)) for p in photos))
+            return identity, np.concatenate(vectors), captions, pool.states()
+
+    identity, vectors, captions, states = asyncio.run(work())
+    assert (identity.model, identity.pretrained) == (MODEL, PRETRAINED)
+    np.testing.assert_allclose(vectors, reference.embed_images(photos), atol=1e-5, rtol=0)
+    assert [c.tokens for c in captions] == [c.tokens for c in reference.caption(photos, GREEDY)]
+    assert [s.calls for s in states] == [12, 12] and all(s.healthy and s.in_flight == 0 for s in states)
+    for url in urls:  # each server computed half of each kind (its own count, not the pool's)
+        encoded, decoded = (served(url, IMAGE_ENCODER) - before[url][0], served(url, TEXT_DECODER) - before[url][1])
+        assert encoded >= 6 and decoded >= 6 * 2, (url, encoded, decoded)
+
+
+def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_ones(tritons, reference, photos):
+    """Captions in flight on the server that is SIGKILLed run again on the other one; greedy and seeded
+    captions are reproducible, so each equals the in-process caption. Started again, the server rejoins."""
+    from serving.pool import TritonPool
+
+    victim, survivor = tritons
+    settings = [LONG_GREEDY if i % 2 == 0 else LONG_SAMPLED for i in range(8)]
+    images = photos[:8]
+
+    async def work():
+        async with TritonPool([victim.grpc_url, survivor.grpc_url], probe_interval_s=0.2) as pool:
+            await pool.identity()
+            tasks = [asyncio.create_task(pool.call(lambda t, i=i: t.caption(images[i], settings[i]))) for i in range(8)]
+            while pool.endpoints[0].in_flight < 4:  # half the captions were sent to the victim
+                await asyncio.sleep(0.005)
+            async with LiveSequences(victim.grpc_url) as live:
+                await wait_for_async(lambda: live() > 0, 30)  # their sequences are started there
+            victim.kill()
+            captions = await asyncio.gather(*tasks)
+            down = pool.endpoints[0].state()
+            victim.start(START_S)  # from this thread: a server dies with its starting thread
+            await wait_for_async(lambda: pool.endpoints[0].healthy, 30)  # the probe finds it back
+            calls_back = pool.endpoints[0].calls
+            again = await asyncio.gather(*(pool.call(lambda t, p=p: t.caption(p, GREEDY)) for p in photos[:4]))
+            return captions, down, pool.failovers, pool.endpoints[0].calls - calls_back, again
+
+    captions, down, failovers, calls_after_rejoin, again = asyncio.run(work())
+    for i, caption in enumerate(captions):
+        assert caption.tokens == reference.caption([images[i]], settings[i])[0].tokens, f"caption {i}"
+    assert failovers >= 1 and not down.healthy and down.outages == 1 and "cannot reach Triton" in down.last_error
+    assert calls_after_rejoin >= 1  # back in rotation: it takes its share again
+    assert [c.tokens for c in again] == [c.tokens for c in reference.caption(photos[:4], GREEDY)]
+
+
+class LiveSequences:
+    """`async with LiveSequences(url) as live`: live() is the number of decoder sequences the server at
+    `url` holds now (polled on a connection of its own)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.value = 0
+
+    async def __aenter__(self):
+        from serving.client import TritonCoca
+
+        self.client = TritonCoca(self.url)
+        self.task = asyncio.create_task(self._poll())
+        return lambda: self.value
+
+    async def _poll(self):
+        while True:
+            self.value = (await self.client.decoder_stats())["live_sequences"]
+            await asyncio.sleep(0.005)
+
+    async def __aexit__(self, *exc):
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.client.close()
+
+
+async def wait_for_async(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def test_endpoints_serving_different_models_are_refused_naming_both(tritons, tmp_path_factory, photos):
+    """An endpoint down at first that comes back with another export stays out of rotation; asked what
+    the pool serves, it fails naming both endpoints, and the service answers FAILED_PRECONDITION."""
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess, WireClient
+    from serving.errors import IdentityMismatchError
+    from serving.launcher import TritonServer, pick_free_ports
+    from serving.pool import TritonPool
+    from serving.repository import ensure_repository
+
+    other_repo, _ = ensure_repository(tmp_path_factory.mktemp("other") / "repo", MODEL, PRETRAINED, SEED + 1)
+    http, grpc_port, metrics = pick_free_ports(3)
+    other = TritonServer(other_repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics, kill_on_parent_exit=True)
+    good = tritons[0].grpc_url
+
+    async def pool_sees():
+        async with TritonPool([good, other.grpc_url], probe_interval_s=0.2) as pool:
+            first = await pool.identity()  # the other one is not up yet: out of rotation
+            other.start(START_S)  # blocks the loop: the probes run once it is up
+            await wait_for_async(lambda: "serves" in pool.endpoints[1].last_error, 30)  # a probe got its answer
+            await asyncio.sleep(1.0)  # more probes: it stays out
+            state = pool.endpoints[1].state()
+            with pytest.raises(IdentityMismatchError) as refused:
+                await pool.identity()
+            return first, state, str(refused.value)
+
+    try:
+        first, state, message = asyncio.run(pool_sees())
+        assert first.model == MODEL and not state.healthy and "serves coca-tiny" in state.last_error
+        assert good in message and other.grpc_url in message and "different models" in message
+        with ServiceProcess(tmp_path_factory.mktemp("mixed"), f"{good},{other.grpc_url}") as service, \
+                WireClient(service.address, timeout=30) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.search_text("a cat")
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert good in info.value.details() and other.grpc_url in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                list(client.add_images([pb.AddImageRequest(image=photos[0])]))
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert not client.stats().triton_ready
+    finally:
+        other.stop()
+
+
+# ---------------------------------------------------------------- the service under load
+def test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back(
+        tritons, repository, reference, photos, tmp_path):
+    """16 clients (searches, captions, adds) on a service with two endpoints; one is SIGKILLed mid-run
+    and started again. Every call succeeds with the right answer: searches equal exact search over the
+    seeded items (a metadata filter keeps concurrent adds out of their view), captions equal in-process
+    greedy captions, added items hold in-process embeddings. The survivor carries the load meanwhile;
+    the restarted endpoint rejoins."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from search_service.pb import search_pb2 as pb
+    from search_service.server import endpoint_health_name
+    from search_service.testing import ServiceProcess, WireClient
+
+    victim, survivor = tritons
+    # fresh texts: the service answers a text it has seen from its cache, without Triton
+    queries = [f"{what} number {n}" for n in range(150) for what in ("a cat", "a red car", "coffee", "a rocket")]
+    next_query = iter(range(len(queries)))
+    seeded = photos
+    expected_captions = {i: c.tokens for i, c in enumerate(reference.caption(seeded, GREEDY))}
+    seed_vectors = reference.embed_images(seeded)
+    query_vectors = dict(zip(queries, reference.embed_texts(queries)))
+    errors: list[str] = []
+    counts: dict[str, int] = {}
+    added: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+    phase = {"name": "both"}
+    stop = threading.Event()
+
+    with ServiceProcess(tmp_path / "data", f"{victim.grpc_url},{survivor.grpc_url}", "--logit-scale",
+                        str(repository[1])) as service, WireClient(service.address, timeout=120) as admin:
+        ids = [r.id for r in admin.add_images(pb.AddImageRequest(image=p, metadata={"set": "seed"}) for p in seeded)]
+        assert len(set(ids)) == len(seeded)
+
+        def check_hits(hits, vector: np.ndarray, k: int) -> None:
+            """Exact search over the seeded items: the top-k scores, each hit scored right (so only
+            items whose scores tie within float error may trade places)."""
+            exact = dict(zip(ids, seed_vectors @ vector))
+            top = sorted(exact.values(), reverse=True)[:k]
+            np.testing.assert_allclose([h.score for h in hits], top, atol=1e-4)
+            np.testing.assert_allclose([exact[h.id] for h in hits], [h.score for h in hits], atol=1e-4)
+
+        def worker(n: int):
+            rng = random.Random(n)
+            batch = 0
+            with WireClient(service.address, timeout=120) as client:
+                while not stop.is_set():
+                    op = rng.choice(["search_text", "search_text", "search_image", "caption", "caption", "add"])
+                    try:
+                        if op == "search_text":
+                            with lock:
+                                query = queries[next(next_query, rng.randrange(len(queries)))]
+                            check_hits(client.search_text(query, k=5, filters={"set": "seed"}).hits,
+                                       query_vectors[query], 5)
+                        elif op == "search_image":
+                            i = rng.randrange(len(seeded))
+                            hits = client.search_image(seeded[i], k=3, filters={"set": "seed"}).hits
+                            assert hits[0].id == ids[i]
+                            check_hits(hits, seed_vectors[i], 3)
+                        elif op == "caption":
+                            i = rng.randrange(len(seeded))
+                            assert list(client.caption(image=seeded[i], max_tokens=8).tokens) == expected_captions[i]
+                        else:
+                            images = unique_jpegs(1000 * n + batch, 2)
+                            batch += 1
+                            results = list(client.add_images(pb.AddImageRequest(image=i, metadata={"set": f"c{n}"})
+                                                             for i in images))
+                            assert [r.outcome for r in results] == [pb.AddImageResult.ADDED] * 2, results
+                            with lock:
+                                added.extend((r.id, i) for r, i in zip(results, images))
+                    except (grpc.RpcError, AssertionError) as exc:
+                        with lock:
+                            errors.append(f"{phase['name']} {op}: {exc!r}"[:400])
+                        continue
+                    with lock:
+                        counts[phase["name"]] = counts.get(phase["name"], 0) + 1
+
+        def calls() -> list[int]:
+            return [e.calls for e in admin.stats().triton_endpoints]
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(lambda: counts.get("both", 0) >= 40, 120, "40 calls with both endpoints up")
+            phase["name"] = "one down"
+            victim.kill()
+            at_kill = calls()
+            wait_until(lambda: counts.get("one down", 0) >= 20, 120, "20 calls with one endpoint down")
+            early = admin.stats()
+            wait_until(lambda: counts.get("one down", 0) >= 50, 120, "50 calls with one endpoint down")
+            down = admin.stats()
+            with grpc.insecure_channel(service.address) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                wait_until(lambda: check(health_pb2.HealthCheckRequest(service=endpoint_health_name(
+                    victim.grpc_url))).status == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "the victim's health")
+                assert check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+                victim.start(START_S)
+                phase["name"] = "rejoined"
+                wait_until(lambda: admin.stats().triton_endpoints[0].healthy, 30, "the victim back in rotation")
+                back = calls()
+                wait_until(lambda: counts.get("rejoined", 0) >= 40 and calls()[0] > back[0], 120, "calls on the victim")
+                assert check(health_pb2.HealthCheckRequest(service=endpoint_health_name(
+                    victim.grpc_url))).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(180)
+        assert errors == [], errors[:10]
+        victim_down, survivor_down = down.triton_endpoints
+        assert (victim_down.address, survivor_down.address) == (victim.grpc_url, survivor.grpc_url)
+        assert not victim_down.healthy and victim_down.outages == 1 and "Triton" in victim_down.last_error
+        assert victim_down.down_seconds > 0 and down.triton_ready
+        assert survivor_down.healthy and survivor_down.outages == 0
+        assert victim_down.calls == early.triton_endpoints[0].calls  # out of rotation: no new call went there
+        assert survivor_down.calls > early.triton_endpoints[1].calls > at_kill[1]  # the load went on, there
+        for item_id, data in added[:: max(1, len(added) // 10)]:  # what was acknowledged is stored, right
+            stored = np.array(admin.get(item_id, include_embedding=True).embedding)
+            np.testing.assert_allclose(stored, reference.embed_images([data])[0], atol=1e-5)
+        assert admin.stats().count == len(seeded) + len(added)
