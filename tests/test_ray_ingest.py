@@ -270,19 +270,28 @@ def test_cli_ray_run_report_and_summary(corpus, trusting_service, ray_cluster, t
     good = {s: c.sha256 for s, c in cases.items() if s not in fails}
     counts = Counter(rows[s]["outcome"] for s in good)
     assert counts == Counter(added=len(set(good.values())), duplicate=len(good) - len(set(good.values())))
+    skipped = [s for s, r in rows.items() if r["skipped"]]  # copies whose first was stored in an earlier batch
+    assert all(rows[s]["outcome"] == "duplicate" for s in skipped)
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"200 items: {counts['added']} added, {counts['duplicate']} already indexed "
-                              f"(0 skipped before embedding), {len(fails)} failed"), summary
+                              f"({len(skipped)} skipped before embedding), {len(fails)} failed"), summary
     with WireClient(trusting_service.address) as client:
         for source, sha in good.items():
             assert rows[source]["id"] == sha[:32] and client.get(sha[:32]).content_sha256 == sha
 
 
-def test_cli_refuses_what_cannot_run(corpus, plain_service, triton, tmp_path):
-    """Set-up errors: one line, exit 2, before any Ray or model work."""
+def test_cli_refuses_what_cannot_run(corpus, plain_service, triton, tmp_path, capsys):
+    """Set-up errors: one line, exit 2, before any Ray or model work (the CLI in this process: no Ray starts)."""
+    from clients.cli import main
+
+    @dataclass
+    class Ran:
+        returncode: int
+        stderr: str
+
     def coca_index(*args):
-        return subprocess.run([sys.executable, "-m", "clients.cli", "index", *args], capture_output=True, text=True,
-                              timeout=120, cwd=ROOT)
+        code = main(["index", *args])
+        return Ran(code, capsys.readouterr().err)
 
     refused = coca_index(corpus["folder"], "--ray", "--triton", triton, "--server", plain_service.address)
     with WireClient(plain_service.address) as client:
@@ -310,10 +319,11 @@ def test_sources(corpus, tmp_path, ray_cluster):
     csv.write_text("url,title\n" + "".join(f"{f},t{i}\n" for i, f in enumerate(files)))
     for source, expected_total in [(str(folder), 120), (str(folder / "*.*"), 120), (str(listing), 120), (str(csv), None)]:
         resolved = resolve(source)
-        rows = resolved.dataset({"k": "v"}).take_all()
-        assert resolved.total == expected_total and sorted(r["source"] for r in rows) == files, source
+        assert resolved.total == expected_total and (resolved.entries in (None, files)), source
+    rows = resolve(str(folder)).dataset({"k": "v"}).take_all()
+    assert sorted(r["source"] for r in rows) == files and {r["metadata"] for r in rows} == {'{"k": "v"}'}
     by_source = {r["source"]: json.loads(r["metadata"]) for r in resolve(str(csv)).dataset({"k": "v"}).take_all()}
-    assert by_source[files[3]] == {"k": "v", "title": "t3"}
+    assert sorted(by_source) == files and by_source[files[3]] == {"k": "v", "title": "t3"}
     with pytest.raises(InvalidInputError, match="no such file"):
         resolve(str(tmp_path / "absent"))
     with pytest.raises(InvalidInputError, match="--path-column"):
