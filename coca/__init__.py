@@ -13,7 +13,7 @@ from .errors import (
 # open_clip (and transformers, through it) takes seconds to import: load the model side on first use,
 # so that `coca --help`, the search service and clients that only need errors or settings start fast.
 _LAZY = {
-    "load": "runtime", "from_reference": "runtime", "Coca": "runtime", "Caption": "decoding",
+    "load": "runtime", "from_reference": "runtime", "Coca": "runtime", "Caption": "captions",
     "create_open_clip": "loading", "coca_model_names": "loading", "SamplingParams": "settings",
 }
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .captions import Caption  # noqa: F401  re-exported: its home is torch-free
 from .errors import CapacityError, GenerationError, InvalidInputError
 from .model import CoCa
 from .sampling import EOT, PAD, SOT, RowParams, SamplingParams, ban_early_end, choose, penalise_repeats, usable_rows
@@ -21,13 +22,6 @@ from .sampling import EOT, PAD, SOT, RowParams, SamplingParams, ban_early_end, c
 class Generated:
     tokens: list[int]  # after SOT, ending with EOT (or PAD, which also ends a sequence in open_clip)
     logprobs: list[float]  # model log-probability of each token (0 where not sampled: forced EOT, beams)
-
-
-@dataclass
-class Caption:
-    text: str
-    tokens: list[int]
-    logprobs: list[float]
 
 
 class SlotPool:

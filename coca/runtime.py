@@ -1,7 +1,6 @@
 """The user-facing model: images and texts in, ClassEmbeddings and captions out."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -15,10 +14,11 @@ PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode"
 from . import media
 from .errors import InvalidInputError
 from .decoding import Caption
-from .generate import Generated, generate
+from .generate import generate
 from .loading import create_open_clip, from_open_clip, resolve_dtype
 from .model import CoCa, ImageEncoding, TextEncoding
 from .prompts import DEFAULT_TEMPLATE, label_prompts
+from .scoring import classify_probabilities, rank_by_distance
 from .sampling import EOT, PAD, SOT, SamplingParams
 from .texts import check_text
 
@@ -124,8 +124,7 @@ class Coca:
     # --- text <-> image ------------------------------------------------
     def rank(self, image, texts: Sequence[str]) -> list[tuple[str, float]]:
         """Texts sorted by cosine distance to the image (smaller = closer), as the card's ranking."""
-        distances = 1 - self.embed_texts(texts) @ self.embed_images([image])[0]
-        order = np.argsort(distances, kind="stable")
+        order, distances = rank_by_distance(self.embed_texts(texts), self.embed_images([image])[0])
         return [(texts[i], float(distances[i])) for i in order]
 
     def classify(self, image, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[tuple[str, float]]:
@@ -133,10 +132,8 @@ class Coca:
         if not labels:
             raise InvalidInputError("give at least one label")
         prompts = label_prompts(template, labels)
-        logits = self.logit_scale * (self.embed_texts(prompts) @ self.embed_images([image])[0])
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs, kind="stable")
+        order, probs, _ = classify_probabilities(self.embed_texts(prompts), self.embed_images([image])[0],
+                                                 self.logit_scale)
         return [(labels[i], float(probs[i])) for i in order]
 
     @property

@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, Optional, Sequence, TypeVar
 import numpy as np
 
 from coca import media
-from coca.decoding import Caption
+from coca.captions import Caption
 from coca.settings import SamplingParams
 
 log = logging.getLogger("search_service.models")

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from coca import media
 from coca.errors import CapacityError, InvalidInputError
 from coca.prompts import DEFAULT_TEMPLATE, label_prompts
+from coca.scoring import classify_probabilities, rank_by_distance
 from coca.settings import SamplingParams
 from coca.texts import check_text
 
@@ -527,11 +528,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         await self.ensure_models(context=context)
         image = await self._ref_vector(request.image, context)
         texts = await self.models.embed_texts(prompts, self._timeout(context))
-        similarity = texts @ image
-        logits = self.models.logit_scale * similarity
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs, kind="stable")
+        order, probs, similarity = classify_probabilities(texts, image, self.models.logit_scale)
         return pb.ClassifyResponse(labels=[
             pb.LabelScore(label=labels[i], probability=float(probs[i]), similarity=float(similarity[i])) for i in order])
 
@@ -540,8 +537,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         texts = self._check_texts(list(request.texts), "text")
         await self.ensure_models(context=context)
         image = await self._ref_vector(request.image, context)
-        distances = 1 - (await self.models.embed_texts(texts, self._timeout(context))) @ image
-        order = np.argsort(distances, kind="stable")
+        order, distances = rank_by_distance(await self.models.embed_texts(texts, self._timeout(context)), image)
         return pb.RankResponse(texts=[pb.TextScore(text=texts[i], distance=float(distances[i])) for i in order])
 
     # ------------------------------------------------------------ items

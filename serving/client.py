@@ -30,7 +30,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from coca import media
-from coca.decoding import Caption
+from coca.captions import Caption
 from coca.errors import CapacityError, InvalidInputError
 from coca.settings import SamplingParams
 
@@ -62,6 +62,7 @@ class Generation:
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
+    text: str = ""  # the decoder's own reading of the tokens, answered to END
 
 
 class TritonCoca:
@@ -72,7 +73,6 @@ class TritonCoca:
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
         self.observe = observe  # told (model, seconds, ok) after every infer call: the service's metrics
         self._client: Optional[grpcaio.InferenceServerClient] = None
-        self._tokenizer = None
 
     async def __aenter__(self) -> "TritonCoca":
         return self
@@ -163,7 +163,7 @@ class TritonCoca:
         """The caption of an image (bytes or path) or of its ImageEmbeddings (255, W)."""
         embeddings = image if isinstance(image, np.ndarray) else (await self.image_embeddings([image]))[0]
         generation = await self.generate(embeddings, params)
-        return Caption(await self.text(generation.tokens), generation.tokens, generation.logprobs)
+        return Caption(generation.text, generation.tokens, generation.logprobs)
 
     async def caption_many(self, images: Sequence[ImageInput], params: SamplingParams = SamplingParams(),
                            concurrency: int = 16) -> list[Caption]:
@@ -182,16 +182,16 @@ class TritonCoca:
 
         Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`.
         """
-        import torch
-
         pictures = await asyncio.to_thread(media.video_frames, video, frames, max_seconds=decode_seconds)
         embeddings = await self.image_embeddings([_png(p) for p in pictures])  # PNG: lossless, same pixels
-        return await self.caption(torch.from_numpy(embeddings).mean(0).numpy(), params)
+        return await self.caption(embeddings.mean(0), params)  # float32, rows summed in order: as torch's mean
 
     async def generate(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams()) -> Generation:
-        """Run one decoder sequence to its end: START with the embeddings, step until DONE, then END."""
+        """Run one decoder sequence to its end: START with the embeddings, step until DONE, then END,
+        which answers the caption's text (so no tokenizer is needed here)."""
         sequence_id = secrets.randbits(63) or 1  # unique among clients without coordination
         generation = Generation([])
+        ended = False
         try:
             inputs = _start_inputs(image_embeddings, params)
             while True:
@@ -202,9 +202,14 @@ class TritonCoca:
                 if bool(result.as_numpy("DONE")[0, 0]):
                     generation.tokens = result.as_numpy("TOKENS")[0].tolist()
                     generation.logprobs = result.as_numpy("LOGPROBS")[0].tolist()
+                    ended = True
+                    answer = await asyncio.shield(self._infer(TEXT_DECODER, [], ["TEXT"], sequence_id=sequence_id,
+                                                              sequence_end=True))
+                    generation.text = answer.as_numpy("TEXT")[0, 0].decode()
                     return generation
         finally:  # END frees the server's cache and Triton's sequence slot, whatever happened
-            await asyncio.shield(self._end(sequence_id))
+            if not ended:
+                await asyncio.shield(self._end(sequence_id))
 
     async def _end(self, sequence_id: int):
         try:
@@ -223,15 +228,6 @@ class TritonCoca:
         result = await self._infer(TEXT_DECODER, [], ["STATS"], sequence_id=secrets.randbits(63) or 1,
                                    sequence_start=True, sequence_end=True)
         return json.loads(result.as_numpy("STATS")[0, 0])
-
-    async def text(self, tokens: list[int]) -> str:
-        if self._tokenizer is None:
-            import open_clip
-
-            self._tokenizer = open_clip.get_tokenizer((await self.identity()).model)
-        from coca.runtime import tokens_to_text
-
-        return tokens_to_text(self._tokenizer, tokens)
 
     # --- transport -----------------------------------------------------------------------
     async def _infer(self, model: str, inputs: list, outputs: Sequence[str], **sequence):

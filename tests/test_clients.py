@@ -1,4 +1,3 @@
-import uuid
 """The clients against the real thing: one `coca serve --web` (tritonserver + the gRPC search service +
 the web gallery; coca-tiny, random weights) for the module, sample photos indexed once. Covers the Python
 client (sync and asyncio), the Node.js client, the web gallery in headless Chromium (with a screenshot),
@@ -13,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 import time
 import urllib.error
 import urllib.request

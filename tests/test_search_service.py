@@ -498,7 +498,7 @@ def test_path_errors_name_the_path_as_the_client_gave_it(tmp_path, triton, photo
     gone, changed, blob = noisy_variants(photos[9:12], 3)
     (root / "gone.jpg").write_bytes(gone)
     (root / "changed.jpg").write_bytes(changed)
-    with ServiceProcess(data, triton.grpc_url, "--root", str(root)) as service, SearchClient(service.address) as client:
+    with ServiceProcess(data, triton.grpc_url, "--root", str(root)) as service, WireClient(service.address) as client:
         results = list(client.add_images([pb.AddImageRequest(path="gone.jpg", metadata={"set": "paths"}),
                                           pb.AddImageRequest(path="changed.jpg", metadata={"set": "paths"}),
                                           pb.AddImageRequest(image=blob, metadata={"set": "paths"})]))
@@ -537,13 +537,13 @@ def test_health_asks_triton_and_other_weights_are_refused(tmp_path, triton, phot
     its embeddings were added to the store built with seed 0)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from search_service.modelrepo import ensure_repository
+    from serving.repository import ensure_repository
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     other_repository, _ = ensure_repository(tmp_path / "seed1" / "repo", MODEL, PRETRAINED, seed=1)
     original_repository = triton.model_repository
     fresh = noisy_variants(photos[2:3], 3)
-    with ServiceProcess(tmp_path / "data", triton.grpc_url) as service, SearchClient(service.address) as client, \
+    with ServiceProcess(tmp_path / "data", triton.grpc_url) as service, WireClient(service.address) as client, \
             grpc.insecure_channel(service.address) as channel:
         check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert add(client, fresh[:1])[0].outcome == ADDED

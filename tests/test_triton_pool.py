@@ -10,7 +10,6 @@ import io
 import random
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np

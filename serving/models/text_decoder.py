@@ -4,7 +4,8 @@ Protocol (sequence batcher, `oldest` strategy; see model_repository/coca_text_de
 START carries IMAGE_EMBEDDINGS (1, 255, W) and optional sampling inputs; every request,
 START included, advances its caption by one token and answers TOKEN, LOGPROB, DONE,
 TOKENS, LOGPROBS, BATCH_ROWS (and STATS on request). A request with END computes nothing: it
-frees the sequence. START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
+frees the sequence, and answers TEXT, the finished caption read by the model's tokenizer (so
+clients need no tokenizer). START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
 (and DONE) and starts nothing. A finished caption gives its cache rows back at once; until END
 its requests just answer DONE with the final TOKENS and LOGPROBS.
 
@@ -155,6 +156,9 @@ class TextDecoderModel(CocaModel):
             "STATS": np.array([[json.dumps(stats).encode()]], np.object_),
         }
         wanted = set(request.requested_output_names())
+        if "TEXT" in wanted:
+            text = self.coca.decode_text(tokens) if sequence.done else ""
+            outputs["TEXT"] = np.array([[text.encode()]], np.object_)
         return {name: value for name, value in outputs.items() if name in wanted}
 
     # --- memory ------------------------------------------------------------------------
