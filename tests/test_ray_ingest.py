@@ -29,24 +29,17 @@ from search_service.pb import search_pb2 as pb  # noqa: E402
 from search_service.testing import ServiceProcess, WireClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
 MAX_IMAGE_BYTES = 256 << 10  # the test's size limit: one file is made larger than this
 ADDED, DUPLICATE, FAILED = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE, pb.AddImageResult.FAILED
 
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    from serving.repository import ensure_repository
-
-    return ensure_repository(tmp_path_factory.mktemp("ray-ingest") / "repo", MODEL, PRETRAINED, SEED)
-
-
-@pytest.fixture(scope="module")
-def triton(repository):
+def triton(tiny_repository):
+    """coca-tiny with random weights (seed 0): what `reference` computes in process."""
     from serving.testing import running_triton
 
-    with running_triton(repository[0], timeout=300) as (grpc_url, _, _):
+    with running_triton(tiny_repository[0], timeout=300) as (grpc_url, _, _):
         yield grpc_url
 
 
