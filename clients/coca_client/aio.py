@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import AsyncIterator, Iterable, Optional, Union
+from typing import AsyncIterator, Iterable, Optional, Sequence, Union
 
 import grpc
 
@@ -83,6 +83,11 @@ class AsyncClient(ClientBase):
                 await asyncio.sleep(wait)
             finally:
                 call.cancel()  # a no-op when it finished; stops the stream when the caller stopped early
+
+    async def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
+        """As Client.find_content."""
+        return [id for request in t.find_content_requests(list(hashes))
+                for id in (await self._unary("FindContent", request, timeout)).ids]
 
     # ------------------------------------------------------------ search
     async def search_text(self, text: str, k: int = 10, *, with_captions: bool = False,

@@ -5,7 +5,7 @@ import enum
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import grpc
 import numpy as np
@@ -167,6 +167,8 @@ class Stats:
     snapshot_sequence: int
     triton_ready: bool
     triton_endpoints: tuple[TritonEndpoint, ...] = ()
+    repository_id: str = ""  # the export (weights hash) the service's Triton serves
+    accepts_embeddings: bool = False  # AddItem.embedding is taken (service started with --accept-embeddings)
 
     @classmethod
     def from_pb(cls, s: pb.StatsResponse) -> "Stats":
@@ -179,16 +181,24 @@ class Stats:
 @dataclass
 class AddItem:
     """One image to index: `image` (bytes, or a local file whose bytes are sent) or `path` (a file on
-    the server, under one of its --root folders). Same content twice gives the same id."""
+    the server, under one of its --root folders). Same content twice gives the same id.
+
+    `embedding`: the image's unit embedding made on a Triton serving export `repository_id` (Stats says
+    which one the service's Triton serves); only a service started with --accept-embeddings takes it."""
 
     image: Optional[ImageInput] = None
     path: Optional[str] = None
     id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     uri: str = ""  # a label stored with `image` items (e.g. the file name)
+    embedding: Optional[np.ndarray] = None
+    repository_id: str = ""
 
     def to_pb(self) -> pb.AddImageRequest:
         request = pb.AddImageRequest(id=self.id, metadata=self.metadata, uri=self.uri)
+        if self.embedding is not None:
+            request.embedding.values.extend(np.asarray(self.embedding, np.float32).reshape(-1).tolist())
+            request.embedding.repository_id = self.repository_id
         if self.path is not None:
             request.path = str(self.path)
         elif self.image is not None:
@@ -229,6 +239,15 @@ def as_add_item(item) -> AddItem:
     if isinstance(item, (bytes, bytearray, memoryview, str, os.PathLike)):
         return AddItem(image=item)
     raise TypeError(f"add() takes AddItem, bytes or a file path, not {type(item).__name__}")
+
+
+MAX_FIND_HASHES = 1024  # the server's limit per FindContent
+
+
+def find_content_requests(hashes: Sequence[str]) -> list[pb.FindContentRequest]:
+    """FindContent requests covering `hashes` in order, each within the server's limit."""
+    return [pb.FindContentRequest(content_sha256=hashes[i : i + MAX_FIND_HASHES])
+            for i in range(0, len(hashes), MAX_FIND_HASHES)]
 
 
 def search_options(k: int, with_captions: bool, filters: Optional[dict], min_score: Optional[float]) -> pb.SearchOptions:
