@@ -20,13 +20,14 @@ demo: venv
 
 # The full reliability suite: crash safety, Triton faults, decoder cache hygiene, fuzzing, load, security,
 # long tests included (make test runs its short part), plus the service tests it relies on for TLS, message
-# limits, path confinement and bombs. Figures: a table at the end, and JSON in $(RELIABILITY_REPORT).
+# limits, path confinement and bombs, and Ray bulk ingest (its long half: the service embeds).
+# Figures: a table at the end, and JSON in $(RELIABILITY_REPORT).
 RELIABILITY_REPORT ?= reliability-report.json
 SECURITY_TESTS := $(addprefix tests/test_search_service.py::,test_token_tls_and_message_limit \
 	test_bad_items_fail_alone test_bad_requests_get_the_right_status)
 test-reliability: venv
 	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q -m "long or not long" \
-		tests/reliability $(SECURITY_TESTS)
+		tests/reliability $(SECURITY_TESTS) tests/test_ray_ingest.py::test_bulk_ingest_and_resume
 
 # One benchmark: make bench BENCH="caption --model coca-tiny" (names: python -m bench, or coca bench --help).
 BENCH ?= caption --model coca-tiny --pretrained random

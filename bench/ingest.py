@@ -2,6 +2,7 @@
 against in-process `embed_images` at its best batch size, same model, same images.
 
     coca bench ingest [--model coca_ViT-B-32 --pretrained random] [--images 256] [--batch-sizes 1,4,8,16]
+    coca bench ingest --ray ...   (bench/ray_ingest.py: Ray Data bulk ingest vs plain `coca index`)
 
 Images are distinct JPEGs (random crops of scikit-image's sample photos, 512 px on the long side),
 so no item is skipped as a duplicate. The service runs in its own process with a fresh data dir
@@ -84,6 +85,10 @@ def through_service(url: str, images: list[bytes], warmup: list[bytes]) -> tuple
 
 
 def main(argv=None) -> int:
+    if argv and "--ray" in argv:  # Ray Data bulk ingest vs plain `coca index`: its own program
+        from .ray_ingest import main as ray_main
+
+        return ray_main(argv)
     from serving.repository import ensure_repository
     from serving.launcher import TritonServer
 

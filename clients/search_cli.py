@@ -2,6 +2,7 @@
 
     coca serve [--data DIR] [--model NAME --pretrained TAG|PATH|random] [--port 50051]
     coca index DIR [--server 127.0.0.1:50051] [--meta key=value ...]
+    coca index SOURCE [SOURCE ...] --ray [ADDRESS] [--triton HOST:PORT,...] [--writers N] [--report FILE]
     coca search "a red car" [-k 10] [--captions] [--html out.html]
     coca search --image photo.jpg
 """
@@ -14,6 +15,8 @@ import io
 import os
 import sys
 from pathlib import Path
+
+from coca.errors import InvalidInputError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -38,8 +41,6 @@ def connect(args):
 
 
 def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
-    from coca.errors import InvalidInputError
-
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -111,7 +112,6 @@ def _start_web(args):
     """The web gallery (clients/web) in a thread, talking to this service over gRPC like any client."""
     from clients.coca_client import Client
     from clients.web.server import start_gallery
-    from coca.errors import InvalidInputError
 
     if not args.port:
         raise InvalidInputError("--web needs a fixed --port for the search service")
@@ -122,21 +122,34 @@ def _start_web(args):
 
 # ---------------------------------------------------------------- index
 def configure_index(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory", help="folder of images (searched recursively)")
+    from clients.ray_ingest import cli as ray_cli
+
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder of images (searched recursively); with "
+                   "--ray also a glob, a text file of paths/URIs, or a Parquet/CSV manifest, several in one run "
+                   "(clients/ray_ingest/sources.py)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata for every image")
     p.add_argument("--server-paths", action="store_true",
                    help="send paths instead of bytes (the folder must be under one of the server's --root)")
     add_connection_options(p)
+    ray_cli.configure(p)
 
 
 def index(args) -> int:
     from tqdm import tqdm
 
     from clients.coca_client import Outcome, SearchError
+    from clients.ray_ingest import cli as ray_cli
     from coca.media import image_files
 
-    files = image_files(args.directory)
     metadata = parse_pairs(args.meta, "--meta")
+    if args.ray is not None:
+        if args.server_paths:
+            raise InvalidInputError("--server-paths does not apply with --ray (Ray workers read the files)")
+        return ray_cli.run(args, metadata)
+    ray_cli.check_plain(args)
+    if len(args.sources) > 1:
+        raise InvalidInputError("give one folder (several SOURCEs only with --ray)")
+    files = image_files(args.sources[0])
     counts = {outcome.value: 0 for outcome in Outcome}
     with connect(args) as client, tqdm(total=len(files), unit="img", desc="indexing") as bar:
         try:
@@ -202,7 +215,6 @@ def parse_condition(text: str):
 
 def search(args) -> int:
     from clients.coca_client import InvalidArgument, NotFound, SearchError
-    from coca.errors import InvalidInputError
 
     if (args.text is None) == (args.image is None):
         raise InvalidInputError("give either a text or --image FILE")

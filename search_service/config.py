@@ -49,6 +49,7 @@ class ServiceConfig:
     max_uri_chars: int = 4096  # an AddImages uri label (a path's length on Linux)
     caption_workers: int = 8  # hits captioned at once by one search with_captions (each one decoder sequence)
     add_batch: int = 32  # images embedded concurrently and committed together in AddImages
+    accept_embeddings: bool = False  # AddImages takes callers' precomputed embeddings (trusts its writers)
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None

@@ -255,6 +255,9 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milvus-index", default=MilvusSettings.index_type, help="Milvus index type: HNSW, IVF_FLAT, FLAT")
     p.add_argument("--milvus-consistency", choices=CONSISTENCY_LEVELS, default=MilvusSettings.consistency,
                    help="default consistency of reads (default %(default)s: a replica sees its own writes)")
+    p.add_argument("--accept-embeddings", action="store_true",
+                   help="take AddImages items' precomputed embeddings (made on a Triton serving the same export, "
+                        "e.g. by `coca index --ray --triton`): trusts every writer not to mislabel images")
 
 
 def store_settings(args) -> dict:
@@ -265,6 +268,7 @@ def store_settings(args) -> dict:
     return {
         "vector_store": args.vector_store,
         "schema": Schema.parse(args.field),
+        "accept_embeddings": args.accept_embeddings,
         "index": IndexSettings(factory=args.index, ef_search=args.ef_search, nprobe=args.nprobe),
         "milvus": MilvusSettings(uri=args.milvus_uri, token=token, collection=args.collection,
                                  index_type=args.milvus_index, ef_search=args.ef_search, nprobe=args.nprobe,

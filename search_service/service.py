@@ -6,6 +6,7 @@ import collections
 import functools
 import logging
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones comm
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_CHARS = 4096
+MAX_FIND_HASHES = 1024  # content hashes in one FindContent
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within this of 1
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
@@ -119,6 +123,7 @@ class Prepared:
     id: str
     metadata: dict[str, str]
     keep_blob: bool
+    embedding: Optional[np.ndarray] = None  # given by the caller (--accept-embeddings): no Triton call
     near_duplicate: Optional[float] = None  # AddOptions.near_duplicate_threshold
     skip_near_duplicate: bool = False
     caption: bool = False  # AddOptions.caption
@@ -270,12 +275,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """
         try:
             prepared = await asyncio.to_thread(self._prepare_all, batch)
-            pending = [p for p in prepared if isinstance(p, Prepared)]
+            pending = [p for p in prepared if isinstance(p, Prepared) and p.embedding is None]
             vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
             results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
             if pending:  # the embeddings come from the weights the store holds: asked again, not assumed
                 await self.ensure_models(context=context, fresh=True)
-            ready: list[tuple[Prepared, np.ndarray]] = []
+            ready = [(p, p.embedding) for p in prepared if isinstance(p, Prepared) and p.embedding is not None]
             for p, vector in zip(pending, vectors):
                 if isinstance(vector, ModelsUnavailable):
                     raise vector  # Triton is down: fail the stream, nothing below was acknowledged
@@ -283,6 +288,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     results[p.index] = _failed(p.index, vector, p.sha256)
                 else:
                     ready.append((p, vector))
+            ready.sort(key=lambda pair: pair[0].index)  # stream order: the first copy of repeated content is ADDED
             await previous
             if ready:
                 outcomes = await asyncio.to_thread(self._commit, ready)
@@ -330,6 +336,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             self.config.schema.check_metadata(metadata)
         except ValueError as exc:
             raise bad(str(exc)) from None
+        given = self._given_embedding(request.embedding) if request.HasField("embedding") else None
         source = request.WhichOneof("source")
         if source == "image":
             data, uri, keep = request.image, self._check_uri(request.uri), True
@@ -350,8 +357,34 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             near = check_threshold(options.near_duplicate_threshold, "options.near_duplicate_threshold")
         elif options.skip_near_duplicates:
             raise bad("options.skip_near_duplicates needs options.near_duplicate_threshold")
-        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep, near,
+        return Prepared(index, data, sha, uri or f"sha256:{sha}", item_id, metadata, keep, given, near,
                         options.skip_near_duplicates, options.caption)
+
+    def _given_embedding(self, given: pb.Embedding) -> np.ndarray:
+        """A caller's embedding, if this service trusts its writers' vectors and the vector fits its model.
+
+        Nothing here can tell that the vector is this image's (that takes a model call): hence off by
+        default. What is checked: the export it came from (same weights as ours), dimension, finite, unit.
+        """
+        if not self.config.accept_embeddings:
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               "this service embeds images itself and takes no precomputed embeddings "
+                               "(start it with --accept-embeddings to trust its writers' vectors)")
+        bound = self._bound  # the weights this store holds embeddings of (the stream checked Triton serves them)
+        if given.repository_id != bound.weights:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"embedding made with export {given.repository_id[:16]!r}, but this store holds "
+                               f"embeddings of {bound.model} ({bound.pretrained}) export {bound.weights[:16]!r}: "
+                               "embed with the same export")
+        vector = np.asarray(given.values, np.float32)
+        if vector.shape != (bound.embed_dim,):
+            raise bad(f"embedding has {vector.size} values, the model's embeddings {bound.embed_dim}")
+        if not np.isfinite(vector).all():
+            raise bad("embedding holds NaN or infinite values")
+        norm = float(np.linalg.norm(vector))
+        if abs(norm - 1) > EMBEDDING_NORM_TOLERANCE:
+            raise bad(f"embedding norm is {norm:.4f}: embeddings are unit vectors")
+        return vector
 
     def _read_server_file(self, given: str) -> tuple[Path, bytes]:
         """The file a client named (under the roots) and its bytes; errors name it as the client did."""
@@ -398,6 +431,22 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             result.outcome = pb.AddImageResult.NEAR_DUPLICATE
             result.near_duplicate.CopyFrom(pb.NearDuplicate(id=near.item.id, score=near.score))
         return [result]
+
+    @rpc
+    async def FindContent(self, request: pb.FindContentRequest, context) -> pb.FindContentResponse:
+        hashes = list(request.content_sha256)
+        if not 1 <= len(hashes) <= MAX_FIND_HASHES:
+            raise bad(f"give 1..{MAX_FIND_HASHES} content hashes, got {len(hashes)}")
+        for i, sha in enumerate(hashes):
+            if not SHA256_HEX.fullmatch(sha):
+                raise bad(f"content_sha256 #{i}: {sha[:70]!r} is not 64 lowercase hex digits")
+        if not self.engine.is_open:  # a known store answers without Triton
+            await self.ensure_models(context=context)
+
+        def find() -> list[str]:
+            return [item.id if (item := self.engine.find_sha(sha)) is not None else "" for sha in hashes]
+
+        return pb.FindContentResponse(ids=await asyncio.to_thread(find))
 
     # ------------------------------------------------------------ search
     @rpc
@@ -665,7 +714,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=ready, triton_endpoints=[
             pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
                               last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
-                                schema=schema)
+            repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings,
+            schema=schema)
 
 
 # ---------------------------------------------------------------- module helpers

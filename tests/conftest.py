@@ -31,6 +31,14 @@ def tiny_coca():
 
 
 @pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory):
+    """That model exported once for the session as a Triton model repository: (path, logit scale)."""
+    from serving.repository import ensure_repository
+
+    return ensure_repository(tmp_path_factory.mktemp("tiny-repository") / "repo", "coca-tiny", "random", 0)
+
+
+@pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A real Milvus standalone for the whole test session. One per host (its embedded etcd has a fixed
     port): test sessions and benchmarks running side by side take turns (see MilvusServerProcess)."""

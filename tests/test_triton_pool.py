@@ -290,7 +290,10 @@ def test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_
     stop = threading.Event()
 
     with ServiceProcess(tmp_path / "data", f"{victim.grpc_url},{survivor.grpc_url}", "--logit-scale",
-                        str(repository[1])) as service, WireClient(service.address, timeout=120) as admin:
+                        str(repository[1]),  # failover is the subject, not load shedding: no bounds
+                        "--max-inflight-search", "0", "--max-inflight-ingest", "0", "--max-inflight-caption", "0",
+                        "--max-caption-sequences", "0") as service, \
+            WireClient(service.address, timeout=120) as admin:
         ids = [r.id for r in admin.add_images(pb.AddImageRequest(image=p, metadata={"set": "seed"}) for p in seeded)]
         assert len(set(ids)) == len(seeded)
 

@@ -84,6 +84,11 @@ class AsyncClient(ClientBase):
             finally:
                 call.cancel()  # a no-op when it finished; stops the stream when the caller stopped early
 
+    async def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
+        """As Client.find_content."""
+        return [id for request in t.find_content_requests(list(hashes))
+                for id in (await self._unary("FindContent", request, timeout)).ids]
+
     # ------------------------------------------------------------ search
     async def search_text(self, text: str, k: int = 10, *, with_captions: bool = False,
                           filters: Optional[dict] = None, min_score: Optional[float] = None,

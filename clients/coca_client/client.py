@@ -108,6 +108,11 @@ class Client(ClientBase):
                 result = dataclasses.replace(result, error=t.ItemError(grpc.StatusCode.INVALID_ARGUMENT, reason))
             yield result
 
+    def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
+        """The id holding each content sha256 (hex), "" where that content is not indexed; in order."""
+        return [id for request in t.find_content_requests(list(hashes))
+                for id in self._unary("FindContent", request, timeout).ids]
+
     # ------------------------------------------------------------ search
     def search_text(self, text: str, k: int = 10, *, with_captions: bool = False, filters: Optional[dict] = None,
                     min_score: Optional[float] = None, where: Sequence[t.Condition] = (), order_by: str = "",

@@ -208,6 +208,8 @@ class Stats:
     snapshot_sequence: int
     triton_ready: bool
     triton_endpoints: tuple[TritonEndpoint, ...] = ()
+    repository_id: str = ""  # the export (weights hash) the service's Triton serves
+    accepts_embeddings: bool = False  # AddItem.embedding is taken (service started with --accept-embeddings)
 
     @classmethod
     def from_pb(cls, s: pb.StatsResponse) -> "Stats":
@@ -220,7 +222,10 @@ class Stats:
 @dataclass
 class AddItem:
     """One image to index: `image` (bytes, or a local file whose bytes are sent) or `path` (a file on
-    the server, under one of its --root folders). Same content twice gives the same id."""
+    the server, under one of its --root folders). Same content twice gives the same id.
+
+    `embedding`: the image's unit embedding made on a Triton serving export `repository_id` (Stats says
+    which one the service's Triton serves); only a service started with --accept-embeddings takes it."""
 
     image: Optional[ImageInput] = None
     path: Optional[str] = None
@@ -230,11 +235,16 @@ class AddItem:
     near_duplicate_threshold: Optional[float] = None  # report NEAR_DUPLICATE at or above this cosine similarity
     skip_near_duplicates: bool = False  # ... and do not store it
     caption: bool = False  # caption it as part of the add (AddResult.caption)
+    embedding: Optional[np.ndarray] = None
+    repository_id: str = ""
 
     def to_pb(self) -> pb.AddImageRequest:
         request = pb.AddImageRequest(id=self.id, metadata=self.metadata, uri=self.uri, options=pb.AddOptions(
             near_duplicate_threshold=self.near_duplicate_threshold, skip_near_duplicates=self.skip_near_duplicates,
             caption=self.caption))
+        if self.embedding is not None:
+            request.embedding.values.extend(np.asarray(self.embedding, np.float32).reshape(-1).tolist())
+            request.embedding.repository_id = self.repository_id
         if self.path is not None:
             request.path = str(self.path)
         elif self.image is not None:
@@ -275,6 +285,15 @@ def as_add_item(item) -> AddItem:
     if isinstance(item, (bytes, bytearray, memoryview, str, os.PathLike)):
         return AddItem(image=item)
     raise TypeError(f"add() takes AddItem, bytes or a file path, not {type(item).__name__}")
+
+
+MAX_FIND_HASHES = 1024  # the server's limit per FindContent
+
+
+def find_content_requests(hashes: Sequence[str]) -> list[pb.FindContentRequest]:
+    """FindContent requests covering `hashes` in order, each within the server's limit."""
+    return [pb.FindContentRequest(content_sha256=hashes[i : i + MAX_FIND_HASHES])
+            for i in range(0, len(hashes), MAX_FIND_HASHES)]
 
 
 Bound = Union[str, float, int]  # a number, or a date as ISO 8601 text ("2024-05-01", "2024-05-01T12:00:00Z")

@@ -22,7 +22,7 @@ CONSISTENCY_BOUNDED: Consistency
 CONSISTENCY_EVENTUALLY: Consistency
 
 class AddImageRequest(_message.Message):
-    __slots__ = ("image", "path", "id", "metadata", "uri", "options")
+    __slots__ = ("image", "path", "id", "metadata", "uri", "embedding", "options")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,14 +35,16 @@ class AddImageRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     path: str
     id: str
     metadata: _containers.ScalarMap[str, str]
     uri: str
+    embedding: Embedding
     options: AddOptions
-    def __init__(self, image: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., options: _Optional[_Union[AddOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., options: _Optional[_Union[AddOptions, _Mapping]] = ...) -> None: ...
 
 class AddOptions(_message.Message):
     __slots__ = ("near_duplicate_threshold", "skip_near_duplicates", "caption")
@@ -61,6 +63,26 @@ class NearDuplicate(_message.Message):
     id: str
     score: float
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values", "repository_id")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_ID_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    repository_id: str
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., repository_id: _Optional[str] = ...) -> None: ...
+
+class FindContentRequest(_message.Message):
+    __slots__ = ("content_sha256",)
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    content_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, content_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FindContentResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -479,7 +501,7 @@ class FieldSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "schema")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "repository_id", "accepts_embeddings", "schema")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -494,6 +516,8 @@ class StatsResponse(_message.Message):
     QUERY_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     QUERY_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TRITON_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
@@ -509,8 +533,10 @@ class StatsResponse(_message.Message):
     query_cache_misses: int
     query_cache_entries: int
     triton_endpoints: _containers.RepeatedCompositeFieldContainer[TritonEndpoint]
+    repository_id: str
+    accepts_embeddings: bool
     schema: _containers.RepeatedCompositeFieldContainer[FieldSpec]
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ...) -> None: ...
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ...) -> None: ...
 
 class TritonEndpoint(_message.Message):
     __slots__ = ("address", "healthy", "in_flight", "calls", "outages", "last_error", "down_seconds")

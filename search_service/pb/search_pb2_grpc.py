@@ -40,6 +40,11 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.AddImageRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.AddImageResult.FromString,
                 _registered_method=True)
+        self.FindContent = channel.unary_unary(
+                '/coca.search.v1.SearchService/FindContent',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.FindContentRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.FindContentResponse.FromString,
+                _registered_method=True)
         self.SearchText = channel.unary_unary(
                 '/coca.search.v1.SearchService/SearchText',
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.SearchTextRequest.SerializeToString,
@@ -99,6 +104,13 @@ class SearchServiceServicer:
         """Index images. One result per request item, in request order; an item that
         fails (corrupt image, path outside roots) fails alone. A result is sent
         only after the item is committed to the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindContent(self, request, context):
+        """Which of these contents are stored already (a bulk loader skips them before reading or embedding).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +185,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.AddImages,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.AddImageRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.AddImageResult.SerializeToString,
+            ),
+            'FindContent': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindContent,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.FindContentRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.FindContentResponse.SerializeToString,
             ),
             'SearchText': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchText,
@@ -252,6 +269,33 @@ class SearchService:
             '/coca.search.v1.SearchService/AddImages',
             coca_dot_search_dot_v1_dot_search__pb2.AddImageRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.AddImageResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coca.search.v1.SearchService/FindContent',
+            coca_dot_search_dot_v1_dot_search__pb2.FindContentRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.FindContentResponse.FromString,
             options,
             channel_credentials,
             insecure,
