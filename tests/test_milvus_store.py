@@ -160,6 +160,7 @@ def test_sigkill_of_a_replica_mid_ingest_loses_nothing_acknowledged(tmp_path, tr
             assert wait_for(lambda: client.search_image(image, k=1).hits, 15, "the search")[0].id == item_id
 
 
+@pytest.mark.long  # Milvus stops and reloads its collections (~2.5 min here): make test-reliability runs it
 def test_milvus_down_gives_unavailable_naming_milvus_then_recovers(tmp_path, triton, milvus_server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -703,6 +703,7 @@ def noisy_variants(photos: list[bytes], count: int) -> list[bytes]:
                                  .astype(np.uint8))) for i in range(count)]
 
 
+@pytest.mark.long  # two Triton restarts (~2 min); make test keeps tests/reliability/test_triton_faults.py's short run
 def test_triton_down_gives_unavailable_then_recovers(service, client, triton, photos):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

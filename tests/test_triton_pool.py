@@ -261,6 +261,7 @@ def test_endpoints_serving_different_models_are_refused_naming_both(tritons, tmp
 
 
 # ---------------------------------------------------------------- the service under load
+@pytest.mark.long  # 16 clients for a minute and a Triton restart (~2 min): make test-reliability runs it
 def test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back(
         tritons, repository, reference, photos, tmp_path):
     """16 clients (searches, captions, adds) on a service with two endpoints; one is SIGKILLed mid-run
