@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import io
+import itertools
 import os
 import shutil
 import signal
@@ -695,9 +696,13 @@ def test_restart_and_sigkill_lose_nothing(tmp_path, triton, photos):
         assert all(client.get(i).id == i for i in acked)
 
 
+NOISE_SEEDS = itertools.count()
+
+
 def noisy_variants(photos: list[bytes], count: int) -> list[bytes]:
-    """`count` distinct small JPEGs: the photos with pixel noise."""
-    rng = np.random.default_rng(0)
+    """`count` distinct small JPEGs: the photos with pixel noise, new noise on every call (tests share one
+    service: two tests must not add the same bytes by chance)."""
+    rng = np.random.default_rng(next(NOISE_SEEDS))
     base = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB").resize((96, 96)), np.int16) for p in photos]
     return [jpeg(Image.fromarray(np.clip(base[i % len(base)] + rng.integers(-8, 8, (96, 96, 3)), 0, 255)
                                  .astype(np.uint8))) for i in range(count)]

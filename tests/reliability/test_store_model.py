@@ -54,7 +54,7 @@ FAMILIES = {
     "Flat": ({}, None),
     "HNSW16": ({"ef_search": 16}, 0.90),
     "IVF4,Flat": ({"nprobe": 4, "train_per_centroid": 10}, None),
-    "IVF2,PQ4x4": ({"nprobe": 2, "train_per_centroid": 5, "rerank": 4}, 0.90),
+    "IVF2,PQ4x4": ({"nprobe": 2, "train_per_centroid": 2, "rerank": 4}, 0.90),  # 32 vectors train it: reached in the short run
     "milvus:HNSW": ({"hnsw_m": 8, "ef_construction": 64, "ef_search": 16}, 0.90),
 }
 
@@ -260,7 +260,9 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
             if self._unsupported(flt, order):
                 with pytest.raises(Unsupported):
                     self.engine.search(query, k, flt, min_score, order=order)
-                return
+                if self._unsupported(flt, None):
+                    return
+                order = None  # then the part the store does serve: the same search by score
             hits = self.engine.search(query, k, flt or None, min_score, order=order)
             if order is None:
                 self._check_search(query, k, flt, min_score, hits)
@@ -461,7 +463,7 @@ def run_family(factory: str, examples: int, steps: int, figures, request) -> Non
 
 # Each Milvus step is a round trip to another process (and a flush on writes): its short run is smaller,
 # to keep `make test` within CI's budget; the long run is the same size for every family.
-SHORT_RUNS = {"milvus:HNSW": (2, 25)}
+SHORT_RUNS = {"milvus:HNSW": (4, 30)}
 
 
 @pytest.mark.parametrize("factory", list(FAMILIES))
