@@ -23,6 +23,24 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def photos(images) -> list[bytes]:
+    """12 distinct JPEGs (quality 90): the 4 sample photos, each also cropped two ways."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for path in images:
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        for box in [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h)]:
+            buffer = io.BytesIO()
+            image.crop(box).save(buffer, format="JPEG", quality=90)
+            out.append(buffer.getvalue())
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_coca():
     """coca-tiny with random weights from seed 0: the in-process reference of the export and Triton tests."""
     import coca

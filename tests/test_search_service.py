@@ -58,18 +58,6 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def photos(images):
-    """12 distinct JPEGs: the 4 sample photos, each also cropped two ways."""
-    out = []
-    for path in images:
-        image = Image.open(path).convert("RGB")
-        w, h = image.size
-        for box in [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h)]:
-            out.append(jpeg(image.crop(box)))
-    return out
-
-
-@pytest.fixture(scope="module")
 def roots(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("root")
     (root / "ok.jpg").write_bytes(jpeg(Image.new("RGB", (80, 60), (20, 40, 220))))  # indexed by path only

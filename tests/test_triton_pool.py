@@ -61,18 +61,6 @@ def reference():
     return coca.load(MODEL, pretrained=PRETRAINED, seed=SEED)
 
 
-@pytest.fixture(scope="module")
-def photos(images) -> list[bytes]:
-    """12 distinct JPEGs: the 4 sample photos, each also cropped two ways."""
-    out = []
-    for path in images:
-        image = Image.open(path).convert("RGB")
-        w, h = image.size
-        for box in [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h)]:
-            out.append(jpeg(image.crop(box)))
-    return out
-
-
 def jpeg(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=90)
