@@ -528,7 +528,7 @@ def _identity(triton_url: str):
     async def ask():
         models = Models(triton_url)
         try:
-            return await models.identity()
+            return await models.identity(timeout=60.0)
         finally:
             await models.close()
 
