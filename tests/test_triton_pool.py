@@ -367,7 +367,8 @@ def test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_
         assert victim_down.down_seconds > 0 and down.triton_ready
         assert survivor_down.healthy and survivor_down.outages == 0
         assert victim_down.calls == early.triton_endpoints[0].calls  # out of rotation: no new call went there
-        assert survivor_down.calls > early.triton_endpoints[1].calls > at_kill[1]  # the load went on, there
+        # the load went on, there (calls counts finished ones; cached query texts need no Triton call)
+        assert survivor_down.calls + survivor_down.in_flight > early.triton_endpoints[1].calls > at_kill[1]
         for item_id, data in added[:: max(1, len(added) // 10)]:  # what was acknowledged is stored, right
             stored = np.array(admin.get(item_id, include_embedding=True).embedding)
             np.testing.assert_allclose(stored, reference.embed_images([data])[0], atol=1e-5)
