@@ -211,3 +211,18 @@ class MilvusServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    """The first truthy value of `predicate()` within `timeout` seconds (an RpcError counts as not yet: the
+    service may be restarting); AssertionError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except grpc.RpcError:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -23,7 +23,7 @@ from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
-from search_service.testing import WireClient  # noqa: E402
+from search_service.testing import WireClient, wait_for  # noqa: E402
 from search_service.collection import Unsupported  # noqa: E402
 from search_service.milvus import filter_expression  # noqa: E402
 from search_service.query import Condition, Filter  # noqa: E402
@@ -63,17 +63,6 @@ def add(client, data: list[bytes], **fields):
     return list(client.add_images(pb.AddImageRequest(image=d, **fields) for d in data))
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except grpc.RpcError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_filter_values_cannot_inject_expressions():

@@ -26,7 +26,7 @@ from serving.testing import triton_unavailable_reason
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
 from search_service.pb import search_pb2 as pb  # noqa: E402
-from search_service.testing import ServiceProcess, WireClient  # noqa: E402
+from search_service.testing import ServiceProcess, WireClient, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
@@ -114,17 +114,6 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     return info.value
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------- tests
