@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Sequence, TypeVar, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 from coca.errors import CapacityError
 
@@ -113,13 +113,19 @@ class Endpoint:
         """`await fn(client)` on this endpoint's connection (a fresh one after a failure); `counted`
         calls are load (in flight, calls), probes are not. A failure to reach the server takes the
         endpoint out of rotation (see take_out)."""
+        async with self.connected(counted) as client:
+            return await fn(client)
+
+    @contextlib.asynccontextmanager
+    async def connected(self, counted: bool = True) -> AsyncIterator[TritonCoca]:
+        """This endpoint's client for the block (a call, or a stream's life); see run."""
         if self._connection is None:
             self._connection = _Connection(self.url, self.observe)
         connection, generation = self._connection, self.generation
         connection.users += 1
         self.in_flight += counted
         try:
-            return await fn(connection.client)
+            yield connection.client
         except TritonUnavailableError as exc:
             self.take_out(generation, exc)
             raise
@@ -241,6 +247,19 @@ class TritonPool:
                     raise self._failure(failed) from None
                 self.failovers += 1
                 log.info("%s failed (%s): running the call again on another endpoint", endpoint.url, exc)
+
+    @contextlib.asynccontextmanager
+    async def pinned(self) -> AsyncIterator[TritonCoca]:
+        """The least-loaded healthy endpoint's client for the block: for a call that hands out results as
+        it goes (a streamed caption), which is not run again elsewhere when the endpoint fails (what it
+        handed out stands); the endpoint then leaves rotation as after any call."""
+        endpoint = self._pick(exclude=[])
+        try:
+            async with endpoint.connected() as client:
+                yield client
+        except TritonUnavailableError as exc:
+            self._take_out(endpoint, exc)
+            raise
 
     def _pick(self, exclude: Sequence[Endpoint]) -> Endpoint:
         """The healthy endpoint with the fewest calls in flight, ties in turn; when none is healthy,
