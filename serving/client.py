@@ -5,9 +5,12 @@
         vectors = await triton.embed_images([open("a.jpg", "rb").read()])
         caption = await triton.caption(b"...jpeg bytes...", SamplingParams())  # coca.Caption
 
-Each caption is one sequence of the decoder model (unique correlation id, END always
-sent, also on error or cancellation); captions of many images run concurrently, so
-the server advances them together in batched forwards. Errors: coca.InvalidInputError
+Captions: where the server has coca_captioner (a repository exported with `--decoder-scheduler
+iterative`), each caption is ONE request on a gRPC bidirectional stream and the server streams its
+tokens (`caption_steps`), stepping every live caption in each forward; otherwise each caption is one
+sequence of coca_text_decoder, driven step by step (unique correlation id, END always sent, also on
+error or cancellation). `scheduler` ("auto", "iterative", "sequence") chooses. Captions of many
+images run concurrently, so the server advances them together in batched forwards. Errors: coca.InvalidInputError
 (the server refused the input), coca.CapacityError (decoder cache full),
 serving.errors.TritonUnavailableError (cannot reach the server), TritonRequestError.
 `caption_files` is the synchronous wrapper the CLI uses.
@@ -15,6 +18,7 @@ serving.errors.TritonUnavailableError (cannot reach the server), TritonRequestEr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -22,8 +26,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
@@ -35,8 +40,8 @@ from coca.errors import CapacityError, InvalidInputError
 from coca.settings import SamplingParams
 
 from .errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError
-from .protocol import (CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS, TEXT_DECODER, TEXT_ENCODER,
-                       TRITON_MODELS, Identity)
+from .protocol import (CAPACITY_MESSAGE, CAPTIONER, DECODER_SCHEDULERS, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS,
+                       STREAM_OUTPUTS, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, Identity)
 
 ImageInput = Union[bytes, str, os.PathLike]
 InferObserver = Callable[[str, float, bool], None]  # (model, seconds, succeeded)
@@ -65,11 +70,29 @@ class Generation:
     text: str = ""  # the decoder's own reading of the tokens, answered to END
 
 
+@dataclass
+class CaptionStep:
+    """One streamed response of coca_captioner: the token a forward added, and the caption so far."""
+
+    token: int  # -1 while a beam search has no result yet
+    logprob: float
+    text: str  # the caption so far, read by the server's tokenizer
+    tokens: list[int]  # so far (a beam search: its result, on the last step)
+    logprobs: list[float]
+    done: bool  # the last step
+    batch_rows: int  # rows of the forward that produced it
+
+
 class TritonCoca:
     """CoCa through Triton: embeddings and captions; one instance per event loop."""
 
-    def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None):
+    def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None,
+                 scheduler: str = "auto"):
+        if scheduler not in ("auto", *DECODER_SCHEDULERS):
+            raise ValueError(f"scheduler must be auto, {' or '.join(DECODER_SCHEDULERS)}, got {scheduler!r}")
         self.url = url
+        self.scheduler = scheduler  # auto: coca_captioner where the server has it, else the step protocol
+        self._captioner_served: Optional[bool] = None
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
         self.observe = observe  # told (model, seconds, ok) after every infer call: the service's metrics
         self._client: Optional[grpcaio.InferenceServerClient] = None
@@ -187,6 +210,73 @@ class TritonCoca:
         return await self.caption(embeddings.mean(0), params)  # float32, rows summed in order: as torch's mean
 
     async def generate(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams()) -> Generation:
+        """One caption of ImageEmbeddings (255, W): streamed by coca_captioner, or step by step (see `scheduler`)."""
+        if await self.uses_captioner():
+            generation = Generation([])
+            async with contextlib.aclosing(self.caption_steps(image_embeddings, params)) as steps:
+                async for step in steps:
+                    generation.batch_rows.append(step.batch_rows)
+            generation.tokens, generation.logprobs, generation.text = step.tokens, step.logprobs, step.text
+            return generation
+        return await self.generate_by_steps(image_embeddings, params)
+
+    async def uses_captioner(self) -> bool:
+        """Whether captions go to coca_captioner: scheduler "iterative", or "auto" and the server has it
+        (asked once per client; a client made after a failure asks again)."""
+        if self.scheduler != "auto":
+            return self.scheduler == "iterative"
+        if self._captioner_served is None:
+            self._captioner_served = bool(await self._call(self.client.is_model_ready(CAPTIONER), CAPTIONER))
+        return self._captioner_served
+
+    async def caption_steps(self, image_embeddings: np.ndarray,
+                            params: SamplingParams = SamplingParams()) -> AsyncIterator[CaptionStep]:
+        """One caption from coca_captioner as it is generated: a CaptionStep per forward, the last one done.
+
+        One request on a gRPC bidirectional stream. Leaving early (break, cancellation, an error) cancels
+        the request and the server frees its cache rows at its next forward; close the iterator
+        (`contextlib.aclosing`) to make that happen at once.
+        """
+        finished = asyncio.Event()
+
+        async def request():  # the stream stays open (not half-closed) until the caption ends
+            yield {"model_name": CAPTIONER, "inputs": _start_inputs(image_embeddings, params),
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in STREAM_OUTPUTS]}
+            await finished.wait()
+
+        started, ok = time.perf_counter(), False
+        responses = None
+        try:
+            responses = self.client.stream_infer(request(), stream_timeout=self.timeout_s)
+            async for result, error in responses:
+                if error is not None:
+                    raise self._translate_streamed(error.message() or str(error))
+                step = _caption_step(result)
+                ok = step.done
+                yield step
+                if step.done:
+                    return
+            raise TritonRequestError(f"{CAPTIONER}: the stream ended before the caption did")
+        except InferenceServerException as exc:
+            raise self._translate(exc, CAPTIONER) from None
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate_rpc(exc, CAPTIONER) from None
+        finally:
+            finished.set()
+            if responses is not None:
+                responses.cancel()  # after the last step: a no-op for the server; before it: frees the caption
+            if self.observe is not None:
+                self.observe(CAPTIONER, time.perf_counter() - started, ok)
+
+    async def captioner_stats(self) -> dict:
+        """coca_captioner's scheduler: live and waiting captions, free rows, forwards and rows so far."""
+        import json
+
+        result = await self._infer(CAPTIONER, [], ["STATS"])
+        return json.loads(result.as_numpy("STATS")[0])
+
+    async def generate_by_steps(self, image_embeddings: np.ndarray,
+                                params: SamplingParams = SamplingParams()) -> Generation:
         """Run one decoder sequence to its end: START with the embeddings, step until DONE, then END,
         which answers the caption's text (so no tokenizer is needed here)."""
         sequence_id = secrets.randbits(63) or 1  # unique among clients without coordination
@@ -248,6 +338,17 @@ class TritonCoca:
         except InferenceServerException as exc:
             raise self._translate(exc, model) from None
 
+    def _translate_streamed(self, message: str) -> Exception:
+        """A streamed error carries no status: coca_captioner starts its own messages with the code
+        name (serving.models.captioner); Triton's own (a wrong shape or type) are the request's fault."""
+        code, _, rest = message.partition(": ")
+        if code in STREAM_ERROR_CODES:
+            return self._translate(InferenceServerException(rest, status=STREAM_ERROR_CODES[code]), CAPTIONER)
+        return self._translate(InferenceServerException(message, status="StatusCode.INVALID_ARGUMENT"), CAPTIONER)
+
+    def _translate_rpc(self, exc: grpc.aio.AioRpcError, model: str) -> Exception:
+        return self._translate(InferenceServerException(exc.details() or "", status=str(exc.code())), model)
+
     def _translate(self, exc: InferenceServerException, model: str) -> Exception:
         """A typed error with the server's words (request-id noise removed)."""
         status, message = exc.status() or "", re.sub(r"^\[request id: [^\]]*\]\s*", "", exc.message() or str(exc))
@@ -281,6 +382,20 @@ def caption_files(url: str, files: Sequence[str], params: SamplingParams, frames
             return await asyncio.gather(*(one(path) for path in files))
 
     yield from zip(files, asyncio.run(run()))
+
+
+# coca_captioner's error codes (message prefixes) -> the gRPC status a unary call would have had
+STREAM_ERROR_CODES = {"INVALID_ARG": "StatusCode.INVALID_ARGUMENT", "UNAVAILABLE": "StatusCode.UNAVAILABLE",
+                      "INTERNAL": "StatusCode.INTERNAL"}
+
+
+def _caption_step(result) -> CaptionStep:
+    def first(name):
+        return result.as_numpy(name).reshape(-1)[0]
+
+    return CaptionStep(int(first("TOKEN")), float(first("LOGPROB")), first("TEXT").decode(),
+                       result.as_numpy("TOKENS").reshape(-1).tolist(), result.as_numpy("LOGPROBS").reshape(-1).tolist(),
+                       bool(first("DONE")), int(first("BATCH_ROWS")))
 
 
 def _identity(name: str, config: dict) -> Identity:

@@ -33,7 +33,9 @@ LONG_SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max
 def repository(tmp_path_factory):
     from serving.repository import ensure_repository
 
-    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED)
+    # both decoders: failover is tested with each way of captioning (step protocol, coca_captioner's stream)
+    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED,
+                             decoder_scheduler="iterative")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,9 @@ def test_calls_spread_over_both_endpoints_and_answer_as_in_process(tritons, refe
 
 def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_ones(tritons, reference, photos):
     """Captions in flight on the server that is SIGKILLed run again on the other one; greedy and seeded
-    captions are reproducible, so each equals the in-process caption. Started again, the server rejoins."""
+    captions are reproducible, so each equals the in-process caption. Started again, the server rejoins.
+    Two pools at once, one per scheduler (captions stepped by the client; streamed by coca_captioner),
+    so one kill cuts both kinds."""
     from serving.pool import TritonPool
 
     victim, survivor = tritons
@@ -146,37 +150,40 @@ def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_
     images = photos[:8]
 
     async def work():
-        async with TritonPool([victim.grpc_url, survivor.grpc_url], probe_interval_s=0.2) as pool:
-            await pool.identity()
-            tasks = [asyncio.create_task(pool.call(lambda t, i=i: t.caption(images[i], settings[i]))) for i in range(8)]
-            while pool.endpoints[0].in_flight < 4:  # half the captions were sent to the victim
+        async with TritonPool([victim.grpc_url, survivor.grpc_url], probe_interval_s=0.2) as pool, \
+                TritonPool([victim.grpc_url, survivor.grpc_url], probe_interval_s=0.2, scheduler="sequence") as stepped:
+            await asyncio.gather(pool.identity(), stepped.identity())
+            tasks = [asyncio.create_task((pool if i < 4 else stepped).call(lambda t, i=i: t.caption(images[i], settings[i])))
+                     for i in range(8)]
+            while pool.endpoints[0].in_flight < 2 or stepped.endpoints[0].in_flight < 2:  # half went to the victim
                 await asyncio.sleep(0.005)
             async with LiveSequences(victim.grpc_url) as live:
-                await wait_for_async(lambda: live() > 0, 30)  # their sequences are started there
+                await wait_for_async(lambda: min(live()) > 0, 30)  # their captions are started there
             victim.kill()
             captions = await asyncio.gather(*tasks)
             down = pool.endpoints[0].state()
+            failovers = pool.failovers + stepped.failovers
             victim.start(START_S)  # from this thread: a server dies with its starting thread
             await wait_for_async(lambda: pool.endpoints[0].healthy, 30)  # the probe finds it back
             calls_back = pool.endpoints[0].calls
             again = await asyncio.gather(*(pool.call(lambda t, p=p: t.caption(p, GREEDY)) for p in photos[:4]))
-            return captions, down, pool.failovers, pool.endpoints[0].calls - calls_back, again
+            return captions, down, failovers, pool.endpoints[0].calls - calls_back, again
 
     captions, down, failovers, calls_after_rejoin, again = asyncio.run(work())
     for i, caption in enumerate(captions):
         assert caption.tokens == reference.caption([images[i]], settings[i])[0].tokens, f"caption {i}"
-    assert failovers >= 1 and not down.healthy and down.outages == 1 and "cannot reach Triton" in down.last_error
+    assert failovers >= 2 and not down.healthy and down.outages == 1 and "cannot reach Triton" in down.last_error
     assert calls_after_rejoin >= 1  # back in rotation: it takes its share again
     assert [c.tokens for c in again] == [c.tokens for c in reference.caption(photos[:4], GREEDY)]
 
 
 class LiveSequences:
-    """`async with LiveSequences(url) as live`: live() is the number of decoder sequences the server at
-    `url` holds now (polled on a connection of its own)."""
+    """`async with LiveSequences(url) as live`: live() is (decoder sequences, captioner captions) the server
+    at `url` holds now (polled on a connection of its own)."""
 
     def __init__(self, url: str):
         self.url = url
-        self.value = 0
+        self.value = (0, 0)
 
     async def __aenter__(self):
         from serving.client import TritonCoca
@@ -187,7 +194,8 @@ class LiveSequences:
 
     async def _poll(self):
         while True:
-            self.value = (await self.client.decoder_stats())["live_sequences"]
+            stats = await asyncio.gather(self.client.decoder_stats(), self.client.captioner_stats())
+            self.value = tuple(s["live_sequences"] for s in stats)
             await asyncio.sleep(0.005)
 
     async def __aexit__(self, *exc):
