@@ -31,6 +31,9 @@ from .protocol import (CAPTIONER, DECODER_SCHEDULERS, IMAGE_ENCODER, ONNX_FILE, 
 
 # The templates: the repository's own model_repository/ folder (a git checkout of coca-search has it).
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
+# Templates of models an export adds only on request (coca_captioner): not in model_repository/, which
+# Triton (docker-compose mounts it) loads whole, so an in-place export without them stays loadable.
+OPTIONAL_TEMPLATES = TEMPLATES.parent / "optional_models"
 ENCODER_RUNTIMES = ("torch", "onnxruntime")
 MANIFEST_FILE = "coca_manifest.json"
 MARKER = "search_export.json"  # beside a reused repository: what was exported, and the logit scale Triton does not serve
@@ -97,10 +100,11 @@ def export_repository(
     if decoder.scheduler == "iterative":  # the captioner serves the decoder's weights: the same file
         names.append(CAPTIONER)
         hashes[CAPTIONER] = _link_weights(out / TEXT_DECODER / "1" / WEIGHTS_FILE, out / CAPTIONER / "1" / WEIGHTS_FILE)
-    elif out != templates and (out / CAPTIONER).is_dir():  # re-exported without it: clients must not find it
+    elif (out / CAPTIONER).is_dir():  # re-exported without it: clients must not find a stale one
         shutil.rmtree(out / CAPTIONER)
     for name in names:
-        _write_model_files(templates / name, out / name)
+        template = (templates if name in TRITON_MODELS else OPTIONAL_TEMPLATES) / name
+        _write_model_files(template, out / name)
         parameters = {
             **identity.parameters(),
             "coca_weights_sha256": hashes[name],
@@ -112,7 +116,7 @@ def export_repository(
             parameters["coca_onnx_sha256"] = onnx_hashes[name]
         if torch_threads is not None:
             parameters["torch_threads"] = str(torch_threads)
-        config = (templates / name / "config.pbtxt").read_text()
+        config = (template / "config.pbtxt").read_text()
         config = _set_dims(config, tensor_dims(model.net)[name])
         config = _set_parameters(config, parameters)
         if name in (TEXT_DECODER, CAPTIONER):
