@@ -237,11 +237,29 @@ class TritonCoca:
         the request and the server frees its cache rows at its next forward; close the iterator
         (`contextlib.aclosing`) to make that happen at once.
         """
+        inputs = _start_inputs(image_embeddings, params)
+        last = lambda result: bool(result.as_numpy("DONE")[0])  # noqa: E731
+        async with contextlib.aclosing(self._stream(CAPTIONER, inputs, STREAM_OUTPUTS, last)) as results:
+            async for result in results:
+                yield _caption_step(result)
+
+    async def captioner_stats(self) -> dict:
+        """coca_captioner's scheduler: live and waiting captions, free rows, forwards and rows so far."""
+        import json
+
+        async with contextlib.aclosing(self._stream(CAPTIONER, [], ["STATS"], lambda result: True)) as results:
+            async for result in results:
+                return json.loads(result.as_numpy("STATS")[0])
+
+    async def _stream(self, model: str, inputs: list, outputs: Sequence[str],
+                      is_last: Callable[[object], bool]) -> AsyncIterator[object]:
+        """The responses (InferResult) to ONE request over a gRPC bidirectional stream (what a decoupled
+        model needs), up to the one `is_last` says ends it. Leaving early cancels the request."""
         finished = asyncio.Event()
 
-        async def request():  # the stream stays open (not half-closed) until the caption ends
-            yield {"model_name": CAPTIONER, "inputs": _start_inputs(image_embeddings, params),
-                   "outputs": [grpcclient.InferRequestedOutput(name) for name in STREAM_OUTPUTS]}
+        async def request():  # the stream stays open (not half-closed) until the last response
+            yield {"model_name": model, "inputs": inputs,
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs]}
             await finished.wait()
 
         started, ok = time.perf_counter(), False
@@ -250,30 +268,28 @@ class TritonCoca:
             responses = self.client.stream_infer(request(), stream_timeout=self.timeout_s)
             async for result, error in responses:
                 if error is not None:
-                    raise self._translate_streamed(error.message() or str(error))
-                step = _caption_step(result)
-                ok = step.done
-                yield step
-                if step.done:
+                    raise self._translate_streamed(error.message() or str(error), model)
+                ok = is_last(result)
+                yield result
+                if ok:
                     return
-            raise TritonRequestError(f"{CAPTIONER}: the stream ended before the caption did")
+            raise TritonRequestError(f"{model}: the stream ended before the last response")
         except InferenceServerException as exc:
-            raise self._translate(exc, CAPTIONER) from None
+            raise self._translate(exc, model) from None
         except grpc.aio.AioRpcError as exc:
-            raise self._translate_rpc(exc, CAPTIONER) from None
+            raise self._translate_rpc(exc, model) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this caller was cancelled
+            # grpc's way of saying that the channel was closed under the stream (TritonCoca.close())
+            raise TritonUnavailableError(f"the connection to Triton at {self.url} was closed during the call") from None
         finally:
             finished.set()
             if responses is not None:
-                responses.cancel()  # after the last step: a no-op for the server; before it: frees the caption
+                responses.cancel()  # after the last response: a no-op for the server; before it: frees the request
             if self.observe is not None:
-                self.observe(CAPTIONER, time.perf_counter() - started, ok)
-
-    async def captioner_stats(self) -> dict:
-        """coca_captioner's scheduler: live and waiting captions, free rows, forwards and rows so far."""
-        import json
-
-        result = await self._infer(CAPTIONER, [], ["STATS"])
-        return json.loads(result.as_numpy("STATS")[0])
+                self.observe(model, time.perf_counter() - started, ok)
 
     async def generate_by_steps(self, image_embeddings: np.ndarray,
                                 params: SamplingParams = SamplingParams()) -> Generation:
@@ -338,13 +354,13 @@ class TritonCoca:
         except InferenceServerException as exc:
             raise self._translate(exc, model) from None
 
-    def _translate_streamed(self, message: str) -> Exception:
+    def _translate_streamed(self, message: str, model: str = CAPTIONER) -> Exception:
         """A streamed error carries no status: coca_captioner starts its own messages with the code
         name (serving.models.captioner); Triton's own (a wrong shape or type) are the request's fault."""
         code, _, rest = message.partition(": ")
         if code in STREAM_ERROR_CODES:
-            return self._translate(InferenceServerException(rest, status=STREAM_ERROR_CODES[code]), CAPTIONER)
-        return self._translate(InferenceServerException(message, status="StatusCode.INVALID_ARGUMENT"), CAPTIONER)
+            return self._translate(InferenceServerException(rest, status=STREAM_ERROR_CODES[code]), model)
+        return self._translate(InferenceServerException(message, status="StatusCode.INVALID_ARGUMENT"), model)
 
     def _translate_rpc(self, exc: grpc.aio.AioRpcError, model: str) -> Exception:
         return self._translate(InferenceServerException(exc.details() or "", status=str(exc.code())), model)
