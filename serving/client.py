@@ -409,9 +409,9 @@ def _caption_step(result) -> CaptionStep:
     def first(name):
         return result.as_numpy(name).reshape(-1)[0]
 
-    return CaptionStep(int(first("TOKEN")), float(first("LOGPROB")), first("TEXT").decode(),
-                       result.as_numpy("TOKENS").reshape(-1).tolist(), result.as_numpy("LOGPROBS").reshape(-1).tolist(),
-                       bool(first("DONE")), int(first("BATCH_ROWS")))
+    tokens, logprobs = result.as_numpy("TOKENS").reshape(-1).tolist(), result.as_numpy("LOGPROBS").reshape(-1).tolist()
+    return CaptionStep(tokens[-1] if tokens else -1, logprobs[-1] if logprobs else 0.0, first("TEXT").decode(),
+                       tokens, logprobs, bool(first("DONE")), int(first("BATCH_ROWS")))
 
 
 def _identity(name: str, config: dict) -> Identity:

@@ -62,8 +62,9 @@ SAMPLING_INPUTS = {
 # TOKENS and LOGPROBS already hold, are not asked for.
 STEP_OUTPUTS = ("DONE", "TOKENS", "LOGPROBS", "BATCH_ROWS")
 # What a streamed caption asks of each of coca_captioner's responses (the last one's TOKENS and
-# LOGPROBS are the caption's: a beam search has its tokens only then).
-STREAM_OUTPUTS = ("TOKEN", "LOGPROB", "TEXT", "TOKENS", "LOGPROBS", "DONE", "BATCH_ROWS")
+# LOGPROBS are the caption's: a beam search has its tokens only then). TOKEN and LOGPROB are the last
+# of TOKENS and LOGPROBS: not asked for, as every output costs a shared-memory round per response.
+STREAM_OUTPUTS = ("TEXT", "TOKENS", "LOGPROBS", "DONE", "BATCH_ROWS")
 
 # The decoder answers a full cache with UNAVAILABLE and this message start (coca's CapacityError);
 # the client tells it from a connection failure, also UNAVAILABLE, by these words.
