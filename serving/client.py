@@ -226,7 +226,12 @@ class TritonCoca:
         if self.scheduler != "auto":
             return self.scheduler == "iterative"
         if self._captioner_served is None:
-            self._captioner_served = bool(await self._call(self.client.is_model_ready(CAPTIONER), CAPTIONER))
+            try:
+                self._captioner_served = bool(await self.client.is_model_ready(CAPTIONER))
+            except InferenceServerException as exc:
+                if (exc.status() or "").endswith("UNAVAILABLE"):  # the server, not the model, is missing
+                    raise self._translate(exc, CAPTIONER) from None
+                self._captioner_served = False  # an older server that errs on an unknown model
         return self._captioner_served
 
     async def caption_steps(self, image_embeddings: np.ndarray,
