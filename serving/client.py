@@ -4,6 +4,8 @@
         await triton.check_identity("coca_ViT-B-32")        # refuse a server holding another model
         vectors = await triton.embed_images([open("a.jpg", "rb").read()])
         caption = await triton.caption(b"...jpeg bytes...", SamplingParams())  # coca.Caption
+        async for step in triton.caption_steps(b"...", SamplingParams()):  # the text as it grows
+            print(step.text, step.done)
 
 Captions: where the server has coca_captioner (a repository exported with `--decoder-scheduler
 iterative`), each caption is ONE request on a gRPC bidirectional stream and the server streams its
@@ -67,7 +69,8 @@ class Generation:
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
-    text: str = ""  # the decoder's own reading of the tokens, answered to END
+    text: str = ""  # the decoder's own reading of the tokens, answered to END (or the text so far)
+    done: bool = False  # the caption is finished (generate_steps' last Generation)
 
 
 @dataclass
@@ -188,6 +191,16 @@ class TritonCoca:
         generation = await self.generate(embeddings, params)
         return Caption(generation.text, generation.tokens, generation.logprobs)
 
+    async def caption_steps(self, image: Union[ImageInput, np.ndarray],
+                            params: SamplingParams = SamplingParams()) -> AsyncIterator[Generation]:
+        """The caption of an image (bytes, path or ImageEmbeddings) as it grows: a Generation with the
+        text so far after each decoder step, the last one `done` (see generate_steps). Close the
+        iterator to stop early: the sequence is then ended on the server."""
+        embeddings = image if isinstance(image, np.ndarray) else (await self.image_embeddings([image]))[0]
+        async with contextlib.aclosing(self.generate_steps(embeddings, params, text_so_far=True)) as steps:
+            async for generation in steps:
+                yield generation
+
     async def caption_many(self, images: Sequence[ImageInput], params: SamplingParams = SamplingParams(),
                            concurrency: int = 16) -> list[Caption]:
         """Captions of many images, `concurrency` sequences at a time, in input order."""
@@ -201,24 +214,46 @@ class TritonCoca:
 
     async def caption_video(self, video: ImageInput, frames: int = 16, params: SamplingParams = SamplingParams(),
                             decode_seconds: float = media.DEFAULT_MAX_DECODE_SECONDS) -> Caption:
-        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process).
+        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (video_embeddings)."""
+        return await self.caption(await self.video_embeddings(video, frames, decode_seconds), params)
 
-        Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`.
-        """
+    async def video_embeddings(self, video: ImageInput, frames: int = 16,
+                               decode_seconds: float = media.DEFAULT_MAX_DECODE_SECONDS) -> np.ndarray:
+        """What the decoder reads for a video: the mean of its frames' ImageEmbeddings (255, W), as in process.
+
+        Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`."""
         pictures = await asyncio.to_thread(media.video_frames, video, frames, max_seconds=decode_seconds)
         embeddings = await self.image_embeddings([_png(p) for p in pictures])  # PNG: lossless, same pixels
-        return await self.caption(embeddings.mean(0), params)  # float32, rows summed in order: as torch's mean
+        return embeddings.mean(0)  # float32, rows summed in order: as torch's mean
 
     async def generate(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams()) -> Generation:
-        """One caption of ImageEmbeddings (255, W): streamed by coca_captioner, or step by step (see `scheduler`)."""
-        if await self.uses_captioner():
-            generation = Generation([])
-            async with contextlib.aclosing(self.caption_steps(image_embeddings, params)) as steps:
-                async for step in steps:
-                    generation.batch_rows.append(step.batch_rows)
-            generation.tokens, generation.logprobs, generation.text = step.tokens, step.logprobs, step.text
-            return generation
-        return await self.generate_by_steps(image_embeddings, params)
+        """One caption of ImageEmbeddings (255, W), finished (see generate_steps)."""
+        async with contextlib.aclosing(self.generate_steps(image_embeddings, params)) as steps:
+            async for generation in steps:
+                pass
+        return generation
+
+    async def generate_steps(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams(),
+                             text_so_far: bool = False) -> AsyncIterator[Generation]:
+        """The caption after each step; the last one has `done` set and the finished text, and with
+        `text_so_far` each one holds the text so far (a prefix of the finished text). Streamed by
+        coca_captioner where the server has it (see `scheduler`), else one decoder sequence stepped from
+        here. Close the iterator to stop early: the server then frees the caption's cache rows."""
+        steps = self._streamed_steps if await self.uses_captioner() else self._sequence_steps
+        async with contextlib.aclosing(steps(image_embeddings, params, text_so_far)) as generations:
+            async for generation in generations:
+                yield generation
+
+    async def _streamed_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
+                              text_so_far: bool) -> AsyncIterator[Generation]:
+        generation = Generation([])
+        async with contextlib.aclosing(self.caption_steps(image_embeddings, params)) as steps:
+            async for step in steps:
+                generation.batch_rows.append(step.batch_rows)
+                generation.tokens, generation.logprobs, generation.done = step.tokens, step.logprobs, step.done
+                if text_so_far or step.done:
+                    generation.text = step.text
+                yield generation
 
     async def uses_captioner(self) -> bool:
         """Whether captions go to coca_captioner: scheduler "iterative", or "auto" and the server has it
@@ -296,28 +331,34 @@ class TritonCoca:
             if self.observe is not None:
                 self.observe(model, time.perf_counter() - started, ok)
 
-    async def generate_by_steps(self, image_embeddings: np.ndarray,
-                                params: SamplingParams = SamplingParams()) -> Generation:
-        """Run one decoder sequence to its end: START with the embeddings, step until DONE, then END,
-        which answers the caption's text (so no tokenizer is needed here)."""
+    async def _sequence_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
+                              text_so_far: bool) -> AsyncIterator[Generation]:
+        """One decoder sequence: START with the embeddings, step until DONE, then END, which answers the
+        caption's text (so no tokenizer is needed here); the text so far is the decoder's TEXT_SO_FAR.
+        END is sent whatever happens: an error, a cancellation, a caller that stops early."""
         sequence_id = secrets.randbits(63) or 1  # unique among clients without coordination
+        outputs = STEP_OUTPUTS + (("TEXT_SO_FAR",) if text_so_far else ())
         generation = Generation([])
         ended = False
         try:
             inputs = _start_inputs(image_embeddings, params)
             while True:
-                result = await self._infer(TEXT_DECODER, inputs, STEP_OUTPUTS, sequence_id=sequence_id,
+                result = await self._infer(TEXT_DECODER, inputs, outputs, sequence_id=sequence_id,
                                            sequence_start=bool(inputs))
                 inputs = []
                 generation.batch_rows.append(int(result.as_numpy("BATCH_ROWS")[0, 0]))
+                generation.tokens = result.as_numpy("TOKENS")[0].tolist()
+                generation.logprobs = result.as_numpy("LOGPROBS")[0].tolist()
+                if text_so_far:
+                    generation.text = result.as_numpy("TEXT_SO_FAR")[0, 0].decode()
                 if bool(result.as_numpy("DONE")[0, 0]):
-                    generation.tokens = result.as_numpy("TOKENS")[0].tolist()
-                    generation.logprobs = result.as_numpy("LOGPROBS")[0].tolist()
                     ended = True
                     answer = await asyncio.shield(self._infer(TEXT_DECODER, [], ["TEXT"], sequence_id=sequence_id,
                                                               sequence_end=True))
-                    generation.text = answer.as_numpy("TEXT")[0, 0].decode()
-                    return generation
+                    generation.text, generation.done = answer.as_numpy("TEXT")[0, 0].decode(), True
+                    yield generation
+                    return
+                yield generation
         finally:  # END frees the server's cache and Triton's sequence slot, whatever happened
             if not ended:
                 await asyncio.shield(self._end(sequence_id))

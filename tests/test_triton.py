@@ -310,7 +310,7 @@ def test_streamed_greedy_captions_equal_in_process_alone_and_sixteen_at_once(tri
         # one token a step (the last step adds the forced EOS too), with its text so far
         assert [s.tokens for s in steps[:-1]] == [want.tokens[: n + 1] for n in range(len(steps) - 1)]
         assert [s.token for s in steps] == [s.tokens[-1] for s in steps]
-        assert [s.text for s in steps[:-1]] == [tiny_coca.decode_text(s.tokens) for s in steps[:-1]]
+        assert [s.text for s in steps[:-1]] == [tiny_coca.text_so_far(s.tokens) for s in steps[:-1]]
         np.testing.assert_allclose(steps[-1].logprobs, want.logprobs, rtol=0, atol=1e-4)
     assert max(s.batch_rows for steps in together for s in steps) == 16, "the 16 captions never shared a forward"
     assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)

@@ -6,6 +6,7 @@
 //   const { connect } = require("./client");
 //   const client = connect("127.0.0.1:50051", { token, tlsCa });
 //   const { hits } = await client.searchText("a cat", { k: 5, withCaptions: true });
+//   for await (const chunk of client.captionStream(fs.readFileSync("cat.jpg"))) process.stdout.write(chunk.piece);
 "use strict";
 
 const fs = require("fs");
@@ -71,6 +72,22 @@ function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoR
     });
   }
 
+  // CaptionStream: an async iterator of chunks ({ piece, text, token_count, done, caption }); leaving the
+  // loop early cancels the call (the service frees its decoder sequence). Not retried.
+  async function* stream(method, request, { timeout = timeoutMs } = {}) {
+    const call = stub[method](request, metadata, { deadline: new Date(Date.now() + timeout) });
+    try {
+      for await (const message of call) yield message;
+    } catch (error) {
+      throw new SearchError(method, target, error);
+    } finally {
+      call.cancel();
+    }
+  }
+
+  // What to caption: image bytes (a Buffer), or { id } of an indexed item, or { video, frames }.
+  const captionRequest = (media, sampling) => (Buffer.isBuffer(media) ? { image: media, sampling } : { ...media, sampling });
+
   const options = ({ k = 10, withCaptions = false, filters = {}, minScore } = {}) => {
     const o = { k, with_captions: withCaptions, filters };
     if (minScore !== undefined) o.min_score = minScore;
@@ -80,7 +97,8 @@ function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoR
   return {
     searchText: (text, opts = {}) => unary("SearchText", { text, options: options(opts) }, opts),
     searchImage: (image, opts = {}) => unary("SearchImage", { image, options: options(opts) }, opts),
-    caption: (image, sampling = {}, opts = {}) => unary("Caption", { image, sampling }, opts),
+    caption: (media, sampling = {}, opts = {}) => unary("Caption", captionRequest(media, sampling), opts),
+    captionStream: (media, sampling = {}, opts = {}) => stream("CaptionStream", captionRequest(media, sampling), opts),
     get: (id, opts = {}) => unary("Get", { id }, opts),
     stats: (opts = {}) => unary("Stats", {}, opts),
     close: () => stub.close(),

@@ -5,68 +5,42 @@
 // Exit codes: 0 hits printed, 2 bad arguments or INVALID_ARGUMENT/NOT_FOUND, 1 other errors.
 "use strict";
 
-const fs = require("fs");
-const { connect } = require("./client");
+const { CONNECTION_USAGE, needValue, parseArgs, runScript } = require("./cli");
 
-const USAGE = 'usage: node search.js [--target HOST:PORT] "query" [-k N] [--captions] [--json] ' +
-  "[--token-file FILE] [--tls-ca FILE] [--timeout SECONDS]";
+const USAGE = `usage: node search.js "query" [-k N] [--captions] [--json] ${CONNECTION_USAGE}`;
 
-function parseArgs(argv) {
-  const args = { target: "127.0.0.1:50051", k: 10, captions: false, json: false, timeout: 60, query: null };
-  const value = (i, name) => {
-    if (i + 1 >= argv.length) throw new Error(`${name} needs a value`);
-    return argv[i + 1];
-  };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    if (a === "--target" || a === "--server") args.target = value(i++, a);
-    else if (a === "-k" || a === "--k") args.k = Number(value(i++, a));
-    else if (a === "--captions") args.captions = true;
-    else if (a === "--json") args.json = true;
-    else if (a === "--token-file") args.token = fs.readFileSync(value(i++, a), "utf8").trim();
-    else if (a === "--tls-ca") args.tlsCa = value(i++, a);
-    else if (a === "--timeout") args.timeout = Number(value(i++, a));
-    else if (a === "-h" || a === "--help") { console.log(USAGE); process.exit(0); }
-    else if (a.startsWith("-") && a !== "-") throw new Error(`unknown option ${a}`);
-    else if (args.query === null) args.query = a;
-    else throw new Error(`one query only (got ${JSON.stringify(args.query)} and ${JSON.stringify(a)})`);
+function parse(argv) {
+  const own = { k: 10, captions: false, json: false };
+  const args = parseArgs(argv, (option, next) => {
+    if (option === "--captions" || option === "--json") {
+      own[option.slice(2)] = true;
+      return 0;
+    }
+    if (option !== "-k" && option !== "--k") throw new Error(`unknown option ${option}`);
+    own.k = Number(needValue(option, next));
+    return 1;
+  });
+  Object.assign(args, own);
+  if (args.positional.length === 0) throw new Error("give the text to search for");
+  if (args.positional.length > 1) {
+    throw new Error(`one query only (got ${args.positional.map((q) => JSON.stringify(q)).join(" and ")})`);
   }
-  if (args.query === null) throw new Error("give the text to search for");
+  args.query = args.positional[0];
   if (!Number.isInteger(args.k)) throw new Error("-k must be an integer");
-  if (!(args.timeout > 0)) throw new Error("--timeout must be a positive number of seconds");
-  args.token = args.token || process.env.COCA_SEARCH_TOKEN || undefined;
   return args;
 }
 
-async function main() {
-  let args;
-  try {
-    args = parseArgs(process.argv.slice(2));
-  } catch (e) {
-    console.error(`search.js: ${e.message}\n${USAGE}`);
-    return 2;
+runScript("search.js", USAGE, parse, async (client, args) => {
+  const response = await client.searchText(args.query, { k: args.k, withCaptions: args.captions });
+  if (args.json) {
+    console.log(JSON.stringify({ query: args.query, searched: response.searched, hits: response.hits }));
+    return;
   }
-  const client = connect(args.target, { token: args.token, tlsCa: args.tlsCa, timeoutMs: args.timeout * 1000 });
-  try {
-    const response = await client.searchText(args.query, { k: args.k, withCaptions: args.captions });
-    if (args.json) {
-      console.log(JSON.stringify({ query: args.query, searched: response.searched, hits: response.hits }));
-      return 0;
-    }
-    console.log(`${response.hits.length} hits for ${JSON.stringify(args.query)} (${response.searched} images searched)`);
-    console.log(`${"#".padStart(3)}  ${"score".padStart(6)}  ${"id".padEnd(32)}  uri / caption`);
-    response.hits.forEach((hit, i) => {
-      console.log(`${String(i + 1).padStart(3)}  ${hit.score.toFixed(3).padStart(6)}  ${hit.id.padEnd(32)}  ${hit.uri}`);
-      const caption = hit.caption || (hit.caption_error ? `(no caption: ${hit.caption_error})` : "");
-      if (caption) console.log(`${" ".repeat(46)}${caption}`);
-    });
-    return 0;
-  } catch (e) {
-    console.error(`search.js: error: ${e.message}`);
-    return e.code === "INVALID_ARGUMENT" || e.code === "NOT_FOUND" ? 2 : 1;
-  } finally {
-    client.close();
-  }
-}
-
-main().then((code) => process.exit(code));
+  console.log(`${response.hits.length} hits for ${JSON.stringify(args.query)} (${response.searched} images searched)`);
+  console.log(`${"#".padStart(3)}  ${"score".padStart(6)}  ${"id".padEnd(32)}  uri / caption`);
+  response.hits.forEach((hit, i) => {
+    console.log(`${String(i + 1).padStart(3)}  ${hit.score.toFixed(3).padStart(6)}  ${hit.id.padEnd(32)}  ${hit.uri}`);
+    const caption = hit.caption || (hit.caption_error ? `(no caption: ${hit.caption_error})` : "");
+    if (caption) console.log(`${" ".repeat(46)}${caption}`);
+  });
+}).then((code) => process.exit(code));

@@ -5,7 +5,8 @@ carries what the decoder's START carries: IMAGE_EMBEDDINGS (1, 255, W) and the o
 inputs. execute() only checks the request and hands it to the `CaptionScheduler` thread
 (serving/models/scheduler.py), which steps all live captions together; each forward answers every
 caption it advanced with one response: TOKEN, LOGPROB (the new token; -1 while a beam search has
-no result), TEXT (the caption so far, read by the model's tokenizer: clients need none), TOKENS,
+no result), TEXT (the caption so far, read by the model's tokenizer: clients need none; as
+coca_text_decoder's TEXT_SO_FAR, only what later tokens cannot change), TOKENS,
 LOGPROBS (so far), DONE and BATCH_ROWS; the last one carries the final flag. A request without
 IMAGE_EMBEDDINGS is a probe: one response with STATS (JSON). A cancelled request (the client
 closed its stream or disconnected) leaves at the next round and frees its cache rows.
@@ -91,7 +92,7 @@ class ResponseListener:
         outputs = {
             "TOKEN": lambda: np.array([step.tokens[-1] if step.tokens else -1], np.int64),
             "LOGPROB": lambda: np.array([step.logprobs[-1] if step.logprobs else 0.0], np.float32),
-            "TEXT": lambda: np.array([self.model.coca.decode_text(step.tokens).encode()], np.object_),
+            "TEXT": lambda: np.array([self.text(step).encode()], np.object_),
             "TOKENS": lambda: np.array(step.tokens, np.int64),
             "LOGPROBS": lambda: np.array(step.logprobs, np.float32),
             "DONE": lambda: np.array([step.done], np.bool_),
@@ -99,6 +100,11 @@ class ResponseListener:
         }
         response = self.model.respond({name: make() for name, make in outputs.items() if name in self.wanted})
         self.sender.send(response, flags=self.model.final if step.done else 0)
+
+    def text(self, step: Step) -> str:
+        """The caption once done; before, the text so far that later tokens cannot change (the same rule
+        as coca_text_decoder's TEXT_SO_FAR: streamed pieces add up to the caption exactly)."""
+        return self.model.coca.decode_text(step.tokens) if step.done else self.model.coca.text_so_far(step.tokens)
 
     def fail(self, message: str, code: str):
         self.sender.send(self.model.stream_error(message, code), flags=self.model.final)
