@@ -1,12 +1,16 @@
-"""Caption throughput through Triton: C concurrent captions, each one decoder sequence.
+"""Caption throughput through Triton: C concurrent captions, by each decoder scheduler.
 
-    coca bench triton-caption --model coca_ViT-B-32 --pretrained random --concurrency 1,4,16,32 --max-tokens 20
+    coca bench triton-caption --model coca_ViT-B-32 --pretrained random --concurrency 1,16 --max-tokens 20 \
+        --scheduler sequence,iterative
 
-Exports the model once (cached under --cache), starts tritonserver, and for each
-concurrency C runs C clients that each caption --rounds images in a row (greedy, exactly
---max-tokens tokens: min_tokens = max_tokens, so every caption costs the same). Reports
-captions/s, tokens/s, the mean rows per batched forward (from BATCH_ROWS) and
-speedup_16 = captions/s at C=16 over C=1. Client and server share this machine's cores.
+Exports the model once (cached under --cache; with coca_captioner when --scheduler has iterative),
+starts tritonserver, and for each scheduler and concurrency C runs C clients that each caption
+--rounds images in a row (greedy, exactly --max-tokens tokens: min_tokens = max_tokens, so every
+caption costs the same). sequence: each caption is a coca_text_decoder sequence stepped by the
+client; iterative: one streamed request to coca_captioner, whose scheduler steps every live caption
+in each forward. Reports captions/s, tokens/s, the mean rows per batched forward (from BATCH_ROWS)
+and speedup_16 = captions/s at C=16 over C=1 of the same scheduler; schedulers alternate per
+concurrency so that the box's load hits both alike. Client and server share this machine's cores.
 """
 from __future__ import annotations
 
@@ -25,30 +29,41 @@ def parse(argv):
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated numbers of concurrent captions")
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2, help="captions per client at each concurrency")
-    return p.parse_args(argv)
+    p.add_argument("--scheduler", default="sequence,iterative",
+                   help="comma-separated decoder schedulers to compare: sequence (coca_text_decoder's step "
+                        "protocol), iterative (coca_captioner)")
+    args = p.parse_args(argv)
+    args.schedulers = [s.strip() for s in args.scheduler.split(",")]
+    unknown = set(args.schedulers) - {"sequence", "iterative"}
+    if unknown:
+        p.error(f"unknown scheduler(s) {', '.join(sorted(unknown))}: use sequence, iterative")
+    args.decoder_scheduler = "iterative" if "iterative" in args.schedulers else "sequence"
+    return args
 
 
-async def measure(url: str, concurrency: int, rounds: int, embeddings, params) -> dict:
+async def measure(url: str, scheduler: str, concurrency: int, rounds: int, embeddings, params) -> dict:
     """C clients captioning `rounds` images each, all at once."""
     from serving.client import TritonCoca
 
-    async with TritonCoca(url) as triton:
+    statistics = captioner_statistics if scheduler == "iterative" else decoder_statistics
+    async with TritonCoca(url, scheduler=scheduler) as triton:
         async def client():
             return [await triton.generate(embeddings, params) for _ in range(rounds)]
 
         await triton.generate(embeddings, params)  # warm-up: a fresh channel, the model's first forward
-        before = await decoder_statistics(triton)
+        before = await statistics(triton)
         start = time.perf_counter()
         generations = [g for batch in await asyncio.gather(*(client() for _ in range(concurrency))) for g in batch]
         seconds = time.perf_counter() - start
-        after = await decoder_statistics(triton)
+        after = await statistics(triton)
     rows = [r for g in generations for r in g.batch_rows if r]
     tokens = sum(len(g.tokens) for g in generations)
     return {
-        "concurrency": concurrency, "captions": len(generations), "seconds": round(seconds, 3),
+        "scheduler": scheduler, "concurrency": concurrency, "captions": len(generations), "seconds": round(seconds, 3),
         "captions_per_s": round(len(generations) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
         "mean_rows_per_forward": round(sum(rows) / len(rows), 2), "max_rows_per_forward": max(rows),
-        # Triton's own statistics: time in the model's execute() (forward + Python glue) per call
+        # per forward: Triton's time in the decoder's execute() (forward + Python glue), or the
+        # captioner's scheduler round (start, forward, responses)
         "executes": after["executes"] - before["executes"],
         "execute_ms": round((after["compute_ns"] - before["compute_ns"]) / max(1, after["executes"] - before["executes"]) / 1e6, 1),
     }
@@ -60,6 +75,11 @@ async def decoder_statistics(triton) -> dict:
     stats = (await triton.client.get_inference_statistics(TEXT_DECODER, as_json=True))["model_stats"][0]
     per_batch_size = [b["compute_infer"] for b in stats.get("batch_stats", [])]  # one entry per execute()
     return {"executes": sum(int(c["count"]) for c in per_batch_size), "compute_ns": sum(int(c["ns"]) for c in per_batch_size)}
+
+
+async def captioner_statistics(triton) -> dict:
+    stats = await triton.captioner_stats()
+    return {"executes": stats["forwards"], "compute_ns": stats["round_us"] * 1000}
 
 
 def batching_bound(args) -> dict:
@@ -96,25 +116,31 @@ def main(argv=None) -> int:
                 return (await triton.image_embeddings([photo.getvalue()]))[0]
 
         embeddings = asyncio.run(embed())
-        results = [asyncio.run(measure(url, c, args.rounds, embeddings, params)) for c in levels]
+        results = [asyncio.run(measure(url, s, c, args.rounds, embeddings, params)) for c in levels for s in args.schedulers]
     bound = batching_bound(args)
-    base = results[0]["captions_per_s"] if levels[0] == 1 else None
-    for r in results:
-        r["speedup"] = round(r["captions_per_s"] / base, 2) if base else None
+    for scheduler in args.schedulers:
+        mine = [r for r in results if r["scheduler"] == scheduler]
+        base = mine[0]["captions_per_s"] if levels[0] == 1 else None
+        for r in mine:
+            r["speedup"] = round(r["captions_per_s"] / base, 2) if base else None
     print(f"{identity.model} ({identity.pretrained}, {identity.dtype}) through Triton, greedy, "
           f"{args.max_tokens} tokens per caption, {args.rounds} captions per client")
-    print_table(["concurrency", "captions", "seconds", "captions/s", "tokens/s", "rows/forward", "max rows",
+    print_table(["scheduler", "concurrency", "captions", "seconds", "captions/s", "tokens/s", "rows/forward", "max rows",
                  "execute ms", "speedup"],
-                [[r["concurrency"], r["captions"], r["seconds"], r["captions_per_s"], r["tokens_per_s"],
+                [[r["scheduler"], r["concurrency"], r["captions"], r["seconds"], r["captions_per_s"], r["tokens_per_s"],
                   r["mean_rows_per_forward"], r["max_rows_per_forward"], r["execute_ms"], r["speedup"]] for r in results])
     print(f"bound (in process, same precision): a 16-row decode step costs {bound['step16_ms']} ms vs "
           f"{bound['step1_ms']} ms for 1 row, so full batches give at most speedup_16 = {bound['speedup_16_bound']}x; "
           f"targets: rows/forward >= 14, speedup_16 >= 6x fp32, >= 8x int8")
-    by_level = {r["concurrency"]: r for r in results}
+    at_16 = {r["scheduler"]: r for r in results if r["concurrency"] == 16}
+    if len(at_16) == 2:
+        new, old = at_16["iterative"], at_16["sequence"]
+        print(f"at 16: iterative / sequence = {new['captions_per_s'] / old['captions_per_s']:.2f}x captions/s, "
+              f"{new['mean_rows_per_forward']} vs {old['mean_rows_per_forward']} rows per forward")
     print_json({
         "benchmark": "triton-caption", "model": identity.model, "pretrained": identity.pretrained,
         "dtype": identity.dtype, "max_tokens": args.max_tokens, "results": results,
-        "speedup_16": by_level[16]["speedup"] if 16 in by_level and base else None,
+        "speedup_16": {s: r["speedup"] for s, r in at_16.items()},
         "decoder_precision": args.decoder_precision, "bound": bound,
     })
     return 0

@@ -39,7 +39,9 @@ def encoder_suffix(args) -> str:
 
 
 def repository_dir(args) -> Path:
-    return Path(args.cache) / f"{args.model}-{Path(args.pretrained).name}-seed{args.seed}-{args.dtype}{encoder_suffix(args)}"
+    captioner = "-captioner" if getattr(args, "decoder_scheduler", "sequence") == "iterative" else ""
+    return (Path(args.cache)
+            / f"{args.model}-{Path(args.pretrained).name}-seed{args.seed}-{args.dtype}{encoder_suffix(args)}{captioner}")
 
 
 def exported_repository(args) -> Path:
@@ -47,7 +49,7 @@ def exported_repository(args) -> Path:
     from serving.repository import DecoderSettings, configure_decoder, ensure_repository
 
     repository, _ = ensure_repository(repository_dir(args), args.model, args.pretrained, args.seed, args.dtype,
-                                      encoder_settings(args))
+                                      encoder_settings(args), getattr(args, "decoder_scheduler", "sequence"))
     configure_decoder(repository, DecoderSettings(capacity_rows=args.capacity, queue_delay_us=args.queue_delay_us,
                                                              precision=args.decoder_precision))
     return repository

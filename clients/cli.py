@@ -342,7 +342,7 @@ def export(args):
     from serving.repository import DecoderSettings, EncoderSettings, export_repository
 
     settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle,
-                               precision=args.decoder_precision)
+                               precision=args.decoder_precision, scheduler=args.decoder_scheduler)
     encoders = EncoderSettings("onnxruntime" if args.format == "onnx" else "torch", args.encoder_precision)
     manifest = export_repository(load_model(args), args.out, decoder=settings, encoders=encoders)
     print(f"exported {args.model} ({args.pretrained}, {args.dtype}) to {args.out}; identity: {manifest}")
@@ -360,6 +360,9 @@ export.configure = lambda p: (
                    help="with --format onnx: int8 = 8-bit weights (MatMulNBits), opt-in, agreement in README"),
     p.add_argument("--decoder-precision", choices=["fp32", "int8"],
                    help="the decode step's arithmetic (default fp32; int8: opt-in, agreement in README)"),
+    p.add_argument("--decoder-scheduler", choices=["sequence", "iterative"], default="sequence",
+                   help="iterative: also export coca_captioner (one streamed request per caption, every live caption "
+                        "in each forward), which clients and the service then use for captions"),
 )
 
 

@@ -7,9 +7,12 @@
         async for step in triton.caption_steps(b"...", SamplingParams()):  # the text as it grows
             print(step.text, step.done)
 
-Each caption is one sequence of the decoder model (unique correlation id, END always
-sent, also on error or cancellation); captions of many images run concurrently, so
-the server advances them together in batched forwards. Errors: coca.InvalidInputError
+Captions: where the server has coca_captioner (a repository exported with `--decoder-scheduler
+iterative`), each caption is ONE request on a gRPC bidirectional stream and the server streams its
+tokens (`caption_steps`), stepping every live caption in each forward; otherwise each caption is one
+sequence of coca_text_decoder, driven step by step (unique correlation id, END always sent, also on
+error or cancellation). `scheduler` ("auto", "iterative", "sequence") chooses. Captions of many
+images run concurrently, so the server advances them together in batched forwards. Errors: coca.InvalidInputError
 (the server refused the input), coca.CapacityError (decoder cache full),
 serving.errors.TritonUnavailableError (cannot reach the server), TritonRequestError.
 `caption_files` is the synchronous wrapper the CLI uses.
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
@@ -38,8 +42,8 @@ from coca.errors import CapacityError, InvalidInputError
 from coca.settings import SamplingParams
 
 from .errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError
-from .protocol import (CAPACITY_MESSAGE, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS, TEXT_DECODER, TEXT_ENCODER,
-                       TRITON_MODELS, Identity)
+from .protocol import (CAPACITY_MESSAGE, CAPTIONER, DECODER_SCHEDULERS, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS,
+                       STREAM_OUTPUTS, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, Identity)
 
 ImageInput = Union[bytes, str, os.PathLike]
 InferObserver = Callable[[str, float, bool], None]  # (model, seconds, succeeded)
@@ -69,11 +73,29 @@ class Generation:
     done: bool = False  # the caption is finished (generate_steps' last Generation)
 
 
+@dataclass
+class CaptionStep:
+    """One streamed response of coca_captioner: the token a forward added, and the caption so far."""
+
+    token: int  # -1 while a beam search has no result yet
+    logprob: float
+    text: str  # the caption so far, read by the server's tokenizer
+    tokens: list[int]  # so far (a beam search: its result, on the last step)
+    logprobs: list[float]
+    done: bool  # the last step
+    batch_rows: int  # rows of the forward that produced it
+
+
 class TritonCoca:
     """CoCa through Triton: embeddings and captions; one instance per event loop."""
 
-    def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None):
+    def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None,
+                 scheduler: str = "auto"):
+        if scheduler not in ("auto", *DECODER_SCHEDULERS):
+            raise ValueError(f"scheduler must be auto, {' or '.join(DECODER_SCHEDULERS)}, got {scheduler!r}")
         self.url = url
+        self.scheduler = scheduler  # auto: coca_captioner where the server has it, else the step protocol
+        self._captioner_served: Optional[bool] = None
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
         self.observe = observe  # told (model, seconds, ok) after every infer call: the service's metrics
         self._client: Optional[grpcaio.InferenceServerClient] = None
@@ -205,7 +227,7 @@ class TritonCoca:
         return embeddings.mean(0)  # float32, rows summed in order: as torch's mean
 
     async def generate(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams()) -> Generation:
-        """Run one decoder sequence to its end (see generate_steps) and return the finished caption."""
+        """One caption of ImageEmbeddings (255, W), finished (see generate_steps)."""
         async with contextlib.aclosing(self.generate_steps(image_embeddings, params)) as steps:
             async for generation in steps:
                 pass
@@ -213,11 +235,107 @@ class TritonCoca:
 
     async def generate_steps(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams(),
                              text_so_far: bool = False) -> AsyncIterator[Generation]:
-        """One decoder sequence, yielding the caption after each step: START with the embeddings, step
-        until DONE, then END, which answers the caption's text (so no tokenizer is needed here). With
-        `text_so_far` each step's Generation also holds the text so far (the decoder's TEXT_SO_FAR: a
-        prefix of the finished text). The last one has `done` set and the finished text. END is sent
-        whatever happens: an error, a cancellation, a caller that stops early (close the iterator)."""
+        """The caption after each step; the last one has `done` set and the finished text, and with
+        `text_so_far` each one holds the text so far (a prefix of the finished text). Streamed by
+        coca_captioner where the server has it (see `scheduler`), else one decoder sequence stepped from
+        here. Close the iterator to stop early: the server then frees the caption's cache rows."""
+        steps = self._streamed_steps if await self.uses_captioner() else self._sequence_steps
+        async with contextlib.aclosing(steps(image_embeddings, params, text_so_far)) as generations:
+            async for generation in generations:
+                yield generation
+
+    async def _streamed_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
+                              text_so_far: bool) -> AsyncIterator[Generation]:
+        generation = Generation([])
+        async with contextlib.aclosing(self.caption_steps(image_embeddings, params)) as steps:
+            async for step in steps:
+                generation.batch_rows.append(step.batch_rows)
+                generation.tokens, generation.logprobs, generation.done = step.tokens, step.logprobs, step.done
+                if text_so_far or step.done:
+                    generation.text = step.text
+                yield generation
+
+    async def uses_captioner(self) -> bool:
+        """Whether captions go to coca_captioner: scheduler "iterative", or "auto" and the server has it
+        (asked once per client; a client made after a failure asks again)."""
+        if self.scheduler != "auto":
+            return self.scheduler == "iterative"
+        if self._captioner_served is None:
+            try:
+                self._captioner_served = bool(await self.client.is_model_ready(CAPTIONER))
+            except InferenceServerException as exc:
+                if (exc.status() or "").endswith("UNAVAILABLE"):  # the server, not the model, is missing
+                    raise self._translate(exc, CAPTIONER) from None
+                self._captioner_served = False  # an older server that errs on an unknown model
+        return self._captioner_served
+
+    async def caption_steps(self, image_embeddings: np.ndarray,
+                            params: SamplingParams = SamplingParams()) -> AsyncIterator[CaptionStep]:
+        """One caption from coca_captioner as it is generated: a CaptionStep per forward, the last one done.
+
+        One request on a gRPC bidirectional stream. Leaving early (break, cancellation, an error) cancels
+        the request and the server frees its cache rows at its next forward; close the iterator
+        (`contextlib.aclosing`) to make that happen at once.
+        """
+        inputs = _start_inputs(image_embeddings, params)
+        last = lambda result: bool(result.as_numpy("DONE")[0])  # noqa: E731
+        async with contextlib.aclosing(self._stream(CAPTIONER, inputs, STREAM_OUTPUTS, last)) as results:
+            async for result in results:
+                yield _caption_step(result)
+
+    async def captioner_stats(self) -> dict:
+        """coca_captioner's scheduler: live and waiting captions, free rows, forwards and rows so far."""
+        import json
+
+        async with contextlib.aclosing(self._stream(CAPTIONER, [], ["STATS"], lambda result: True)) as results:
+            async for result in results:
+                return json.loads(result.as_numpy("STATS")[0])
+
+    async def _stream(self, model: str, inputs: list, outputs: Sequence[str],
+                      is_last: Callable[[object], bool]) -> AsyncIterator[object]:
+        """The responses (InferResult) to ONE request over a gRPC bidirectional stream (what a decoupled
+        model needs), up to the one `is_last` says ends it. Leaving early cancels the request."""
+        finished = asyncio.Event()
+
+        async def request():  # the stream stays open (not half-closed) until the last response
+            yield {"model_name": model, "inputs": inputs,
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs]}
+            await finished.wait()
+
+        started, ok = time.perf_counter(), False
+        responses = None
+        try:
+            responses = self.client.stream_infer(request(), stream_timeout=self.timeout_s)
+            async for result, error in responses:
+                if error is not None:
+                    raise self._translate_streamed(error.message() or str(error), model)
+                ok = is_last(result)
+                yield result
+                if ok:
+                    return
+            raise TritonRequestError(f"{model}: the stream ended before the last response")
+        except InferenceServerException as exc:
+            raise self._translate(exc, model) from None
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate_rpc(exc, model) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this caller was cancelled
+            # grpc's way of saying that the channel was closed under the stream (TritonCoca.close())
+            raise TritonUnavailableError(f"the connection to Triton at {self.url} was closed during the call") from None
+        finally:
+            finished.set()
+            if responses is not None:
+                responses.cancel()  # after the last response: a no-op for the server; before it: frees the request
+            if self.observe is not None:
+                self.observe(model, time.perf_counter() - started, ok)
+
+    async def _sequence_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
+                              text_so_far: bool) -> AsyncIterator[Generation]:
+        """One decoder sequence: START with the embeddings, step until DONE, then END, which answers the
+        caption's text (so no tokenizer is needed here); the text so far is the decoder's TEXT_SO_FAR.
+        END is sent whatever happens: an error, a cancellation, a caller that stops early."""
         sequence_id = secrets.randbits(63) or 1  # unique among clients without coordination
         outputs = STEP_OUTPUTS + (("TEXT_SO_FAR",) if text_so_far else ())
         generation = Generation([])
@@ -282,6 +400,17 @@ class TritonCoca:
         except InferenceServerException as exc:
             raise self._translate(exc, model) from None
 
+    def _translate_streamed(self, message: str, model: str = CAPTIONER) -> Exception:
+        """A streamed error carries no status: coca_captioner starts its own messages with the code
+        name (serving.models.captioner); Triton's own (a wrong shape or type) are the request's fault."""
+        code, _, rest = message.partition(": ")
+        if code in STREAM_ERROR_CODES:
+            return self._translate(InferenceServerException(rest, status=STREAM_ERROR_CODES[code]), model)
+        return self._translate(InferenceServerException(message, status="StatusCode.INVALID_ARGUMENT"), model)
+
+    def _translate_rpc(self, exc: grpc.aio.AioRpcError, model: str) -> Exception:
+        return self._translate(InferenceServerException(exc.details() or "", status=str(exc.code())), model)
+
     def _translate(self, exc: InferenceServerException, model: str) -> Exception:
         """A typed error with the server's words (request-id noise removed)."""
         status, message = exc.status() or "", re.sub(r"^\[request id: [^\]]*\]\s*", "", exc.message() or str(exc))
@@ -315,6 +444,20 @@ def caption_files(url: str, files: Sequence[str], params: SamplingParams, frames
             return await asyncio.gather(*(one(path) for path in files))
 
     yield from zip(files, asyncio.run(run()))
+
+
+# coca_captioner's error codes (message prefixes) -> the gRPC status a unary call would have had
+STREAM_ERROR_CODES = {"INVALID_ARG": "StatusCode.INVALID_ARGUMENT", "UNAVAILABLE": "StatusCode.UNAVAILABLE",
+                      "INTERNAL": "StatusCode.INTERNAL"}
+
+
+def _caption_step(result) -> CaptionStep:
+    def first(name):
+        return result.as_numpy(name).reshape(-1)[0]
+
+    tokens, logprobs = result.as_numpy("TOKENS").reshape(-1).tolist(), result.as_numpy("LOGPROBS").reshape(-1).tolist()
+    return CaptionStep(tokens[-1] if tokens else -1, logprobs[-1] if logprobs else 0.0, first("TEXT").decode(),
+                       tokens, logprobs, bool(first("DONE")), int(first("BATCH_ROWS")))
 
 
 def _identity(name: str, config: dict) -> Identity:

@@ -82,8 +82,8 @@ class _Connection:
     calls get a fresh one, and the old one is closed when its last call ends. (Closing a gRPC channel
     cancels the calls still on it, which would leave their callers without an answer.)"""
 
-    def __init__(self, url: str, observe: Optional[InferObserver] = None):
-        self.client = TritonCoca(url, observe=observe)
+    def __init__(self, url: str, observe: Optional[InferObserver] = None, scheduler: str = "auto"):
+        self.client = TritonCoca(url, observe=observe, scheduler=scheduler)
         self.users = 0
         self.retired = False
 
@@ -96,9 +96,10 @@ class _Connection:
 class Endpoint:
     """One Triton server of the pool: its connection, load and health."""
 
-    def __init__(self, url: str, observe: Optional[InferObserver] = None):
+    def __init__(self, url: str, observe: Optional[InferObserver] = None, scheduler: str = "auto"):
         self.url = url
         self.observe = observe  # told of each infer call (the service's metrics)
+        self.scheduler = scheduler  # how its client captions (serving.client.TritonCoca)
         self.healthy = True  # until a call cannot reach it (identity() checks it first)
         self.in_flight = 0
         self.calls = 0
@@ -120,7 +121,7 @@ class Endpoint:
     async def connected(self, counted: bool = True) -> AsyncIterator[TritonCoca]:
         """This endpoint's client for the block (a call, or a stream's life); see run."""
         if self._connection is None:
-            self._connection = _Connection(self.url, self.observe)
+            self._connection = _Connection(self.url, self.observe, self.scheduler)
         connection, generation = self._connection, self.generation
         connection.users += 1
         self.in_flight += counted
@@ -199,8 +200,9 @@ class TritonPool:
     """Calls spread over Triton endpoints that serve the same model; see the module docstring."""
 
     def __init__(self, endpoints: Union[str, Sequence[str]], probe_interval_s: float = PROBE_INTERVAL_S,
-                 probe_timeout_s: float = PROBE_TIMEOUT_S, observe: Optional[InferObserver] = None):
-        self.endpoints = [Endpoint(url, observe) for url in parse_endpoints(endpoints)]
+                 probe_timeout_s: float = PROBE_TIMEOUT_S, observe: Optional[InferObserver] = None,
+                 scheduler: str = "auto"):
+        self.endpoints = [Endpoint(url, observe, scheduler) for url in parse_endpoints(endpoints)]
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.failovers = 0  # calls run again on another endpoint

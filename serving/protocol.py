@@ -16,6 +16,10 @@ TRITON_MODELS = {  # Triton model name -> CoCa part it serves (coca.loading.PART
     TEXT_ENCODER: "text_encoder",
     TEXT_DECODER: "text_decoder",
 }
+# Optional: the decoder with iterative scheduling (decoupled, one streamed request per caption), in a
+# repository exported with `--decoder-scheduler iterative`; it serves the text_decoder part too.
+CAPTIONER = "coca_captioner"
+DECODER_SCHEDULERS = ("sequence", "iterative")  # coca_text_decoder's step protocol; coca_captioner
 WEIGHTS_FILE = "weights.safetensors"  # in <model>/<version>/, beside model.py
 ONNX_FILE = "model.onnx"  # an encoder's ONNX graph (`coca export --format onnx`), beside its weights
 PARAMETER_PREFIX = "coca_"
@@ -57,6 +61,10 @@ SAMPLING_INPUTS = {
 # round of its own per request (16 requests per execute at concurrency 16), so TOKEN and LOGPROB, which
 # TOKENS and LOGPROBS already hold, are not asked for.
 STEP_OUTPUTS = ("DONE", "TOKENS", "LOGPROBS", "BATCH_ROWS")
+# What a streamed caption asks of each of coca_captioner's responses (the last one's TOKENS and
+# LOGPROBS are the caption's: a beam search has its tokens only then). TOKEN and LOGPROB are the last
+# of TOKENS and LOGPROBS: not asked for, as every output costs a shared-memory round per response.
+STREAM_OUTPUTS = ("TEXT", "TOKENS", "LOGPROBS", "DONE", "BATCH_ROWS")
 
 # The decoder answers a full cache with UNAVAILABLE and this message start (coca's CapacityError);
 # the client tells it from a connection failure, also UNAVAILABLE, by these words.

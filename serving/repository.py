@@ -26,10 +26,14 @@ from typing import Optional, Union
 
 from coca.errors import InvalidInputError
 
-from .protocol import IMAGE_ENCODER, ONNX_FILE, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, WEIGHTS_FILE, Identity
+from .protocol import (CAPTIONER, DECODER_SCHEDULERS, IMAGE_ENCODER, ONNX_FILE, TEXT_DECODER, TEXT_ENCODER,
+                       TRITON_MODELS, WEIGHTS_FILE, Identity)
 
 # The templates: the repository's own model_repository/ folder (a git checkout of coca-search has it).
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
+# Templates of models an export adds only on request (coca_captioner): not in model_repository/, which
+# Triton (docker-compose mounts it) loads whole, so an in-place export without them stays loadable.
+OPTIONAL_TEMPLATES = TEMPLATES.parent / "optional_models"
 ENCODER_RUNTIMES = ("torch", "onnxruntime")
 MANIFEST_FILE = "coca_manifest.json"
 MARKER = "search_export.json"  # beside a reused repository: what was exported, and the logit scale Triton does not serve
@@ -44,6 +48,13 @@ class DecoderSettings:
     expiry_interval_s: Optional[float] = None  # how often the model's timer looks for idle caches
     queue_delay_us: Optional[int] = None  # how long the sequence batcher waits to fill a batch of steps
     precision: Optional[str] = None  # "fp32" or "int8" (coca/quant.py): the decode step's arithmetic
+    # "iterative": the repository also holds coca_captioner (one streamed request per caption, every live
+    # caption in each forward), which clients then use for captions; export only ("sequence": it does not)
+    scheduler: str = "sequence"
+
+    def __post_init__(self):
+        if self.scheduler not in DECODER_SCHEDULERS:
+            raise InvalidInputError(f"unknown decoder scheduler {self.scheduler!r}: use one of {', '.join(DECODER_SCHEDULERS)}")
 
 
 @dataclass(frozen=True)
@@ -85,40 +96,48 @@ def export_repository(
         embed_dim=model.net.config.embed_dim, repository_id=repository_id(hashes),
     )
     onnx_hashes = _write_onnx(model, out, encoders.precision) if encoders.runtime == "onnxruntime" else {}
-    for name in TRITON_MODELS:
-        _write_model_files(templates / name, out / name)
+    names = list(TRITON_MODELS)
+    if decoder.scheduler == "iterative":  # the captioner serves the decoder's weights: the same file
+        names.append(CAPTIONER)
+        hashes[CAPTIONER] = _link_weights(out / TEXT_DECODER / "1" / WEIGHTS_FILE, out / CAPTIONER / "1" / WEIGHTS_FILE)
+    elif (out / CAPTIONER).is_dir():  # re-exported without it: clients must not find a stale one
+        shutil.rmtree(out / CAPTIONER)
+    for name in names:
+        template = (templates if name in TRITON_MODELS else OPTIONAL_TEMPLATES) / name
+        _write_model_files(template, out / name)
         parameters = {
             **identity.parameters(),
             "coca_weights_sha256": hashes[name],
             "coca_preprocess": json.dumps(model.preprocess_cfg),
         }
-        if name != "coca_text_decoder":
+        if name in (IMAGE_ENCODER, TEXT_ENCODER):
             parameters.update(runtime=encoders.runtime, precision=encoders.precision)
         if name in onnx_hashes:
             parameters["coca_onnx_sha256"] = onnx_hashes[name]
         if torch_threads is not None:
             parameters["torch_threads"] = str(torch_threads)
-        config = (templates / name / "config.pbtxt").read_text()
+        config = (template / "config.pbtxt").read_text()
         config = _set_dims(config, tensor_dims(model.net)[name])
         config = _set_parameters(config, parameters)
-        if name == TEXT_DECODER:
+        if name in (TEXT_DECODER, CAPTIONER):
             config = _decoder_config(config, decoder)
         _write_text(out / name / "config.pbtxt", config)
     manifest = {
         **asdict(identity),
         "preprocess_cfg": model.preprocess_cfg,
-        "models": {name: {"part": TRITON_MODELS[name], "weights": f"{name}/1/{WEIGHTS_FILE}", "sha256": hashes[name]}
-                   for name in TRITON_MODELS},
+        "models": {name: {"part": TRITON_MODELS.get(name, "text_decoder"), "weights": f"{name}/1/{WEIGHTS_FILE}",
+                          "sha256": hashes[name]} for name in names},
     }
     _write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return out / MANIFEST_FILE
 
 
 def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained: str, seed: int = 0,
-                      dtype: str = "float32", encoders: Optional[EncoderSettings] = None) -> tuple[Path, float]:
+                      dtype: str = "float32", encoders: Optional[EncoderSettings] = None,
+                      decoder_scheduler: str = "sequence") -> tuple[Path, float]:
     """`directory` as a model repository of this model and weights (exported now unless it already is).
 
-    encoders: how the encoders compute (default: torch, fp32).
+    encoders: how the encoders compute (default: torch, fp32); decoder_scheduler "iterative" adds coca_captioner.
     Returns the repository and the model's logit scale (Classify's softmax scale).
     """
     repository = Path(directory)
@@ -127,6 +146,7 @@ def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained
     # torch encoders are recorded as None, so markers written before this key existed still match
     use_onnx = encoders is not None and encoders.runtime != "torch"
     wanted["encoders"] = [encoders.runtime, encoders.precision] if use_onnx else None
+    wanted["decoder_scheduler"] = None if decoder_scheduler == "sequence" else decoder_scheduler  # old markers match
     if marker.is_file() and (repository / MANIFEST_FILE).is_file():
         recorded = json.loads(marker.read_text())
         if {k: recorded.get(k) for k in wanted} == wanted:
@@ -136,7 +156,8 @@ def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained
     print(f"exporting {model} ({pretrained}) to {repository} ...", flush=True)
     loaded = coca.load(model, pretrained=pretrained, seed=seed, dtype=dtype)
     repository.mkdir(parents=True, exist_ok=True)
-    export_repository(loaded, repository, encoders=encoders or EncoderSettings())
+    export_repository(loaded, repository, encoders=encoders or EncoderSettings(),
+                      decoder=DecoderSettings(scheduler=decoder_scheduler))
     marker.write_text(json.dumps({**wanted, "logit_scale": loaded.logit_scale}, indent=2) + "\n")
     return repository, loaded.logit_scale
 
@@ -164,6 +185,7 @@ def tensor_dims(net) -> dict[str, dict[str, list[int]]]:
                         "ATTENTION": [heads, patches, patches]},
         TEXT_ENCODER: {"CLASS_EMBEDDING": [embed]},
         TEXT_DECODER: {"IMAGE_EMBEDDINGS": [-1, width]},
+        CAPTIONER: {"IMAGE_EMBEDDINGS": [1, -1, width]},  # no batching by Triton: one caption per request
     }
 
 
@@ -191,6 +213,22 @@ def _check_precision(precision: str) -> str:
     return check_precision(precision)
 
 
+def _link_weights(source: Path, target: Path) -> str:
+    """`target` as a hard link to `source` (a copy where links fail); returns its sha256."""
+    from coca.loading import file_sha256
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not (target.is_file() and os.path.samefile(source, target)):
+        scratch = target.with_suffix(".tmp")
+        scratch.unlink(missing_ok=True)
+        try:
+            os.link(source, scratch)
+        except OSError:
+            shutil.copyfile(source, scratch)
+        os.replace(scratch, target)
+    return file_sha256(target)
+
+
 def _write_model_files(template: Path, dest: Path):
     """model.py from the template, unless exporting in place."""
     source = template / "1" / "model.py"
@@ -211,14 +249,19 @@ def _write_text(path: Path, text: str):
 
 # --- config.pbtxt edits (text, so comments and layout survive; every edit is idempotent) ---
 def configure_decoder(repository: Union[str, os.PathLike], settings: DecoderSettings):
-    """Change the decoder's knobs in an exported repository (weights untouched); restart Triton after."""
-    path = Path(repository) / TEXT_DECODER / "config.pbtxt"
-    _write_text(path, _decoder_config(path.read_text(), settings))
+    """Change the decoder's knobs in an exported repository (weights untouched); restart Triton after.
+    The captioner, where the repository has it, gets the same capacity and precision."""
+    for name in (TEXT_DECODER, CAPTIONER):
+        path = Path(repository) / name / "config.pbtxt"
+        if path.is_file():
+            _write_text(path, _decoder_config(path.read_text(), settings))
 
 
 def _decoder_config(config: str, settings: DecoderSettings) -> str:
-    values = {"capacity_rows": settings.capacity_rows, "expiry_interval_seconds": settings.expiry_interval_s,
-              "precision": settings.precision and _check_precision(settings.precision)}
+    values = {"capacity_rows": settings.capacity_rows, "precision": settings.precision and _check_precision(settings.precision)}
+    if "sequence_batching" not in config:  # the captioner: no sequences, no idle expiry
+        return _set_parameters(config, {k: str(v) for k, v in values.items() if v is not None})
+    values["expiry_interval_seconds"] = settings.expiry_interval_s
     if settings.sequence_idle_s is not None:  # the model's TTL: a bit after Triton forgets the sequence
         values["sequence_ttl_seconds"] = settings.sequence_idle_s + max(0.5, 0.2 * settings.sequence_idle_s)
         config = _set_number(config, "max_sequence_idle_microseconds", round(settings.sequence_idle_s * 1e6))

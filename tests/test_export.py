@@ -34,6 +34,27 @@ def test_export_writes_configs_weights_and_identity(tiny_coca, tmp_path):
     assert (decoder_params["capacity_rows"], decoder_params["sequence_ttl_seconds"]) == ("8", "4.8")
     assert "max_sequence_idle_microseconds: 4000000" in (tmp_path / "coca_text_decoder" / "config.pbtxt").read_text()
 
+    assert not (tmp_path / "coca_captioner").exists()  # only with --decoder-scheduler iterative
+
+
+def test_an_iterative_export_adds_the_captioner_on_the_decoders_weights(tiny_coca, tmp_path):
+    from serving.protocol import CAPTIONER, TEXT_DECODER
+
+    export_repository(tiny_coca, tmp_path, decoder=DecoderSettings(capacity_rows=8, scheduler="iterative"))
+    weights = [tmp_path / name / "1" / WEIGHTS_FILE for name in (TEXT_DECODER, CAPTIONER)]
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino  # one file on disk (a hard link)
+    config = (tmp_path / CAPTIONER / "config.pbtxt").read_text()
+    params = config_parameters(config)
+    assert params["coca_weights_sha256"] == file_sha256(weights[0]) and params["capacity_rows"] == "8"
+    assert Identity.from_parameters(params) == Identity.from_parameters(
+        config_parameters((tmp_path / TEXT_DECODER / "config.pbtxt").read_text()))
+    assert re.search(r'"IMAGE_EMBEDDINGS" data_type: TYPE_FP32 dims: \[ 1, -1, 64 \]', config)
+    assert "sequence_ttl_seconds" not in params and "decoupled: true" in config
+    export_repository(tiny_coca, tmp_path)  # exported again without it: clients must not find a stale one
+    assert not (tmp_path / CAPTIONER).exists()
+    with pytest.raises(Exception, match="unknown decoder scheduler 'eager'"):
+        DecoderSettings(scheduler="eager")
+
 
 def test_export_in_place_keeps_model_py_and_is_idempotent(tiny_coca, tmp_path):
     templates = tmp_path / "model_repository"

@@ -12,8 +12,8 @@ from clients.cli import SAMPLING_OPTIONS, build_parser
 from clients.coca_client import Sampling
 from coca.settings import SamplingParams
 from search_service.pb import search_pb2 as pb
-from serving.protocol import SAMPLING_INPUTS, TEXT_DECODER
-from serving.repository import TEMPLATES
+from serving.protocol import CAPTIONER, SAMPLING_INPUTS, TEXT_DECODER
+from serving.repository import OPTIONAL_TEMPLATES, TEMPLATES
 
 FIELDS = [f.name for f in fields(SamplingParams)]
 TRITON_TYPES = {np.float32: "TYPE_FP32", np.int32: "TYPE_INT32", np.int64: "TYPE_INT64"}
@@ -28,9 +28,11 @@ def test_proto_and_client_library_name_exactly_the_fields():
 
 def test_decoder_inputs_are_the_fields_in_config_pbtxt():
     assert sorted(SAMPLING_INPUTS) == sorted(FIELDS)
-    config = (TEMPLATES / TEXT_DECODER / "config.pbtxt").read_text()
-    declared = dict(re.findall(r'\{ name: "(\w+)" data_type: (TYPE_\w+) dims: \[ 1 \] optional: true \}', config))
-    assert declared == {name: TRITON_TYPES[dtype] for name, dtype in SAMPLING_INPUTS.values()}
+    for config, dims in [(TEMPLATES / TEXT_DECODER / "config.pbtxt", "1"),  # batched by Triton: batch dim implied
+                         (OPTIONAL_TEMPLATES / CAPTIONER / "config.pbtxt", "1, 1")]:  # the same tensors, unbatched
+        declared = dict(re.findall(r'\{ name: "(\w+)" data_type: (TYPE_\w+) dims: \[ %s \] optional: true \}' % dims,
+                                   config.read_text()))
+        assert declared == {name: TRITON_TYPES[dtype] for name, dtype in SAMPLING_INPUTS.values()}, config
 
 
 def test_cli_options_are_the_fields_with_their_defaults():

@@ -1,11 +1,14 @@
 """The CoCa models on a real tritonserver equal the in-process runtime, and fail request by request.
 
 One server for the whole module: coca-tiny (random weights, seed 0) exported to a temp
-repository with a small decoder cache and a short idle timeout (see the `triton` fixture).
+repository with a small decoder cache and a short idle timeout, and with both decoders: the caption
+tests run over each scheduler (coca_text_decoder's step protocol, coca_captioner's stream).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from serving.testing import running_triton, triton_unavailable_reason
 pytest.importorskip("tritonclient.grpc.aio")
 from serving.client import TritonCoca, _array_input, _start_inputs  # noqa: E402
 from serving.errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError  # noqa: E402
-from serving.protocol import STEP_OUTPUTS, TEXT_DECODER  # noqa: E402
+from serving.protocol import CAPTIONER, STEP_OUTPUTS, TEXT_DECODER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
@@ -30,12 +33,14 @@ EXPIRY_INTERVAL_S = 0.25
 GREEDY = SamplingParams(max_tokens=12)
 SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max_tokens=12)  # exact in float32
 BEAMS = SamplingParams(max_tokens=10, num_beams=6, num_beam_groups=3)
+SCHEDULERS = pytest.mark.parametrize("scheduler", ["sequence", "iterative"])
 
 
 @pytest.fixture(scope="module")
 def triton(tiny_coca, tmp_path_factory):
     repo = tmp_path_factory.mktemp("model_repository")
-    settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S)
+    settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S,
+                               scheduler="iterative")
     export_repository(tiny_coca, repo, decoder=settings)
     with running_triton(repo) as (grpc_url, _, server):
         yield grpc_url, server
@@ -46,11 +51,11 @@ def photos(images) -> list[bytes]:
     return [Path(p).read_bytes() for p in images]
 
 
-def on_triton(url: str, work):
+def on_triton(url: str, work, scheduler: str = "auto"):
     """Run `await work(client)` with a fresh TritonCoca in a fresh event loop."""
 
     async def go():
-        async with TritonCoca(url) as triton:
+        async with TritonCoca(url, scheduler=scheduler) as triton:
             return await work(triton)
 
     return asyncio.run(go())
@@ -151,10 +156,11 @@ def test_texts_over_the_length_bound_fail_alone(triton, tiny_coca):
 
 
 # --- captions --------------------------------------------------------------------------------
+@SCHEDULERS
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
-def test_captions_equal_in_process(triton, tiny_coca, images, photos, params):
+def test_captions_equal_in_process(triton, tiny_coca, images, photos, params, scheduler):
     url, _ = triton
-    captions = on_triton(url, lambda t: t.caption_many(photos, params))
+    captions = on_triton(url, lambda t: t.caption_many(photos, params), scheduler)
     expected = [tiny_coca.caption([image], params)[0] for image in images]
     assert [c.tokens for c in captions] == [c.tokens for c in expected]
     assert [c.text for c in captions] == [c.text for c in expected]
@@ -163,9 +169,10 @@ def test_captions_equal_in_process(triton, tiny_coca, images, photos, params):
         np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-4)
 
 
-def test_beam_search_equals_in_process(triton, tiny_coca, images, photos):
+@SCHEDULERS
+def test_beam_search_equals_in_process(triton, tiny_coca, images, photos, scheduler):
     url, _ = triton
-    captions = on_triton(url, lambda t: t.caption_many(photos[:2], BEAMS))
+    captions = on_triton(url, lambda t: t.caption_many(photos[:2], BEAMS), scheduler)
     assert [c.tokens for c in captions] == [tiny_coca.caption([i], BEAMS)[0].tokens for i in images[:2]]
 
 
@@ -179,7 +186,8 @@ def test_video_caption_equals_in_process(triton, tiny_coca, tmp_path):
     assert (got.text, got.tokens) == (expected.text, expected.tokens)
 
 
-def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, photos):
+@SCHEDULERS
+def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, photos, scheduler):
     url, _ = triton
     settings = [GREEDY if i % 2 == 0 else SAMPLED for i in range(8)]
 
@@ -192,14 +200,15 @@ def test_eight_interleaved_sequences_share_forwards(triton, tiny_coca, images, p
 
         return await asyncio.gather(*(one(i) for i in range(8)))
 
-    generations = on_triton(url, work)
+    generations = on_triton(url, work, scheduler)
     for i, generation in enumerate(generations):
         assert generation.tokens == tiny_coca.caption([images[i % 4]], settings[i])[0].tokens, f"sequence {i}"
     rows = [r for g in generations for r in g.batch_rows]
     assert max(rows) > 1, f"every forward computed one row: {rows}"
 
 
-def test_a_failing_caption_fails_alone_in_its_triton_batch(triton, tiny_coca, images, photos):
+@SCHEDULERS
+def test_a_failing_caption_fails_alone_in_its_triton_batch(triton, tiny_coca, images, photos, scheduler):
     """Sequences whose scores turn NaN (finite but huge image embeddings: they pass the START checks)
     share forwards with good ones; only they fail, and the good ones equal in-process greedy. Before,
     a sampled NaN row made torch.multinomial raise in the batched step, failing every caption in it."""
@@ -223,14 +232,15 @@ def test_a_failing_caption_fails_alone_in_its_triton_batch(triton, tiny_coca, im
                 break
         return rounds
 
-    rounds = on_triton(url, work)
+    rounds = on_triton(url, work, scheduler)
     for good, bad in rounds:
         for outcome in bad:
             assert isinstance(outcome, InvalidInputError) and "NaN or infinite" in str(outcome), outcome
         assert [g.tokens if not isinstance(g, Exception) else g for g in good] == expected
     first_steps = [g.batch_rows[0] for good, _ in rounds for g in good]  # rows of each good caption's first forward
     assert max(first_steps) > len(photos), f"no failing caption shared a forward with the good ones: {first_steps}"
-    assert on_triton(url, lambda t: t.decoder_stats())["free_rows"] == CAPACITY
+    stats = on_triton(url, lambda t: t.captioner_stats() if scheduler == "iterative" else t.decoder_stats())
+    assert stats["free_rows"] == CAPACITY
 
 
 def test_caption_files_is_what_the_cli_prints(triton, tiny_coca, images, tmp_path):
@@ -258,8 +268,113 @@ def test_a_cancelled_caption_still_ends_its_sequence(triton, photos):
             await task  # returns once the shielded END has been answered
         return before, await t.decoder_stats()
 
-    before, after = on_triton(url, work)
+    before, after = on_triton(url, work, "sequence")
     assert (after["live_sequences"], after["free_rows"]) == (before["live_sequences"], before["free_rows"])
+
+
+# --- coca_captioner: iterative scheduling ----------------------------------------------------------
+LONG_GREEDY = SamplingParams(max_tokens=24, min_tokens=24)  # long enough for 16 streams to open meanwhile
+
+
+async def streamed(t: TritonCoca, embeddings: np.ndarray, params=LONG_GREEDY) -> list:
+    async with contextlib.aclosing(t.caption_steps(embeddings, params)) as steps:
+        return [step async for step in steps]
+
+
+async def captioner_settles(t: TritonCoca, timeout: float = 10.0) -> dict:
+    """The captioner's stats once no caption is live or waiting (it frees a cancelled one at its next round)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await t.captioner_stats()
+        if stats["live_sequences"] == stats["waiting_sequences"] == 0 or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.01)
+
+
+def test_streamed_greedy_captions_equal_in_process_alone_and_sixteen_at_once(triton, tiny_coca, images, photos):
+    url, _ = triton
+    expected = tiny_coca.caption(images, LONG_GREEDY)
+
+    async def work(t):
+        embeddings = await t.image_embeddings(photos)
+        alone = await streamed(t, embeddings[0])
+        together = await asyncio.gather(*(streamed(t, embeddings[i % 4]) for i in range(16)))
+        return alone, together, await t.captioner_stats()
+
+    alone, together, stats = on_triton(url, work, "iterative")
+    assert [s.batch_rows for s in alone] == [1] * len(alone)
+    for i, steps in enumerate([alone, *together]):
+        want = expected[(i - 1) % 4 if i else 0]
+        assert (steps[-1].tokens, steps[-1].text) == (want.tokens, want.text), f"caption {i}"
+        assert [s.done for s in steps] == [False] * (len(steps) - 1) + [True]
+        # one token a step (the last step adds the forced EOS too), with its text so far
+        assert [s.tokens for s in steps[:-1]] == [want.tokens[: n + 1] for n in range(len(steps) - 1)]
+        assert [s.token for s in steps] == [s.tokens[-1] for s in steps]
+        assert [s.text for s in steps[:-1]] == [tiny_coca.text_so_far(s.tokens) for s in steps[:-1]]
+        np.testing.assert_allclose(steps[-1].logprobs, want.logprobs, rtol=0, atol=1e-4)
+    assert max(s.batch_rows for steps in together for s in steps) == 16, "the 16 captions never shared a forward"
+    assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)
+
+
+def test_a_bad_streamed_caption_fails_alone(triton, tiny_coca, images, photos):
+    url, server = triton
+
+    async def request(t, inputs):
+        async def one():
+            yield {"model_name": CAPTIONER, "inputs": inputs}
+        async for _, error in t.client.stream_infer(one()):
+            return t._translate_streamed(error.message()) if error else None
+
+    async def work(t):
+        embeddings = (await t.image_embeddings(photos[:1]))[0]
+        nan = embeddings.copy()
+        nan[0, 0] = np.nan
+        huge = np.full_like(embeddings, 1e20)
+        huge[..., ::2] = -1e20
+        outcomes = await asyncio.gather(
+            streamed(t, embeddings), streamed(t, embeddings[:10]), streamed(t, nan),
+            request(t, [_array_input("IMAGE_EMBEDDINGS", embeddings[None]), _array_input("TEMPERATURE", np.array([[-1]], np.float32))]),
+            streamed(t, huge, SamplingParams(temperature=1.0, seed=1)),
+            request(t, [_array_input("IMAGE_EMBEDDINGS", embeddings[None].astype(np.float64))]),
+            return_exceptions=True)
+        return outcomes, await captioner_settles(t)
+
+    (good, *bad), stats = on_triton(url, work, "iterative")
+    assert good[-1].tokens == tiny_coca.caption(images[:1], LONG_GREEDY)[0].tokens
+    for outcome, match in zip(bad, [r"IMAGE_EMBEDDINGS must have shape \[1, 255, 64\].*got \[1, 10, 64\]",
+                                    "NaN or infinite values", r"temperature must be 0 \(greedy\) or in",
+                                    "caption failed: .*NaN or infinite", "data-type is 'FP64'"]):
+        assert isinstance(outcome, InvalidInputError), outcome
+        assert re.search(match, str(outcome)) and str(outcome).startswith(CAPTIONER), outcome
+    assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)
+    assert server.is_alive()
+
+
+def test_a_cancelled_or_disconnected_stream_frees_its_caption(triton, photos):
+    url, _ = triton
+    endless = SamplingParams(max_tokens=70, min_tokens=70)
+
+    async def work(t):
+        embeddings = (await t.image_embeddings(photos[:1]))[0]
+        before = await t.captioner_stats()
+        async with contextlib.aclosing(t.caption_steps(embeddings, endless)) as steps:
+            async for step in steps:
+                break  # the caller stops reading: the request is cancelled
+        after_cancel = await captioner_settles(t)
+        other = TritonCoca(url, scheduler="iterative")  # a client that goes away mid-caption
+        task = asyncio.create_task(streamed(other, embeddings, endless))
+        while (await t.captioner_stats())["live_sequences"] == 0:
+            await asyncio.sleep(0.005)
+        await other.close()
+        with pytest.raises(TritonUnavailableError, match="closed during the call"):
+            await task
+        return step, before, after_cancel, await captioner_settles(t)
+
+    step, before, after_cancel, after_disconnect = on_triton(url, work, "iterative")
+    assert not step.done and len(step.tokens) == 1
+    for after in (after_cancel, after_disconnect):
+        assert (after["live_sequences"], after["free_rows"]) == (0, CAPACITY)
+    assert after_disconnect["cancelled"] >= before["cancelled"] + 2
 
 
 # --- memory: TTL and cap ---------------------------------------------------------------------

@@ -7,6 +7,8 @@ a real tritonserver on the CPU).
 import json
 import os
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -178,3 +180,65 @@ def test_text_encoder_bounds_text_length_and_the_tokenizer_cache(models, tiny_co
         assert response.outputs["TOKENS"].tolist() == tiny_coca.net.text(reference([text]), True).kept_tokens.tolist()
         sizes.append(len(encoder.model.coca.tokenizer.cache))
     assert max(sizes) <= 50 + 6 + 2, max(sizes)  # the bound, one text's words, the special tokens
+
+
+class CollectedCaption:
+    """A caption's listener for the scheduler: what it was told; `cancel_after` steps it gives up."""
+
+    def __init__(self, cancel_after: int = 0):
+        self.steps, self.error, self.cancel_after = [], None, cancel_after
+        self.ended = threading.Event()
+
+    def cancelled(self) -> bool:
+        if self.cancel_after and len(self.steps) >= self.cancel_after:
+            self.ended.set()
+            return True
+        return False
+
+    def step(self, step):
+        self.steps.append(step)
+        if step.done:
+            self.ended.set()
+
+    def fail(self, message: str, code: str):
+        self.error = (message, code)
+        self.ended.set()
+
+
+def test_the_caption_scheduler_steps_every_live_caption_in_each_forward(tiny_coca, images):
+    """10 captions (greedy, seeded sampling, beams) on 8 cache rows: the two that do not fit wait and
+    join when rows free up; each equals in-process generation, every forward advances every live caption,
+    a caption that gives up leaves and frees its row, and a full queue is refused with the capacity message."""
+    from coca.decoding import Decoder
+    from coca.errors import CapacityError
+    from serving.models.scheduler import CaptionScheduler
+
+    settings = [SamplingParams(max_tokens=12), SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max_tokens=12),
+                SamplingParams(max_tokens=8, num_beams=2, num_beam_groups=1)]
+    chosen = [settings[i % 3] for i in range(10)]
+    embeddings = tiny_coca.encode_images(images).image_embeddings
+    scheduler = CaptionScheduler(Decoder(tiny_coca.net, capacity=8), max_waiting=11)
+    captions = [CollectedCaption() for _ in chosen]
+    quitter = CollectedCaption(cancel_after=2)
+    try:
+        for i, (params, caption) in enumerate(zip(chosen, captions)):
+            scheduler.submit(embeddings[i % 4][None], params, caption)
+        scheduler.submit(embeddings[0][None], SamplingParams(max_tokens=70, min_tokens=70), quitter)
+        with pytest.raises(CapacityError, match="decoder cache full"):  # at most 11 wait for rows
+            for _ in range(30):
+                scheduler.submit(embeddings[0][None], settings[0], CollectedCaption())
+        assert all(c.ended.wait(120) for c in [*captions, quitter])
+        time.sleep(0.2)  # the refused-burst captions that did get in finish too
+        stats = scheduler.stats()
+    finally:
+        scheduler.stop()
+    for i, (params, caption) in enumerate(zip(chosen, captions)):
+        assert caption.error is None, caption.error
+        assert caption.steps[-1].tokens == tiny_coca.caption([images[i % 4]], params)[0].tokens, f"caption {i}"
+        if params.num_beams == 1:  # a sampled caption streams its tokens one per step (+ a forced EOS)
+            final = caption.steps[-1].tokens
+            assert [s.tokens for s in caption.steps[:-1]] == [final[: n + 1] for n in range(len(caption.steps) - 1)]
+    assert quitter.error is None and not quitter.steps[-1].done and len(quitter.steps) == 2
+    assert max(s.batch_rows for c in captions for s in c.steps) == 8  # the cache full: every row in one forward
+    assert (stats["free_rows"], stats["live_sequences"], stats["waiting_sequences"]) == (8, 0, 0)
+    assert stats["cancelled"] == 1 and stats["refused"] >= 1 and stats["rows"] / stats["forwards"] > 4

@@ -34,6 +34,25 @@ from .sequences import RepeatingTimer, SequenceTable
 START, END = 1, 2  # request.flags() bits (TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END)
 
 
+def check_embeddings(embeddings: np.ndarray, shape: tuple):
+    """RequestError unless IMAGE_EMBEDDINGS has the decoder's shape and finite values."""
+    if embeddings.shape != shape:
+        raise RequestError(f"IMAGE_EMBEDDINGS must have shape {list(shape)} "
+                           f"(batch 1, one row per image token), got {list(embeddings.shape)}")
+    if not np.isfinite(embeddings).all():
+        raise RequestError("IMAGE_EMBEDDINGS holds NaN or infinite values")
+
+
+def sampling_params(model: CocaModel, request) -> SamplingParams:
+    """The request's sampling inputs over the defaults; InvalidInputError says what is out of range."""
+    values = {}
+    for field, (name, dtype) in SAMPLING_INPUTS.items():
+        array = model.input(request, name)
+        if array is not None:
+            values[field] = float(array.item()) if np.issubdtype(dtype, np.floating) else int(array.item())
+    return SamplingParams.from_float32(values)
+
+
 class Probe:
     """What a stats probe (START+END, no IMAGE_EMBEDDINGS) gets: a finished, empty caption."""
 
@@ -105,25 +124,13 @@ class TextDecoderModel(CocaModel):
         embeddings = self.input(request, "IMAGE_EMBEDDINGS")
         if embeddings is None:
             raise RequestError("a START request needs IMAGE_EMBEDDINGS (the image encoder's output)")
-        if embeddings.shape != self.embeddings_shape:
-            raise RequestError(f"IMAGE_EMBEDDINGS must have shape {list(self.embeddings_shape)} "
-                               f"(batch 1, one row per image token), got {list(embeddings.shape)}")
-        if not np.isfinite(embeddings).all():
-            raise RequestError("IMAGE_EMBEDDINGS holds NaN or infinite values")
-        params = SamplingParams.from_float32(self._sampling_values(request))  # InvalidInputError says what is wrong
+        check_embeddings(embeddings, self.embeddings_shape)
+        params = sampling_params(self, request)
         try:
             [sequence] = self.decoder.start(torch.tensor(embeddings), params)
         except CapacityError as exc:
             raise RequestError(f"{exc} ({len(self.sequences)} live sequences)", "UNAVAILABLE") from exc
         return sequence
-
-    def _sampling_values(self, request) -> dict:
-        values = {}
-        for field, (name, dtype) in SAMPLING_INPUTS.items():
-            array = self.input(request, name)
-            if array is not None:
-                values[field] = float(array.item()) if np.issubdtype(dtype, np.floating) else int(array.item())
-        return values
 
     def _step(self, stepping: list[Sequence], sequences: list) -> int:
         """All stepping sequences in ONE batched forward; on failure their requests fail alone."""
