@@ -136,8 +136,8 @@ class Collection(abc.ABC):
         return None
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
-        """The `k` live items passing `filters` whose caption best matches the words of `text` (BM25), most
-        relevant first; `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
+        """The `k` live items passing `filters` whose caption or text fields (the schema's `text` metadata) best
+        match the words of `text` (BM25), most relevant first; `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
         raise Unsupported(f"keyword search over captions: {type(self).__name__} has no full-text index")
 
     @abc.abstractmethod

@@ -45,7 +45,7 @@ class Engine(Collection):
 
     def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000,
                  schema: Schema = Schema()):
-        self.store = Store(data_dir)
+        self.store = Store(data_dir, text_fields=schema.text_fields)
         self.settings = settings
         self.schema = schema
         self.snapshot_every = snapshot_every

@@ -2,7 +2,8 @@
 
 Layout of a data directory::
 
-    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, caption full-text index (FTS5)
+    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, full-text index (FTS5) over
+                                   captions and text fields
     blobs/ab/abcdef...             image bytes received over the wire, named by sha256
     index.faiss                    the derived FAISS snapshot (search_service/index.py)
 
@@ -40,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -49,7 +50,9 @@ from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, sha256_hex
 __all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
            "default_id", "fsync_dir", "sha256_hex"]
 
-SCHEMA_VERSION = "2"  # 2: caption_text (FTS5 over captions); a version-1 store is migrated on open
+# 2: caption_text (FTS5 over captions). 3: item_text (FTS5 over captions and the metadata fields the collection
+# schema declares text). Older stores are migrated on open.
+SCHEMA_VERSION = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -79,20 +82,34 @@ CREATE TABLE IF NOT EXISTS changes (
     op  TEXT NOT NULL CHECK (op IN ('add', 'delete'))
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- KEYWORD search: a full-text index (FTS5, BM25) over items.caption, kept in step by triggers
-CREATE VIRTUAL TABLE IF NOT EXISTS caption_text USING fts5(caption, content='items', content_rowid='vid');
-CREATE TRIGGER IF NOT EXISTS caption_text_add AFTER INSERT ON items WHEN new.caption IS NOT NULL BEGIN
-    INSERT INTO caption_text (rowid, caption) VALUES (new.vid, new.caption);
+-- KEYWORD search: a full-text index (FTS5, BM25) over each item's caption and the values of its text fields
+-- (text_fields: the metadata keys the collection schema declares text), kept in step by triggers. It keeps its
+-- own copy of the text (FTS5 reads an external content table with virtual tables such as json_each disabled).
+CREATE TABLE IF NOT EXISTS text_fields (name TEXT PRIMARY KEY);
+CREATE VIRTUAL TABLE IF NOT EXISTS item_text USING fts5(caption, fields);
+CREATE TRIGGER IF NOT EXISTS item_text_add AFTER INSERT ON items BEGIN
+    INSERT INTO item_text (rowid, caption, fields) VALUES (new.vid, new.caption, {fields_of_new});
 END;
-CREATE TRIGGER IF NOT EXISTS caption_text_drop AFTER DELETE ON items WHEN old.caption IS NOT NULL BEGIN
-    INSERT INTO caption_text (caption_text, rowid, caption) VALUES ('delete', old.vid, old.caption);
+CREATE TRIGGER IF NOT EXISTS item_text_drop AFTER DELETE ON items BEGIN
+    DELETE FROM item_text WHERE rowid = old.vid;
 END;
-CREATE TRIGGER IF NOT EXISTS caption_text_set AFTER UPDATE OF caption ON items BEGIN
-    INSERT INTO caption_text (caption_text, rowid, caption) SELECT 'delete', old.vid, old.caption
-        WHERE old.caption IS NOT NULL;
-    INSERT INTO caption_text (rowid, caption) SELECT new.vid, new.caption WHERE new.caption IS NOT NULL;
+CREATE TRIGGER IF NOT EXISTS item_text_set AFTER UPDATE OF caption ON items BEGIN
+    UPDATE item_text SET caption = new.caption WHERE rowid = new.vid;
 END;
 """
+
+
+def _text_fields_of(metadata: str) -> str:
+    """SQL: the values of the text fields in a metadata JSON column, space-separated (NULL when none)."""
+    return (f"(SELECT group_concat(m.value, ' ') FROM json_each({metadata}) AS m "
+            "WHERE m.key IN (SELECT name FROM text_fields))")
+
+
+SCHEMA = SCHEMA.replace("{fields_of_new}", _text_fields_of("new.metadata"))  # (not format: the schema holds '{}')
+# what schema version 2 had instead of item_text, dropped when such a store is migrated (one statement each:
+# executescript would commit the migration's transaction)
+VERSION_2_KEYWORD_INDEX = ("DROP TRIGGER IF EXISTS caption_text_add", "DROP TRIGGER IF EXISTS caption_text_drop",
+                           "DROP TRIGGER IF EXISTS caption_text_set", "DROP TABLE IF EXISTS caption_text")
 MAX_KEYWORD_MATCHES = 10_000  # keyword hits ranked per query (filters apply after)
 
 
@@ -162,7 +179,9 @@ class Change:
 class Store:
     """Items, their embeddings and captions, in one SQLite database plus a blob directory."""
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike, text_fields: Optional[Iterable[str]] = None):
+        """`text_fields`: the metadata keys the keyword index covers besides captions (None: as the store has
+        them); a change re-indexes every item."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobDirectory(self.data_dir)
@@ -171,6 +190,8 @@ class Store:
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         self._init_info()
+        if text_fields is not None:
+            self._set_text_fields(set(text_fields))
 
     # ------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -204,13 +225,33 @@ class Store:
             # Names this store: an index snapshot of another store (a copied data dir) is refused.
             db.execute("INSERT OR IGNORE INTO info VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
         version = self.info().get("schema_version")
-        if version == "1":  # captions stored before the full-text index: index them now
+        if version in ("1", "2"):  # items stored before item_text (1: no full-text index; 2: captions only)
             with self._transaction() as db:
-                db.execute("INSERT INTO caption_text (caption_text) VALUES ('rebuild')")
+                for statement in VERSION_2_KEYWORD_INDEX:
+                    db.execute(statement)
+                self._rebuild_text_index(db)
                 db.execute("UPDATE info SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+
+    def _set_text_fields(self, names: set[str]) -> None:
+        with self._transaction() as db:
+            if {name for (name,) in db.execute("SELECT name FROM text_fields")} == names:
+                return
+            db.execute("DELETE FROM text_fields")
+            db.executemany("INSERT INTO text_fields VALUES (?)", [(name,) for name in sorted(names)])
+            self._rebuild_text_index(db)
+
+    @staticmethod
+    def _rebuild_text_index(db: sqlite3.Connection) -> None:
+        """Index every item's caption and text fields afresh."""
+        db.execute("DELETE FROM item_text")
+        db.execute(f"INSERT INTO item_text (rowid, caption, fields) SELECT vid, caption, {_text_fields_of('metadata')} "
+                   "FROM items")
+
+    def text_fields(self) -> list[str]:
+        return [name for (name,) in self._reader().execute("SELECT name FROM text_fields ORDER BY name")]
 
     def info(self) -> dict[str, str]:
         return dict(self._reader().execute("SELECT key, value FROM info"))
@@ -376,8 +417,8 @@ class Store:
         if not words:
             return []
         query = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)  # each word a quoted string: no syntax
-        rows = self._reader().execute("SELECT rowid, bm25(caption_text) FROM caption_text WHERE caption_text MATCH ? "
-                                      "ORDER BY bm25(caption_text) LIMIT ?", (query, limit))
+        rows = self._reader().execute("SELECT rowid, bm25(item_text) FROM item_text WHERE item_text MATCH ? "
+                                      "ORDER BY bm25(item_text) LIMIT ?", (query, limit))
         return [(vid, -score) for vid, score in rows]
 
     def item_times(self) -> Iterator[tuple[int, float]]:

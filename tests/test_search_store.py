@@ -399,9 +399,9 @@ def test_refused_adds_leave_no_blob_and_crash_leftovers_are_swept(tmp_path):
     engine.close()
 
 
-def test_keyword_index_follows_captions_and_a_version_1_store_is_migrated(tmp_path):
+def test_keyword_index_follows_captions_and_a_version_2_store_is_migrated(tmp_path):
     """The FTS5 index holds exactly the live captions (set, replaced, deleted) and a store written before it
-    (schema version 1: no caption_text) opens with its captions indexed."""
+    covered text fields (schema version 2: caption_text over captions only) opens with its captions indexed."""
     import sqlite3
 
     rng = np.random.default_rng(5)
@@ -416,15 +416,63 @@ def test_keyword_index_follows_captions_and_a_version_1_store_is_migrated(tmp_pa
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True) and hits[0].item.id == ids[0]
     assert engine.keyword_search('" OR *', 10) == [] and engine.keyword_search("cat", 10, {"album": "b"}) == []
     engine.close()
-    # Back to version 1: no full-text table, no triggers; a caption stored then.
+    # Back to version 2: caption_text over captions (external content, its triggers), no item_text; a caption
+    # stored then.
     db = sqlite3.connect(tmp_path / "store.sqlite3")
-    db.executescript("DROP TRIGGER caption_text_add; DROP TRIGGER caption_text_drop; DROP TRIGGER caption_text_set; "
-                     "DROP TABLE caption_text; UPDATE info SET value = '1' WHERE key = 'schema_version';")
+    db.executescript("""
+        DROP TRIGGER item_text_add; DROP TRIGGER item_text_drop; DROP TRIGGER item_text_set; DROP TABLE item_text;
+        DROP TABLE text_fields; UPDATE info SET value = '2' WHERE key = 'schema_version';
+        CREATE VIRTUAL TABLE caption_text USING fts5(caption, content='items', content_rowid='vid');
+        INSERT INTO caption_text (caption_text) VALUES ('rebuild');
+        CREATE TRIGGER caption_text_add AFTER INSERT ON items WHEN new.caption IS NOT NULL BEGIN
+            INSERT INTO caption_text (rowid, caption) VALUES (new.vid, new.caption);
+        END;""")
     db.execute("UPDATE items SET caption = 'a blue whale' WHERE id = ?", (ids[3],))
     db.commit()
     db.close()
     engine = open_engine(tmp_path, snapshot_every=10_000)
     assert [h.item.id for h in engine.keyword_search("whale", 10)] == [ids[3]]
     assert sorted(h.item.id for h in engine.keyword_search("red", 10)) == sorted([ids[0], ids[2]])
-    assert Store(tmp_path).info()["schema_version"] == "2"
+    assert Store(tmp_path).info()["schema_version"] == "3"
+    tables = {name for (name,) in engine.store._reader().execute("SELECT name FROM sqlite_master")}
+    assert "caption_text" not in tables and not any(t.startswith("caption_text_") for t in tables)
+    engine.delete(ids[3])  # the migrated index follows deletes
+    assert engine.keyword_search("whale", 10) == []
+    engine.close()
+
+
+def test_keyword_search_reads_the_text_fields_the_schema_declares(tmp_path):
+    """KEYWORD hits are the live items whose caption or declared text fields hold a word of the query (oracle:
+    the words of each item's caption and text-field values); declaring other fields re-indexes the store."""
+    from search_service.query import Schema
+    from search_service.store import keyword_terms
+
+    rng = np.random.default_rng(8)
+    vocabulary = ["red", "barn", "lake", "owl", "snow", "bridge", "dusk", "fox"]
+    words = lambda n: " ".join(rng.choice(vocabulary, n).tolist())
+    schema = Schema({"title": "text", "notes": "text", "year": "number"})
+    engine = open_engine(tmp_path, snapshot_every=10_000, schema=schema)
+    new = items(rng, 40)
+    for item in new:
+        item.metadata.update({"title": words(2), "notes": words(3), "album": words(1), "year": "2020"})
+    ids = [o.id for o in engine.add(new)]
+    engine.set_captions({ids[i]: words(4) for i in range(0, 40, 3)})
+    for gone in ids[5:9]:
+        engine.delete(gone)
+
+    def expected(query, fields):
+        wanted = set(keyword_terms(query))
+        live = [engine.get(i) for i in ids if engine.get(i) is not None]
+        return {item.id for item in live
+                if wanted & set(keyword_terms(" ".join([item.caption or "", *(item.metadata[f] for f in fields)])))}
+
+    for query in ["owl", "Snow, DUSK", "fox bridge", "album", "2020"]:
+        assert {h.item.id for h in engine.keyword_search(query, 100)} == expected(query, ["notes", "title"]), query
+    assert {h.item.id for h in engine.keyword_search("owl", 100, {"year": "2020"})} == expected("owl", ["notes", "title"])
+    engine.close()
+    # Another schema: album is now the only text field (title and notes are no longer read).
+    engine = open_engine(tmp_path, snapshot_every=10_000, schema=Schema({"album": "text"}))
+    assert engine.store.text_fields() == ["album"]
+    for query in ["owl", "lake red"]:
+        assert {h.item.id for h in engine.keyword_search(query, 100)} == expected(query, ["album"]), query
     engine.close()
