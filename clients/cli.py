@@ -310,6 +310,20 @@ def search(args):
     return search_cli.search(args)
 
 
+@command("list", "browse the indexed items a page at a time (conditions, order)")
+def list_items(args):
+    from clients import search_cli
+
+    return search_cli.list_items(args)
+
+
+@command("duplicates", "groups of near-identical indexed images (cosine similarity >= a threshold)")
+def duplicates(args):
+    from clients import search_cli
+
+    return search_cli.duplicates(args)
+
+
 def _search_cli():
     from clients import search_cli
 
@@ -321,6 +335,10 @@ index.configure = lambda p: _search_cli().configure_index(p)
 index.raw = True  # no model options: the service holds the model
 search.configure = lambda p: _search_cli().configure_search(p)
 search.raw = True
+list_items.configure = lambda p: _search_cli().configure_list(p)
+list_items.raw = True
+duplicates.configure = lambda p: _search_cli().configure_duplicates(p)
+duplicates.raw = True
 
 
 @command("export", "write a Triton model repository (configs, model.py, each part's weights) for a model")
