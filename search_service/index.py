@@ -188,7 +188,9 @@ def _selector(vids: np.ndarray, keep_alive: list) -> faiss.IDSelector:
     mask[vids] = 1
     bits = np.packbits(mask, bitorder="little")
     keep_alive.append(bits)
-    return faiss.IDSelectorBitmap(size, faiss.swig_ptr(bits))
+    # FAISS takes the bitmap's length in BYTES (id selected iff id // 8 < n and its bit is set): given
+    # the bit count it read past the mask and admitted items after the selection's last one.
+    return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
 
 
 class VectorIndex:

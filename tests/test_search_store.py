@@ -184,6 +184,27 @@ def test_filters_min_score_and_k(tmp_path, exact_limit):
     engine.close()
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
+def test_a_large_selection_admits_only_its_own_items(tmp_path, factory):
+    """Selections of >= BITMAP_SELECTOR_MIN items go through a bitmap selector; items after the selection's
+    last one must stay out (FAISS's IDSelectorBitmap takes the bitmap's size in bytes: given in bits, it
+    read past the mask and let unselected items in)."""
+    from search_service.index import BITMAP_SELECTOR_MIN
+
+    rng = np.random.default_rng(11)
+    chosen = BITMAP_SELECTOR_MIN + 8
+    engine = open_engine(tmp_path, factory=factory, settings={"nprobe": 4})
+    engine.add(items(rng, chosen, meta={"part": "first"}) + items(rng, 3000, start=chosen, meta={"part": "rest"}))
+    vectors = np.stack([engine.store.get(default_id(sha256_hex(f"content {i}".encode())),
+                                         with_embedding=True).embedding for i in range(chosen)])
+    for query in unit(rng, 20):
+        hits = engine.search(query, 10, {"part": "first"})
+        want = np.argsort(-(vectors @ query), kind="stable")[:10]
+        assert [h.item.uri for h in hits] == [f"mem:{i}" for i in want]
+        np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[want], atol=1e-5)
+    engine.close()
+
+
 def test_paths_are_confined_to_roots(tmp_path):
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
