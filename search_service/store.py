@@ -83,29 +83,34 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- KEYWORD search: a full-text index (FTS5, BM25) over each item's caption and the values of its text fields
--- (text_fields: the metadata keys the collection schema declares text), kept in step by triggers. It keeps its
--- own copy of the text (FTS5 reads an external content table with virtual tables such as json_each disabled).
+-- (text_fields: the metadata keys the collection schema declares text), kept in step by triggers. Only items with
+-- some text have a row (BM25 counts documents and their average length over these). It keeps its own copy of the
+-- text (FTS5 reads an external content table with virtual tables such as json_each disabled).
 CREATE TABLE IF NOT EXISTS text_fields (name TEXT PRIMARY KEY);
 CREATE VIRTUAL TABLE IF NOT EXISTS item_text USING fts5(caption, fields);
 CREATE TRIGGER IF NOT EXISTS item_text_add AFTER INSERT ON items BEGIN
-    INSERT INTO item_text (rowid, caption, fields) VALUES (new.vid, new.caption, {fields_of_new});
+    {index_new}
 END;
 CREATE TRIGGER IF NOT EXISTS item_text_drop AFTER DELETE ON items BEGIN
     DELETE FROM item_text WHERE rowid = old.vid;
 END;
 CREATE TRIGGER IF NOT EXISTS item_text_set AFTER UPDATE OF caption ON items BEGIN
-    UPDATE item_text SET caption = new.caption WHERE rowid = new.vid;
+    DELETE FROM item_text WHERE rowid = new.vid;
+    {index_new}
 END;
 """
 
 
-def _text_fields_of(metadata: str) -> str:
-    """SQL: the values of the text fields in a metadata JSON column, space-separated (NULL when none)."""
-    return (f"(SELECT group_concat(m.value, ' ') FROM json_each({metadata}) AS m "
-            "WHERE m.key IN (SELECT name FROM text_fields))")
+def _index_text(rows: str) -> str:
+    """SQL: add to item_text the caption and text-field values (space-separated) of `rows` that have either."""
+    fields = ("(SELECT group_concat(m.value, ' ') FROM json_each(metadata) AS m "
+              "WHERE m.key IN (SELECT name FROM text_fields))")
+    return (f"INSERT INTO item_text (rowid, caption, fields) SELECT vid, caption, fields FROM "
+            f"(SELECT vid, caption, {fields} AS fields FROM {rows}) WHERE caption IS NOT NULL OR fields IS NOT NULL;")
 
 
-SCHEMA = SCHEMA.replace("{fields_of_new}", _text_fields_of("new.metadata"))  # (not format: the schema holds '{}')
+SCHEMA = SCHEMA.replace("{index_new}", _index_text("(SELECT new.vid AS vid, new.caption AS caption, "
+                                                   "new.metadata AS metadata)"))  # (not format: the schema holds '{}')
 # what schema version 2 had instead of item_text, dropped when such a store is migrated (one statement each:
 # executescript would commit the migration's transaction)
 VERSION_2_KEYWORD_INDEX = ("DROP TRIGGER IF EXISTS caption_text_add", "DROP TRIGGER IF EXISTS caption_text_drop",
@@ -247,8 +252,7 @@ class Store:
     def _rebuild_text_index(db: sqlite3.Connection) -> None:
         """Index every item's caption and text fields afresh."""
         db.execute("DELETE FROM item_text")
-        db.execute(f"INSERT INTO item_text (rowid, caption, fields) SELECT vid, caption, {_text_fields_of('metadata')} "
-                   "FROM items")
+        db.execute(_index_text("items"))
 
     def text_fields(self) -> list[str]:
         return [name for (name,) in self._reader().execute("SELECT name FROM text_fields ORDER BY name")]
