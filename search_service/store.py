@@ -2,8 +2,7 @@
 
 Layout of a data directory::
 
-    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, full-text index (FTS5) over
-                                   captions and text fields
+    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info
     blobs/ab/abcdef...             image bytes received over the wire, named by sha256
     index.faiss                    the derived FAISS snapshot (search_service/index.py)
 
@@ -41,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -50,8 +49,8 @@ from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, sha256_hex
 __all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
            "default_id", "fsync_dir", "sha256_hex"]
 
-# 2: caption_text (FTS5 over captions). 3: item_text (FTS5 over captions and the metadata fields the collection
-# schema declares text). Older stores are migrated on open.
+# 2: caption_text, an FTS5 index over captions. 3: none (KEYWORD search's index lives in memory, built from the
+# items: search_service/keywords.py); a version-2 store's caption_text is dropped when opened.
 SCHEMA_VERSION = "3"
 
 SCHEMA = """
@@ -82,40 +81,11 @@ CREATE TABLE IF NOT EXISTS changes (
     op  TEXT NOT NULL CHECK (op IN ('add', 'delete'))
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- KEYWORD search: a full-text index (FTS5, BM25) over each item's caption and the values of its text fields
--- (text_fields: the metadata keys the collection schema declares text), kept in step by triggers. Only items with
--- some text have a row (BM25 counts documents and their average length over these). It keeps its own copy of the
--- text (FTS5 reads an external content table with virtual tables such as json_each disabled).
-CREATE TABLE IF NOT EXISTS text_fields (name TEXT PRIMARY KEY);
-CREATE VIRTUAL TABLE IF NOT EXISTS item_text USING fts5(caption, fields);
-CREATE TRIGGER IF NOT EXISTS item_text_add AFTER INSERT ON items BEGIN
-    {index_new}
-END;
-CREATE TRIGGER IF NOT EXISTS item_text_drop AFTER DELETE ON items BEGIN
-    DELETE FROM item_text WHERE rowid = old.vid;
-END;
-CREATE TRIGGER IF NOT EXISTS item_text_set AFTER UPDATE OF caption ON items BEGIN
-    DELETE FROM item_text WHERE rowid = new.vid;
-    {index_new}
-END;
 """
-
-
-def _index_text(rows: str) -> str:
-    """SQL: add to item_text the caption and text-field values (space-separated) of `rows` that have either."""
-    fields = ("(SELECT group_concat(m.value, ' ') FROM json_each(metadata) AS m "
-              "WHERE m.key IN (SELECT name FROM text_fields))")
-    return (f"INSERT INTO item_text (rowid, caption, fields) SELECT vid, caption, fields FROM "
-            f"(SELECT vid, caption, {fields} AS fields FROM {rows}) WHERE caption IS NOT NULL OR fields IS NOT NULL;")
-
-
-SCHEMA = SCHEMA.replace("{index_new}", _index_text("(SELECT new.vid AS vid, new.caption AS caption, "
-                                                   "new.metadata AS metadata)"))  # (not format: the schema holds '{}')
-# what schema version 2 had instead of item_text, dropped when such a store is migrated (one statement each:
-# executescript would commit the migration's transaction)
+# what schema version 2 had, dropped when such a store is opened (one statement each: executescript would
+# commit the migration's transaction)
 VERSION_2_KEYWORD_INDEX = ("DROP TRIGGER IF EXISTS caption_text_add", "DROP TRIGGER IF EXISTS caption_text_drop",
                            "DROP TRIGGER IF EXISTS caption_text_set", "DROP TABLE IF EXISTS caption_text")
-MAX_KEYWORD_MATCHES = 10_000  # keyword hits ranked per query (filters apply after)
 
 
 class StoreError(Exception):
@@ -143,12 +113,6 @@ class NewItem:
     id: str = ""  # empty: default_id(sha256)
     metadata: dict[str, str] = field(default_factory=dict)
     data: Optional[bytes] = None  # the image bytes to keep (None: indexed from a server-side file)
-
-
-def keyword_terms(text: str) -> list[str]:
-    """The words of a keyword query as FTS5's default tokenizer (unicode61) splits them, lowercased, unique."""
-    words = "".join(c.lower() if c.isalnum() else " " for c in text).split()
-    return list(dict.fromkeys(words))
 
 
 @dataclass
@@ -184,9 +148,7 @@ class Change:
 class Store:
     """Items, their embeddings and captions, in one SQLite database plus a blob directory."""
 
-    def __init__(self, data_dir: str | os.PathLike, text_fields: Optional[Iterable[str]] = None):
-        """`text_fields`: the metadata keys the keyword index covers besides captions (None: as the store has
-        them); a change re-indexes every item."""
+    def __init__(self, data_dir: str | os.PathLike):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobDirectory(self.data_dir)
@@ -195,8 +157,6 @@ class Store:
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         self._init_info()
-        if text_fields is not None:
-            self._set_text_fields(set(text_fields))
 
     # ------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -230,32 +190,14 @@ class Store:
             # Names this store: an index snapshot of another store (a copied data dir) is refused.
             db.execute("INSERT OR IGNORE INTO info VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
         version = self.info().get("schema_version")
-        if version in ("1", "2"):  # items stored before item_text (1: no full-text index; 2: captions only)
+        if version in ("1", "2"):  # 2: drop its FTS5 index of captions (1 had none)
             with self._transaction() as db:
                 for statement in VERSION_2_KEYWORD_INDEX:
                     db.execute(statement)
-                self._rebuild_text_index(db)
                 db.execute("UPDATE info SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
-
-    def _set_text_fields(self, names: set[str]) -> None:
-        with self._transaction() as db:
-            if {name for (name,) in db.execute("SELECT name FROM text_fields")} == names:
-                return
-            db.execute("DELETE FROM text_fields")
-            db.executemany("INSERT INTO text_fields VALUES (?)", [(name,) for name in sorted(names)])
-            self._rebuild_text_index(db)
-
-    @staticmethod
-    def _rebuild_text_index(db: sqlite3.Connection) -> None:
-        """Index every item's caption and text fields afresh."""
-        db.execute("DELETE FROM item_text")
-        db.execute(_index_text("items"))
-
-    def text_fields(self) -> list[str]:
-        return [name for (name,) in self._reader().execute("SELECT name FROM text_fields ORDER BY name")]
 
     def info(self) -> dict[str, str]:
         return dict(self._reader().execute("SELECT key, value FROM info"))
@@ -414,16 +356,10 @@ class Store:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
-    def keyword_matches(self, text: str, limit: int = MAX_KEYWORD_MATCHES) -> list[tuple[int, float]]:
-        """(vid, relevance) of the items whose caption holds any word of `text`, most relevant first
-        (relevance: -BM25, higher is better); [] when `text` has no word."""
-        words = keyword_terms(text)
-        if not words:
-            return []
-        query = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)  # each word a quoted string: no syntax
-        rows = self._reader().execute("SELECT rowid, bm25(item_text) FROM item_text WHERE item_text MATCH ? "
-                                      "ORDER BY bm25(item_text) LIMIT ?", (query, limit))
-        return [(vid, -score) for vid, score in rows]
+    def item_texts(self) -> Iterator[tuple[int, Optional[str], dict[str, str]]]:
+        """(vid, caption, metadata) of every item, in vid order (the keyword index's documents)."""
+        for vid, caption, metadata in self._reader().execute("SELECT vid, caption, metadata FROM items ORDER BY vid"):
+            yield vid, caption, json.loads(metadata)
 
     def item_times(self) -> Iterator[tuple[int, float]]:
         """(vid, created_at) of every item, in vid order (the filter index's live items and added_at)."""
