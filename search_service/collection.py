@@ -29,7 +29,7 @@ class Hit:
     position: Optional[list] = None  # in a search ordered by a field: where the hit sits (a page resumes after it)
     vector_rank: int = 0  # KEYWORD/HYBRID modes: where the lists placed it (1 = first; 0 = not in that list)
     keyword_rank: int = 0
-    keyword_score: float = 0.0  # the keyword relevance (-BM25)
+    keyword_score: float = 0.0  # the keyword relevance (BM25, higher is better)
 
 
 @dataclass

@@ -17,6 +17,7 @@ digits, lowercased.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections import Counter
 from typing import Iterable, Mapping, Optional, Sequence
@@ -25,11 +26,12 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 IDF_FLOOR = 1e-6
+WORD = re.compile(r"[^\W_]+")  # letters and digits (str.isalnum's), not the underscore
 
 
 def words(text: str) -> list[str]:
     """The words of `text`: runs of letters and digits, lowercased."""
-    return "".join(c.lower() if c.isalnum() else " " for c in text).split()
+    return WORD.findall(text.lower())
 
 
 def query_terms(text: str) -> list[str]:
@@ -43,9 +45,9 @@ class _Postings:
 
     __slots__ = ("vids", "counts", "new_vids", "new_counts", "gone")
 
-    def __init__(self):
-        self.vids = np.zeros(0, np.int64)
-        self.counts = np.zeros(0, np.float64)
+    def __init__(self, vids: Optional[np.ndarray] = None, counts: Optional[np.ndarray] = None):
+        self.vids = np.zeros(0, np.int64) if vids is None else vids
+        self.counts = np.zeros(0, np.float64) if counts is None else counts
         self.new_vids: list[int] = []
         self.new_counts: list[int] = []
         self.gone: set[int] = set()
@@ -89,14 +91,27 @@ class KeywordIndex:
 
     # ------------------------------------------------------------ writes (the writer thread)
     def load(self, rows: Iterable[tuple[int, Optional[str], Mapping[str, str]]]) -> None:
-        """Every item's (vid, caption, metadata), replacing what the index held."""
+        """Every item's (vid, caption, metadata), replacing what the index held: tokenized here, postings built
+        with numpy (one (word, vid) pair per word seen)."""
+        vocabulary: dict[str, int] = {}
+        word_ids: list[int] = []
+        vids: list[int] = []
+        lengths: dict[int, int] = {}
+        for vid, caption, metadata in rows:
+            document = self.document(caption, metadata)
+            if document:
+                word_ids.extend([vocabulary.setdefault(w, len(vocabulary)) for w in document])
+                vids.extend([vid] * len(document))
+                lengths[vid] = len(document)
+        top = max(lengths, default=0) + 1
+        pairs, counts = np.unique(np.array(word_ids, np.int64) * top + np.array(vids, np.int64), return_counts=True)
+        starts = np.searchsorted(pairs // top, np.arange(len(vocabulary) + 1))
+        postings = {word: _Postings(pairs[starts[i]:starts[i + 1]] % top, counts[starts[i]:starts[i + 1]].astype(np.float64))
+                    for word, i in vocabulary.items()}
         with self._lock:
-            self._postings, self._documents, self._words = {}, 0, 0
-            self._lengths = np.zeros(1024, np.float64)
-            for vid, caption, metadata in rows:
-                self._add(vid, self.document(caption, metadata))
-            for postings in self._postings.values():
-                postings.settle()
+            self._postings, self._documents, self._words = postings, len(lengths), sum(lengths.values())
+            self._lengths = np.zeros(max(1024, 2 * top), np.float64)
+            self._lengths[list(lengths)] = list(lengths.values())
 
     def add(self, vid: int, caption: Optional[str], metadata: Mapping[str, str]) -> None:
         with self._lock:
@@ -141,6 +156,9 @@ class KeywordIndex:
         if allowed is not None and len(vids):
             keep = np.isin(vids, allowed)
             vids, scores = vids[keep], scores[keep]
+        if len(vids) > limit:  # the best `limit` and their ties first: sorting all matches costs more
+            keep = scores >= np.partition(scores, len(scores) - limit)[len(scores) - limit]
+            vids, scores = vids[keep], scores[keep]
         order = np.lexsort((vids, -scores))[:limit]
         return [(int(vids[i]), float(scores[i])) for i in order]
 
@@ -161,5 +179,8 @@ class KeywordIndex:
             parts.append(idf * counts * (K1 + 1) / (counts + norm))
         if not found:
             return np.zeros(0, np.int64), np.zeros(0)
-        vids, where = np.unique(np.concatenate(found), return_inverse=True)
-        return vids, np.bincount(where, weights=np.concatenate(parts), minlength=len(vids))
+        if len(found) == 1:
+            return found[0], parts[0]
+        dense = np.bincount(np.concatenate(found), weights=np.concatenate(parts), minlength=len(self._lengths))
+        vids = np.flatnonzero(dense)  # every term's share is > 0 (idf >= IDF_FLOOR)
+        return vids, dense[vids]
