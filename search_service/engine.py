@@ -82,7 +82,7 @@ class Engine(Collection):
         self.snapshot_seq = index.seq if how.startswith("snapshot") else 0
         replayed = index.catch_up(self.store)
         self.metadata.load(self.store.item_times(), self.store.metadata_rows())
-        self.keywords.load(self.store.item_texts())
+        self.keywords.load(self.store.item_texts(with_metadata=bool(self.keywords.text_fields)))
         self.index = index
         if replayed or how.startswith("rebuilt"):
             self._snapshot_or_retry_later()

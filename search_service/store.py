@@ -356,8 +356,13 @@ class Store:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
-    def item_texts(self) -> Iterator[tuple[int, Optional[str], dict[str, str]]]:
-        """(vid, caption, metadata) of every item, in vid order (the keyword index's documents)."""
+    def item_texts(self, with_metadata: bool = True) -> Iterator[tuple[int, Optional[str], dict[str, str]]]:
+        """(vid, caption, metadata) of every item (the keyword index's documents); with_metadata=False: of the
+        captioned items only, metadata {} (no JSON read: when no text fields are declared)."""
+        if not with_metadata:
+            for vid, caption in self._reader().execute("SELECT vid, caption FROM items WHERE caption IS NOT NULL"):
+                yield vid, caption, {}
+            return
         for vid, caption, metadata in self._reader().execute("SELECT vid, caption, metadata FROM items ORDER BY vid"):
             yield vid, caption, json.loads(metadata)
 
