@@ -692,3 +692,6 @@ def test_web_gallery_pages_conditions_modes_and_duplicates_in_a_browser(served, 
     sections = browser.find_elements(By.CSS_SELECTOR, "#results .group")
     assert [[c.get_attribute("data-id") for c in s.find_elements(By.CSS_SELECTOR, ".card")] for s in sections] == \
         [g.ids[:24] for g in groups.groups]
+    if SCREENSHOT_DIR:
+        Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(SCREENSHOT_DIR) / "gallery-duplicates.png"))
