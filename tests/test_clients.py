@@ -363,6 +363,21 @@ def test_node_client(served, client):
     assert all(h["caption"] for h in as_json["hits"])
     bad = run("   ")
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "text is empty" in bad.stderr
+    # Conditions, order and pages from the command line: the Python client's pages.
+    query = ["a photo", "-k", "2", "--where", "set=sample|other", "--where", "added_at>=2000-01-01",
+             "--order-by", "-added_at", "--json"]
+    where = [Condition("set", any_of=["sample", "other"]), Condition("added_at", gte="2000-01-01")]
+    pages = python_pages(client.search_text, text="a photo", k=2, where=where, order_by="-added_at")
+    token = ""
+    for page in pages[:2]:
+        printed = json.loads(run(*query, *(["--page-token", token] if token else [])).stdout)
+        assert [h["id"] for h in printed["hits"]] == [h.id for h in page.hits]
+        assert printed["next_page_token"] == page.next_page_token
+        token = printed["next_page_token"]
+    for args, message in [(["--where", "set>=1"], "range on 'set'"), (["--where", "set~1"], "--where"),
+                          (["--mode", "fuzzy"], "--mode")]:
+        bad = run("a photo", *args)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
 
 
 def node_answers(served, calls: list[dict]) -> list:
@@ -458,7 +473,7 @@ def http(url: str, data: bytes | None = None) -> tuple[int, dict | bytes]:
     return status, json.loads(body) if kind == "application/json" else body
 
 
-def test_web_api(served):
+def test_web_api(served, client):
     base = served.web.rstrip("/")
     status, stats = http(f"{base}/api/stats")
     assert status == 200 and stats["count"] == len(served.photos) - 1 and stats["random_weights"] is True
@@ -482,6 +497,26 @@ def test_web_api(served):
     status, captioned = http(f"{base}/api/search?q=a%20rocket&k=2&captions=1", b"")
     assert status == 200 and all(h["caption"] for h in captioned["hits"])
     assert [h["id"] for h in captioned["hits"]] == [h["id"] for h in found["hits"][:2]]
+    # Browse, conditions, modes, near-duplicates: the client's answers; bad input is a 400 that says what.
+    status, listed = http(f"{base}/api/list?page_size=2&order_by=-added_at&where=set%3Dsample%7Cother")
+    page = client.list(page_size=2, order_by="-added_at", where=[Condition("set", any_of=["sample", "other"])])
+    assert status == 200 and [i["id"] for i in listed["items"]] == [i.id for i in page.items]
+    assert (listed["total"], listed["next_page_token"]) == (page.total, page.next_page_token)
+    status, second = http(f"{base}/api/list?page_size=2&order_by=-added_at&where=set%3Dsample%7Cother"
+                          f"&page_token={listed['next_page_token']}")
+    page = client.list(page_size=2, order_by="-added_at", where=[Condition("set", any_of=["sample", "other"])],
+                       page_token=page.next_page_token)
+    assert status == 200 and [i["id"] for i in second["items"]] == [i.id for i in page.items]
+    status, groups = http(f"{base}/api/duplicates?threshold=0.3&page_size=2")
+    expected = client.find_duplicates(0.3, page_size=2)
+    assert status == 200 and [[i["id"] for i in g["items"]] for g in groups["groups"]] == \
+        [g.ids[:24] for g in expected.groups] and groups["total_groups"] == expected.total_groups
+    for path, message in [("/api/list?where=set~x", "condition"), ("/api/list?where=set%3E%3D1", "range on 'set'"),
+                          ("/api/search?q=x&mode=fuzzy", "mode must be"), ("/api/duplicates?threshold=abc", "threshold"),
+                          ("/api/list?page_token=nope", "page_token"), ("/api/list?page_size=x", "page_size"),
+                          ("/api/list?" + "&".join(["where=a%3D1"] * 17), "at most 16 conditions")]:
+        status, error = http(base + path)
+        assert status == 400 and message in error["error"], (path, status, error)
     for path in ["/../../etc/passwd", "/static/../server.py", "/static/%2e%2e/server.py", "/server.py",
                  "/thumb/..%2f..%2fetc%2fpasswd"]:
         assert http(base + path)[0] == 404, path
