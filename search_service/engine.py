@@ -1,8 +1,8 @@
 """Store + index, kept in step: the part of the service that knows no gRPC and no Triton.
 
 Every write (add, delete, caption, model binding) runs on one writer thread,
-which commits to SQLite and then applies the change to FAISS, to the
-in-memory filter index and to the in-memory keyword index before returning: the index never runs ahead of the
+which commits to SQLite and then applies the change to FAISS and to the
+in-memory filter and keyword indexes before returning: the index never runs ahead of the
 store, changes reach FAISS in commit order, and a snapshot taken on that thread
 covers exactly the changes up to its recorded seq. A write is acknowledged
 once committed: snapshot or rebuild failures after it (a full disk, say) are
