@@ -77,6 +77,14 @@ def caption(args):
     from coca import media
 
     params = sampling_params(args)
+    if not args.server and (args.id or args.stream):
+        raise InvalidInputError("--id and --stream go with --server (the search service)")
+    if not args.server and not args.files:
+        raise InvalidInputError("give image or video files to caption")
+    if args.server:
+        from clients.search_cli import caption_through_service
+
+        return caption_through_service(args, params)
     if args.triton:
         from serving.client import caption_files
 
@@ -93,8 +101,14 @@ def caption(args):
 
 
 def _caption_args(p):
-    p.add_argument("files", nargs="+", metavar="IMAGE|VIDEO")
+    from clients.search_cli import add_connection_options
+
+    p.add_argument("files", nargs="*", metavar="IMAGE|VIDEO")
     p.add_argument("--triton", metavar="HOST:PORT", help="caption through a Triton server (gRPC)")
+    add_connection_options(p, server_help="caption through the search service at HOST:PORT (coca serve)")
+    p.add_argument("--id", action="append", default=[], help="with --server: caption the indexed item ID (repeatable)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --server: print the words as they are written (default: when stdout is a terminal)")
     add_sampling_options(p)
 
 

@@ -9,11 +9,13 @@
     coca search "a red barn" --mode hybrid --where year>=2000 --order-by=-added_at
     coca list [--where CONDITION ...] [--order-by=-added_at] [--page-size 20] [--page-token TOKEN]
     coca duplicates [--threshold 0.95] [--page-size 20] [--page-token TOKEN]
+    coca caption photo.jpg --server 127.0.0.1:50051 [--stream]   (clients/cli.py's caption command)
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import io
 import os
@@ -27,8 +29,10 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 # ---------------------------------------------------------------- shared options
-def add_connection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=DEFAULT_SERVER, help="search service HOST:PORT (default %(default)s)")
+def add_connection_options(p: argparse.ArgumentParser, server_help: str = "") -> None:
+    """--server (default DEFAULT_SERVER; none when `server_help` says what giving it means) and its credentials."""
+    p.add_argument("--server", default=None if server_help else DEFAULT_SERVER,
+                   help=server_help or "search service HOST:PORT (default %(default)s)")
     p.add_argument("--token-file", help="bearer token file (or set COCA_SEARCH_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS server")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -195,6 +199,42 @@ def add_options(args) -> dict:
         raise InvalidInputError("--skip-near-duplicates needs --near-duplicates THRESHOLD")
     return {"near_duplicate_threshold": threshold, "skip_near_duplicates": args.skip_near_duplicates,
             "caption": args.captions}
+
+
+# ---------------------------------------------------------------- caption (coca caption --server)
+def caption_through_service(args, params) -> int:
+    """`coca caption FILE... --server HOST:PORT [--id ID ...]`: each caption from the search service, one
+    "name<TAB>caption" line each; with --stream (the default when stdout is a terminal) the words are
+    printed as the decoder writes them (CaptionStream), the same line in the end."""
+    from clients.coca_client import InvalidArgument, NotFound, Sampling, SearchError
+    from coca import media
+
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    sampling = Sampling(**{k: v for k, v in dataclasses.asdict(params).items() if v is not None})
+    requests = [(path, {"video" if media.is_video(path) else "image": Path(path), "frames": args.frames})
+                for path in args.files] + [(item_id, {"id": item_id}) for item_id in args.id]
+    if not requests:
+        raise InvalidInputError("give image or video files, or --id ID of indexed items")
+    with connect(args) as client:
+        for name, what in requests:
+            try:
+                if stream:
+                    _print_streamed(name, client.caption_stream(sampling=sampling, **what))
+                else:
+                    print(f"{name}\t{client.caption(sampling=sampling, **what).text}")
+            except SearchError as exc:
+                print(f"coca caption: error: {name}: {exc}", file=sys.stderr)
+                return 2 if isinstance(exc, (InvalidArgument, NotFound)) else 1
+    return 0
+
+
+def _print_streamed(name: str, chunks) -> None:
+    print(f"{name}\t", end="", flush=True)
+    try:
+        for chunk in chunks:
+            print(chunk.piece, end="", flush=True)
+    finally:
+        print(flush=True)
 
 
 # ---------------------------------------------------------------- search

@@ -1,6 +1,7 @@
 """The user-facing model: images and texts in, ClassEmbeddings and captions out."""
 from __future__ import annotations
 
+import codecs
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -33,6 +34,25 @@ def batches(items: Sequence, size: int) -> Iterable[Sequence]:
 def tokens_to_text(tokenizer, tokens: Sequence[int]) -> str:
     """Caption text of generated token ids (start, end and padding tokens dropped)."""
     return tokenizer.decode([t for t in tokens if t not in (SOT, EOT, PAD)]).strip()
+
+
+WORD_END = "</w>"  # the BPE vocabulary's end-of-word mark, which decoding turns into a space
+
+
+def text_so_far(tokenizer, tokens: Sequence[int]) -> str:
+    """The text of an unfinished caption, as far as more tokens cannot change it: a prefix of
+    `tokens_to_text(tokenizer, tokens + more)` whatever `more` is (so streamed pieces add up to the
+    caption exactly). Held back: the bytes of a character not yet complete (decoded alone they would
+    read as U+FFFD) and a trailing start of the word-end mark ("<", "</", "</w"); surrounding
+    whitespace is stripped as tokens_to_text strips it."""
+    kept = [t for t in tokens if t not in (SOT, EOT, PAD)]
+    raw = bytes(tokenizer.byte_decoder[c] for c in "".join(tokenizer.decoder[t] for t in kept))
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(raw, final=False)
+    for cut in range(len(WORD_END) - 1, 0, -1):
+        if text.endswith(WORD_END[:cut]):
+            text = text[:-cut]
+            break
+    return text.replace(WORD_END, " ").strip()
 
 
 class Coca:
@@ -99,6 +119,10 @@ class Coca:
     # --- text decoder --------------------------------------------------
     def decode_text(self, tokens: Sequence[int]) -> str:
         return tokens_to_text(self.tokenizer, tokens)
+
+    def text_so_far(self, tokens: Sequence[int]) -> str:
+        """An unfinished caption's text that later tokens cannot change (see the module's text_so_far)."""
+        return text_so_far(self.tokenizer, tokens)
 
     def caption_embeddings(self, image_embs: torch.Tensor, params: SamplingParams) -> list[Caption]:
         return [

@@ -4,9 +4,11 @@ Requests come in three classes, each with a budget of its own, so one kind canno
 
 * search:  SearchText, SearchImage, Classify, Rank, Get, Delete, Stats, List, FindDuplicates (what users wait on)
 * ingest:  AddImages streams (held for the stream's life)
-* caption: Caption (seconds each: a decoder sequence runs token by token)
+* caption: Caption, CaptionStream (seconds each: a decoder sequence runs token by token; a stream holds its
+  slot until its last message, or until its caller cancels it)
 
-and one bound on decoder sequences in flight, shared by Caption calls (one each) and by searches
+and one bound on decoder sequences in flight, shared by Caption calls and streams (one each), by the
+retry job of ingest captions (one at a time), and by searches
 `with_captions` (one per hit being captioned). A search that finds no sequence free is still
 answered: the hits it could not caption say so in `caption_error`. So captioning is shed first and
 searches keep their budget whatever the captions do.
@@ -28,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 SEARCH, INGEST, CAPTION = "search", "ingest", "caption"
 CLASSES = (SEARCH, INGEST, CAPTION)
-CLASS_OF_METHOD = {"AddImages": INGEST, "Caption": CAPTION}  # every other method of the service: SEARCH
+CLASS_OF_METHOD = {"AddImages": INGEST, "Caption": CAPTION, "CaptionStream": CAPTION}  # every other method of the service: SEARCH
 CAPTION_SEQUENCES = "caption_sequences"
 RATE = "rate"
 MAX_BUCKETS = 10_000  # rate-limit buckets kept (least recently used out first): memory stays bounded
@@ -44,7 +46,7 @@ class Limits:
 
     search: int = 32  # a search takes ~10-50 ms on 2 cores: 32 at once finish within about a second
     ingest: int = 8  # AddImages streams (each embeds a batch of up to add_batch images at a time)
-    caption: int = 8  # Caption calls
+    caption: int = 8  # Caption calls and CaptionStream streams
     caption_sequences: int = 16  # decoder sequences (Caption + searches with_captions): one batched decoder step
     rate: float = 0.0  # requests per second per bearer token (per client address without a token)
     burst: int = 0  # bucket size: requests a token may send at once; 0: max(1, rate)

@@ -13,11 +13,13 @@ content's sha256, so the same bytes get the same id everywhere) and the content 
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from .caption_retry import MemoryRetryBook, RetryBook
 from .query import Filter, Order
 from .store import AddOutcome, ConflictError, Item, NewItem
 
@@ -130,6 +132,12 @@ class Collection(abc.ABC):
         field's order, after the position `after` (a previous hit's `position`).
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
+
+    @functools.cached_property
+    def retry_book(self) -> RetryBook:
+        """Where ingest captions that failed wait for the retry job; this default keeps them in memory
+        (a restart forgets them). A store that can keep them durably returns its own."""
+        return MemoryRetryBook()
 
     def captioned(self) -> Optional[int]:
         """Items with a stored caption (metrics); None where the store cannot count them cheaply."""

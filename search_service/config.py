@@ -9,6 +9,7 @@ from typing import Optional
 from coca.texts import MAX_TEXT_CHARS
 from serving.pool import parse_endpoints
 from .admission import Limits
+from .caption_retry import RetryPolicy
 from .index import IndexSettings
 from .milvus import MilvusSettings
 from .query import Schema
@@ -59,6 +60,7 @@ class ServiceConfig:
     text_cache_size: int = 4096  # recent query-text embeddings kept (2 KiB each at 512-d); 0: none
     limits: Limits = field(default_factory=Limits)  # load shedding: bounds on work in flight, rate limit
     metrics_port: Optional[int] = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
+    caption_retry: RetryPolicy = field(default_factory=RetryPolicy)  # ingest captions that failed, tried again
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)

@@ -12,6 +12,7 @@ asyncio.to_thread. Nothing outside this class touches the store or the index.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
+from .caption_retry import CaptionRetry, RetryBook
 from .collection import Collection, Hit, Page, QueryError, check_query
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
@@ -129,6 +131,10 @@ class Engine(Collection):
     def set_captions(self, captions: dict[str, str]) -> None:
         if captions:
             self._write(lambda: self._set_captions(captions))
+
+    @functools.cached_property
+    def retry_book(self) -> RetryBook:
+        return _StoreRetryBook(self.store, self._write)
 
     def snapshot(self) -> None:
         """Write a snapshot now (raises on failure, unlike the automatic ones)."""
@@ -327,3 +333,28 @@ class Engine(Collection):
             "last_sequence": self.store.last_seq(),
             "snapshot_sequence": self.snapshot_seq,
         }
+
+
+class _StoreRetryBook(RetryBook):
+    """The caption retry book in the store's SQLite (table caption_retry): survives restarts. Writes go
+    through the engine's writer thread like every other write."""
+
+    durable = True
+
+    def __init__(self, store: Store, write: Callable):
+        self.store, self._write = store, write
+
+    def add(self, failures: dict[str, str], next_at: float) -> None:
+        self._write(lambda: self.store.add_caption_retries(failures, next_at))
+
+    def due(self, now: float, limit: int) -> list[CaptionRetry]:
+        return [CaptionRetry(*row) for row in self.store.captions_due(now, limit)]
+
+    def failed(self, item_id: str, retries: int, error: str, next_at: Optional[float]) -> None:
+        self._write(lambda: self.store.caption_retry_failed(item_id, retries, error, next_at))
+
+    def done(self, item_id: str) -> None:
+        self._write(lambda: self.store.caption_retry_done(item_id))
+
+    def counts(self) -> tuple[int, int]:
+        return self.store.caption_retry_counts()

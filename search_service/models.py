@@ -18,17 +18,21 @@ other weights is noticed, never mixed into the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
 from coca import media
 from coca.captions import Caption
 from coca.settings import SamplingParams
+
+if TYPE_CHECKING:
+    from serving.client import Generation
 
 log = logging.getLogger("search_service.models")
 T = TypeVar("T")
@@ -179,18 +183,42 @@ class Models:
         return np.stack(found) if found else np.zeros((0, 0), np.float32)
 
     # ------------------------------------------------------------ captions
-    async def caption(self, image: bytes, params: SamplingParams, timeout: float) -> Caption:
+    async def caption(self, image: Union[bytes, np.ndarray], params: SamplingParams, timeout: float) -> Caption:
+        """The caption of image bytes, or of ImageEmbeddings (a video's: video_embeddings)."""
         async def run(client):
             return await client.caption(image, params)
 
         return await self._call(run, timeout)
 
-    async def caption_video(self, video: bytes, frames: int, params: SamplingParams, timeout: float) -> Caption:
+    async def video_embeddings(self, video: bytes, frames: int, timeout: float) -> np.ndarray:
+        """What the decoder reads for a video (its frames' mean ImageEmbeddings); caption or stream it."""
         async def run(client):  # decoding gives up by itself at the deadline: a thread cannot be cancelled
-            return await client.caption_video(video, frames=frames, params=params,
-                                              decode_seconds=min(timeout, media.DEFAULT_MAX_DECODE_SECONDS))
+            return await client.video_embeddings(video, frames, min(timeout, media.DEFAULT_MAX_DECODE_SECONDS))
 
         return await self._call(run, timeout)
+
+    async def caption_steps(self, image: Union[bytes, np.ndarray], params: SamplingParams,
+                            timeout: float) -> AsyncIterator[Generation]:
+        """The caption of image bytes (or ImageEmbeddings) as it grows: serving.client.Generation after each
+        decoder step, with the text so far; the last one `done`. All within `timeout` seconds.
+
+        One endpoint serves the whole stream; if it fails midway the stream fails (ModelsUnavailable)
+        rather than start again elsewhere, since what was already handed out stands. Closing the
+        iterator early (a cancelled call) ends the decoder sequence on Triton."""
+        from serving.errors import TritonUnavailableError
+
+        deadline = time.monotonic() + timeout
+        try:
+            async with self.pool.pinned() as client:
+                async with contextlib.aclosing(client.caption_steps(image, params)) as steps:
+                    while True:  # each step within the time left (a cancelled step ends the sequence)
+                        try:
+                            step = await asyncio.wait_for(anext(steps), max(deadline - time.monotonic(), 0.001))
+                        except StopAsyncIteration:
+                            return
+                        yield step
+        except TritonUnavailableError as exc:
+            raise self._unavailable(exc) from None
 
     async def _each(self, fn, items: Sequence, timeout: float) -> list:
         """`fn(client, item)` for each item, each its own pool call (so spread over the endpoints); one

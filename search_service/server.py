@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .admission import Admission, Limits
+from .caption_retry import RetryPolicy
 from .collection import Collection, StoreUnavailable
 from .config import DEFAULT_PORT, VECTOR_STORES, ServiceConfig
 from .engine import Engine
@@ -104,6 +105,7 @@ class RunningServer:
     models: Models
     health: health.aio.HealthServicer
     _watch: asyncio.Task
+    _retry: asyncio.Task  # the caption retry job
     metrics: Optional[MetricsServer] = None  # the /metrics endpoint, when --metrics-port is given
 
     @property
@@ -112,6 +114,9 @@ class RunningServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         self._watch.cancel()
+        self._retry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._retry
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.metrics is not None:  # before the store closes: a scrape reads it
@@ -150,11 +155,12 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     port = server.add_secure_port(address, _credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     await server.start()
     watch = asyncio.create_task(_watch_models(health_servicer))
+    retry = asyncio.create_task(servicer.caption_retries.run())
     endpoint = None
     if config.metrics_port is not None:
         metrics.watch(admission, engine, models.text_cache)
         endpoint = metrics.serve(config.host, config.metrics_port)
-    return RunningServer(server, port, engine, models, health_servicer, watch, endpoint)
+    return RunningServer(server, port, engine, models, health_servicer, watch, retry, endpoint)
 
 
 def open_collection(config: ServiceConfig) -> Collection:
@@ -283,7 +289,7 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST as --host (default: off; 0 = a free port)")
     for flag, field, what in (("--max-inflight-search", "search", "SearchText/SearchImage/Classify/Rank/Get/Delete/Stats calls"),
                               ("--max-inflight-ingest", "ingest", "AddImages streams"),
-                              ("--max-inflight-caption", "caption", "Caption calls"),
+                              ("--max-inflight-caption", "caption", "Caption calls and CaptionStream streams"),
                               ("--max-caption-sequences", "caption_sequences",
                                "decoder sequences (Caption + searches with_captions; a hit that finds none free "
                                "comes back uncaptioned)")):
@@ -294,13 +300,21 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per second per bearer token (per client address without one); 0 = off (default)")
     g.add_argument("--rate-burst", type=int, default=Limits.burst, metavar="N",
                    help="requests a token may send at once under --rate-limit (default: the rate, at least 1)")
+    g.add_argument("--caption-retries", type=int, default=RetryPolicy.retries, metavar="N",
+                   help="captions on ingest that failed are tried again up to N times in the background "
+                        "(default %(default)s; 0 = never)")
+    g.add_argument("--caption-retry-wait", type=float, default=RetryPolicy.first_wait_s, metavar="S",
+                   help="seconds before the first retry, doubled after each failed one (default %(default)s)")
+    g.add_argument("--caption-retry-rate", type=float, default=RetryPolicy.rate, metavar="PER_S",
+                   help="caption retries started per second, at most (default %(default)s)")
 
 
 def operator_settings(args) -> dict:
     """ServiceConfig fields for the options of add_operator_arguments."""
     limits = Limits(search=args.max_inflight_search, ingest=args.max_inflight_ingest, caption=args.max_inflight_caption,
                     caption_sequences=args.max_caption_sequences, rate=args.rate_limit, burst=args.rate_burst)
-    return {"limits": limits, "metrics_port": args.metrics_port}
+    retry = RetryPolicy(retries=args.caption_retries, first_wait_s=args.caption_retry_wait, rate=args.caption_retry_rate)
+    return {"limits": limits, "metrics_port": args.metrics_port, "caption_retry": retry}
 
 
 def config_from_args(args) -> ServiceConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -24,6 +25,7 @@ from coca.settings import SamplingParams
 from coca.texts import check_text
 
 from .admission import CAPTION_SEQUENCES, Admission, Shed
+from .caption_retry import CaptionRetryJob, Paused
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupported
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
@@ -112,6 +114,23 @@ def rpc(method):
     return handler
 
 
+def rpc_stream(method):
+    """Turn exceptions of a response-streaming handler into a gRPC status with a message (the messages
+    sent before stand)."""
+
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await context.abort(*status_of(exc))
+
+    return handler
+
+
 @dataclass
 class Prepared:
     """An AddImages item that passed validation and awaits its embedding."""
@@ -160,6 +179,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._opening = asyncio.Lock()
         self._groups = GroupCache()  # FindDuplicates pages slice one cached answer
         self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
+        # ingest captions that failed, tried again in the background (server.py runs caption_retries.run())
+        self.caption_retries = CaptionRetryJob(engine.retry_book, config.caption_retry, self._retry_caption)
 
     # ------------------------------------------------------------ helpers
     def _timeout(self, context) -> float:
@@ -216,15 +237,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         media.image_header(data, name, self.config.max_pixels)
 
     # ------------------------------------------------------------ AddImages
+    @rpc_stream
     async def AddImages(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
-        try:
-            await self.ensure_models(context=context)
-            async for result in self._add_stream(request_iterator, context):
-                yield result
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # Triton down, deadline passed: results sent so far stand, the rest fail
-            await context.abort(*status_of(exc))
+        await self.ensure_models(context=context)  # Triton down, deadline passed: results sent stand, the rest fail
+        async for result in self._add_stream(request_iterator, context):
+            yield result
 
     async def _add_stream(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
         """Batches of whatever has arrived (up to add_batch), a few in flight, results in request order.
@@ -309,14 +326,35 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                                                       pb.AddImageResult.NEAR_DUPLICATE)]
         captions = await asyncio.gather(*(self._caption(p.data, self.caption_params, self._timeout(context))
                                           for p, _ in stored), return_exceptions=True)
-        made = {}
+        made, failed = {}, {}
         for (_, result), caption in zip(stored, captions):
             if isinstance(caption, BaseException):
-                result.caption_error = status_of(caption)[1]
+                result.caption_error = failed[result.id] = status_of(caption)[1]
             else:
                 result.caption = made[result.id] = caption.text
         if made:
             await asyncio.to_thread(self.engine.set_captions, made)
+        if failed:
+            await asyncio.to_thread(self.caption_retries.record_failures, failed)
+
+    async def _retry_caption(self, item_id: str) -> bool:
+        """The retry job's try (caption_retry.CaptionRetryJob): caption a stored item that still lacks a
+        caption and store it; False when it no longer needs one. Paused when the try could not happen."""
+        problem = await self.models_problem(TRITON_CHECK_S)  # Triton down or serving other weights: wait
+        if problem is not None:
+            raise Paused(problem)
+        try:
+            item = await asyncio.to_thread(self.engine.get, item_id)
+            if item is None or item.caption:
+                return False
+            data = await asyncio.to_thread(_read_image, self.engine, item)
+            caption = await self._caption(data, self.caption_params, self.config.triton_timeout_s)
+        except (ModelsUnavailable, StoreUnavailable, Shed, CapacityError) as exc:  # busy or down: not the item's fault
+            raise Paused(status_of(exc)[1]) from None
+        except Exception as exc:
+            raise RuntimeError(status_of(exc)[1]) from None
+        await asyncio.to_thread(self.engine.set_captions, {item_id: caption.text})
+        return True
 
     def _prepare_all(self, batch) -> list:
         out = []
@@ -571,20 +609,44 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Caption(self, request: pb.CaptionRequest, context) -> pb.CaptionResponse:
         params = sampling_params(request.sampling)
         await self.ensure_models(context=context)
-        media = request.WhichOneof("media")
-        timeout = self._timeout(context)
-        if media == "video":
-            frames = request.frames or DEFAULT_FRAMES
-            if not 1 <= frames <= MAX_FRAMES:
-                raise bad(f"frames must be in [1, {MAX_FRAMES}], got {request.frames}")
-            if len(request.video) > self.config.max_image_bytes:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
-            with self.admission.hold(CAPTION_SEQUENCES):
-                caption = await self.models.caption_video(request.video, frames, params, timeout)
-        else:
-            data = await self._image_bytes(request.image if media == "image" else None, request.id)
-            caption = await self._caption(data, params, timeout)
+        with self.admission.hold(CAPTION_SEQUENCES):
+            source = await self._caption_source(request, context)
+            caption = await self.models.caption(source, params, self._timeout(context))
         return pb.CaptionResponse(text=caption.text, tokens=caption.tokens, logprobs=caption.logprobs)
+
+    @rpc_stream
+    async def CaptionStream(self, request: pb.CaptionRequest, context) -> AsyncIterator[pb.CaptionChunk]:
+        """Caption's answer as the decoder writes it: a chunk each time the text grows, then the last one.
+        A cancelled call closes the step iterator, which ends the decoder sequence; the slot is freed."""
+        params = sampling_params(request.sampling)
+        await self.ensure_models(context=context)
+        with self.admission.hold(CAPTION_SEQUENCES):
+            source = await self._caption_source(request, context)
+            sent = ""
+            steps = self.models.caption_steps(source, params, self._timeout(context))
+            async with contextlib.aclosing(steps):
+                async for step in steps:
+                    piece = step.text[len(sent):]  # the decoder's text so far only ever grows (text_so_far)
+                    if step.done:
+                        yield pb.CaptionChunk(piece=piece, text=step.text, token_count=len(step.tokens), done=True,
+                                              caption=pb.CaptionResponse(text=step.text, tokens=step.tokens,
+                                                                         logprobs=step.logprobs))
+                    elif piece:
+                        sent = step.text
+                        yield pb.CaptionChunk(piece=piece, text=sent, token_count=len(step.tokens))
+
+    async def _caption_source(self, request: pb.CaptionRequest, context):
+        """What a Caption request captions: image bytes (given, or an indexed item's), or a video's
+        ImageEmbeddings (its frames' mean, from Triton)."""
+        media = request.WhichOneof("media")
+        if media != "video":
+            return await self._image_bytes(request.image if media == "image" else None, request.id)
+        frames = request.frames or DEFAULT_FRAMES
+        if not 1 <= frames <= MAX_FRAMES:
+            raise bad(f"frames must be in [1, {MAX_FRAMES}], got {request.frames}")
+        if len(request.video) > self.config.max_image_bytes:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
+        return await self.models.video_embeddings(request.video, frames, self._timeout(context))
 
     async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
         """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""
@@ -714,7 +776,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         stats = await asyncio.to_thread(self.engine.stats)
         ready = await self.models_problem(TRITON_CHECK_S) is None
         schema = [pb.FieldSpec(name=name, type=kind) for name, kind in self.config.schema.as_pairs()]
-        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), triton_ready=ready, triton_endpoints=[
+        retries = await asyncio.to_thread(self.caption_retries.stats)
+        return pb.StatsResponse(**stats, **self.models.text_cache.stats(), **retries, triton_ready=ready, triton_endpoints=[
             pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
                               last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
             repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings,

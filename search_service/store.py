@@ -2,7 +2,7 @@
 
 Layout of a data directory::
 
-    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info
+    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, captions to retry (caption_retry)
     blobs/ab/abcdef...             image bytes received over the wire, named by sha256
     index.faiss                    the derived FAISS snapshot (search_service/index.py)
 
@@ -81,6 +81,18 @@ CREATE TABLE IF NOT EXISTS changes (
     op  TEXT NOT NULL CHECK (op IN ('add', 'delete'))
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA += """
+-- AddOptions.caption captions that failed, for the service's retry job (search_service/caption_retry.py);
+-- a row goes when its item gets a caption or is deleted. (A table of its own: older stores gain it on open.)
+CREATE TABLE IF NOT EXISTS caption_retry (
+    vid      INTEGER PRIMARY KEY,      -- items.vid
+    retries  INTEGER NOT NULL DEFAULT 0,
+    next_at  REAL NOT NULL,            -- wall-clock time of the next try
+    error    TEXT NOT NULL,
+    given_up INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS caption_retry_due ON caption_retry (given_up, next_at);
 """
 # what schema version 2 had, dropped when such a store is opened (one statement each: executescript would
 # commit the migration's transaction)
@@ -293,6 +305,7 @@ class Store:
                 return None
             db.execute("DELETE FROM items WHERE vid = ?", (item.vid,))
             db.execute("DELETE FROM item_meta WHERE vid = ?", (item.vid,))
+            db.execute("DELETE FROM caption_retry WHERE vid = ?", (item.vid,))
             db.execute("INSERT INTO changes (vid, op) VALUES (?, 'delete')", (item.vid,))
         if item.blob:  # after the commit: a crash in between leaves an unreferenced blob, never a dangling row
             self.blobs.unlink(item.blob)
@@ -304,6 +317,37 @@ class Store:
         with self._transaction() as db:
             db.executemany("UPDATE items SET caption = ?, updated_at = ? WHERE id = ?",
                            [(text, now, item_id) for item_id, text in captions.items()])
+            db.executemany("DELETE FROM caption_retry WHERE vid = (SELECT vid FROM items WHERE id = ?)",
+                           [(item_id,) for item_id in captions])
+
+    # ------------------------------------------------------------ caption retries (caption_retry.RetryBook)
+    def add_caption_retries(self, failures: dict[str, str], next_at: float) -> None:
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO caption_retry (vid, next_at, error) "
+                           "SELECT vid, ?, ? FROM items WHERE id = ? AND caption IS NULL",
+                           [(next_at, error, item_id) for item_id, error in failures.items()])
+
+    def captions_due(self, now: float, limit: int) -> list[tuple[str, int, float, str]]:
+        """(item id, retries, next_at, error) of the entries due at `now`, the longest waiting first."""
+        return self._reader().execute(
+            "SELECT i.id, r.retries, r.next_at, r.error FROM caption_retry r JOIN items i ON i.vid = r.vid "
+            "WHERE r.given_up = 0 AND r.next_at <= ? ORDER BY r.next_at LIMIT ?", (now, limit)).fetchall()
+
+    def caption_retry_failed(self, item_id: str, retries: int, error: str, next_at: Optional[float]) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE caption_retry SET retries = ?, error = ?, next_at = coalesce(?, next_at), given_up = ? "
+                       "WHERE vid = (SELECT vid FROM items WHERE id = ?)",
+                       (retries, error, next_at, int(next_at is None), item_id))
+
+    def caption_retry_done(self, item_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM caption_retry WHERE vid = (SELECT vid FROM items WHERE id = ?)", (item_id,))
+
+    def caption_retry_counts(self) -> tuple[int, int]:
+        """(pending, given up)."""
+        row = self._reader().execute("SELECT count(*) - coalesce(sum(given_up), 0), coalesce(sum(given_up), 0) "
+                                     "FROM caption_retry").fetchone()
+        return int(row[0]), int(row[1])
 
     def store_uuid(self) -> str:
         return self.info()["store_uuid"]

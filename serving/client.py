@@ -4,6 +4,8 @@
         await triton.check_identity("coca_ViT-B-32")        # refuse a server holding another model
         vectors = await triton.embed_images([open("a.jpg", "rb").read()])
         caption = await triton.caption(b"...jpeg bytes...", SamplingParams())  # coca.Caption
+        async for step in triton.caption_steps(b"...", SamplingParams()):  # the text as it grows
+            print(step.text, step.done)
 
 Each caption is one sequence of the decoder model (unique correlation id, END always
 sent, also on error or cancellation); captions of many images run concurrently, so
@@ -15,6 +17,7 @@ serving.errors.TritonUnavailableError (cannot reach the server), TritonRequestEr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -22,7 +25,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -62,7 +65,8 @@ class Generation:
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
-    text: str = ""  # the decoder's own reading of the tokens, answered to END
+    text: str = ""  # the decoder's own reading of the tokens, answered to END (or the text so far)
+    done: bool = False  # the caption is finished (generate_steps' last Generation)
 
 
 class TritonCoca:
@@ -165,6 +169,16 @@ class TritonCoca:
         generation = await self.generate(embeddings, params)
         return Caption(generation.text, generation.tokens, generation.logprobs)
 
+    async def caption_steps(self, image: Union[ImageInput, np.ndarray],
+                            params: SamplingParams = SamplingParams()) -> AsyncIterator[Generation]:
+        """The caption of an image (bytes, path or ImageEmbeddings) as it grows: a Generation with the
+        text so far after each decoder step, the last one `done` (see generate_steps). Close the
+        iterator to stop early: the sequence is then ended on the server."""
+        embeddings = image if isinstance(image, np.ndarray) else (await self.image_embeddings([image]))[0]
+        async with contextlib.aclosing(self.generate_steps(embeddings, params, text_so_far=True)) as steps:
+            async for generation in steps:
+                yield generation
+
     async def caption_many(self, images: Sequence[ImageInput], params: SamplingParams = SamplingParams(),
                            concurrency: int = 16) -> list[Caption]:
         """Captions of many images, `concurrency` sequences at a time, in input order."""
@@ -178,35 +192,55 @@ class TritonCoca:
 
     async def caption_video(self, video: ImageInput, frames: int = 16, params: SamplingParams = SamplingParams(),
                             decode_seconds: float = media.DEFAULT_MAX_DECODE_SECONDS) -> Caption:
-        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (as in process).
+        """The caption of a video: frames decoded here, their ImageEmbeddings averaged (video_embeddings)."""
+        return await self.caption(await self.video_embeddings(video, frames, decode_seconds), params)
 
-        Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`.
-        """
+    async def video_embeddings(self, video: ImageInput, frames: int = 16,
+                               decode_seconds: float = media.DEFAULT_MAX_DECODE_SECONDS) -> np.ndarray:
+        """What the decoder reads for a video: the mean of its frames' ImageEmbeddings (255, W), as in process.
+
+        Decoding runs in a thread that cannot be cancelled: it stops itself after `decode_seconds`."""
         pictures = await asyncio.to_thread(media.video_frames, video, frames, max_seconds=decode_seconds)
         embeddings = await self.image_embeddings([_png(p) for p in pictures])  # PNG: lossless, same pixels
-        return await self.caption(embeddings.mean(0), params)  # float32, rows summed in order: as torch's mean
+        return embeddings.mean(0)  # float32, rows summed in order: as torch's mean
 
     async def generate(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams()) -> Generation:
-        """Run one decoder sequence to its end: START with the embeddings, step until DONE, then END,
-        which answers the caption's text (so no tokenizer is needed here)."""
+        """Run one decoder sequence to its end (see generate_steps) and return the finished caption."""
+        async with contextlib.aclosing(self.generate_steps(image_embeddings, params)) as steps:
+            async for generation in steps:
+                pass
+        return generation
+
+    async def generate_steps(self, image_embeddings: np.ndarray, params: SamplingParams = SamplingParams(),
+                             text_so_far: bool = False) -> AsyncIterator[Generation]:
+        """One decoder sequence, yielding the caption after each step: START with the embeddings, step
+        until DONE, then END, which answers the caption's text (so no tokenizer is needed here). With
+        `text_so_far` each step's Generation also holds the text so far (the decoder's TEXT_SO_FAR: a
+        prefix of the finished text). The last one has `done` set and the finished text. END is sent
+        whatever happens: an error, a cancellation, a caller that stops early (close the iterator)."""
         sequence_id = secrets.randbits(63) or 1  # unique among clients without coordination
+        outputs = STEP_OUTPUTS + (("TEXT_SO_FAR",) if text_so_far else ())
         generation = Generation([])
         ended = False
         try:
             inputs = _start_inputs(image_embeddings, params)
             while True:
-                result = await self._infer(TEXT_DECODER, inputs, STEP_OUTPUTS, sequence_id=sequence_id,
+                result = await self._infer(TEXT_DECODER, inputs, outputs, sequence_id=sequence_id,
                                            sequence_start=bool(inputs))
                 inputs = []
                 generation.batch_rows.append(int(result.as_numpy("BATCH_ROWS")[0, 0]))
+                generation.tokens = result.as_numpy("TOKENS")[0].tolist()
+                generation.logprobs = result.as_numpy("LOGPROBS")[0].tolist()
+                if text_so_far:
+                    generation.text = result.as_numpy("TEXT_SO_FAR")[0, 0].decode()
                 if bool(result.as_numpy("DONE")[0, 0]):
-                    generation.tokens = result.as_numpy("TOKENS")[0].tolist()
-                    generation.logprobs = result.as_numpy("LOGPROBS")[0].tolist()
                     ended = True
                     answer = await asyncio.shield(self._infer(TEXT_DECODER, [], ["TEXT"], sequence_id=sequence_id,
                                                               sequence_end=True))
-                    generation.text = answer.as_numpy("TEXT")[0, 0].decode()
-                    return generation
+                    generation.text, generation.done = answer.as_numpy("TEXT")[0, 0].decode(), True
+                    yield generation
+                    return
+                yield generation
         finally:  # END frees the server's cache and Triton's sequence slot, whatever happened
             if not ended:
                 await asyncio.shield(self._end(sequence_id))

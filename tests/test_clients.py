@@ -232,6 +232,37 @@ def test_async_client(served):
     assert asyncio.run(main()).count == len(served.photos) - 1
 
 
+def test_caption_stream_sync_async_and_cli(served, client, tiny_coca, capsys):
+    """caption_stream (sync and asyncio) and `coca caption --server --stream`: the pieces, as they came,
+    add up to caption()'s text, which is the in-process caption; stopping early cancels the call."""
+    photo = by_name(served, "coffee")
+    want = client.caption(photo, max_tokens=10)
+    assert want.text == tiny_coca.caption([str(photo)], max_tokens=10)[0].text
+    chunks = list(client.caption_stream(photo, max_tokens=10))
+    assert len(chunks) > 1 and "".join(c.piece for c in chunks) == chunks[-1].text == want.text
+    assert chunks[-1].done and chunks[-1].caption == want and not any(c.done for c in chunks[:-1])
+
+    async def streamed():
+        async with AsyncClient(served.address, timeout=60) as aclient:
+            return [c async for c in aclient.caption_stream(photo, max_tokens=10)]
+
+    assert asyncio.run(streamed()) == chunks
+    with pytest.raises(InvalidArgument, match="top_p"):
+        list(client.caption_stream(photo, top_p=2.0))
+    stream = client.caption_stream(photo, min_tokens=75, max_tokens=75)
+    next(stream)
+    stream.close()  # cancels: the next calls are served as usual
+    code, out, err = coca(capsys, "caption", str(photo), "--server", served.address, "--max-tokens", "10", "--stream")
+    assert code == 0 and out == f"{photo}\t{want.text}\n", err
+    code, plain, err = coca(capsys, "caption", str(photo), "--server", served.address, "--max-tokens", "10",
+                            "--no-stream")
+    assert code == 0 and plain == out
+    code, out, err = coca(capsys, "caption", str(photo), "--server", served.address, "--top-p", "2")
+    assert code == 2 and "top_p" in err and len(err.strip().splitlines()) == 1
+    code, out, err = coca(capsys, "caption", "--id", "nope", "--server", served.address)
+    assert code == 2 and "NOT_FOUND" in err
+
+
 def test_unreachable_service_is_retried_then_explained():
     started = time.monotonic()
     with Client("127.0.0.1:1", retry=RetryPolicy(attempts=3, initial_backoff=0.05)) as client:
@@ -460,6 +491,26 @@ def test_node_client_lists_pages_modes_conditions_and_duplicates(served, client,
                                                               if r.index == served.photos.index(by_name(served, "coffee"))))
     assert "mode must be one of" in bad_mode["error"]
     assert bad_range["code"] == "INVALID_ARGUMENT" and "range on 'set'" in bad_range["error"]
+
+
+def test_node_caption_stream(served, client):
+    """Node's captionStream (clients/node/caption.js): the pieces it printed as they came are the Python
+    client's caption of the same image; --json shows the chunks growing; bad input exits 2."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (the Node.js client needs Node >= 18)")
+    photo = by_name(served, "coffee")
+    run = lambda *a: subprocess.run(["node", str(NODE_DIR / "caption.js"), "--target", served.address, *a],
+                                    capture_output=True, text=True, timeout=60)
+    want = client.caption(photo, max_tokens=10).text
+    printed = run(str(photo), "--max-tokens", "10")
+    assert printed.returncode == 0 and printed.stdout == want + "\n", printed.stderr
+    chunks = [json.loads(line) for line in run(str(photo), "--max-tokens", "10", "--json").stdout.splitlines()]
+    assert len(chunks) > 1 and [c["done"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert "".join(c["piece"] for c in chunks) == chunks[-1]["caption"]["text"] == want
+    item = served.added[0].id
+    assert run("--id", item, "--max-tokens", "10").stdout.strip() == client.caption(id=item, max_tokens=10).text
+    bad = run(str(photo), "--max-tokens", "76")
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
 
 
 # ---------------------------------------------------------------- web gallery

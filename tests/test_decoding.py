@@ -99,3 +99,31 @@ def test_a_beam_search_that_can_never_fit_is_invalid_not_busy(tiny):
     with pytest.raises(InvalidInputError, match=r"need 12 decoder cache rows, more than this decoder has in all \(8\)"):
         decoder.start(embs[:1], SamplingParams(num_beams=12, num_beam_groups=3))
     assert len(decoder.pool.free) == 8
+
+
+def test_text_so_far_is_always_a_prefix_of_the_finished_caption():
+    """Streamed text: each step's text extends the previous one and the finished caption starts with
+    it, also when tokens end mid-character (a UTF-8 sequence split over byte tokens) or mid word-end
+    mark ("<", "/", "w", ">" as single tokens); whole words are not held back."""
+    import random
+
+    import open_clip
+    from coca.runtime import text_so_far, tokens_to_text
+
+    tokenizer = open_clip.get_tokenizer("coca_ViT-B-32")
+    byte_token = {b: tokenizer.encoder[tokenizer.byte_encoder[b]] for b in range(256)}
+    words = [tokenizer.encoder[w + "</w>"] for w in ("a", "cat", "on", "the", "mat")]
+    awkward = [byte_token[b] for b in "é€😀".encode() + b"</w> \xff"]  # split characters, the mark, a bad byte
+    rng = random.Random(0)
+    for _ in range(300):
+        tokens = [rng.choice(words + awkward) for _ in range(rng.randint(1, 12))]
+        final = tokens_to_text(tokenizer, tokens)
+        shown = [text_so_far(tokenizer, tokens[:n]) for n in range(len(tokens) + 1)]
+        for before, after in zip(shown, shown[1:]):
+            assert after.startswith(before), (tokens, before, after)
+        assert final.startswith(shown[-1]), (tokens, shown[-1], final)
+    plain = [words[1], words[2], words[3], words[4]]
+    assert [text_so_far(tokenizer, plain[:n]) for n in range(1, 5)] == \
+        [tokens_to_text(tokenizer, plain[:n]) for n in range(1, 5)] == ["cat", "cat on", "cat on the", "cat on the mat"]
+    split = [byte_token[b] for b in "😀".encode()]  # four byte tokens, one character
+    assert [text_so_far(tokenizer, split[:n]) for n in range(1, 5)] == ["", "", "", "😀"]

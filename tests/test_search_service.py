@@ -591,6 +591,141 @@ def test_caption_classify_rank_match_in_process(client, photos, reference, tmp_p
     assert got.text == reference.caption_video(str(video), frames=4, max_tokens=10).text
 
 
+def stream_caption(client, **fields) -> list[pb.CaptionChunk]:
+    sampling = fields.pop("sampling", {})
+    request = pb.CaptionRequest(sampling=pb.SamplingSettings(**sampling), **fields)
+    return list(client.stub.CaptionStream(request, timeout=60))
+
+
+def decoder_stats(triton_url: str) -> dict:
+    from serving.client import TritonCoca
+
+    async def ask():
+        async with TritonCoca(triton_url) as t:
+            return await t.decoder_stats()
+    return asyncio.run(ask())
+
+
+def test_caption_stream_grows_to_the_caption(service, client, photos, reference):
+    """CaptionStream: more than one chunk, each text the one before plus its piece, the pieces adding up
+    to exactly Caption's text (and the in-process caption), by bytes or by id; a beam search is one
+    chunk; the same bounds and errors as Caption (before: no such call)."""
+    triton_side_only(service)
+    item_id = add(client, photos[2:3])[0].id
+    want = client.caption(image=photos[2], max_tokens=12)
+    assert want.text == reference.caption([photos[2]], max_tokens=12)[0].text
+    for fields in [dict(image=photos[2]), dict(id=item_id)]:
+        chunks = stream_caption(client, sampling=dict(max_tokens=12), **fields)
+        assert len(chunks) > 1 and [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        texts = [""] + [c.text for c in chunks]
+        assert all(c.text == before + c.piece and c.piece for before, c in zip(texts, chunks[:-1]))
+        assert chunks[-1].text == texts[-2] + chunks[-1].piece == "".join(c.piece for c in chunks) == want.text
+        counts = [c.token_count for c in chunks]
+        assert counts == sorted(set(counts)) and counts[-1] == len(want.tokens)
+        assert chunks[-1].caption.text == want.text and list(chunks[-1].caption.tokens) == list(want.tokens)
+    beams = stream_caption(client, image=photos[3], sampling=dict(num_beams=3, max_tokens=8))
+    assert len(beams) == 1 and beams[0].piece == reference.caption([photos[3]], num_beams=3, max_tokens=8)[0].text
+
+    unary = rpc_error(client.caption, image=photos[0], top_p=2.0)
+    assert stream_refused(client, image=photos[0], sampling=dict(top_p=2.0)) == (unary.code(), unary.details())
+    assert unary.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in unary.details()
+    assert stream_refused(client, image=b"not an image")[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert stream_refused(client, video=b"x", frames=65)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert stream_refused(client, id="no-such-item")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def stream_refused(client, **fields) -> tuple:
+    with pytest.raises(grpc.RpcError) as info:
+        stream_caption(client, **fields)
+    return info.value.code(), info.value.details()
+
+
+class DecoderFull:
+    """Triton's decoder cache held full by beam searches that START and wait (num_beams rows each, 75
+    tokens to go): every new caption fails with "decoder cache full" until release() ENDs them."""
+
+    def __init__(self, triton_url: str, image: bytes):
+        import tritonclient.grpc as grpcclient
+
+        self.url = triton_url
+        self.triton = grpcclient.InferenceServerClient(triton_url)
+        embeddings = self.triton.infer("coca_image_encoder", [self._input("IMAGE", np.array([[image]], np.object_))],
+                                       outputs=[grpcclient.InferRequestedOutput("IMAGE_EMBEDDINGS")])
+        self.embeddings = embeddings.as_numpy("IMAGE_EMBEDDINGS")[:1]
+        self.held: list[int] = []
+
+    @staticmethod
+    def _input(name: str, array: np.ndarray):
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import np_to_triton_dtype
+
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        return tensor
+
+    def fill(self) -> "DecoderFull":
+        free = decoder_stats(self.url)["free_rows"]
+        while free:
+            beams = min(16, free)
+            sequence = 1_000_000 + len(self.held) + 1
+            inputs = [self._input("IMAGE_EMBEDDINGS", self.embeddings),
+                      *(self._input(name, np.array([[value]], np.int32))
+                        for name, value in (("NUM_BEAMS", beams), ("MIN_TOKENS", 75), ("MAX_TOKENS", 75)))]
+            self.triton.infer("coca_text_decoder", inputs, sequence_id=sequence, sequence_start=True)
+            self.held.append(sequence)
+            free -= beams
+        assert decoder_stats(self.url)["free_rows"] == 0
+        return self
+
+    def release(self) -> None:
+        while self.held:
+            self.triton.infer("coca_text_decoder", [], sequence_id=self.held.pop(), sequence_end=True)
+
+
+def test_a_cancelled_stream_frees_its_slot_and_failed_ingest_captions_are_retried(tmp_path, triton, photos,
+                                                                                      reference):
+    """One service with small bounds for two things (one process start: CI time).
+    1. A stream holds a Caption slot (--max-inflight-caption 1) until it ends; a cancelled one frees it and
+       ends its decoder sequence at once.
+    2. AddOptions.caption while Triton's decoder is full: the items are stored, their captions fail, and
+       Stats counts them pending; once the decoder has room the retry job captions them, each equal to
+       what Caption answers for the item and to the in-process caption (before: they stayed uncaptioned).
+    (That the book survives a restart: tests/test_search_store.py, the job over a reopened store.)"""
+    images = noisy_variants(photos[:3], 3)
+    full = DecoderFull(triton.grpc_url, images[0])
+    flags = ("--max-inflight-caption", "1", "--caption-retry-wait", "0.3")
+    try:
+        with ServiceProcess(tmp_path, triton.grpc_url, *flags) as service, \
+                WireClient(service.address, timeout=60) as client:
+            add(client, images[2:3])  # binds the store, so the decoder is the only thing failing below
+            long = pb.SamplingSettings(min_tokens=75, max_tokens=75)  # ~75 steps: far longer than what follows
+            held = client.stub.CaptionStream(pb.CaptionRequest(image=photos[0], sampling=long), timeout=60)
+            assert not next(held).done
+            assert stream_refused(client, image=photos[1])[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            held.cancel()
+            chunks = wait_for(lambda: stream_caption(client, image=photos[1], sampling=dict(max_tokens=4)), 10,
+                              "the cancelled stream's slot")
+            assert chunks[-1].done
+            wait_for(lambda: decoder_stats(triton.grpc_url)["live_sequences"] == 0, 10, "the decoder sequence to end")
+
+            full.fill()
+            results = list(client.add_images(pb.AddImageRequest(image=data, options=pb.AddOptions(caption=True))
+                                             for data in images[:2]))
+            assert [r.outcome for r in results] == [ADDED, ADDED]
+            assert all("decoder cache full" in r.caption_error and not r.caption for r in results)
+            stats = client.stats()
+            assert (stats.captions_pending_retry, stats.captions_retried_ok, stats.captions_given_up) == (2, 0, 0)
+            full.release()
+            wait_for(lambda: client.stats().captions_pending_retry == 0, 30, "the retries")
+            stats = client.stats()
+            assert (stats.captions_retried_ok, stats.captions_given_up) == (2, 0)
+            for result, data in zip(results, images):
+                stored = client.get(result.id).caption
+                assert stored and stored == client.caption(id=result.id).text == reference.caption([data])[0].text
+    finally:
+        full.release()
+
+
 def write_video(path: Path, frames: list[Image.Image]) -> None:
     import av
 

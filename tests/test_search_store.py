@@ -531,3 +531,63 @@ def test_keyword_search_reads_the_text_fields_the_schema_declares(tmp_path):
     for query in ["owl", "lake red"]:
         assert_keyword_hits(engine.keyword_search(query, 100), query, documents(["album"]))
     engine.close()
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_caption_retry_job_backs_off_gives_up_waits_when_paused_and_survives_a_reopen(tmp_path, durable):
+    """The retry job over each book (in memory; the embedded store's SQLite): a caption that keeps failing
+    is tried `retries` times, each wait twice the one before, then given up; one that fails once is made
+    at its second try; a Paused try (Triton down or busy) costs no try; captions stored by other means,
+    and deleted items, leave the book. The durable book still holds what is pending after a reopen."""
+    import asyncio
+    import time
+
+    from search_service.caption_retry import CaptionRetryJob, MemoryRetryBook, Paused, RetryPolicy
+
+    engine = open_engine(tmp_path / "data")
+    ids = [o.id for o in engine.add(items(np.random.default_rng(0), 5))]
+    book = engine.retry_book if durable else MemoryRetryBook()
+    assert book.durable is durable
+    policy = RetryPolicy(retries=3, first_wait_s=0.02, rate=1000)
+    tries: dict[str, list[float]] = {i: [] for i in ids}
+    plan = {ids[0]: ["fail", "ok"], ids[1]: ["fail"] * 5, ids[2]: ["pause", "pause", "ok"]}
+
+    async def caption_item(item_id):  # as the service's: an item gone or captioned meanwhile needs none
+        item = engine.get(item_id)
+        if item is None or item.caption:
+            return False
+        tries[item_id].append(time.monotonic())
+        outcome = plan[item_id][len(tries[item_id]) - 1]
+        if outcome == "pause":
+            raise Paused("Triton busy")
+        if outcome == "fail":
+            raise RuntimeError("decode step failed")
+        engine.set_captions({item_id: "a caption"})
+        return True
+
+    job = CaptionRetryJob(book, policy, caption_item)
+    job.record_failures({i: "decoder cache full" for i in ids})
+    assert job.stats() == {"captions_pending_retry": 5, "captions_retried_ok": 0, "captions_given_up": 0}
+    engine.set_captions({ids[3]: "made by a search"})  # no retry needed any more
+    engine.delete(ids[4])
+    if durable:
+        engine.close()
+        engine = open_engine(tmp_path / "data")
+        book = job.book = engine.retry_book
+        assert book.counts() == (3, 0)
+
+    async def run_until_settled():
+        task = asyncio.create_task(job.run())
+        deadline = time.monotonic() + 20
+        while job.stats()["captions_pending_retry"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        task.cancel()
+
+    asyncio.run(run_until_settled())
+    assert job.stats() == {"captions_pending_retry": 0, "captions_retried_ok": 2, "captions_given_up": 1}
+    assert [len(tries[i]) for i in ids[:3]] == [2, 3, 3] and tries[ids[3]] == tries[ids[4]] == []
+    waits = np.diff(tries[ids[1]])  # after retry 1 fails: 2 x first_wait_s; after retry 2: 4 x
+    assert waits[0] >= 2 * policy.first_wait_s * 0.9 and waits[1] >= 4 * policy.first_wait_s * 0.9, waits
+    if durable:
+        assert engine.get(ids[0]).caption == engine.get(ids[2]).caption == "a caption"
+    engine.close()

@@ -124,20 +124,28 @@ def test_text_encoder(models, tiny_coca):
 def test_text_decoder_runs_captions_to_done(models, tiny_coca, images, params):
     decoder = models["coca_text_decoder"]
     embeddings = tiny_coca.encode_images(images[:2]).image_embeddings.numpy()
-    outputs = ["TOKEN", "DONE", "TOKENS", "BATCH_ROWS", "STATS"]
+    outputs = ["TOKEN", "DONE", "TOKENS", "BATCH_ROWS", "STATS", "TEXT_SO_FAR"]
     start = {name: np.array([[value]], dtype) for field, (name, dtype) in SAMPLING_INPUTS.items()
              if (value := getattr(params, field)) is not None}
     requests = [Request({**start, "IMAGE_EMBEDDINGS": embeddings[i : i + 1]}, outputs, 100 + i, START) for i in range(2)]
-    rows = []
+    rows, texts = [], []
     while True:
         responses = decoder.execute(requests)
         assert all(r.error is None for r in responses), [r.error for r in responses]
         rows.append(int(responses[0].outputs["BATCH_ROWS"][0, 0]))
+        texts.append([r.outputs["TEXT_SO_FAR"][0, 0].decode() for r in responses])
+        for response, text in zip(responses, texts[-1]):  # each step: the text of its tokens that cannot change
+            tokens = response.outputs["TOKENS"][0].tolist()
+            done = response.outputs["DONE"][0, 0]
+            assert text == (tiny_coca.decode_text(tokens) if done else tiny_coca.text_so_far(tokens))
         if all(r.outputs["DONE"][0, 0] for r in responses):
             break
         requests = [Request({}, outputs, 100 + i) for i in range(2)]
     tokens = [r.outputs["TOKENS"][0].tolist() for r in responses]
-    assert tokens == [c.tokens for c in tiny_coca.caption(images[:2], params)]
+    captions = tiny_coca.caption(images[:2], params)
+    assert tokens == [c.tokens for c in captions]
+    assert texts[-1] == [c.text for c in captions]
+    assert all(after.startswith(before) for steps in zip(texts, texts[1:]) for before, after in zip(*steps))
     assert max(rows) == 2 * params.num_beams  # both captions in one forward
     ended = decoder.execute([Request({}, outputs, 100 + i, END) for i in range(2)])
     stats = json.loads(ended[-1].outputs["STATS"][0, 0])

@@ -114,6 +114,21 @@ class AsyncClient(ClientBase):
         request = t.caption_request(image, video, id, frames, sampling, settings)
         return t.Caption.from_pb(await self._unary("Caption", request, timeout))
 
+    async def caption_stream(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None,
+                             id: str = "", frames: int = 0, sampling: Optional[t.Sampling] = None, timeout=_UNSET,
+                             **settings) -> AsyncIterator[t.CaptionChunk]:
+        """As Client.caption_stream: CaptionChunks as the text grows; closing the iterator cancels the call."""
+        request = t.caption_request(image, video, id, frames, sampling, settings)
+        call = self._stub.CaptionStream(request, timeout=self.timeout if timeout is _UNSET else timeout,
+                                        metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield t.CaptionChunk.from_pb(chunk)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "CaptionStream", self.target) from None
+        finally:
+            call.cancel()
+
     async def classify(self, labels: list[str], image: Optional[t.ImageInput] = None, *, id: str = "",
                        template: str = "", timeout=_UNSET) -> list[t.LabelScore]:
         request = pb.ClassifyRequest(image=t.image_ref(image, id), labels=labels, template=template)

@@ -146,6 +146,23 @@ class Client(ClientBase):
         request = t.caption_request(image, video, id, frames, sampling, settings)
         return t.Caption.from_pb(self._unary("Caption", request, timeout))
 
+    def caption_stream(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None,
+                       id: str = "", frames: int = 0, sampling: Optional[t.Sampling] = None, timeout=_UNSET,
+                       **settings) -> Iterator[t.CaptionChunk]:
+        """caption(), as the text is written: a CaptionChunk each time it grows (`piece`: the new text), the
+        last one `done` with the Caption. Stop iterating early (close the iterator) to cancel: the server
+        frees its decoder sequence. Not retried (chunks already seen cannot be taken back)."""
+        request = t.caption_request(image, video, id, frames, sampling, settings)
+        call = self._stub.CaptionStream(request, timeout=self.timeout if timeout is _UNSET else timeout,
+                                        metadata=self._metadata)
+        try:
+            for chunk in call:
+                yield t.CaptionChunk.from_pb(chunk)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "CaptionStream", self.target) from None
+        finally:
+            call.cancel()  # a no-op when it finished
+
     def classify(self, labels: list[str], image: Optional[t.ImageInput] = None, *, id: str = "", template: str = "",
                  timeout=_UNSET) -> list[t.LabelScore]:
         """Zero-shot classification, most likely label first."""

@@ -117,6 +117,22 @@ class Caption:
 
 
 @dataclass(frozen=True)
+class CaptionChunk:
+    """One message of a caption stream: `piece` is what `text` gained; the last (`done`) holds the Caption."""
+
+    piece: str
+    text: str
+    token_count: int
+    done: bool = False
+    caption: Optional[Caption] = None
+
+    @classmethod
+    def from_pb(cls, chunk: pb.CaptionChunk) -> "CaptionChunk":
+        return cls(chunk.piece, chunk.text, chunk.token_count, chunk.done,
+                   Caption.from_pb(chunk.caption) if chunk.done else None)
+
+
+@dataclass(frozen=True)
 class LabelScore:
     label: str
     probability: float
@@ -210,6 +226,9 @@ class Stats:
     triton_endpoints: tuple[TritonEndpoint, ...] = ()
     repository_id: str = ""  # the export (weights hash) the service's Triton serves
     accepts_embeddings: bool = False  # AddItem.embedding is taken (service started with --accept-embeddings)
+    captions_pending_retry: int = 0  # AddItem(caption=True) captions that failed, waiting for the retry job
+    captions_retried_ok: int = 0  # made by the retry job since the service started
+    captions_given_up: int = 0  # items whose retries ran out
 
     @classmethod
     def from_pb(cls, s: pb.StatsResponse) -> "Stats":

@@ -11,6 +11,7 @@
 //   for await (const item of client.iterItems({ orderBy: "-added_at", pageSize: 50 })) console.log(item.id);
 //   const { groups } = await client.findDuplicates({ threshold: 0.95 });
 //   const results = await client.add([{ image: fs.readFileSync("a.jpg"), nearDuplicateThreshold: 0.95 }]);
+//   for await (const chunk of client.captionStream(fs.readFileSync("cat.jpg"))) process.stdout.write(chunk.piece);
 "use strict";
 
 const fs = require("fs");
@@ -76,12 +77,29 @@ function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoR
     });
   }
 
+  // CaptionStream: an async iterator of chunks ({ piece, text, token_count, done, caption }); leaving the
+  // loop early cancels the call (the service frees its decoder sequence). Not retried.
+  async function* stream(method, request, { timeout = timeoutMs } = {}) {
+    const call = stub[method](request, metadata, { deadline: new Date(Date.now() + timeout) });
+    try {
+      for await (const message of call) yield message;
+    } catch (error) {
+      throw new SearchError(method, target, error);
+    } finally {
+      call.cancel();
+    }
+  }
+
+  // What to caption: image bytes (a Buffer), or { id } of an indexed item, or { video, frames }.
+  const captionRequest = (media, sampling) => (Buffer.isBuffer(media) ? { image: media, sampling } : { ...media, sampling });
+
   return {
     // opts: k, withCaptions, filters, minScore, where, orderBy, pageToken (searchOptions below); mode
     // ("vector", "keyword" or "hybrid") and keywordWeight (hybrid: 0..1)
     searchText: (text, opts = {}) => unary("SearchText", searchTextRequest(text, opts), opts),
     searchImage: (image, opts = {}) => unary("SearchImage", { image, options: searchOptions(opts) }, opts),
-    caption: (image, sampling = {}, opts = {}) => unary("Caption", { image, sampling }, opts),
+    caption: (media, sampling = {}, opts = {}) => unary("Caption", captionRequest(media, sampling), opts),
+    captionStream: (media, sampling = {}, opts = {}) => stream("CaptionStream", captionRequest(media, sampling), opts),
     get: (id, opts = {}) => unary("Get", { id }, opts),
     stats: (opts = {}) => unary("Stats", {}, opts),
     // One page of items: { filters, where, orderBy, pageSize, pageToken, includeEmbeddings } -> { items, next_page_token, total }

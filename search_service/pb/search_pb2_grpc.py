@@ -60,6 +60,11 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionResponse.FromString,
                 _registered_method=True)
+        self.CaptionStream = channel.unary_stream(
+                '/coca.search.v1.SearchService/CaptionStream',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionChunk.FromString,
+                _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/coca.search.v1.SearchService/Classify',
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.ClassifyRequest.SerializeToString,
@@ -130,6 +135,14 @@ class SearchServiceServicer:
 
     def Caption(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CaptionStream(self, request, context):
+        """Caption, streamed: the text as the decoder writes it. The same request, bounds and errors as Caption
+        (an error may also end a stream that has sent chunks); its pieces add up to Caption's text.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -205,6 +218,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.Caption,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionResponse.SerializeToString,
+            ),
+            'CaptionStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.CaptionStream,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.CaptionChunk.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
@@ -377,6 +395,33 @@ class SearchService:
             '/coca.search.v1.SearchService/Caption',
             coca_dot_search_dot_v1_dot_search__pb2.CaptionRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.CaptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptionStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/coca.search.v1.SearchService/CaptionStream',
+            coca_dot_search_dot_v1_dot_search__pb2.CaptionRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.CaptionChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,8 @@ START carries IMAGE_EMBEDDINGS (1, 255, W) and optional sampling inputs; every r
 START included, advances its caption by one token and answers TOKEN, LOGPROB, DONE,
 TOKENS, LOGPROBS, BATCH_ROWS (and STATS on request). A request with END computes nothing: it
 frees the sequence, and answers TEXT, the finished caption read by the model's tokenizer (so
-clients need no tokenizer). START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
+clients need no tokenizer). A step asked for TEXT_SO_FAR also answers the text so far (a stream
+shows it as it grows): never a text that later tokens change, the finished caption once DONE. START+END without IMAGE_EMBEDDINGS is a probe: it answers STATS
 (and DONE) and starts nothing. A finished caption gives its cache rows back at once; until END
 its requests just answer DONE with the final TOKENS and LOGPROBS.
 
@@ -159,6 +160,9 @@ class TextDecoderModel(CocaModel):
         if "TEXT" in wanted:
             text = self.coca.decode_text(tokens) if sequence.done else ""
             outputs["TEXT"] = np.array([[text.encode()]], np.object_)
+        if "TEXT_SO_FAR" in wanted:  # a stream's step: what later tokens cannot change (coca.runtime.text_so_far)
+            text = self.coca.decode_text(tokens) if sequence.done else self.coca.text_so_far(tokens)
+            outputs["TEXT_SO_FAR"] = np.array([[text.encode()]], np.object_)
         return {name: value for name, value in outputs.items() if name in wanted}
 
     # --- memory ------------------------------------------------------------------------

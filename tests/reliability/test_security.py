@@ -119,6 +119,10 @@ def test_the_token_guards_every_method(tmp_path, live_triton, exported, figures)
                     call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
                     with pytest.raises(grpc.RpcError) as info:
                         list(call(iter([request]), metadata=metadata, timeout=30))
+                elif method.server_streaming:  # CaptionStream
+                    call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+                    with pytest.raises(grpc.RpcError) as info:
+                        list(call(request, metadata=metadata, timeout=30))
                 else:
                     call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
                     with pytest.raises(grpc.RpcError) as info:
