@@ -2,7 +2,7 @@
 
     coca bench search --vectors 100000,1000000 --index HNSW32 [--index IVF4096,Flat ...]
                       [--model coca_ViT-B-32 --pretrained random] [--queries 200] [--ef-search 128]
-                      [--filter-selectivity 0.001,0.01,0.1,0.5]
+                      [--filter-selectivity 0.001,0.01,0.1,0.5] [--mode vector,keyword,hybrid]
 
 The collection is synthetic but shaped like real embeddings, around the served model's own space:
   * centres: the model's text embeddings (through Triton) of `--clusters` distinct phrases
@@ -20,6 +20,12 @@ for graph search: the filter and the query's neighbourhood are unrelated). Each 
 searched in process through the service's Engine (metadata filter + index, the same code as a
 filtered SearchText minus the text embedding); recall@10 is against exact search over the items
 the filter selects.
+
+Search modes (--mode): every item has a synthetic caption of 12-16 words (its cluster's phrase plus other
+things seen, from the same vocabulary), kept in the store's full-text index. The same query texts are sent
+in each mode (VECTOR, KEYWORD, HYBRID), interleaved query by query so load on the machine falls on every
+mode alike, to one service started with --text-cache-size 0 (every query text is embedded: no mode gets a
+cached embedding another paid for).
 
 Everything slow is cached under --cache (default data/bench/search): the exported model
 repository, the store (SQLite) of each collection size, and each index snapshot with its
@@ -53,11 +59,13 @@ SCENES = ["in a park", "on a street", "at night", "in the snow", "on the beach",
           "under water", "in the desert", "in a city", "on a table", "in the rain", "at sunset", "in a garden",
           "on a mountain", "in a studio", "in a field", "on a road", "in a room", "in the sky"]
 
-GENERATOR_VERSION = 2  # bump when the construction changes: cached collections are rebuilt
+GENERATOR_VERSION = 3  # 3: captions. Bump when the construction changes: cached collections are rebuilt
 SELECTIVITIES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # filterable shares (metadata in_<s> = "1")
 SUBSPACE_DIM = 12
 SPREAD = 0.75  # |offset| relative to the centre: cos(vector, centre) ~ 1 / sqrt(1 + SPREAD^2) ~ 0.8
 NOISE = 0.05
+MODES = ("vector", "keyword", "hybrid")
+EXTRAS = ["next to", "behind", "beside", "in front of", "near", "with"]  # caption fillers: 12-16 words a caption
 
 
 def parse(argv):
@@ -72,6 +80,8 @@ def parse(argv):
     add_encoder_options(p)
     p.add_argument("--filter-selectivity", default="",
                    help=f"filtered searches at these shares of the collection, comma-separated (of {SELECTIVITIES})")
+    p.add_argument("--mode", default="vector", help=f"text search modes, comma-separated (of {', '.join(MODES)}): "
+                   "p50/p99 per mode side by side (FAISS store)")
     p.add_argument("--vector-store", default="faiss", help="faiss, milvus or both (comma-separated): side by side")
     p.add_argument("--milvus-uri", default="", help="a running Milvus (default: start a local standalone)")
     p.add_argument("--cache", default="data/bench/search")
@@ -111,6 +121,16 @@ def synthetic(centres: np.ndarray, count: int, seed: int, chunk: int = 50_000):
         yield ids, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), rng.random(len(ids))
 
 
+def synthetic_captions(rng: np.random.Generator, cluster_phrases: list[str], clusters: np.ndarray) -> list[str]:
+    """A caption per item: its cluster's phrase (without "a photo of") and one or two more things nearby."""
+    out = []
+    for cluster in clusters.tolist():
+        more = [f"{EXTRAS[rng.integers(len(EXTRAS))]} a {ADJECTIVES[rng.integers(len(ADJECTIVES))]} "
+                f"{NOUNS[rng.integers(len(NOUNS))]}" for _ in range(1 + int(rng.integers(2)))]
+        out.append(" ".join([cluster_phrases[cluster].removeprefix("a photo of "), *more]))
+    return out
+
+
 def filter_metadata(cluster: int, draw: float) -> dict[str, str]:
     return {"cluster": str(cluster), **{f"in_{s:g}": "1" for s in SELECTIVITIES if draw < s}}
 
@@ -139,7 +159,8 @@ def collection(cache: Path, triton_url: str, identity, count: int, args) -> Path
     if done.is_file():
         return directory
     rng = np.random.default_rng(args.seed)
-    centres = embed_texts(triton_url, phrases(rng, args.clusters))
+    cluster_phrases = phrases(rng, args.clusters)
+    centres = embed_texts(triton_url, cluster_phrases)
     store = Store(directory)
     store.bind_model(identity.model, identity.pretrained, identity.embed_dim)
     vectors = np.lib.format.open_memmap(directory / "vectors.npy", mode="w+", dtype=np.float32,
@@ -150,9 +171,10 @@ def collection(cache: Path, triton_url: str, identity, count: int, args) -> Path
     started, position = time.perf_counter(), 0
     with tqdm(total=count, unit="vec", desc=f"storing {count} synthetic vectors") as bar:
         for clusters, chunk, draw in synthetic(centres, count, args.seed):
-            store.add([NewItem(sha256=sha256_hex(f"synthetic {args.seed} {position + i}".encode()),
-                               uri=f"synthetic:{position + i}", embedding=v, metadata=filter_metadata(c, d))
-                       for i, (c, v, d) in enumerate(zip(clusters.tolist(), chunk, draw.tolist()))])
+            added = store.add([NewItem(sha256=sha256_hex(f"synthetic {args.seed} {position + i}".encode()),
+                                       uri=f"synthetic:{position + i}", embedding=v, metadata=filter_metadata(c, d))
+                               for i, (c, v, d) in enumerate(zip(clusters.tolist(), chunk, draw.tolist()))])
+            store.set_captions(dict(zip([a.id for a in added], synthetic_captions(rng, cluster_phrases, clusters))))
             vectors[position:position + len(chunk)] = chunk
             draws[position:position + len(chunk)] = draw
             position += len(chunk)
@@ -410,6 +432,31 @@ def measure(directory: Path, factory: str, knob: str, value: int, triton_url: st
             "embed_p50_ms": ms(embed, 50), "service_start_s": round(load_s, 1)}
 
 
+def mode_times(directory: Path, factory: str, knob: str, value: int, triton_url: str, texts: list[str],
+               modes: list[str]) -> dict[str, dict]:
+    """p50/p99 ms of SearchText (k=10) in each mode, the same texts, interleaved query by query; one service
+    without a query-text cache."""
+    from clients.coca_client import Client
+    from search_service.testing import ServiceProcess
+
+    flag = {"ef": "--ef-search", "nprobe": "--nprobe"}[knob]
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    found: dict[str, list[int]] = {mode: [] for mode in modes}
+    with ServiceProcess(directory, triton_url, "--index", factory, flag, str(value), "--text-cache-size", "0"
+                        ).start(timeout=1200) as service, Client(service.address) as client:
+        for text in texts[:5]:  # warm-up: channel, Triton, index and full-text pages
+            for mode in modes:
+                client.search_text(text, k=10, mode=mode)
+        for text in texts:
+            for mode in modes:
+                started = time.perf_counter()
+                hits = client.search_text(text, k=10, mode=mode).hits
+                times[mode].append(time.perf_counter() - started)
+                found[mode].append(len(hits))
+    return {mode: {"p50_ms": ms(times[mode], 50), "p99_ms": ms(times[mode], 99),
+                   "mean_hits": round(float(np.mean(found[mode])), 2)} for mode in modes}
+
+
 def main(argv=None) -> int:
     from serving.repository import ensure_repository
     from serving.launcher import TritonServer
@@ -424,10 +471,13 @@ def main(argv=None) -> int:
     unknown = [s for s in selectivities if s not in SELECTIVITIES]
     if unknown:
         raise SystemExit(f"coca bench search: --filter-selectivity {unknown} not among {SELECTIVITIES}")
+    modes = [v for v in args.mode.split(",") if v]
+    if not modes or set(modes) - set(MODES):
+        raise SystemExit(f"coca bench search: --mode takes {', '.join(MODES)} (comma-separated), got {args.mode!r}")
     stores = [v for v in args.vector_store.split(",") if v]
     if set(stores) - {"faiss", "milvus"}:
         raise SystemExit(f"coca bench search: --vector-store takes faiss and/or milvus, got {args.vector_store!r}")
-    rows, results, filtered_rows, filtered = [], [], [], []
+    rows, results, filtered_rows, filtered, mode_rows, by_mode = [], [], [], [], [], []
     with TritonServer(repository, kill_on_parent_exit=True).start(timeout=600) as triton, \
             milvus_server(args, stores) as milvus_uri:  # Triton is slow to start on a loaded box
         identity = _identity(triton.grpc_url)
@@ -455,6 +505,15 @@ def main(argv=None) -> int:
                     results.append(result)
                     rows.append([count, factory, f"{knob}={value}" if "Flat" != factory else "", build["build_s"],
                                  m["p50_ms"], m["p99_ms"], m["embed_p50_ms"], alone[value], f"{m['recall_at_10']:.3f}"])
+                if modes != ["vector"]:
+                    per_mode = mode_times(directory, factory, knob, values[0], triton.grpc_url, query_texts, modes)
+                    base = per_mode.get("vector")
+                    for mode, m in per_mode.items():
+                        ratio = round(m["p50_ms"] / base["p50_ms"], 2) if base else None
+                        by_mode.append({"vectors": count, "index": factory, knob: values[0], "mode": mode, **m,
+                                        "p50_vs_vector": ratio})
+                        mode_rows.append([count, factory, mode, m["p50_ms"], m["p99_ms"], m["mean_hits"],
+                                          "" if ratio is None else f"{ratio:.2f}x"])
                 if selectivities:
                     knobs = {"ef_search": values[0]} if knob == "ef" else {"nprobe": values[0]}
                     engine = open_engine(directory, factory, identity.embed_dim, knobs)
@@ -490,6 +549,10 @@ def main(argv=None) -> int:
           f"({floor['weight_mb']} MB at {floor['matvec_gbs']} GB/s, one matvec measured now)")
     print_table(["vectors", "index", "knob", "build s", "p50 ms", "p99 ms", "embed p50", "index p50", "recall@10"], rows)
     _print_store_ratios(results)
+    if mode_rows:
+        print("\nSearchText by mode through gRPC (k=10, the same texts, interleaved; no query-text cache: each "
+              "embeds its text); target hybrid p50 <= 1.5x vector p50")
+        print_table(["vectors", "index", "mode", "p50 ms", "p99 ms", "hits", "p50 / vector"], mode_rows)
     if filtered_rows:
         print("\nfiltered searches in process (Engine: metadata filter + index + items), recall@10 vs exact "
               "filtered search; target p50 <= 20 ms and recall@10 >= 0.95 at every selectivity")
@@ -500,8 +563,8 @@ def main(argv=None) -> int:
                 "encoder_precision": args.encoder_precision, "served_cosine_min": round(float(cosines.min()), 6),
                 "served_cosine_mean": round(float(cosines.mean()), 6), "floor": floor,
                 "target": {"vectors": 1_000_000, "p50_ms": 20, "recall_at_10": 0.95, "served_cosine": 0.999,
-                           "served_vs_fp32_recall_at_10": 0.98}, "results": results,
-                "filtered": filtered})
+                           "served_vs_fp32_recall_at_10": 0.98, "hybrid_p50_vs_vector": 1.5}, "results": results,
+                "filtered": filtered, "modes": by_mode})
     return 0
 
 

@@ -303,38 +303,29 @@ def _demo_options(p):
 demo.configure = _demo_options
 
 
-@command("serve", "run tritonserver and the search service on 127.0.0.1 until Ctrl-C")
-def serve(args):
-    from clients import search_cli
+def search_command(name: str, help: str, function: str, model_options: bool = False) -> None:
+    """Register clients/search_cli.py's `function` (and its configure_NAME) as a subcommand, imported when run:
+    `coca --help` stays fast. The search commands take no model options (the service holds the model), serve aside."""
 
-    return search_cli.serve(args)
+    def run(args):
+        from clients import search_cli
 
+        return getattr(search_cli, function)(args)
 
-@command("index", "add a folder of images to the search service (resumable)")
-def index(args):
-    from clients import search_cli
+    def configure(p):
+        from clients import search_cli
 
-    return search_cli.index(args)
+        getattr(search_cli, f"configure_{name}")(p)
 
-
-@command("search", "search the indexed images by text or by image")
-def search(args):
-    from clients import search_cli
-
-    return search_cli.search(args)
+    run.configure, run.raw = configure, not model_options
+    command(name, help)(run)
 
 
-def _search_cli():
-    from clients import search_cli
-
-    return search_cli
-
-
-serve.configure = lambda p: _search_cli().configure_serve(p)
-index.configure = lambda p: _search_cli().configure_index(p)
-index.raw = True  # no model options: the service holds the model
-search.configure = lambda p: _search_cli().configure_search(p)
-search.raw = True
+search_command("serve", "run tritonserver and the search service on 127.0.0.1 until Ctrl-C", "serve", model_options=True)
+search_command("index", "add a folder of images to the search service (resumable)", "index")
+search_command("search", "search the indexed images by text or by image", "search")
+search_command("list", "browse the indexed items a page at a time (conditions, order)", "list_items")
+search_command("duplicates", "groups of near-identical indexed images (cosine similarity >= a threshold)", "duplicates")
 
 
 @command("export", "write a Triton model repository (configs, model.py, each part's weights) for a model")

@@ -1,10 +1,14 @@
 """The search commands of `coca`: serve, index, search (registered in clients/cli.py).
 
     coca serve [--data DIR] [--model NAME --pretrained TAG|PATH|random] [--port 50051]
-    coca index DIR [--server 127.0.0.1:50051] [--meta key=value ...]
+    coca index DIR [--server 127.0.0.1:50051] [--meta key=value ...] [--captions]
+                   [--near-duplicates 0.95 [--skip-near-duplicates]]
     coca index SOURCE [SOURCE ...] --ray [ADDRESS] [--triton HOST:PORT,...] [--writers N] [--report FILE]
     coca search "a red car" [-k 10] [--captions] [--html out.html]
     coca search --image photo.jpg
+    coca search "a red barn" --mode hybrid --where year>=2000 --order-by=-added_at
+    coca list [--where CONDITION ...] [--order-by=-added_at] [--page-size 20] [--page-token TOKEN]
+    coca duplicates [--threshold 0.95] [--page-size 20] [--page-token TOKEN]
     coca caption photo.jpg --server 127.0.0.1:50051 [--stream]   (clients/cli.py's caption command)
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ import html
 import io
 import os
 import sys
+import time
 from pathlib import Path
 
 from coca.errors import InvalidInputError
@@ -134,6 +139,11 @@ def configure_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata for every image")
     p.add_argument("--server-paths", action="store_true",
                    help="send paths instead of bytes (the folder must be under one of the server's --root)")
+    p.add_argument("--captions", action="store_true",
+                   help="caption each new image as it is added (a caption that fails does not fail the add)")
+    p.add_argument("--near-duplicates", type=float, metavar="THRESHOLD",
+                   help="report images whose cosine similarity to a stored one is at least THRESHOLD (0 < T <= 1)")
+    p.add_argument("--skip-near-duplicates", action="store_true", help="with --near-duplicates: do not store them")
     add_connection_options(p)
     ray_cli.configure(p)
 
@@ -146,9 +156,11 @@ def index(args) -> int:
     from coca.media import image_files
 
     metadata = parse_pairs(args.meta, "--meta")
+    options = add_options(args)
     if args.ray is not None:
-        if args.server_paths:
-            raise InvalidInputError("--server-paths does not apply with --ray (Ray workers read the files)")
+        if args.server_paths or any(options.values()):
+            raise InvalidInputError("--server-paths, --captions and --near-duplicates do not apply with --ray "
+                                    "(Ray workers read and embed the files)")
         return ray_cli.run(args, metadata)
     ray_cli.check_plain(args)
     if len(args.sources) > 1:
@@ -157,10 +169,14 @@ def index(args) -> int:
     counts = {outcome.value: 0 for outcome in Outcome}
     with connect(args) as client, tqdm(total=len(files), unit="img", desc="indexing") as bar:
         try:
-            for result in client.add_files(files, metadata, server_paths=args.server_paths):
+            for result in client.add_files(files, metadata, server_paths=args.server_paths, **options):
                 counts[result.outcome.value] += 1
                 if result.outcome is Outcome.FAILED:
                     bar.write(f"{files[result.index]}: {result.error.message}", file=sys.stderr)
+                elif result.outcome is Outcome.NEAR_DUPLICATE:
+                    other, score = result.near_duplicate
+                    bar.write(f"{files[result.index]}: near-duplicate of {other} (cosine {score:.4f})"
+                              + (f", stored as {result.id}" if result.id else ", not stored"))
                 bar.update(1)
                 bar.set_postfix(counts)
         except SearchError as exc:
@@ -168,9 +184,21 @@ def index(args) -> int:
             print(f"coca index: error: {exc} (run it again to resume: indexed images "
                   f"are skipped by content hash)", file=sys.stderr)
             return 1
-    print(f"{len(files)} files: {counts['added']} added, {counts['duplicate']} already indexed, "
+    near = f", {counts['near_duplicate']} near-duplicates" if options["near_duplicate_threshold"] else ""
+    print(f"{len(files)} files: {counts['added']} added, {counts['duplicate']} already indexed{near}, "
           f"{counts['failed']} failed")
     return 1 if counts["failed"] else 0
+
+
+def add_options(args) -> dict:
+    """add_files' per-item options from `coca index`'s flags (bad values: InvalidInputError, exit 2)."""
+    threshold = args.near_duplicates
+    if threshold is not None and not 0 < threshold <= 1:
+        raise InvalidInputError(f"--near-duplicates {threshold}: a cosine similarity in (0, 1]")
+    if args.skip_near_duplicates and threshold is None:
+        raise InvalidInputError("--skip-near-duplicates needs --near-duplicates THRESHOLD")
+    return {"near_duplicate_threshold": threshold, "skip_near_duplicates": args.skip_near_duplicates,
+            "caption": args.captions}
 
 
 # ---------------------------------------------------------------- caption (coca caption --server)
@@ -215,13 +243,8 @@ def configure_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="search with an image file instead of text")
     p.add_argument("-k", type=int, default=10, help="number of hits (default %(default)s)")
     p.add_argument("--captions", action="store_true", help="caption the hits (stored for next time)")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata must match")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
-    p.add_argument("--where", action="append", default=[], metavar="CONDITION",
-                   help="a condition (AND): FIELD=V, FIELD!=V, FIELD=A|B (any of), FIELD>=V, FIELD>V, FIELD<=V, "
-                        "FIELD<V (added_at or a declared number/date field; dates in ISO 8601)")
-    p.add_argument("--order-by", default="", metavar="FIELD",
-                   help="hits in this field's order (--order-by=-FIELD: descending)")
+    add_condition_options(p, "hits")
     p.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="vector",
                    help="text search: by embedding, by caption words (BM25), or both fused (default %(default)s)")
     p.add_argument("--keyword-weight", type=float, default=None, help="--mode hybrid: the keyword list's weight 0..1")
@@ -230,56 +253,114 @@ def configure_search(p: argparse.ArgumentParser) -> None:
     add_connection_options(p)
 
 
-OPERATORS = ("!=", ">=", "<=", "=", ">", "<")  # longest first
-BOUNDS = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
+def add_condition_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--filter, --where and --order-by (coca search, coca list)."""
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata must match")
+    p.add_argument("--where", action="append", default=[], metavar="CONDITION",
+                   help="a condition (AND): FIELD=V, FIELD!=V, FIELD=A|B (any of), FIELD>=V, FIELD>V, FIELD<=V, "
+                        "FIELD<V (added_at or a declared number/date field; dates in ISO 8601)")
+    p.add_argument("--order-by", default="", metavar="FIELD",
+                   help=f"{what} in this field's order (--order-by=-FIELD: descending)")
+
+
+def conditions(args) -> dict:
+    """The client's filters/where/order_by keywords from add_condition_options' flags."""
+    return dict(filters=parse_pairs(args.filter, "--filter"), where=[parse_condition(c) for c in args.where],
+                order_by=args.order_by)
+
+
+def call_service(args, command: str, body) -> int:
+    """body(client) with the connection options; a service error is one line: exit 2 for bad input, else 1."""
+    from clients.coca_client import InvalidArgument, NotFound, SearchError
+
+    with connect(args) as client:
+        try:
+            return body(client) or 0
+        except SearchError as exc:
+            print(f"coca {command}: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, (InvalidArgument, NotFound)) else 1
 
 
 def parse_condition(text: str):
-    """A --where condition as a client Condition (see the option's help)."""
+    """A --where condition as a client Condition (see the option's help); InvalidInputError when it is none."""
     from clients.coca_client import Condition
-    from coca.errors import InvalidInputError
 
-    at = min(((text.find(op), -len(op), op) for op in OPERATORS if text.find(op) > 0), default=None)
-    if at is None:
-        raise InvalidInputError(f"--where {text!r}: write FIELD=V, FIELD!=V, FIELD=A|B, FIELD>=V, FIELD>V, FIELD<=V "
-                                "or FIELD<V")
-    op = at[2]
-    field, value = text[:at[0]], text[at[0] + len(op):]
-    if op in BOUNDS:
-        return Condition(field, **{BOUNDS[op]: value})
-    values = value.split("|")
-    if len(values) > 1:
-        return Condition(field, any_of=values, negate=op == "!=")
-    return Condition(field, equals=value, negate=op == "!=")
+    try:
+        return Condition.parse(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"--where {exc}") from None
 
 
 def search(args) -> int:
-    from clients.coca_client import InvalidArgument, NotFound, SearchError
-
     if (args.text is None) == (args.image is None):
         raise InvalidInputError("give either a text or --image FILE")
-    filters = parse_pairs(args.filter, "--filter")
-    query = dict(k=args.k, with_captions=args.captions, filters=filters, min_score=args.min_score,
-                 where=[parse_condition(c) for c in args.where], order_by=args.order_by, page_token=args.page_token)
-    with connect(args) as client:
-        try:
-            if args.image:
-                if args.mode != "vector":
-                    raise InvalidInputError("--mode keyword/hybrid search with a text, not --image")
-                response = client.search_image(Path(args.image), **query)
-            else:
-                response = client.search_text(args.text, mode=args.mode, keyword_weight=args.keyword_weight, **query)
-            print_hits(response.hits)
-            if response.next_page_token:
-                print(f"next page: --page-token {response.next_page_token}")
-            if args.html:
-                query = args.text or f"image {args.image}"
-                write_html(args.html, query, response.hits, [_thumbnail(client, h.id) for h in response.hits])
-                print(f"wrote {args.html}")
-        except SearchError as exc:
-            print(f"coca search: error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, (InvalidArgument, NotFound)) else 1
-    return 0
+    if args.image and args.mode != "vector":
+        raise InvalidInputError("--mode keyword/hybrid search with a text, not --image")
+    query = dict(k=args.k, with_captions=args.captions, min_score=args.min_score, page_token=args.page_token,
+                 **conditions(args))
+
+    def body(client):
+        if args.image:
+            response = client.search_image(Path(args.image), **query)
+        else:
+            response = client.search_text(args.text, mode=args.mode, keyword_weight=args.keyword_weight, **query)
+        print_hits(response.hits)
+        print_next_page(response.next_page_token)
+        if args.html:
+            write_html(args.html, args.text or f"image {args.image}", response.hits,
+                       [_thumbnail(client, h.id) for h in response.hits])
+            print(f"wrote {args.html}")
+
+    return call_service(args, "search", body)
+
+
+def print_next_page(token: str) -> None:
+    if token:
+        print(f"next page: --page-token {token}")
+
+
+# ---------------------------------------------------------------- list, duplicates
+def configure_list(p: argparse.ArgumentParser) -> None:
+    add_condition_options(p, "items")
+    p.add_argument("--page-size", type=int, default=20, help="items a page, 1..1000 (default %(default)s)")
+    p.add_argument("--page-token", default="", help="the next_page_token printed by the previous page")
+    add_connection_options(p)
+
+
+def list_items(args) -> int:
+    def body(client):
+        page = client.list(page_size=args.page_size, page_token=args.page_token, **conditions(args))
+        print(f"{len(page.items)} of {page.total} items")
+        print(f"{'added (UTC)':<20}  {'id':<32}  uri / caption")
+        for item in page.items:
+            added = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item.created_at))
+            print(f"{added:<20}  {item.id:<32}  {item.uri}" + (f"\n{'':>56}{item.caption}" if item.caption else ""))
+        print_next_page(page.next_page_token)
+
+    return call_service(args, "list", body)
+
+
+def configure_duplicates(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity, (0, 1] (default %(default)s)")
+    p.add_argument("--page-size", type=int, default=20, help="groups a page, 1..1000 (default %(default)s)")
+    p.add_argument("--neighbors", type=int, default=10,
+                   help="candidates per item from the ANN index, 1..100 (default %(default)s)")
+    p.add_argument("--page-token", default="", help="the next_page_token printed by the previous page")
+    add_connection_options(p)
+
+
+def duplicates(args) -> int:
+    def body(client):
+        page = client.find_duplicates(args.threshold, page_size=args.page_size, page_token=args.page_token,
+                                      neighbors=args.neighbors)
+        print(f"{len(page.groups)} of {page.total_groups} groups at cosine >= {args.threshold}")
+        for number, group in enumerate(page.groups, 1):
+            print(f"group {number}: {' '.join(group.ids)}")
+            for a, b, score in group.pairs:
+                print(f"  {score:.4f}  {a}  {b}")
+        print_next_page(page.next_page_token)
+
+    return call_service(args, "duplicates", body)
 
 
 def print_hits(hits) -> None:

@@ -31,7 +31,7 @@ class Hit:
     position: Optional[list] = None  # in a search ordered by a field: where the hit sits (a page resumes after it)
     vector_rank: int = 0  # KEYWORD/HYBRID modes: where the lists placed it (1 = first; 0 = not in that list)
     keyword_rank: int = 0
-    keyword_score: float = 0.0  # the keyword relevance (-BM25)
+    keyword_score: float = 0.0  # the keyword relevance (BM25, higher is better)
 
 
 @dataclass
@@ -144,8 +144,8 @@ class Collection(abc.ABC):
         return None
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
-        """The `k` live items passing `filters` whose caption best matches the words of `text` (BM25), most
-        relevant first; `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
+        """The `k` live items passing `filters` whose caption or text fields (the schema's `text` metadata) best
+        match the words of `text` (BM25), most relevant first; `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
         raise Unsupported(f"keyword search over captions: {type(self).__name__} has no full-text index")
 
     @abc.abstractmethod

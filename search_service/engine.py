@@ -2,7 +2,7 @@
 
 Every write (add, delete, caption, model binding) runs on one writer thread,
 which commits to SQLite and then applies the change to FAISS and to the
-in-memory filter index before returning: the index never runs ahead of the
+in-memory filter and keyword indexes before returning: the index never runs ahead of the
 store, changes reach FAISS in commit order, and a snapshot taken on that thread
 covers exactly the changes up to its recorded seq. A write is acknowledged
 once committed: snapshot or rebuild failures after it (a full disk, say) are
@@ -25,6 +25,7 @@ from .caption_retry import CaptionRetry, RetryBook
 from .collection import Collection, Hit, Page, QueryError, check_query
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
+from .keywords import KeywordIndex
 from .query import Filter, Order, QueryInputError, Schema
 from .store import AddOutcome, ConflictError, Item, NewItem, Store
 
@@ -54,6 +55,7 @@ class Engine(Collection):
         self.snapshot_path = Path(data_dir) / snapshot_file(settings.factory)
         self.index: Optional[VectorIndex] = None
         self.metadata = MetadataIndex(schema)
+        self.keywords = KeywordIndex(schema.text_fields)
         self.snapshot_seq = 0
         self.snapshot_failures = 0
         self._retry_at = 0.0  # monotonic time before which a failed snapshot is not tried again
@@ -82,6 +84,7 @@ class Engine(Collection):
         self.snapshot_seq = index.seq if how.startswith("snapshot") else 0
         replayed = index.catch_up(self.store)
         self.metadata.load(self.store.item_times(), self.store.metadata_rows())
+        self.keywords.load(self.store.item_texts(with_metadata=bool(self.keywords.text_fields)))
         self.index = index
         if replayed or how.startswith("rebuilt"):
             self._snapshot_or_retry_later()
@@ -127,7 +130,7 @@ class Engine(Collection):
 
     def set_captions(self, captions: dict[str, str]) -> None:
         if captions:
-            self._write(lambda: self.store.set_captions(captions))
+            self._write(lambda: self._set_captions(captions))
 
     @functools.cached_property
     def retry_book(self) -> RetryBook:
@@ -149,14 +152,22 @@ class Engine(Collection):
         times = {o.vid: o.created_at for o in outcomes if isinstance(o, AddOutcome)}
         for vid, item in new:
             self.metadata.add(vid, item.metadata, times[vid])
+            self.keywords.add(vid, None, item.metadata)
         self._after_write()
         return outcomes
+
+    def _set_captions(self, captions: dict[str, str]) -> None:
+        before = [item for item in map(self.store.get, captions) if item is not None]  # deleted meanwhile: skipped
+        self.store.set_captions(captions)
+        for item in before:
+            self.keywords.recaption(item.vid, item.caption, captions[item.id], item.metadata)
 
     def _delete(self, item_id: str) -> Optional[Item]:
         item = self.store.delete(item_id)
         if item is not None:
             self.index.remove([item.vid], self.store.last_seq())
             self.metadata.remove(item.vid, item.metadata)
+            self.keywords.remove(item.vid, item.caption, item.metadata)
             self._after_write()
         return item
 
@@ -239,12 +250,8 @@ class Engine(Collection):
         return [Hit(items[vid], score) for vid, score in ranked if vid in items]  # skips items deleted meanwhile
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
-        matches = self.store.keyword_matches(text)  # deleted items leave the full-text index with their row
         flt = Filter.of(filters)
-        if flt and matches:
-            allowed = np.isin(np.array([vid for vid, _ in matches], np.int64), self.metadata.matching(flt))
-            matches = [m for m, keep in zip(matches, allowed.tolist()) if keep]
-        matches = matches[:k]
+        matches = self.keywords.search(text, k, self.metadata.matching(flt) if flt else None)
         items = self.store.get_many([vid for vid, _ in matches])
         return [Hit(items[vid], score) for vid, score in matches if vid in items]
 

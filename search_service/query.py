@@ -1,7 +1,8 @@
 """What a search or List asks for besides the query vector: conditions on fields, an order, a page.
 
-* `Schema`: the collection's declared metadata fields (`--field year:number --field taken:date`).
-  Undeclared fields are strings. Number and date fields can be ranged over and ordered by.
+* `Schema`: the collection's declared metadata fields (`--field year:number --field taken:date --field title:text`).
+  Undeclared fields are strings. Number and date fields can be ranged over and ordered by; text fields are
+  strings that KEYWORD search also looks in (beside captions).
   `added_at` (when the item was stored) is a built-in date field.
 * `Condition`: one test on one field (equals, any of, a range), optionally negated; a `Filter` is
   conditions that must all hold. An item without the field fails every test (so passes its negation).
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
 ADDED_AT = "added_at"
-FIELD_TYPES = ("string", "number", "date")
+FIELD_TYPES = ("string", "number", "date", "text")
 TYPED = ("number", "date")
 MAX_CONDITIONS = 64
 MAX_ANY_OF = 256
@@ -64,7 +65,7 @@ PARSERS = {"number": parse_number, "date": parse_date}
 # ---------------------------------------------------------------- schema
 @dataclass(frozen=True)
 class Schema:
-    """Declared metadata fields: name -> string | number | date."""
+    """Declared metadata fields: name -> string | number | date | text (a string keyword search covers)."""
 
     fields: Mapping[str, str] = field(default_factory=dict)
 
@@ -95,6 +96,11 @@ class Schema:
     def typed_fields(self) -> dict[str, str]:
         """Declared number and date fields (ranges and orders work on these and on added_at)."""
         return {name: kind for name, kind in self.fields.items() if kind in TYPED}
+
+    @property
+    def text_fields(self) -> list[str]:
+        """Declared text fields: the metadata keyword search reads besides captions."""
+        return sorted(name for name, kind in self.fields.items() if kind == "text")
 
     def typed_value(self, name: str, text: str) -> Optional[float]:
         """A declared number/date field's value as a float; None when it does not parse (or is untyped)."""

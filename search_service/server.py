@@ -254,7 +254,7 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, default=IndexSettings.nprobe, help="IVF lists searched (FAISS, Milvus)")
     p.add_argument("--field", action="append", default=[], metavar="NAME:TYPE",
                    help=f"declare a metadata field's type ({', '.join(FIELD_TYPES)}): number and date fields can be "
-                        "ranged over and ordered by (repeatable)")
+                        "ranged over and ordered by; KEYWORD search reads text fields beside captions (repeatable)")
     p.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
     p.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
     p.add_argument("--collection", default=MilvusSettings.collection, help="Milvus collection (default %(default)s)")

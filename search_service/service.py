@@ -507,12 +507,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                                                        options.key()),
                                 options.k, self.config.max_search_depth)
         depth = page.depth_by_score(options.k)
-        words = keyword_hits(await asyncio.to_thread(self.engine.keyword_search, text, depth, options.filters))
-        if request.mode == pb.SearchTextRequest.HYBRID:
-            vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
-            near = await asyncio.to_thread(self.engine.search, vector, depth, options.filters, None, options.consistency)
-            words = fuse(near, words, weight)
-        hits, token = page.by_score(words, options.k)
+        matching = asyncio.to_thread(self.engine.keyword_search, text, depth, options.filters)
+        if request.mode == pb.SearchTextRequest.HYBRID:  # the text is embedded (Triton) while the words are matched
+            matched, vectors = await asyncio.gather(matching, self.models.embed_texts([text], self._timeout(context)))
+            near = await asyncio.to_thread(self.engine.search, vectors[0], depth, options.filters, None,
+                                           options.consistency)
+            ranked = fuse(near, keyword_hits(matched), weight)
+        else:
+            ranked = keyword_hits(await matching)
+        hits, token = page.by_score(ranked, options.k)
         return await self._respond(hits, options, context, token)
 
     @rpc

@@ -2,8 +2,7 @@
 
 Layout of a data directory::
 
-    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, caption full-text index (FTS5),
-                                   captions to retry (caption_retry)
+    store.sqlite3 (+ -wal, -shm)   items, metadata index, change log, store info, captions to retry (caption_retry)
     blobs/ab/abcdef...             image bytes received over the wire, named by sha256
     index.faiss                    the derived FAISS snapshot (search_service/index.py)
 
@@ -50,7 +49,9 @@ from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, sha256_hex
 __all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
            "default_id", "fsync_dir", "sha256_hex"]
 
-SCHEMA_VERSION = "2"  # 2: caption_text (FTS5 over captions); a version-1 store is migrated on open
+# 2: caption_text, an FTS5 index over captions. 3: none (KEYWORD search's index lives in memory, built from the
+# items: search_service/keywords.py); a version-2 store's caption_text is dropped when opened.
+SCHEMA_VERSION = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -80,19 +81,6 @@ CREATE TABLE IF NOT EXISTS changes (
     op  TEXT NOT NULL CHECK (op IN ('add', 'delete'))
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- KEYWORD search: a full-text index (FTS5, BM25) over items.caption, kept in step by triggers
-CREATE VIRTUAL TABLE IF NOT EXISTS caption_text USING fts5(caption, content='items', content_rowid='vid');
-CREATE TRIGGER IF NOT EXISTS caption_text_add AFTER INSERT ON items WHEN new.caption IS NOT NULL BEGIN
-    INSERT INTO caption_text (rowid, caption) VALUES (new.vid, new.caption);
-END;
-CREATE TRIGGER IF NOT EXISTS caption_text_drop AFTER DELETE ON items WHEN old.caption IS NOT NULL BEGIN
-    INSERT INTO caption_text (caption_text, rowid, caption) VALUES ('delete', old.vid, old.caption);
-END;
-CREATE TRIGGER IF NOT EXISTS caption_text_set AFTER UPDATE OF caption ON items BEGIN
-    INSERT INTO caption_text (caption_text, rowid, caption) SELECT 'delete', old.vid, old.caption
-        WHERE old.caption IS NOT NULL;
-    INSERT INTO caption_text (rowid, caption) SELECT new.vid, new.caption WHERE new.caption IS NOT NULL;
-END;
 """
 SCHEMA += """
 -- AddOptions.caption captions that failed, for the service's retry job (search_service/caption_retry.py);
@@ -106,7 +94,10 @@ CREATE TABLE IF NOT EXISTS caption_retry (
 );
 CREATE INDEX IF NOT EXISTS caption_retry_due ON caption_retry (given_up, next_at);
 """
-MAX_KEYWORD_MATCHES = 10_000  # keyword hits ranked per query (filters apply after)
+# what schema version 2 had, dropped when such a store is opened (one statement each: executescript would
+# commit the migration's transaction)
+VERSION_2_KEYWORD_INDEX = ("DROP TRIGGER IF EXISTS caption_text_add", "DROP TRIGGER IF EXISTS caption_text_drop",
+                           "DROP TRIGGER IF EXISTS caption_text_set", "DROP TABLE IF EXISTS caption_text")
 
 
 class StoreError(Exception):
@@ -134,12 +125,6 @@ class NewItem:
     id: str = ""  # empty: default_id(sha256)
     metadata: dict[str, str] = field(default_factory=dict)
     data: Optional[bytes] = None  # the image bytes to keep (None: indexed from a server-side file)
-
-
-def keyword_terms(text: str) -> list[str]:
-    """The words of a keyword query as FTS5's default tokenizer (unicode61) splits them, lowercased, unique."""
-    words = "".join(c.lower() if c.isalnum() else " " for c in text).split()
-    return list(dict.fromkeys(words))
 
 
 @dataclass
@@ -217,9 +202,10 @@ class Store:
             # Names this store: an index snapshot of another store (a copied data dir) is refused.
             db.execute("INSERT OR IGNORE INTO info VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
         version = self.info().get("schema_version")
-        if version == "1":  # captions stored before the full-text index: index them now
+        if version in ("1", "2"):  # 2: drop its FTS5 index of captions (1 had none)
             with self._transaction() as db:
-                db.execute("INSERT INTO caption_text (caption_text) VALUES ('rebuild')")
+                for statement in VERSION_2_KEYWORD_INDEX:
+                    db.execute(statement)
                 db.execute("UPDATE info SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
@@ -414,16 +400,15 @@ class Store:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
-    def keyword_matches(self, text: str, limit: int = MAX_KEYWORD_MATCHES) -> list[tuple[int, float]]:
-        """(vid, relevance) of the items whose caption holds any word of `text`, most relevant first
-        (relevance: -BM25, higher is better); [] when `text` has no word."""
-        words = keyword_terms(text)
-        if not words:
-            return []
-        query = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)  # each word a quoted string: no syntax
-        rows = self._reader().execute("SELECT rowid, bm25(caption_text) FROM caption_text WHERE caption_text MATCH ? "
-                                      "ORDER BY bm25(caption_text) LIMIT ?", (query, limit))
-        return [(vid, -score) for vid, score in rows]
+    def item_texts(self, with_metadata: bool = True) -> Iterator[tuple[int, Optional[str], dict[str, str]]]:
+        """(vid, caption, metadata) of every item (the keyword index's documents); with_metadata=False: of the
+        captioned items only, metadata {} (no JSON read: when no text fields are declared)."""
+        if not with_metadata:
+            for vid, caption in self._reader().execute("SELECT vid, caption FROM items WHERE caption IS NOT NULL"):
+                yield vid, caption, {}
+            return
+        for vid, caption, metadata in self._reader().execute("SELECT vid, caption, metadata FROM items ORDER BY vid"):
+            yield vid, caption, json.loads(metadata)
 
     def item_times(self) -> Iterator[tuple[int, float]]:
         """(vid, created_at) of every item, in vid order (the filter index's live items and added_at)."""

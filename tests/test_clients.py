@@ -310,6 +310,52 @@ def test_cli_search_goes_through_the_client(served, capsys):
     assert code == 2 and "range on 'set'" in err
 
 
+def test_cli_list_duplicates_and_index_options(served, client, capsys, tmp_path):
+    """`coca list` pages are List's, `coca duplicates` groups FindDuplicates', `coca index` takes the add options;
+    bad input: exit 2 and one line."""
+    from PIL import Image
+
+    listed = lambda out: [l.split()[2] for l in out.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", l)]
+    newest = client.list(filters={"set": "sample"}, order_by="-added_at", page_size=4).items
+    args = ["list", "--server", served.address, "--filter", "set=sample", "--order-by=-added_at", "--page-size", "2"]
+    code, out, err = coca(capsys, *args)
+    assert code == 0 and listed(out) == [i.id for i in newest[:2]], (out, err)
+    code, out, err = coca(capsys, *args, "--page-token", out.splitlines()[-1].split("--page-token ")[1])
+    assert code == 0 and listed(out) == [i.id for i in newest[2:4]], (out, err)
+    for bad, message in [(["--where", "set>=1"], "range on 'set'"), (["--where", "set~x"], "--where 'set~x'"),
+                         (["--page-token", "nope"], "page_token")]:
+        code, out, err = coca(capsys, "list", "--server", served.address, *bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (bad, err)
+
+    page = client.find_duplicates(0.3, page_size=1, neighbors=20)
+    code, out, err = coca(capsys, "duplicates", "--server", served.address, "--threshold", "0.3", "--page-size", "1",
+                          "--neighbors", "20")
+    assert code == 0 and f"group 1: {' '.join(page.groups[0].ids)}" in out.splitlines(), (out, err)
+    assert out.splitlines()[-1] == f"next page: --page-token {page.next_page_token}" if page.next_page_token \
+        else "next page" not in out
+    pairs = [l.split() for l in out.splitlines() if l.startswith("  ")]
+    assert [(a, b, float(score)) for score, a, b in pairs] == [(a, b, round(s, 4)) for a, b, s in page.groups[0].pairs]
+    code, out, err = coca(capsys, "duplicates", "--server", served.address, "--threshold", "1.5")
+    assert code == 2 and "threshold" in err and len(err.strip().splitlines()) == 1, err
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 52, 3), np.uint8)).save(folder / "noise.png")
+    best = client.search_image(folder / "noise.png", k=1)[0]
+    code, out, err = coca(capsys, "index", str(folder), "--server", served.address, "--near-duplicates",
+                          f"{best.score - 1e-3:.5f}", "--skip-near-duplicates")
+    assert code == 0 and f"noise.png: near-duplicate of {best.id}" in out and "not stored" in out, (out, err)
+    assert "0 added, 0 already indexed, 1 near-duplicates" in out
+    code, out, err = coca(capsys, "index", str(folder), "--server", served.address, "--captions")
+    assert code == 0 and "1 added" in out, (out, err)
+    stored = client.search_image(folder / "noise.png", k=1)[0]
+    assert stored.score == pytest.approx(1.0, abs=1e-4) and client.get(stored.id).caption
+    client.delete(stored.id)  # leave the module's collection as it was
+    for bad in (["--near-duplicates", "0"], ["--skip-near-duplicates"], ["--ray", "--captions"]):
+        code, out, err = coca(capsys, "index", str(folder), "--server", served.address, *bad)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (bad, err)
+
+
 def test_plot_index(served, tmp_path, capsys):
     from PIL import Image
 
@@ -348,6 +394,103 @@ def test_node_client(served, client):
     assert all(h["caption"] for h in as_json["hits"])
     bad = run("   ")
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "text is empty" in bad.stderr
+    # Conditions, order and pages from the command line: the Python client's pages.
+    query = ["a photo", "-k", "2", "--where", "set=sample|other", "--where", "added_at>=2000-01-01",
+             "--order-by", "-added_at", "--json"]
+    where = [Condition("set", any_of=["sample", "other"]), Condition("added_at", gte="2000-01-01")]
+    pages = python_pages(client.search_text, text="a photo", k=2, where=where, order_by="-added_at")
+    token = ""
+    for page in pages[:2]:
+        printed = json.loads(run(*query, *(["--page-token", token] if token else [])).stdout)
+        assert [h["id"] for h in printed["hits"]] == [h.id for h in page.hits]
+        assert printed["next_page_token"] == page.next_page_token
+        token = printed["next_page_token"]
+    for args, message in [(["--where", "set>=1"], "range on 'set'"), (["--where", "set~1"], "--where"),
+                          (["--mode", "fuzzy"], "--mode")]:
+        bad = run("a photo", *args)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def node_answers(served, calls: list[dict]) -> list:
+    """The Node client's answers to `calls` (tests/node/answers.js)."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (the Node.js client needs Node >= 18)")
+    done = subprocess.run(["node", str(ROOT / "tests" / "node" / "answers.js"), served.address, json.dumps(calls)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def hit_rows(hits) -> list[tuple]:
+    """What both clients must agree on about hits: id, rank in each list, score (to float32 precision)."""
+    get = (lambda h, k: h[k]) if hits and isinstance(hits[0], dict) else getattr
+    return [(get(h, "id"), get(h, "vector_rank"), get(h, "keyword_rank"), round(float(get(h, "score")), 5))
+            for h in hits]
+
+
+def python_pages(call, **query) -> list:
+    pages, token = [], ""
+    while True:
+        page = call(**query, page_token=token)
+        pages.append(page)
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+def test_node_client_lists_pages_modes_conditions_and_duplicates(served, client, tmp_path):
+    """The Node client's List pages, SearchText modes with conditions, order and pages, FindDuplicates and
+    near-duplicate add options give the Python client's answers (the oracle) on the same collection."""
+    from PIL import Image
+
+    captioned = client.search_text("a photo", k=3, with_captions=True, filters={"set": "sample"}).hits
+    word = "".join(ch.lower() if ch.isalnum() else " " for ch in captioned[0].caption).split()[0]
+    where = [{"field": "set", "anyOf": ["sample", "other"]}, {"field": "added_at", "gte": "2000-01-01"}]
+    py_where = [Condition("set", any_of=["sample", "other"]), Condition("added_at", gte="2000-01-01")]
+    image = tmp_path / "new.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), np.uint8)).save(image)
+    best = client.search_image(image, k=1)[0]  # the stored item closest to the new image (Flat index: exact)
+    near = {"file": str(image), "nearDuplicateThreshold": round(best.score - 1e-3, 5), "skipNearDuplicates": True}
+    calls = [{"call": "pages", "method": "list", "args": [{"orderBy": "-added_at", "pageSize": 2}]},
+             {"call": "items", "args": [{"filters": {"set": "sample"}, "pageSize": 3}]},
+             {"call": "pages", "method": "searchText", "args": [word, {"mode": "keyword", "k": 2}]},
+             {"call": "pages", "method": "searchText",
+              "args": [word, {"mode": "hybrid", "keywordWeight": 0.3, "k": 2, "where": where}]},
+             {"call": "pages", "method": "searchText",
+              "args": ["a photo", {"k": 2, "where": where, "orderBy": "-added_at", "minScore": -1}]},
+             {"call": "pages", "method": "findDuplicates", "args": [{"threshold": 0.3, "pageSize": 1, "neighbors": 20}]},
+             {"call": "add", "args": [[near, {"file": str(by_name(served, "coffee")), "nearDuplicateThreshold": 0.5}]]},
+             {"call": "searchText", "args": [word, {"mode": "fuzzy"}]},
+             {"call": "list", "args": [{"where": [{"field": "set", "gte": "1"}]}]}]
+    (listed, items, keyword, hybrid, ordered, duplicates, added, bad_mode, bad_range) = node_answers(served, calls)
+
+    py_list = python_pages(client.list, order_by="-added_at", page_size=2)
+    assert [[i["id"] for i in p["items"]] for p in listed] == [[i.id for i in p.items] for p in py_list]
+    assert [p["next_page_token"] for p in listed] == [p.next_page_token for p in py_list]
+    assert all(p["total"] == py_list[0].total for p in listed)
+    assert [i["id"] for i in items] == [i.id for i in client.iter_items(filters={"set": "sample"}, page_size=3)]
+    py_keyword = python_pages(client.search_text, text=word, mode="keyword", k=2)
+    assert [hit_rows(p["hits"]) for p in keyword] == [hit_rows(p.hits) for p in py_keyword]
+    assert keyword[0]["hits"] and all(h["keyword_rank"] for p in keyword for h in p["hits"])
+    py_hybrid = python_pages(client.search_text, text=word, mode="hybrid", keyword_weight=0.3, k=2, where=py_where)
+    assert [hit_rows(p["hits"]) for p in hybrid] == [hit_rows(p.hits) for p in py_hybrid]
+    py_ordered = python_pages(client.search_text, text="a photo", k=2, where=py_where, order_by="-added_at", min_score=-1)
+    assert [hit_rows(p["hits"]) for p in ordered] == [hit_rows(p.hits) for p in py_ordered]
+    assert len(py_ordered) > 1  # it did page
+    py_groups = [g for p in python_pages(client.find_duplicates, threshold=0.3, page_size=1, neighbors=20)
+                 for g in p.groups]
+    node_groups = [g for p in duplicates for g in p["groups"]]
+    assert [g["ids"] for g in node_groups] == [g.ids for g in py_groups] and py_groups
+    assert [[(q["a"], q["b"], round(q["score"], 5)) for q in g["pairs"]] for g in node_groups] == \
+        [[(a, b, round(score, 5)) for a, b, score in g.pairs] for g in py_groups]
+    skipped, same = added
+    assert (skipped["outcome"], skipped["id"], skipped["near_duplicate"]["id"]) == ("NEAR_DUPLICATE", "", best.id)
+    assert skipped["near_duplicate"]["score"] == pytest.approx(best.score, abs=1e-4)
+    assert client.search_image(image, k=1)[0].id == best.id  # not stored
+    assert (same["outcome"], same["id"]) == ("DUPLICATE", next(r.id for r in served.added
+                                                              if r.index == served.photos.index(by_name(served, "coffee"))))
+    assert "mode must be one of" in bad_mode["error"]
+    assert bad_range["code"] == "INVALID_ARGUMENT" and "range on 'set'" in bad_range["error"]
 
 
 def test_node_caption_stream(served, client):
@@ -381,7 +524,7 @@ def http(url: str, data: bytes | None = None) -> tuple[int, dict | bytes]:
     return status, json.loads(body) if kind == "application/json" else body
 
 
-def test_web_api(served):
+def test_web_api(served, client):
     base = served.web.rstrip("/")
     status, stats = http(f"{base}/api/stats")
     assert status == 200 and stats["count"] == len(served.photos) - 1 and stats["random_weights"] is True
@@ -405,6 +548,26 @@ def test_web_api(served):
     status, captioned = http(f"{base}/api/search?q=a%20rocket&k=2&captions=1", b"")
     assert status == 200 and all(h["caption"] for h in captioned["hits"])
     assert [h["id"] for h in captioned["hits"]] == [h["id"] for h in found["hits"][:2]]
+    # Browse, conditions, modes, near-duplicates: the client's answers; bad input is a 400 that says what.
+    status, listed = http(f"{base}/api/list?page_size=2&order_by=-added_at&where=set%3Dsample%7Cother")
+    page = client.list(page_size=2, order_by="-added_at", where=[Condition("set", any_of=["sample", "other"])])
+    assert status == 200 and [i["id"] for i in listed["items"]] == [i.id for i in page.items]
+    assert (listed["total"], listed["next_page_token"]) == (page.total, page.next_page_token)
+    status, second = http(f"{base}/api/list?page_size=2&order_by=-added_at&where=set%3Dsample%7Cother"
+                          f"&page_token={listed['next_page_token']}")
+    page = client.list(page_size=2, order_by="-added_at", where=[Condition("set", any_of=["sample", "other"])],
+                       page_token=page.next_page_token)
+    assert status == 200 and [i["id"] for i in second["items"]] == [i.id for i in page.items]
+    status, groups = http(f"{base}/api/duplicates?threshold=0.3&page_size=2")
+    expected = client.find_duplicates(0.3, page_size=2)
+    assert status == 200 and [[i["id"] for i in g["items"]] for g in groups["groups"]] == \
+        [g.ids[:24] for g in expected.groups] and groups["total_groups"] == expected.total_groups
+    for path, message in [("/api/list?where=set~x", "condition"), ("/api/list?where=set%3E%3D1", "range on 'set'"),
+                          ("/api/search?q=x&mode=fuzzy", "mode must be"), ("/api/duplicates?threshold=abc", "threshold"),
+                          ("/api/list?page_token=nope", "page_token"), ("/api/list?page_size=x", "page_size"),
+                          ("/api/list?" + "&".join(["where=a%3D1"] * 17), "at most 16 conditions")]:
+        status, error = http(base + path)
+        assert status == 400 and message in error["error"], (path, status, error)
     for path in ["/../../etc/passwd", "/static/../server.py", "/static/%2e%2e/server.py", "/server.py",
                  "/thumb/..%2f..%2fetc%2fpasswd"]:
         assert http(base + path)[0] == 404, path
@@ -555,3 +718,66 @@ def test_web_gallery_in_a_browser(served, client, browser, tmp_path):
     browser.execute_script("document.getElementById('query').value = '   '")
     browser.find_element(By.ID, "search-button").click()
     wait.until(lambda b: "Type something" in b.find_element(By.ID, "status").text)
+
+
+def test_web_gallery_pages_conditions_modes_and_duplicates_in_a_browser(served, client, browser):
+    """Browse with a condition and an order, page by page (forward, then back): the pages are List's pages, in
+    order; a keyword search shows the Python client's hits and which list found each; near-duplicate groups are
+    FindDuplicates'."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    shown = lambda: [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+    status = lambda: browser.find_element(By.ID, "status").text
+    browser.get(served.web)
+    wait.until(lambda b: "images" in b.find_element(By.ID, "stats").text)
+    Select(browser.find_element(By.ID, "k")).select_by_visible_text("3")
+    Select(browser.find_element(By.ID, "order")).select_by_value("-added_at")
+    browser.find_element(By.ID, "condition-field").send_keys("set")
+    browser.find_element(By.ID, "condition-value").send_keys("sample|other", Keys.ENTER)
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#conditions li span").text == "set=sample|other")
+
+    pages = python_pages(client.list, where=[Condition("set", any_of=["sample", "other"])], order_by="-added_at",
+                         page_size=3)
+    assert len(pages) >= 3  # the test pages forward and back
+    browser.find_element(By.ID, "browse-button").click()
+    seen = []
+    for number, page in enumerate(pages, 1):
+        wait.until(lambda b: f"· page {number} ·" in status())
+        seen.append(shown())
+        assert f"of {page.total} images" in status()
+        if number < len(pages):
+            browser.find_element(By.ID, "next-page").click()
+    assert seen == [[i.id for i in p.items] for p in pages]
+    assert not browser.find_element(By.ID, "next-page").is_enabled()
+    browser.find_element(By.ID, "previous-page").click()
+    wait.until(lambda b: f"· page {len(pages) - 1} ·" in status())
+    assert shown() == [i.id for i in pages[-2].items]
+
+    # Keyword search: the words of a caption; each card says which list found it.
+    captioned = client.search_text("a photo", k=3, with_captions=True, filters={"set": "sample"}).hits
+    word = "".join(ch.lower() if ch.isalnum() else " " for ch in captioned[0].caption).split()[0]
+    expected = client.search_text(word, mode="keyword", k=3, where=[Condition("set", any_of=["sample", "other"])])
+    Select(browser.find_element(By.ID, "mode")).select_by_visible_text("keyword")
+    Select(browser.find_element(By.ID, "order")).select_by_value("")
+    browser.find_element(By.ID, "query").send_keys(word, Keys.ENTER)
+    wait.until(lambda b: f"for “{word}”" in status())
+    assert shown() == [h.id for h in expected.hits] and expected.hits
+    lists = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .card .lists")]
+    assert lists == [f"keyword #{h.keyword_rank}" for h in expected.hits]
+
+    # Near-duplicate groups at a low threshold (random weights: everything is alike), first page.
+    threshold = browser.find_element(By.ID, "threshold")
+    threshold.clear()
+    threshold.send_keys("0.3")
+    browser.find_element(By.ID, "duplicates-button").click()
+    groups = client.find_duplicates(0.3, page_size=3)
+    wait.until(lambda b: f"of {groups.total_groups} groups of near-duplicates" in status())
+    sections = browser.find_elements(By.CSS_SELECTOR, "#results .group")
+    assert [[c.get_attribute("data-id") for c in s.find_elements(By.CSS_SELECTOR, ".card")] for s in sections] == \
+        [g.ids[:24] for g in groups.groups]
+    if SCREENSHOT_DIR:
+        Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(SCREENSHOT_DIR) / "gallery-duplicates.png"))

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(tr
 
 from search_service.pb import search_pb2 as pb  # noqa: E402
 from search_service.testing import ServiceProcess, WireClient, wait_for  # noqa: E402
+from tests.test_search_store import bm25_oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, PRETRAINED, SEED = "coca-tiny", "random", 0
@@ -289,24 +290,6 @@ def test_conditions_order_and_pages_match_exact_search(request, client, photos, 
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details(), error.details()
 
 
-def bm25(query_words: list[str], captions: dict[str, str]) -> dict[str, float]:
-    """SQLite FTS5's bm25() (k1 1.2, b 0.75, idf floored at 1e-6), negated: higher is better. The test's own."""
-    docs = {i: "".join(ch.lower() if ch.isalnum() else " " for ch in c).split() for i, c in captions.items()}
-    average = sum(map(len, docs.values())) / len(docs)
-    scores = {}
-    for i, words in docs.items():
-        total, found = 0.0, False
-        for word in query_words:
-            having = sum(word in d for d in docs.values())
-            idf = max(np.log((len(docs) - having + 0.5) / (having + 0.5)), 1e-6)
-            tf = words.count(word)
-            found |= tf > 0
-            total += idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(words) / average))
-        if found:
-            scores[i] = total
-    return scores
-
-
 def test_keyword_and_hybrid_search_over_captions(request, client, photos):
     """KEYWORD hits are the items whose caption holds a word of the query, by BM25 (the test's own); HYBRID is
     the reciprocal-rank fusion of the VECTOR and KEYWORD lists; Milvus answers FAILED_PRECONDITION naming itself."""
@@ -334,7 +317,7 @@ def test_keyword_and_hybrid_search_over_captions(request, client, photos):
         return client.stub.SearchText(pb.SearchTextRequest(text=text, options=options, mode=mode, **extra),
                                       timeout=60).hits
 
-    relevance = bm25([word, "zzqx"], captions)
+    relevance = bm25_oracle(text, captions)
     expected = sorted((i for i in relevance if i in mine), key=lambda i: (-relevance[i], i))
     hits = search(pb.SearchTextRequest.KEYWORD)
     assert [h.id for h in hits] == expected and mine[0] in expected

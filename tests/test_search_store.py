@@ -420,34 +420,116 @@ def test_refused_adds_leave_no_blob_and_crash_leftovers_are_swept(tmp_path):
     engine.close()
 
 
-def test_keyword_index_follows_captions_and_a_version_1_store_is_migrated(tmp_path):
-    """The FTS5 index holds exactly the live captions (set, replaced, deleted) and a store written before it
-    (schema version 1: no caption_text) opens with its captions indexed."""
+def bm25_oracle(query: str, documents: dict[str, str]) -> dict[str, float]:
+    """FTS5's bm25() (k1 1.2, b 0.75, idf floored at 1e-6), positive, over `documents` (id -> text): the test's own."""
+    split = lambda text: "".join(ch.lower() if ch.isalnum() else " " for ch in text).split()
+    docs = {i: split(text) for i, text in documents.items() if split(text)}
+    average = sum(map(len, docs.values())) / len(docs)
+    scores = {}
+    for i, words in docs.items():
+        total, found = 0.0, False
+        for word in dict.fromkeys(split(query)):
+            having = sum(word in d for d in docs.values())
+            idf = max(np.log((len(docs) - having + 0.5) / (having + 0.5)), 1e-6)
+            tf = words.count(word)
+            found |= tf > 0
+            total += idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(words) / average))
+        if found:
+            scores[i] = total
+    return scores
+
+
+def assert_keyword_hits(hits, query: str, documents: dict[str, str], among=None) -> None:
+    """Hits are the oracle's documents holding a word of `query` (those in `among`), best first (equal scores in
+    any order: the service orders ties by id)."""
+    scores = bm25_oracle(query, documents)
+    expected = sorted((i for i in scores if among is None or i in among), key=lambda i: (-scores[i], i))
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True), query
+    assert [h.item.id for h in sorted(hits, key=lambda h: (-h.score, h.item.id))] == expected, query
+    np.testing.assert_allclose([h.score for h in hits], [scores[i] for i in expected], rtol=1e-9)
+
+
+def test_keyword_index_follows_captions_and_a_version_2_store_is_migrated(tmp_path):
+    """The keyword index holds exactly the live captions (set, replaced, deleted), scored by BM25 (the test's own),
+    and a store written with schema version 2 (an FTS5 table over captions, its triggers) opens with the table
+    dropped and its captions found."""
     import sqlite3
 
     rng = np.random.default_rng(5)
     engine = open_engine(tmp_path, snapshot_every=10_000)
-    added = engine.add(items(rng, 4, meta={"album": "a"}))
+    added = engine.add(items(rng, 5, meta={"album": "a"}))
     ids = [o.id for o in added]
     engine.set_captions({ids[0]: "a red cat", ids[1]: "a cat on a cat", ids[2]: "a dog", ids[3]: "Red bus"})
     engine.set_captions({ids[2]: "a red dog"})
     engine.delete(ids[1])
-    hits = engine.keyword_search("RED cat!", 10)
-    assert sorted(h.item.id for h in hits) == sorted([ids[0], ids[2], ids[3]])
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True) and hits[0].item.id == ids[0]
+    captions = {ids[0]: "a red cat", ids[2]: "a red dog", ids[3]: "Red bus"}
+    for query in ["RED cat!", "a", "bus dog", "cat cat"]:
+        assert_keyword_hits(engine.keyword_search(query, 10), query, captions)
+    assert [h.item.id for h in engine.keyword_search("red", 1)] == [ids[3]]  # the shortest caption: the best
     assert engine.keyword_search('" OR *', 10) == [] and engine.keyword_search("cat", 10, {"album": "b"}) == []
     engine.close()
-    # Back to version 1: no full-text table, no triggers; a caption stored then.
+    # Back to version 2: caption_text (FTS5, external content) over captions and its triggers; a caption stored then.
     db = sqlite3.connect(tmp_path / "store.sqlite3")
-    db.executescript("DROP TRIGGER caption_text_add; DROP TRIGGER caption_text_drop; DROP TRIGGER caption_text_set; "
-                     "DROP TABLE caption_text; UPDATE info SET value = '1' WHERE key = 'schema_version';")
-    db.execute("UPDATE items SET caption = 'a blue whale' WHERE id = ?", (ids[3],))
+    db.executescript("""
+        UPDATE info SET value = '2' WHERE key = 'schema_version';
+        CREATE VIRTUAL TABLE caption_text USING fts5(caption, content='items', content_rowid='vid');
+        INSERT INTO caption_text (caption_text) VALUES ('rebuild');
+        CREATE TRIGGER caption_text_add AFTER INSERT ON items WHEN new.caption IS NOT NULL BEGIN
+            INSERT INTO caption_text (rowid, caption) VALUES (new.vid, new.caption);
+        END;""")
+    db.execute("UPDATE items SET caption = 'a blue whale' WHERE id = ?", (ids[4],))
     db.commit()
     db.close()
     engine = open_engine(tmp_path, snapshot_every=10_000)
-    assert [h.item.id for h in engine.keyword_search("whale", 10)] == [ids[3]]
-    assert sorted(h.item.id for h in engine.keyword_search("red", 10)) == sorted([ids[0], ids[2]])
-    assert Store(tmp_path).info()["schema_version"] == "2"
+    captions[ids[4]] = "a blue whale"
+    for query in ["whale", "red a"]:
+        assert_keyword_hits(engine.keyword_search(query, 10), query, captions)
+    assert Store(tmp_path).info()["schema_version"] == "3"
+    tables = {name for (name,) in engine.store._reader().execute("SELECT name FROM sqlite_master")}
+    assert not any(t.startswith("caption_text") for t in tables), tables
+    engine.delete(ids[4])
+    assert engine.keyword_search("whale", 10) == []
+    engine.close()
+
+
+def test_keyword_search_reads_the_text_fields_the_schema_declares(tmp_path):
+    """KEYWORD hits are the live items whose caption or declared text fields hold a word of the query, by BM25
+    over caption + text fields (the test's own oracle), through adds, captions, re-captions and deletes, with a
+    filter, and again after the schema declares other text fields."""
+    from search_service.query import Schema
+
+    rng = np.random.default_rng(8)
+    vocabulary = ["red", "barn", "lake", "owl", "snow", "bridge", "dusk", "fox"]
+    words = lambda n: " ".join(rng.choice(vocabulary, n).tolist())
+    schema = Schema({"title": "text", "notes": "text", "year": "number"})
+    engine = open_engine(tmp_path, snapshot_every=10_000, schema=schema)
+    new = items(rng, 40)
+    for item in new:
+        item.metadata.update({"title": words(2), "notes": words(3), "album": words(1), "year": "2020"})
+    ids = [o.id for o in engine.add(new)]
+    engine.set_captions({ids[i]: words(4) for i in range(0, 40, 3)})
+    engine.set_captions({ids[i]: words(2) for i in range(0, 40, 6)})  # new captions replace the old
+    for gone in ids[5:9] + [ids[12]]:
+        engine.delete(gone)
+    silent = [o.id for o in engine.add(items(rng, 3, start=100))]  # no caption, no text field: not a document
+    engine.set_captions({silent[0]: "a lone owl"})
+    ids += silent
+
+    def documents(fields):
+        live = [engine.get(i) for i in ids if engine.get(i) is not None]
+        return {item.id: " ".join([item.caption or "", *(item.metadata.get(f, "") for f in fields)]) for item in live}
+
+    for query in ["owl", "Snow, DUSK", "fox bridge barn", "album", "2020", "lone"]:
+        assert_keyword_hits(engine.keyword_search(query, 100), query, documents(["notes", "title"]))
+    with_year = {i for i in ids[:40] if engine.get(i) is not None}
+    assert_keyword_hits(engine.keyword_search("owl lake", 100, {"year": "2020"}), "owl lake",
+                        documents(["notes", "title"]), among=with_year)
+    assert len(engine.keyword_search("owl lake", 5)) == 5
+    engine.close()
+    # Another schema: album is now the only text field (title and notes are no longer read).
+    engine = open_engine(tmp_path, snapshot_every=10_000, schema=Schema({"album": "text"}))
+    for query in ["owl", "lake red"]:
+        assert_keyword_hits(engine.keyword_search(query, 100), query, documents(["album"]))
     engine.close()
 
 

@@ -97,11 +97,16 @@ class Client(ClientBase):
                 time.sleep(wait)
 
     def add_files(self, paths: Sequence[Union[str, os.PathLike]], metadata: Optional[dict[str, str]] = None, *,
-                  server_paths: bool = False, timeout: Optional[float] = None) -> Iterator[t.AddResult]:
+                  server_paths: bool = False, near_duplicate_threshold: Optional[float] = None,
+                  skip_near_duplicates: bool = False, caption: bool = False,
+                  timeout: Optional[float] = None) -> Iterator[t.AddResult]:
         """Index local files (their bytes are sent; the absolute path is stored as uri), or with
         server_paths=True ask the server to read them (they must be under its --root). Files are read
-        one at a time as the stream goes. A file that cannot be read here fails alone."""
-        files = _FileItems(list(paths), metadata or {}, server_paths)
+        one at a time as the stream goes. A file that cannot be read here fails alone. The other options
+        are AddItem's, for every file."""
+        options = dict(near_duplicate_threshold=near_duplicate_threshold, skip_near_duplicates=skip_near_duplicates,
+                       caption=caption)
+        files = _FileItems(list(paths), metadata or {}, server_paths, options=options)
         for result in self.add(files, timeout=timeout):
             reason = files.read_errors.get(result.index)
             if reason and result.outcome is t.Outcome.FAILED:  # say why here, not what the server saw
@@ -216,8 +221,9 @@ class _FileItems(Sequence):
     """Files as AddItems, read only when the stream gets to them (so retries can slice without reading)."""
 
     def __init__(self, paths: list, metadata: dict[str, str], server_paths: bool, offset: int = 0,
-                 read_errors: Optional[dict[int, str]] = None):
+                 read_errors: Optional[dict[int, str]] = None, options: Optional[dict] = None):
         self.paths, self.metadata, self.server_paths, self.offset = paths, metadata, server_paths, offset
+        self.options = options or {}  # AddItem fields given to every file (near-duplicate check, caption)
         self.read_errors = {} if read_errors is None else read_errors  # index in the whole list -> why
 
     def __len__(self) -> int:
@@ -229,17 +235,17 @@ class _FileItems(Sequence):
             if step != 1:
                 raise ValueError("only contiguous slices")
             return _FileItems(self.paths[start:stop], self.metadata, self.server_paths, self.offset + start,
-                              self.read_errors)
+                              self.read_errors, self.options)
         path = os.path.abspath(self.paths[i])
         if self.server_paths:
-            return t.AddItem(path=path, metadata=self.metadata)
+            return t.AddItem(path=path, metadata=self.metadata, **self.options)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exc:
             self.read_errors[self.offset + (i % len(self.paths))] = f"{path}: cannot read: {exc.strerror or exc}"
             data = b""  # sent empty: the server fails this item alone
-        return t.AddItem(image=data, uri=path, metadata=self.metadata)
+        return t.AddItem(image=data, uri=path, metadata=self.metadata, **self.options)
 
 
 __all__ = ["Client", "SearchError", "DEFAULT_TIMEOUT"]

@@ -336,6 +336,25 @@ class Condition:
     lt: Optional[Bound] = None
     negate: bool = False
 
+    OPERATORS = ("!=", ">=", "<=", "=", ">", "<")  # longest first
+    BOUNDS = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
+
+    @classmethod
+    def parse(cls, text: str) -> "Condition":
+        """From the command line's form: FIELD=V, FIELD!=V, FIELD=A|B (any of; != none of), FIELD>=V, FIELD>V,
+        FIELD<=V, FIELD<V (the first operator after the field name); ValueError naming `text` otherwise."""
+        at = min(((text.find(op), -len(op), op) for op in cls.OPERATORS if text.find(op) > 0), default=None)
+        if at is None:
+            raise ValueError(f"{text[:100]!r}: write FIELD=V, FIELD!=V, FIELD=A|B, FIELD>=V, FIELD>V, FIELD<=V or FIELD<V")
+        op = at[2]
+        field, value = text[:at[0]], text[at[0] + len(op):]
+        if op in cls.BOUNDS:
+            return cls(field, **{cls.BOUNDS[op]: value})
+        values = value.split("|")
+        if len(values) > 1:
+            return cls(field, any_of=values, negate=op == "!=")
+        return cls(field, equals=value, negate=op == "!=")
+
     def to_pb(self) -> pb.Condition:
         condition = pb.Condition(field=self.field, negate=self.negate)
         bounds = {name: str(getattr(self, name)) for name in ("gte", "gt", "lte", "lt") if getattr(self, name) is not None}

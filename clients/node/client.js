@@ -6,6 +6,11 @@
 //   const { connect } = require("./client");
 //   const client = connect("127.0.0.1:50051", { token, tlsCa });
 //   const { hits } = await client.searchText("a cat", { k: 5, withCaptions: true });
+//   const page = await client.searchText("a red barn", { mode: "hybrid", where: [{ field: "year", gte: "2000" }],
+//                                                         pageToken: previous.next_page_token });
+//   for await (const item of client.iterItems({ orderBy: "-added_at", pageSize: 50 })) console.log(item.id);
+//   const { groups } = await client.findDuplicates({ threshold: 0.95 });
+//   const results = await client.add([{ image: fs.readFileSync("a.jpg"), nearDuplicateThreshold: 0.95 }]);
 //   for await (const chunk of client.captionStream(fs.readFileSync("cat.jpg"))) process.stdout.write(chunk.piece);
 "use strict";
 
@@ -88,21 +93,94 @@ function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoR
   // What to caption: image bytes (a Buffer), or { id } of an indexed item, or { video, frames }.
   const captionRequest = (media, sampling) => (Buffer.isBuffer(media) ? { image: media, sampling } : { ...media, sampling });
 
-  const options = ({ k = 10, withCaptions = false, filters = {}, minScore } = {}) => {
-    const o = { k, with_captions: withCaptions, filters };
-    if (minScore !== undefined) o.min_score = minScore;
-    return o;
-  };
-
   return {
-    searchText: (text, opts = {}) => unary("SearchText", { text, options: options(opts) }, opts),
-    searchImage: (image, opts = {}) => unary("SearchImage", { image, options: options(opts) }, opts),
+    // opts: k, withCaptions, filters, minScore, where, orderBy, pageToken (searchOptions below); mode
+    // ("vector", "keyword" or "hybrid") and keywordWeight (hybrid: 0..1)
+    searchText: (text, opts = {}) => unary("SearchText", searchTextRequest(text, opts), opts),
+    searchImage: (image, opts = {}) => unary("SearchImage", { image, options: searchOptions(opts) }, opts),
     caption: (media, sampling = {}, opts = {}) => unary("Caption", captionRequest(media, sampling), opts),
     captionStream: (media, sampling = {}, opts = {}) => stream("CaptionStream", captionRequest(media, sampling), opts),
     get: (id, opts = {}) => unary("Get", { id }, opts),
     stats: (opts = {}) => unary("Stats", {}, opts),
+    // One page of items: { filters, where, orderBy, pageSize, pageToken, includeEmbeddings } -> { items, next_page_token, total }
+    list: (opts = {}) => unary("List", listRequest(opts), opts),
+    // Every item passing the conditions, a page at a time (list's options).
+    iterItems: async function* (opts = {}) {
+      let pageToken = opts.pageToken || "";
+      do {
+        const page = await unary("List", listRequest({ ...opts, pageToken }), opts);
+        yield* page.items;
+        pageToken = page.next_page_token;
+      } while (pageToken);
+    },
+    // Groups of near-identical images: { threshold, pageSize, pageToken, neighbors } -> { groups, next_page_token, total_groups }
+    findDuplicates: ({ threshold = 0.95, pageSize = 50, pageToken = "", neighbors = 10, ...opts } = {}) =>
+      unary("FindDuplicates", { threshold, page_size: pageSize, page_token: pageToken, neighbors }, opts),
+    // Index images: items [{ image (Buffer) | path, id, metadata, uri, nearDuplicateThreshold,
+    // skipNearDuplicates, caption }] -> one result per item, in order (no retries: adding again is idempotent).
+    add: (items, opts = {}) => addImages(stub, metadata, target, items, opts.timeout || timeoutMs),
     close: () => stub.close(),
   };
 }
 
-module.exports = { connect, loadService, SearchError, PROTO_ROOT, PROTO_FILE };
+const MODES = { vector: "VECTOR", keyword: "KEYWORD", hybrid: "HYBRID" };
+const BOUNDS = ["gte", "gt", "lte", "lt"];
+
+// A condition { field, equals | anyOf | gte/gt/lte/lt, negate } as the proto's Condition (one test exactly).
+function conditionMessage({ field, equals, anyOf, negate = false, ...rest }) {
+  const bounds = Object.fromEntries(BOUNDS.filter((b) => rest[b] !== undefined).map((b) => [b, String(rest[b])]));
+  const given = [equals !== undefined, anyOf !== undefined, Object.keys(bounds).length > 0].filter(Boolean).length;
+  if (given !== 1) throw new Error(`condition on ${JSON.stringify(field)}: give one of equals, anyOf or range bounds`);
+  const condition = { field, negate };
+  if (equals !== undefined) condition.equals = String(equals);
+  else if (anyOf !== undefined) condition.any_of = { values: anyOf.map(String) };
+  else condition.range = bounds;
+  return condition;
+}
+
+// "added_at" ascending, "-added_at" descending; "" or undefined: none.
+const orderMessage = (orderBy = "") => ({ field: orderBy.replace(/^-/, ""), descending: orderBy.startsWith("-") });
+
+function searchOptions({ k = 10, withCaptions = false, filters = {}, minScore, where = [], orderBy, pageToken = "" } = {}) {
+  const o = { k, with_captions: withCaptions, filters, where: where.map(conditionMessage), order_by: orderMessage(orderBy),
+              page_token: pageToken };
+  if (minScore !== undefined) o.min_score = minScore;
+  return o;
+}
+
+function searchTextRequest(text, { mode = "vector", keywordWeight, ...opts } = {}) {
+  if (!(mode in MODES)) throw new Error(`mode must be one of ${Object.keys(MODES).join(", ")}, got ${JSON.stringify(mode)}`);
+  const request = { text, options: searchOptions(opts), mode: MODES[mode] };
+  if (keywordWeight !== undefined) request.keyword_weight = keywordWeight;
+  return request;
+}
+
+function listRequest({ filters = {}, where = [], orderBy, pageSize = 100, pageToken = "", includeEmbeddings = false } = {}) {
+  return { filters, where: where.map(conditionMessage), order_by: orderMessage(orderBy), page_size: pageSize,
+           page_token: pageToken, include_embeddings: includeEmbeddings };
+}
+
+function addRequest({ image, path: serverPath, id = "", metadata = {}, uri = "", nearDuplicateThreshold,
+                      skipNearDuplicates = false, caption = false }) {
+  const options = { skip_near_duplicates: skipNearDuplicates, caption };
+  if (nearDuplicateThreshold !== undefined) options.near_duplicate_threshold = nearDuplicateThreshold;
+  const request = { id, metadata, uri, options };
+  if (serverPath !== undefined) request.path = serverPath;
+  else request.image = image;
+  return request;
+}
+
+function addImages(stub, metadata, target, items, timeout) {
+  const requests = items.map(addRequest); // a bad item throws here, before anything is sent
+  return new Promise((resolve, reject) => {
+    const results = [];
+    const call = stub.AddImages(metadata, { deadline: new Date(Date.now() + timeout) });
+    call.on("data", (result) => results.push(result));
+    call.on("error", (error) => reject(new SearchError("AddImages", target, error)));
+    call.on("end", () => resolve(results));
+    requests.forEach((request) => call.write(request));
+    call.end();
+  });
+}
+
+module.exports = { connect, loadService, conditionMessage, SearchError, PROTO_ROOT, PROTO_FILE };

@@ -7,11 +7,17 @@ It serves one page (static/: plain HTML, CSS and JS, no build step) and a small 
 the gRPC service through clients.coca_client:
 
     GET  /api/stats                              store size, model, index
-    GET  /api/search?q=TEXT&k=12                 text -> image search (POST too; POST only with captions=1)
+    GET  /api/list?page_size=24&page_token=T     browse the collection a page at a time (List)
+    GET  /api/search?q=TEXT&k=12&mode=hybrid     text -> image search (POST too; POST only with captions=1);
+                                                 mode vector|keyword|hybrid (keyword_weight=0..1), page_token=T
+    GET  /api/duplicates?threshold=0.95          groups of near-identical images (FindDuplicates), page_token=T
     POST /api/search-image?k=12&captions=0       body: the image bytes (image -> image search)
     GET  /api/similar?id=ID&k=12                 images like an indexed one (POST too; POST only with captions=1)
     POST /api/caption                            body: image bytes; or POST /api/caption?id=ID (empty body)
     GET  /thumb/ID?size=256                      JPEG thumbnail of an indexed image
+
+List and the searches also take conditions, `where=FIELD>=V` (repeatable, `coca search --where`'s forms, at
+most MAX_CONDITIONS), and `order_by=-added_at` (a date/number field; "-": descending).
 
 Thumbnails come from the service (Get with include_image): the web server never opens a file by a
 name it was given, so it can show indexed images only, and only through the service's own rules (its
@@ -37,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clients.coca_client import (Client, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
+from clients.coca_client import (Client, Condition, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
                                  ResourceExhausted, SearchError, Unauthenticated, Unavailable)
 
 log = logging.getLogger("coca.web")
@@ -46,7 +52,12 @@ STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                 ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 MAX_UPLOAD_BYTES = 32 << 20  # the service's default image limit
-MAX_K = 100
+MAX_K = 100  # hits, items or groups a page
+MAX_CONDITIONS = 16
+MAX_GROUP_CARDS = 24  # members of a near-duplicate group shown (each one a Get); the group's size is said
+MAX_CONDITION_CHARS = 512
+MODES = ("vector", "keyword", "hybrid")
+MULTI_VALUED = ("where",)  # query parameters that may repeat (the others: the last one counts)
 THUMB_SIZES = (128, 256, 512)
 THUMB_CACHE = 512  # thumbnails kept in memory
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -106,10 +117,22 @@ def make_thumbnail(data: bytes, size: int) -> bytes:
     return out.getvalue()
 
 
+def item_json(item) -> dict:
+    """What a card shows of an item (an Item of List, or a Hit)."""
+    added_at = getattr(item, "added_at", None) or getattr(item, "created_at", 0.0)
+    return {"id": item.id, "caption": item.caption, "name": _display_name(item.uri, item.id), "uri": item.uri,
+            "metadata": item.metadata, "added_at": added_at, "thumb": f"/thumb/{urllib.parse.quote(item.id, safe='')}"}
+
+
 def hit_json(hit) -> dict:
-    return {"id": hit.id, "score": round(hit.score, 4), "caption": hit.caption, "caption_error": hit.caption_error,
-            "name": _display_name(hit.uri, hit.id), "uri": hit.uri, "metadata": hit.metadata,
-            "thumb": f"/thumb/{urllib.parse.quote(hit.id, safe='')}"}
+    """A hit's card, with its score and, in keyword/hybrid search, its rank in each list (0: not in it)."""
+    return {**item_json(hit), "score": round(hit.score, 4), "caption_error": hit.caption_error,
+            "vector_rank": hit.vector_rank, "keyword_rank": hit.keyword_rank}
+
+
+def search_json(query: str, result) -> dict:
+    return {"query": query, "hits": [hit_json(h) for h in result.hits], "searched": result.searched,
+            "next_page_token": result.next_page_token}
 
 
 def _display_name(uri: str, item_id: str) -> str:
@@ -169,7 +192,8 @@ class GalleryHandler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ routing
     def do_GET(self):
         self._dispatch({"/api/stats": self.api_stats, "/api/search": self.api_search,
-                        "/api/similar": self.api_similar})
+                        "/api/similar": self.api_similar, "/api/list": self.api_list,
+                        "/api/duplicates": self.api_duplicates})
 
     def do_POST(self):
         self._dispatch({"/api/search": self.api_search, "/api/similar": self.api_similar,
@@ -178,7 +202,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
     def _dispatch(self, routes: dict) -> None:
         started = time.monotonic()
         url = urllib.parse.urlsplit(self.path)
-        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        query = {k: v if k in MULTI_VALUED else v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         self._body_read = False
         try:
             self._check_origin(url.path)
@@ -233,18 +257,41 @@ class GalleryHandler(BaseHTTPRequestHandler):
         text = query.get("q", "").strip()
         if not text:
             raise HttpError(HTTPStatus.BAD_REQUEST, "type something to search for", "INVALID_ARGUMENT")
-        result = self.server.client.search_text(text, k=_k(query), with_captions=_flag(query, "captions"))
-        return {"query": text, "hits": [hit_json(h) for h in result.hits], "searched": result.searched}
+        mode = query.get("mode", "vector")
+        if mode not in MODES:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"mode must be one of {', '.join(MODES)}", "INVALID_ARGUMENT")
+        weight = _number(query, "keyword_weight") if query.get("keyword_weight") else None
+        result = self.server.client.search_text(text, k=_k(query), with_captions=_flag(query, "captions"), mode=mode,
+                                                keyword_weight=weight, **_page_query(query))
+        return search_json(text, result)
 
     def api_similar(self, query) -> dict:
         item_id = query.get("id", "")
-        result = self.server.client.search_image(id=item_id, k=_k(query), with_captions=_flag(query, "captions"))
-        return {"query": f"like {item_id}", "hits": [hit_json(h) for h in result.hits], "searched": result.searched}
+        result = self.server.client.search_image(id=item_id, k=_k(query), with_captions=_flag(query, "captions"),
+                                                 **_page_query(query))
+        return search_json(f"like {item_id}", result)
 
     def api_search_image(self, query) -> dict:
         data = self._body(required=True)
-        result = self.server.client.search_image(data, k=_k(query), with_captions=_flag(query, "captions"))
-        return {"query": "uploaded image", "hits": [hit_json(h) for h in result.hits], "searched": result.searched}
+        result = self.server.client.search_image(data, k=_k(query), with_captions=_flag(query, "captions"),
+                                                 **_conditions(query))
+        return search_json("uploaded image", result)
+
+    def api_list(self, query) -> dict:
+        page = self.server.client.list(page_size=_k(query, "page_size"), **_page_query(query))
+        return {"items": [item_json(i) for i in page.items], "total": page.total,
+                "next_page_token": page.next_page_token}
+
+    def api_duplicates(self, query) -> dict:
+        threshold = _number(query, "threshold") if query.get("threshold") else 0.95
+        page = self.server.client.find_duplicates(threshold, page_size=_k(query, "page_size"),
+                                                  page_token=query.get("page_token", ""))
+        shown = [g.ids[:MAX_GROUP_CARDS] for g in page.groups]
+        cards = {i: item_json(self.server.client.get(i)) for ids in shown for i in ids}
+        return {"threshold": threshold, "total_groups": page.total_groups, "next_page_token": page.next_page_token,
+                "groups": [{"size": len(g.ids), "items": [cards[i] for i in ids],
+                            "pairs": [{"a": a, "b": b, "score": round(score, 4)} for a, b, score in g.pairs]}
+                           for g, ids in zip(page.groups, shown)]}
 
     def api_caption(self, query) -> dict:
         item_id = query.get("id", "")
@@ -325,11 +372,37 @@ class GalleryHandler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
-def _k(query) -> int:
-    raw = query.get("k", "12")
+def _k(query, name: str = "k") -> int:
+    raw = query.get(name, "12")
     if not raw.lstrip("-").isdigit():
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"k must be a number, got {raw!r}", "INVALID_ARGUMENT")
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {raw[:40]!r}", "INVALID_ARGUMENT")
     return max(1, min(MAX_K, int(raw)))
+
+
+def _number(query, name: str) -> float:
+    try:
+        return float(query[name])
+    except ValueError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {query[name][:40]!r}",
+                        "INVALID_ARGUMENT") from None
+
+
+def _conditions(query) -> dict:
+    """The client's where/order_by keywords from `where` (repeatable) and `order_by`."""
+    texts = query.get("where", [])
+    if len(texts) > MAX_CONDITIONS or any(len(t) > MAX_CONDITION_CHARS for t in texts):
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"at most {MAX_CONDITIONS} conditions of {MAX_CONDITION_CHARS} "
+                        "characters each", "INVALID_ARGUMENT")
+    try:
+        where = [Condition.parse(t) for t in texts]
+    except ValueError as exc:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"condition {exc}", "INVALID_ARGUMENT") from None
+    return {"where": where, "order_by": query.get("order_by", "")}
+
+
+def _page_query(query) -> dict:
+    """_conditions and the page token: what pages of a listing or search are."""
+    return {**_conditions(query), "page_token": query.get("page_token", "")}
 
 
 def _flag(query, name: str) -> bool:
