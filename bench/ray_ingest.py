@@ -13,8 +13,8 @@ start-up and the pipeline's fill once, whatever its size). The Ray session itsel
 its start-up reported apart. Then the parts one worker of each stage
 does alone, so that scaling can be projected (images/s = min over stages of workers x per-worker rate):
   read      read_and_check in one process (what one read task does: read, header check, sha256)
-  embed     Triton alone: one request per image, 16 in flight (what one Embedder drives on one endpoint:
-            the hardware floor of any path here, as every image is embedded once)
+  embed     Triton alone: one request per image, IMAGES_IN_FLIGHT (32) open (what one Embedder drives on
+            one endpoint: the hardware floor of any path here, as every image is embedded once)
   write     AddImages of precomputed embeddings (what one writer stream costs the service: no model)
   skip      a Ray re-run over stored content (FindContent, nothing embedded or sent)
 """
@@ -92,13 +92,14 @@ def read_rate(files: list[str], batch_size: int) -> float:
 
 
 def triton_rate(url: str, images: list[bytes]) -> tuple[float, np.ndarray]:
-    """images/s of one request per image, 16 in flight (as the Embedder sends them); and the vectors."""
+    """images/s of one request per image, IMAGES_IN_FLIGHT open (as the Embedder sends them); and the vectors."""
+    from clients.ray_ingest.stages import IMAGES_IN_FLIGHT
     from serving.client import TritonCoca
 
     async def run():
         async with TritonCoca(url) as triton:
             await triton.embed_images(images[:4])  # warm-up
-            limit = asyncio.Semaphore(16)
+            limit = asyncio.Semaphore(IMAGES_IN_FLIGHT)
 
             async def one(data):
                 async with limit:

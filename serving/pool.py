@@ -11,12 +11,15 @@ that server keeps for it, stays where its START went.
 
 Failures: an endpoint whose server cannot be reached is taken out of rotation at once, and a probe
 asks it what it serves (a short deadline, every `probe_interval_s`) until it answers with the
-pool's model; then it is back. The call it cut runs again, once, on another endpoint: encoders are
-pure functions and greedy or seeded captions are reproducible, so the answer is the one an
-uninterrupted call gives. A full decoder cache is tried once elsewhere too. When no endpoint is
-healthy, calls still try them (a call is its own probe) and fail with TritonUnavailableError
-naming every endpoint. Endpoints that answer with different models make identity() fail with
-IdentityMismatchError naming both; an endpoint that comes back with another model stays out.
+pool's model; then it is back. One outage is one trip out and back: only news about the connection
+in use counts (each retired connection is a generation), so the other calls cut by the same failure,
+and an answer asked before a failure that arrives after it, change nothing. The call the failure cut
+runs again, once, on another endpoint: encoders are pure functions and greedy or seeded captions
+are reproducible, so the answer is the one an uninterrupted call gives. A full decoder cache is
+tried once elsewhere too. When no endpoint is healthy, calls still try them (a call is its own
+probe) and fail with TritonUnavailableError naming every endpoint. Endpoints that answer with
+different models make identity() fail with IdentityMismatchError naming both; an endpoint that
+comes back with another model stays out.
 
 One pool per event loop (like TritonCoca, which it holds one of per endpoint).
 """
@@ -103,11 +106,13 @@ class Endpoint:
         self.last_error = ""
         self.down_since: Optional[float] = None
         self.probe: Optional[asyncio.Task] = None
+        self.generation = 0  # which connection: one more each time one is retired after a failure
         self._connection: Optional[_Connection] = None
 
     async def run(self, fn: Callable[[TritonCoca], Awaitable[T]], counted: bool = True) -> T:
         """`await fn(client)` on this endpoint's connection (a fresh one after a failure); `counted`
-        calls are load (in flight, calls), probes are not."""
+        calls are load (in flight, calls), probes are not. A failure to reach the server takes the
+        endpoint out of rotation (see take_out)."""
         async with self.connected(counted) as client:
             return await fn(client)
 
@@ -116,13 +121,13 @@ class Endpoint:
         """This endpoint's client for the block (a call, or a stream's life); see run."""
         if self._connection is None:
             self._connection = _Connection(self.url, self.observe)
-        connection = self._connection
+        connection, generation = self._connection, self.generation
         connection.users += 1
         self.in_flight += counted
         try:
             yield connection.client
-        except TritonUnavailableError:
-            self.retire()
+        except TritonUnavailableError as exc:
+            self.take_out(generation, exc)
             raise
         finally:
             self.in_flight -= counted
@@ -132,17 +137,47 @@ class Endpoint:
 
     async def ask_identity(self, timeout: float) -> Identity:
         """What the server serves, within `timeout` (a server that does not answer gets a fresh
-        connection next time)."""
+        connection next time). Read `generation` before asking: bring_back wants it."""
+        generation = self.generation
         try:
             return await asyncio.wait_for(self.run(lambda client: client.identity(), counted=False), timeout)
         except asyncio.TimeoutError:
-            self.retire()
+            self._retire(generation)
             raise
 
-    def retire(self) -> None:
+    def take_out(self, generation: int, exc: BaseException) -> None:
+        """A call on connection `generation` could not reach the server: out of rotation (one outage),
+        the connection retired. Only news counts: the other calls cut by the same failure fail on a
+        connection already retired, and change nothing."""
+        if not self._retire(generation):
+            return
+        self.last_error = str(exc) or type(exc).__name__
+        if self.healthy:
+            self.healthy = False
+            self.outages += 1
+            self.down_since = time.monotonic()
+            log.warning("Triton endpoint %s out of rotation: %s", self.url, self.last_error)
+
+    def bring_back(self, generation: int) -> bool:
+        """An answer asked on connection `generation` says the server serves the pool's model: back in
+        rotation, unless that connection has failed since (the answer predates a take-out: stale)."""
+        if generation != self.generation:
+            return False
+        if not self.healthy:
+            log.warning("Triton endpoint %s back in rotation after %.1f s", self.url,
+                        time.monotonic() - (self.down_since or time.monotonic()))
+        self.healthy, self.down_since, self.last_error = True, None, ""
+        return True
+
+    def _retire(self, generation: int) -> bool:
+        """Retire the connection of `generation` if it is still the one in use (True then)."""
+        if generation != self.generation:
+            return False
+        self.generation += 1
         if self._connection is not None:
             self._connection.retired = True
             self._connection = None
+        return True
 
     async def close(self) -> None:
         if self.probe is not None:
@@ -206,7 +241,7 @@ class TritonPool:
                 return await endpoint.run(fn)
             except (TritonUnavailableError, CapacityError) as exc:
                 if isinstance(exc, TritonUnavailableError):
-                    self._take_out(endpoint, exc)
+                    self._watch(endpoint)
                 failed.append((endpoint, exc))
                 if len(failed) > 1 or len(failed) == len(self.endpoints):
                     raise self._failure(failed) from None
@@ -246,26 +281,16 @@ class TritonPool:
                                       + "; ".join(f"{e.url}: {exc}" for e, exc in failed))
 
     # ------------------------------------------------------------ health
-    def _take_out(self, endpoint: Endpoint, exc: BaseException) -> None:
-        endpoint.last_error = str(exc) or type(exc).__name__
-        if endpoint.healthy:
-            endpoint.healthy = False
-            endpoint.outages += 1
-            endpoint.down_since = time.monotonic()
-            log.warning("Triton endpoint %s out of rotation: %s", endpoint.url, endpoint.last_error)
-        if endpoint.probe is None or endpoint.probe.done():
+    def _watch(self, endpoint: Endpoint) -> None:
+        """Probe an endpoint out of rotation until it is back (one probe at a time)."""
+        if not endpoint.healthy and (endpoint.probe is None or endpoint.probe.done()):
             endpoint.probe = asyncio.get_running_loop().create_task(self._probe(endpoint))
-
-    def _bring_back(self, endpoint: Endpoint) -> None:
-        if not endpoint.healthy:
-            log.warning("Triton endpoint %s back in rotation after %.1f s", endpoint.url,
-                        time.monotonic() - (endpoint.down_since or time.monotonic()))
-        endpoint.healthy, endpoint.down_since, endpoint.last_error = True, None, ""
 
     async def _probe(self, endpoint: Endpoint) -> None:
         """Ask an endpoint out of rotation what it serves until it answers with the pool's model."""
         while not endpoint.healthy:
             await asyncio.sleep(self.probe_interval_s)
+            generation = endpoint.generation
             try:
                 found = await endpoint.ask_identity(self.probe_timeout_s)
             except asyncio.TimeoutError:
@@ -277,7 +302,7 @@ class TritonPool:
             if self._identity is not None and found != self._identity:
                 endpoint.last_error = f"serves {_shown(found)}, the other endpoints {_shown(self._identity)}"
                 continue
-            self._bring_back(endpoint)
+            endpoint.bring_back(generation)  # a call that failed meanwhile made this answer stale
 
     async def identity(self, timeout: float = 30.0) -> Identity:
         """The model and weights every endpoint serves, asked of each now (within `timeout`).
@@ -286,13 +311,14 @@ class TritonPool:
         rejoin it). IdentityMismatchError names two endpoints that serve different models;
         TritonUnavailableError names every endpoint when none answers.
         """
+        generations = [e.generation for e in self.endpoints]
         answers = await asyncio.gather(*(e.ask_identity(timeout) for e in self.endpoints), return_exceptions=True)
         found: dict[str, Identity] = {}
         for endpoint, answer in zip(self.endpoints, answers):
             if isinstance(answer, Identity):
                 found[endpoint.url] = answer
             elif isinstance(answer, TritonUnavailableError):
-                self._take_out(endpoint, answer)
+                self._watch(endpoint)  # out of rotation since its call failed
             elif isinstance(answer, BaseException) and not isinstance(answer, asyncio.TimeoutError):
                 raise answer  # e.g. its three models come from different exports
         if not found:
@@ -307,9 +333,9 @@ class TritonPool:
                 f"the Triton endpoints serve different models: {first} serves {_shown(found[first])}, "
                 f"{other} serves {_shown(found[other])}; every endpoint must serve the same export")
         self._identity = identities[0]
-        for endpoint in self.endpoints:
+        for endpoint, generation in zip(self.endpoints, generations):
             if endpoint.url in found:
-                self._bring_back(endpoint)
+                endpoint.bring_back(generation)  # unless a call failed on it after it answered
         return self._identity
 
 

@@ -16,10 +16,12 @@ Typical conftest use::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
-from typing import Iterator
+import threading
+from typing import Iterator, Optional
 
 from serving.errors import TritonServerError
 from serving.launcher import TritonServer, pick_free_ports
@@ -99,3 +101,98 @@ def restartable_tritons(model_repository: str | os.PathLike, count: int = 2, tim
     finally:
         for server in servers:
             server.stop()
+
+
+
+class TcpRelay:
+    """A TCP relay from a free 127.0.0.1 port to `target` ("host:port"), run on a thread of its own:
+    network faults in front of a real server, as a client sees them, without restarting the server.
+
+    - cut(): every connection reset, new ones refused (the server died); open() listens again (it is back)
+    - stall() / resume(): bytes held in both directions, then passed on (a server that stops answering)
+    """
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.port = 0  # chosen by the first open(), kept by the later ones
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"relay to {target}")
+        self._thread.start()
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._transports: set[asyncio.BaseTransport] = set()
+        self._flowing = asyncio.Event()  # bound to the relay's loop when first awaited there
+        self._flowing.set()
+        self.open()
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def open(self) -> None:
+        self._run(self._listen())
+
+    def cut(self) -> None:
+        self._run(self._reset_all())
+
+    def stall(self) -> None:
+        self._run(self._set_flowing(False))
+
+    def resume(self) -> None:
+        self._run(self._set_flowing(True))
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> "TcpRelay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self, coroutine) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _reset_all(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for transport in list(self._transports):
+            transport.abort()  # RST, as from a killed server
+        self._transports.clear()
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        self._flowing.set() if flowing else self._flowing.clear()
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        self._transports.add(client_writer.transport)  # a cut while this connects resets it too
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        if client_writer.transport not in self._transports:  # cut meanwhile
+            server_writer.transport.abort()
+            return
+        self._transports.add(server_writer.transport)
+        pumps = [asyncio.ensure_future(self._pump(client_reader, server_writer)),
+                 asyncio.ensure_future(self._pump(server_reader, client_writer))]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)  # one side closed: close the other
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for writer in (client_writer, server_writer):
+            self._transports.discard(writer.transport)
+            writer.transport.abort()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            await self._flowing.wait()
+            writer.write(data)
+            await writer.drain()

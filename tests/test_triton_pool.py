@@ -170,6 +170,55 @@ def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_
     assert [c.tokens for c in again] == [c.tokens for c in reference.caption(photos[:4], GREEDY)]
 
 
+def test_one_death_under_many_calls_is_one_outage_though_an_answer_from_before_it_arrives_after(
+        tritons, reference, photos):
+    """An endpoint behind a relay dies (every connection reset) while an identity question to both
+    endpoints waits on the other, stalled one. Its earlier answer arrives after the 16 calls it cut
+    took it out: the endpoint stays out (no second outage when the next calls come), the cut calls
+    answer from the other endpoint as in-process, and once it is back it rejoins once and takes
+    calls again. (Before the fix the late answer put the dead endpoint back in rotation: 2 outages.)"""
+    from serving.pool import TritonPool
+    from serving.testing import TcpRelay
+
+    images = [photos[i % len(photos)] for i in range(16)]
+    expected = reference.embed_images(images)
+
+    async def embed_all(pool):
+        return np.concatenate(await asyncio.gather(*(pool.call(lambda t, p=p: t.embed_images([p])) for p in images)))
+
+    with TcpRelay(tritons[0].grpc_url) as dying, TcpRelay(tritons[1].grpc_url) as slow:
+        async def work():
+            async with TritonPool([dying.url, slow.url], probe_interval_s=0.1) as pool:
+                victim = pool.endpoints[0]
+                await pool.identity()
+                slow.stall()
+                asking = asyncio.create_task(pool.identity(timeout=60))
+                await asyncio.sleep(0.5)  # the dying endpoint has answered; the stalled one has not
+                dying.cut()
+                cut = asyncio.create_task(embed_all(pool))  # half of them go to the dying endpoint
+                await wait_for_async(lambda: not victim.healthy and victim.in_flight == 0, 30)
+                slow.resume()
+                first = await cut
+                await asking  # the dying endpoint's answer from before the cut, processed now
+                after_answer = victim.state()
+                second = await embed_all(pool)
+                down = victim.state()
+                dying.open()
+                await wait_for_async(lambda: victim.healthy, 30)  # the probe finds it back
+                calls_back = victim.calls
+                third = await embed_all(pool)
+                return (first, second, third), after_answer, down, victim.state(), victim.calls - calls_back, pool
+
+        answers, after_answer, down, back, calls_after_rejoin, pool = asyncio.run(work())
+    for vectors in answers:
+        np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
+    assert not after_answer.healthy and after_answer.outages == 1, after_answer
+    assert not down.healthy and down.outages == 1 and "cannot reach Triton" in down.last_error, down
+    assert pool.failovers >= 1
+    assert back.healthy and back.outages == 1 and back.down_s == 0
+    assert calls_after_rejoin >= 1
+
+
 class LiveSequences:
     """`async with LiveSequences(url) as live`: live() is the number of decoder sequences the server at
     `url` holds now (polled on a connection of its own)."""

@@ -140,7 +140,7 @@ def build(plan: IngestPlan, sources, repository_id: str):
     import ray
     import ray.data
 
-    from .stages import EndpointClaims, Embedder, Writer, read_and_check
+    from .stages import BATCHES_AT_ONCE, EndpointClaims, Embedder, Writer, read_and_check
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws one bar of its own
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no "Starting execution ..." lines between bar updates
@@ -152,7 +152,9 @@ def build(plan: IngestPlan, sources, repository_id: str):
         claims = EndpointClaims.remote(plan.tritons)
         dataset = dataset.map_batches(
             Embedder, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,
-            compute=ray.data.ActorPoolStrategy(size=len(plan.tritons), max_tasks_in_flight_per_actor=2),
+            compute=ray.data.ActorPoolStrategy(size=len(plan.tritons), max_tasks_in_flight_per_actor=BATCHES_AT_ONCE + 1,
+                                               max_concurrent_calls_per_actor=BATCHES_AT_ONCE,
+                                               enable_true_multi_threading=True),
             fn_constructor_kwargs={"claims": claims, "service": plan.service, "repository_id": repository_id})
     dataset = dataset.map_batches(
         Writer, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,

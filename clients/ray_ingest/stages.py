@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +23,11 @@ import ray
 from .sources import ItemFailure, read_source
 
 OUTPUT_COLUMNS = ("source", "outcome", "id", "sha256", "code", "message", "skipped")
-IMAGES_IN_FLIGHT = 16  # Triton requests one embedder keeps open (the encoder batches up to 16)
+# Triton requests one embedder keeps open, over all its batches: two encoder batches (it takes up to 16), so
+# that the next batch is queued on the server while one runs (with 16, the encoder idled while the answers
+# went back and the next requests came)
+IMAGES_IN_FLIGHT = 32
+BATCHES_AT_ONCE = 2  # batches one embedder works on at once: the next one's requests go out while one ends
 
 
 @dataclass(frozen=True)
@@ -102,26 +107,36 @@ class EndpointClaims:
 
 
 class Embedder:
-    """One Triton endpoint: skips stored content, embeds the rest (one request per image, IMAGES_IN_FLIGHT
-    open; Triton batches them), adds `embedding` (N, dim). A bad image fails alone with Triton's reason."""
+    """One Triton endpoint: skips stored content, embeds the rest (one request per image; Triton batches
+    them), adds `embedding` (N, dim). A bad image fails alone with Triton's reason.
+
+    BATCHES_AT_ONCE calls run at once (on Ray's threads), their requests on one event loop of the actor's
+    and under one limit of IMAGES_IN_FLIGHT: the endpoint always has work queued, also between batches."""
 
     def __init__(self, claims, service: ServiceTarget, repository_id: str):
-        from serving.client import TritonCoca
-
         self.endpoint = ray.get(claims.claim.remote())
         self.loop = asyncio.new_event_loop()  # the Triton client lives on this loop for the actor's life
-        self.triton = TritonCoca(self.endpoint)
-        self.service = service.connect()
-        identity = self.loop.run_until_complete(self.triton.identity())
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="embedder-loop").start()
+        self.triton, self.limit, identity = self._on_loop(self._connect())
+        self.service = service.connect()  # a gRPC channel: safe to share between the calls' threads
         self.dim = identity.embed_dim
         if identity.repository_id != repository_id:
             raise RuntimeError(f"Triton at {self.endpoint} serves {identity.model} ({identity.pretrained}) export "
                                f"{identity.repository_id[:16]}, the service's Triton export {repository_id[:16]}")
 
+    def _on_loop(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _connect(self):
+        from serving.client import TritonCoca
+
+        triton = TritonCoca(self.endpoint)
+        return triton, asyncio.Semaphore(IMAGES_IN_FLIGHT), await triton.identity()
+
     def __call__(self, batch: dict) -> dict:
         batch = mark_known(self.service, batch)
         rows = to_send(batch)
-        vectors = self.loop.run_until_complete(self._embed([batch["data"][i] for i in rows]))
+        vectors = self._on_loop(self._embed([batch["data"][i] for i in rows]))
         embedding = np.zeros((len(batch["code"]), self.dim), np.float32)
         code, message = list(batch["code"]), list(batch["message"])
         for i, vector in zip(rows, vectors):
@@ -134,10 +149,8 @@ class Embedder:
     async def _embed(self, images: list[bytes]) -> list:
         from coca.errors import InvalidInputError
 
-        limit = asyncio.Semaphore(IMAGES_IN_FLIGHT)
-
         async def one(data: bytes):
-            async with limit:
+            async with self.limit:
                 try:
                     return (await self.triton.embed_images([data]))[0]
                 except InvalidInputError as exc:  # this image's own fault (e.g. truncated): it fails alone
