@@ -121,8 +121,9 @@ def rpc_stream(method):
     @functools.wraps(method)
     async def handler(self, request, context):
         try:
-            async for response in method(self, request, context):
-                yield response
+            async with contextlib.aclosing(method(self, request, context)) as responses:  # closed at once if cut
+                async for response in responses:
+                    yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:

@@ -259,8 +259,8 @@ class TritonPool:
         try:
             async with endpoint.connected() as client:
                 yield client
-        except TritonUnavailableError as exc:
-            self._take_out(endpoint, exc)
+        except TritonUnavailableError:
+            self._watch(endpoint)  # connected() took it out of rotation
             raise
 
     def _pick(self, exclude: Sequence[Endpoint]) -> Endpoint:
