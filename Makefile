@@ -10,7 +10,7 @@ venv:
 	VENV=$(abspath $(VENV)) bash scripts/bootstrap.sh
 
 test: venv
-	$(PYTEST) -q tests
+	$(PYTEST) -q --durations=30 tests
 
 # The whole system once: export the model, start tritonserver + the search service, index sample photos,
 # search with captions, caption a photo, stop everything. Quick run: make demo DEMO_ARGS="--model coca-tiny"
@@ -30,7 +30,7 @@ test-reliability: venv
 	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q -m "long or not long" \
 		tests/reliability $(SECURITY_TESTS) tests/test_ray_ingest.py::test_bulk_ingest_and_resume \
 		tests/test_milvus_store.py::test_milvus_down_gives_unavailable_naming_milvus_then_recovers \
-		tests/test_triton_pool.py::test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back
+		tests/test_triton_pool.py::test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back tests/test_triton.py
 
 # One benchmark: make bench BENCH="caption --model coca-tiny" (names: python -m bench, or coca bench --help).
 BENCH ?= caption --model coca-tiny --pretrained random

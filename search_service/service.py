@@ -70,8 +70,19 @@ def bad(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+MAX_DETAILS_CHARS = 2000  # gRPC clients refuse status details (trailing metadata) over 16 KiB
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status a failure maps to, and the message the caller sees."""
+    """The gRPC status a failure maps to, and the message the caller sees (cut to MAX_DETAILS_CHARS: a
+    message quoting its input, e.g. image bytes, would otherwise reach the client as a transport error)."""
+    code, message = _status_of(exc)
+    if len(message) > MAX_DETAILS_CHARS:
+        message = message[:MAX_DETAILS_CHARS] + f" ... ({len(message) - MAX_DETAILS_CHARS} more characters)"
+    return code, message
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, PathRefused):

@@ -9,7 +9,7 @@
 
 Captions: where the server has coca_captioner (a repository exported with `--decoder-scheduler
 iterative`), each caption is ONE request on a gRPC bidirectional stream and the server streams its
-tokens (`caption_steps`), stepping every live caption in each forward; otherwise each caption is one
+tokens (`captioner_steps`), stepping every live caption in each forward; otherwise each caption is one
 sequence of coca_text_decoder, driven step by step (unique correlation id, END always sent, also on
 error or cancellation). `scheduler` ("auto", "iterative", "sequence") chooses. Captions of many
 images run concurrently, so the server advances them together in batched forwards. Errors: coca.InvalidInputError
@@ -247,7 +247,7 @@ class TritonCoca:
     async def _streamed_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
                               text_so_far: bool) -> AsyncIterator[Generation]:
         generation = Generation([])
-        async with contextlib.aclosing(self.caption_steps(image_embeddings, params)) as steps:
+        async with contextlib.aclosing(self.captioner_steps(image_embeddings, params)) as steps:
             async for step in steps:
                 generation.batch_rows.append(step.batch_rows)
                 generation.tokens, generation.logprobs, generation.done = step.tokens, step.logprobs, step.done
@@ -269,7 +269,7 @@ class TritonCoca:
                 self._captioner_served = False  # an older server that errs on an unknown model
         return self._captioner_served
 
-    async def caption_steps(self, image_embeddings: np.ndarray,
+    async def captioner_steps(self, image_embeddings: np.ndarray,
                             params: SamplingParams = SamplingParams()) -> AsyncIterator[CaptionStep]:
         """One caption from coca_captioner as it is generated: a CaptionStep per forward, the last one done.
 

@@ -1029,3 +1029,15 @@ def test_delete_on_a_trained_ivf_index_keeps_the_service_up_and_answers_right(tm
             assert np.allclose([h.score for h in hits], exact[order], atol=1e-5)
         stats = client.stats()
         assert stats.count == stats.indexed == 85 and process.proc.poll() is None
+
+
+def test_a_long_failure_message_is_cut_to_fit_the_status():
+    """A handler's error quoting its input (image bytes in a ValueError, seen in CaptionStream after a merge)
+    made status details over gRPC's 16 KiB metadata limit: the client saw RESOURCE_EXHAUSTED "metadata size
+    exceeds hard limit" instead of the error. The message is cut, the code kept."""
+    from search_service.service import MAX_DETAILS_CHARS, status_of
+
+    code, message = status_of(ValueError("could not convert " + repr(os.urandom(100_000))))
+    assert code == grpc.StatusCode.INTERNAL and message.startswith("internal error: ValueError: could not convert")
+    assert MAX_DETAILS_CHARS <= len(message) < MAX_DETAILS_CHARS + 100 and "more characters" in message
+    assert status_of(ValueError("short"))[1] == "internal error: ValueError: short"

@@ -33,7 +33,9 @@ EXPIRY_INTERVAL_S = 0.25
 GREEDY = SamplingParams(max_tokens=12)
 SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max_tokens=12)  # exact in float32
 BEAMS = SamplingParams(max_tokens=10, num_beams=6, num_beam_groups=3)
-SCHEDULERS = pytest.mark.parametrize("scheduler", ["sequence", "iterative"])
+# The step protocol in CI; these tests under coca_captioner too in make test-reliability (-m long): its own
+# tests below cover it in CI (CI time budget).
+SCHEDULERS = pytest.mark.parametrize("scheduler", ["sequence", pytest.param("iterative", marks=pytest.mark.long)])
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +279,7 @@ LONG_GREEDY = SamplingParams(max_tokens=24, min_tokens=24)  # long enough for 16
 
 
 async def streamed(t: TritonCoca, embeddings: np.ndarray, params=LONG_GREEDY) -> list:
-    async with contextlib.aclosing(t.caption_steps(embeddings, params)) as steps:
+    async with contextlib.aclosing(t.captioner_steps(embeddings, params)) as steps:
         return [step async for step in steps]
 
 
@@ -357,7 +359,7 @@ def test_a_cancelled_or_disconnected_stream_frees_its_caption(triton, photos):
     async def work(t):
         embeddings = (await t.image_embeddings(photos[:1]))[0]
         before = await t.captioner_stats()
-        async with contextlib.aclosing(t.caption_steps(embeddings, endless)) as steps:
+        async with contextlib.aclosing(t.captioner_steps(embeddings, endless)) as steps:
             async for step in steps:
                 break  # the caller stops reading: the request is cancelled
         after_cancel = await captioner_settles(t)
