@@ -30,6 +30,7 @@ import argparse
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -52,17 +53,41 @@ DEFAULT_HOST = "127.0.0.1"
 
 
 def pick_free_ports(n: int = 3, host: str = DEFAULT_HOST) -> list[int]:
-    """Return *n* distinct TCP ports that were free on *host* a moment ago (racy by nature)."""
-    socks = []
+    """Return *n* distinct TCP ports that were free on *host* a moment ago (racy by nature).
+
+    They come from below the kernel's ephemeral range: a port the kernel hands out for ``bind(0)`` is one that
+    any outgoing connection may take as its local port before the server binds it (CI saw exactly that). Ports
+    handed out before by this process are not handed out again."""
+    low = _ephemeral_low()
+    ports: list[int] = []
+    for port in random.sample(range(max(1024, low - _PICK_SPAN), low), _PICK_SPAN // 4):
+        if port not in _HANDED_OUT and _bindable(host, port):
+            ports.append(port)
+            _HANDED_OUT.add(port)
+            if len(ports) == n:
+                return ports
+    raise OSError(f"no {n} free TCP ports found on {host} below {low}")
+
+
+_PICK_SPAN = 8000
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux: /proc/sys/net/ipv4/ip_local_port_range)."""
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _list_dir(path: str) -> list[str]:
