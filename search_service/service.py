@@ -23,6 +23,7 @@ from coca.prompts import DEFAULT_TEMPLATE, label_prompts
 from coca.scoring import classify_probabilities, rank_by_distance
 from coca.settings import SamplingParams
 from coca.texts import check_text
+from serving.errors import SequenceLostError
 
 from .admission import CAPTION_SEQUENCES, Admission, Shed
 from .caption_retry import CaptionRetryJob, Paused
@@ -98,6 +99,8 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
     if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, SequenceLostError):  # the server is up, but dropped the caption: asking again works
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (ModelMismatch, ModelMismatchError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)

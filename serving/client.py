@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import re
 import secrets
@@ -41,11 +42,12 @@ from coca.captions import Caption
 from coca.errors import CapacityError, InvalidInputError
 from coca.settings import SamplingParams
 
-from .errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError
+from .errors import IdentityMismatchError, SequenceLostError, TritonRequestError, TritonUnavailableError
 from .protocol import (CAPACITY_MESSAGE, CAPTIONER, DECODER_SCHEDULERS, IMAGE_ENCODER, SAMPLING_INPUTS, STEP_OUTPUTS,
                        STREAM_OUTPUTS, TEXT_DECODER, TEXT_ENCODER, TRITON_MODELS, Identity)
 
 ImageInput = Union[bytes, str, os.PathLike]
+log = logging.getLogger("serving.client")
 InferObserver = Callable[[str, float, bool], None]  # (model, seconds, succeeded)
 
 # tritonclient's message limits, plus: a subchannel of this channel's own, so that a new client is not
@@ -239,7 +241,7 @@ class TritonCoca:
         `text_so_far` each one holds the text so far (a prefix of the finished text). Streamed by
         coca_captioner where the server has it (see `scheduler`), else one decoder sequence stepped from
         here. Close the iterator to stop early: the server then frees the caption's cache rows."""
-        steps = self._streamed_steps if await self.uses_captioner() else self._sequence_steps
+        steps = self._streamed_steps if await self.uses_captioner() else self._restarted_sequence_steps
         async with contextlib.aclosing(steps(image_embeddings, params, text_so_far)) as generations:
             async for generation in generations:
                 yield generation
@@ -331,6 +333,32 @@ class TritonCoca:
             if self.observe is not None:
                 self.observe(model, time.perf_counter() - started, ok)
 
+    async def _restarted_sequence_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
+                                        text_so_far: bool) -> AsyncIterator[Generation]:
+        """_sequence_steps, started again once when the decoder forgot the sequence (Triton drops one idle
+        past max_sequence_idle_microseconds, e.g. a client starved of CPU between two steps). A greedy or
+        seeded caption is reproducible: the new sequence's steps up to where the lost one got are not
+        handed out again (they are the same; checked). Another caption cannot be resumed: SequenceLostError."""
+        handed, last_tokens = 0, []  # steps handed out, and the tokens of the last one
+        for attempt in range(2):
+            try:
+                async with contextlib.aclosing(self._sequence_steps(image_embeddings, params, text_so_far)) as steps:
+                    step = 0
+                    async for generation in steps:
+                        step += 1
+                        if step < handed or (step == handed and generation.tokens == last_tokens):
+                            continue
+                        if step == handed:
+                            raise SequenceLostError("the decoder dropped the caption's sequence, and starting it "
+                                                    "again gave other tokens")
+                        handed, last_tokens = step, list(generation.tokens)
+                        yield generation
+                    return
+            except SequenceLostError as exc:
+                if attempt or not (params.temperature == 0 or params.seed is not None):
+                    raise SequenceLostError(f"{exc} (the caption could not be finished; ask again)") from None
+                log.warning("%s: starting the caption again", exc)
+
     async def _sequence_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
                               text_so_far: bool) -> AsyncIterator[Generation]:
         """One decoder sequence: START with the embeddings, step until DONE, then END, which answers the
@@ -414,6 +442,9 @@ class TritonCoca:
     def _translate(self, exc: InferenceServerException, model: str) -> Exception:
         """A typed error with the server's words (request-id noise removed)."""
         status, message = exc.status() or "", re.sub(r"^\[request id: [^\]]*\]\s*", "", exc.message() or str(exc))
+        if model == TEXT_DECODER and _SEQUENCE_LOST.search(message):
+            return SequenceLostError(f"{model} at {self.url} does not know the caption's sequence (dropped idle, "
+                                     f"or never started): {message}")
         if status.endswith("INVALID_ARGUMENT"):
             return InvalidInputError(f"{model}: {message}")
         if status.endswith("UNAVAILABLE") and CAPACITY_MESSAGE in message:
@@ -423,6 +454,11 @@ class TritonCoca:
         if "unknown model" in message.lower() or "not ready" in message.lower():
             return TritonUnavailableError(f"Triton at {self.url} does not serve {model}: {message}")
         return TritonRequestError(f"{model}: {status or 'error'}: {message}")
+
+
+# Triton's sequence batcher on a step for a sequence it dropped (idle), and the decoder's own words for one
+# whose cache it freed (serving/models/text_decoder.py).
+_SEQUENCE_LOST = re.compile(r"must specify the START flag|unknown sequence \d+")
 
 
 # --- helpers ---------------------------------------------------------------------------------

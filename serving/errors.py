@@ -15,5 +15,9 @@ class TritonRequestError(CocaError):
     """The server answered with an error that is not the caller's input (internal, unknown sequence)."""
 
 
+class SequenceLostError(TritonRequestError):
+    """The decoder no longer knows a caption's sequence (dropped after its idle limit): the caption is lost."""
+
+
 class TritonServerError(RuntimeError):
     """The server could not be found, started, or made ready. The message carries the log tail."""

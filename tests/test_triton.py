@@ -22,7 +22,7 @@ from serving.testing import running_triton, triton_unavailable_reason
 
 pytest.importorskip("tritonclient.grpc.aio")
 from serving.client import TritonCoca, _array_input, _start_inputs  # noqa: E402
-from serving.errors import IdentityMismatchError, TritonRequestError, TritonUnavailableError  # noqa: E402
+from serving.errors import IdentityMismatchError, SequenceLostError, TritonRequestError, TritonUnavailableError  # noqa: E402
 from serving.protocol import CAPTIONER, STEP_OUTPUTS, TEXT_DECODER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
@@ -396,8 +396,33 @@ def test_abandoned_sequences_are_freed_after_the_ttl(triton, photos):
     after = on_triton(url, lambda t: t.decoder_stats())
     assert after["expired_by_timer"] >= 2
     assert (after["live_sequences"], after["free_rows"], after["cache_bytes_in_use"]) == (0, CAPACITY, 0)
-    with pytest.raises(InvalidInputError, match="START"):  # Triton forgot it too
+    with pytest.raises(SequenceLostError, match="START"):  # Triton forgot it too
         on_triton(url, lambda t: t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=7001))
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_a_caption_forgotten_while_its_client_stalled_is_started_again(triton, tiny_coca, images, photos, params):
+    """A client starved between two steps for longer than the idle limit: Triton drops the sequence. A
+    reproducible caption starts again and goes on where it was: each step handed out once, the caption
+    open_clip's; an unseeded sample cannot, and says so."""
+    url, _ = triton
+
+    async def stalled(t, params, stall_s=IDLE_S + 1.5):  # past Triton's idle limit and the model's TTL
+        steps = []
+        async with contextlib.aclosing(t.caption_steps(photos[0], params)) as generations:
+            async for generation in generations:
+                steps.append((list(generation.tokens), generation.text, generation.done))
+                if len(steps) == 2:
+                    await asyncio.sleep(stall_s)
+        return steps
+
+    steps = on_triton(url, lambda t: stalled(t, params), "sequence")
+    assert steps == on_triton(url, lambda t: stalled(t, params, stall_s=0), "sequence")
+    expected = tiny_coca.caption([images[0]], params)[0]
+    assert steps[-1] == (expected.tokens, expected.text, True) and len(steps) > 3
+    unseeded = SamplingParams(temperature=0.75, top_k=40, max_tokens=12)
+    with pytest.raises(SequenceLostError, match="does not know the caption's sequence.*ask again"):
+        on_triton(url, lambda t: stalled(t, unseeded), "sequence")
 
 
 def test_the_cache_cap_is_a_clear_error(triton, tiny_coca, images, photos):
@@ -431,7 +456,7 @@ def test_malformed_decoder_requests_fail_alone_and_the_server_keeps_serving(trit
     async def work(t):
         embeddings = (await t.image_embeddings(photos[:1]))[0]
         try:
-            await expect(InvalidInputError, "must specify the START flag",
+            await expect(SequenceLostError, "must specify the START flag",
                          t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=9101))
             await expect(InvalidInputError, "data-type is 'FP64'", t._infer(
                 TEXT_DECODER, [_array_input("IMAGE_EMBEDDINGS", embeddings[None].astype(np.float64))],
