@@ -110,12 +110,13 @@ class TcpRelay:
 
     - cut(): every connection reset, new ones refused (the server died); open() listens again (it is back)
     - stall() / resume(): bytes held in both directions, then passed on (a server that stops answering)
+    - point_to(target): cut, then open onto another server at the same address (a server replaced)
     """
 
     def __init__(self, target: str):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
-        self.port = 0  # chosen by the first open(), kept by the later ones
+        self.port = pick_free_ports(1)[0]  # kept by every open()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"relay to {target}")
         self._thread.start()
@@ -134,6 +135,12 @@ class TcpRelay:
 
     def cut(self) -> None:
         self._run(self._reset_all())
+
+    def point_to(self, target: str) -> None:
+        self.cut()
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.open()
 
     def stall(self) -> None:
         self._run(self._set_flowing(False))

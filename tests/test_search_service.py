@@ -875,41 +875,38 @@ def test_path_errors_name_the_path_as_the_client_gave_it(tmp_path, triton, photo
 
 def test_health_asks_triton_and_other_weights_are_refused(tmp_path, triton, photos):
     """Health and Stats ask Triton each time (before: its first answer was cached for good, so health
-    said SERVING while Triton was down); a Triton restarted with other weights of the same model and
-    dimension (coca-tiny, seed 1) is refused with FAILED_PRECONDITION and nothing is written (before:
-    its embeddings were added to the store built with seed 0)."""
+    said SERVING while Triton was down); a Triton at the same address with other weights of the same model
+    and dimension (coca-tiny, seed 1) is refused with FAILED_PRECONDITION and nothing is written (before:
+    its embeddings were added to the store built with seed 0). A relay in front of the session's Triton
+    plays the server's death and its replacement, as the service sees them."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from serving.repository import ensure_repository
+    from serving.testing import TcpRelay, running_triton
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     other_repository, _ = ensure_repository(tmp_path / "seed1" / "repo", MODEL, PRETRAINED, seed=1)
-    original_repository = triton.model_repository
     fresh = noisy_variants(photos[2:3], 3)
-    with ServiceProcess(tmp_path / "data", triton.grpc_url) as service, WireClient(service.address) as client, \
+    with running_triton(other_repository) as (other_url, _, _), TcpRelay(triton.grpc_url) as relay, \
+            ServiceProcess(tmp_path / "data", relay.url) as service, WireClient(service.address) as client, \
             grpc.insecure_channel(service.address) as channel:
         check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert add(client, fresh[:1])[0].outcome == ADDED
         assert wait_for(lambda: check() == serving, 10, "SERVING") and client.stats().triton_ready
-        try:
-            triton.stop()  # nothing else calls Triton: the probe itself must find out
-            started = time.monotonic()
-            assert check() == not_serving and not client.stats().triton_ready
-            assert time.monotonic() - started < 5
-            triton.model_repository = other_repository  # same ports, same model and dimension, other weights
-            triton.start()
-            before = client.stats().count
-            for call in (lambda: add(client, fresh[1:2]), lambda: client.search_text("a cat"),
-                         lambda: client.caption(image=fresh[1])):
-                error = rpc_error(call)
-                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), error.details())
-                assert "weights" in error.details() and "serve those weights again" in error.details()
-            assert check() == not_serving and not client.stats().triton_ready
-            assert client.stats().count == before  # nothing of the other weights reached the store
-        finally:
-            triton.stop()
-            triton.model_repository = original_repository
-            triton.start()
+        relay.cut()  # Triton gone; nothing else calls it: the probe itself must find out
+        started = time.monotonic()
+        assert check() == not_serving and not client.stats().triton_ready
+        assert time.monotonic() - started < 5
+        relay.point_to(other_url)  # same address, same model and dimension, other weights
+        before = client.stats().count
+        for call in (lambda: add(client, fresh[1:2]), lambda: client.search_text("a cat"),
+                     lambda: client.caption(image=fresh[1])):
+            error = rpc_error(call)
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), error.details())
+            assert "weights" in error.details() and "serve those weights again" in error.details()
+        assert check() == not_serving and not client.stats().triton_ready
+        assert client.stats().count == before  # nothing of the other weights reached the store
+        relay.point_to(triton.grpc_url)
         assert wait_for(lambda: check() == serving, 30, "SERVING again") and client.stats().triton_ready
         assert add(client, fresh[1:2])[0].outcome == ADDED
         assert client.search_image(fresh[1], k=1).hits[0].score == pytest.approx(1.0, abs=1e-4)
