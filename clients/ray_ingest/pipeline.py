@@ -158,7 +158,9 @@ def build(plan: IngestPlan, sources, repository_id: str):
             fn_constructor_kwargs={"claims": claims, "service": plan.service, "repository_id": repository_id})
     dataset = dataset.map_batches(
         Writer, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,
-        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=BATCHES_AT_ONCE + 1,
+                                           max_concurrent_calls_per_actor=BATCHES_AT_ONCE,
+                                           enable_true_multi_threading=True),
         fn_constructor_kwargs={"service": plan.service, "repository_id": repository_id, "lookup": not plan.tritons})
     return dataset
 

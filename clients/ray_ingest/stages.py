@@ -162,7 +162,11 @@ class Embedder:
 # ---------------------------------------------------------------- write through the service (actors)
 class Writer:
     """AddImages for the rows to send (with their embeddings when the Embedder made them); outputs
-    OUTPUT_COLUMNS only (no bytes). `lookup`: skip stored content here (no Embedder stage before)."""
+    OUTPUT_COLUMNS only (no bytes). `lookup`: skip stored content here (no Embedder stage before).
+
+    BATCHES_AT_ONCE calls run at once (on Ray's threads, one AddImages stream each over the shared channel):
+    with one batch at a time the service's model sat idle at the end of every batch while its answers went
+    back and the next batch came (measured 13.1 images/s against plain `coca index`'s 14.2)."""
 
     def __init__(self, service: ServiceTarget, repository_id: str = "", lookup: bool = False):
         self.client = service.connect()
