@@ -98,9 +98,7 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
-    if isinstance(exc, (ModelsUnavailable, StoreUnavailable)):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, SequenceLostError):  # the server is up, but dropped the caption: asking again works
+    if isinstance(exc, (ModelsUnavailable, StoreUnavailable, SequenceLostError)):  # asking again may work
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (ModelMismatch, ModelMismatchError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)

@@ -346,13 +346,12 @@ class TritonCoca:
                     step = 0
                     async for generation in steps:
                         step += 1
-                        if step < handed or (step == handed and generation.tokens == last_tokens):
-                            continue
-                        if step == handed:
+                        if step == handed and generation.tokens != last_tokens:
                             raise SequenceLostError("the decoder dropped the caption's sequence, and starting it "
                                                     "again gave other tokens")
-                        handed, last_tokens = step, list(generation.tokens)
-                        yield generation
+                        if step > handed:
+                            handed, last_tokens = step, list(generation.tokens)
+                            yield generation
                     return
             except SequenceLostError as exc:
                 if attempt or not (params.temperature == 0 or params.seed is not None):

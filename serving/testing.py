@@ -103,7 +103,6 @@ def restartable_tritons(model_repository: str | os.PathLike, count: int = 2, tim
             server.stop()
 
 
-
 class TcpRelay:
     """A TCP relay from a free 127.0.0.1 port to `target` ("host:port"), run on a thread of its own:
     network faults in front of a real server, as a client sees them, without restarting the server.
@@ -114,8 +113,7 @@ class TcpRelay:
     """
 
     def __init__(self, target: str):
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
+        self.target = _address(target)
         self.port = pick_free_ports(1)[0]  # kept by every open()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"relay to {target}")
@@ -138,8 +136,7 @@ class TcpRelay:
 
     def point_to(self, target: str) -> None:
         self.cut()
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
+        self.target = _address(target)
         self.open()
 
     def stall(self) -> None:
@@ -165,7 +162,6 @@ class TcpRelay:
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _reset_all(self) -> None:
         if self._server is not None:
@@ -203,3 +199,8 @@ class TcpRelay:
             await self._flowing.wait()
             writer.write(data)
             await writer.drain()
+
+
+def _address(target: str) -> tuple[str, int]:
+    host, port = target.rsplit(":", 1)
+    return host, int(port)

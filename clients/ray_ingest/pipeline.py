@@ -140,7 +140,7 @@ def build(plan: IngestPlan, sources, repository_id: str):
     import ray
     import ray.data
 
-    from .stages import BATCHES_AT_ONCE, EndpointClaims, Embedder, Writer, read_and_check
+    from .stages import EndpointClaims, Embedder, Writer, read_and_check
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws one bar of its own
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no "Starting execution ..." lines between bar updates
@@ -152,17 +152,24 @@ def build(plan: IngestPlan, sources, repository_id: str):
         claims = EndpointClaims.remote(plan.tritons)
         dataset = dataset.map_batches(
             Embedder, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,
-            compute=ray.data.ActorPoolStrategy(size=len(plan.tritons), max_tasks_in_flight_per_actor=BATCHES_AT_ONCE + 1,
-                                               max_concurrent_calls_per_actor=BATCHES_AT_ONCE,
-                                               enable_true_multi_threading=True),
+            compute=_actors(len(plan.tritons)),
             fn_constructor_kwargs={"claims": claims, "service": plan.service, "repository_id": repository_id})
     dataset = dataset.map_batches(
         Writer, batch_size=plan.batch_size, num_cpus=CPUS_PER_ACTOR,
-        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=BATCHES_AT_ONCE + 1,
-                                           max_concurrent_calls_per_actor=BATCHES_AT_ONCE,
-                                           enable_true_multi_threading=True),
+        compute=_actors(plan.writers),
         fn_constructor_kwargs={"service": plan.service, "repository_id": repository_id, "lookup": not plan.tritons})
     return dataset
+
+
+def _actors(size: int):
+    """`size` actors, each working on BATCHES_AT_ONCE batches at once on threads of its own (one more queued),
+    so that the model behind them has the next batch while one ends."""
+    import ray.data
+
+    from .stages import BATCHES_AT_ONCE
+
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=BATCHES_AT_ONCE + 1,
+                                      max_concurrent_calls_per_actor=BATCHES_AT_ONCE, enable_true_multi_threading=True)
 
 
 def outcomes(dataset) -> Iterator[ItemOutcome]:
