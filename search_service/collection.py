@@ -15,13 +15,15 @@ from __future__ import annotations
 import abc
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from .caption_retry import MemoryRetryBook, RetryBook
 from .query import Filter, Order
 from .store import AddOutcome, ConflictError, Item, NewItem
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,6 +34,32 @@ class Hit:
     vector_rank: int = 0  # KEYWORD/HYBRID modes: where the lists placed it (1 = first; 0 = not in that list)
     keyword_rank: int = 0
     keyword_score: float = 0.0  # the keyword relevance (BM25, higher is better)
+
+
+def rank_key(hit: Hit) -> tuple[float, str]:
+    """The one order of every ranking, in every store and mode: score descending, then item id ascending."""
+    return -hit.score, hit.item.id
+
+
+def whole_ties(search: Callable[[int], Sequence[T]], n: int, score: Callable[[T], float]) -> list[T]:
+    """The best `n` results and every result tied with the n-th, from `search(m)` (the best m results, highest
+    score first, ties in whatever order the index keeps them): searched one deeper, and deeper again while the
+    last result found still ties with the n-th. An index cuts a tie group where it likes (by internal id, by
+    heap order), so a cut inside one would make answers at different depths disagree."""
+    want = n + 1
+    while True:
+        found = list(search(want))
+        if len(found) <= n:
+            return found
+        cut = score(found[n - 1])
+        if len(found) < want or score(found[-1]) < cut:
+            return [r for r in found if score(r) >= cut]
+        want *= 2
+
+
+def first_hits(search: Callable[[int], Sequence[Hit]], k: int) -> list[Hit]:
+    """The first `k` hits in ranking order (`rank_key`), from `search(m)`: the best m by score."""
+    return sorted(whole_ties(search, k, lambda h: h.score), key=rank_key)[:k]
 
 
 @dataclass
@@ -127,8 +155,8 @@ class Collection(abc.ABC):
     def search(self, query: np.ndarray, k: int, filters: Filter | dict[str, str] | None = None,
                min_score: Optional[float] = None, consistency: Optional[str] = None,
                order: Optional[Order] = None, after: Optional[list] = None) -> list[Hit]:
-        """Best `k` live items for a unit query vector passing `filters`, highest score first, each with its
-        exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
+        """Best `k` live items for a unit query vector passing `filters`, in ranking order (`rank_key`: score
+        descending, ties by id, never cut inside a tie group), each with its exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
         field's order, after the position `after` (a previous hit's `position`).
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
@@ -145,7 +173,7 @@ class Collection(abc.ABC):
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
         """The `k` live items passing `filters` whose caption or text fields (the schema's `text` metadata) best
-        match the words of `text` (BM25), most relevant first; `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
+        match the words of `text` (BM25), in ranking order (`rank_key`); `Hit.score` is the keyword relevance. Unsupported where the store has no full-text index."""
         raise Unsupported(f"keyword search over captions: {type(self).__name__} has no full-text index")
 
     @abc.abstractmethod

@@ -22,7 +22,7 @@ from typing import Callable, Optional, TypeVar
 import numpy as np
 
 from .caption_retry import CaptionRetry, RetryBook
-from .collection import Collection, Hit, Page, QueryError, check_query
+from .collection import Collection, Hit, Page, QueryError, check_query, first_hits, whole_ties
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
 from .keywords import KeywordIndex
@@ -41,6 +41,14 @@ def snapshot_file(factory: str) -> str:
 
 
 __all__ = ["Engine", "Hit", "QueryError", "snapshot_file"]
+
+
+def row_scores(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Each row's inner product with the query, computed row by row the same way wherever the row sits (a BLAS
+    matrix-vector product rounds rows in a block's tail differently, so equal vectors could score apart by an
+    ulp and a ranking's tie order would depend on which items were read together); rounded to float32 as the
+    index's scores are."""
+    return (vectors * query).sum(axis=1, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
 class Engine(Collection):
@@ -236,14 +244,19 @@ class Engine(Collection):
         allowed = self.metadata.matching(flt) if flt else None
         if order is not None:
             return self._ordered_search(query, k, allowed, min_score, order, after)
+        return first_hits(lambda n: self._best(query, n, allowed, min_score), k)
+
+    def _best(self, query: np.ndarray, n: int, allowed: Optional[np.ndarray], min_score: Optional[float]) -> list[Hit]:
+        """The best `n` items by score (ties in the index's order), scoring at least min_score."""
         index = self.index
         if allowed is not None and not index.keeps_vectors and index.exact_for(len(allowed), index.size):
-            ranked = self._exact(query, k, allowed.tolist())
-        elif index.lossy:  # approximate codes: more candidates, re-scored exactly
-            candidates = index.search(query, k * self.settings.rerank, allowed)
-            ranked = self._exact(query, k, [vid for vid, _ in candidates])
+            ranked = self._exact(query, n, allowed.tolist())
+        elif index.lossy:  # approximate codes: more candidates (never cut inside a tie of estimates), re-scored
+            candidates = whole_ties(lambda m: index.search(query, m, allowed), n * self.settings.rerank,
+                                    lambda pair: pair[1])
+            ranked = self._exact(query, n, [vid for vid, _ in candidates])
         else:
-            ranked = index.search(query, k, allowed)
+            ranked = index.search(query, n, allowed)
         if min_score is not None:
             ranked = [(vid, score) for vid, score in ranked if score >= min_score]
         items = self.store.get_many([vid for vid, _ in ranked])
@@ -251,9 +264,14 @@ class Engine(Collection):
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
         flt = Filter.of(filters)
-        matches = self.keywords.search(text, k, self.metadata.matching(flt) if flt else None)
-        items = self.store.get_many([vid for vid, _ in matches])
-        return [Hit(items[vid], score) for vid, score in matches if vid in items]
+        allowed = self.metadata.matching(flt) if flt else None
+
+        def best(n: int) -> list[Hit]:
+            matches = self.keywords.search(text, n, allowed)
+            items = self.store.get_many([vid for vid, _ in matches])
+            return [Hit(items[vid], score) for vid, score in matches if vid in items]
+
+        return first_hits(best, k)
 
     def _ordered_search(self, query: np.ndarray, k: int, allowed: Optional[np.ndarray], min_score: Optional[float],
                         order: Order, after: Optional[list]) -> list[Hit]:
@@ -301,7 +319,7 @@ class Engine(Collection):
         uncompressed vectors when it keeps them, else from the store."""
         vectors = self.index.vectors_of(vids)
         if vectors is not None:
-            return (vectors @ query).astype(np.float64)
+            return row_scores(vectors, query)
         scores = dict(self._exact(query, len(vids), vids.tolist()))
         return np.array([scores.get(vid, np.nan) for vid in vids.tolist()], np.float64)
 
@@ -310,7 +328,7 @@ class Engine(Collection):
         vids_list, scores = [], []
         for ids, vectors in self.store.embeddings(vids):
             vids_list.append(ids)
-            scores.append(vectors @ query)
+            scores.append(row_scores(vectors, query))
         if not vids_list:
             return []
         ids, values = np.concatenate(vids_list), np.concatenate(scores)

@@ -40,7 +40,7 @@ from typing import Callable, Optional, TypeVar
 import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dirs
-from .collection import Collection, Hit, Page, StoreUnavailable, Unsupported, check_query
+from .collection import Collection, Hit, Page, StoreUnavailable, Unsupported, check_query, first_hits
 from .query import ADDED_AT, Condition, Filter, Order, QueryInputError
 from .store import AddOutcome, ConflictError, Item, ModelMismatchError, NewItem, default_id
 
@@ -58,6 +58,7 @@ CONNECT_TIMEOUT_S = 2.0
 # bounds retries by `timeout` only when that is an int. A float timeout (the gRPC deadline of each
 # attempt) with 2 attempts makes a dead Milvus answer within ~0.1 s, a slow one within the timeout.
 RETRY_TIMES = 2
+MAX_TOPK = 16384  # Milvus's largest search limit (topk): a tie group deeper than that is cut there
 ROW_FIELDS = ["pk", "item_id", "uri", "blob", "meta", "caption", "created_at", "updated_at"]
 
 
@@ -404,13 +405,18 @@ class MilvusCollection(Collection):
             raise Unsupported(f"ordering hits by {order.field!r}: Milvus 2.3 searches return hits by score only "
                               "(the embedded store orders by fields)")
         query = check_query(query, self._dim)
-        terms = self._terms(filters)
-        results = self._call("search", lambda c: c.search(
-            self.name, data=[query.tolist()], limit=k, filter=" and ".join(terms), output_fields=ROW_FIELDS,
-            search_params=self._search_params(k), **self._opts,
-            consistency_level=consistency or self.settings.consistency))
-        hits = [Hit(_item(r["entity"]), float(r["distance"])) for r in results[0]]
-        return [h for h in hits if min_score is None or h.score >= min_score]
+        expression = " and ".join(self._terms(filters))
+        level = consistency or self.settings.consistency
+
+        def best(n: int) -> list[Hit]:
+            limit = min(n, MAX_TOPK)
+            results = self._call("search", lambda c: c.search(
+                self.name, data=[query.tolist()], limit=limit, filter=expression, output_fields=ROW_FIELDS,
+                search_params=self._search_params(limit), **self._opts, consistency_level=level))
+            hits = [Hit(_item(r["entity"]), float(r["distance"])) for r in results[0]]
+            return [h for h in hits if min_score is None or h.score >= min_score]
+
+        return first_hits(best, k)
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
         raise Unsupported("keyword search over captions: Milvus 2.3.5 has no full-text index (the embedded "

@@ -1,11 +1,15 @@
-"""Search and List requests from protobuf: conditions, order and pages (the store-agnostic part).
+"""Search and List requests from protobuf: conditions, order, and the one value a search becomes.
 
-Pages of a search are slices of one ranking:
-  * by score: hits are ranked by (score desc, id); a page token holds how many hits earlier pages
-    gave (`depth`) and the last one's (score, id). The next page searches `depth + k + 1` deep and
-    keeps the hits ranked after that cursor, so no hit shows twice even if the collection changed in
-    between; while it is unchanged, pages are the ranking's slices. The one extra hit says whether a
-    next page exists (no token leads to an empty page).
+A search request, whatever its mode, becomes one `SearchQuery` (mode, vector and/or text, conditions, order,
+page position, candidate depth), built once at the edge (service.py) and answered here as one page:
+  * by score (every mode): a ranking is the hits in one order, score descending and ties by item id
+    (`collection.rank_key`; stores answer their first n hits in it, never cutting inside a tie group). A page
+    token holds how many hits earlier pages gave (`depth`) and the last one's (score, id). The next page reads
+    the ranking `depth + k + 1` deep and keeps the hits ranked after that cursor: no hit shows twice even if
+    the collection changed in between, and while it is unchanged the pages are the ranking's slices. The one
+    extra hit says whether a next page exists (no token leads to an empty page). HYBRID fuses its two lists
+    read to one depth fixed at the first page (`FUSION_DEPTH`, or k + 1) and carried in the token, so fused
+    scores do not move between pages; its pages cover that fused list.
   * by a field: the store walks the field's order from the last hit's position (k + 1 hits, likewise).
 List pages resume from the store's position of the last item. Every token carries the fingerprint
 of its query, so a token from another query is refused (INVALID_ARGUMENT) rather than misread.
@@ -15,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from .collection import Hit, Page
+import numpy as np
+
+from .collection import Collection, Hit, Page, rank_key
+from .hybrid import DEFAULT_KEYWORD_WEIGHT, FUSION_DEPTH, check_weight, fuse, keyword_hits
 from .pb import search_pb2 as pb
 from .query import (MAX_ANY_OF, MAX_CONDITIONS, PARSERS, Condition, Filter, Order, QueryInputError, Schema,
                     check_condition, check_order, decode_token, encode_token, fingerprint)
@@ -74,64 +81,132 @@ def order_from_pb(order: pb.Order, schema: Schema) -> Optional[Order]:
     return check_order(Order(order.field, order.descending), schema)
 
 
-# ---------------------------------------------------------------- pages
-@dataclass
-class SearchPage:
-    """Where a search page starts in its ranking: the first page, or a page token's position."""
+# ---------------------------------------------------------------- one search
+VECTOR, KEYWORD, HYBRID = "vector", "keyword", "hybrid"
+BAD_TOKEN = "page_token is not one this service made (pass next_page_token back unchanged)"
 
-    query: str  # fingerprint of the query the pages belong to
-    depth: int = 0  # hits the earlier pages gave
-    after: Optional[list] = None  # (score, id) of the last hit; or in a field order, its position
+
+@dataclass(frozen=True)
+class Position:
+    """Where a page starts in its query's ranking: after `after` (the last hit shown: [score, id], or in a
+    field order its position), `depth` hits in; a hybrid query's lists are read `fusion_depth` deep."""
+
+    depth: int = 0
+    after: Optional[list] = None
+    fusion_depth: int = 0
 
     @classmethod
-    def start(cls, token: str, query: str, k: int, max_depth: int) -> "SearchPage":
+    def of(cls, token: str, query: str) -> "Position":
         if not token:
-            return cls(query)
+            return cls()
         position = decode_token(token, query)
-        depth, after = position.get("d"), position.get("a")
-        if not isinstance(depth, int) or depth < 0 or not (after is None or isinstance(after, list)):
-            raise QueryInputError("page_token is not one this service made (pass next_page_token back unchanged)")
-        if depth + k > max_depth:
+        depth, after, fusion = position.get("d"), position.get("a"), position.get("f", 0)
+        if not (_count(depth) and _count(fusion) and isinstance(after, list)):
+            raise QueryInputError(BAD_TOKEN)
+        return cls(depth, after, fusion)
+
+    def token(self, query: str) -> str:
+        fields = {"d": self.depth, "a": self.after, **({"f": self.fusion_depth} if self.fusion_depth else {})}
+        return encode_token(query, fields)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One search request, whatever its mode: what it asks, and which page. Built once at the edge, answered by
+    `page(collection)`: the paging rules live here alone.
+
+    A ranking is the query's hits in one order (`collection.rank_key`: score descending, ties by id; or a
+    field's order). A page is the next `k` hits of it after the last hit shown, so while the collection is
+    unchanged the pages concatenate to the ranking, and while it changes no hit shows twice and none that
+    stayed live and ranks above the last shown hit is skipped."""
+
+    mode: str  # VECTOR, KEYWORD or HYBRID
+    k: int
+    identity: str  # fingerprint of everything but the page: a page token names it
+    vector: Optional[np.ndarray] = None  # VECTOR, HYBRID
+    text: str = ""  # KEYWORD, HYBRID
+    filters: Optional[Filter] = None
+    min_score: Optional[float] = None  # VECTOR
+    order: Optional[Order] = None  # VECTOR: by a field instead of by score
+    keyword_weight: float = DEFAULT_KEYWORD_WEIGHT  # HYBRID
+    consistency: Optional[str] = None  # remote stores: Strong, Session, Bounded, Eventually
+    with_captions: bool = False  # caption the hits that have none (the edge does)
+    start: Position = Position()
+    max_depth: int = 10_000  # pages reach this many hits of a ranking by score
+
+    @classmethod
+    def build(cls, mode: str, k: int, query: list, page_token: str = "", *, filters: Optional[Filter] = None,
+              min_score: Optional[float] = None, order: Optional[Order] = None,
+              keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, max_depth: int = 10_000,
+              fusion_depth: int = FUSION_DEPTH, **given) -> "SearchQuery":
+        """A query from checked parts; `query` names what is searched for (["text", text, ...], ["id", id]).
+        QueryInputError for a combination no mode takes or a page token of another query."""
+        if mode != VECTOR and (order is not None or min_score is not None):
+            raise QueryInputError("order_by and min_score work in VECTOR mode only")
+        identity = fingerprint("search", query, [min_score, filters.key() if filters else [],
+                                                 order.key() if order else None])
+        start = Position.of(page_token, identity)
+        if page_token and order is None and start.depth + k > max_depth:
             raise QueryInputError(f"pages reach the first {max_depth} hits of a search: narrow it (conditions, "
                                   f"min_score) or browse with List")
-        return cls(query, depth, after)
+        if start.fusion_depth > max_depth:
+            raise QueryInputError(BAD_TOKEN)
+        if mode == HYBRID and not start.fusion_depth:
+            start = Position(start.depth, start.after, min(max_depth, max(fusion_depth, k + 1)))
+        return cls(mode, k, identity, filters=filters, min_score=min_score, order=order,
+                   keyword_weight=check_weight(keyword_weight), start=start, max_depth=max_depth, **given)
 
-    def depth_by_score(self, k: int) -> int:
-        """How deep to search for this page by score: through it, and one more hit (is there a next page?)."""
-        return self.depth + k + 1
+    def page(self, collection: Collection) -> tuple[list[Hit], str]:
+        """This page's hits and the next page's token ("" after the last page)."""
+        if self.order is not None:
+            return self._page_by_field(collection)
+        after = None if self.start.after is None else _cursor(self.start.after)
+        searched = self.start.depth + self.k + 1  # through this page, and one more hit: is there a next page?
+        while True:
+            ranked, whole = self._ranking(collection, searched)
+            rest = ranked if after is None else [h for h in ranked if rank_key(h) > after]
+            # Fewer than k + 1 hits after the cursor from a full search: hits above it were added since the
+            # last page (or it ranked lower then); search deeper rather than end the pages early.
+            if len(rest) > self.k or whole or len(ranked) < searched or searched >= self.max_depth + self.k + 1:
+                break
+            searched = min(2 * searched, self.max_depth + self.k + 1)
+        hits = rest[:self.k]
+        if len(rest) <= self.k or not hits:
+            return hits, ""
+        last = hits[-1]
+        next_start = Position(self.start.depth + len(hits), [last.score, last.item.id], self.start.fusion_depth)
+        return hits, next_start.token(self.identity)
 
-    def by_score(self, hits: list[Hit], k: int) -> tuple[list[Hit], str]:
-        """This page of a ranking searched `depth_by_score(k)` deep, and the next page's token ("" when none)."""
-        ranked = sorted(hits, key=_rank_key)
-        if self.after is not None:
-            cursor = _cursor(self.after)
-            ranked = [h for h in ranked if _rank_key(h) > cursor]
-        page = ranked[:k]
-        more = len(ranked) > k
-        token = encode_token(self.query, {"d": self.depth + len(page), "a": [page[-1].score, page[-1].item.id]}) \
-            if more else ""
-        return page, token
+    def _ranking(self, collection: Collection, n: int) -> tuple[list[Hit], bool]:
+        """The first `n` hits of the ranking by score, and whether that is all of it regardless of `n`."""
+        if self.mode == VECTOR:
+            return collection.search(self.vector, n, self.filters, self.min_score, self.consistency), False
+        if self.mode == KEYWORD:
+            return keyword_hits(collection.keyword_search(self.text, n, self.filters)), False
+        depth = self.start.fusion_depth  # fixed for all pages: fused scores do not move between them
+        near = collection.search(self.vector, depth, self.filters, None, self.consistency)
+        return fuse(near, keyword_hits(collection.keyword_search(self.text, depth, self.filters)),
+                    self.keyword_weight), True
 
-    def by_field(self, hits: list[Hit], k: int) -> tuple[list[Hit], str]:
-        """A page of a search in a field's order, from `k + 1` hits the store gave after `after`, and the
-        next page's token."""
-        page = hits[:k]
-        more = len(hits) > k
-        return page, encode_token(self.query, {"d": self.depth + len(page), "a": page[-1].position}) if more else ""
-
-
-def _rank_key(hit: Hit) -> tuple[float, str]:
-    return -hit.score, hit.item.id
+    def _page_by_field(self, collection: Collection) -> tuple[list[Hit], str]:
+        """In a field's order the store walks from the last hit's position (k + 1 hits: is there more?)."""
+        hits = collection.search(self.vector, self.k + 1, self.filters, self.min_score, self.consistency,
+                                 self.order, self.start.after)
+        page = hits[:self.k]
+        if len(hits) <= self.k:
+            return page, ""
+        return page, Position(self.start.depth + len(page), page[-1].position).token(self.identity)
 
 
 def _cursor(after: list) -> tuple[float, str]:
-    if len(after) != 2 or not isinstance(after[0], (int, float)) or not isinstance(after[1], str):
-        raise QueryInputError("page_token is not one this service made (pass next_page_token back unchanged)")
+    if len(after) != 2 or not isinstance(after[0], (int, float)) or isinstance(after[0], bool) \
+            or not isinstance(after[1], str):
+        raise QueryInputError(BAD_TOKEN)
     return -float(after[0]), after[1]
-
-
-def search_fingerprint(*parts) -> str:
-    return fingerprint("search", *parts)
 
 
 def list_position(token: str, query: str) -> Optional[list]:
@@ -140,7 +215,7 @@ def list_position(token: str, query: str) -> Optional[list]:
         return None
     after = decode_token(token, query).get("a")
     if not isinstance(after, list):
-        raise QueryInputError("page_token is not one this service made (pass next_page_token back unchanged)")
+        raise QueryInputError(BAD_TOKEN)
     return after
 
 

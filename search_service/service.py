@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -30,11 +31,12 @@ from .caption_retry import CaptionRetryJob, Paused
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupported
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
-from .options import SearchPage, filter_from_pb, list_position, list_token, order_from_pb, search_fingerprint
+from .options import (HYBRID, KEYWORD, VECTOR, SearchQuery, filter_from_pb, list_position, list_token,
+                      order_from_pb)
 from .pb import search_pb2 as pb
-from .query import Filter, Order, QueryInputError, decode_token, encode_token, fingerprint
+from .query import QueryInputError, decode_token, encode_token, fingerprint
 from .duplicates import GroupCache, check_threshold, find_groups, nearest_other
-from .hybrid import DEFAULT_KEYWORD_WEIGHT, check_weight, fuse, keyword_hits
+from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
 from .blobs import BlobError
 from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
@@ -161,21 +163,8 @@ class Prepared:
     caption: bool = False  # AddOptions.caption
 
 
-@dataclass
-class SearchOptions:
-    k: int
-    min_score: Optional[float]
-    filters: Optional[Filter]
-    with_captions: bool
-    consistency: Optional[str] = None  # remote stores: Strong, Session, Bounded, Eventually; None: the default
-    order: Optional[Order] = None  # by a field instead of by score
-    page_token: str = ""
-
-    def key(self) -> list:
-        """What identifies the query's ranking besides the query itself (for page tokens)."""
-        return [self.min_score, self.filters.key() if self.filters else [], self.order.key() if self.order else None]
-
-
+TEXT_MODES = {pb.SearchTextRequest.VECTOR: VECTOR, pb.SearchTextRequest.KEYWORD: KEYWORD,
+              pb.SearchTextRequest.HYBRID: HYBRID}
 CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session",
                pb.CONSISTENCY_BOUNDED: "Bounded", pb.CONSISTENCY_EVENTUALLY: "Eventually"}
 
@@ -502,45 +491,27 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     # ------------------------------------------------------------ search
     @rpc
     async def SearchText(self, request: pb.SearchTextRequest, context) -> pb.SearchResponse:
-        options = self._options(request.options)
         text = check_text(request.text, "text", self.config.max_text_chars).strip()
+        mode = TEXT_MODES[request.mode]
+        weight = request.keyword_weight if request.HasField("keyword_weight") else DEFAULT_KEYWORD_WEIGHT
+        query = self._query(request.options, mode, ["text", text, request.mode, weight] if mode != VECTOR
+                            else ["text", text], text=text, keyword_weight=weight)
         await self.ensure_models(context=context)
-        if request.mode != pb.SearchTextRequest.VECTOR:
-            return await self._search_words(request, text, options, context)
-        vector = (await self.models.embed_texts([text], self._timeout(context)))[0]
-        return await self._search(vector, options, context, ["text", text])
-
-    async def _search_words(self, request: pb.SearchTextRequest, text: str, options: SearchOptions,
-                            context) -> pb.SearchResponse:
-        """KEYWORD (captions, BM25) or HYBRID (fused with the vector list) search; pages by score."""
-        if options.order is not None or options.min_score is not None:
-            raise bad("order_by and min_score work in VECTOR mode only")
-        weight = check_weight(request.keyword_weight if request.HasField("keyword_weight") else DEFAULT_KEYWORD_WEIGHT)
-        page = SearchPage.start(options.page_token, search_fingerprint(["text", text, request.mode, weight],
-                                                                       options.key()),
-                                options.k, self.config.max_search_depth)
-        depth = page.depth_by_score(options.k)
-        matching = asyncio.to_thread(self.engine.keyword_search, text, depth, options.filters)
-        if request.mode == pb.SearchTextRequest.HYBRID:  # the text is embedded (Triton) while the words are matched
-            matched, vectors = await asyncio.gather(matching, self.models.embed_texts([text], self._timeout(context)))
-            near = await asyncio.to_thread(self.engine.search, vectors[0], depth, options.filters, None,
-                                           options.consistency)
-            ranked = fuse(near, keyword_hits(matched), weight)
-        else:
-            ranked = keyword_hits(await matching)
-        hits, token = page.by_score(ranked, options.k)
-        return await self._respond(hits, options, context, token)
+        if mode != KEYWORD:  # VECTOR and HYBRID rank by the text's embedding
+            query = dataclasses.replace(query, vector=(await self.models.embed_texts([text], self._timeout(context)))[0])
+        return await self._answer(query, context)
 
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
-        options = self._options(request.options)
-        if request.WhichOneof("query") == "image" or not self.engine.is_open:
-            await self.ensure_models(context=context)  # by id, a known store needs no Triton
         by_image = request.WhichOneof("query") == "image"
+        query = self._query(request.options, VECTOR, ["image", request.image] if by_image else ["id", request.id])
+        if by_image or not self.engine.is_open:
+            await self.ensure_models(context=context)  # by id, a known store needs no Triton
         vector = await self._image_vector(request.image if by_image else None, request.id, context)
-        return await self._search(vector, options, context, ["image", request.image] if by_image else ["id", request.id])
+        return await self._answer(dataclasses.replace(query, vector=vector), context)
 
-    def _options(self, options: pb.SearchOptions) -> SearchOptions:
+    def _query(self, options: pb.SearchOptions, mode: str, names: list, **given) -> SearchQuery:
+        """The one query value of a search request (checked: INVALID_ARGUMENT names what was wrong)."""
         k = options.k or DEFAULT_K
         if not 1 <= k <= self.config.max_k:
             raise bad(f"k must be in [1, {self.config.max_k}], got {options.k}")
@@ -551,8 +522,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise bad(f"unknown consistency {options.consistency}")
         schema = self.config.schema
         filters = filter_from_pb(_check_metadata(dict(options.filters), "filter"), options.where, schema)
-        return SearchOptions(k, min_score, filters, options.with_captions, CONSISTENCY.get(options.consistency),
-                             order_from_pb(options.order_by, schema), options.page_token)
+        return SearchQuery.build(mode, k, names, options.page_token, filters=filters, min_score=min_score,
+                                 order=order_from_pb(options.order_by, schema), max_depth=self.config.max_search_depth,
+                                 consistency=CONSISTENCY.get(options.consistency),
+                                 with_captions=options.with_captions, **given)
 
     async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
         """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
@@ -569,22 +542,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
         return item.embedding
 
-    async def _search(self, vector: np.ndarray, options: SearchOptions, context, query: list) -> pb.SearchResponse:
-        """A page of hits: by score (a slice of the ranking) or in a field's order; see options.py."""
-        page = SearchPage.start(options.page_token, search_fingerprint(query, options.key()), options.k,
-                                self.config.max_search_depth)
-        if options.order is None:
-            hits = await asyncio.to_thread(self.engine.search, vector, page.depth_by_score(options.k),
-                                           options.filters, options.min_score, options.consistency)
-            hits, token = page.by_score(hits, options.k)
-        else:
-            hits = await asyncio.to_thread(self.engine.search, vector, options.k + 1, options.filters,
-                                           options.min_score, options.consistency, options.order, page.after)
-            hits, token = page.by_field(hits, options.k)
-        return await self._respond(hits, options, context, token)
-
-    async def _respond(self, hits: list[Hit], options: SearchOptions, context, token: str) -> pb.SearchResponse:
-        errors = await self._caption_hits(hits, context) if options.with_captions else {}
+    async def _answer(self, query: SearchQuery, context) -> pb.SearchResponse:
+        """One page of the query's ranking (see options.py), as protobuf."""
+        hits, token = await asyncio.to_thread(query.page, self.engine)
+        errors = await self._caption_hits(hits, context) if query.with_captions else {}
         return pb.SearchResponse(hits=[_hit(h, errors.get(h.item.id, "")) for h in hits], searched=self.engine.size,
                                  next_page_token=token)
 

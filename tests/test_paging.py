@@ -1,0 +1,339 @@
+"""Pages are slices of one ranking, in every mode and store: checked against a brute-force ranking.
+
+The ranking of a query is its hits in one order: score descending, ties by item id (in a field order: the field,
+then insertion). While the collection is unchanged, the pages of a query (page tokens, as the service makes
+them) must concatenate to that ranking exactly: each hit once, in order, none lost at a tie. While it changes, no
+hit may show twice, and no item live throughout that ranks above the last hit shown may be skipped.
+
+The collections are made of ties: groups of items with one embedding (the same picture saved several ways),
+identical titles and captions, and embeddings of small dyadic coordinates, so every score is exact in float32
+and float64 alike and distinct embeddings tie too. The oracle computes scores, BM25 and the fusion itself.
+
+* `SearchQuery` (the one value a request becomes) drives the real Engine (SQLite + FAISS Flat / IVF) without
+  gRPC: random collections, modes (vector, keyword, hybrid), k, orders, min_score and filters;
+* the same on the real Milvus (vector mode: Milvus 2.3 has no keyword index);
+* the issue's scenario end to end through the real gRPC service and Triton: 10 pictures saved 4 ways.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from search_service.engine import Engine
+from search_service.hybrid import RRF_K
+from search_service.index import IndexSettings
+from search_service.options import HYBRID, KEYWORD, VECTOR, SearchQuery
+from search_service.query import Condition, Filter, Order, Schema
+from search_service.store import NewItem, default_id, sha256_hex
+from tests.test_search_store import bm25_oracle
+
+DIM = 4
+SCHEMA = Schema({"title": "text", "n": "number"})
+TITLES = ["red dog", "red dog ball", "blue cat", "blue cat ball", ""]
+CAPTIONS = [None, "a red dog", "a cat on a ball"]
+TEXTS = ["red dog ball", "cat", "blue ball", "dog", "zebra"]
+INDEXES = {"Flat": {}, "IVF4,Flat": {"nprobe": 4, "train_per_centroid": 2}}  # nprobe == nlist: exact
+EXAMPLES = {"short": 30, "long": 600}  # collections; each is paged by 1-4 queries
+
+coordinates = st.lists(st.integers(-2, 2), min_size=DIM, max_size=DIM).filter(any)
+item_specs = st.tuples(st.integers(0, 5), st.integers(0, len(TITLES) - 1), st.integers(0, len(CAPTIONS) - 1),
+                       st.sampled_from(["a", "b", None]), st.sampled_from(["1", "2", "3", None]))
+collections_ = st.fixed_dictionaries({
+    "groups": st.lists(coordinates, min_size=1, max_size=6),  # distinct pictures; items copy one
+    "items": st.lists(item_specs, min_size=8, max_size=40)})
+queries = st.fixed_dictionaries({
+    "mode": st.sampled_from([VECTOR, KEYWORD, HYBRID]), "k": st.integers(1, 7), "vector": coordinates,
+    "text": st.sampled_from(TEXTS), "colour": st.sampled_from([None, "a", "b"]),
+    "min_score": st.sampled_from([None, None, -0.25, 0.0, 0.25]),  # exact scores: multiples of 1/16 hit them
+    "order": st.sampled_from([None, None, ("n", False), ("n", True)]),
+    "weight": st.sampled_from([0.5, 0.3, 1.0]), "fusion_depth": st.sampled_from([100, 3, 8])})
+
+
+@pytest.fixture(scope="module")
+def figures():
+    """What the oracle checked (cases, modes, tied hits), printed at the end of the module."""
+
+    class Figures(dict):
+        def record(self, section: str, **values) -> None:
+            self[section] = values
+
+    shown = Figures()
+    yield shown
+    for section, values in shown.items():
+        print(f"{section}: {values}", file=sys.__stderr__)
+
+
+# ---------------------------------------------------------------- the oracle
+@dataclasses.dataclass
+class Known:
+    id: str
+    embedding: np.ndarray
+    metadata: dict
+    caption: str | None
+    seq: int  # insertion order: ties of a field order
+
+
+def dyadic(values) -> np.ndarray:
+    return np.asarray(values, np.float32) / 4  # sums of products of these are exact in float32
+
+
+def passing(known: list[Known], colour) -> list[Known]:
+    return [i for i in known if colour is None or i.metadata.get("colour") == colour]
+
+
+def vector_ranking(known: list[Known], query: np.ndarray, colour, min_score) -> list[tuple[str, float]]:
+    scored = [(i.id, float(i.embedding.astype(np.float64) @ query)) for i in passing(known, colour)]
+    return sorted([p for p in scored if min_score is None or p[1] >= min_score], key=lambda p: (-p[1], p[0]))
+
+
+def field_ranking(known: list[Known], query: np.ndarray, colour, min_score, order) -> list[str]:
+    field, descending = order
+    hits = {i for i, _ in vector_ranking(known, query, colour, min_score)}
+
+    def position(item: Known):
+        value = item.metadata.get(field)
+        return value is None, 0.0 if value is None else (-float(value) if descending else float(value)), item.seq
+
+    return [i.id for i in sorted(passing(known, colour), key=position) if i.id in hits]
+
+
+def keyword_ranking(known: list[Known], text: str, colour) -> list[tuple[str, float]]:
+    """BM25 over every item's caption and title (the collection's statistics), kept for the passing items."""
+    documents = {i.id: " ".join([i.caption or "", i.metadata.get("title", "")]) for i in known}
+    scores = bm25_oracle(text, documents)
+    ids = {i.id for i in passing(known, colour)}
+    # 12 significant digits: equal documents score equal here and there, computed in other orders
+    return sorted(((i, s) for i, s in scores.items() if i in ids), key=lambda p: (-float(f"{p[1]:.12g}"), p[0]))
+
+
+def hybrid_ranking(known, query, text, colour, weight, depth) -> list[str]:
+    fused: dict[str, float] = {}
+    for rank, (i, _) in enumerate(vector_ranking(known, query, colour, None)[:depth], 1):
+        fused[i] = (1 - weight) / (RRF_K + rank)
+    for rank, (i, _) in enumerate(keyword_ranking(known, text, colour)[:depth], 1):
+        fused[i] = fused.get(i, 0.0) + weight / (RRF_K + rank)
+    return [i for i, _ in sorted(fused.items(), key=lambda p: (-p[1], p[0]))]
+
+
+def expected_ids(known: list[Known], q: dict) -> list[str]:
+    vector = dyadic(q["vector"]).astype(np.float64)
+    if q["mode"] == KEYWORD:
+        return [i for i, _ in keyword_ranking(known, q["text"], q["colour"])]
+    if q["mode"] == HYBRID:
+        return hybrid_ranking(known, vector, q["text"], q["colour"], q["weight"], max(q["fusion_depth"], q["k"] + 1))
+    if q["order"] is not None:
+        return field_ranking(known, vector, q["colour"], q["min_score"], q["order"])
+    return [i for i, _ in vector_ranking(known, vector, q["colour"], q["min_score"])]
+
+
+# ---------------------------------------------------------------- paging through the query value
+def query_value(q: dict, token: str = "") -> SearchQuery:
+    word_mode = q["mode"] != VECTOR
+    return SearchQuery.build(
+        q["mode"], q["k"], ["test", q["mode"], q["text"], q["weight"]], token,
+        filters=Filter((Condition("colour", (q["colour"],)),)) if q["colour"] else None,
+        min_score=None if word_mode else q["min_score"],
+        order=Order(*q["order"]) if q["order"] and not word_mode else None,
+        keyword_weight=q["weight"], fusion_depth=q["fusion_depth"], vector=dyadic(q["vector"]), text=q["text"])
+
+
+def all_pages(collection, q: dict, between=None, limit: int = 200) -> list:
+    """Every page of the query, following next page tokens; `between()` runs between pages."""
+    hits, token = [], ""
+    for _ in range(limit):
+        page, token = query_value(q, token).page(collection)
+        assert page or not hits, "a page token led to an empty page"
+        assert len(page) <= q["k"]
+        hits.extend(page)
+        if not token:
+            return hits
+        if between is not None:
+            between()
+    raise AssertionError(f"more than {limit} pages")
+
+
+def check_pages(collection, known: list[Known], q: dict) -> int:
+    hits = all_pages(collection, q)
+    expected = expected_ids(known, q)
+    assert [h.item.id for h in hits] == expected, (q, [h.item.id for h in hits], expected)
+    scores = [h.score for h in hits]
+    return sum(scores.count(s) > 1 for s in scores)  # hits sharing their score with another hit
+
+
+# ---------------------------------------------------------------- the embedded store (no gRPC)
+def fill(collection, spec: dict, seed: int = 0) -> list[Known]:
+    """Items copying the spec's group embeddings (distinct bytes each: other files of one picture)."""
+    groups = [dyadic(g) for g in spec["groups"]]
+    known, items = [], []
+    for n, (group, title, caption, colour, number) in enumerate(spec["items"]):
+        metadata = {key: value for key, value in [("title", TITLES[title]), ("colour", colour), ("n", number)]
+                    if value}
+        data = f"picture {seed} {n}".encode()
+        items.append(NewItem(sha256_hex(data), f"mem:{n}", groups[group % len(groups)], metadata=metadata, data=data))
+        known.append(Known(default_id(sha256_hex(data)), items[-1].embedding, metadata, CAPTIONS[caption], n))
+    collection.add(items)
+    captions = {i.id: i.caption for i in known if i.caption}
+    if captions:
+        collection.set_captions(captions)
+    return known
+
+
+class Counts:
+    def __init__(self):
+        self.cases = self.pages_hits = self.ties = 0
+        self.modes: dict[str, int] = {}
+
+
+def engine_case(factory: str, spec: dict, qs: list[dict], counts: Counts) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="coca-paging-"))
+    engine = Engine(folder, IndexSettings(factory=factory, **INDEXES[factory]), schema=SCHEMA)
+    try:
+        engine.bind_model("test", "random", DIM)
+        engine.open_index(DIM)
+        known = fill(engine, spec)
+        for q in qs:
+            counts.ties += check_pages(engine, known, q)
+            counts.cases += 1
+            counts.modes[q["mode"]] = counts.modes.get(q["mode"], 0) + 1
+    finally:
+        engine.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_engine_oracle(factory: str, examples: int, figures) -> None:
+    counts = Counts()
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(spec=collections_, qs=st.lists(queries, min_size=1, max_size=4))
+    def pages_are_the_ranking(spec, qs):
+        engine_case(factory, spec, qs, counts)
+
+    pages_are_the_ranking()
+    figures.record(f"paging oracle {factory}", cases=counts.cases, modes=counts.modes, tied_hits=counts.ties)
+    assert counts.ties and len(counts.modes) == 3
+
+
+@pytest.mark.parametrize("factory", list(INDEXES))
+def test_pages_are_the_ranking_on_the_embedded_store(factory, figures):
+    run_engine_oracle(factory, EXAMPLES["short"], figures)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("factory", list(INDEXES))
+def test_pages_are_the_ranking_on_the_embedded_store_long(factory, figures):
+    run_engine_oracle(factory, EXAMPLES["long"], figures)
+
+
+def test_the_issues_hybrid_pages_show_the_best_fused_hit(tmp_path):
+    """Issue 19: with k=1, vector list [A, B, E, ...] and keyword list [C, D, B, ...], B (found by both lists
+    only at depth 3) is the best fused hit; pages that re-searched `depth + k + 1` deep never showed it."""
+    engine = Engine(tmp_path, IndexSettings(), schema=SCHEMA)
+    engine.bind_model("test", "random", DIM)
+    engine.open_index(DIM)
+    vectors = {"A": [4, 0, 0, 0], "B": [3, 1, 0, 0], "E": [2, 2, 0, 0], "F": [1, 2, 1, 0], "C": [0, 0, 0, 4],
+               "D": [0, 0, 1, 4], "G": [0, 1, 2, 2], "H": [0, 0, 4, 1], "I": [-2, 0, 0, 2]}
+    titles = {"C": "ball ball ball", "D": "ball ball ball cat", "B": "ball ball ball cat dog"}
+    items = [NewItem(sha256_hex(name.encode()), name, dyadic(v) / np.linalg.norm(v), id=name,
+                     metadata={"title": titles.get(name, "zebra")}, data=name.encode()) for name, v in vectors.items()]
+    engine.add(items)
+    q = {"mode": HYBRID, "k": 1, "vector": [4, 0, 0, 0], "text": "ball", "colour": None, "min_score": None,
+         "order": None, "weight": 0.5, "fusion_depth": 100}
+    known = [Known(i.id, i.embedding, i.metadata, None, n) for n, i in enumerate(items)]
+    assert [i for i, _ in vector_ranking(known, dyadic(q["vector"]).astype(np.float64), None, None)][:3] == ["A", "B", "E"]
+    assert [i for i, _ in keyword_ranking(known, "ball", None)] == ["C", "D", "B"]
+    shown = [h.item.id for h in all_pages(engine, q)]
+    assert shown == expected_ids(known, q) and shown[0] == "B"
+    engine.close()
+
+
+def test_pages_while_the_collection_changes(tmp_path):
+    """Between pages, items are added and deleted: no hit shows twice, and every item live throughout that ranks
+    above the last hit shown was shown (vector mode; its scores do not depend on the rest of the collection)."""
+    rng = np.random.default_rng(7)
+    engine = Engine(tmp_path, IndexSettings(), schema=SCHEMA)
+    engine.bind_model("test", "random", DIM)
+    engine.open_index(DIM)
+    groups = [rng.integers(-2, 3, DIM) for _ in range(5)]
+    serial = iter(range(10 ** 6))
+
+    def add(count: int) -> None:
+        items = []
+        for _ in range(count):
+            data = f"changing {next(serial)}".encode()
+            items.append(NewItem(sha256_hex(data), "mem:", dyadic(groups[rng.integers(len(groups))]), data=data))
+        engine.add(items)
+
+    add(60)
+    for k in (1, 2, 3, 5):
+        query = dyadic(rng.integers(-2, 3, DIM))
+        before = {h.item.id for h in engine.search(query, 1000)}
+        deleted: set[str] = set()
+
+        def change():
+            add(int(rng.integers(0, 4)))
+            live = sorted(h.item.id for h in engine.search(query, 1000))
+            for victim in rng.choice(live, size=min(2, len(live)), replace=False):
+                deleted.add(str(victim))
+                engine.delete(str(victim))
+
+        q = {"mode": VECTOR, "k": k, "vector": None, "text": "", "colour": None, "min_score": None, "order": None,
+             "weight": 0.5, "fusion_depth": 100}
+        hits, token = [], ""
+        for _ in range(500):
+            page, token = dataclasses.replace(query_value({**q, "vector": [0] * DIM}, token), vector=query).page(engine)
+            hits.extend(page)
+            if not token:
+                break
+            change()
+        ids = [h.item.id for h in hits]
+        assert len(ids) == len(set(ids)), "a hit shown twice"
+        last = (-hits[-1].score, hits[-1].item.id)
+        scores = {h.item.id: h.score for h in engine.search(query, 1000)}
+        throughout = (before - deleted) & set(scores)
+        skipped = [i for i in throughout if (-scores[i], i) < last and i not in ids]
+        assert not skipped, f"k={k}: items live throughout and ranked above the last hit shown were skipped: {skipped}"
+    engine.close()
+
+
+# ---------------------------------------------------------------- the real Milvus (vector mode)
+@pytest.mark.parametrize("examples", [pytest.param(40, id="short"), pytest.param(400, id="long", marks=pytest.mark.long)])
+def test_pages_are_the_ranking_on_milvus(examples, milvus_server, tmp_path, figures):
+    from search_service.milvus import MilvusCollection, MilvusSettings
+
+    rng = np.random.default_rng(3)
+    collection = MilvusCollection(tmp_path, MilvusSettings(uri=milvus_server.uri, collection=f"paging_{time.time_ns()}"))
+    collection.bind_model("test", "random", DIM)
+    collection.open_index(DIM)
+    try:  # one collection of ties (Milvus takes a while to make one); the queries vary
+        spec = {"groups": [list(rng.integers(-2, 3, DIM)) for _ in range(6)],
+                "items": [(int(rng.integers(6)), 0, 0, str(rng.choice(["a", "b"])), None) for _ in range(45)]}
+        spec["groups"] = [g if any(g) else [1, 0, 0, 0] for g in spec["groups"]]
+        known = fill(collection, spec)
+        counts = Counts()
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(q=queries)
+        def pages_are_the_ranking(q):
+            q = {**q, "mode": VECTOR, "order": None}
+            counts.ties += check_pages(collection, known, q)
+            counts.cases += 1
+
+        pages_are_the_ranking()
+        figures.record("paging oracle milvus", cases=counts.cases, modes={VECTOR: counts.cases}, tied_hits=counts.ties)
+        assert counts.ties
+    finally:
+        collection.client.drop_collection(collection.name)
+        collection.close()
