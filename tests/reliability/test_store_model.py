@@ -40,7 +40,7 @@ from search_service.collection import Collection, Unsupported
 from search_service.engine import Engine
 from search_service.index import IndexSettings
 from search_service.milvus import MilvusCollection, MilvusSettings
-from search_service.options import SearchPage
+from search_service.options import VECTOR, SearchQuery
 from search_service.query import ADDED_AT, Condition, Filter, Order, Schema
 from search_service.store import AddOutcome, ConflictError, NewItem, default_id, sha256_hex
 
@@ -270,20 +270,15 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
                 self._check_ordered(query, k, flt, min_score, order, hits)
 
         def page_through(self, from_item, pick, k, specs, min_score, order):
-            """Every page of one query, as the service pages (options.SearchPage), the store unchanged."""
+            """Every page of one query, as the service pages (options.SearchQuery), the store unchanged."""
             query, flt = self._query(from_item, pick), self._filter(None, specs)
             order = Order(*order) if order else None
             if self._unsupported(flt, order):
                 return
             seen, token = [], ""
             for _ in range(40):
-                page = SearchPage.start(token, "q", k, max_depth=10_000)
-                if order is None:
-                    hits, token = page.by_score(
-                        self.engine.search(query, page.depth_by_score(k), flt or None, min_score), k)
-                else:
-                    hits, token = page.by_field(
-                        self.engine.search(query, k + 1, flt or None, min_score, order=order, after=page.after), k)
+                hits, token = SearchQuery.build(VECTOR, k, ["q"], token, filters=flt or None, min_score=min_score,
+                                                order=order, vector=query).page(self.engine)
                 assert hits or not seen, "a page token led to an empty page"
                 seen.extend(hits)
                 if not token:
