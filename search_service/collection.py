@@ -43,16 +43,16 @@ def rank_key(hit: Hit) -> tuple[float, str]:
 
 def whole_ties(search: Callable[[int], Sequence[T]], n: int, score: Callable[[T], float]) -> list[T]:
     """The best `n` results and every result tied with the n-th, from `search(m)` (the best m results, highest
-    score first, ties in whatever order the index keeps them): searched one deeper, and deeper again while the
-    last result found still ties with the n-th. An index cuts a tie group where it likes (by internal id, by
-    heap order), so a cut inside one would make answers at different depths disagree."""
+    score first, ties in whatever order the index keeps them; or more: whole tie groups): searched one deeper,
+    and deeper again while the last result found still ties with the n-th. An index cuts a tie group where it
+    likes (by internal id, by heap order), so a cut inside one would make answers at different depths disagree."""
     want = n + 1
     while True:
         found = list(search(want))
         if len(found) <= n:
             return found
         cut = score(found[n - 1])
-        if len(found) < want or score(found[-1]) < cut:
+        if len(found) != want or score(found[-1]) < cut:  # fewer: all there is; more: whole groups
             return [r for r in found if score(r) >= cut]
         want *= 2
 

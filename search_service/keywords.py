@@ -150,16 +150,17 @@ class KeywordIndex:
     # ------------------------------------------------------------ reads (any thread)
     def search(self, text: str, limit: int, allowed: Optional[np.ndarray] = None) -> list[tuple[int, float]]:
         """(vid, BM25) of the `limit` best documents holding any word of `text` (among `allowed` vids when
-        given), best first, ties by vid; [] when `text` has no word."""
+        given) and every document tied with the last of them, best first, ties by vid; [] when `text` has no
+        word. (Equal documents score equal: a cut inside their group would split a ranking's tie.)"""
         with self._lock:
             vids, scores = self._scored(query_terms(text))
         if allowed is not None and len(vids):
             keep = np.isin(vids, allowed)
             vids, scores = vids[keep], scores[keep]
-        if len(vids) > limit:  # the best `limit` and their ties first: sorting all matches costs more
+        if len(vids) > limit:  # the best `limit` and their ties: sorting all matches costs more
             keep = scores >= np.partition(scores, len(scores) - limit)[len(scores) - limit]
             vids, scores = vids[keep], scores[keep]
-        order = np.lexsort((vids, -scores))[:limit]
+        order = np.lexsort((vids, -scores))
         return [(int(vids[i]), float(scores[i])) for i in order]
 
     def _scored(self, terms: list[str]) -> tuple[np.ndarray, np.ndarray]:
