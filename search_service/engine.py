@@ -251,16 +251,28 @@ class Engine(Collection):
         index = self.index
         if allowed is not None and not index.keeps_vectors and index.exact_for(len(allowed), index.size):
             ranked = self._exact(query, n, allowed.tolist())
-        elif index.lossy:  # approximate codes: more candidates (never cut inside a tie of estimates), re-scored
-            candidates = whole_ties(lambda m: index.search(query, m, allowed), n * self.settings.rerank,
-                                    lambda pair: pair[1])
-            ranked = self._exact(query, n, [vid for vid, _ in candidates])
+        elif index.lossy:
+            ranked = self._reranked(query, n, allowed, min_score)
         else:
             ranked = index.search(query, n, allowed)
         if min_score is not None:
             ranked = [(vid, score) for vid, score in ranked if score >= min_score]
         items = self.store.get_many([vid for vid, _ in ranked])
         return [Hit(items[vid], score) for vid, score in ranked if vid in items]  # skips items deleted meanwhile
+
+    def _reranked(self, query: np.ndarray, n: int, allowed: Optional[np.ndarray],
+                  min_score: Optional[float]) -> list[tuple[int, float]]:
+        """Approximate codes: `rerank` candidates per hit wanted by the codes' estimates (never cut inside a tie of
+        estimates), re-scored exactly. With min_score, more candidates while fewer than `n` pass it and the index
+        has more: an estimate can fall far below an item's true score, and a short answer ends a query's pages."""
+        pool, everything = n * self.settings.rerank, self.index.size if allowed is None else len(allowed)
+        while True:
+            candidates = whole_ties(lambda m: self.index.search(query, m, allowed), pool, lambda pair: pair[1])
+            ranked = self._exact(query, n, [vid for vid, _ in candidates])
+            short = min_score is not None and sum(score >= min_score for _, score in ranked) < n
+            if not short or pool >= everything:  # enough pass, or every item was a candidate
+                return ranked
+            pool *= 4
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
         flt = Filter.of(filters)
