@@ -492,7 +492,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc
     async def SearchText(self, request: pb.SearchTextRequest, context) -> pb.SearchResponse:
         text = check_text(request.text, "text", self.config.max_text_chars).strip()
-        mode = TEXT_MODES[request.mode]
+        mode = TEXT_MODES.get(request.mode)
+        if mode is None:
+            raise bad(f"unknown mode {request.mode}: VECTOR, KEYWORD or HYBRID")
         weight = request.keyword_weight if request.HasField("keyword_weight") else DEFAULT_KEYWORD_WEIGHT
         query = self._query(request.options, mode, ["text", text, request.mode, weight] if mode != VECTOR
                             else ["text", text], text=text, keyword_weight=weight)
