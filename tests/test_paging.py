@@ -44,14 +44,14 @@ TITLES = ["red dog", "red dog ball", "blue cat", "blue cat ball", ""]
 CAPTIONS = [None, "a red dog", "a cat on a ball"]
 TEXTS = ["red dog ball", "cat", "blue ball", "dog", "zebra"]
 INDEXES = {"Flat": {}, "IVF4,Flat": {"nprobe": 4, "train_per_centroid": 2}}  # nprobe == nlist: exact
-EXAMPLES = {"short": 30, "long": 600}  # collections; each is paged by 1-4 queries
+EXAMPLES = {"short": 20, "long": 400}  # collections; each is paged by 1-4 queries
 
 coordinates = st.lists(st.integers(-2, 2), min_size=DIM, max_size=DIM).filter(any)
 item_specs = st.tuples(st.integers(0, 5), st.integers(0, len(TITLES) - 1), st.integers(0, len(CAPTIONS) - 1),
                        st.sampled_from(["a", "b", None]), st.sampled_from(["1", "2", "3", None]))
 collections_ = st.fixed_dictionaries({
-    "groups": st.lists(coordinates, min_size=1, max_size=6),  # distinct pictures; items copy one
-    "items": st.lists(item_specs, min_size=8, max_size=40)})
+    "groups": st.lists(coordinates, min_size=1, max_size=5),  # distinct pictures; items copy one
+    "items": st.lists(item_specs, min_size=15, max_size=40)})
 queries = st.fixed_dictionaries({
     "mode": st.sampled_from([VECTOR, KEYWORD, HYBRID]), "k": st.integers(1, 7), "vector": coordinates,
     "text": st.sampled_from(TEXTS), "colour": st.sampled_from([None, "a", "b"]),
