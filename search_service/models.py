@@ -110,7 +110,7 @@ class Models:
         self.pool = TritonPool(urls, observe=observe)
         self.url = str(self.pool)
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
-        self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it was asked
+        self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it came
         self.text_cache = TextEmbeddingCache(text_cache_size)
 
     def _unavailable(self, exc: BaseException) -> ModelsUnavailable:
@@ -147,7 +147,6 @@ class Models:
                 return identity
         from serving.errors import IdentityMismatchError, TritonUnavailableError
 
-        asked_at = time.monotonic()
         try:
             found = await self.pool.identity(timeout)
         except IdentityMismatchError as exc:
@@ -157,7 +156,7 @@ class Models:
         identity = ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
         if self._verified is not None and identity != self._verified[0]:
             self.text_cache.clear()  # its vectors are the old model's
-        self._verified = (identity, asked_at)
+        self._verified = (identity, time.monotonic())  # its age counts from the answer, not the question
         return identity
 
     # ------------------------------------------------------------ embeddings
