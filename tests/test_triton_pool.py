@@ -123,6 +123,25 @@ def test_a_malformed_triton_flag_is_one_line_and_exit_2(tmp_path, capsys):
     assert err == "search service: error: Triton endpoint 'nohost' is not HOST:PORT (port 1-65535)"
 
 
+def test_a_request_deadline_is_a_multiple_of_the_models_recent_p99_within_a_floor_and_a_cap():
+    from serving import client
+    from serving.client import LatencyWindow
+
+    window = LatencyWindow(window=100)
+    assert window.deadline("m") == client.DEADLINE_CAP_S  # no history yet
+    for _ in range(client.DEADLINE_MIN_SAMPLES - 1):
+        window.record("m", 0.5)
+    assert window.deadline("m") == client.DEADLINE_CAP_S  # too little history
+    window.record("m", 0.5)
+    assert window.deadline("m") == pytest.approx(client.DEADLINE_P99_MULTIPLE * 0.5)
+    for _ in range(100):  # the window forgets: recent latencies only
+        window.record("m", 0.01)
+    assert window.deadline("m") == client.DEADLINE_FLOOR_S and window.deadline("other") == client.DEADLINE_CAP_S
+    for _ in range(100):
+        window.record("m", 60.0)
+    assert window.deadline("m") == client.DEADLINE_CAP_S
+
+
 # ---------------------------------------------------------------- the pool
 def test_calls_spread_over_both_endpoints_and_answer_as_in_process(tritons, reference, photos):
     from serving.pool import TritonPool
