@@ -11,7 +11,8 @@ Triton is back; with several endpoints the failed one leaves rotation until a
 probe finds it back, and the call it cut runs again on another.
 
 Which model and weights Triton serves is asked again when the last answer is older than
-IDENTITY_MAX_AGE_S or an endpoint is out of rotation, and whenever a caller wants it fresh
+IDENTITY_MAX_AGE_S (counted from when it arrived) or no endpoint is in rotation, and whenever a caller
+wants it fresh
 (health, Stats, and each AddImages batch before it commits): a Triton restarted with
 other weights is noticed, never mixed into the store.
 """
@@ -138,9 +139,10 @@ class Models:
         return self.pool.states()
 
     async def identity(self, timeout: float, fresh: bool = False) -> ModelIdentity:
-        """Which model and weights the endpoints serve: asked now if `fresh`, while an endpoint is out
-        of rotation, or when the last answer is older than IDENTITY_MAX_AGE_S; ModelsUnavailable (or a
-        timeout) when none answers, ModelMismatch when endpoints serve different exports."""
+        """Which model and weights the endpoints serve: asked now if `fresh`, while no endpoint is in
+        rotation, or when the last answer is older than IDENTITY_MAX_AGE_S (serving.pool asks those in
+        rotation, each within its probe timeout); ModelsUnavailable (or a timeout) when none answers,
+        ModelMismatch when endpoints serve different exports."""
         if not fresh and self.pool.healthy and self._verified is not None:
             identity, when = self._verified
             if time.monotonic() - when < IDENTITY_MAX_AGE_S:
