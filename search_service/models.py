@@ -12,8 +12,7 @@ probe finds it back, and the call it cut runs again on another.
 
 Which model and weights Triton serves is asked again when the last answer is older than
 IDENTITY_MAX_AGE_S (counted from when it arrived) or no endpoint is in rotation, and whenever a caller
-wants it fresh
-(health, Stats, and each AddImages batch before it commits): a Triton restarted with
+wants it fresh (health, Stats, and each AddImages batch before it commits): a Triton restarted with
 other weights is noticed, never mixed into the store.
 """
 from __future__ import annotations
