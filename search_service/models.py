@@ -11,8 +11,8 @@ Triton is back; with several endpoints the failed one leaves rotation until a
 probe finds it back, and the call it cut runs again on another.
 
 Which model and weights Triton serves is asked again when the last answer is older than
-IDENTITY_MAX_AGE_S or an endpoint is out of rotation, and whenever a caller wants it fresh
-(health, Stats, and each AddImages batch before it commits): a Triton restarted with
+IDENTITY_MAX_AGE_S (counted from when it arrived) or no endpoint is in rotation, and whenever a caller
+wants it fresh (health, Stats, and each AddImages batch before it commits): a Triton restarted with
 other weights is noticed, never mixed into the store.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Models:
         self.pool = TritonPool(urls, observe=observe)
         self.url = str(self.pool)
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
-        self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it was asked
+        self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it came
         self.text_cache = TextEmbeddingCache(text_cache_size)
 
     def _unavailable(self, exc: BaseException) -> ModelsUnavailable:
@@ -138,16 +138,16 @@ class Models:
         return self.pool.states()
 
     async def identity(self, timeout: float, fresh: bool = False) -> ModelIdentity:
-        """Which model and weights the endpoints serve: asked now if `fresh`, while an endpoint is out
-        of rotation, or when the last answer is older than IDENTITY_MAX_AGE_S; ModelsUnavailable (or a
-        timeout) when none answers, ModelMismatch when endpoints serve different exports."""
+        """Which model and weights the endpoints serve: asked now if `fresh`, while no endpoint is in
+        rotation, or when the last answer is older than IDENTITY_MAX_AGE_S (serving.pool asks those in
+        rotation, each within its probe timeout); ModelsUnavailable (or a timeout) when none answers,
+        ModelMismatch when endpoints serve different exports."""
         if not fresh and self.pool.healthy and self._verified is not None:
             identity, when = self._verified
             if time.monotonic() - when < IDENTITY_MAX_AGE_S:
                 return identity
         from serving.errors import IdentityMismatchError, TritonUnavailableError
 
-        asked_at = time.monotonic()
         try:
             found = await self.pool.identity(timeout)
         except IdentityMismatchError as exc:
@@ -157,7 +157,7 @@ class Models:
         identity = ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
         if self._verified is not None and identity != self._verified[0]:
             self.text_cache.clear()  # its vectors are the old model's
-        self._verified = (identity, asked_at)
+        self._verified = (identity, time.monotonic())  # its age counts from the answer, not the question
         return identity
 
     # ------------------------------------------------------------ embeddings

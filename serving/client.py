@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import logging
 import os
 import re
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
@@ -64,6 +66,47 @@ CHANNEL_ARGS = [
 ]
 
 
+# Per-request deadlines toward an endpoint that has another to fail over to (serving.pool): a request not
+# answered within DEADLINE_P99_MULTIPLE x the recent p99 of the same model on the same endpoint (at least
+# DEADLINE_FLOOR_S, at most DEADLINE_CAP_S) takes the endpoint as hung: TritonUnavailableError, the pool
+# takes it out of rotation and runs the call again elsewhere. The p99 is over the last DEADLINE_WINDOW
+# answered requests; with fewer than DEADLINE_MIN_SAMPLES the cap applies. The floor keeps a busy but
+# healthy server (a 2-core box's scheduling pauses) from being taken for a hung one.
+DEADLINE_P99_MULTIPLE = 4.0
+DEADLINE_FLOOR_S = 1.0
+DEADLINE_CAP_S = 5.0
+DEADLINE_WINDOW = 256
+DEADLINE_MIN_SAMPLES = 16
+
+
+class LatencyWindow:
+    """Recent answered-request latencies of one endpoint, per model, and the deadline they give."""
+
+    def __init__(self, window: int = DEADLINE_WINDOW):
+        self._seconds: dict[str, deque] = {}
+        self.window = window
+
+    def record(self, model: str, seconds: float) -> None:
+        self._seconds.setdefault(model, deque(maxlen=self.window)).append(seconds)
+
+    def p99(self, model: str) -> Optional[float]:
+        seconds = self._seconds.get(model)
+        if seconds is None or len(seconds) < DEADLINE_MIN_SAMPLES:
+            return None
+        return float(np.percentile(np.fromiter(seconds, float), 99))
+
+    def deadline(self, model: str) -> float:
+        p99 = self.p99(model)
+        if p99 is None:
+            return DEADLINE_CAP_S
+        return min(max(DEADLINE_P99_MULTIPLE * p99, DEADLINE_FLOOR_S), DEADLINE_CAP_S)
+
+
+# Set (by serving.pool) while a call runs on an endpoint that has another healthy one to fail over to:
+# only then does a request get a latency deadline. The last endpoint left waits as long as the caller.
+latency_deadlines: contextvars.ContextVar[bool] = contextvars.ContextVar("latency_deadlines", default=False)
+
+
 @dataclass
 class Generation:
     """One caption as the decoder produced it, with the batch size of each step's forward."""
@@ -92,7 +135,7 @@ class TritonCoca:
     """CoCa through Triton: embeddings and captions; one instance per event loop."""
 
     def __init__(self, url: str, timeout_s: Optional[float] = None, observe: Optional[InferObserver] = None,
-                 scheduler: str = "auto"):
+                 scheduler: str = "auto", latency: Optional[LatencyWindow] = None):
         if scheduler not in ("auto", *DECODER_SCHEDULERS):
             raise ValueError(f"scheduler must be auto, {' or '.join(DECODER_SCHEDULERS)}, got {scheduler!r}")
         self.url = url
@@ -100,6 +143,7 @@ class TritonCoca:
         self._captioner_served: Optional[bool] = None
         self.timeout_s = timeout_s  # per request; None: wait as long as the server takes
         self.observe = observe  # told (model, seconds, ok) after every infer call: the service's metrics
+        self.latency = latency or LatencyWindow()  # answered requests; per-request deadlines (latency_deadlines)
         self._client: Optional[grpcaio.InferenceServerClient] = None
 
     async def __aenter__(self) -> "TritonCoca":
@@ -263,9 +307,12 @@ class TritonCoca:
         if self.scheduler != "auto":
             return self.scheduler == "iterative"
         if self._captioner_served is None:
+            deadline = self._deadline("is_model_ready")
             try:
-                self._captioner_served = bool(await self.client.is_model_ready(CAPTIONER))
+                self._captioner_served = bool(await self.client.is_model_ready(CAPTIONER, client_timeout=deadline))
             except InferenceServerException as exc:
+                if self._timed_out(exc, deadline):
+                    raise self._hung(f"{CAPTIONER} readiness", deadline) from None
                 if (exc.status() or "").endswith("UNAVAILABLE"):  # the server, not the model, is missing
                     raise self._translate(exc, CAPTIONER) from None
                 self._captioner_served = False  # an older server that errs on an unknown model
@@ -308,7 +355,7 @@ class TritonCoca:
         responses = None
         try:
             responses = self.client.stream_infer(request(), stream_timeout=self.timeout_s)
-            async for result, error in responses:
+            async for result, error in self._each_in_time(responses, model):
                 if error is not None:
                     raise self._translate_streamed(error.message() or str(error), model)
                 ok = is_last(result)
@@ -332,6 +379,21 @@ class TritonCoca:
                 responses.cancel()  # after the last response: a no-op for the server; before it: frees the request
             if self.observe is not None:
                 self.observe(model, time.perf_counter() - started, ok)
+
+    async def _each_in_time(self, responses, model: str) -> AsyncIterator:
+        """The stream's responses, each within the model's latency deadline while one applies
+        (latency_deadlines): a stream that stops answering is a hung server, as for one request."""
+        responses = aiter(responses)
+        while True:
+            deadline, asked = self._deadline(model), time.perf_counter()
+            try:
+                response = await asyncio.wait_for(anext(responses), deadline)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise self._hung(model, deadline) from None
+            self.latency.record(model, time.perf_counter() - asked)
+            yield response
 
     async def _restarted_sequence_steps(self, image_embeddings: np.ndarray, params: SamplingParams,
                                         text_so_far: bool) -> AsyncIterator[Generation]:
@@ -386,6 +448,11 @@ class TritonCoca:
                     yield generation
                     return
                 yield generation
+        except TritonUnavailableError:
+            # nothing to END on a server that cannot be reached or does not answer (it would wait as long
+            # again); if it comes back, it drops the sequence at its idle limit
+            ended = True
+            raise
         finally:  # END frees the server's cache and Triton's sequence slot, whatever happened
             if not ended:
                 await asyncio.shield(self._end(sequence_id))
@@ -411,21 +478,45 @@ class TritonCoca:
     # --- transport -----------------------------------------------------------------------
     async def _infer(self, model: str, inputs: list, outputs: Sequence[str], **sequence):
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        deadline = self._deadline(model)
         started, ok = time.perf_counter(), False
         try:
             result = await self._call(
-                self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s, **sequence), model)
+                self.client.infer(model, inputs, outputs=requested, client_timeout=deadline, **sequence), model,
+                deadline)
             ok = True
+            self.latency.record(model, time.perf_counter() - started)
             return result
         finally:
             if self.observe is not None:
                 self.observe(model, time.perf_counter() - started, ok)
 
-    async def _call(self, request, model: str):
+    async def _call(self, request, model: str, deadline: Optional[float] = None):
         try:
             return await request
         except InferenceServerException as exc:
+            if self._timed_out(exc, deadline):
+                raise self._hung(model, deadline) from None
             raise self._translate(exc, model) from None
+
+    def _deadline(self, model: str) -> Optional[float]:
+        """A request's client-side limit: timeout_s, and the model's latency deadline while one applies."""
+        if not latency_deadlines.get():
+            return self.timeout_s
+        seconds = self.latency.deadline(model)
+        return seconds if self.timeout_s is None else min(seconds, self.timeout_s)
+
+    @staticmethod
+    def _timed_out(exc: InferenceServerException, deadline: Optional[float]) -> bool:
+        """The request ran past a latency deadline (not only the caller's own timeout_s)."""
+        return deadline is not None and latency_deadlines.get() and (exc.status() or "").endswith("DEADLINE_EXCEEDED")
+
+    def _hung(self, model: str, deadline: float) -> TritonUnavailableError:
+        p99 = self.latency.p99(model)
+        basis = (f"{DEADLINE_P99_MULTIPLE:g}x its recent p99 of {p99:.3f} s" if p99 is not None
+                 else "no latency history yet")
+        return TritonUnavailableError(f"Triton at {self.url} did not answer {model} within {deadline:.2f} s "
+                                      f"({basis}; bounds {DEADLINE_FLOOR_S}-{DEADLINE_CAP_S} s): taken as hung")
 
     def _translate_streamed(self, message: str, model: str = CAPTIONER) -> Exception:
         """A streamed error carries no status: coca_captioner starts its own messages with the code

@@ -9,13 +9,19 @@ Routing: each call goes to the healthy endpoint with the fewest calls in flight 
 A call runs on one endpoint from start to end, so a caption's decoder sequence, and the KV cache
 that server keeps for it, stays where its START went.
 
-Failures: an endpoint whose server cannot be reached is taken out of rotation at once, and a probe
-asks it what it serves (a short deadline, every `probe_interval_s`) until it answers with the
-pool's model; then it is back. One outage is one trip out and back: only news about the connection
+Failures: an endpoint whose server cannot be reached, or does not answer in time, is taken out of
+rotation at once, and a probe asks it what it serves (within `probe_timeout_s`, every
+`probe_interval_s`) until it answers with the pool's model; then it is back. "In time": an identity
+question within `probe_timeout_s`; a model request within its latency deadline, a multiple of that
+model's recent p99 on that endpoint (serving.client.DEADLINE_*), which applies while another healthy
+endpoint is left to run the call (the last one left waits as long as the caller does). A hung server
+(stopped processes, a network that holds the bytes) so costs the calls on it one deadline each, and
+the others nothing. One outage is one trip out and back: only news about the connection
 in use counts (each retired connection is a generation), so the other calls cut by the same failure,
 and an answer asked before a failure that arrives after it, change nothing. The call the failure cut
 runs again, once, on another endpoint: encoders are pure functions and greedy or seeded captions
-are reproducible, so the answer is the one an uninterrupted call gives. A full decoder cache is
+are reproducible (a caption starts again from START there), so the answer is the one an
+uninterrupted call gives. A full decoder cache is
 tried once elsewhere too. When no endpoint is healthy, calls still try them (a call is its own
 probe) and fail with TritonUnavailableError naming every endpoint. Endpoints that answer with
 different models make identity() fail with IdentityMismatchError naming both; an endpoint that
@@ -35,7 +41,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, TypeV
 
 from coca.errors import CapacityError
 
-from .client import InferObserver, TritonCoca
+from .client import InferObserver, LatencyWindow, TritonCoca, latency_deadlines
 from .errors import IdentityMismatchError, TritonUnavailableError
 from .protocol import Identity
 
@@ -43,7 +49,7 @@ log = logging.getLogger("serving.pool")
 T = TypeVar("T")
 
 PROBE_INTERVAL_S = 0.5  # how often an endpoint out of rotation is asked whether it is back
-PROBE_TIMEOUT_S = 1.0  # how long a probe waits for the answer
+PROBE_TIMEOUT_S = 1.0  # how long an identity question (a probe, identity()) waits before the endpoint is out
 MAX_ENDPOINTS = 64
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -82,8 +88,9 @@ class _Connection:
     calls get a fresh one, and the old one is closed when its last call ends. (Closing a gRPC channel
     cancels the calls still on it, which would leave their callers without an answer.)"""
 
-    def __init__(self, url: str, observe: Optional[InferObserver] = None, scheduler: str = "auto"):
-        self.client = TritonCoca(url, observe=observe, scheduler=scheduler)
+    def __init__(self, url: str, observe: Optional[InferObserver] = None, scheduler: str = "auto",
+                 latency: Optional[LatencyWindow] = None):
+        self.client = TritonCoca(url, observe=observe, scheduler=scheduler, latency=latency)
         self.users = 0
         self.retired = False
 
@@ -108,6 +115,8 @@ class Endpoint:
         self.down_since: Optional[float] = None
         self.probe: Optional[asyncio.Task] = None
         self.generation = 0  # which connection: one more each time one is retired after a failure
+        self.latency = LatencyWindow()  # its answered requests, across connections: the latency deadlines
+        self.served: Optional[Identity] = None  # what it last said it serves
         self._connection: Optional[_Connection] = None
 
     async def run(self, fn: Callable[[TritonCoca], Awaitable[T]], counted: bool = True) -> T:
@@ -121,7 +130,7 @@ class Endpoint:
     async def connected(self, counted: bool = True) -> AsyncIterator[TritonCoca]:
         """This endpoint's client for the block (a call, or a stream's life); see run."""
         if self._connection is None:
-            self._connection = _Connection(self.url, self.observe, self.scheduler)
+            self._connection = _Connection(self.url, self.observe, self.scheduler, self.latency)
         connection, generation = self._connection, self.generation
         connection.users += 1
         self.in_flight += counted
@@ -137,14 +146,20 @@ class Endpoint:
             await connection.close_if_done()
 
     async def ask_identity(self, timeout: float) -> Identity:
-        """What the server serves, within `timeout` (a server that does not answer gets a fresh
-        connection next time). Read `generation` before asking: bring_back wants it."""
+        """What the server serves, within `timeout`; a server that does not answer in time is out of
+        rotation as one that cannot be reached (TritonUnavailableError), and gets a fresh connection
+        next time. Read `generation` before asking: bring_back wants it."""
         generation = self.generation
         try:
-            return await asyncio.wait_for(self.run(lambda client: client.identity(), counted=False), timeout)
+            self.served = await asyncio.wait_for(self.run(lambda client: client.identity(), counted=False), timeout)
+            return self.served
         except asyncio.TimeoutError:
-            self._retire(generation)
-            raise
+            exc = TritonUnavailableError(f"Triton at {self.url} did not answer an identity question within {timeout:g} s")
+            connection = self._connection
+            self.take_out(generation, exc)
+            if connection is not None:
+                await connection.close_if_done()  # its question was the last user (cancelled)
+            raise exc from None
 
     def take_out(self, generation: int, exc: BaseException) -> None:
         """A call on connection `generation` could not reach the server: out of rotation (one outage),
@@ -235,10 +250,13 @@ class TritonPool:
     # ------------------------------------------------------------ calls
     async def call(self, fn: Callable[[TritonCoca], Awaitable[T]]) -> T:
         """`await fn(client)` on the least-loaded healthy endpoint; run again once on another endpoint
-        if that server cannot be reached (it then leaves rotation) or its decoder cache is full."""
+        if that server cannot be reached or does not answer within its latency deadline (it then leaves
+        rotation), or its decoder cache is full."""
         failed: list[tuple[Endpoint, Exception]] = []
         while True:
-            endpoint = self._pick(exclude=[e for e, _ in failed])
+            tried = [e for e, _ in failed]
+            endpoint = self._pick(exclude=tried)
+            bounded = latency_deadlines.set(self._has_fallback(endpoint, tried))
             try:
                 return await endpoint.run(fn)
             except (TritonUnavailableError, CapacityError) as exc:
@@ -249,6 +267,8 @@ class TritonPool:
                     raise self._failure(failed) from None
                 self.failovers += 1
                 log.info("%s failed (%s): running the call again on another endpoint", endpoint.url, exc)
+            finally:
+                latency_deadlines.reset(bounded)
 
     @contextlib.asynccontextmanager
     async def pinned(self) -> AsyncIterator[TritonCoca]:
@@ -256,12 +276,18 @@ class TritonPool:
         it goes (a streamed caption), which is not run again elsewhere when the endpoint fails (what it
         handed out stands); the endpoint then leaves rotation as after any call."""
         endpoint = self._pick(exclude=[])
+        # a hung endpoint fails the stream within a deadline (it is not run again); set back, not reset:
+        # a stream may be closed from another context than the one it began in
+        previous = latency_deadlines.get()
+        latency_deadlines.set(self._has_fallback(endpoint, []))
         try:
             async with endpoint.connected() as client:
                 yield client
         except TritonUnavailableError:
             self._watch(endpoint)  # connected() took it out of rotation
             raise
+        finally:
+            latency_deadlines.set(previous)
 
     def _pick(self, exclude: Sequence[Endpoint]) -> Endpoint:
         """The healthy endpoint with the fewest calls in flight, ties in turn; when none is healthy,
@@ -271,6 +297,11 @@ class TritonPool:
         turn, self._turn = self._turn, self._turn + 1
         order = {id(e): (i - turn) % len(self.endpoints) for i, e in enumerate(self.endpoints)}
         return min(candidates, key=lambda e: (e.in_flight, order[id(e)]))
+
+    def _has_fallback(self, endpoint: Endpoint, tried: Sequence[Endpoint]) -> bool:
+        """Whether another healthy endpoint could run the call if `endpoint` does not answer in time:
+        only then is a request held to its latency deadline."""
+        return any(e.healthy and e is not endpoint and e not in tried for e in self.endpoints)
 
     @staticmethod
     def _failure(failed: list[tuple[Endpoint, Exception]]) -> Exception:
@@ -295,10 +326,7 @@ class TritonPool:
             generation = endpoint.generation
             try:
                 found = await endpoint.ask_identity(self.probe_timeout_s)
-            except asyncio.TimeoutError:
-                endpoint.last_error = f"no answer to a probe within {self.probe_timeout_s} s"
-                continue
-            except Exception as exc:  # unreachable, or its models disagree among themselves
+            except Exception as exc:  # unreachable, no answer in time, or its models disagree among themselves
                 endpoint.last_error = str(exc) or type(exc).__name__
                 continue
             if self._identity is not None and found != self._identity:
@@ -307,45 +335,53 @@ class TritonPool:
             endpoint.bring_back(generation)  # a call that failed meanwhile made this answer stale
 
     async def identity(self, timeout: float = 30.0) -> Identity:
-        """The model and weights every endpoint serves, asked of each now (within `timeout`).
+        """The model and weights the endpoints serve, asked now of those in rotation (of every endpoint
+        when none is); an endpoint out of rotation counts with what its probe last heard from it.
 
-        Endpoints that cannot be reached leave rotation (those that answer with the pool's model
-        rejoin it). IdentityMismatchError names two endpoints that serve different models;
-        TritonUnavailableError names every endpoint when none answers.
+        Each endpoint asked has `probe_timeout_s` to answer; one that does not, or cannot be reached,
+        leaves rotation (a probe asks it back). Only when none has answered by then is the first answer
+        awaited, up to `timeout`. IdentityMismatchError names two endpoints that serve different models;
+        TritonUnavailableError names every endpoint asked when none answers.
         """
-        generations = [e.generation for e in self.endpoints]
-        answers = await asyncio.gather(*(e.ask_identity(timeout) for e in self.endpoints), return_exceptions=True)
+        asked = [e for e in self.endpoints if e.healthy] or list(self.endpoints)
+        generations = {e.url: e.generation for e in asked}
+        answers = await self._ask(asked, min(self.probe_timeout_s, timeout))
+        if not any(isinstance(a, Identity) for a in answers) and timeout > self.probe_timeout_s:
+            generations = {e.url: e.generation for e in asked}  # the first question's timeouts retired some
+            answers = await self._ask(asked, timeout - self.probe_timeout_s)  # a lone slow server beats none
         found: dict[str, Identity] = {}
-        for endpoint, answer in zip(self.endpoints, answers):
+        for endpoint, answer in zip(asked, answers):
             if isinstance(answer, Identity):
                 found[endpoint.url] = answer
             elif isinstance(answer, TritonUnavailableError):
-                self._watch(endpoint)  # out of rotation since its call failed
-            elif isinstance(answer, BaseException) and not isinstance(answer, asyncio.TimeoutError):
+                self._watch(endpoint)  # out of rotation since it did not answer
+            elif isinstance(answer, BaseException):
                 raise answer  # e.g. its three models come from different exports
         if not found:
-            if len(self.endpoints) == 1 and isinstance(answers[0], BaseException):
+            if len(asked) == 1:
                 raise answers[0]
             raise TritonUnavailableError("no Triton endpoint answered: " + "; ".join(
-                f"{e.url}: {_reason(a)}" for e, a in zip(self.endpoints, answers)))
-        identities = list(dict.fromkeys(found.values()))
+                f"{e.url}: {a}" for e, a in zip(asked, answers)))
+        known = dict(found)  # and what the endpoints out of rotation said last
+        known.update({e.url: e.served for e in self.endpoints if e not in asked and e.served is not None})
+        identities = list(dict.fromkeys(known.values()))
         if len(identities) > 1:
-            first, other = ([url for url, i in found.items() if i == identity][0] for identity in identities[:2])
+            first, other = ([url for url, i in known.items() if i == identity][0] for identity in identities[:2])
             raise IdentityMismatchError(
-                f"the Triton endpoints serve different models: {first} serves {_shown(found[first])}, "
-                f"{other} serves {_shown(found[other])}; every endpoint must serve the same export")
+                f"the Triton endpoints serve different models: {first} serves {_shown(known[first])}, "
+                f"{other} serves {_shown(known[other])}; every endpoint must serve the same export")
         self._identity = identities[0]
-        for endpoint, generation in zip(self.endpoints, generations):
+        for endpoint in asked:
             if endpoint.url in found:
-                endpoint.bring_back(generation)  # unless a call failed on it after it answered
+                endpoint.bring_back(generations[endpoint.url])  # unless a call failed on it after it answered
         return self._identity
+
+    @staticmethod
+    async def _ask(endpoints: Sequence[Endpoint], timeout: float) -> list:
+        """Each endpoint's identity or exception, each within `timeout` (see Endpoint.ask_identity)."""
+        return await asyncio.gather(*(e.ask_identity(timeout) for e in endpoints), return_exceptions=True)
 
 
 def _shown(identity: Identity) -> str:
     return f"{identity.model} ({identity.pretrained}, {identity.dtype}, weights {identity.repository_id[:12]})"
 
-
-def _reason(answer) -> str:
-    if isinstance(answer, asyncio.TimeoutError):
-        return "no answer in time"
-    return str(answer)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
+import signal
 import threading
 import time
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -81,6 +84,15 @@ def served(url: str, model: str) -> int:
     return int(stats["inference_stats"]["success"].get("count", 0))
 
 
+def check_exact(hits, ids: list[str], vectors: np.ndarray, query: np.ndarray, k: int) -> None:
+    """Exact search over the items `ids` (their `vectors`): the top-k scores, each hit scored right (so
+    only items whose scores tie within float error may trade places)."""
+    exact = dict(zip(ids, vectors @ query))
+    top = sorted(exact.values(), reverse=True)[:k]
+    np.testing.assert_allclose([h.score for h in hits], top, atol=1e-4)
+    np.testing.assert_allclose([exact[h.id] for h in hits], [h.score for h in hits], atol=1e-4)
+
+
 def wait_until(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,6 +121,25 @@ def test_a_malformed_triton_flag_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--data", str(tmp_path), "--triton", "127.0.0.1:8001,nohost"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "search service: error: Triton endpoint 'nohost' is not HOST:PORT (port 1-65535)"
+
+
+def test_a_request_deadline_is_a_multiple_of_the_models_recent_p99_within_a_floor_and_a_cap():
+    from serving import client
+    from serving.client import LatencyWindow
+
+    window = LatencyWindow(window=100)
+    assert window.deadline("m") == client.DEADLINE_CAP_S  # no history yet
+    for _ in range(client.DEADLINE_MIN_SAMPLES - 1):
+        window.record("m", 0.5)
+    assert window.deadline("m") == client.DEADLINE_CAP_S  # too little history
+    window.record("m", 0.5)
+    assert window.deadline("m") == pytest.approx(client.DEADLINE_P99_MULTIPLE * 0.5)
+    for _ in range(100):  # the window forgets: recent latencies only
+        window.record("m", 0.01)
+    assert window.deadline("m") == client.DEADLINE_FLOOR_S and window.deadline("other") == client.DEADLINE_CAP_S
+    for _ in range(100):
+        window.record("m", 60.0)
+    assert window.deadline("m") == client.DEADLINE_CAP_S
 
 
 # ---------------------------------------------------------------- the pool
@@ -336,12 +367,7 @@ def test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_
         assert len(set(ids)) == len(seeded)
 
         def check_hits(hits, vector: np.ndarray, k: int) -> None:
-            """Exact search over the seeded items: the top-k scores, each hit scored right (so only
-            items whose scores tie within float error may trade places)."""
-            exact = dict(zip(ids, seed_vectors @ vector))
-            top = sorted(exact.values(), reverse=True)[:k]
-            np.testing.assert_allclose([h.score for h in hits], top, atol=1e-4)
-            np.testing.assert_allclose([exact[h.id] for h in hits], [h.score for h in hits], atol=1e-4)
+            check_exact(hits, ids, seed_vectors, vector, k)
 
         def worker(n: int):
             rng = random.Random(n)
@@ -422,3 +448,204 @@ def test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_
             stored = np.array(admin.get(item_id, include_embedding=True).embedding)
             np.testing.assert_allclose(stored, reference.embed_images([data])[0], atol=1e-5)
         assert admin.stats().count == len(seeded) + len(added)
+
+
+# ---------------------------------------------------------------- a hung endpoint
+HUNG_CLIENTS = 16
+# what a call may take beyond the probe timeout and the healthy endpoint's p99 when its endpoint hangs
+# under it: the request it waited on runs into its latency deadline (4x that model's p99 there, at
+# least serving.client.DEADLINE_FLOOR_S = 1 s), and what the call had done before the hang is done again
+HUNG_MARGIN_S = 3.0
+
+
+class MixedLoad:
+    """HUNG_CLIENTS threads calling the service (text and image searches, captions) until stop(),
+    each answer checked against its oracle: exact search over the seeded items, in-process captions.
+    Each call is recorded as (finished at, seconds, error or None)."""
+
+    def __init__(self, address: str, ids: list[str], seeded: list[bytes], seed_vectors: np.ndarray,
+                 queries: dict[str, np.ndarray], captions: dict[int, list[int]]):
+        self.address, self.ids, self.seeded, self.seed_vectors = address, ids, seeded, seed_vectors
+        self.queries, self.captions = queries, captions
+        self.calls: list[tuple[float, float, Optional[str]]] = []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,)) for n in range(HUNG_CLIENTS)]
+
+    def __enter__(self) -> "MixedLoad":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(120)
+
+    def _client(self, n: int) -> None:
+        from search_service.testing import WireClient
+
+        rng = random.Random(n)
+        texts = list(self.queries)
+        with WireClient(self.address, timeout=30) as client:  # the issue's client deadline
+            while not self._stop.is_set():
+                op = rng.choice(["search_text", "search_image", "caption"])
+                started = time.monotonic()
+                error = None
+                try:
+                    if op == "search_text":
+                        text = rng.choice(texts)
+                        check_exact(client.search_text(text, k=5, filters={"set": "seed"}).hits, self.ids,
+                                    self.seed_vectors, self.queries[text], 5)
+                    elif op == "search_image":
+                        i = rng.randrange(len(self.seeded))
+                        check_exact(client.search_image(self.seeded[i], k=3, filters={"set": "seed"}).hits,
+                                    self.ids, self.seed_vectors, self.seed_vectors[i], 3)
+                    else:
+                        i = rng.randrange(len(self.seeded))
+                        assert list(client.caption(image=self.seeded[i], max_tokens=8).tokens) == self.captions[i]
+                except (grpc.RpcError, AssertionError) as exc:
+                    error = f"{op}: {exc!r}"[:300]
+                now = time.monotonic()
+                with self._lock:
+                    self.calls.append((now, now - started, error))
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, Optional[str]]]:
+        with self._lock:
+            return [c for c in self.calls if start <= c[0] < end]
+
+
+def seeded_service(data, triton: str, photos):
+    """A service on `triton` without admission bounds (a hung endpoint is the subject, not shedding)
+    or query cache (every text search reaches Triton), and the ids of the photos it was given."""
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess, WireClient
+
+    service = ServiceProcess(data, triton, "--text-cache-size", "0", "--max-inflight-search", "0",
+                             "--max-inflight-ingest", "0", "--max-inflight-caption", "0", "--max-caption-sequences", "0")
+    service.__enter__()
+    with WireClient(service.address, timeout=120) as admin:
+        ids = [r.id for r in admin.add_images(pb.AddImageRequest(image=p, metadata={"set": "seed"}) for p in photos)]
+    return service, ids
+
+
+class Hang:
+    """One endpoint made to stop answering while its connections stay open: its server's whole
+    process group SIGSTOPped (tritonserver and its model stubs), or the relay in front of it holding
+    every byte; `release()` undoes it (always: called again on exit).
+
+    The stubs are continued before the server: tritonserver 2.51 continued first under load aborts
+    (boost::interprocess::lock_exception, its stubs' IPC lock timed out) - a crash, not a hang."""
+
+    def __init__(self, how: str, server, relay):
+        self.how, self.server, self.relay, self.hung = how, server, relay, False
+        self.group = os.getpgid(server.pid)
+        assert self.group != os.getpgrp()  # never stop ourselves
+
+    def __call__(self) -> None:
+        self.hung = True
+        os.killpg(self.group, signal.SIGSTOP) if self.how == "sigstop" else self.relay.stall()
+
+    def release(self) -> None:
+        if not self.hung:
+            return
+        if self.how == "sigstop":
+            for pid in self.server.process_group_members():
+                if pid != self.server.pid:
+                    os.kill(pid, signal.SIGCONT)
+            time.sleep(0.5)
+            os.killpg(self.group, signal.SIGCONT)
+        else:
+            self.relay.resume()
+        self.hung = False
+
+
+@pytest.mark.parametrize("how, hung_s", [("sigstop", 10.0), ("relay", 10.0),
+                                          pytest.param("sigstop", 60.0, marks=pytest.mark.long, id="sigstop-soak")])
+def test_a_hung_endpoint_slows_only_its_own_calls(tritons, reference, photos, tmp_path, how, hung_s):
+    """16 clients search and caption through a service on two endpoints; one hangs (SIGSTOP of its
+    processes, or a relay that stops forwarding: connections open, nothing answers). No call fails, each
+    answers right (exact search, in-process captions), the slowest takes at most the probe timeout plus
+    the p99 measured with the healthy endpoint alone plus HUNG_MARGIN_S, and the service answers at least
+    0.8x what the healthy endpoint alone did. Stats and health name the hung endpoint out; released, it
+    rejoins and takes calls again. (Before: every client hung its whole 30 s deadline.)"""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from search_service.server import endpoint_health_name
+    from search_service.testing import WireClient
+    from serving.pool import PROBE_TIMEOUT_S
+    from serving.protocol import IMAGE_ENCODER
+    from serving.testing import TcpRelay
+
+    good, bad = tritons
+    queries = [f"{what} number {n}" for n in range(10) for what in ("a cat", "a red car", "coffee", "a rocket")]
+    oracle = dict(seed_vectors=reference.embed_images(photos), queries=dict(zip(queries, reference.embed_texts(queries))),
+                  captions={i: c.tokens for i, c in enumerate(reference.caption(photos, GREEDY))})
+    measure_s = 8.0
+
+    # the healthy endpoint alone: its p99 and throughput under the same 16 clients
+    service, ids = seeded_service(tmp_path / "alone", good.grpc_url, photos)
+    try:
+        with MixedLoad(service.address, ids, photos, **oracle) as load:
+            time.sleep(2.0)  # warm
+            start = time.monotonic()
+            time.sleep(measure_s)
+            alone = load.between(start, time.monotonic())
+    finally:
+        service.__exit__(None, None, None)
+    assert [c for c in alone if c[2]] == []
+    alone_p99 = float(np.percentile([c[1] for c in alone], 99))
+    alone_rate = len(alone) / measure_s
+
+    with TcpRelay(bad.grpc_url) as relay:
+        bad_url = relay.url if how == "relay" else bad.grpc_url
+        hang = Hang(how, bad, relay)
+        service, ids = seeded_service(tmp_path / "two", f"{good.grpc_url},{bad_url}", photos)
+        try:
+            with MixedLoad(service.address, ids, photos, **oracle) as load, \
+                    WireClient(service.address, timeout=30) as admin, grpc.insecure_channel(service.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check
+
+                def endpoint_health(url):
+                    return health(health_pb2.HealthCheckRequest(service=endpoint_health_name(url)), timeout=30).status
+
+                time.sleep(4.0)  # both serve; the hung one's latency history fills
+                # (on a busy box a request may run past its deadline: its endpoint is out until a probe)
+                wait_until(lambda: all(e.healthy for e in admin.stats().triton_endpoints), 30, "both in rotation")
+                both_rate = len(load.between(time.monotonic() - 2.0, time.monotonic())) / 2.0
+                hung_at = time.monotonic()
+                hang()
+                time.sleep(hung_s)
+                ended = time.monotonic()
+                stats, hung_health = admin.stats(), endpoint_health(bad_url)
+                overall = health(health_pb2.HealthCheckRequest(), timeout=30).status
+                hang.release()
+                wait_until(lambda: admin.stats().triton_endpoints[1].healthy, 30, "the released endpoint back")
+                back_at, calls_back = time.monotonic(), admin.stats().triton_endpoints[1].calls
+                served_back = served(bad.grpc_url, IMAGE_ENCODER)  # and Triton's own count: answered there
+                wait_until(lambda: admin.stats().triton_endpoints[1].calls > calls_back + 10
+                           and served(bad.grpc_url, IMAGE_ENCODER) > served_back, 30, "calls on it again")
+                time.sleep(1.0)
+                rejoined = load.between(back_at, time.monotonic())
+                back_health = endpoint_health(bad_url)
+                # every call that finished after the hang began (including those it caught in flight)
+                during = load.between(hung_at, ended)
+                straddling = [c for c in load.between(ended, back_at) if c[0] - c[1] < ended]
+        finally:
+            hang.release()
+            service.__exit__(None, None, None)
+
+    slowest = max(c[1] for c in during + straddling)
+    rate = len(during) / (ended - hung_at)
+    figures = (f"{how}: {len(during)} calls in {ended - hung_at:.1f} s hung ({rate:.1f}/s) vs alone {alone_rate:.1f}/s, "
+               f"both {both_rate:.1f}/s; slowest {slowest:.2f} s, alone p99 {alone_p99:.2f} s; load {os.getloadavg()}")
+    print(figures)
+    assert [c for c in during + straddling + rejoined if c[2]] == [], figures
+    assert slowest <= PROBE_TIMEOUT_S + alone_p99 + HUNG_MARGIN_S, figures
+    assert rate >= 0.8 * alone_rate, figures
+    good_state, bad_state = stats.triton_endpoints
+    assert (good_state.address, bad_state.address) == (good.grpc_url, bad_url)
+    assert good_state.healthy and good_state.outages == 0, good_state
+    assert not bad_state.healthy and bad_state.down_seconds > 0 and bad_url in bad_state.last_error, bad_state
+    assert stats.triton_ready and overall == health_pb2.HealthCheckResponse.SERVING
+    assert hung_health == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert back_health == health_pb2.HealthCheckResponse.SERVING and rejoined
