@@ -30,7 +30,8 @@ class Client(ClientBase):
     target        HOST:PORT of the service
     timeout       default deadline of each call, in seconds (retries included); None = no deadline.
                   Streams (add) have no default deadline.
-    retry         RetryPolicy for UNAVAILABLE (the only status retried); NO_RETRY to fail fast
+    retry         RetryPolicy for UNAVAILABLE and shed calls (RESOURCE_EXHAUSTED with retry-after-ms, waited at
+                  least that long); NO_RETRY to fail fast
     token         bearer token (default: $COCA_SEARCH_TOKEN)
     tls_ca        CA certificate (PEM file or bytes) that signed the server's certificate; implies TLS
     tls           TLS with the system's roots
