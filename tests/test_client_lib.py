@@ -197,6 +197,41 @@ def test_shed_retries_give_up_within_the_deadline(scripted):
     assert info.value.retry_after == pytest.approx(0.3) and info.value.attempts == scripted.calls["Stats"]
 
 
+def node_answers(target: str, calls: list[dict]) -> list:
+    """The Node client's answers (tests/node/answers.js), each error as {error, code, attempts, retryAfterMs}."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (the Node.js client needs Node >= 18)")
+    script = Path(__file__).resolve().parent / "node" / "answers.js"
+    done = subprocess.run(["node", str(script), target, json.dumps(calls)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_node_client_retries_a_shed_call_within_its_deadline(scripted):
+    """As the Python client: asked again after the hint and answered; given up inside a 1 s deadline; no
+    retry without a hint. (Old Node client: RESOURCE_EXHAUSTED on the first refusal.)"""
+    scripted.shed = 2
+    [stats] = node_answers(scripted.target, [{"call": "stats"}])
+    assert stats["count"] == 3 and scripted.calls["Stats"] == 3
+    gaps = [b - a for a, b in zip(scripted.called_at, scripted.called_at[1:])]
+    assert all(gap >= 0.2 for gap in gaps), gaps
+    scripted.calls.clear()
+    scripted.shed, scripted.retry_after_ms = 100, "300"
+    started = time.monotonic()
+    [refused] = node_answers(scripted.target, [{"call": "stats", "args": [{"timeout": 1000}]}])
+    assert time.monotonic() - started < 10  # (node's own start-up included)
+    assert refused["code"] == "RESOURCE_EXHAUSTED" and refused["retryAfterMs"] == 300, refused
+    assert 2 <= scripted.calls["Stats"] == refused["attempts"] <= 4, (refused, scripted.calls)
+    scripted.calls.clear()
+    scripted.retry_after_ms = None
+    [final] = node_answers(scripted.target, [{"call": "stats"}])
+    assert final["code"] == "RESOURCE_EXHAUSTED" and final["retryAfterMs"] is None and scripted.calls["Stats"] == 1
+
+
 def test_resource_exhausted_without_a_hint_is_final(scripted):
     """A refusal that asking again cannot change (a message over the size limit) has no hint: not retried."""
     scripted.shed, scripted.retry_after_ms = 100, None
