@@ -90,6 +90,14 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reference():
+    """The in-process model Triton serves (the oracle of captions and embeddings)."""
+    import coca
+
+    return coca.load(MODEL, pretrained=PRETRAINED, seed=SEED)
+
+
+@pytest.fixture(scope="session")
 def triton(exported):
     """A TritonServer on fixed ports (start() again after a kill comes back at the same address)."""
     reason = triton_unavailable_reason()

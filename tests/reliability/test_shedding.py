@@ -169,3 +169,88 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
         unbounded_peak_inflight=int(results[0][2]))
     if seconds >= 60:  # the short run's p99 is a handful of answers, and its 64 client threads share 2 cores
         assert p99_admitted <= P99_FACTOR * p99_bound, (p99_admitted, p99_bound)
+
+
+def caption_all(address: str, images: list[bytes], client_factory) -> tuple[list, float]:
+    """Every image captioned at once, one thread (and channel) each, all released together; the answers
+    (text, or the RpcError/SearchError) in image order, and the slowest call's seconds."""
+    answers: list = [None] * len(images)
+    seconds = [0.0] * len(images)
+    start = threading.Barrier(len(images))
+
+    def one(i: int):
+        with client_factory(address) as client:
+            start.wait()
+            started = time.perf_counter()
+            try:
+                answers[i] = client.caption(images[i]).text
+            except Exception as exc:  # noqa: BLE001 - kept and asserted on below
+                answers[i] = exc
+            seconds[i] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return answers, max(seconds)
+
+
+def wait_for_metric(url: str, name: str, value: float, timeout: float = 30.0, **labels) -> float:
+    end = time.monotonic() + timeout
+    while (seen := metric(url, name, **labels)) != value and time.monotonic() < end:
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def default_service(tmp_path_factory, triton, exported):
+    """A service at its admission defaults (caption bounds from the decoder's capacity), shared by the
+    designed-load tests."""
+    from search_service.testing import ServiceProcess
+
+    args = service_args(exported, "--metrics-port", "0")
+    with ServiceProcess(tmp_path_factory.mktemp("default-admission"), triton.grpc_url, *args) as service:
+        yield service
+
+
+@pytest.mark.parametrize("concurrent", [16, 32])
+def test_the_designed_caption_load_is_admitted_at_defaults(concurrent, live_triton, default_service, reference, figures):
+    """16 (the decoder's designed batch) and 32 concurrent captions against the service at its defaults, by
+    clients that never retry: every one answers, equal to the in-process caption. The caption bound is the
+    decoder's capacity as Triton serves it (conftest's CAPACITY, not the template's 64). Old defaults: 8
+    caption requests in flight, the 9th refused at once."""
+    from search_service.testing import WireClient
+
+    from .conftest import CAPACITY
+
+    seen = wait_for_metric(default_service.metrics_url, "coca_search_inflight_limit", CAPACITY, **{"class": "caption"})
+    assert seen == CAPACITY and metric(default_service.metrics_url, "coca_search_inflight_limit",
+                                       **{"class": "caption_sequences"}) == CAPACITY
+    images = unique_jpegs(9300 + concurrent, concurrent)
+    answers, slowest = caption_all(default_service.address, images, WireClient)
+    expected = [c.text for c in reference.caption(images)]
+    assert answers == expected, [a for a in answers if not isinstance(a, str)][:3]
+    figures.record("designed load at the admission defaults", **{
+        f"captions_answered_of_{concurrent}": sum(isinstance(a, str) for a in answers),
+        f"slowest_of_{concurrent}_s": round(slowest, 2), "caption_bound": int(seen)})
+
+
+def test_shed_captions_are_retried_by_the_client_on_the_servers_hint(tmp_path, live_triton, exported, reference,
+                                                                     figures):
+    """A small caption bound refusing at once (--max-queue-wait 0): the service sheds (its metrics count it),
+    and coca_client's captions, retried on the retry-after-ms hint, all answer with the in-process caption.
+    (Old client: ResourceExhausted raised at the first refusal.)"""
+    from clients.coca_client import Client, RetryPolicy
+    from search_service.testing import ServiceProcess
+
+    args = service_args(exported, "--max-inflight-caption", "2", "--max-queue-wait", "0", "--metrics-port", "0")
+    images = unique_jpegs(9400, 12)
+    with ServiceProcess(tmp_path / "data", live_triton.grpc_url, *args) as service:
+        answers, slowest = caption_all(service.address, images,
+                                       lambda address: Client(address, timeout=120, retry=RetryPolicy(attempts=50)))
+        shed = metric(service.metrics_url, "coca_search_shed_total", bound="caption")
+    assert answers == [c.text for c in reference.caption(images)], [a for a in answers if not isinstance(a, str)][:3]
+    assert shed > 0
+    figures.record("client retries on the hint", captions=len(images), shed_then_retried=int(shed),
+                   slowest_s=round(slowest, 2))
