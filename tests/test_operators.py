@@ -86,7 +86,7 @@ def code_of(call) -> grpc.StatusCode:
 @needs_triton
 def test_metrics_count_what_the_clients_did(tmp_path, triton, repository):
     args = ("--metrics-port", "0", "--max-inflight-caption", "1", "--max-caption-sequences", "1",
-            "--logit-scale", str(repository[1]))
+            "--max-queue-wait", "0", "--logit-scale", str(repository[1]))  # past a bound: refused at once
     with ServiceProcess(tmp_path / "data", triton.grpc_url, *args) as service, \
             WireClient(service.address, timeout=120) as client:
         url = service.metrics_url
