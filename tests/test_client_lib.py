@@ -62,6 +62,12 @@ class Scripted(search_pb2_grpc.SearchServiceServicer):
                        metadata={"i": str(i)}) for i in range(request.options.k or 10)]
         return pb.SearchResponse(hits=hits, searched=42)
 
+    def CaptionStream(self, request, context):
+        self._enter("CaptionStream", context)
+        yield pb.CaptionChunk(piece="a", text="a", token_count=1)
+        yield pb.CaptionChunk(piece=" cat", text="a cat", token_count=2, done=True,
+                              caption=pb.CaptionResponse(text="a cat", tokens=[1, 2]))
+
     def Get(self, request, context):
         self._enter("Get", context)
         context.abort(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
@@ -184,6 +190,20 @@ def test_a_shed_stream_is_retried_and_an_async_call_too(scripted):
             return await client.search_text("a cat", k=2)
 
     assert [h.id for h in asyncio.run(run())] == ["id0", "id1"] and scripted.calls["SearchText"] == 2
+
+
+def test_a_shed_caption_stream_is_retried_before_its_first_chunk(scripted):
+    scripted.shed = 1
+    with Client(scripted.target, retry=FAST) as client:
+        assert [c.piece for c in client.caption_stream(b"img")] == ["a", " cat"]
+    assert scripted.calls["CaptionStream"] == 2  # shed, then answered
+    scripted.calls.clear()
+
+    async def run():
+        async with AsyncClient(scripted.target, retry=FAST) as client:
+            return [c.text async for c in client.caption_stream(b"img")]
+
+    assert asyncio.run(run()) == ["a", "a cat"] and scripted.calls["CaptionStream"] == 2
 
 
 def test_shed_retries_give_up_within_the_deadline(scripted):
