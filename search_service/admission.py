@@ -18,7 +18,7 @@ The caption bounds default to the decoder's capacity (`capacity_rows` of the dec
 KV-cache sequences it holds at once): shedding below what the decoder was built for would be an outage.
 
 A request past its class's bound waits for a slot in a queue as long as the bound (as many waiting as
-running), at most `queue_wait_s` and never past its own deadline; one that finds the queue full, or
+running), at most `queue_wait_s` and half the time to its deadline; one that finds the queue full, or
 whose wait runs out, is refused with RESOURCE_EXHAUSTED. A bounded wait absorbs bursts; it is no
 queue in front of a saturated service, which would only make every caller wait until its deadline
 (clip-retrieval #262). A refusal carries a retry hint, trailing metadata `retry-after-ms`
@@ -155,7 +155,7 @@ class Admission:
     @contextlib.asynccontextmanager
     async def admitted(self, kind: str, time_left: Optional[float] = None) -> AsyncIterator[None]:
         """A slot of request class `kind` for the block: at once, or after a wait in the class's queue
-        (as long as its bound) of at most queue_wait_s and `time_left` (the caller's deadline); Shed else."""
+        (as long as its bound) of at most queue_wait_s and half of `time_left` (to the caller's deadline); Shed else."""
         if not self._take(kind):
             await self._wait_for_slot(kind, time_left)
         started = time.monotonic()
@@ -174,7 +174,9 @@ class Admission:
             return True
 
     async def _wait_for_slot(self, kind: str, time_left: Optional[float]) -> None:
-        wait = self.limits.queue_wait_s if time_left is None else min(self.limits.queue_wait_s, time_left)
+        # at most half the caller's time left: once admitted, the work needs time too (else the caller would
+        # see DEADLINE_EXCEEDED, not the refusal and its hint)
+        wait = self.limits.queue_wait_s if time_left is None else min(self.limits.queue_wait_s, time_left / 2)
         queue = self._waiting[kind]
         if wait <= 0 or len(queue) >= self.bound(kind):
             self._shed(kind)
