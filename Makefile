@@ -26,11 +26,14 @@ demo: venv
 RELIABILITY_REPORT ?= reliability-report.json
 SECURITY_TESTS := $(addprefix tests/test_search_service.py::,test_token_tls_and_message_limit \
 	test_bad_items_fail_alone test_bad_requests_get_the_right_status test_triton_down_gives_unavailable_then_recovers)
+# Only what make test does not already run: long tests, and the quick variants (marker `short`) of long ones
+# left out (the long one checks all they do); tests/test_triton.py's long part (the captioner variants) only.
 test-reliability: venv
-	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q -m "long or not long" \
+	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q --durations=30 -m "long or not short" \
 		tests/reliability $(SECURITY_TESTS) tests/test_ray_ingest.py::test_bulk_ingest_and_resume \
 		tests/test_milvus_store.py::test_milvus_down_gives_unavailable_naming_milvus_then_recovers \
-		tests/test_triton_pool.py::test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back tests/test_triton.py
+		tests/test_triton_pool.py::test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back; \
+	status=$$?; $(PYTEST) -q --durations=10 -m long tests/test_triton.py || status=1; exit $$status
 
 # One benchmark: make bench BENCH="caption --model coca-tiny" (names: python -m bench, or coca bench --help).
 BENCH ?= caption --model coca-tiny --pretrained random

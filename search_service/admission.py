@@ -1,4 +1,5 @@
-"""Load shedding: bounds on the work in flight, answered at once with RESOURCE_EXHAUSTED past them.
+"""Load shedding: bounds on the work in flight, a short bounded wait for a slot, then RESOURCE_EXHAUSTED
+with a retry hint.
 
 Requests come in three classes, each with a budget of its own, so one kind cannot crowd out another:
 
@@ -13,27 +14,41 @@ retry job of ingest captions (one at a time), and by searches
 answered: the hits it could not caption say so in `caption_error`. So captioning is shed first and
 searches keep their budget whatever the captions do.
 
-A request past its bound is refused at once, never queued: a queue in front of a saturated service
-only makes every caller wait until its deadline (clip-retrieval #262). Optionally each bearer token
+The caption bounds default to the decoder's capacity (`capacity_rows` of the decoder's model config, the
+KV-cache sequences it holds at once): shedding below what the decoder was built for would be an outage.
+
+A request past its class's bound waits for a slot in a queue as long as the bound (as many waiting as
+running), at most `queue_wait_s` and half the time to its deadline; one that finds the queue full, or
+whose wait runs out, is refused with RESOURCE_EXHAUSTED. A bounded wait absorbs bursts; it is no
+queue in front of a saturated service, which would only make every caller wait until its deadline
+(clip-retrieval #262). A refusal carries a retry hint, trailing metadata `retry-after-ms`
+(RETRY_AFTER_KEY): about when a slot frees (the class's recent hold time), or when the rate limit's
+bucket has a token. Clients (coca_client, clients/node) retry only a RESOURCE_EXHAUSTED that has it
+(a message over the size limit has none: asking again cannot help). Optionally each bearer token
 (each client address when the service has no token) gets a token bucket of `rate` requests/s.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 SEARCH, INGEST, CAPTION = "search", "ingest", "caption"
 CLASSES = (SEARCH, INGEST, CAPTION)
 CLASS_OF_METHOD = {"AddImages": INGEST, "Caption": CAPTION, "CaptionStream": CAPTION}  # every other method of the service: SEARCH
 CAPTION_SEQUENCES = "caption_sequences"
 RATE = "rate"
+DECODER_SIZED = (CAPTION, CAPTION_SEQUENCES)  # bounds that default to the decoder's capacity
 MAX_BUCKETS = 10_000  # rate-limit buckets kept (least recently used out first): memory stays bounded
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a shed call: milliseconds after which to ask again
+RETRY_AFTER_S = (0.05, 5.0)  # the hint's range: never "at once" (a stampede), never longer than a caller would wait
+HOLD_EWMA = 0.2  # weight of the newest hold time in a class's running mean (the retry hint's base)
 
 
 def request_class(method: str) -> str:
@@ -42,32 +57,45 @@ def request_class(method: str) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on work in flight (0: no bound) and the optional per-token rate limit (0: off)."""
+    """Bounds on work in flight (0: no bound; None: the decoder's capacity, once Triton has said it), the
+    longest wait for a slot, and the optional per-token rate limit (0: off)."""
 
     search: int = 32  # a search takes ~10-50 ms on 2 cores: 32 at once finish within about a second
     ingest: int = 8  # AddImages streams (each embeds a batch of up to add_batch images at a time)
-    caption: int = 8  # Caption calls and CaptionStream streams
-    caption_sequences: int = 16  # decoder sequences (Caption + searches with_captions): one batched decoder step
+    caption: Optional[int] = None  # Caption calls and CaptionStream streams: the decoder's capacity
+    caption_sequences: Optional[int] = None  # decoder sequences (Caption + searches with_captions): its capacity
+    queue_wait_s: float = 5.0  # longest wait for a slot (past a class's bound; 0: refuse at once)
     rate: float = 0.0  # requests per second per bearer token (per client address without a token)
     burst: int = 0  # bucket size: requests a token may send at once; 0: max(1, rate)
 
     def __post_init__(self):
         for name in ("search", "ingest", "caption", "caption_sequences", "burst"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"limit {name} must be >= 0 (0: no bound), got {getattr(self, name)}")
-        if not (math.isfinite(self.rate) and self.rate >= 0):
-            raise ValueError(f"rate limit must be a finite number >= 0 of requests/s (0: off), got {self.rate}")
-
-    def bound(self, kind: str) -> int:
-        return getattr(self, kind)
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"limit {name} must be >= 0 (0: no bound), got {value}")
+        for name, what in (("rate", "rate limit must be a finite number >= 0 of requests/s (0: off)"),
+                           ("queue_wait_s", "queue wait must be a finite number >= 0 of seconds (0: refuse at once)")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{what}, got {value}")
 
 
 class Shed(Exception):
-    """Refused by load shedding (RESOURCE_EXHAUSTED); `bound` names the limit that was reached."""
+    """Refused by load shedding (RESOURCE_EXHAUSTED); `bound` names the limit that was reached,
+    `retry_after_s` when asking again may be admitted."""
 
-    def __init__(self, bound: str, message: str):
+    def __init__(self, bound: str, message: str, retry_after_s: float = RETRY_AFTER_S[0]):
         super().__init__(message)
         self.bound = bound
+        self.retry_after_s = min(max(retry_after_s, RETRY_AFTER_S[0]), RETRY_AFTER_S[1])
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((RETRY_AFTER_KEY, str(round(self.retry_after_s * 1000))),)
+
+
+def retry_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The retry hint to send with the status of `exc` (none unless it was shed)."""
+    return exc.trailing_metadata() if isinstance(exc, Shed) else ()
 
 
 FLAGS = {SEARCH: "--max-inflight-search", INGEST: "--max-inflight-ingest", CAPTION: "--max-inflight-caption",
@@ -75,36 +103,124 @@ FLAGS = {SEARCH: "--max-inflight-search", INGEST: "--max-inflight-ingest", CAPTI
 
 
 class Admission:
-    """Counts what is in flight per class and refuses what is past a bound. Used from the event loop
-    and from threads (the metrics scrape), so counts change under a lock."""
+    """Counts what is in flight per class, lets a request past the bound wait a while for a slot, and
+    refuses the rest. Waiting and handing over slots happen on the event loop; counts change under a
+    lock, since the metrics scrape reads them from its thread."""
 
     def __init__(self, limits: Limits, on_shed: Optional[Callable[[str], None]] = None):
         self.limits = limits
         self._on_shed = on_shed or (lambda bound: None)
         self._lock = threading.Lock()
         self._inflight = {kind: 0 for kind in (*CLASSES, CAPTION_SEQUENCES)}
+        self._waiting: dict[str, deque[asyncio.Future]] = {kind: deque() for kind in CLASSES}
+        self._hold_s = {kind: 0.0 for kind in CLASSES}  # running mean of how long a request holds its slot
+        self._decoder_capacity: Optional[int] = None
         self._buckets = _TokenBuckets(limits.rate, limits.burst or max(1, int(limits.rate))) if limits.rate else None
+
+    # ------------------------------------------------------------ bounds
+    def bound(self, kind: str) -> int:
+        """The bound of `kind` now (0: none): a decoder-sized one is unbounded until the capacity is known."""
+        value = getattr(self.limits, kind)
+        if value is None:
+            return self._decoder_capacity or 0
+        return value
+
+    @property
+    def needs_decoder_capacity(self) -> bool:
+        return self._decoder_capacity is None and any(getattr(self.limits, k) is None for k in DECODER_SIZED)
+
+    def set_decoder_capacity(self, sequences: int) -> None:
+        """The KV-cache sequences the decoder holds at once (its model config's capacity_rows)."""
+        if sequences < 1:
+            raise ValueError(f"the decoder's capacity must be >= 1 sequence, got {sequences}")
+        self._decoder_capacity = sequences
 
     def inflight(self, kind: str) -> int:
         return self._inflight[kind]
 
+    def waiting(self, kind: str) -> int:
+        return len(self._waiting[kind]) if kind in self._waiting else 0
+
+    # ------------------------------------------------------------ slots
     @contextlib.contextmanager
     def hold(self, kind: str) -> Iterator[None]:
-        """One unit of `kind` (a request class, or CAPTION_SEQUENCES) for the block; Shed when none is free."""
-        bound = self.limits.bound(kind)
-        with self._lock:
-            full = bound and self._inflight[kind] >= bound
-            if not full:
-                self._inflight[kind] += 1
-        if full:
-            self._on_shed(kind)
-            what = "caption sequences" if kind == CAPTION_SEQUENCES else f"{kind} requests"
-            raise Shed(kind, f"overloaded: {bound} {what} in flight, the bound ({FLAGS[kind]}); retry later")
+        """One unit of `kind` for the block, taken now or never (Shed): decoder sequences, and tests."""
+        if not self._take(kind):
+            self._shed(kind)
         try:
             yield
         finally:
-            with self._lock:
-                self._inflight[kind] -= 1
+            self._release(kind)
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, kind: str, time_left: Optional[float] = None) -> AsyncIterator[None]:
+        """A slot of request class `kind` for the block: at once, or after a wait in the class's queue
+        (as long as its bound) of at most queue_wait_s and half of `time_left` (to the caller's deadline); Shed else."""
+        if not self._take(kind):
+            await self._wait_for_slot(kind, time_left)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._hold_s[kind] += HOLD_EWMA * (time.monotonic() - started - self._hold_s[kind])
+            self._release(kind)
+
+    def _take(self, kind: str) -> bool:
+        bound = self.bound(kind)
+        with self._lock:
+            if bound and (self._inflight[kind] >= bound or self.waiting(kind)):  # no overtaking those waiting
+                return False
+            self._inflight[kind] += 1
+            return True
+
+    async def _wait_for_slot(self, kind: str, time_left: Optional[float]) -> None:
+        # at most half the caller's time left: once admitted, the work needs time too (else the caller would
+        # see DEADLINE_EXCEEDED, not the refusal and its hint)
+        wait = self.limits.queue_wait_s if time_left is None else min(self.limits.queue_wait_s, time_left / 2)
+        queue = self._waiting[kind]
+        if wait <= 0 or len(queue) >= self.bound(kind):
+            self._shed(kind)
+        slot = asyncio.get_running_loop().create_future()  # resolved by _release: its slot is handed over
+        queue.append(slot)
+        try:
+            await asyncio.wait_for(asyncio.shield(slot), wait)
+        except asyncio.TimeoutError:
+            if not slot.done():  # (a slot handed over at the last moment is taken, not wasted)
+                queue.remove(slot)
+                slot.cancel()
+                self._shed(kind)
+        except BaseException:  # the caller went away while waiting
+            if slot.done():
+                self._release(kind)
+            else:
+                queue.remove(slot)
+                slot.cancel()
+            raise
+
+    def _release(self, kind: str) -> None:
+        queue = self._waiting.get(kind)
+        with self._lock:
+            while queue:
+                slot = queue.popleft()
+                if not slot.done():
+                    slot.set_result(None)  # the slot goes to the longest waiting, the count stays
+                    return
+            self._inflight[kind] -= 1
+
+    def _shed(self, kind: str) -> None:
+        self._on_shed(kind)
+        bound = self.bound(kind)
+        if kind == CAPTION_SEQUENCES:
+            raise Shed(kind, f"overloaded: {bound} caption sequences in flight, the bound ({FLAGS[kind]}); "
+                             "retry later")
+        raise Shed(kind, f"overloaded: {bound} {kind} requests in flight, the bound ({FLAGS[kind]}), and "
+                         f"{self.waiting(kind)} waiting; retry later", self._retry_after(kind))
+
+    def _retry_after(self, kind: str) -> float:
+        """About when a slot will be free for one more: the requests ahead of it, each holding its slot
+        for the class's mean hold time, `bound` at a time."""
+        ahead = self._inflight[kind] + self.waiting(kind)
+        return self._hold_s[kind] * ahead / max(1, self.bound(kind))
 
     def check_rate(self, who: str) -> None:
         """Shed when `who` (a token, or a client address) has spent its bucket."""
@@ -114,7 +230,7 @@ class Admission:
         if wait > 0:
             self._on_shed(RATE)
             raise Shed(RATE, f"rate limit: {self.limits.rate:g} requests/s per token (burst "
-                             f"{self._buckets.burst}, {FLAGS[RATE]}); retry in {wait:.2f} s")
+                             f"{self._buckets.burst}, {FLAGS[RATE]}); retry in {wait:.2f} s", wait)
 
 
 class _TokenBuckets:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from typing import AsyncContextManager, Callable, Optional
 
@@ -39,12 +40,15 @@ def around_calls(handler: grpc.RpcMethodHandler,
     """`handler` with every call run inside `around(context)` (a streamed response: until its last message)."""
 
     def make(behaviour, kind):
-        if kind[1]:  # response streaming: an async generator
+        if kind[1] and inspect.isasyncgenfunction(behaviour):  # response streaming: an async generator
             async def streamed(request, context):
                 async with around(context):
                     async for response in behaviour(request, context):
                         yield response
             return streamed
+
+        # unary, or a streaming handler that writes with context.write (grpc.aio awaits those as coroutines,
+        # and so do refusals such as the bearer token's, which answer before any message)
 
         async def unary(request, context):
             async with around(context):
@@ -89,8 +93,9 @@ class RecordMetrics(grpc.aio.ServerInterceptor):
 
 
 class ShedLoad(grpc.aio.ServerInterceptor):
-    """Refuse a SearchService call at once with RESOURCE_EXHAUSTED when its caller is over the rate limit
-    or its class (search, ingest, caption) is at its bound in flight; otherwise hold a slot for the call."""
+    """Hold a slot of its class (search, ingest, caption) for each SearchService call, waiting a while for
+    one past the bound (admission.py); refuse with RESOURCE_EXHAUSTED and a retry hint (trailing metadata
+    retry-after-ms) when its caller is over the rate limit or no slot frees in time."""
 
     def __init__(self, admission: Admission, by_token: bool):
         self.admission = admission
@@ -106,12 +111,13 @@ class ShedLoad(grpc.aio.ServerInterceptor):
 
         @contextlib.asynccontextmanager
         async def admitted(context):
-            with contextlib.ExitStack() as slot:
+            async with contextlib.AsyncExitStack() as slot:
                 try:
                     self.admission.check_rate(token or _client_host(context))
-                    slot.enter_context(self.admission.hold(kind))
+                    await slot.enter_async_context(self.admission.admitted(kind, context.time_remaining()))
                 except Shed as exc:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                        trailing_metadata=exc.trailing_metadata())
                 yield
 
         return around_calls(handler, admitted)

@@ -64,7 +64,7 @@ class ServiceMetrics:
                       registry=self.registry)
         for kind in (*CLASSES, CAPTION_SEQUENCES):
             inflight.labels(kind).set_function(lambda kind=kind: admission.inflight(kind))
-            limit.labels(kind).set(admission.limits.bound(kind))
+            limit.labels(kind).set_function(lambda kind=kind: admission.bound(kind))
         self.registry.register(_StoreCollector(collection, text_cache))
 
     def serve(self, host: str, port: int) -> "MetricsServer":

@@ -190,6 +190,16 @@ class Models:
 
         return await self._call(run, timeout)
 
+    async def decoder_capacity(self, timeout: float) -> int:
+        """The KV-cache sequences the decoder holds at once: `capacity_rows` of its model config."""
+        from serving.protocol import TEXT_DECODER
+
+        async def run(client):
+            config = await client.client.get_model_config(TEXT_DECODER, as_json=True)
+            return int(config["config"]["parameters"]["capacity_rows"]["string_value"])
+
+        return await self._call(run, timeout)
+
     async def video_embeddings(self, video: bytes, frames: int, timeout: float) -> np.ndarray:
         """What the decoder reads for a video (its frames' mean ImageEmbeddings); caption or stream it."""
         async def run(client):  # decoding gives up by itself at the deadline: a thread cannot be cancelled

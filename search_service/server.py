@@ -188,6 +188,8 @@ class LiveHealth(health.aio.HealthServicer):
 
     async def refresh(self) -> None:
         problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
+        if problem is None and self.servicer.admission.needs_decoder_capacity:
+            await _learn_decoder_capacity(self.servicer)
         status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
         if problem is not None and self._last != status:
             log.warning("not serving: %s", problem)
@@ -200,6 +202,17 @@ class LiveHealth(health.aio.HealthServicer):
     async def Check(self, request, context):
         await self.refresh()
         return await super().Check(request, context)
+
+
+async def _learn_decoder_capacity(servicer: SearchServicer) -> None:
+    """Size the caption bounds left to the decoder (admission.py) from its capacity, as Triton serves it."""
+    try:
+        sequences = await servicer.models.decoder_capacity(TRITON_CHECK_S)
+    except Exception as exc:  # asked again at the next refresh; captions stay unbounded meanwhile
+        log.warning("the decoder's capacity is not known yet: %s", exc)
+        return
+    servicer.admission.set_decoder_capacity(sequences)
+    log.info("caption bounds from the decoder's capacity: %d sequences", sequences)
 
 
 async def _watch_models(health_servicer: LiveHealth) -> None:
@@ -293,9 +306,15 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                               ("--max-caption-sequences", "caption_sequences",
                                "decoder sequences (Caption + searches with_captions; a hit that finds none free "
                                "comes back uncaptioned)")):
-        g.add_argument(flag, type=int, default=getattr(Limits, field), metavar="N",
-                       help=f"{what} in flight; more are refused at once with RESOURCE_EXHAUSTED "
-                            "(default %(default)s; 0 = no bound)")
+        default = getattr(Limits, field)
+        g.add_argument(flag, type=int, default=default, metavar="N",
+                       help=f"{what} in flight; as many more wait up to --max-queue-wait for a slot, the rest are "
+                            "refused with RESOURCE_EXHAUSTED (default: "
+                            + ("%(default)s" if default is not None else "the decoder's capacity_rows, read from Triton")
+                            + "; 0 = no bound)")
+    g.add_argument("--max-queue-wait", type=float, default=Limits.queue_wait_s, metavar="S",
+                   help="longest wait for a slot past a bound, within the call's deadline; then RESOURCE_EXHAUSTED "
+                        "with trailing metadata retry-after-ms (default %(default)s; 0 = refuse at once)")
     g.add_argument("--rate-limit", type=float, default=Limits.rate, metavar="PER_S",
                    help="requests per second per bearer token (per client address without one); 0 = off (default)")
     g.add_argument("--rate-burst", type=int, default=Limits.burst, metavar="N",
@@ -312,7 +331,8 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
 def operator_settings(args) -> dict:
     """ServiceConfig fields for the options of add_operator_arguments."""
     limits = Limits(search=args.max_inflight_search, ingest=args.max_inflight_ingest, caption=args.max_inflight_caption,
-                    caption_sequences=args.max_caption_sequences, rate=args.rate_limit, burst=args.rate_burst)
+                    caption_sequences=args.max_caption_sequences, queue_wait_s=args.max_queue_wait,
+                    rate=args.rate_limit, burst=args.rate_burst)
     retry = RetryPolicy(retries=args.caption_retries, first_wait_s=args.caption_retry_wait, rate=args.caption_retry_rate)
     return {"limits": limits, "metrics_port": args.metrics_port, "caption_retry": retry}
 

@@ -26,7 +26,7 @@ from coca.settings import SamplingParams
 from coca.texts import check_text
 from serving.errors import SequenceLostError
 
-from .admission import CAPTION_SEQUENCES, Admission, Shed
+from .admission import CAPTION_SEQUENCES, Admission, Shed, retry_metadata
 from .caption_retry import CaptionRetryJob, Paused
 from .config import PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupported
@@ -123,7 +123,7 @@ def rpc(method):
             raise
         except Exception as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=retry_metadata(exc))
 
     return handler
 
@@ -141,7 +141,7 @@ def rpc_stream(method):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await context.abort(*status_of(exc))
+            await context.abort(*status_of(exc), trailing_metadata=retry_metadata(exc))
 
     return handler
 

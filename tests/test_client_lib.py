@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from clients.coca_client import (AddItem, AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, Outcome,
-                                 RetryPolicy, SearchError, Unauthenticated, Unavailable)
+                                 ResourceExhausted, RetryPolicy, SearchError, Unauthenticated, Unavailable)
 from search_service.pb import search_pb2 as pb
 from search_service.pb import search_pb2_grpc
 
@@ -26,7 +26,10 @@ class Scripted(search_pb2_grpc.SearchServiceServicer):
 
     def __init__(self):
         self.unavailable = 0
+        self.shed = 0  # the first `shed` calls of each method (after `unavailable`): RESOURCE_EXHAUSTED + hint
+        self.retry_after_ms = "200"
         self.calls: dict[str, int] = {}
+        self.called_at: list[float] = []
         self.seen_metadata: list[dict] = []
         self.break_stream_after = None  # AddImages: UNAVAILABLE after this many results, once
         self.streams: list[list[bytes]] = []
@@ -35,9 +38,14 @@ class Scripted(search_pb2_grpc.SearchServiceServicer):
     def _enter(self, name, context):
         with self.lock:
             self.calls[name] = self.calls.get(name, 0) + 1
+            self.called_at.append(time.monotonic())
             self.seen_metadata.append(dict(context.invocation_metadata()))
             if self.calls[name] <= self.unavailable:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"Triton at 127.0.0.1:1 is not answering ({name})")
+            if self.calls[name] <= self.unavailable + self.shed:  # as search_service/admission.py sheds
+                if self.retry_after_ms is not None:
+                    context.set_trailing_metadata((("retry-after-ms", self.retry_after_ms),))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: 8 caption requests in flight")
 
     def Stats(self, request, context):
         self._enter("Stats", context)
@@ -53,6 +61,12 @@ class Scripted(search_pb2_grpc.SearchServiceServicer):
         hits = [pb.Hit(id=f"id{i}", score=1.0 - i / 10, uri=f"file:///p{i}.jpg", caption="a caption",
                        metadata={"i": str(i)}) for i in range(request.options.k or 10)]
         return pb.SearchResponse(hits=hits, searched=42)
+
+    def CaptionStream(self, request, context):
+        self._enter("CaptionStream", context)
+        yield pb.CaptionChunk(piece="a", text="a", token_count=1)
+        yield pb.CaptionChunk(piece=" cat", text="a cat", token_count=2, done=True,
+                              caption=pb.CaptionResponse(text="a cat", tokens=[1, 2]))
 
     def Get(self, request, context):
         self._enter("Get", context)
@@ -152,6 +166,98 @@ def test_one_deadline_covers_the_retries(scripted):
         with pytest.raises(DeadlineExceeded) as info:
             client.search_text("slow", timeout=0.2)
         assert "longer deadline" in str(info.value)
+
+
+def test_a_shed_call_is_retried_after_the_servers_hint(scripted):
+    """RESOURCE_EXHAUSTED with retry-after-ms: asked again no sooner than the hint, and answered.
+    (Old client: ResourceExhausted on the first refusal.)"""
+    scripted.shed = 2
+    with Client(scripted.target, retry=FAST) as client:
+        assert client.stats().count == 3
+    assert scripted.calls["Stats"] == 3
+    gaps = [b - a for a, b in zip(scripted.called_at, scripted.called_at[1:])]
+    assert all(0.2 <= gap < 0.2 * (1 + FAST.jitter) + 0.2 for gap in gaps), gaps  # the hint, jittered upwards
+
+
+def test_a_shed_stream_is_retried_and_an_async_call_too(scripted):
+    scripted.shed = 1
+    with Client(scripted.target, retry=FAST) as client:
+        assert [r.id for r in client.add([b"a", b"b"])] == ["a", "b"]
+    assert scripted.calls["AddImages"] == 2 and scripted.streams[-1] == [b"a", b"b"]
+
+    async def run():
+        async with AsyncClient(scripted.target, retry=FAST) as client:
+            return await client.search_text("a cat", k=2)
+
+    assert [h.id for h in asyncio.run(run())] == ["id0", "id1"] and scripted.calls["SearchText"] == 2
+
+
+def test_a_shed_caption_stream_is_retried_before_its_first_chunk(scripted):
+    scripted.shed = 1
+    with Client(scripted.target, retry=FAST) as client:
+        assert [c.piece for c in client.caption_stream(b"img")] == ["a", " cat"]
+    assert scripted.calls["CaptionStream"] == 2  # shed, then answered
+    scripted.calls.clear()
+
+    async def run():
+        async with AsyncClient(scripted.target, retry=FAST) as client:
+            return [c.text async for c in client.caption_stream(b"img")]
+
+    assert asyncio.run(run()) == ["a", "a cat"] and scripted.calls["CaptionStream"] == 2
+
+
+def test_shed_retries_give_up_within_the_deadline(scripted):
+    scripted.shed, scripted.retry_after_ms = 100, "300"
+    with Client(scripted.target, retry=RetryPolicy(attempts=100)) as client:
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted) as info:
+            client.stats(timeout=1.0)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0 and 2 <= scripted.calls["Stats"] <= 4, (elapsed, scripted.calls)
+    assert info.value.retry_after == pytest.approx(0.3) and info.value.attempts == scripted.calls["Stats"]
+
+
+def node_answers(target: str, calls: list[dict]) -> list:
+    """The Node client's answers (tests/node/answers.js), each error as {error, code, attempts, retryAfterMs}."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (the Node.js client needs Node >= 18)")
+    script = Path(__file__).resolve().parent / "node" / "answers.js"
+    done = subprocess.run(["node", str(script), target, json.dumps(calls)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_node_client_retries_a_shed_call_within_its_deadline(scripted):
+    """As the Python client: asked again after the hint and answered; given up inside a 1 s deadline; no
+    retry without a hint. (Old Node client: RESOURCE_EXHAUSTED on the first refusal.)"""
+    scripted.shed = 2
+    [stats] = node_answers(scripted.target, [{"call": "stats"}])
+    assert stats["count"] == 3 and scripted.calls["Stats"] == 3
+    gaps = [b - a for a, b in zip(scripted.called_at, scripted.called_at[1:])]
+    assert all(gap >= 0.2 for gap in gaps), gaps
+    scripted.calls.clear()
+    scripted.shed, scripted.retry_after_ms = 100, "300"
+    started = time.monotonic()
+    [refused] = node_answers(scripted.target, [{"call": "stats", "args": [{"timeout": 1000}]}])
+    assert time.monotonic() - started < 10  # (node's own start-up included)
+    assert refused["code"] == "RESOURCE_EXHAUSTED" and refused["retryAfterMs"] == 300, refused
+    assert 2 <= scripted.calls["Stats"] == refused["attempts"] <= 4, (refused, scripted.calls)
+    scripted.calls.clear()
+    scripted.retry_after_ms = None
+    [final] = node_answers(scripted.target, [{"call": "stats"}])
+    assert final["code"] == "RESOURCE_EXHAUSTED" and final["retryAfterMs"] is None and scripted.calls["Stats"] == 1
+
+
+def test_resource_exhausted_without_a_hint_is_final(scripted):
+    """A refusal that asking again cannot change (a message over the size limit) has no hint: not retried."""
+    scripted.shed, scripted.retry_after_ms = 100, None
+    with Client(scripted.target, retry=FAST) as client, pytest.raises(ResourceExhausted) as info:
+        client.stats()
+    assert scripted.calls["Stats"] == 1 and info.value.retry_after is None
 
 
 def test_delete_retried_after_a_lost_answer_counts_as_done(scripted):

@@ -86,7 +86,7 @@ def code_of(call) -> grpc.StatusCode:
 @needs_triton
 def test_metrics_count_what_the_clients_did(tmp_path, triton, repository):
     args = ("--metrics-port", "0", "--max-inflight-caption", "1", "--max-caption-sequences", "1",
-            "--logit-scale", str(repository[1]))
+            "--max-queue-wait", "0", "--logit-scale", str(repository[1]))  # past a bound: refused at once
     with ServiceProcess(tmp_path / "data", triton.grpc_url, *args) as service, \
             WireClient(service.address, timeout=120) as client:
         url = service.metrics_url
@@ -237,3 +237,53 @@ def test_bad_operator_flags_exit_2_with_one_line(tmp_path, capsys, flag, value):
     assert main(["--data", str(tmp_path / "data"), flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("search service: error:"), err
+
+
+def test_admission_queues_past_the_bound_then_sheds_with_a_retry_hint():
+    """Past the bound a request waits (first come, first served) for a slot up to queue_wait_s and its own
+    deadline, in a queue as long as the bound; then Shed with a hint. (Old code: refused at once.)"""
+    import asyncio
+
+    from search_service.admission import RETRY_AFTER_KEY, Admission, Limits, Shed
+
+    async def run():
+        admission = Admission(Limits(search=1, queue_wait_s=0.5))
+        order = []
+
+        async def search(name, hold_s, time_left=None):
+            async with admission.admitted("search", time_left):
+                order.append(name)
+                await asyncio.sleep(hold_s)
+
+        first = asyncio.create_task(search("first", 0.2))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(search("second", 0.0))  # waits ~0.2 s for first's slot
+        await asyncio.sleep(0.01)
+        with pytest.raises(Shed) as full:  # the queue (as long as the bound, 1) is full: refused at once
+            await search("third", 0.0)
+        await asyncio.gather(first, second)
+        assert order == ["first", "second"] and admission.inflight("search") == 0
+        hint = dict(full.value.trailing_metadata())[RETRY_AFTER_KEY]
+        assert 50 <= int(hint) <= 5000, hint
+
+        blocker = asyncio.create_task(search("blocker", 1.0))
+        await asyncio.sleep(0.01)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Shed):  # half its time left (0.2 s) ends the wait before queue_wait_s
+            await search("late", 0.0, time_left=0.2)
+        assert 0.09 <= asyncio.get_running_loop().time() - started < 0.4
+        assert admission.waiting("search") == 0
+        await blocker
+        assert admission.inflight("search") == 0
+
+    asyncio.run(run())
+
+
+def test_caption_bounds_default_to_the_decoders_capacity():
+    from search_service.admission import CAPTION_SEQUENCES, Admission, Limits
+
+    admission = Admission(Limits())
+    assert admission.needs_decoder_capacity and admission.bound("caption") == 0  # unknown yet: not refused
+    admission.set_decoder_capacity(48)
+    assert admission.bound("caption") == admission.bound(CAPTION_SEQUENCES) == 48 and not admission.needs_decoder_capacity
+    assert Admission(Limits(caption=3)).bound("caption") == 3

@@ -693,7 +693,7 @@ def test_a_cancelled_stream_frees_its_slot_and_failed_ingest_captions_are_retrie
     (That the book survives a restart: tests/test_search_store.py, the job over a reopened store.)"""
     images = noisy_variants(photos[:3], 3)
     full = DecoderFull(triton.grpc_url, images[0])
-    flags = ("--max-inflight-caption", "1", "--caption-retry-wait", "0.3")
+    flags = ("--max-inflight-caption", "1", "--max-queue-wait", "0", "--caption-retry-wait", "0.3")  # refused at once
     try:
         with ServiceProcess(tmp_path, triton.grpc_url, *flags) as service, \
                 WireClient(service.address, timeout=60) as client:

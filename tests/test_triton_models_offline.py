@@ -185,23 +185,32 @@ def test_text_encoder_bounds_text_length_and_the_tokenizer_cache(models, tiny_co
 class CollectedCaption:
     """A caption's listener for the scheduler: what it was told; `cancel_after` steps it gives up."""
 
-    def __init__(self, cancel_after: int = 0):
+    def __init__(self, cancel_after: int = 0, cancelled_now: bool = False):
         self.steps, self.error, self.cancel_after = [], None, cancel_after
+        self.gave_up = threading.Event()
+        if cancelled_now:
+            self.gave_up.set()
         self.ended = threading.Event()
+        self.last_words = []  # "done", "fail" or "end": each caption must get exactly one (the FINAL flag)
 
     def cancelled(self) -> bool:
         if self.cancel_after and len(self.steps) >= self.cancel_after:
-            self.ended.set()
-            return True
-        return False
+            self.gave_up.set()
+        return self.gave_up.is_set()
+
+    def end(self):
+        self.last_words.append("end")
+        self.ended.set()
 
     def step(self, step):
         self.steps.append(step)
         if step.done:
+            self.last_words.append("done")
             self.ended.set()
 
     def fail(self, message: str, code: str):
         self.error = (message, code)
+        self.last_words.append("fail")
         self.ended.set()
 
 
@@ -242,3 +251,41 @@ def test_the_caption_scheduler_steps_every_live_caption_in_each_forward(tiny_coc
     assert max(s.batch_rows for c in captions for s in c.steps) == 8  # the cache full: every row in one forward
     assert (stats["free_rows"], stats["live_sequences"], stats["waiting_sequences"]) == (8, 0, 0)
     assert stats["cancelled"] == 1 and stats["refused"] >= 1 and stats["rows"] / stats["forwards"] > 4
+
+
+def test_a_cancelled_caption_still_ends_its_stream(tiny_coca, images):
+    """python_backend releases a decoupled request only on a response with the FINAL flag: a caption
+    cancelled while decoding, or while waiting for cache rows, is told `end` (the captioner sends FINAL),
+    once; the others get their done step or error, once. (Before: cancelled captions left without a word.)"""
+    from coca.decoding import Decoder
+    from serving.models.captioner import ResponseListener
+    from serving.models.scheduler import CaptionScheduler
+
+    embeddings = tiny_coca.encode_images(images[:1]).image_embeddings
+    long = SamplingParams(max_tokens=40, min_tokens=40)
+    scheduler = CaptionScheduler(Decoder(tiny_coca.net, capacity=1), max_waiting=4)
+    decoding, waiting, after = CollectedCaption(cancel_after=3), CollectedCaption(cancelled_now=True), CollectedCaption()
+    try:
+        scheduler.submit(embeddings, long, decoding)  # holds the only row until it gives up
+        scheduler.submit(embeddings, long, waiting)  # gives up before a row frees
+        scheduler.submit(embeddings, SamplingParams(max_tokens=4), after)
+        assert all(c.ended.wait(120) for c in (decoding, waiting, after))
+        time.sleep(0.2)
+        stats = scheduler.stats()
+    finally:
+        scheduler.stop()
+    assert (decoding.last_words, waiting.last_words, after.last_words) == (["end"], ["end"], ["done"])
+    assert len(decoding.steps) == 3 and waiting.steps == [] and stats["cancelled"] == 2 and stats["free_rows"] == 1
+
+    class Sender:
+        sent = []
+
+        def send(self, response=None, flags=0):
+            self.sent.append((response, flags))
+
+    class Model:
+        final = 2  # TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    sender = Sender()
+    ResponseListener(Model(), None, sender, set()).end()
+    assert sender.sent == [(None, 2)]

@@ -17,15 +17,18 @@ from .errors import Unavailable, from_rpc_error
 
 MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 TOKEN_ENV = "COCA_SEARCH_TOKEN"
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})  # nothing else is retried: other codes will not change
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})  # and a shed call (below): other codes will not change
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter, for UNAVAILABLE only.
+    """Exponential backoff with jitter, for UNAVAILABLE and for a call the service shed (RESOURCE_EXHAUSTED
+    with its retry hint, trailing metadata retry-after-ms).
 
     Attempt n (from 1) that fails waits uniform(0.5, 1.0) × min(max_backoff, initial_backoff × multiplier^(n-1))
-    before the next one; at most `attempts` tries in all, and never past the call's deadline.
+    before the next one, and after a shed call at least the server's hint × uniform(1, 1 + jitter) (spread, so
+    the shed callers do not all come back at once); at most `attempts` tries in all, and never past the
+    call's deadline.
     """
 
     attempts: int = 5
@@ -50,6 +53,17 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
+
+
+def retry_wait(error, waits: Iterator[float], policy: RetryPolicy, rng: random.Random = random._inst) -> Optional[float]:
+    """Seconds to wait before trying again after `error` (a SearchError), or None: do not retry it."""
+    shed = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after is not None
+    if not (shed or error.code in RETRYABLE):
+        return None
+    wait = next(waits, None)
+    if wait is None or not shed:
+        return wait
+    return max(wait, error.retry_after * (1 + policy.jitter * rng.random()))
 
 
 class Deadline:
@@ -121,6 +135,7 @@ class UnaryAttempts:
     def __init__(self, method: str, target: str, retry: RetryPolicy, timeout: Optional[float]):
         self.method, self.target = method, target
         self.deadline = Deadline(timeout)
+        self.policy = retry
         self._waits = retry.backoffs()
         self.attempt = 0
 
@@ -132,7 +147,7 @@ class UnaryAttempts:
     def wait_after(self, exc: grpc.RpcError) -> float:
         """Seconds to wait before the next attempt; raises the typed error when there is none."""
         error = from_rpc_error(exc, self.method, self.target, self.attempt)
-        wait = next(self._waits, None) if error.code in RETRYABLE else None
+        wait = retry_wait(error, self._waits, self.policy)
         if wait is None or not self.deadline.allows(wait):
             raise error from None
         return wait
@@ -205,6 +220,7 @@ class AddStream:
         self.replayable = isinstance(items, Sequence)
         self.deadline = Deadline(timeout)
         self.attempt = 0
+        self.policy = retry
         self._waits = retry.backoffs() if self.replayable else NO_RETRY.backoffs()
         self._start = 0  # first item not yet acknowledged
         self._base = 0  # the current stream's item 0 is items[_base]
@@ -225,7 +241,7 @@ class AddStream:
 
     def wait_before_retry(self, error) -> Optional[float]:
         """Seconds to wait before resuming after `error`, or None: raise it."""
-        wait = next(self._waits, None) if error.code in RETRYABLE else None
+        wait = retry_wait(error, self._waits, self.policy)
         if wait is None or not self.deadline.allows(wait) or (self.replayable and self._start >= len(self.items)):
             return None
         return wait

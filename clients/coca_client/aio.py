@@ -117,17 +117,24 @@ class AsyncClient(ClientBase):
     async def caption_stream(self, image: Optional[t.ImageInput] = None, *, video: Optional[t.ImageInput] = None,
                              id: str = "", frames: int = 0, sampling: Optional[t.Sampling] = None, timeout=_UNSET,
                              **settings) -> AsyncIterator[t.CaptionChunk]:
-        """As Client.caption_stream: CaptionChunks as the text grows; closing the iterator cancels the call."""
+        """As Client.caption_stream: CaptionChunks as the text grows; closing the iterator cancels the call;
+        retried until its first chunk."""
         request = t.caption_request(image, video, id, frames, sampling, settings)
-        call = self._stub.CaptionStream(request, timeout=self.timeout if timeout is _UNSET else timeout,
-                                        metadata=self._metadata)
-        try:
-            async for chunk in call:
-                yield t.CaptionChunk.from_pb(chunk)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "CaptionStream", self.target) from None
-        finally:
-            call.cancel()
+        attempts = self._attempts("CaptionStream", timeout)
+        while True:
+            call, chunks = self._stub.CaptionStream(request, timeout=attempts.timeout(), metadata=self._metadata), 0
+            try:
+                async for chunk in call:
+                    chunks += 1
+                    yield t.CaptionChunk.from_pb(chunk)
+                return
+            except grpc.RpcError as exc:
+                if chunks:
+                    raise from_rpc_error(exc, "CaptionStream", self.target) from None
+                wait = attempts.wait_after(exc)  # raises the typed error when it is not retried
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait)
 
     async def classify(self, labels: list[str], image: Optional[t.ImageInput] = None, *, id: str = "",
                        template: str = "", timeout=_UNSET) -> list[t.LabelScore]:

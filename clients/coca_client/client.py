@@ -30,7 +30,8 @@ class Client(ClientBase):
     target        HOST:PORT of the service
     timeout       default deadline of each call, in seconds (retries included); None = no deadline.
                   Streams (add) have no default deadline.
-    retry         RetryPolicy for UNAVAILABLE (the only status retried); NO_RETRY to fail fast
+    retry         RetryPolicy for UNAVAILABLE and shed calls (RESOURCE_EXHAUSTED with retry-after-ms, waited at
+                  least that long); NO_RETRY to fail fast
     token         bearer token (default: $COCA_SEARCH_TOKEN)
     tls_ca        CA certificate (PEM file or bytes) that signed the server's certificate; implies TLS
     tls           TLS with the system's roots
@@ -151,17 +152,24 @@ class Client(ClientBase):
                        **settings) -> Iterator[t.CaptionChunk]:
         """caption(), as the text is written: a CaptionChunk each time it grows (`piece`: the new text), the
         last one `done` with the Caption. Stop iterating early (close the iterator) to cancel: the server
-        frees its decoder sequence. Not retried (chunks already seen cannot be taken back)."""
+        frees its decoder sequence. Retried as a unary call (UNAVAILABLE, or shed) until its first chunk, never
+        after (chunks already seen cannot be taken back)."""
         request = t.caption_request(image, video, id, frames, sampling, settings)
-        call = self._stub.CaptionStream(request, timeout=self.timeout if timeout is _UNSET else timeout,
-                                        metadata=self._metadata)
-        try:
-            for chunk in call:
-                yield t.CaptionChunk.from_pb(chunk)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "CaptionStream", self.target) from None
-        finally:
-            call.cancel()  # a no-op when it finished
+        attempts = self._attempts("CaptionStream", timeout)
+        while True:
+            call, chunks = self._stub.CaptionStream(request, timeout=attempts.timeout(), metadata=self._metadata), 0
+            try:
+                for chunk in call:
+                    chunks += 1
+                    yield t.CaptionChunk.from_pb(chunk)
+                return
+            except grpc.RpcError as exc:
+                if chunks:
+                    raise from_rpc_error(exc, "CaptionStream", self.target) from None
+                wait = attempts.wait_after(exc)  # raises the typed error when it is not retried
+            finally:
+                call.cancel()  # a no-op when it finished
+            time.sleep(wait)
 
     def classify(self, labels: list[str], image: Optional[t.ImageInput] = None, *, id: str = "", template: str = "",
                  timeout=_UNSET) -> list[t.LabelScore]:

@@ -19,12 +19,13 @@ class SearchError(Exception):
     """A failed call to the search service."""
 
     def __init__(self, code: grpc.StatusCode, details: str, method: str = "", target: str = "",
-                 attempts: int = 1):
+                 attempts: int = 1, retry_after: Optional[float] = None):
         self.code = code
         self.details = details or ""
         self.method = method
         self.target = target
         self.attempts = attempts
+        self.retry_after = retry_after  # seconds, when the server shed the call and said when to ask again
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -63,7 +64,8 @@ class Unauthenticated(SearchError):
 
 
 class ResourceExhausted(SearchError):
-    """A message or image over the server's size limits, or the decoder at its sequence cap."""
+    """A message or image over the server's size limits, or the service shed the call (busy: then
+    `retry_after` says when to ask again, and the client has already retried within the deadline)."""
 
 
 class FailedPrecondition(SearchError):
@@ -125,7 +127,26 @@ def from_rpc_error(exc: grpc.RpcError, method: str = "", target: str = "", attem
     code: Optional[grpc.StatusCode] = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     code = code or grpc.StatusCode.UNKNOWN
-    return error_class(code)(code, details or "", method, target, attempts)
+    return error_class(code)(code, details or "", method, target, attempts, retry_after(exc))
+
+
+RETRY_AFTER_KEY = "retry-after-ms"  # the service's hint on a shed call (search_service/admission.py)
+
+
+def retry_after(exc: grpc.RpcError) -> Optional[float]:
+    """Seconds the server asked the caller to wait before asking again (trailing metadata retry-after-ms),
+    or None when it gave no hint (then RESOURCE_EXHAUSTED is final: e.g. a message over the size limit)."""
+    try:
+        trailing = exc.trailing_metadata() or ()
+    except Exception:  # an error that is no call (raised before one started)
+        return None
+    for key, value in trailing:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 def status_code(value: int) -> grpc.StatusCode:

@@ -35,16 +35,28 @@ function loadService(protoRoot = PROTO_ROOT) {
 }
 
 class SearchError extends Error {
-  constructor(method, target, error) {
+  constructor(method, target, error, attempts = 1) {
     const code = grpc.status[error.code] || String(error.code);
-    super(`${method} on ${target}: ${code}: ${error.details || error.message}`);
+    super(`${method} on ${target}: ${code}: ${error.details || error.message}` + (attempts > 1 ? ` (after ${attempts} attempts)` : ""));
     this.name = "SearchError";
     this.code = code;
     this.details = error.details;
+    this.attempts = attempts;
+    this.retryAfterMs = retryAfterMs(error);
   }
 }
 
-// Calls retried on UNAVAILABLE only, with exponential backoff and jitter, inside one deadline.
+// The service's hint on a call it shed (search_service/admission.py): trailing metadata retry-after-ms.
+// null without one: then RESOURCE_EXHAUSTED is final (a message over the size limit cannot be asked again).
+function retryAfterMs(error) {
+  if (error.code !== grpc.status.RESOURCE_EXHAUSTED || !error.metadata) return null;
+  const [value] = error.metadata.get("retry-after-ms");
+  const ms = value === undefined ? NaN : Number(String(value));
+  return Number.isFinite(ms) && ms >= 0 ? ms : null;
+}
+
+// Calls retried on UNAVAILABLE, and on a shed call after at least the server's hint (jittered upwards, so
+// the shed callers do not all come back at once), with exponential backoff and jitter, inside one deadline.
 function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoRoot } = {}) {
   const SearchService = loadService(protoRoot);
   const credentials = tlsCa ? grpc.credentials.createSsl(fs.readFileSync(tlsCa)) : grpc.credentials.createInsecure();
@@ -64,12 +76,14 @@ function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoR
         attempt += 1;
         stub[method](request, metadata, { deadline: new Date(end) }, (error, response) => {
           if (!error) return resolve(response);
-          const wait = Math.min(5000, backoff) * (0.5 + Math.random() / 2);
+          const hint = retryAfterMs(error);
+          const wait = Math.max(Math.min(5000, backoff) * (0.5 + Math.random() / 2), (hint || 0) * (1 + Math.random() / 2));
           backoff *= 2;
-          if (error.code === grpc.status.UNAVAILABLE && attempt < attempts && Date.now() + wait < end) {
+          const retryable = error.code === grpc.status.UNAVAILABLE || hint !== null;
+          if (retryable && attempt < attempts && Date.now() + wait < end) {
             setTimeout(tryOnce, wait);
           } else {
-            reject(new SearchError(method, target, error));
+            reject(new SearchError(method, target, error, attempt));
           }
         });
       };

@@ -108,3 +108,6 @@ class ResponseListener:
 
     def fail(self, message: str, code: str):
         self.sender.send(self.model.stream_error(message, code), flags=self.model.final)
+
+    def end(self):
+        self.sender.send(flags=self.model.final)  # no response, only the FINAL flag: the request is released

@@ -35,13 +35,18 @@ class Step:
 
 class Listener(Protocol):
     def cancelled(self) -> bool:
-        """Whether the caller gave up (then the caption leaves without another word)."""
+        """Whether the caller gave up (then the caption leaves, told only `end`)."""
 
     def step(self, step: Step) -> None:
         """One more token (the last call has step.done); raising drops the caption."""
 
     def fail(self, message: str, code: str) -> None:
         """The caption ended without a result (code: a TritonError name: INVALID_ARG, UNAVAILABLE, INTERNAL)."""
+
+    def end(self) -> None:
+        """The caption left without a last step or error (its caller gave up): close its stream. Each caption
+        ends with exactly one of a done step, fail, or end (python_backend: every decoupled request's
+        last response carries the FINAL flag, else the request is never released)."""
 
 
 @dataclass(eq=False)
@@ -139,7 +144,7 @@ class CaptionScheduler:
     def _drop_cancelled(self):
         for job in list(self._live):
             if job.listener.cancelled():
-                self._finish(job, None, "cancelled")
+                self._finish(job, _end, "cancelled")
 
     def _admit(self):
         """Start waiting captions, oldest first, while their rows are free (each alone: its cross-attention
@@ -150,7 +155,7 @@ class CaptionScheduler:
                     return
                 job = self._waiting.popleft()
             if job.listener.cancelled():
-                self.counts["cancelled"] += 1
+                self._finish(job, _end, "cancelled")
                 continue
             try:
                 [job.sequence] = self.decoder.start(job.embeddings, job.params)
@@ -176,7 +181,7 @@ class CaptionScheduler:
             result = sequence.result()
             step = Step(result.tokens, result.logprobs, sequence.done, rows)
         if not self._notify(job, lambda j: j.listener.step(step)):
-            self._finish(job, None, "cancelled")
+            self._finish(job, _end, "cancelled")  # (a step that could not be sent: the FINAL flag is still owed)
         elif sequence.done:
             self._finish(job, None, "finished")
 
@@ -203,3 +208,7 @@ class CaptionScheduler:
             self.log_error(f"caption listener failed: {type(exc).__name__}: {exc}")
             return False
 
+
+
+def _end(job: Job) -> None:
+    job.listener.end()

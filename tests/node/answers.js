@@ -43,7 +43,7 @@ async function main() {
       try {
         out.push(await answer(client, call));
       } catch (e) {
-        out.push({ error: e.message, code: e.code });
+        out.push({ error: e.message, code: e.code, attempts: e.attempts, retryAfterMs: e.retryAfterMs });
       }
     }
     console.log(JSON.stringify(out));

@@ -29,6 +29,13 @@ IDLE_S = 2.0  # Triton forgets a silent sequence after this; the model's TTL is 
 EXPIRY_INTERVAL_S = 0.25
 
 needs_triton = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+# The quick variant of a long test (e.g. 64 clients x 10 s beside x 60 s): make test runs it, make test-reliability
+# (-m "long or not short") runs only the long one, which checks everything the quick one does.
+short = pytest.mark.short
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "short: the quick variant of a long test; left out of make test-reliability")
 
 
 # ---------------------------------------------------------------- figures
@@ -87,6 +94,14 @@ def exported(tmp_path_factory):
     settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S)
     export_repository(model, repo, decoder=settings)
     return repo, model.logit_scale
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The in-process model Triton serves (the oracle of captions and embeddings)."""
+    import coca
+
+    return coca.load(MODEL, pretrained=PRETRAINED, seed=SEED)
 
 
 @pytest.fixture(scope="session")

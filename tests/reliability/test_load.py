@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
-from .conftest import RssSampler, needs_triton, unique_jpegs
+from .conftest import RssSampler, needs_triton, short, unique_jpegs
 
 pytestmark = needs_triton
 
 
-@pytest.mark.parametrize("clients,seconds", [pytest.param(4, 15, id="4x15s"),
+@pytest.mark.parametrize("clients,seconds", [pytest.param(4, 15, id="4x15s", marks=short),
                                              pytest.param(16, 120, id="16x120s", marks=pytest.mark.long)])
 def test_mixed_load_holds(clients, seconds, shared_service, live_triton, figures):
     from search_service.testing import WireClient

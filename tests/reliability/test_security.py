@@ -136,3 +136,23 @@ def test_the_token_guards_every_method(tmp_path, live_triton, exported, figures)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert health.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
     figures.record("security", token_refusals=refused, methods_guarded=len(service.methods))
+
+
+def test_the_token_guards_the_streaming_methods_without_triton(tmp_path):
+    """The streaming methods (AddImages, CaptionStream) refused for the token answer UNAUTHENTICATED, as unary
+    ones do. Before, with a token configured, the metrics interceptor iterated the refusal (a coroutine, not an
+    async generator): UNKNOWN "'async for' requires an object with __aiter__ method". No Triton needed: the
+    token is checked before anything else (here Triton's address answers nothing)."""
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess, WireClient
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    with ServiceProcess(tmp_path / "data", "127.0.0.1:1", "--token-file", str(token)) as process, \
+            WireClient(process.address, token="wrong", timeout=30) as client:
+        for call in (lambda: list(client.add_images(iter([pb.AddImageRequest(image=b"x")]))),
+                     lambda: list(client.stub.CaptionStream(pb.CaptionRequest(image=b"x"), metadata=client.metadata,
+                                                            timeout=30))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in info.value.details()

@@ -10,16 +10,18 @@ client, both measured in the same run just before the 64 (the machine is shared:
 side by side mean anything)."""
 from __future__ import annotations
 
+import multiprocessing
 import random
 import threading
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 
-from .conftest import RssSampler, needs_triton, service_args, unique_jpegs
+from .conftest import RssSampler, needs_triton, service_args, short, unique_jpegs
 
 pytestmark = needs_triton
 
@@ -31,6 +33,12 @@ ANSWER_WITHIN_S = 1.0
 # within 1 s (asserted in both runs) is what tells shedding from a pile-up.
 P99_FACTOR = 4.0
 BACKOFF_S = (0.05, 0.15)  # a refused client waits this long (uniform) before it asks again
+# The clients run in worker processes of at most this many threads. 64 threads behind the test process's one
+# GIL keep each other waiting: a thread whose answer has arrived waits for its turn at the GIL, and that time
+# was measured as the service's (the long run saw a 1.45 s answer; measured since, the service's own histogram
+# holds no admitted search over 0.5 s while the clients' slowest answer was 0.4-0.5 s).
+THREADS_PER_PROCESS = 8
+CONTRAST_S = 10  # the unbounded service beside it: figures only, the same in 10 s as in 60
 RSS_GROWTH_MB = 64  # after the first quarter of the run
 
 
@@ -56,8 +64,34 @@ class Tally:
 
 
 def search_loop(address: str, clients: int, seconds: float, tag: str) -> Tally:
-    """`clients` threads, each its own channel, searching texts nobody searched before (each one a Triton
-    text-encoder call) for `seconds`; a refused client backs off BACKOFF_S before its next call."""
+    """`clients` clients, each its own channel, searching texts nobody searched before (each one a Triton
+    text-encoder call) for `seconds`; a refused client backs off BACKOFF_S before its next call. More than
+    THREADS_PER_PROCESS clients run in worker processes of that many threads each, started (imports done)
+    before any of them begins."""
+    if clients <= THREADS_PER_PROCESS:
+        return search_threads(address, range(clients), seconds, tag)
+    groups = [range(first, min(first + THREADS_PER_PROCESS, clients)) for first in range(0, clients, THREADS_PER_PROCESS)]
+    tally = Tally()
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Manager() as manager, ProcessPoolExecutor(len(groups), mp_context=spawn) as pool:
+        ready = manager.Barrier(len(groups))  # every worker imported: then all begin together
+        parts = [pool.submit(search_answers, address, group, seconds, tag, ready) for group in groups]
+        for part in parts:
+            for answer_s, code in part.result(timeout=seconds + 300):
+                tally.add(answer_s, grpc.StatusCode[code])
+    return tally
+
+
+def search_answers(address: str, numbers: range, seconds: float, tag: str, ready) -> list[tuple[float, str]]:
+    """search_threads in a worker process, once every worker is ready: its answers as (seconds, code name)."""
+    import search_service.testing  # noqa: F401  (what the clients import, before the common start)
+
+    ready.wait(timeout=240)
+    return [(answer_s, code.name) for answer_s, code in search_threads(address, numbers, seconds, tag).answers]
+
+
+def search_threads(address: str, numbers: range, seconds: float, tag: str) -> Tally:
+    """Clients `numbers`, a thread each, for `seconds`."""
     tally = Tally()
     deadline = time.monotonic() + seconds
 
@@ -79,7 +113,7 @@ def search_loop(address: str, clients: int, seconds: float, tag: str) -> Tally:
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     time.sleep(rng.uniform(*BACKOFF_S))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in numbers]
     for t in threads:
         t.start()
     for t in threads:
@@ -103,7 +137,8 @@ def p99_ms(values: np.ndarray) -> float:
     return round(float(np.percentile(values, 99)) * 1000, 1)
 
 
-@pytest.mark.parametrize("seconds", [pytest.param(10, id="64x10s"), pytest.param(60, id="64x60s", marks=pytest.mark.long)])
+@pytest.mark.parametrize("seconds", [pytest.param(10, id="64x10s", marks=short),
+                                     pytest.param(60, id="64x60s", marks=pytest.mark.long)])
 def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exported, figures):
     from search_service.pb import search_pb2 as pb
     from search_service.testing import ServiceProcess, WireClient
@@ -111,7 +146,8 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
     images = unique_jpegs(9100, 64)
     results = {}
     for bound in (LIMIT, 0):  # 0: no bound (the contrast)
-        args = service_args(exported, "--max-inflight-search", str(bound), "--metrics-port", "0")
+        # refused at once past the bound (--max-queue-wait 0): the contract measured here is shedding's
+        args = service_args(exported, "--max-inflight-search", str(bound), "--max-queue-wait", "0", "--metrics-port", "0")
         with ServiceProcess(tmp_path / f"data-{bound}", live_triton.grpc_url, *args) as service:
             with WireClient(service.address, timeout=120) as client:
                 assert len(list(client.add_images(pb.AddImageRequest(image=i) for i in images))) == len(images)
@@ -128,27 +164,28 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
 
             watcher = threading.Thread(target=watch_inflight)
             watcher.start()
-            with RssSampler(lambda: [service.proc.pid], interval=0.25) as rss:
-                overloaded = search_loop(service.address, CLIENTS, seconds, f"{CLIENTS} clients bound {bound}")
+            with RssSampler(lambda: [service.proc.pid], interval=0.25) as rss:  # the contrast (figures only): 10 s
+                overloaded = search_loop(service.address, CLIENTS, seconds if bound else min(seconds, CONTRAST_S),
+                                         f"{CLIENTS} clients bound {bound}")
             watching.set()
             watcher.join()
             shed = metric(service.metrics_url, "coca_search_shed_total", bound="search")
-            results[bound] = (overloaded, rss, peak[0], shed)
+            # the service's own time for the admitted searches: tells a slow service from slow client threads
+            served_within = {le: metric(service.metrics_url, "coca_search_request_duration_seconds_bucket",
+                                        method="SearchText", code="OK", le=le) for le in ("0.5", "1.0", "+Inf")}
+            results[bound] = (overloaded, rss, peak[0], shed, served_within)
 
-    overloaded, rss, peak, shed = results[LIMIT]
+    overloaded, rss, peak, shed, served_within = results[LIMIT]
     OK, SHED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
     codes = overloaded.codes()
     admitted, refused = overloaded.seconds(OK), overloaded.seconds(SHED)
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert refused.size > 0 and admitted.size > 0, codes
     slowest = max(s for s, _ in overloaded.answers)
-    assert slowest <= ANSWER_WITHIN_S, f"an answer took {slowest:.2f} s"
-    assert 1 <= peak <= LIMIT and shed == refused.size  # the service's own count agrees with the clients'
-    assert set(one.codes()) == set(at_bound.codes()) == {"OK"}  # not overloaded: nothing refused
+    slowest_code = max(overloaded.answers, key=lambda answer: answer[0])[1].name
     p99_one, p99_bound, p99_admitted = p99_ms(one.seconds(OK)), p99_ms(at_bound.seconds(OK)), p99_ms(admitted)
     mb = np.array(rss.values()) / 2**20
     quarter = mb[: max(1, len(mb) // 4)]
-    assert mb.max() - quarter.max() < RSS_GROWTH_MB, f"service RSS grew from {quarter.max():.0f} to {mb.max():.0f} MB"
 
     unbounded = results[0][0]
     all_unbounded = np.array([s for s, _ in unbounded.answers])
@@ -156,16 +193,107 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
         f"load shedding: {CLIENTS} clients x {seconds} s, --max-inflight-search {LIMIT}",
         answers=len(overloaded.answers), ok=int(admitted.size), resource_exhausted=int(refused.size),
         other_codes=sum(n for c, n in codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")),
-        slowest_answer_ms=round(slowest * 1000, 1), refusal_p99_ms=p99_ms(refused),
+        slowest_answer_ms=f"{slowest * 1000:.1f} ({slowest_code})", refusal_p99_ms=p99_ms(refused),
         admitted_p50_p99_ms=f"{np.percentile(admitted, 50) * 1000:.0f} / {p99_admitted:.0f}",
         p99_one_client_ms=p99_one, p99_8_clients_ms=p99_bound,
         admitted_p99_over_8_clients=round(p99_admitted / p99_bound, 2),
         admitted_p99_over_one_client=round(p99_admitted / p99_one, 2),
         peak_inflight_seen=int(peak), admitted_per_s=round(admitted.size / seconds, 1),
+        service_admitted_over_0_5_1_0_s=f"{served_within['+Inf'] - served_within['0.5']:.0f} / "
+                                        f"{served_within['+Inf'] - served_within['1.0']:.0f}",
         service_rss_mb_min_max=f"{mb.min():.0f} / {mb.max():.0f}",
         unbounded_answers=len(unbounded.answers), unbounded_codes=str(unbounded.codes()),
         unbounded_p50_p99_ms=f"{np.percentile(all_unbounded, 50) * 1000:.0f} / {p99_ms(all_unbounded):.0f}",
         unbounded_slowest_ms=round(float(all_unbounded.max()) * 1000, 1),
         unbounded_peak_inflight=int(results[0][2]))
+    assert slowest <= ANSWER_WITHIN_S, f"an answer ({slowest_code}) took {slowest:.2f} s"
+    assert 1 <= peak <= LIMIT and shed == refused.size  # the service's own count agrees with the clients'
+    assert set(one.codes()) == set(at_bound.codes()) == {"OK"}  # not overloaded: nothing refused
+    assert mb.max() - quarter.max() < RSS_GROWTH_MB, f"service RSS grew from {quarter.max():.0f} to {mb.max():.0f} MB"
     if seconds >= 60:  # the short run's p99 is a handful of answers, and its 64 client threads share 2 cores
         assert p99_admitted <= P99_FACTOR * p99_bound, (p99_admitted, p99_bound)
+
+
+def caption_all(address: str, images: list[bytes], client_factory) -> tuple[list, float]:
+    """Every image captioned at once, one thread (and channel) each, all released together; the answers
+    (text, or the RpcError/SearchError) in image order, and the slowest call's seconds."""
+    answers: list = [None] * len(images)
+    seconds = [0.0] * len(images)
+    start = threading.Barrier(len(images))
+
+    def one(i: int):
+        with client_factory(address) as client:
+            start.wait()
+            started = time.perf_counter()
+            try:
+                answers[i] = client.caption(images[i]).text
+            except Exception as exc:  # noqa: BLE001 - kept and asserted on below
+                answers[i] = exc
+            seconds[i] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return answers, max(seconds)
+
+
+def wait_for_metric(url: str, name: str, value: float, timeout: float = 30.0, **labels) -> float:
+    end = time.monotonic() + timeout
+    while (seen := metric(url, name, **labels)) != value and time.monotonic() < end:
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def default_service(tmp_path_factory, triton, exported):
+    """A service at its admission defaults (caption bounds from the decoder's capacity), shared by the
+    designed-load tests."""
+    from search_service.testing import ServiceProcess
+
+    args = service_args(exported, "--metrics-port", "0")
+    with ServiceProcess(tmp_path_factory.mktemp("default-admission"), triton.grpc_url, *args) as service:
+        yield service
+
+
+@pytest.mark.parametrize("concurrent", [16, 32])
+def test_the_designed_caption_load_is_admitted_at_defaults(concurrent, live_triton, default_service, reference, figures):
+    """16 (the decoder's designed batch) and 32 concurrent captions against the service at its defaults, by
+    clients that never retry: every one answers, equal to the in-process caption. The caption bound is the
+    decoder's capacity as Triton serves it (conftest's CAPACITY, not the template's 64). Old defaults: 8
+    caption requests in flight, the 9th refused at once."""
+    from search_service.testing import WireClient
+
+    from .conftest import CAPACITY
+
+    seen = wait_for_metric(default_service.metrics_url, "coca_search_inflight_limit", CAPACITY, **{"class": "caption"})
+    assert seen == CAPACITY and metric(default_service.metrics_url, "coca_search_inflight_limit",
+                                       **{"class": "caption_sequences"}) == CAPACITY
+    images = unique_jpegs(9300 + concurrent, concurrent)
+    answers, slowest = caption_all(default_service.address, images, WireClient)
+    expected = [c.text for c in reference.caption(images)]
+    assert answers == expected, [a for a in answers if not isinstance(a, str)][:3]
+    figures.record("designed load at the admission defaults", **{
+        f"captions_answered_of_{concurrent}": sum(isinstance(a, str) for a in answers),
+        f"slowest_of_{concurrent}_s": round(slowest, 2), "caption_bound": int(seen)})
+
+
+def test_shed_captions_are_retried_by_the_client_on_the_servers_hint(tmp_path, live_triton, exported, reference,
+                                                                     figures):
+    """A small caption bound refusing at once (--max-queue-wait 0): the service sheds (its metrics count it),
+    and coca_client's captions, retried on the retry-after-ms hint, all answer with the in-process caption.
+    (Old client: ResourceExhausted raised at the first refusal.)"""
+    from clients.coca_client import Client, RetryPolicy
+    from search_service.testing import ServiceProcess
+
+    args = service_args(exported, "--max-inflight-caption", "2", "--max-queue-wait", "0", "--metrics-port", "0")
+    images = unique_jpegs(9400, 12)
+    with ServiceProcess(tmp_path / "data", live_triton.grpc_url, *args) as service:
+        answers, slowest = caption_all(service.address, images,
+                                       lambda address: Client(address, timeout=120, retry=RetryPolicy(attempts=50)))
+        shed = metric(service.metrics_url, "coca_search_shed_total", bound="caption")
+    assert answers == [c.text for c in reference.caption(images)], [a for a in answers if not isinstance(a, str)][:3]
+    assert shed > 0
+    figures.record("client retries on the hint", captions=len(images), shed_then_retried=int(shed),
+                   slowest_s=round(slowest, 2))

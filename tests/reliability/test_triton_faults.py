@@ -27,6 +27,21 @@ def kill_triton(server) -> None:
     server.stop(grace=1)
 
 
+async def answering(triton, timeout: float = 60.0) -> None:
+    """Until `triton` (a TritonCoca) answers again."""
+    from serving.errors import TritonUnavailableError
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            await triton.identity()
+            return
+        except TritonUnavailableError:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.25)
+
+
 def wait_for(predicate, timeout: float):
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -116,35 +131,54 @@ def test_triton_killed_mid_ingest(shared_service, live_triton, figures):
 
 
 @pytest.mark.long
-def test_a_caption_sequence_cut_by_a_triton_restart_fails_cleanly(shared_service, live_triton, figures):
-    from coca.errors import InvalidInputError
+def test_a_caption_sequence_cut_by_a_triton_restart_fails_cleanly(shared_service, live_triton, reference, figures):
+    """A decoder sequence cut by a Triton restart: a step while Triton is down is UNAVAILABLE; after the
+    restart the new server does not know the sequence, which the client names (SequenceLostError, not a
+    bad request). A greedy caption cut there starts again once and finishes equal to the in-process caption,
+    each step handed out once; a sampled one without a seed cannot be resumed: SequenceLostError. The service
+    captions again once Triton is back."""
     from coca.sampling import SamplingParams
     from serving.client import TritonCoca, _start_inputs
-    from serving.errors import TritonUnavailableError
+    from serving.errors import SequenceLostError, TritonUnavailableError
     from serving.protocol import STEP_OUTPUTS, TEXT_DECODER
 
     server = live_triton
+    image = unique_jpegs(5, 1)[0]
+    greedy, sampled = SamplingParams(max_tokens=20, min_tokens=20), SamplingParams(max_tokens=20, min_tokens=20,
+                                                                                  temperature=0.8)
+    expected = reference.caption([image], greedy)[0].tokens
 
-    async def started():
+    async def cut_captions():
         async with TritonCoca(server.grpc_url) as t:
-            embeddings = (await t.image_embeddings(unique_jpegs(5, 1)))[0]
-            await t._infer(TEXT_DECODER, _start_inputs(embeddings, SamplingParams(max_tokens=20)), STEP_OUTPUTS,
+            embeddings = (await t.image_embeddings([image]))[0]
+            await t._infer(TEXT_DECODER, _start_inputs(embeddings, greedy), STEP_OUTPUTS,
                            sequence_id=424242, sequence_start=True)
+            captions = {name: t.generate_steps(embeddings, params) for name, params in (("greedy", greedy),
+                                                                                         ("sampled", sampled))}
+            before = {name: [list((await anext(steps)).tokens) for _ in range(3)] for name, steps in captions.items()}
+            kill_triton(server)
+            with pytest.raises(TritonUnavailableError, match="cannot reach Triton"):
+                await t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=424242)
+            server.start()
+            await answering(t)  # the channel reconnects (after its backoff from the refused connections)
+            with pytest.raises(SequenceLostError, match="START"):  # the new server never saw the sequence
+                await t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=424242)
+            after = [list(g.tokens) async for g in captions["greedy"]]
+            with pytest.raises(SequenceLostError, match="could not be finished"):
+                async for _ in captions["sampled"]:
+                    pass
+            return before["greedy"], after
 
-    async def step():
-        async with TritonCoca(server.grpc_url) as t:
-            await t._infer(TEXT_DECODER, [], STEP_OUTPUTS, sequence_id=424242)
-
-    asyncio.run(started())
-    kill_triton(server)
-    with pytest.raises(TritonUnavailableError, match="cannot reach Triton"):
-        asyncio.run(step())
-    server.start()
-    with pytest.raises(InvalidInputError, match="START"):  # the new server never saw the sequence
-        asyncio.run(step())
+    before, after = asyncio.run(cut_captions())
+    steps = before + after
+    assert steps[-1] == expected  # finished after the restart, equal to the in-process caption
+    lengths = [len(tokens) for tokens in steps]  # each step handed out once, in order, a prefix of the caption
+    assert lengths == sorted(set(lengths)) and all(tokens == expected[:len(tokens)] for tokens in steps), steps
     from search_service.testing import WireClient
 
     with WireClient(shared_service.address, timeout=60) as client:
         wait_for(lambda: client.caption(image=unique_jpegs(6, 1)[0], max_tokens=8).tokens, 60)
     figures.record("triton faults: caption sequence cut by a restart", step_while_down="UNAVAILABLE",
-                   step_after_restart="INVALID_ARGUMENT (no START)", captions_after_restart="ok")
+                   step_after_restart="SequenceLostError (UNAVAILABLE through the service)",
+                   greedy_caption_after_restart="restarted once, equal to in-process",
+                   sampled_caption_after_restart="SequenceLostError", captions_after_restart="ok")
