@@ -19,7 +19,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -330,13 +330,18 @@ def config_from_args(args) -> ServiceConfig:
     )
 
 
-async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None) -> None:
-    """Serve until `stop` is set or SIGTERM/SIGINT arrives."""
+async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None,
+              on_serving: Optional[Callable[["RunningServer"], None]] = None) -> None:
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives. `on_serving(running)` runs once the port is bound
+    (config.port 0: the kernel's pick, in running.port) and before the ready line: what depends on the
+    address (a web gallery in front) starts there and can print its own address first."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start(config, progress=sys.stderr.isatty())
+    if on_serving is not None:
+        on_serving(running)
     if config.bearer_token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plain TCP on %s can be read on the network: add --tls-cert/--tls-key", config.host)
     store = (f"Milvus {config.milvus.uri} collection {config.milvus.collection}" if config.vector_store == "milvus"
