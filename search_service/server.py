@@ -19,7 +19,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -45,6 +45,7 @@ log = logging.getLogger("search_service")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 HEALTH_POLL_S = 2.0
+HEALTH_CHECK_TTL_S = 1.0  # a health Check's answer is at most this old (plus one refresh)
 OPEN_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")  # probes need no token
 
 
@@ -175,16 +176,37 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([pair])
 
 
+class SharedAnswer:
+    """`ask()` (a coroutine function) asked once for many callers: one question in flight, its answer reused
+    for `ttl_s` seconds after it came."""
+
+    def __init__(self, ask: Callable[[], Awaitable], ttl_s: float):
+        self.ask, self.ttl_s = ask, ttl_s
+        self.asked = 0  # questions actually asked (what tests count)
+        self._task: Optional[asyncio.Future] = None
+        self._answered_at = float("-inf")
+
+    async def __call__(self):
+        loop = asyncio.get_running_loop()
+        if self._task is None or (self._task.done() and loop.time() - self._answered_at >= self.ttl_s):
+            self.asked += 1
+            self._task = asyncio.ensure_future(self.ask())
+            self._task.add_done_callback(lambda _: setattr(self, "_answered_at", loop.time()))
+        return await asyncio.shield(self._task)  # a caller that gives up does not cancel the others' answer
+
+
 class LiveHealth(health.aio.HealthServicer):
     """Health that follows Triton and the store: SERVING while Triton answers with the store's model
-    and weights and the store can be reached, NOT_SERVING otherwise. A Check asks then and there
-    (Triton within TRITON_CHECK_S; concurrent probes share one question); Watch streams the changes
-    the poller sees every HEALTH_POLL_S."""
+    and weights and the store can be reached, NOT_SERVING otherwise. Check is unauthenticated, so it never
+    costs a Triton question and a store RPC each: Checks share one refresh in flight and reuse its answer
+    for HEALTH_CHECK_TTL_S (Triton within TRITON_CHECK_S). Watch streams the changes the poller sees every
+    HEALTH_POLL_S."""
 
     def __init__(self, servicer: SearchServicer):
         super().__init__()
         self.servicer = servicer
         self._last: Optional[int] = None
+        self.checked = SharedAnswer(self.refresh, HEALTH_CHECK_TTL_S)
 
     async def refresh(self) -> None:
         problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
@@ -198,7 +220,7 @@ class LiveHealth(health.aio.HealthServicer):
         await _set_endpoint_health(self.servicer.models, self)
 
     async def Check(self, request, context):
-        await self.refresh()
+        await self.checked()
         return await super().Check(request, context)
 
 
