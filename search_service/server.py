@@ -45,6 +45,10 @@ log = logging.getLogger("search_service")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 HEALTH_POLL_S = 2.0
+# What a client may send on a stream ahead of what the service has read: HTTP/2 windows of 4 MiB, with gRPC's BDP
+# probing off (it grows them without bound: 8 AddImages streams of 30 MiB images held ~800 MiB more in gRPC's
+# buffers than what the intake budget admitted).
+STREAM_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
 HEALTH_CHECK_TTL_S = 1.0  # a health Check's answer is at most this old (plus one refresh)
 OPEN_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")  # probes need no token
 
@@ -116,6 +120,7 @@ class RunningServer:
     async def stop(self, grace: float = 5.0) -> None:
         self._watch.cancel()
         self._retry.cancel()
+        self.health.servicer.duplicate_scans.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._retry
         await self.health.enter_graceful_shutdown()
@@ -143,7 +148,7 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     for name in ("", SERVICE_NAME):  # until Triton has said what it serves
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes)]
+               ("grpc.max_send_message_length", config.max_message_bytes), *STREAM_WINDOW]
     # outermost first: every call is recorded (refusals too); only authenticated calls take a slot
     interceptors = [RecordMetrics(metrics), *([BearerTokenAuth(config.bearer_token)] if config.bearer_token else []),
                     ShedLoad(admission, by_token=bool(config.bearer_token)), ParseRequests()]
@@ -256,6 +261,11 @@ def parse_args(argv) -> argparse.Namespace:
     add_operator_arguments(p)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--max-duplicate-scan", type=int, default=ServiceConfig.max_duplicate_scan, metavar="N",
+                   help="items one FindDuplicates scan reads; a larger collection is refused (default %(default)s)")
+    p.add_argument("--intake-mb", type=int, default=ServiceConfig.intake_bytes >> 20, metavar="MB",
+                   help="AddImages items held at once, all streams together; a stream beyond it is not read on "
+                        "until there is room (backpressure, not an error; default %(default)s)")
     p.add_argument("--text-cache-size", type=int, default=ServiceConfig.text_cache_size,
                    help="recent query-text embeddings kept (LRU; 0 = none; Stats reports hits/misses)")
     p.add_argument("--caption-workers", type=int, default=ServiceConfig.caption_workers,
@@ -346,7 +356,8 @@ def config_from_args(args) -> ServiceConfig:
     return ServiceConfig(
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
         allowed_roots=[Path(r) for r in args.root], **store_settings(args), **operator_settings(args),
-        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20, caption_workers=args.caption_workers,
+        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
+        intake_bytes=args.intake_mb << 20, max_duplicate_scan=args.max_duplicate_scan, caption_workers=args.caption_workers,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
         bearer_token=token, text_cache_size=max(0, args.text_cache_size),
     )
