@@ -390,7 +390,21 @@ async def run(config: ServiceConfig, stop: Optional[asyncio.Event] = None,
         print("search service stopped", flush=True)
 
 
+def _map_large_buffers(threshold: int = 1 << 20) -> None:
+    """Images (up to 32 MiB each) in their own mmapped memory, returned to the system when freed. glibc otherwise
+    raises its mmap threshold to the largest block freed (up to 32 MiB), after which image buffers come from
+    per-thread heaps that keep freed memory: peak RSS under 8 AddImages streams of 30 MiB images was then
+    ~1.4x higher and varied from run to run."""
+    import ctypes
+    import ctypes.util
+
+    M_MMAP_THRESHOLD = -3
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+
+
 def main(argv=None) -> int:
+    _map_large_buffers()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
