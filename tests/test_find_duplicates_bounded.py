@@ -66,7 +66,7 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
 
     with running_triton(tiny_repository[0]) as (grpc_url, _, _), \
             ServiceProcess(tmp_path / "data", grpc_url, "--accept-embeddings",
-                           "--max-duplicate-scan", str(ITEMS)) as service, \
+                           "--max-duplicate-scan", str(ITEMS + 1)) as service, \
             WireClient(service.address, timeout=120) as client:
         list(client.add_images([pb.AddImageRequest(image=tiny_png(1 << 23))]))  # binds the store to the model
         stats = client.stats()
