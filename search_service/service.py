@@ -255,18 +255,17 @@ class StreamHold:
         else:
             self.by_index[index] = reserved + await self.budget.acquire(size - reserved)
 
-    def settle_nothing(self, index: int) -> None:
+    def give_back(self, index: int) -> None:
         self.budget.release(self.by_index.pop(index, 0))
 
     def release_batch(self, done: asyncio.Task) -> None:
-        indexes = [r.index for r in done.result()] if not done.cancelled() and done.exception() is None else []
-        for index in indexes:
-            self.budget.release(self.by_index.pop(index, 0))
+        if not done.cancelled() and done.exception() is None:
+            for result in done.result():
+                self.give_back(result.index)
 
     def release_all(self) -> None:
-        for size in self.by_index.values():
-            self.budget.release(size)
-        self.by_index.clear()
+        for index in list(self.by_index):
+            self.give_back(index)
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
@@ -920,7 +919,7 @@ async def _read_stream(request_iterator, queue: asyncio.Queue, hold: "StreamHold
             try:
                 request = await requests.__anext__()
             except StopAsyncIteration:
-                hold.settle_nothing(index)  # the stream ended: its last reservation goes back at once
+                hold.give_back(index)  # the stream ended: its last reservation goes back at once
                 break
             await hold.settle(index, size_of(request))
             await queue.put((index, request))
