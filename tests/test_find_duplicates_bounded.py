@@ -39,10 +39,12 @@ def planted_vectors(dim: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def oracle_groups(ids: list[str], vectors: np.ndarray, threshold: float = THRESHOLD) -> list[list[str]]:
-    """Brute force: every item's NEIGHBORS nearest others scoring >= threshold join groups (union-find)."""
+def oracle_groups(ids: list[str], vectors: np.ndarray, threshold: float = THRESHOLD,
+                  neighbors: int = NEIGHBORS) -> list[list[str]]:
+    """Brute force: every item's `neighbors` nearest others scoring >= threshold join groups (union-find)."""
     scores = vectors @ vectors.T
     np.fill_diagonal(scores, -np.inf)
+    nearest = np.argpartition(-scores, neighbors - 1, axis=1)[:, :neighbors]
     parent = list(range(len(ids)))
 
     def root(x):
@@ -51,7 +53,7 @@ def oracle_groups(ids: list[str], vectors: np.ndarray, threshold: float = THRESH
         return x
 
     for i in range(len(ids)):
-        for j in np.argsort(-scores[i])[:NEIGHBORS]:
+        for j in nearest[i]:
             if scores[i, j] >= threshold:
                 parent[root(i)] = root(j)
     members: dict[int, list[str]] = {}
@@ -80,11 +82,11 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
         assert len(expected) >= CLUSTERS
 
         # Exact: equal to the brute-force grouping (the warm-up item's random vector joins nothing).
-        def all_groups(threshold=THRESHOLD, timeout=300):
+        def all_groups(threshold=THRESHOLD, neighbors=NEIGHBORS, timeout=300):
             groups, token = [], ""
             while True:
                 page = client.stub.FindDuplicates(pb.FindDuplicatesRequest(
-                    threshold=threshold, neighbors=NEIGHBORS, page_size=25, page_token=token), timeout=timeout)
+                    threshold=threshold, neighbors=neighbors, page_size=25, page_token=token), timeout=timeout)
                 groups += [sorted(g.ids) for g in page.groups]
                 token = page.next_page_token
                 if not token:
@@ -95,13 +97,14 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
         scan_s = time.monotonic() - started
         assert sorted(groups) == expected and total == len(expected)
 
-        # 6 scans at once, each its own question (nothing cached helps): Get keeps answering (each Get takes a
-        # thread of the shared pool, which the old code's scans held, one each, for their whole duration).
+        # 6 scans at once, each its own question (nothing cached helps), 100 neighbors each: Get keeps answering
+        # (each Get takes a thread of the shared pool, which the old code's scans held, one each, for their whole
+        # duration, 101 index hits per item).
         thresholds = [0.875, 0.890625, 0.90625, 0.921875, 0.9375, 0.953125]  # exact in float32
         scans_done = {}
 
         def scan(threshold):
-            scans_done[threshold] = all_groups(threshold)[0]
+            scans_done[threshold] = all_groups(threshold, neighbors=100)[0]
 
         scanners = [threading.Thread(target=scan, args=(t,)) for t in thresholds]
         for t in scanners:
@@ -117,11 +120,11 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
             t.join()
         assert sorted(scans_done) == thresholds
         for threshold, got in scans_done.items():
-            assert sorted(got) == oracle_groups(ids, vectors, threshold), threshold
+            assert sorted(got) == oracle_groups(ids, vectors, threshold, neighbors=100), threshold
         worst = max(latencies) if latencies else 0.0
         print(f"one scan of {ITEMS + 1} items: {scan_s:.2f} s; during 6 scans: {len(latencies)} Gets, "
               f"p50 {np.median(latencies) * 1000:.0f} ms, max {worst * 1000:.0f} ms")
-        assert latencies and worst < 1.0
+        assert latencies and worst < 0.5  # the old code: max 1,047 ms here (6,001 items), growing with the store
 
         # The deadline: a scan that cannot finish in time answers DEADLINE_EXCEEDED (at the next block).
         with pytest.raises(grpc.RpcError) as late:
