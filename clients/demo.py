@@ -23,7 +23,6 @@ from typing import Optional
 from clients.coca_client import SearchError
 from coca.errors import UnknownModelError, WeightsUnavailableError
 from search_service import ServiceChild
-from serving.launcher import pick_free_ports
 from serving.supervisor import ProcessError
 
 BANNER = """
@@ -139,10 +138,6 @@ class ServeProcess(ServiceChild):
         super().stop(grace)
 
 
-def _free_port() -> int:
-    return pick_free_ports(1)[0]
-
-
 def run_demo(args) -> int:
     out = Path(args.out).resolve()
     photos = sample_photos(out / "photos")
@@ -151,11 +146,12 @@ def run_demo(args) -> int:
     data, pretrained = export_model(out, args.model, args.pretrained, args.seed, args.dtype)
     print(f"== model repository {data / 'model_repository'} ({args.model}, {pretrained}; "
           f"{time.monotonic() - started:.0f} s)", flush=True)
-    port = args.port or _free_port()
+    # Port 0: `coca serve` binds what the kernel gives and says where in its ready lines (a port picked here
+    # and bound there can be taken meanwhile: CI saw Triton take it).
     command = [sys.executable, "-m", "clients.cli", "serve", "--model", args.model, "--pretrained", pretrained,
-               "--seed", str(args.seed), "--dtype", args.dtype, "--data", str(data), "--port", str(port)]
+               "--seed", str(args.seed), "--dtype", args.dtype, "--data", str(data), "--port", str(args.port)]
     if args.serve:
-        command += ["--web", str(args.web or _free_port())]
+        command += ["--web", str(args.web)]
     print("== starting tritonserver and the search service (`coca serve`) ...", flush=True)
     started = time.monotonic()
     server = ServeProcess(command, data / "serve.log")

@@ -66,12 +66,14 @@ def rpc_error_message(exc) -> str:
 # ---------------------------------------------------------------- serve
 def configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/search", help="data directory (default %(default)s)")
-    p.add_argument("--port", type=int, default=50051, help="search service port on 127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="search service port on 127.0.0.1 (0: a free one; "
+                   "the ready line says which)")
     p.add_argument("--triton-port", type=int, default=None, help="Triton gRPC port (default: a free one)")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow server-side paths under DIR in AddImages (repeatable)")
     p.add_argument("--web", type=int, default=None, metavar="PORT",
-                   help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web)")
+                   help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web; 0: a free one, "
+                        "printed as 'web gallery on URL')")
     from search_service import add_operator_arguments, add_store_arguments
 
     add_store_arguments(p)
@@ -103,11 +105,13 @@ def serve(args) -> int:
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
                                allowed_roots=[Path(r) for r in args.root], **store_settings(args),
                                **operator_settings(args), logit_scale=logit_scale)
-        gallery = _start_web(args) if args.web is not None else None
+        galleries = []
+        on_serving = (lambda running: galleries.append(_start_web(args.web, running.address))) \
+            if args.web is not None else None
         try:
-            asyncio.run(run(config))
+            asyncio.run(run(config, on_serving=on_serving))
         finally:
-            if gallery is not None:
+            for gallery in galleries:
                 gallery.stop()
     except KeyboardInterrupt:
         pass
@@ -117,14 +121,12 @@ def serve(args) -> int:
     return 0
 
 
-def _start_web(args):
+def _start_web(port: int, service_address: str):
     """The web gallery (clients/web) in a thread, talking to this service over gRPC like any client."""
     from clients.coca_client import Client
     from clients.web.server import start_gallery
 
-    if not args.port:
-        raise InvalidInputError("--web needs a fixed --port for the search service")
-    gallery = start_gallery(args.web, Client(f"127.0.0.1:{args.port}", timeout=300))
+    gallery = start_gallery(port, Client(service_address, timeout=300))
     print(f"web gallery on {gallery.url}", flush=True)
     return gallery
 

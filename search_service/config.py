@@ -50,6 +50,8 @@ class ServiceConfig:
     max_uri_chars: int = 4096  # an AddImages uri label (a path's length on Linux)
     caption_workers: int = 8  # hits captioned at once by one search with_captions (each one decoder sequence)
     add_batch: int = 32  # images embedded concurrently and committed together in AddImages
+    max_duplicate_scan: int = 100_000  # items one FindDuplicates scan reads (N^2 work: ~10 s at 100k, 512-d)
+    intake_bytes: int = 512 << 20  # AddImages items held at once, all streams (backpressure beyond; see IntakeBudget)
     accept_embeddings: bool = False  # AddImages takes callers' precomputed embeddings (trusts its writers)
     snapshot_every: int = 10_000  # changes between index snapshots (and one at shutdown)
     tls_cert: Optional[Path] = None

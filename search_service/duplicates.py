@@ -3,19 +3,27 @@
 * On add (AddOptions.near_duplicate_threshold): the closest stored item is looked up before the item
   is committed; items of one request are committed one at a time then, so an earlier item of the
   same stream is found too.
-* FindDuplicates: every item's `neighbors` nearest from the index are the candidate pairs; each pair's
-  score is the exact inner product of the two stored embeddings (the index's scores are exact: see
-  Collection.search); pairs at or above the threshold join items into groups (connected components).
-  Groups come largest first, then by their best pair, then by their first id; pages are slices of
-  that list, so they are stable while the collection is unchanged (the list is cached per store
-  sequence).
-Cost: one index search per item (FindDuplicates): seconds per 10k items on a Flat index.
+* FindDuplicates: each item's `neighbors` nearest other items are the candidate pairs, found exactly: the
+  stored embeddings are read a page at a time and compared in blocks (a matrix product, BLOCK_ROWS items
+  against all); pairs at or above the threshold join items into groups (connected components). Groups
+  come largest first, then by their best pair, then by their first id. One scan makes a snapshot that
+  every page of that answer slices (its id is in the page token; SNAPSHOTS_KEPT are kept), so paging never
+  scans again and pages are consistent with each other.
+Bounds: a scan reads at most `max_items` items (ServiceConfig.max_duplicate_scan; a larger collection is
+refused naming the bound), runs on one thread of its own (FindDuplicates calls take turns there; concurrent
+calls asking the same question share one scan) so Get/Search/AddImages keep the shared threads, and stops
+at the caller's deadline between blocks (DEADLINE_EXCEEDED). Cost: N^2 * D multiply-adds, e.g. ~10 s for
+100k 512-d items on 2 cores.
 """
 from __future__ import annotations
 
-import threading
+import asyncio
+import collections
+import concurrent.futures
+import time
+import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -44,20 +52,60 @@ def nearest_other(collection: Collection, vector: np.ndarray, sha256: str, consi
     return next((h for h in hits if h.item.sha256 != sha256), None)
 
 
-def find_groups(collection: Collection, threshold: float, neighbors: int) -> list[Group]:
-    """Groups of items joined by pairs scoring >= threshold among each item's `neighbors` nearest."""
+class ScanStopped(Exception):
+    """The scan ran past its deadline (or its caller left) between two blocks."""
+
+
+class TooManyItems(Exception):
+    """The collection holds more items than one scan may read."""
+
+
+BLOCK_ROWS = 512  # items compared against all others at once (BLOCK_ROWS x N scores in memory)
+
+
+def find_groups(collection: Collection, threshold: float, neighbors: int, max_items: int = 1 << 62,
+                keep_going: Callable[[], bool] = lambda: True) -> list[Group]:
+    """Groups of items joined by pairs scoring >= threshold among each item's `neighbors` nearest others,
+    scanning at most `max_items` items (TooManyItems beyond) and asking `keep_going()` between blocks
+    (ScanStopped when it says no)."""
+    ids, vectors = _embeddings(collection, max_items, keep_going)
     pairs: dict[tuple[str, str], float] = {}
+    for start in range(0, len(ids), BLOCK_ROWS):
+        if not keep_going():
+            raise ScanStopped(f"stopped after {start} of {len(ids)} items")
+        scores = vectors[start:start + BLOCK_ROWS] @ vectors.T
+        rows = np.arange(scores.shape[0])
+        scores[rows, start + rows] = -np.inf  # never an item with itself
+        k = min(neighbors, len(ids) - 1)
+        if k < 1:
+            break
+        nearest = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        for row, columns in enumerate(nearest):
+            for column in columns:
+                score = float(scores[row, column])
+                if score >= threshold:
+                    a, b = ids[start + row], ids[column]
+                    pairs[(a, b) if a < b else (b, a)] = score
+    return _components(pairs)
+
+
+def _embeddings(collection: Collection, max_items: int, keep_going) -> tuple[list[str], np.ndarray]:
+    ids: list[str] = []
+    blocks: list[np.ndarray] = []
     after = None
     while True:
-        page = collection.list_items(None, None, after, LIST_PAGE, with_embeddings=True, consistency="Strong")
-        for item in page.items:
-            for hit in collection.search(item.embedding, neighbors + 1, min_score=threshold, consistency="Strong"):
-                if hit.item.id != item.id:
-                    pairs[tuple(sorted((item.id, hit.item.id)))] = hit.score
+        if not keep_going():
+            raise ScanStopped(f"stopped after reading {len(ids)} items")
+        page = collection.list_items(None, None, after, LIST_PAGE, with_embeddings=True)
+        if page.total > max_items:
+            raise TooManyItems(f"FindDuplicates scans at most {max_items} items, the collection holds "
+                               f"{page.total} (raise --max-duplicate-scan, or find them a folder at a time)")
+        ids += [item.id for item in page.items]
+        blocks += [np.asarray(item.embedding, np.float32) for item in page.items]
         after = page.next_after
         if after is None:
             break
-    return _components(pairs)
+    return ids, (np.stack(blocks) if blocks else np.zeros((0, 0), np.float32))
 
 
 def _components(pairs: dict[tuple[str, str], float]) -> list[Group]:
@@ -83,17 +131,44 @@ def _components(pairs: dict[tuple[str, str], float]) -> list[Group]:
     return sorted(groups, key=lambda g: (-len(g.ids), -g.pairs[0][2], g.ids[0]))
 
 
-class GroupCache:
-    """The last FindDuplicates answer, per (threshold, neighbors, store sequence): pages slice one list."""
+SNAPSHOTS_KEPT = 4  # FindDuplicates answers kept for paging (each: its groups' ids and pairs)
+
+
+class DuplicateScans:
+    """FindDuplicates' scans: one thread of their own, one scan per question in flight (callers asking the same
+    question share it), answers kept as snapshots that later pages slice."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._key: Optional[tuple] = None
-        self._groups: list[Group] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="find-duplicates")
+        self._snapshots: collections.OrderedDict[str, list[Group]] = collections.OrderedDict()
+        self._scanning: dict[tuple, asyncio.Future] = {}
+        self._closed = False
 
-    def groups(self, collection: Collection, threshold: float, neighbors: int, sequence: int) -> list[Group]:
-        key = (threshold, neighbors, sequence)
-        with self._lock:
-            if key != self._key:
-                self._groups, self._key = find_groups(collection, threshold, neighbors), key
-            return self._groups
+    def snapshot(self, snapshot_id: str) -> Optional[list[Group]]:
+        return self._snapshots.get(snapshot_id)
+
+    async def scan(self, collection: Collection, threshold: float, neighbors: int, max_items: int,
+                   deadline: Optional[float]) -> tuple[str, list[Group]]:
+        """(snapshot id, groups) of a fresh scan; ScanStopped at `deadline` (time.monotonic()), TooManyItems."""
+        key = (threshold, neighbors, max_items)
+        if key not in self._scanning:
+            self._scanning[key] = asyncio.ensure_future(self._run(collection, key, deadline))
+            self._scanning[key].add_done_callback(lambda _: self._scanning.pop(key, None))
+        return await asyncio.shield(self._scanning[key])
+
+    async def _run(self, collection: Collection, key: tuple, deadline: Optional[float]) -> tuple[str, list[Group]]:
+        def keep_going() -> bool:
+            return not self._closed and (deadline is None or time.monotonic() < deadline)
+
+        groups = await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: find_groups(collection, *key, keep_going=keep_going))
+        snapshot_id = uuid.uuid4().hex[:16]
+        self._snapshots[snapshot_id] = groups
+        while len(self._snapshots) > SNAPSHOTS_KEPT:
+            self._snapshots.popitem(last=False)
+        return snapshot_id, groups
+
+    def close(self) -> None:
+        """Stop a scan at its next block (the service is stopping) and the thread with it."""
+        self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import re
+import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from .options import (HYBRID, KEYWORD, VECTOR, SearchQuery, filter_from_pb, list
                       order_from_pb)
 from .pb import search_pb2 as pb
 from .query import QueryInputError, decode_token, encode_token, fingerprint
-from .duplicates import GroupCache, check_threshold, find_groups, nearest_other
+from .duplicates import DuplicateScans, ScanStopped, TooManyItems, check_threshold, nearest_other
 from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
 from .blobs import BlobError
@@ -169,6 +170,93 @@ CONSISTENCY = {pb.CONSISTENCY_STRONG: "Strong", pb.CONSISTENCY_SESSION: "Session
                pb.CONSISTENCY_BOUNDED: "Bounded", pb.CONSISTENCY_EVENTUALLY: "Eventually"}
 
 
+class IntakeBudget:
+    """Bytes of AddImages items this process holds at once, all streams together (ServiceConfig.intake_bytes):
+    items queued, embedding, committing, until their results are sent. A stream waits for room before it
+    reads its next item: it reserves room for the largest item (max_image_bytes and its message) first, and
+    gives back what the item did not need once it has it (backpressure, not an error: gRPC's flow control
+    holds the client back). Streams get room in the order they asked. An item larger than the whole budget
+    takes all of it, so it waits until nothing else is held. Measured (README): peak RSS reaches several
+    times the budget with 30 MiB images (an item's bytes are copied on their way to Triton)."""
+
+    def __init__(self, limit: int, largest_item: int):
+        if limit < 1:
+            raise ValueError(f"the intake budget must be at least 1 byte, got {limit}")
+        self.limit, self.held, self.peak = limit, 0, 0
+        self.largest_item = min(largest_item, limit)  # reserved before a stream reads its next item
+        self._waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()  # first come, first served
+
+    async def acquire(self, size: int) -> int:
+        size = min(size, self.limit)
+        if not self._waiting and self.held + size <= self.limit:
+            self._take(size)
+            return size
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.append((size, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(size)  # granted as it was cancelled: give it back
+            else:
+                self._waiting = collections.deque(w for w in self._waiting if w[1] is not granted)
+                self._grant()  # a smaller request behind it may fit now
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self._grant()
+
+    def _take(self, size: int) -> None:
+        self.held += size
+        self.peak = max(self.peak, self.held)
+
+    def _grant(self) -> None:
+        while self._waiting and self.held + self._waiting[0][0] <= self.limit:
+            size, granted = self._waiting.popleft()
+            if not granted.done():
+                self._take(size)
+                granted.set_result(None)
+
+    def stream_hold(self) -> "StreamHold":
+        return StreamHold(self)
+
+
+class StreamHold:
+    """One AddImages stream's share of the IntakeBudget, by item index: released when the item's batch is done,
+    and all of it when the stream ends however it ends."""
+
+    def __init__(self, budget: IntakeBudget):
+        self.budget = budget
+        self.by_index: dict[int, int] = {}
+
+    async def take(self, index: int, size: int) -> None:
+        self.by_index[index] = await self.budget.acquire(size)
+
+    async def settle(self, index: int, size: int) -> None:
+        """Item `index` turned out to hold `size` bytes: give back the surplus of its reservation (or wait for
+        more room: a message larger than the largest valid image is refused later, but it is here now)."""
+        reserved = self.by_index[index]
+        if size <= reserved:
+            self.budget.release(reserved - size)
+            self.by_index[index] = size
+        else:
+            self.by_index[index] = reserved + await self.budget.acquire(size - reserved)
+
+    def give_back(self, index: int) -> None:
+        self.budget.release(self.by_index.pop(index, 0))
+
+    def release_batch(self, done: asyncio.Task) -> None:
+        if not done.cancelled() and done.exception() is None:
+            for result in done.result():
+                self.give_back(result.index)
+
+    def release_all(self) -> None:
+        for index in list(self.by_index):
+            self.give_back(index)
+
+
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, config: ServiceConfig, engine: Collection, models: Models,
                  admission: Optional[Admission] = None):
@@ -179,8 +267,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.caption_params = SamplingParams()
         self._bound: Optional[ModelIdentity] = None  # what this process bound the store to (Triton's first answer)
         self._opening = asyncio.Lock()
-        self._groups = GroupCache()  # FindDuplicates pages slice one cached answer
+        self.duplicate_scans = DuplicateScans()  # FindDuplicates: its own thread; pages slice one snapshot
         self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
+        self.intake = IntakeBudget(config.intake_bytes, config.max_image_bytes + (1 << 20))  # AddImages bytes held at once, all streams
         # ingest captions that failed, tried again in the background (server.py runs caption_retries.run())
         self.caption_retries = CaptionRetryJob(engine.retry_book, config.caption_retry, self._retry_caption)
 
@@ -254,7 +343,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         then the stream fails with the error.
         """
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.config.add_batch)
-        reader = asyncio.create_task(_read_stream(request_iterator, queue))
+        hold = self.intake.stream_hold()
+        reader = asyncio.create_task(_read_stream(request_iterator, queue, hold, self._intake_bytes))
         inflight: collections.deque[asyncio.Task] = collections.deque()
         next_batch: Optional[asyncio.Task] = None
         ended: bool | Exception = False
@@ -278,12 +368,22 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                         inflight.append(asyncio.create_task(self._add_batch(batch, context, committed, turn)))
                         committed = turn
                 while inflight and inflight[0].done():
-                    for result in inflight.popleft().result():
+                    done = inflight.popleft()
+                    hold.release_batch(done)
+                    for result in done.result():
                         yield result
         finally:
             for task in (reader, next_batch, *inflight):
                 if task is not None:
                     task.cancel()
+            hold.release_all()  # what this stream still held (queued, cut short): the other streams' room
+            log.debug("AddImages stream ended: intake %d of %d bytes held, peak %d", self.intake.held,
+                      self.intake.limit, self.intake.peak)
+
+    def _intake_bytes(self, request: pb.AddImageRequest) -> int:
+        """What an item holds in this process until its batch is done: its message, and a server-side file
+        (read when prepared) at its largest."""
+        return request.ByteSize() + (self.config.max_image_bytes if request.WhichOneof("source") == "path" else 0)
 
     async def _add_batch(self, batch: list[tuple[int, pb.AddImageRequest]], context,
                          previous: asyncio.Future, turn: asyncio.Future) -> list[pb.AddImageResult]:
@@ -728,24 +828,33 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if not 1 <= neighbors <= MAX_NEIGHBORS:
             raise bad(f"neighbors must be in [1, {MAX_NEIGHBORS}], got {request.neighbors}")
         query = fingerprint("duplicates", threshold, neighbors, size)
-        start = decode_token(request.page_token, query).get("o", -1) if request.page_token else 0
-        if not isinstance(start, int) or start < 0:
+        position = decode_token(request.page_token, query) if request.page_token else {"o": 0, "s": ""}
+        start, snapshot_id = position.get("o", -1), position.get("s", "")
+        if not isinstance(start, int) or start < 0 or not isinstance(snapshot_id, str):
             raise bad("page_token is not one this service made (pass next_page_token back unchanged)")
         if not self.engine.is_open:
             return pb.FindDuplicatesResponse()
-        groups = await asyncio.to_thread(self._duplicate_groups, threshold, neighbors)
+        groups = self.duplicate_scans.snapshot(snapshot_id) if snapshot_id else None
+        if groups is None:  # a first page, or a snapshot no longer kept: scan (once for all who ask now)
+            if snapshot_id:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this FindDuplicates answer is no longer "
+                                   "kept (newer scans replaced it): start again without page_token")
+            remaining = context.time_remaining() if context is not None else None
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            try:
+                snapshot_id, groups = await self.duplicate_scans.scan(
+                    self.engine, threshold, neighbors, self.config.max_duplicate_scan, deadline)
+            except ScanStopped as exc:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"FindDuplicates: the deadline came first ({exc})")
+            except TooManyItems as exc:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         page = groups[start:start + size]
         more = start + size < len(groups)
         return pb.FindDuplicatesResponse(
             groups=[pb.DuplicateGroup(ids=g.ids, pairs=[pb.DuplicatePair(a=a, b=b, score=s) for a, b, s in g.pairs])
                     for g in page],
-            next_page_token=encode_token(query, {"o": start + size}) if more else "", total_groups=len(groups))
-
-    def _duplicate_groups(self, threshold: float, neighbors: int) -> list:
-        sequence = self.engine.stats().get("last_sequence", 0)
-        if not sequence:  # a store without a change sequence (Milvus): computed afresh each page
-            return find_groups(self.engine, threshold, neighbors)
-        return self._groups.groups(self.engine, threshold, neighbors, sequence)
+            next_page_token=encode_token(query, {"o": start + size, "s": snapshot_id}) if more else "",
+            total_groups=len(groups))
 
     @rpc
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
@@ -761,11 +870,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
 
 # ---------------------------------------------------------------- module helpers
-async def _read_stream(request_iterator, queue: asyncio.Queue) -> None:
-    """Feed (index, request) pairs into `queue`, then None; a broken stream ends it with the exception."""
+async def _read_stream(request_iterator, queue: asyncio.Queue, hold: "StreamHold", size_of) -> None:
+    """Feed (index, request) pairs into `queue`, then None; a broken stream ends it with the exception.
+    Each item first takes its bytes from the process's intake budget (`hold`): while there is no room the
+    stream is not read on (backpressure: gRPC's flow control holds the client back), never an error."""
     try:
         index = 0
-        async for request in request_iterator:
+        requests = request_iterator.__aiter__()
+        while True:
+            await hold.take(index, hold.budget.largest_item)  # room for any item before it is read off the wire
+            try:
+                request = await requests.__anext__()
+            except StopAsyncIteration:
+                hold.give_back(index)  # the stream ended: its last reservation goes back at once
+                break
+            await hold.settle(index, size_of(request))
             await queue.put((index, request))
             index += 1
         await queue.put(None)

@@ -3,6 +3,7 @@ its RPCs at the protobuf level (WireClient)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -129,44 +130,51 @@ def _ref(image: Optional[bytes], id: str) -> pb.ImageRef:
 
 
 class MilvusServerProcess:
-    """A real Milvus standalone (PyPI `milvus`, embedded etcd + local storage), supervised.
+    """A real Milvus standalone (PyPI `milvus` 2.3.5: embedded etcd + local storage), supervised, that runs
+    beside any other Milvus on the host (a user's own on 19530/2379, another test session's).
 
-    One per host: its embedded etcd listens on the fixed localhost:2379, so a test session shares one
-    and gives each test its own collection. Its listeners bind all interfaces (Milvus's doing): send
-    traffic to 127.0.0.1 only. `common.gracefulStopTimeout` is 10 s (the default 1800 s makes a stop
-    hang); `kill()` is SIGKILL of the whole group; `start()` again reuses the data directory.
+    The wrapper's CLI cannot do that: its embedded etcd listens on the fixed localhost:2379/2380 whatever the
+    config says, so a second server crashes. The child (`python -m search_service.testing milvus ...`) writes
+    the wrapper's config itself, points `etcd.config.path` at an embedEtcd.yaml with ports of its own, says
+    which ports it took in DATA/ports.json and then execs the milvus binary (the same process: the
+    supervisor's signals reach Milvus). The wrapper bind-probes the proxy and internal ports from its
+    defaults upwards (an instance beside another gets the next free ones); etcd's two ports and the metrics
+    port are picked below the kernel's ephemeral range (serving.launcher.pick_free_ports). A restart keeps
+    the ports of the first start, so clients reconnect to the same `uri`. A launch that does not answer in
+    time (a port taken between the probe and Milvus binding it) is killed and tried again.
+
+    Its listeners bind all interfaces (Milvus's doing): send traffic to 127.0.0.1 only.
+    `common.gracefulStopTimeout` is 10 s (the default 1800 s makes a stop hang); `kill()` is SIGKILL of the
+    whole group; `start()` again reuses the data directory.
     """
 
-    LOCK = "/tmp/coca-search-milvus.lock"  # processes that want the host's one Milvus take turns
-
-    def __init__(self, data_dir: str | os.PathLike, port: int = 19530):
-        self.data_dir = Path(data_dir)
-        self.port = port
-        self.uri = f"http://127.0.0.1:{port}"
+    def __init__(self, data_dir: str | os.PathLike, port: int = 0):
+        self.data_dir = Path(data_dir).resolve()
+        self.ports: dict[str, int] = {"proxy_port": port} if port else {}  # fixed once the first start chose
         self.process: Optional[Supervisor] = None
-        self._lock = None
 
-    def _take_turn(self) -> None:
-        import fcntl
+    @property
+    def port(self) -> int:
+        """The proxy port (what clients connect to); 0 until the first start has chosen it."""
+        return self.ports.get("proxy_port", 0)
 
-        if self._lock is not None:
-            return
-        self._lock = open(self.LOCK, "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process's Milvus to stop ({self.LOCK}) ...", file=sys.stderr, flush=True)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ports_file(self) -> Path:
+        return self.data_dir / "ports.json"
 
     def start(self, timeout: float = 300.0, attempt_s: float = 90.0) -> "MilvusServerProcess":
         """Launch and wait until it answers. A restart right after a kill sometimes never opens the proxy
         port (PLATFORM.md: the port lingers after a SIGKILL): such a launch is killed and tried again."""
-        self._take_turn()
         deadline = time.monotonic() + timeout
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         while True:
+            self.ports_file.unlink(missing_ok=True)
             self.process = Supervisor(
-                [str(Path(sys.executable).with_name("milvus-server")), "--data", str(self.data_dir), "--proxy-port",
-                 str(self.port), "--extra-config", "common.gracefulStopTimeout=10"],
+                [sys.executable, "-m", "search_service.testing", "milvus", str(self.data_dir), json.dumps(self.ports)],
                 name="milvus", log_file=self.data_dir / "milvus-server.log").start()
             try:
                 self.process.wait_ready(min(attempt_s, max(deadline - time.monotonic(), 1.0)), probe=self._answers,
@@ -181,6 +189,9 @@ class MilvusServerProcess:
     def _answers(self) -> bool:
         from pymilvus import MilvusClient
 
+        if not self.ports_file.is_file():
+            return False
+        self.ports = json.loads(self.ports_file.read_text())  # this launch's: kept for the next
         client = None
         try:
             client = MilvusClient(uri=self.uri, timeout=2.0)
@@ -194,12 +205,8 @@ class MilvusServerProcess:
                     client.close()
 
     def stop(self) -> None:
-        """Stop it and let the next process have its turn."""
         if self.process is not None:
             self.process.stop(grace=30.0)
-        if self._lock is not None:
-            self._lock.close()  # releases the flock
-            self._lock = None
 
     def kill(self) -> None:
         """SIGKILL of the whole group: no shutdown code runs (a crash)."""
@@ -211,6 +218,46 @@ class MilvusServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+MILVUS_EXTRA_CONFIG = {"common.gracefulStopTimeout": 10}  # the default 1800 s makes a stop hang
+
+
+def exec_milvus(data_dir: Path, fixed: dict[str, int]) -> None:
+    """The child of MilvusServerProcess: write the config, say the ports, exec Milvus (never returns).
+    `fixed`: ports a previous start chose (the wrapper checks those it manages are free; Milvus fails to
+    bind the others if they are not, and the parent tries again)."""
+    import milvus
+    from serving.launcher import pick_free_ports
+
+    config = milvus.MilvusServerConfig(data_dir=str(data_dir))
+    etcd_port, peer_port, metrics_port = pick_free_ports(3)
+    ports = {"etcd_port": etcd_port, "etcd_peer_port": peer_port, "metrics_port": metrics_port, **fixed}
+    config.update(**{key: port for key, port in ports.items() if key in config.configurable_items})
+    for key, value in MILVUS_EXTRA_CONFIG.items():
+        config.set(key, value)
+    config.resolve()  # bind-probes the ports it manages, writes configs/milvus.yaml
+    ports.update({key: config.get(key) for key in ("proxy_port", "etcd_port")})
+    etcd_config = data_dir / "configs" / "embedEtcd.yaml"
+    client_url, peer_url = f"http://127.0.0.1:{ports['etcd_port']}", f"http://127.0.0.1:{ports['etcd_peer_port']}"
+    etcd_config.write_text(f"name: default\nlisten-client-urls: {client_url}\nadvertise-client-urls: {client_url}\n"
+                           f"listen-peer-urls: {peer_url}\ninitial-advertise-peer-urls: {peer_url}\n"
+                           f"initial-cluster: default={peer_url}\n")
+    milvus_yaml = data_dir / "configs" / "milvus.yaml"
+    text = milvus_yaml.read_text()
+    endpoint = f"  endpoints: localhost:{ports['etcd_port']}"
+    assert text.count(endpoint) == 1, f"the milvus wrapper's config template changed: no {endpoint!r}"
+    milvus_yaml.write_text(text.replace(endpoint, f"  endpoints: 127.0.0.1:{ports['etcd_port']}\n"
+                                                  f"  config:\n    path: {etcd_config}", 1))
+    milvus._initialize_data_files(str(data_dir))  # unpacks the binary on the first start
+    binary = data_dir / "bin" / "milvus"
+    env = {**os.environ, "DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(ports["metrics_port"]),
+           "MILVUS_RUN_DIR": str(data_dir / "run"),
+           "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(binary.parent), os.environ.get("LD_LIBRARY_PATH")]))}
+    (data_dir / "ports.json.tmp").write_text(json.dumps(ports))
+    (data_dir / "ports.json.tmp").replace(data_dir / "ports.json")
+    os.chdir(data_dir)  # Milvus reads configs/milvus.yaml from its working directory
+    os.execve(binary, [str(binary), "run", "standalone"], env)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
@@ -226,3 +273,9 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
             pass
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["milvus"] or len(sys.argv) != 4:
+        sys.exit("usage: python -m search_service.testing milvus DATA_DIR PORTS_JSON  (MilvusServerProcess's child)")
+    exec_milvus(Path(sys.argv[2]), json.loads(sys.argv[3]))

@@ -21,7 +21,8 @@ CLI::
     python -m serving.launcher --model-repository DIR [--grpc-port 8001] [--http-port 8000]
                                [--metrics-port 8002] [--log-verbose 1] [-- EXTRA TRITON ARGS]
 
-runs until Ctrl-C / SIGTERM and then stops the server (and its stub processes) cleanly.
+runs until Ctrl-C / SIGTERM and then stops the server (and its stub processes) cleanly. A port given as 0
+is picked free (and picked again if tritonserver cannot bind it); the ready line says the ports it bound.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def pick_free_ports(n: int = 3, host: str = DEFAULT_HOST) -> list[int]:
 
 
 _PICK_SPAN = 8000
+BIND_ATTEMPTS = 5  # launches on fresh ports when tritonserver could not bind one it was given
+_BIND_FAILURE = "already in use"  # tritonserver: "failed to start ... service: Unavailable - Socket '...' already in use"
 _HANDED_OUT: set[int] = set()
 
 
@@ -116,8 +119,12 @@ class TritonServer:
     The server runs in its own process group; every model instance of the Python backend is a
     child stub process in that group, so ``stop()`` can make sure none is left behind.
 
-    Ports left as ``None`` are picked free at ``start()``; if the server then fails to bind
-    (another process grabbed the port), ``start()`` retries with new ports.
+    Ports left as ``None`` (or 0) are picked free at ``start()``. tritonserver 2.51 cannot bind port 0 for
+    more than one of its three servers (it refuses two equal ports, and 0 equals 0), so a port is picked
+    here and bound there: when the server then fails to bind one (another process took it meanwhile),
+    ``start()`` tries again with fresh ports, up to BIND_ATTEMPTS times. The ports it got are then in
+    ``http_port``/``grpc_port``/``metrics_port``. ``keep_ports=True`` keeps them for later starts, so a
+    server that is killed comes back at the same address.
     """
 
     def __init__(
@@ -137,11 +144,13 @@ class TritonServer:
         exit_timeout_secs: int = 10,
         kill_on_parent_exit: bool = False,
         log_tail_lines: int = 400,
+        keep_ports: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
-        self._fixed_ports = (http_port, grpc_port, metrics_port)
-        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self._fixed_ports = tuple(port or None for port in (http_port, grpc_port, metrics_port))
+        self.http_port, self.grpc_port, self.metrics_port = self._fixed_ports
+        self.keep_ports = keep_ports
         self.log_verbose = int(log_verbose)
         self.log_file = Path(log_file).resolve() if log_file is not None else None
         self._echo = (sys.stdout if echo is True else echo) or None
@@ -238,18 +247,20 @@ class TritonServer:
         if self.is_alive():
             raise TritonServerError("server already started")
         auto_ports = any(p is None for p in self._fixed_ports)
-        attempts = 3 if auto_ports else 1
+        attempts = BIND_ATTEMPTS if auto_ports else 1
         for attempt in range(attempts):
             self._launch()
             try:
                 self.wait_ready(timeout)
-                return self
-            except TritonServerError as exc:
-                bind_failure = "already in use" in self.log_tail(400) or "Failed to start" in self.log_tail(400)
+            except TritonServerError:
+                bind_failure = _BIND_FAILURE in self.log_tail(400)
                 self.stop(grace=10)
                 if auto_ports and bind_failure and attempt + 1 < attempts:
                     continue
-                raise exc
+                raise
+            if self.keep_ports:
+                self._fixed_ports = (self.http_port, self.grpc_port, self.metrics_port)
+            return self
         raise AssertionError("unreachable")
 
     def _launch(self) -> None:
@@ -338,9 +349,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     parser.add_argument("--model-repository", required=True, help="Triton model repository directory")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--http-port", type=int, default=8000, help="0: a free one (the ready line says which)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="0: a free one (the ready line says which)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="0: a free one (the ready line says which)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--log-file", default=None, help="also append the server log to this file")
     parser.add_argument("--startup-timeout", type=float, default=300.0)

@@ -24,7 +24,7 @@ import threading
 from typing import Iterator, Optional
 
 from serving.errors import TritonServerError
-from serving.launcher import TritonServer, pick_free_ports
+from serving.launcher import TritonServer
 from serving.triton_install import find_triton
 
 
@@ -70,26 +70,22 @@ def running_triton(
 
 @contextlib.contextmanager
 def restartable_triton(model_repository: str | os.PathLike, **server_kwargs) -> Iterator[TritonServer]:
-    """`running_triton` on ports chosen up front, so a test can kill the server and start it again
-    at the same address."""
-    http, grpc_port, metrics = pick_free_ports(3)
-    with running_triton(model_repository, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                        **server_kwargs) as (_, _, server):
+    """`running_triton` that keeps the ports of its first start, so a test can kill the server and start it
+    again at the same address."""
+    with running_triton(model_repository, keep_ports=True, **server_kwargs) as (_, _, server):
         yield server
 
 
 @contextlib.contextmanager
 def restartable_tritons(model_repository: str | os.PathLike, count: int = 2, timeout: float = 300.0,
                         **server_kwargs) -> Iterator[list[TritonServer]]:
-    """`count` tritonservers on one repository (a pool of endpoints), each on ports chosen up front so
-    that a test can kill one and start it again at the same address.
+    """`count` tritonservers on one repository (a pool of endpoints), each keeping the ports of its first start
+    so that a test can kill one and start it again at the same address.
 
     Started one after the other from this thread: a server dies with the thread that started it
     (kill_on_parent_exit), so never start one from a worker thread that ends before it should."""
     server_kwargs.setdefault("kill_on_parent_exit", True)
-    ports = pick_free_ports(3 * count)
-    servers = [TritonServer(model_repository, http_port=ports[3 * i], grpc_port=ports[3 * i + 1],
-                            metrics_port=ports[3 * i + 2], **server_kwargs) for i in range(count)]
+    servers = [TritonServer(model_repository, keep_ports=True, **server_kwargs) for _ in range(count)]
     try:
         for server in servers:
             server.start(timeout)
@@ -104,7 +100,8 @@ def restartable_tritons(model_repository: str | os.PathLike, count: int = 2, tim
 
 
 class TcpRelay:
-    """A TCP relay from a free 127.0.0.1 port to `target` ("host:port"), run on a thread of its own:
+    """A TCP relay from a 127.0.0.1 port the kernel picks (bound here, kept by every open()) to `target`
+    ("host:port"), run on a thread of its own:
     network faults in front of a real server, as a client sees them, without restarting the server.
 
     - cut(): every connection reset, new ones refused (the server died); open() listens again (it is back)
@@ -114,7 +111,7 @@ class TcpRelay:
 
     def __init__(self, target: str):
         self.target = _address(target)
-        self.port = pick_free_ports(1)[0]  # kept by every open()
+        self.port = 0  # the first open() binds a free port; later ones bind it again
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"relay to {target}")
         self._thread.start()
@@ -162,6 +159,7 @@ class TcpRelay:
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _reset_all(self) -> None:
         if self._server is not None:

@@ -58,8 +58,8 @@ def tiny_repository(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
-    """A real Milvus standalone for the whole test session. One per host (its embedded etcd has a fixed
-    port): test sessions and benchmarks running side by side take turns (see MilvusServerProcess)."""
+    """A real Milvus standalone for the whole test session, on ports of its own (its embedded etcd's too): it
+    runs beside any other Milvus on the host (see MilvusServerProcess)."""
     from search_service.testing import MilvusServerProcess
 
     server = MilvusServerProcess(tmp_path_factory.mktemp("milvus"))

@@ -39,13 +39,12 @@ SCREENSHOT_DIR = os.environ.get("COCA_SCREENSHOT_DIR")  # also copy screenshots 
 def served(tmp_path_factory):
     from clients.demo import ServeProcess, sample_photos
     from serving.repository import ensure_repository
-    from serving.launcher import pick_free_ports
 
     data = tmp_path_factory.mktemp("served")
     ensure_repository(data / "model_repository", MODEL, PRETRAINED, SEED)
-    port, web = pick_free_ports(2)
+    # Port 0 for both: `coca serve` binds what the kernel gives and prints where (no port picked here for it)
     command = [sys.executable, "-m", "clients.cli", "serve", "--model", MODEL, "--pretrained", PRETRAINED,
-               "--seed", str(SEED), "--data", str(data), "--port", str(port), "--web", str(web)]
+               "--seed", str(SEED), "--data", str(data), "--port", "0", "--web", "0"]
     server = ServeProcess(command, data / "serve.log").start(timeout=300)
     photos = sample_photos(tmp_path_factory.mktemp("photos"))
     try:

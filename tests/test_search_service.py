@@ -970,19 +970,17 @@ def background_serve(tmp_path_factory, repository):
     """`coca serve` (its own Triton + service) started early, so its start overlaps the other tests;
     the last test checks it."""
     from serving.repository import MARKER
-    from serving.launcher import pick_free_ports
 
     data = tmp_path_factory.mktemp("serve")
     repo, _ = repository  # reuse the export: serve finds it and its marker
     shutil.copytree(repo, data / "model_repository")
     shutil.copy(repo.parent / f"{repo.name}.{MARKER}", data / f"model_repository.{MARKER}")
-    (port,) = pick_free_ports(1)
     log = data / "serve.log"
-    with open(log, "w") as out:
+    with open(log, "w") as out:  # port 0: it binds what the kernel gives and says where in its ready line
         proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "--model", MODEL, "--pretrained",
-                                 PRETRAINED, "--data", str(data), "--port", str(port)], cwd=ROOT,
+                                 PRETRAINED, "--data", str(data), "--port", "0"], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
-    yield proc, port, log
+    yield proc, log
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -992,11 +990,14 @@ def background_serve(tmp_path_factory, repository):
 
 
 def test_coca_serve_starts_and_stops_both(background_serve):
-    proc, port, log = background_serve
+    from search_service.process import READY
+
+    proc, log = background_serve
     wait_for(lambda: "search service ready" in log.read_text() or proc.poll() is not None, 120, "coca serve")
     assert proc.poll() is None, log.read_text()
     assert "exporting" not in log.read_text()
-    with WireClient(f"127.0.0.1:{port}") as client:
+    ready = READY.search(log.read_text())
+    with WireClient(f"{ready.group(1)}:{ready.group(2)}") as client:
         assert wait_for(lambda: client.stats().triton_ready, 20, "Triton ready")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, log.read_text()

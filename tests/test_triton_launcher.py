@@ -279,13 +279,46 @@ def test_stop_leaves_no_processes(tmp_path):
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(shm_prefix)]
 
 
-def test_cli_runs_until_sigterm(tmp_path):
-    repo = _small_repo(tmp_path)
-    from serving.launcher import pick_free_ports
+def test_a_port_taken_before_tritonserver_binds_it_is_picked_again(tmp_path, monkeypatch):
+    """The race CI lost: a port picked free here is taken by another process before tritonserver binds it.
+    The launcher starts it again on fresh ports; the taker keeps its port."""
+    import socket
 
-    http, grpc, metrics = pick_free_ports(3)
+    import serving.launcher as launcher
+
+    taker = socket.socket()
+    taker.bind(("127.0.0.1", 0))
+    taker.listen()
+    taken = taker.getsockname()[1]
+    picks = []
+    real_pick = launcher.pick_free_ports
+
+    def pick_after_a_theft(n=3, host="127.0.0.1"):
+        ports = real_pick(n, host)
+        if not picks:
+            ports[1] = taken  # gRPC: taken by another process meanwhile
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(launcher, "pick_free_ports", pick_after_a_theft)
+    server = TritonServer(_small_repo(tmp_path), kill_on_parent_exit=True)
+    try:
+        server.start(timeout=120)
+        assert len(picks) == 2 and server.grpc_port == picks[1][1] != taken
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert client.is_model_ready("seq_probe")
+        client.close()
+    finally:
+        server.stop()
+        taker.close()
+
+
+def test_cli_runs_until_sigterm(tmp_path):
+    """Ports given as 0 are picked by the launcher (tritonserver cannot bind 0 for its three servers) and
+    read back from its ready line."""
+    repo = _small_repo(tmp_path)
     cmd = [sys.executable, "-m", "serving.launcher", "--model-repository", str(repo),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+           "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, pid = [], None
@@ -298,12 +331,11 @@ def test_cli_runs_until_sigterm(tmp_path):
                 if not line:
                     break
                 lines.append(line)
-                m = re.search(r"\[serving\.launcher\] ready: .*\(pid (\d+);", line)
+                m = re.search(r"\[serving\.launcher\] ready: grpc (127\.0\.0\.1:\d+) .*\(pid (\d+);", line)
                 if m:
-                    pid = int(m.group(1))
+                    grpc, pid = m.group(1), int(m.group(2))
         assert pid is not None, "".join(lines[-40:])
-        assert f"127.0.0.1:{grpc}" in lines[-1]
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        client = grpcclient.InferenceServerClient(grpc)
         assert client.is_model_ready("seq_probe")
         client.close()
         proc.send_signal(signal.SIGTERM)

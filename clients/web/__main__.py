@@ -19,6 +19,8 @@ def main(argv=None) -> int:
                    help="also answer requests for http://NAME:PORT/ (repeatable; loopback names and --host always)")
     p.add_argument("--token-file", help="bearer token file of the search service (or set COCA_SEARCH_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS search service")
+    p.add_argument("--access-key-file", help="the gallery's own access key (at least 16 characters; or set "
+                   "COCA_WEB_ACCESS_KEY): required when --host is not loopback")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("COCA_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
 
@@ -26,8 +28,15 @@ def main(argv=None) -> int:
     from clients.web.server import start_gallery
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
+    access_key = (Path(args.access_key_file).read_text().strip() if args.access_key_file
+                  else os.environ.get("COCA_WEB_ACCESS_KEY") or None)
     client = Client(args.server, token=token, tls_ca=args.tls_ca, timeout=300)
-    gallery = start_gallery(args.port, client, args.host, allowed_hosts=args.allow_host)
+    try:
+        gallery = start_gallery(args.port, client, args.host, allowed_hosts=args.allow_host, access_key=access_key)
+    except ValueError as exc:
+        print(f"python -m clients.web: error: {exc}", file=sys.stderr)
+        client.close()
+        return 2
     print(f"web gallery on {gallery.url} (search service {args.server})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,6 +23,12 @@ Thumbnails come from the service (Get with include_image): the web server never 
 name it was given, so it can show indexed images only, and only through the service's own rules (its
 content-addressed blobs, or files under its --root folders). It binds 127.0.0.1 unless told otherwise.
 
+Off loopback (bound to another address, e.g. 0.0.0.0 to serve a LAN) it refuses to start without an access
+key of its own (`--access-key-file`, or COCA_WEB_ACCESS_KEY): the Host check below stops browsers made to
+attack it, not a remote client that simply sends `Host: localhost`, and the gallery calls the service with
+the service's token. With a key, every request carries it: `Authorization: Bearer KEY`, or the cookie set
+by opening http://HOST:PORT/?key=KEY once (HttpOnly, SameSite=Strict); others get 401.
+
 It holds the service's token, so it answers its own pages only: a Host header that does not name it
 (127.0.0.1 / localhost / [::1] or the bound host, at its port) gets 421, which defeats DNS rebinding;
 a request another site's page makes (an Origin other than its own, or Sec-Fetch-Site other than
@@ -32,9 +38,14 @@ with captions: they are stored) is POST only, so a cross-site link or image cann
 from __future__ import annotations
 
 import collections
+import contextlib
+import hmac
+import http.cookies
 import io
+import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -61,6 +72,8 @@ MULTI_VALUED = ("where",)  # query parameters that may repeat (the others: the l
 THUMB_SIZES = (128, 256, 512)
 THUMB_CACHE = 512  # thumbnails kept in memory
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+KEY_COOKIE = "coca_gallery_key"  # the access key off loopback, once given as ?key=
+MIN_ACCESS_KEY_CHARS = 16
 WILDCARD_BINDS = ("0.0.0.0", "::", "")  # all interfaces: name the host clients use with allowed_hosts
 CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; object-src 'none'"
 
@@ -146,7 +159,14 @@ class GalleryServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], client: Client, title: str = "coca search",
-                 allowed_hosts: Sequence[str] = ()):
+                 allowed_hosts: Sequence[str] = (), access_key: Optional[str] = None):
+        if not access_key and not is_loopback(address[0]):
+            raise ValueError(f"the web gallery on {address[0] or 'all interfaces'} (off loopback) needs an access key "
+                             "of its own (--access-key-file or COCA_WEB_ACCESS_KEY): anyone who reaches it would "
+                             "search, caption and read images with the service's token")
+        if access_key is not None and len(access_key) < MIN_ACCESS_KEY_CHARS:
+            raise ValueError(f"the gallery's access key must have at least {MIN_ACCESS_KEY_CHARS} characters")
+        self.access_key = access_key
         super().__init__(address, GalleryHandler)
         self.client = client
         self.thumbnails = Thumbnails(client)
@@ -171,6 +191,15 @@ class GalleryServer(ThreadingHTTPServer):
             self._thread.join(10)
             self._thread = None
         self.server_close()
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, it is not known to be loopback only
 
 
 def host_headers(bound: str, port: int, extra: Sequence[str] = ()) -> frozenset[str]:
@@ -205,6 +234,8 @@ class GalleryHandler(BaseHTTPRequestHandler):
         query = {k: v if k in MULTI_VALUED else v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         self._body_read = False
         try:
+            if self._admitted_by_key(url, query):
+                return
             self._check_origin(url.path)
             if self.command == "GET" and url.path in ("/api/search", "/api/similar") and _flag(query, "captions"):
                 raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED,
@@ -227,6 +258,32 @@ class GalleryHandler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug here: say so, keep serving
             log.exception("web request %s failed", self.path)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _admitted_by_key(self, url, query) -> bool:
+        """With an access key: HttpError 401 unless the request carries it; True when this request was the
+        `?key=KEY` link, answered here (cookie set, redirect to the same page without the key)."""
+        key = self.server.access_key
+        if key is None:
+            return False
+        if "key" in query and hmac.compare_digest(query["key"].encode(), key.encode()):
+            self._check_origin(url.path)
+            rest = urllib.parse.urlencode({k: v for k, v in query.items() if k != "key"}, doseq=True)
+            self.send_response(HTTPStatus.SEE_OTHER)
+            self.send_header("Set-Cookie", f"{KEY_COOKIE}={key}; HttpOnly; SameSite=Strict; Path=/")
+            self.send_header("Location", url.path + (f"?{rest}" if rest else ""))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+        cookies = http.cookies.SimpleCookie()
+        with contextlib.suppress(http.cookies.CookieError):
+            cookies.load(self.headers.get("Cookie") or "")
+        given = [self.headers.get("Authorization", "").removeprefix("Bearer ").strip()]
+        given += [cookies[KEY_COOKIE].value] if KEY_COOKIE in cookies else []
+        if not any(g and hmac.compare_digest(g.encode(), key.encode()) for g in given):
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "this gallery needs its access key: open "
+                            f"http://HOST:{self.server.server_address[1]}/?key=KEY once, or send 'Authorization: "
+                            "Bearer KEY'", "UNAUTHENTICATED")
+        return False
 
     def _check_origin(self, path: str) -> None:
         """Only this server's own pages may use it (see the module docstring); HttpError otherwise."""
@@ -260,7 +317,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
         mode = query.get("mode", "vector")
         if mode not in MODES:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"mode must be one of {', '.join(MODES)}", "INVALID_ARGUMENT")
-        weight = _number(query, "keyword_weight") if query.get("keyword_weight") else None
+        weight = parse_number(query, "keyword_weight", float) if query.get("keyword_weight") else None
         result = self.server.client.search_text(text, k=_k(query), with_captions=_flag(query, "captions"), mode=mode,
                                                 keyword_weight=weight, **_page_query(query))
         return search_json(text, result)
@@ -283,7 +340,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
                 "next_page_token": page.next_page_token}
 
     def api_duplicates(self, query) -> dict:
-        threshold = _number(query, "threshold") if query.get("threshold") else 0.95
+        threshold = parse_number(query, "threshold", float) if query.get("threshold") else 0.95
         page = self.server.client.find_duplicates(threshold, page_size=_k(query, "page_size"),
                                                   page_token=query.get("page_token", ""))
         shown = [g.ids[:MAX_GROUP_CARDS] for g in page.groups]
@@ -301,7 +358,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
         return {"id": item_id, "caption": caption.text}
 
     def thumbnail(self, item_id: str, query) -> None:
-        size = int(query.get("size", 256)) if query.get("size", "256").isdigit() else 256
+        size = parse_number(query, "size", default=256)
         size = min(THUMB_SIZES, key=lambda s: abs(s - size))
         if not item_id or len(item_id) > 256:
             raise HttpError(HTTPStatus.NOT_FOUND, "no such image")
@@ -324,12 +381,13 @@ class GalleryHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ plumbing
     def _body(self, required: bool) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if self.headers.get("Content-Length") is None:
             if required:
                 raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send the image as the request body, with a Content-Length")
             return b""
-        size = int(length)
+        size = parse_number({"Content-Length": self.headers["Content-Length"]}, "Content-Length")
+        if size < 0:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"Content-Length must not be negative, got {size}", "INVALID_ARGUMENT")
         if size > MAX_UPLOAD_BYTES:
             self.close_connection = True
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image over {MAX_UPLOAD_BYTES >> 20} MB")
@@ -372,19 +430,26 @@ class GalleryHandler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
+_NUMBER_SYNTAX = {int: re.compile(r"[-+]?[0-9]{1,12}"), float: re.compile(r"[-+]?(?:[0-9]{1,12}(?:\.[0-9]{0,12})?|\.[0-9]{1,12})")}
+
+
+def parse_number(query, name: str, kind: type = int, default=None):
+    """query[name] (or `default` when absent) as an int or a finite float, written in ASCII decimal digits: the one
+    parser of numbers a client sends. str.isdigit() accepts "²" that int() refuses, and float() accepts "nan",
+    "inf" and "１": each is a 400 naming the parameter here, never a 500 or a NaN passed on."""
+    raw = query.get(name)
+    if raw is None and default is not None:
+        return default
+    raw = (raw or "").strip()
+    if not _NUMBER_SYNTAX[kind].fullmatch(raw):
+        what = "an integer" if kind is int else "a number"
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be {what} (decimal digits), got {raw[:40]!r}",
+                        "INVALID_ARGUMENT")
+    return kind(raw)
+
+
 def _k(query, name: str = "k") -> int:
-    raw = query.get(name, "12")
-    if not raw.lstrip("-").isdigit():
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {raw[:40]!r}", "INVALID_ARGUMENT")
-    return max(1, min(MAX_K, int(raw)))
-
-
-def _number(query, name: str) -> float:
-    try:
-        return float(query[name])
-    except ValueError:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {query[name][:40]!r}",
-                        "INVALID_ARGUMENT") from None
+    return max(1, min(MAX_K, parse_number(query, name, default=12)))
 
 
 def _conditions(query) -> dict:
@@ -410,8 +475,9 @@ def _flag(query, name: str) -> bool:
 
 
 def start_gallery(port: int, client: Client, host: str = "127.0.0.1", title: str = "coca search",
-                  allowed_hosts: Sequence[str] = ()) -> GalleryServer:
+                  allowed_hosts: Sequence[str] = (), access_key: Optional[str] = None) -> GalleryServer:
     """Start the gallery on host:port (0 = a free port) in a background thread. It answers requests
     whose Host names it: a loopback name, `host`, or one of `allowed_hosts` (e.g. the machine's
-    name, when bound to 0.0.0.0), each at its port."""
-    return GalleryServer((host, port), client, title, allowed_hosts).start()
+    name, when bound to 0.0.0.0), each at its port; with `access_key` (required off loopback: ValueError
+    without), only those that carry the key."""
+    return GalleryServer((host, port), client, title, allowed_hosts, access_key).start()
