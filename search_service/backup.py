@@ -11,8 +11,9 @@ Consistency under write load: the database copy is one read transaction, so it h
 made before it began (every write acknowledged before the backup started). Blobs are copied after it,
 only those its rows name; deletes committed meanwhile put off their unlinks until the copy is done
 (Store.hold_blob_deletes), so every named blob is still there to copy, and each copy is checked against
-its name. Incremental: a blob already in the folder (named by its previous manifest, same size) is not
-copied again, so a second backup into the same folder copies only the new blobs; blobs and database files
+its name. The blobs are flushed to disk together (one syncfs) before the manifest is written.
+Incremental: a blob already in the folder that its previous manifest's database names is not copied
+again, so a second backup into the same folder copies only the new blobs; blobs and database files
 the new manifest no longer names are removed after it is written. Until then the previous manifest and
 every file it names stay untouched: a backup killed at any point leaves the folder's previous backup
 verifiable (or, for the first one, no manifest).
@@ -25,6 +26,8 @@ data, a shortcut for the restored service's start.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +42,7 @@ from typing import Callable, Iterable, Optional
 
 from coca.errors import CocaError
 
-from .blobs import fsync_dir, fsync_dirs
+from .blobs import fsync_dir
 from .store import SCHEMA_VERSION, Store
 
 MANIFEST = "manifest.json"
@@ -121,12 +124,12 @@ def _backup(store: Store, out: Path, index_files: Iterable[Path], progress: Prog
         staged_db = staging / database
         store.backup_database(staged_db)
         contents = read_contents(staged_db)
-        have = _blobs_present(out)
+        have = _blobs_present(out, previous)
         missing = [name for name in contents.blobs if name not in have]
         for done, name in enumerate(missing, 1):
             written += _copy_blob(store.blobs.path(name), out / name, staging)
             progress("blobs", done, len(missing))
-        fsync_dirs(out / name for name in missing)
+        sync_filesystem(out)  # one flush for all the blobs (an fsync each would cost more than the copying)
     finally:
         release()
     files[database] = _place(staged_db, out / database)
@@ -178,14 +181,46 @@ def _previous_manifest(out: Path) -> Optional[dict]:
         return None
 
 
-def _blobs_present(out: Path) -> set[str]:
-    """Blobs already in `out` (by earlier backups, finished or not): each was fsynced before it was renamed
-    to its name, so a file there is whole; `--verify` re-reads them all."""
+def _blobs_present(out: Path, previous: Optional[dict]) -> set[str]:
+    """Blobs a previous finished backup in `out` holds: named by its database and on disk. (Its blobs were
+    flushed before its manifest was written; leftovers of an interrupted run may not be: copied again.)"""
+    if previous is None:
+        return set()
+    try:
+        named = read_contents(out / previous["database"]).blobs
+    except BackupError:
+        return set()
+    return _blob_files(out).intersection(named)
+
+
+def _blob_files(out: Path) -> set[str]:
     present = set()
     with contextlib.suppress(FileNotFoundError):
         for folder in os.scandir(out / "blobs"):
             present.update(f"blobs/{folder.name}/{entry.name}" for entry in os.scandir(folder.path))
     return present
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush everything written to the file system holding `path` (Linux syncfs; elsewhere sync)."""
+    libc_syncfs = _syncfs()
+    if libc_syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc_syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs failed on {path}")
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _syncfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -220,7 +255,7 @@ def _copy_blob(source: Path, target: Path, staging: Path) -> int:
     """Copy one blob, checking its bytes against its name (a changed or missing blob is a fault of the
     data directory, named)."""
     try:
-        copied = _copy_file(source, target, staging, fsync_parent=False)
+        copied = _copy_file(source, target, staging, durable=False)
     except FileNotFoundError:
         raise BackupError(f"the data directory lacks the blob {target.name} that an item names") from None
     if copied["sha256"] != source.name:
@@ -230,8 +265,9 @@ def _copy_blob(source: Path, target: Path, staging: Path) -> int:
     return copied["bytes"]
 
 
-def _copy_file(source: Path, target: Path, staging: Path, fsync_parent: bool = True) -> dict:
-    """Copy through a staging file (fsynced, then renamed into place); the copy's sha256 and size."""
+def _copy_file(source: Path, target: Path, staging: Path, durable: bool = True) -> dict:
+    """Copy through a staging file renamed into place (durable: fsynced before, and its folder after;
+    otherwise the caller flushes many at once); the copy's sha256 and size."""
     with open(source, "rb") as src:  # opened once: a snapshot replaced meanwhile is read whole, as it was
         tmp = staging / f"{target.name}.tmp"
         digest, size = hashlib.sha256(), 0
@@ -241,10 +277,11 @@ def _copy_file(source: Path, target: Path, staging: Path, fsync_parent: bool = T
                 dst.write(chunk)
                 size += len(chunk)
             dst.flush()
-            os.fsync(dst.fileno())
+            if durable:
+                os.fsync(dst.fileno())
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
-    if fsync_parent:
+    if durable:
         fsync_dir(target.parent)
     return {"sha256": digest.hexdigest(), "bytes": size}
 
@@ -271,7 +308,7 @@ def _remove_unnamed(out: Path, manifest: dict, blobs: list[str], previous: Optio
     if previous is not None:
         for name in set(previous.get("files", {})) - set(manifest["files"]):
             (out / name).unlink(missing_ok=True)
-    for name in _blobs_present(out) - set(blobs):
+    for name in _blob_files(out) - set(blobs):
         (out / name).unlink(missing_ok=True)
 
 
@@ -365,9 +402,9 @@ def restore_backup(folder: Path, data: Path, progress: Progress = _no_progress) 
             _restore_file(folder / name, target, building / STAGING, entry["sha256"], name)
         contents = read_contents(building / "store.sqlite3")
         for done, name in enumerate(contents.blobs, 1):
-            _restore_file(folder / name, building / name, building / STAGING, Path(name).name, name, fsync_parent=False)
+            _restore_file(folder / name, building / name, building / STAGING, Path(name).name, name, durable=False)
             progress("restore", done, len(contents.blobs))
-        fsync_dirs(building / name for name in contents.blobs)
+        sync_filesystem(building)
         (building / STAGING).rmdir()
         if data.exists():
             data.rmdir()
@@ -379,9 +416,9 @@ def restore_backup(folder: Path, data: Path, progress: Progress = _no_progress) 
     return manifest
 
 
-def _restore_file(source: Path, target: Path, staging: Path, sha256: str, name: str, fsync_parent: bool = True) -> None:
+def _restore_file(source: Path, target: Path, staging: Path, sha256: str, name: str, durable: bool = True) -> None:
     try:
-        copied = _copy_file(source, target, staging, fsync_parent)
+        copied = _copy_file(source, target, staging, durable)
     except FileNotFoundError:
         raise BackupError(f"{name}: missing from the backup") from None
     if copied["sha256"] != sha256:
