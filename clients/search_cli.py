@@ -485,7 +485,8 @@ def _bar(description: str):
 
     def progress(phase: str, done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, unit="file", desc=description, file=sys.stderr, disable=None))  # none off a terminal
+            # disable=None: no bar off a terminal (logs, tests)
+            bars.append(tqdm(total=total, unit="file", desc=description, file=sys.stderr, disable=None))
         bars[0].update(done - bars[0].n)
 
     try:

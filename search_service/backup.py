@@ -325,7 +325,8 @@ def load_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupError(f"{path}: not a manifest of this format ({FORMAT})")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BackupError(f"{path}: schema version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+        raise BackupError(f"{path}: schema version {manifest.get('schema_version')!r}, "
+                          f"this code reads {SCHEMA_VERSION}")
     for name in manifest["files"]:
         _check_name(name)
     return manifest

@@ -27,7 +27,7 @@ from search_service.engine import Engine
 from search_service.index import IndexSettings
 from search_service.pb import search_pb2 as pb
 from search_service.store import NewItem, sha256_hex
-from search_service.testing import ServiceProcess, WireClient
+from search_service.testing import ServiceProcess, WireClient, wait_for
 
 MODEL, PRETRAINED = "coca-tiny", "random"  # conftest's tiny_repository: seed 0
 
@@ -168,15 +168,21 @@ def test_a_backup_killed_at_a_random_point_leaves_no_manifest_or_a_verifiable_ba
         with ServiceProcess(*args) as service, client_of(service) as client:
             if attempt == 0:
                 add_all(client, images)
+                duration = run_backup(client, "probe").seconds  # how long one takes here
             else:
                 complete = run_backup(client, "bk")
                 assert complete.blobs == len(images)
+                duration = complete.seconds
                 add_all(client, noise_jpegs(2, seed=10, side=128))  # 1% new items
             thread = threading.Thread(target=backup_until_killed, args=(client,), daemon=True)
             thread.start()
-            time.sleep(rng.uniform(0.0, 0.3))
+            wait_for(lambda: (root / "bk" / ".staging").is_dir() or not thread.is_alive(), 30, "the backup to start",
+                     interval=0.001)
+            delay = rng.uniform(0.0, 0.8 * duration)  # a random point of it (the RPC itself takes a moment)
+            time.sleep(delay)
             service.kill()
             thread.join(30)
+        print(f"backup {attempt}: killed {delay:.3f} s into a {duration:.3f} s backup")
         try:
             manifest = verify_backup(root / "bk")
             outcomes.append(f"verifiable ({manifest['items']} items)")
@@ -329,7 +335,8 @@ def test_verify_names_a_flipped_byte_a_missing_blob_and_a_damaged_database(tmp_p
 def test_restore_refuses_a_folder_in_use_and_restores_equal_items(tmp_path, capsys):
     engine, blobs = make_engine(tmp_path / "data", 30)
     engine.backup(tmp_path / "bk")
-    expected = {item.id: (item, engine.read_image(item)) for item in engine.store.get_many(list(range(1, 31)), True).values()}
+    stored = engine.store.get_many(list(range(1, 31)), with_embedding=True).values()
+    expected = {item.id: (item, engine.read_image(item)) for item in stored}
     engine.close()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("mine")
