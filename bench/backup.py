@@ -5,7 +5,7 @@
 * an incremental backup into the same folder after 1% new items,
 * restore, and the restored store's start with the backup's FAISS snapshot vs rebuilding the index.
 
-    python -m bench.backup --items 3000 --blob-kb 50 --dim 512 --work /tmp/backup-bench
+    python -m bench.backup --items 3000 --blob-kb 50 --dim 512 [--index HNSW32] --work /tmp/backup-bench
 """
 from __future__ import annotations
 
@@ -50,12 +50,14 @@ def main(argv=None) -> None:
     p.add_argument("--blob-kb", type=int, default=50)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--work", type=Path, default=Path("/tmp/backup-bench"))
+    p.add_argument("--index", default="Flat", help="FAISS factory of the store's index (HNSW32: a costly rebuild)")
     args = p.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     rng = np.random.default_rng(0)
     data = args.work / "data"
-    engine = Engine(data, IndexSettings())
+    settings = IndexSettings(factory=args.index)
+    engine = Engine(data, settings)
     engine.bind_model("bench", "random", args.dim)
     engine.open_index(args.dim)
     items = random_items(rng, args.items, args.blob_kb << 10, args.dim, "a")
@@ -67,6 +69,9 @@ def main(argv=None) -> None:
 
     _, cp_s = timed(lambda: subprocess.run(["cp", "-r", str(data), str(args.work / "cp")], check=True))
     print(f"cp -r: {cp_s:.2f} s, {size / 1e6 / cp_s:.0f} MB/s")
+    _, cp_sync_s = timed(lambda: subprocess.run(["sh", "-c", f"cp -r {data} {args.work / 'cp2'} && sync -f {args.work}"],
+                                                check=True))
+    print(f"cp -r then sync -f (flushed, as a backup is): {cp_sync_s:.2f} s, {size / 1e6 / cp_sync_s:.0f} MB/s")
     full, full_s = timed(lambda: engine.backup(args.work / "idle"))
     print(f"backup, idle: {full_s:.2f} s, {full.bytes_copied / 1e6 / full_s:.0f} MB/s ({full.blobs_copied} blobs)")
 
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
         if drop:
             for snapshot in (args.work / "restored").glob("index-*.faiss"):
                 snapshot.unlink()
-        restored = Engine(args.work / "restored", IndexSettings())
+        restored = Engine(args.work / "restored", settings)
         how, open_s = timed(lambda: restored.open_index(args.dim))
         restored.close()
         print(f"restored store opens {label}: {open_s:.2f} s ({how})")
