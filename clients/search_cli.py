@@ -428,7 +428,7 @@ def configure_backup(p: argparse.ArgumentParser) -> None:
 
 
 def backup(args) -> int:
-    from search_service.backup import backup_data_dir, verify_backup
+    from search_service import backup_data_dir, verify_backup
 
     if args.verify:
         if args.out or args.data or args.server:
@@ -467,7 +467,7 @@ def configure_restore(p: argparse.ArgumentParser) -> None:
 
 
 def restore(args) -> int:
-    from search_service.backup import restore_backup
+    from search_service import restore_backup
 
     with _bar("restoring blobs") as progress:
         manifest = restore_backup(Path(args.backup), Path(args.data), progress)
