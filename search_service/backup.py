@@ -47,6 +47,7 @@ from .store import SCHEMA_VERSION, Store
 
 MANIFEST = "manifest.json"
 FORMAT = "coca-search-backup/1"
+BACKUP_FILES = ("store-*.sqlite3", "index-*.faiss")  # what a backup writes beside its manifest and blobs/
 STAGING = ".staging"  # partial copies; never named by a manifest, cleared by the next backup
 CHUNK = 1 << 20
 BLOB_NAME = re.compile(r"blobs/([0-9a-f]{2})/\1[0-9a-f]{62}")  # BlobDirectory.relative of a sha256
@@ -142,7 +143,7 @@ def _backup(store: Store, out: Path, index_files: Iterable[Path], progress: Prog
         "files": files, "blobs": {"count": len(contents.blobs), "named_by": "the sha256 of each one's bytes"},
     }
     _write_manifest(out, manifest)
-    _remove_unnamed(out, manifest, contents.blobs, previous)
+    _remove_unnamed(out, manifest, contents.blobs)
     shutil.rmtree(staging, ignore_errors=True)
     return BackupSummary(str(out), contents.items, len(contents.blobs), len(missing), written, contents.sequence,
                          time.perf_counter() - started)
@@ -303,11 +304,13 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     fsync_dir(out)
 
 
-def _remove_unnamed(out: Path, manifest: dict, blobs: list[str], previous: Optional[dict]) -> None:
-    """After the new manifest: the previous database and snapshot files, and blobs of items deleted since."""
-    if previous is not None:
-        for name in set(previous.get("files", {})) - set(manifest["files"]):
-            (out / name).unlink(missing_ok=True)
+def _remove_unnamed(out: Path, manifest: dict, blobs: list[str]) -> None:
+    """After the new manifest: database and snapshot files it does not name (the previous backup's, or an
+    interrupted run's), and blobs of items deleted since."""
+    for pattern in BACKUP_FILES:
+        for path in out.glob(pattern):
+            if path.name not in manifest["files"]:
+                path.unlink(missing_ok=True)
     for name in _blob_files(out) - set(blobs):
         (out / name).unlink(missing_ok=True)
 
@@ -354,8 +357,9 @@ def verify_backup(folder: Path, progress: Progress = _no_progress) -> dict:
     if check != "ok":
         raise BackupError(f"{manifest['database']}: SQLite integrity_check says {check}")
     contents = read_contents(database)
-    if contents.items != manifest["items"]:
-        raise BackupError(f"{manifest['database']}: {contents.items} items, the manifest says {manifest['items']}")
+    if (contents.items, len(contents.blobs)) != (manifest["items"], manifest["blobs"]["count"]):
+        raise BackupError(f"{manifest['database']}: {contents.items} items and {len(contents.blobs)} blobs, the "
+                          f"manifest says {manifest['items']} and {manifest['blobs']['count']}")
     for done, name in enumerate(contents.blobs, 1):
         path = folder / name
         if not path.is_file():

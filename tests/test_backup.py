@@ -195,7 +195,8 @@ def test_a_backup_killed_at_a_random_point_leaves_no_manifest_or_a_verifiable_ba
         count = client.stats().count
     assert summary.items == summary.blobs == len(blob_inodes(root / "bk")) == count == len(images) + 2
     assert summary.blobs_copied == count - manifest["blobs"]["count"]  # only blobs the last finished one lacked
-    verify_backup(root / "bk")
+    files = verify_backup(root / "bk")["files"]
+    assert {p.name for p in (root / "bk").iterdir() if p.is_file()} == {"manifest.json", *files}  # no leftovers
 
 
 @pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
