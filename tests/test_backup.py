@@ -369,3 +369,33 @@ def test_backup_refuses_a_data_directory_inside_it_and_names_bad_arguments(tmp_p
     assert cli("backup", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "bk")) == 2
     assert "not a data directory" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_deletes_during_a_backup_keep_the_blobs_its_snapshot_names_until_it_is_done(tmp_path):
+    engine, blobs = make_engine(tmp_path / "data", 50)
+    items = sorted(engine.store.get_many(list(range(1, 51))).values(), key=lambda item: item.vid)
+    last, readded = items[-1], items[-2]  # the last blob copied; one deleted and added again meanwhile
+    deleted_during = []
+
+    def progress(phase, done, total):  # on the backup's thread, after its snapshot, before the last blob is copied
+        if not deleted_during:
+            deleted_during.append(engine.delete(last.id))
+            engine.delete(readded.id)
+            engine.add([NewItem(sha256=readded.sha256, uri="again", embedding=np.eye(8, dtype=np.float32)[0],
+                                data=blobs[readded.vid - 1])])
+
+    try:
+        summary = engine.backup(tmp_path / "bk", progress)
+        live_blobs = {p.name for p in (tmp_path / "data" / "blobs").glob("*/*")}
+        assert engine.find_sha(readded.sha256) is not None
+    finally:
+        engine.close()
+    assert deleted_during and summary.items == 50  # the snapshot was taken before the deletes
+    restore_backup(tmp_path / "bk", tmp_path / "restored")
+    restored = Engine(tmp_path / "restored", IndexSettings())
+    try:
+        assert restored.read_image(restored.get(last.id)) == blobs[last.vid - 1]
+    finally:
+        restored.close()
+    assert last.sha256 not in live_blobs  # unlinked once the backup was done
+    assert readded.sha256 in live_blobs  # added again meanwhile: kept
