@@ -325,6 +325,9 @@ search_command("serve", "run tritonserver and the search service on 127.0.0.1 un
 search_command("index", "add a folder of images to the search service (resumable)", "index")
 search_command("search", "search the indexed images by text or by image", "search")
 search_command("list", "browse the indexed items a page at a time (conditions, order)", "list_items")
+search_command("backup", "back up the search store (while serving, through the service), or --verify a backup",
+               "backup")
+search_command("restore", "restore a backup into a new data directory", "restore")
 search_command("duplicates", "groups of near-identical indexed images (cosine similarity >= a threshold)", "duplicates")
 
 

@@ -10,11 +10,16 @@
     coca list [--where CONDITION ...] [--order-by=-added_at] [--page-size 20] [--page-token TOKEN]
     coca duplicates [--threshold 0.95] [--page-size 20] [--page-token TOKEN]
     coca caption photo.jpg --server 127.0.0.1:50051 [--stream]   (clients/cli.py's caption command)
+    coca backup --out DIR --server HOST:PORT     (while serving: DIR on the service's machine, under its --root)
+    coca backup --out DIR --data DATA            (offline: a data directory no service has open)
+    coca backup --verify DIR
+    coca restore DIR --data NEW
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import html
 import io
@@ -412,3 +417,82 @@ small {{ color: #666; word-break: break-all; }}
 </div></body></html>
 """
     Path(path).write_text(page, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- backup and restore
+def configure_backup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="the backup folder: new, empty, or a previous backup (then only "
+                   "new blobs are copied); with --server a folder on the service's machine under its --root")
+    p.add_argument("--data", metavar="DATA", help="back up this data directory offline (no service may have it open)")
+    p.add_argument("--verify", metavar="DIR", help="check a backup: every file's sha256, every blob its items name, "
+                   "SQLite's integrity_check; exit 2 with the first fault")
+    add_connection_options(p, server_help="back up through the service at HOST:PORT while it serves")
+
+
+def backup(args) -> int:
+    from search_service import backup_data_dir, verify_backup
+
+    if args.verify:
+        if args.out or args.data or args.server:
+            raise InvalidInputError("--verify DIR takes no --out, --data or --server")
+        with _bar("verifying blobs") as progress:
+            manifest = verify_backup(Path(args.verify), progress)
+        print(f"{args.verify}: a verified backup of {manifest['items']} items, {manifest['blobs']['count']} blobs, "
+              f"sequence {manifest['sequence']}, made {manifest['created']}")
+        return 0
+    if not args.out or (args.data is None) == (args.server is None):
+        raise InvalidInputError("give --out DIR and one of --server HOST:PORT (while serving) or --data DATA (offline)")
+    if args.data is not None:
+        with _bar("copying blobs") as progress:
+            summary = backup_data_dir(Path(args.data), Path(args.out), progress)
+        _print_backup(summary)
+        return 0
+
+    def body(client):
+        with _bar("copying blobs") as progress:
+            for step in client.backup(args.out):
+                if step.summary is None:
+                    progress(step.phase, step.done, step.total)
+        _print_backup(step.summary)
+
+    return call_service(args, "backup", body)
+
+
+def _print_backup(summary) -> None:
+    print(f"backed up {summary.items} items into {summary.out} (sequence {summary.sequence}): {summary.blobs} blobs, "
+          f"{summary.blobs_copied} copied now, {summary.bytes_copied / 1e6:.1f} MB written in {summary.seconds:.2f} s")
+
+
+def configure_restore(p: argparse.ArgumentParser) -> None:
+    p.add_argument("backup", metavar="DIR", help="a backup folder (coca backup --out)")
+    p.add_argument("--data", metavar="NEW", required=True, help="the new data directory: absent or empty")
+
+
+def restore(args) -> int:
+    from search_service import restore_backup
+
+    with _bar("restoring blobs") as progress:
+        manifest = restore_backup(Path(args.backup), Path(args.data), progress)
+    print(f"restored {manifest['items']} items (sequence {manifest['sequence']}, model {manifest['model']['model']}) "
+          f"into {args.data}; serve it with: coca serve --data {args.data}")
+    return 0
+
+
+@contextlib.contextmanager
+def _bar(description: str):
+    """A progress(phase, done, total) callback drawing one tqdm bar (made at the first call: none for no work)."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if not bars:
+            # disable=None: no bar off a terminal (logs, tests)
+            bars.append(tqdm(total=total, unit="file", desc=description, file=sys.stderr, disable=None))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()

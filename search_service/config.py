@@ -80,9 +80,14 @@ class ServiceConfig:
     def resolve_path(self, path: str) -> Path:
         return resolve_under_roots(path, self.allowed_roots)
 
+    def resolve_output_folder(self, path: str) -> Path:
+        """Where a folder the service writes (a backup) would be: under the roots, like files it reads."""
+        return resolve_under_roots(path, self.allowed_roots, want_file=False)
 
-def resolve_under_roots(path: str, roots: list[Path]) -> Path:
-    """The real file `path` names, if it lies under one of `roots`; PathRefused otherwise.
+
+def resolve_under_roots(path: str, roots: list[Path], want_file: bool = True) -> Path:
+    """The real file `path` names (want_file=False: the real path, existing or not), if it lies under one
+    of `roots`; PathRefused otherwise.
 
     Relative paths are taken relative to the first root. Any `..` component is
     refused outright, and symlinks are resolved before the check, so a link
@@ -103,7 +108,7 @@ def resolve_under_roots(path: str, roots: list[Path]) -> Path:
         real_roots = [Path(os.path.realpath(r)) for r in roots]
         if not any(real == r or real.is_relative_to(r) for r in real_roots):
             raise PathRefused(f"{shown}: outside the allowed roots ({', '.join(str(r) for r in roots)})")
-        if not real.is_file():
+        if want_file and not real.is_file():
             raise PathRefused(f"{shown}: no such file under the allowed roots", not_found=True)
     except OSError as exc:
         raise PathRefused(f"{shown}: not a usable path ({exc.strerror})") from None

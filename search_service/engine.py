@@ -148,6 +148,13 @@ class Engine(Collection):
         """Write a snapshot now (raises on failure, unlike the automatic ones)."""
         self._write(self._snapshot)
 
+    def backup(self, out: Path, progress=None):
+        """A consistent copy into `out` while writes go on (search_service/backup.py); blocks."""
+        from .backup import backup_store
+
+        release = lambda: self._write(self.store.release_blob_deletes)  # noqa: E731 (placing blobs runs there)
+        return backup_store(self.store, Path(out), [self.snapshot_path], progress, release=release)
+
     def _write(self, fn: Callable[[], T]) -> T:
         return self._writer.submit(fn).result()
 

@@ -77,7 +77,12 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    return None if handler is None else with_behaviour(handler, lambda behaviour, kind: refuse)
+    async def refuse_stream(request, context):  # a streamed response needs an async generator (else UNKNOWN)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # never reached: abort raises
+
+    return None if handler is None else with_behaviour(
+        handler, lambda behaviour, kind: refuse_stream if kind[1] else refuse)
 
 
 class ParseRequests(grpc.aio.ServerInterceptor):

@@ -39,6 +39,7 @@ from .query import QueryInputError, decode_token, encode_token, fingerprint
 from .duplicates import DuplicateScans, ScanStopped, TooManyItems, check_threshold, nearest_other
 from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
+from .backup import BackupError
 from .blobs import BlobError
 from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
 
@@ -59,6 +60,7 @@ MAX_METADATA_CHARS = 4096
 MAX_FIND_HASHES = 1024  # content hashes in one FindContent
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within this of 1
+BACKUP_PROGRESS_S = 0.5  # how often a Backup stream says how far it got
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
@@ -867,6 +869,45 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                               last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
             repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings,
             schema=schema)
+
+    # ------------------------------------------------------------ operations
+    @rpc_stream
+    async def Backup(self, request: pb.BackupRequest, context) -> AsyncIterator[pb.BackupProgress]:
+        """search_service/backup.py on a worker thread while the service goes on; its progress every
+        BACKUP_PROGRESS_S. A client that goes away does not stop it (it finishes, or leaves no manifest)."""
+        backup = getattr(self.engine, "backup", None)
+        if backup is None:
+            raise Unsupported("backups of a Milvus collection (export through a query iterator to Parquet) are not "
+                              "built yet: back up Milvus with its own tools and the data directory's blobs/ folder")
+        if not request.out:
+            raise bad("give the backup folder (out), under one of the service's --root folders")
+        out = self.config.resolve_output_folder(request.out)
+        latest: list[tuple[str, int, int]] = []
+
+        def progress(phase: str, done: int, total: int) -> None:
+            latest[:] = [(phase, done, total)]  # the newest only; read by the loop below
+
+        job = asyncio.ensure_future(asyncio.to_thread(backup, out, progress))
+        sent = None
+        while True:
+            finished, _ = await asyncio.wait({job}, timeout=BACKUP_PROGRESS_S)
+            now = latest[0] if latest else None
+            if now is not None and now != sent and not finished:
+                sent = now
+                yield pb.BackupProgress(phase=now[0], done=now[1], total=now[2])
+            if finished:
+                break
+        try:
+            summary = job.result()
+        except BackupError as exc:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"backup into {request.out!r}: {exc}") from None
+        except OSError as exc:  # a full disk, a folder it may not write: said plainly
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"backup into {request.out!r} failed: {exc}") from None
+        yield pb.BackupProgress(phase="done", done=summary.blobs_copied, total=summary.blobs_copied,
+                                summary=pb.BackupSummary(
+                                    out=request.out, items=summary.items, blobs=summary.blobs,
+                                    blobs_copied=summary.blobs_copied, bytes_copied=summary.bytes_copied,
+                                    sequence=summary.sequence, seconds=summary.seconds))
 
 
 # ---------------------------------------------------------------- module helpers

@@ -169,6 +169,8 @@ class Store:
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         self._init_info()
+        # blob unlinks put off while a backup copies the blobs its snapshot names (hold_blob_deletes)
+        self._holds, self._held_unlinks, self._holds_lock = 0, [], threading.Lock()
 
     # ------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -308,8 +310,46 @@ class Store:
             db.execute("DELETE FROM caption_retry WHERE vid = ?", (item.vid,))
             db.execute("INSERT INTO changes (vid, op) VALUES (?, 'delete')", (item.vid,))
         if item.blob:  # after the commit: a crash in between leaves an unreferenced blob, never a dangling row
-            self.blobs.unlink(item.blob)
+            self._unlink_blob(item.blob)
         return item
+
+    def _unlink_blob(self, relative: str) -> None:
+        with self._holds_lock:
+            if self._holds:
+                self._held_unlinks.append(relative)
+                return
+        self.blobs.unlink(relative)
+
+    # ------------------------------------------------------------ backups (search_service/backup.py)
+    def hold_blob_deletes(self) -> None:
+        """Put off deletes' blob unlinks until `release_blob_deletes`: a backup's snapshot may name a blob
+        that a later delete would otherwise remove before the backup copied it. Any thread; call before
+        the snapshot is taken. A crash meanwhile leaves unreferenced blobs, which `sweep_blobs` removes."""
+        with self._holds_lock:
+            self._holds += 1
+
+    def release_blob_deletes(self) -> int:
+        """End one hold; the last one unlinks the blobs put off that no row names now (the same content may
+        have been added again meanwhile). Writer thread only (placing a blob runs there). Returns how many."""
+        with self._holds_lock:
+            self._holds -= 1
+            if self._holds:
+                return 0
+            held, self._held_unlinks = self._held_unlinks, []
+        known = self._referenced_blobs(held) if held else set()
+        return sum(discard(self.blobs.path(name)) for name in set(held) - known)
+
+    def backup_database(self, target: Path) -> None:
+        """Copy the database as of one moment into `target` (a new file) with SQLite's online backup API,
+        in one step: a read transaction, so writers go on meanwhile (WAL) and the copy is consistent."""
+        source = self._connect()
+        copy = sqlite3.connect(target, isolation_level=None)
+        try:
+            source.backup(copy)  # pages=-1: all pages under one read lock
+            copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+        finally:
+            copy.close()
+            source.close()
 
     def set_captions(self, captions: dict[str, str]) -> None:
         """Captions by item id (ids deleted meanwhile are skipped)."""

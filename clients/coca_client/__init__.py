@@ -22,12 +22,14 @@ from .aio import AsyncClient
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                      NotFound, PermissionDenied, ResourceExhausted, SearchError, Unauthenticated, Unavailable)
-from .types import (AddItem, AddResult, Caption, CaptionChunk, Condition, DuplicateGroup, DuplicatePage, Hit, Item,
-                    ItemError, LabelScore, ListPage, Outcome, Sampling, SearchResult, Stats, TextScore, TritonEndpoint)
+from .types import (AddItem, AddResult, BackupProgress, BackupSummary, Caption, CaptionChunk, Condition,
+                    DuplicateGroup, DuplicatePage, Hit, Item, ItemError, LabelScore, ListPage, Outcome, Sampling,
+                    SearchResult, Stats, TextScore, TritonEndpoint)
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "DEFAULT_TIMEOUT",
-    "AddItem", "AddResult", "Caption", "CaptionChunk", "Condition", "DuplicateGroup", "DuplicatePage", "Hit", "Item",
+    "AddItem", "AddResult", "BackupProgress", "BackupSummary", "Caption", "CaptionChunk", "Condition",
+    "DuplicateGroup", "DuplicatePage", "Hit", "Item",
     "ItemError", "LabelScore", "ListPage", "Outcome", "Sampling", "SearchResult", "Stats", "TextScore", "TritonEndpoint",
     "SearchError", "AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
     "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable",

@@ -225,6 +225,21 @@ class Client(ClientBase):
         return t.Stats.from_pb(self._unary("Stats", pb.StatsRequest(), timeout))
 
 
+    # ------------------------------------------------------------ operations
+    def backup(self, out: str, *, timeout: Optional[float] = None) -> Iterator[t.BackupProgress]:
+        """Back the service's store up into `out`, a folder on the service's machine under its --root folders
+        (a previous backup there: only new blobs are copied). Yields progress; the last one carries the
+        summary. No deadline unless given; not retried; stopping early does not stop the backup."""
+        call = self._stub.Backup(pb.BackupRequest(out=str(out)), timeout=timeout, metadata=self._metadata)
+        try:
+            for progress in call:
+                yield t.BackupProgress.from_pb(progress)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "Backup", self.target) from None
+        finally:
+            call.cancel()
+
+
 class _FileItems(Sequence):
     """Files as AddItems, read only when the stream gets to them (so retries can slice without reading)."""
 

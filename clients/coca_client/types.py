@@ -237,6 +237,34 @@ class Stats:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class BackupSummary:
+    out: str  # the backup folder on the service's machine
+    items: int
+    blobs: int  # image files the backup holds
+    blobs_copied: int  # of those, copied by this run (the rest were there from an earlier backup into the folder)
+    bytes_copied: int
+    sequence: int  # the store's change sequence the backup covers
+    seconds: float
+
+    @classmethod
+    def from_pb(cls, s: pb.BackupSummary) -> "BackupSummary":
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class BackupProgress:
+    phase: str  # "blobs" while blobs are copied; "done" on the last one
+    done: int
+    total: int
+    summary: Optional[BackupSummary] = None  # on the last one
+
+    @classmethod
+    def from_pb(cls, p: pb.BackupProgress) -> "BackupProgress":
+        summary = BackupSummary.from_pb(p.summary) if p.HasField("summary") else None
+        return cls(p.phase, p.done, p.total, summary)
+
+
 # ---------------------------------------------------------------- inputs
 @dataclass
 class AddItem:

@@ -575,3 +575,39 @@ class TritonEndpoint(_message.Message):
     last_error: str
     down_seconds: float
     def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., outages: _Optional[int] = ..., last_error: _Optional[str] = ..., down_seconds: _Optional[float] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("out",)
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    out: str
+    def __init__(self, out: _Optional[str] = ...) -> None: ...
+
+class BackupProgress(_message.Message):
+    __slots__ = ("phase", "done", "total", "summary")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    done: int
+    total: int
+    summary: BackupSummary
+    def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., summary: _Optional[_Union[BackupSummary, _Mapping]] = ...) -> None: ...
+
+class BackupSummary(_message.Message):
+    __slots__ = ("out", "items", "blobs", "blobs_copied", "bytes_copied", "sequence", "seconds")
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    out: str
+    items: int
+    blobs: int
+    blobs_copied: int
+    bytes_copied: int
+    sequence: int
+    seconds: float
+    def __init__(self, out: _Optional[str] = ..., items: _Optional[int] = ..., blobs: _Optional[int] = ..., blobs_copied: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., sequence: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -100,6 +100,11 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/coca.search.v1.SearchService/Backup',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.BackupRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.BackupProgress.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -191,6 +196,14 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Back the embedded store up into a folder under the service's --root folders while it keeps serving
+        (README "Backup and restore"): progress messages, then one with the summary. Milvus: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +271,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.FindDuplicates,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.BackupRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.BackupProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -611,6 +629,33 @@ class SearchService:
             '/coca.search.v1.SearchService/FindDuplicates',
             coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.FindDuplicatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/coca.search.v1.SearchService/Backup',
+            coca_dot_search_dot_v1_dot_search__pb2.BackupRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.BackupProgress.FromString,
             options,
             channel_credentials,
             insecure,
