@@ -244,6 +244,26 @@ def test_an_item_over_a_milvus_byte_bound_fails_alone(tmp_path, triton, milvus_s
         assert client.stats().count == len(good)
 
 
+def test_a_row_milvus_itself_refuses_fails_alone(tmp_path, milvus_server):
+    """The net under the byte checks: with them off (as for a bound nothing checks yet), Milvus's own refusal
+    (error 1100) of one row fails that item alone; the rest of the batch is stored and reads back equal."""
+    from search_service.store import AddOutcome, ItemRejected
+
+    collection = store_replica(tmp_path, milvus_server, f"refused_{time.time_ns()}")
+    collection._limits = {}  # the checks before writing see no bound
+    items = new_items(70, 4, metadata={"k": "v"})
+    items[2].id = "é" * 256  # 512 bytes
+    outcomes = collection.add(items)
+    assert isinstance(outcomes[2], ItemRejected) and "max length (256)" in str(outcomes[2])
+    for item, outcome in zip(items, outcomes):
+        if item is not items[2]:
+            assert isinstance(outcome, AddOutcome) and outcome.added
+            stored = collection.get(outcome.id, with_embedding=True)
+            assert (stored.sha256, stored.uri, stored.metadata) == (item.sha256, item.uri, item.metadata)
+            assert np.array_equal(stored.embedding, item.embedding)
+    assert collection.find_sha(items[2].sha256) is None
+
+
 def test_a_caption_racing_a_delete_never_brings_the_item_back(tmp_path, milvus_server):
     """Two replicas: one stores captions while the other deletes. Oracle: no acknowledged delete is readable
     again anywhere (get, search, list, at Strong), and every surviving item has the caption stored for it."""
