@@ -11,9 +11,30 @@ replica, a shared mount for several), written and fsynced before the row that na
 Identity and idempotency: the primary key is the content's sha256 and rows are written with
 `upsert`, so the same bytes added twice — retried, or through two replicas at once — are one
 item. The id clients see defaults to the first 128 bits of that sha256 (as in the embedded
-store). An explicit id is checked against the collection before the write; two replicas
-racing to give one new id to two different contents can both succeed (Milvus has no unique
-constraint on a non-key field) — the one cross-replica gap, stated here and in README.
+store). An explicit id is checked against the collection before the write, under a lock per id
+and per content in this replica, so two streams giving one id to two contents get ADDED once
+and ALREADY_EXISTS once. Two *replicas* racing to give one new id to two different contents can
+both succeed: Milvus has no unique constraint on a non-key field and no conditional write — the
+one cross-replica gap, stated here and in README.
+
+Bounds: Milvus measures VARCHAR fields in UTF-8 bytes (the `max_length` of each field in the
+collection's schema, read from the collection itself) and a JSON field's serialised bytes
+(MAX_META_JSON_BYTES). Every row is checked before anything is written; an item over a bound
+fails alone (ItemRejected: INVALID_ARGUMENT naming the field and the bound) and the rest of its
+batch is stored. A rejection Milvus still makes (error 1100) is traced to its row the same way.
+
+Captions live in a collection of their own (`<collection>_captions`: content sha256, caption,
+and the `created_at` of the item they were made for), so storing one never rewrites the item's
+row: a Delete racing a caption can leave an orphan caption row (never read: its created_at
+names an item that is gone), never bring the item back. Rows written before this kept their
+caption in the item row (`caption`), read when no caption row applies.
+
+Setup from any number of replicas at once: each creates the collections (an identical create is
+a no-op in Milvus), then every index, and only then loads, so no load happens before all
+indexes exist (Milvus refuses to load a loaded collection whose indexes changed). A collection
+already loaded is not given new indexes. What a replica cannot fix by retrying (an index of
+another type, a collection that cannot be made) is StoreSetupError: logged once, saying what to
+do; health stays NOT_SERVING with that reason, and nothing loops on tracebacks.
 
 Blob files are named `<sha256>.<random>`: each write places its own file and a delete removes
 only the file its row named, so no replica can remove another's bytes. A file no row names
@@ -24,25 +45,29 @@ Consistency (PLATFORM.md: Bounded misses fresh writes and still shows deletes; S
 ~390 ms a search here; Session gives one client its own inserts): reads run at `Session` by
 default (a replica sees its own adds at once; others' within Milvus's bounded staleness), and
 every read drops ids deleted through this replica in the last `recent_delete_s` seconds (a
-delete is not covered by Session in Milvus 2.3). Searches may ask for another level per call
+delete is not covered by Session in Milvus 2.3): up to MAX_HIDDEN_DELETES ids as a `not (pk in
+[...])` term; past that (a bulk delete), reads run at Strong until the window passes, which sees
+every delete, so expressions stay bounded. Searches may ask for another level per call
 (SearchOptions.consistency); Stats counts at Strong.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dirs
 from .collection import Collection, Hit, Page, StoreUnavailable, Unsupported, check_query, first_hits
 from .query import ADDED_AT, Condition, Filter, Order, QueryInputError
-from .store import AddOutcome, ConflictError, Item, ModelMismatchError, NewItem, default_id
+from .store import (AddOutcome, ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreSetupError,
+                    default_id)
 
 log = logging.getLogger("search_service.milvus")
 T = TypeVar("T")
@@ -52,6 +77,11 @@ MAX_ID = 256
 MAX_URI = 8192
 MAX_CAPTION = 8192
 MAX_BLOB_NAME = 256
+MAX_META_JSON_BYTES = 65536  # Milvus's bound on one JSON value (common.JSONMaxLength; not in the schema)
+MAX_HIDDEN_DELETES = 256  # ids in a read's "recently deleted" term (~70 bytes each); past it, reads run at Strong
+INVALID_PARAMETER = 1100  # Milvus's code for a value it refuses (too long, wrong type)
+FIELD_NAMES = {"item_id": "id", "meta": "metadata", "uri": "uri", "caption": "caption", "blob": "blob name"}
+CAPTIONS_SUFFIX = "_captions"
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 CONNECT_TIMEOUT_S = 2.0
 # pymilvus retries a refused connection 75 times (minutes of backoff) unless told otherwise; and it
@@ -130,8 +160,14 @@ class MilvusCollection(Collection):
         self._dim: Optional[int] = None
         self._open = False
         self._size = 0
+        self.captions_name = f"{settings.collection}{CAPTIONS_SUFFIX}"
+        self._limits: dict[str, int] = {}  # VARCHAR field -> its max_length (UTF-8 bytes), from the collection
+        self._caption_limit = MAX_CAPTION  # the caption collection's, read when it is opened
         self._deleted: dict[str, float] = {}  # pk -> monotonic time of a delete through this replica
+        self._strong_until = 0.0  # monotonic time until which reads run at Strong (too many recent deletes)
         self._deleted_lock = threading.Lock()
+        self._writing = KeyLocks()  # ids and contents being added through this replica
+        self._said: set[str] = set()  # operator messages already logged
 
     # ------------------------------------------------------------ Milvus calls
     @property
@@ -178,9 +214,11 @@ class MilvusCollection(Collection):
                 pass
 
     def _query(self, expression: str, fields: list[str], level: Optional[str] = None) -> list[dict]:
+        """Rows matching the expression, less what this replica deleted lately (dropped here, not in the
+        expression: it stays as long as the caller made it)."""
+        level, _ = self._level(level)
         rows = self._call("query", lambda c: c.query(
-            self.name, filter=expression, output_fields=fields, **self._opts,
-            consistency_level=level or self.settings.consistency))
+            self.name, filter=expression, output_fields=fields, **self._opts, consistency_level=level))
         hidden = self._recently_deleted()
         return [r for r in rows if r.get("pk") not in hidden]
 
@@ -205,6 +243,7 @@ class MilvusCollection(Collection):
         described = self._call("describe collection", describe)
         if described is None:
             return None
+        self._limits = _varchar_limits(described)
         try:
             info = json.loads(described.get("description") or "{}")
         except ValueError:
@@ -218,14 +257,10 @@ class MilvusCollection(Collection):
         wanted = {"coca_schema": SCHEMA_VERSION, "model": model, "pretrained": pretrained, "embedding_dim": dim}
         have = self._identity()
         if have is None:
-            try:
-                self._create(wanted)
-            except Exception as exc:  # another replica may have made it a moment ago
-                have = self._identity()
-                if have is None:
-                    raise StoreUnavailable(f"cannot create Milvus collection {self.name!r}: {_message(exc)}") from None
-            else:
-                have = wanted
+            self._create_collection(self.name, self._item_schema(wanted))
+            have = self._identity()  # (another replica's, if it made it a moment before: then checked below)
+            if have is None:
+                raise StoreUnavailable(f"Milvus collection {self.name!r} was created but cannot be found")
         if have != wanted:
             raise ModelMismatchError(
                 f"Milvus collection {self.name!r} holds embeddings of {have.get('model')} ({have.get('pretrained')}, "
@@ -233,7 +268,8 @@ class MilvusCollection(Collection):
                 "use another --collection or the same model")
         self._dim = dim
 
-    def _create(self, identity: dict) -> None:
+    @staticmethod
+    def _item_schema(identity: dict):
         from pymilvus import DataType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
@@ -243,16 +279,106 @@ class MilvusCollection(Collection):
         schema.add_field("uri", DataType.VARCHAR, max_length=MAX_URI)
         schema.add_field("blob", DataType.VARCHAR, max_length=MAX_BLOB_NAME)
         schema.add_field("meta", DataType.JSON)
-        schema.add_field("caption", DataType.VARCHAR, max_length=MAX_CAPTION)
+        schema.add_field("caption", DataType.VARCHAR, max_length=MAX_CAPTION)  # rows written before caption rows
         schema.add_field("created_at", DataType.DOUBLE)
         schema.add_field("updated_at", DataType.DOUBLE)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=int(identity["embedding_dim"]))
-        index = MilvusClient.prepare_index_params()
-        index.add_index("embedding", index_type=self.settings.index_type, metric_type="IP",
-                        params=self._build_params())
-        index.add_index("item_id", index_type="Trie")
-        self.client.create_collection(self.name, schema=schema, index_params=index,
-                                      consistency_level=self.settings.consistency, **self._opts)
+        return schema
+
+    def _caption_schema(self):
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                            description=json.dumps({"coca_captions_of": self.name}))
+        schema.add_field("pk", DataType.VARCHAR, max_length=64, is_primary=True)  # the item's content sha256
+        schema.add_field("caption", DataType.VARCHAR, max_length=MAX_CAPTION)
+        schema.add_field("item_created_at", DataType.DOUBLE)  # the item it was made for (not a later re-add)
+        schema.add_field("updated_at", DataType.DOUBLE)
+        schema.add_field("marker", DataType.FLOAT_VECTOR, dim=2)  # Milvus wants a vector field; never searched
+        return schema
+
+    def _indexes(self, name: str) -> list[tuple[str, str, Optional[str], dict]]:
+        """(field, index type, metric, build parameters) of every index the collection `name` needs."""
+        if name == self.captions_name:
+            return [("marker", "FLAT", "L2", {})]
+        return [("embedding", self.settings.index_type, "IP", self._build_params()), ("item_id", "Trie", None, {})]
+
+    def _create_collection(self, name: str, schema) -> None:
+        """Create it without indexes or a load (they follow in open_index); an identical create by another
+        replica meanwhile is a no-op in Milvus, and one that fails because it exists is fine too."""
+        try:
+            self._call(f"create collection {name}", lambda c: c.create_collection(name, schema=schema, **self._opts))
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if not self._call("describe collection", lambda c: c.has_collection(name, **self._opts)):
+                raise self._setup_error(f"cannot create Milvus collection {name!r}: {_message(exc)}; "
+                                        "check that the Milvus user may create collections") from None
+
+    def _ensure_indexes(self, name: str) -> None:
+        """Make every index the collection needs, before any load: a load sees them all. A collection that is
+        already loaded gets none (Milvus would refuse every later load): one missing there is reported."""
+        from pymilvus import MilvusClient
+        from pymilvus.client.types import LoadState
+
+        state = self._call("load state", lambda c: c.get_load_state(name, **self._opts)).get("state")
+        have = self._describe_indexes(name)
+        for field, kind, metric, params in self._indexes(name):
+            if field in have:
+                self._check_index(name, field, kind, metric, have[field])
+            elif state in (LoadState.Loaded, LoadState.Loading):
+                self._say_once(f"Milvus collection {name!r} is loaded without its {kind} index on {field!r}; serving "
+                               "without it. To add it: stop the replicas, release the collection, start one replica")
+            else:
+                index = MilvusClient.prepare_index_params()
+                index.add_index(field, index_type=kind, metric_type=metric or "", params=params)
+                try:
+                    self._call(f"create index on {field}", lambda c: c.create_index(name, index, **self._opts))
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:  # another replica made a different one meanwhile
+                    raise self._setup_error(f"cannot create the {kind} index on {field!r} of Milvus collection "
+                                            f"{name!r}: {_message(exc)}") from None
+
+    def _describe_indexes(self, name: str) -> dict[str, dict]:
+        def describe(client) -> dict[str, dict]:
+            found = (client.describe_index(name, index, **self._opts) for index in client.list_indexes(name, **self._opts))
+            return {info["field_name"]: info for info in found if info}
+
+        return self._call("describe indexes", describe)
+
+    def _check_index(self, name: str, field: str, kind: str, metric: Optional[str], have: dict) -> None:
+        kind_there, metric_there = str(have.get("index_type", "")), have.get("metric_type")
+        if kind_there.upper() != kind.upper() or (metric and metric_there and metric_there.upper() != metric.upper()):
+            raise self._setup_error(
+                f"Milvus collection {name!r} has a {kind_there} index ({metric_there or 'no metric'}) on {field!r}, "
+                f"this replica was started for {kind} ({metric or 'no metric'}): start it with --milvus-index "
+                f"{kind_there} like the others, or use another --collection")
+
+    def _load(self, name: str) -> None:
+        """Load the collection; one that is loaded already with other indexes than it has now serves as loaded."""
+        try:
+            self._call(f"load collection {name}", lambda c: c.load_collection(
+                name, timeout=max(self.settings.timeout_s, 60.0), retry_times=RETRY_TIMES))
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if "can't change the index for loaded collection" in _message(exc):
+                self._say_once(f"Milvus collection {name!r} is loaded with an older set of indexes; serving with "
+                               "them. To use the newer ones: stop the replicas, release the collection, start again")
+                return
+            raise self._setup_error(f"cannot load Milvus collection {name!r}: {_message(exc)}; see Milvus's log "
+                                    "(memory, query nodes)") from None
+
+    def _setup_error(self, message: str) -> StoreSetupError:
+        self._say_once(message)
+        return StoreSetupError(message)
+
+    def _say_once(self, message: str) -> None:
+        """An operator's message, logged once per replica (health probes retry the setup: no log per probe)."""
+        if message not in self._said:
+            self._said.add(message)
+            log.error("%s", message)
 
     def _build_params(self) -> dict:
         kind = self.settings.index_type.upper()
@@ -271,8 +397,18 @@ class MilvusCollection(Collection):
         return {"metric_type": "IP", "params": {}}
 
     def open_index(self, dim: int, progress: bool = False) -> str:
-        self._call("load collection", lambda c: c.load_collection(self.name, timeout=max(self.settings.timeout_s, 60.0),
-                                                                 retry_times=RETRY_TIMES))
+        """Indexes of both collections first, then the loads (see the module docstring: replicas starting
+        together on a new collection)."""
+        if self._identity() is None:
+            raise StoreUnavailable(f"Milvus collection {self.name!r} does not exist (yet)")
+        if not self._call("describe collection", lambda c: c.has_collection(self.captions_name, **self._opts)):
+            self._create_collection(self.captions_name, self._caption_schema())
+        self._caption_limit = self._call("describe collection", lambda c: _varchar_limits(
+            c.describe_collection(self.captions_name, **self._opts))).get("caption", MAX_CAPTION)
+        for name in (self.name, self.captions_name):
+            self._ensure_indexes(name)
+        for name in (self.name, self.captions_name):
+            self._load(name)
         self._size = self._count(self.settings.consistency)  # a figure for logs: Strong would wait ~0.25-0.4 s
         self._open = True
         threading.Thread(target=self._sweep_orphans, name="milvus-blob-sweep", daemon=True).start()
@@ -301,36 +437,78 @@ class MilvusCollection(Collection):
         return known
 
     # ------------------------------------------------------------ writes
-    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
+    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
+        """Check, then write, under this replica's locks on the batch's ids and contents: between the
+        conflict check and the upsert no other stream of this replica can claim them."""
+        keys = [f"sha:{item.sha256}" for item in items] + [f"id:{item.id or default_id(item.sha256)}" for item in items]
+        with self._writing.hold(keys):
+            return self._add(items)
+
+    def _add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
         shas = sorted({item.sha256 for item in items})
         present = {r["pk"]: r["item_id"] for r in self._query(in_list("pk", shas), ["pk", "item_id"])}
         wanted_ids = sorted({item.id or default_id(item.sha256) for item in items})
         owners = {r["item_id"]: r["pk"] for r in self._query(in_list("item_id", wanted_ids), ["pk", "item_id"])}
-        outcomes: list[AddOutcome | ConflictError] = []
-        rows, placed, now = [], [], time.time()
+        outcomes: list[AddOutcome | ConflictError | ItemRejected] = []
+        rows, placed, written, now = [], [], [], time.time()  # written: (outcome index, blob path or None)
         try:
             for item in items:
-                outcome = self._decide(item, present, owners, now)
+                outcome = (self._oversized(self._row(item, item.id or default_id(item.sha256), "", now))
+                           or self._decide(item, present, owners, now))
                 outcomes.append(outcome)
                 if isinstance(outcome, AddOutcome) and outcome.added:
-                    blob = ""
+                    blob, path = "", None
                     if item.data is not None:
                         name = f"{item.sha256}.{secrets.token_hex(6)}"
-                        placed.append(self.blobs.place(self.blobs.stage(item.data), name))
+                        path = self.blobs.place(self.blobs.stage(item.data), name)
+                        placed.append(path)
                         blob = self.blobs.relative(name)
                     rows.append(self._row(item, outcome.id, blob, now))
+                    written.append((len(outcomes) - 1, path))
             fsync_dirs(placed)  # the bytes are durable before the rows that name them
-            if rows:
-                self._call("upsert", lambda c: c.upsert(self.name, rows, **self._opts))
+            refused = self._upsert(rows)
         except BaseException:
             for path in placed:
                 discard(path)
             raise
+        for position, rejection in refused.items():  # Milvus refused these rows alone: they fail alone
+            index, path = written[position]
+            outcomes[index] = rejection
+            if path is not None:
+                discard(path)
+        stored = [row for position, row in enumerate(rows) if position not in refused]
         with self._deleted_lock:
-            for row in rows:
+            for row in stored:
                 self._deleted.pop(row["pk"], None)
-        self._size += len(rows)
+        self._size += len(stored)
         return outcomes
+
+    def _oversized(self, row: dict) -> Optional[ItemRejected]:
+        """Why Milvus would refuse this row (a field over its bound in UTF-8 bytes), or None."""
+        for field, limit in self._limits.items():
+            value = row.get(field)
+            if isinstance(value, str) and len(value.encode()) > limit:
+                return ItemRejected(f"{FIELD_NAMES.get(field, field)} is {len(value.encode())} bytes in UTF-8, over "
+                                    f"the Milvus collection's limit of {limit} bytes")
+        size = len(_json_bytes(row["meta"]))
+        if size > MAX_META_JSON_BYTES:
+            return ItemRejected(f"metadata is {size} bytes as JSON, over Milvus's limit of {MAX_META_JSON_BYTES} bytes")
+        return None
+
+    def _upsert(self, rows: list[dict]) -> dict[int, ItemRejected]:
+        """Write the rows; those Milvus refuses as invalid (error 1100: found by writing each alone) come back by
+        position, and the others are written."""
+        if not rows:
+            return {}
+        try:
+            self._call("upsert", lambda c: c.upsert(self.name, rows, **self._opts))
+            return {}
+        except Exception as exc:
+            if getattr(exc, "code", None) != INVALID_PARAMETER:
+                raise
+            if len(rows) == 1:
+                return {0: ItemRejected(f"the Milvus collection refused the item: {_message(exc)}")}
+        return {position: rejection for position, row in enumerate(rows) for rejection in self._upsert([row]).values()}
 
     def bulk_insert(self, items: list[NewItem]) -> None:
         """Load items known to be new (no duplicate checks, no blobs): for benchmarks and bulk loaders that
@@ -358,38 +536,65 @@ class MilvusCollection(Collection):
                 "embedding": np.asarray(item.embedding, np.float32).tolist()}
 
     def delete(self, item_id: str) -> Optional[Item]:
-        rows = self._query(f"item_id == {literal(item_id)}", ROW_FIELDS)
+        rows = self._with_captions(self._query(f"item_id == {literal(item_id)}", ROW_FIELDS), self._level(None)[0])
         if not rows:
             return None
         pks = [r["pk"] for r in rows]
         self._call("delete", lambda c: c.delete(self.name, ids=pks, **self._opts))
-        with self._deleted_lock:
-            now = time.monotonic()
-            self._deleted.update((pk, now) for pk in pks)
+        self._hide(pks)
         for row in rows:
             if row["blob"]:
                 self.blobs.unlink(row["blob"])
+        try:  # tidiness only: a caption row left behind is never read (it names an item that is gone)
+            self._call("delete captions", lambda c: c.delete(self.captions_name, ids=pks, **self._opts))
+        except Exception as exc:
+            log.warning("caption rows of deleted item %r stay behind: %s", item_id, _message(exc))
         self._size = max(0, self._size - len(rows))
         return _item(rows[0])
 
+    def _hide(self, pks: list[str]) -> None:
+        """Hide what this replica deleted from its own reads for recent_delete_s (Session does not cover deletes):
+        by id while few, else by reading at Strong."""
+        with self._deleted_lock:
+            now = time.monotonic()
+            self._deleted.update((pk, now) for pk in pks)
+            if len(self._deleted) > MAX_HIDDEN_DELETES:
+                self._strong_until = now + self.settings.recent_delete_s
+                self._deleted.clear()
+
     def set_captions(self, captions: dict[str, str]) -> None:
+        """One caption row per item (never its item row: a Delete racing this cannot be undone by it)."""
         if not captions:
             return
-        rows = self._query(in_list("item_id", sorted(captions)), ROW_FIELDS + ["embedding"])
+        items = self._query(in_list("item_id", sorted(captions)), ["pk", "item_id", "created_at"])
         now = time.time()
-        for row in rows:
-            row["caption"], row["updated_at"] = captions[row["item_id"]][:MAX_CAPTION], now
+        rows = [{"pk": r["pk"], "caption": _cut(captions[r["item_id"]], self._caption_limit),
+                 "item_created_at": r["created_at"], "updated_at": now, "marker": [0.0, 0.0]} for r in items]
         if rows:
-            self._call("upsert captions", lambda c: c.upsert(self.name, rows, **self._opts))
+            self._call("store captions", lambda c: c.upsert(self.captions_name, rows, **self._opts))
+
+    def _with_captions(self, rows: list[dict], level: str) -> list[dict]:
+        """The item rows with their stored captions (a caption row counts for the item it was made for only)."""
+        if not rows:
+            return rows
+        found = self._call("read captions", lambda c: c.query(
+            self.captions_name, filter=in_list("pk", [r["pk"] for r in rows]),
+            output_fields=["pk", "caption", "item_created_at"], **self._opts, consistency_level=level))
+        made = {c["pk"]: c for c in found}
+        for row in rows:
+            caption = made.get(row["pk"])
+            if caption is not None and caption["item_created_at"] == row["created_at"]:
+                row["caption"] = caption["caption"]
+        return rows
 
     # ------------------------------------------------------------ reads
     def get(self, item_id: str, with_embedding: bool = False) -> Optional[Item]:
         rows = self._query(f"item_id == {literal(item_id)}", ROW_FIELDS + (["embedding"] if with_embedding else []))
-        return _item(rows[0]) if rows else None
+        return _item(self._with_captions(rows[:1], self._level(None)[0])[0]) if rows else None
 
     def find_sha(self, sha256: str) -> Optional[Item]:
         rows = self._query(f"pk == {literal(sha256)}", ROW_FIELDS)
-        return _item(rows[0]) if rows else None
+        return _item(self._with_captions(rows[:1], self._level(None)[0])[0]) if rows else None
 
     def read_image(self, item: Item) -> bytes:
         return self.blobs.read_item(item)
@@ -405,15 +610,16 @@ class MilvusCollection(Collection):
             raise Unsupported(f"ordering hits by {order.field!r}: Milvus 2.3 searches return hits by score only "
                               "(the embedded store orders by fields)")
         query = check_query(query, self._dim)
-        expression = " and ".join(self._terms(filters))
-        level = consistency or self.settings.consistency
+        terms, level = self._terms(filters, consistency)
+        expression = " and ".join(terms)
 
         def best(n: int) -> list[Hit]:
             limit = min(n, MAX_TOPK)
             results = self._call("search", lambda c: c.search(
                 self.name, data=[query.tolist()], limit=limit, filter=expression, output_fields=ROW_FIELDS,
                 search_params=self._search_params(limit), **self._opts, consistency_level=level))
-            hits = [Hit(_item(r["entity"]), float(r["distance"])) for r in results[0]]
+            rows = self._with_captions([r["entity"] for r in results[0]], level)
+            hits = [Hit(_item(row), float(r["distance"])) for row, r in zip(rows, results[0])]
             return [h for h in hits if min_score is None or h.score >= min_score]
 
         return first_hits(best, k)
@@ -422,13 +628,11 @@ class MilvusCollection(Collection):
         raise Unsupported("keyword search over captions: Milvus 2.3.5 has no full-text index (the embedded "
                           "SQLite + FAISS store has one: --vector-store faiss)")
 
-    def _terms(self, filters: Filter | dict[str, str] | None) -> list[str]:
-        """The filter's expression, and one hiding what this replica deleted lately."""
+    def _terms(self, filters: Filter | dict[str, str] | None, level: Optional[str]) -> tuple[list[str], str]:
+        """The filter's expression and one hiding what this replica deleted lately, and the level to read at."""
+        level, hiding = self._level(level)
         terms = [filter_expression(filters)] if filters else []
-        hidden = sorted(self._recently_deleted())
-        if hidden:
-            terms.append(f"not ({in_list('pk', hidden)})")
-        return terms
+        return terms + ([hiding] if hiding else []), level
 
     def list_items(self, filters: Filter | dict[str, str] | None, order: Optional[Order], after: Optional[list],
                    limit: int, with_embeddings: bool = False, consistency: Optional[str] = None) -> Page:
@@ -438,8 +642,7 @@ class MilvusCollection(Collection):
                               "lists in its own stable order (the embedded store orders by fields)")
         if after is not None and not (isinstance(after, list) and len(after) == 1 and isinstance(after[0], str)):
             raise QueryInputError("page_token does not fit this listing")
-        terms = self._terms(filters)
-        level = consistency or self.settings.consistency
+        terms, level = self._terms(filters, consistency)
         total = self._count(level, " and ".join(terms))
         if after:
             terms.append(f"pk > {literal(after[0])}")
@@ -448,7 +651,7 @@ class MilvusCollection(Collection):
                                                     output_fields=fields, limit=limit + 1, **self._opts,
                                                     consistency_level=level))
         rows.sort(key=lambda r: r["pk"])
-        items = [_item(r) for r in rows[:limit]]
+        items = [_item(r) for r in self._with_captions(rows[:limit], level)]
         return Page(items, total, [items[-1].sha256] if len(rows) > limit else None)
 
     def _count(self, level: str = "Strong", expression: str = "") -> int:
@@ -463,6 +666,15 @@ class MilvusCollection(Collection):
                 del self._deleted[pk]
             return set(self._deleted)
 
+    def _level(self, level: Optional[str]) -> tuple[str, Optional[str]]:
+        """The level a read runs at, and the expression term hiding this replica's recent deletes (None when
+        there are none, or when the read runs at Strong, which sees every acknowledged delete)."""
+        level = level or self.settings.consistency
+        hidden = self._recently_deleted()
+        if level == "Strong" or time.monotonic() < self._strong_until:
+            return "Strong", None
+        return level, f"not ({in_list('pk', sorted(hidden))})" if hidden else None
+
     def stats(self) -> dict:
         info = self._identity() or {}
         self._size = self._count()
@@ -472,6 +684,55 @@ class MilvusCollection(Collection):
             "model": info.get("model", ""), "pretrained": info.get("pretrained", ""),
             "embedding_dim": int(info.get("embedding_dim", 0)), "last_sequence": 0, "snapshot_sequence": 0,
         }
+
+
+class KeyLocks:
+    """Locks by name, taken together in one order (callers holding overlapping sets cannot deadlock); a name's
+    lock exists while someone holds or waits for it."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}  # name -> [lock, holders and waiters]
+
+    @contextlib.contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[None]:
+        ordered = sorted(set(names))
+        with self._guard:
+            entries = [self._locks.setdefault(name, [threading.Lock(), 0]) for name in ordered]
+            for entry in entries:
+                entry[1] += 1
+        taken = []
+        try:
+            for entry in entries:
+                entry[0].acquire()
+                taken.append(entry)
+            yield
+        finally:
+            for entry in reversed(taken):
+                entry[0].release()
+            with self._guard:
+                for name, entry in zip(ordered, entries):
+                    entry[1] -= 1
+                    if not entry[1]:
+                        del self._locks[name]
+
+
+def _varchar_limits(described: dict) -> dict[str, int]:
+    """Each VARCHAR field's max_length (UTF-8 bytes) in a described collection: the bounds Milvus enforces."""
+    return {f["name"]: int(f["params"]["max_length"]) for f in described.get("fields", [])
+            if "max_length" in (f.get("params") or {}) and not f.get("is_primary")}
+
+
+def _json_bytes(value: dict) -> bytes:
+    """The JSON value as pymilvus sends it (the bytes Milvus measures)."""
+    from pymilvus.client.entity_helper import convert_to_json
+
+    return convert_to_json(value)
+
+
+def _cut(text: str, limit: int) -> str:
+    """The longest prefix of `text` within `limit` UTF-8 bytes (whole characters)."""
+    return text.encode()[:limit].decode("utf-8", "ignore")
 
 
 def _item(row: dict) -> Item:

@@ -36,6 +36,7 @@ from .interceptors import RecordMetrics, ShedLoad, with_behaviour
 from .metrics import MetricsServer, ServiceMetrics
 from .milvus import CONSISTENCY_LEVELS, MilvusCollection, MilvusSettings
 from .query import FIELD_TYPES, Schema
+from .store import StoreSetupError
 from .models import Models
 from .process import METRICS_NOTE, READY_LINE
 from .pb import search_pb2, search_pb2_grpc
@@ -145,7 +146,7 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
         dim = await asyncio.to_thread(lambda: engine.dim)
         if dim is not None:  # a known store: serve ids, deletes and stats even while Triton is down
             log.info("index: %s", await asyncio.to_thread(engine.open_index, dim, progress))
-    except StoreUnavailable as exc:  # opened once it answers (health says NOT_SERVING meanwhile)
+    except (StoreUnavailable, StoreSetupError) as exc:  # opened once it answers or is fixed (NOT_SERVING meanwhile)
         log.warning("%s", exc)
     admission = Admission(config.limits, on_shed=metrics.count_shed)
     servicer = SearchServicer(config, engine, models, admission)

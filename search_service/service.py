@@ -41,7 +41,7 @@ from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
 from .backup import BackupError
 from .blobs import BlobError
-from .store import ConflictError, Item, ModelMismatchError, NewItem, sha256_hex
+from .store import ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreError, StoreSetupError, sha256_hex
 
 log = logging.getLogger("search_service")
 
@@ -95,7 +95,7 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.PERMISSION_DENIED), str(exc)
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, (InvalidInputError, QueryError, QueryInputError)):
+    if isinstance(exc, (InvalidInputError, QueryError, QueryInputError, ItemRejected)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc} (string fields must be UTF-8)"
@@ -105,7 +105,7 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"model server busy: {exc}"
     if isinstance(exc, (ModelsUnavailable, StoreUnavailable, SequenceLostError)):  # asking again may work
         return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, (ModelMismatch, ModelMismatchError)):
+    if isinstance(exc, (ModelMismatch, ModelMismatchError, StoreSetupError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, Unsupported):
         return grpc.StatusCode.FAILED_PRECONDITION, f"not offered by this store: {exc}"
@@ -952,8 +952,9 @@ async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool | Exc
 
 
 def _added(p: Prepared, outcome) -> pb.AddImageResult:
-    """The result of committing a prepared item (ADDED, DUPLICATE, or FAILED on an id conflict)."""
-    if isinstance(outcome, ConflictError):
+    """The result of committing a prepared item (ADDED, DUPLICATE, or FAILED: an id conflict, a field the store
+    cannot hold)."""
+    if isinstance(outcome, StoreError):
         return _failed(p.index, outcome, p.sha256)
     kind = pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE
     return pb.AddImageResult(index=p.index, outcome=kind, id=outcome.id, content_sha256=p.sha256)

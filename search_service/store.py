@@ -46,8 +46,8 @@ import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, sha256_hex
 
-__all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ModelMismatchError", "NewItem", "Store", "StoreError",
-           "default_id", "fsync_dir", "sha256_hex"]
+__all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ItemRejected", "ModelMismatchError", "NewItem", "Store",
+           "StoreError", "StoreSetupError", "default_id", "fsync_dir", "sha256_hex"]
 
 # 2: caption_text, an FTS5 index over captions. 3: none (KEYWORD search's index lives in memory, built from the
 # items: search_service/keywords.py); a version-2 store's caption_text is dropped when opened.
@@ -110,6 +110,16 @@ class ConflictError(StoreError):
 
 class ModelMismatchError(StoreError):
     """The store holds embeddings of another model (or dimension) than the one offered."""
+
+
+class ItemRejected(StoreError):
+    """The store cannot hold this one item as given (a field over the store's bound); the message names the
+    field and the bound. The other items of its batch are stored."""
+
+
+class StoreSetupError(StoreError):
+    """The store is set up otherwise than this process needs (or cannot be set up), and retrying cannot
+    change that: the message says what an operator must do."""
 
 
 def default_id(sha256: str) -> str:

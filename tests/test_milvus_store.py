@@ -177,3 +177,263 @@ def test_milvus_down_gives_unavailable_naming_milvus_then_recovers(tmp_path, tri
         assert hits[0].id == stored[0].id
         assert client.get(stored[1].id, include_image=True).image == data[1]
         assert add(client, data[2:])[0].outcome == ADDED
+
+
+# ---------------------------------------------------------------- writes that fail alone, deletes that stay deleted
+# (issue 19) and replicas that start together (issue 20). Most drive MilvusCollection itself, the store under
+# every replica, against the session's real Milvus; the first goes through the service.
+
+DIM = 8
+
+
+def unit_vectors(seed: int, count: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(count, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def new_items(seed: int, count: int, **fields) -> list:
+    from search_service.store import NewItem
+
+    vectors = unit_vectors(seed, count)
+    return [NewItem(sha256=hashlib.sha256(f"{seed}-{i}".encode()).hexdigest(), uri=f"mem://{seed}/{i}",
+                    embedding=vectors[i], **fields) for i in range(count)]
+
+
+def store_replica(tmp_path, milvus_server, name: str, **settings):
+    """One replica's view of collection `name`: its own MilvusCollection, bound and opened."""
+    from search_service.milvus import MilvusCollection, MilvusSettings
+
+    collection = MilvusCollection(tmp_path / "blobs", MilvusSettings(uri=milvus_server.uri, collection=name, **settings))
+    collection.bind_model("test-model", "none", DIM)
+    collection.open_index(DIM)
+    return collection
+
+
+def brute_force(live: dict, query: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The exact ranking over the live items {sha256: embedding}: (sha256, score), best first."""
+    scored = sorted(((float(vector @ query), sha) for sha, vector in live.items()), key=lambda p: (-p[0], p[1]))
+    return [(sha, score) for score, sha in scored[:k]]
+
+
+def assert_ranking(hits, live: dict, query: np.ndarray, k: int) -> None:
+    expected = brute_force(live, query, k)
+    assert [h.item.sha256 for h in hits] == [sha for sha, _ in expected]
+    assert np.allclose([h.score for h in hits], [score for _, score in expected], atol=1e-5)
+
+
+def test_an_item_over_a_milvus_byte_bound_fails_alone(tmp_path, triton, milvus_server):
+    """Milvus measures its bounds in UTF-8 bytes; the service's character checks pass these three: each fails
+    alone with INVALID_ARGUMENT naming its field and the bound, and the rest of the batch is stored."""
+    data = images(20, 6)
+    bad = {1: dict(id="é" * 256), 3: dict(uri="漢" * 4096), 5: dict(metadata={f"k{i}": "v" * 4096 for i in range(17)})}
+    named = {1: "id is 512 bytes", 3: "uri is 12288 bytes", 5: "metadata is"}
+    good = {i: dict(id=f"fine-{i}", uri=f"ok-{i}.jpg", metadata={"n": str(i)}) for i in (0, 2, 4)}
+    requests = [pb.AddImageRequest(image=d, **(bad.get(i) or good[i])) for i, d in enumerate(data)]
+    with replica(tmp_path, triton, milvus_server, f"bytes_{time.time_ns()}") as service, \
+            WireClient(service.address, timeout=60) as client:
+        results = list(client.add_images(iter(requests)))
+        for i in bad:
+            assert results[i].outcome == pb.AddImageResult.FAILED, results[i]
+            assert results[i].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert named[i] in results[i].error.message and "limit of" in results[i].error.message
+        for i, fields in good.items():
+            assert results[i].outcome == ADDED and results[i].id == fields["id"]
+            item = client.get(fields["id"], include_image=True)
+            assert (item.image, item.uri, dict(item.metadata)) == (data[i], fields["uri"], fields["metadata"])
+            assert client.search_image(data[i], k=1).hits[0].id == fields["id"]
+        assert client.stats().count == len(good)
+
+
+def test_a_row_milvus_itself_refuses_fails_alone(tmp_path, milvus_server):
+    """The net under the byte checks: with them off (as for a bound nothing checks yet), Milvus's own refusal
+    (error 1100) of one row fails that item alone; the rest of the batch is stored and reads back equal."""
+    from search_service.store import AddOutcome, ItemRejected
+
+    collection = store_replica(tmp_path, milvus_server, f"refused_{time.time_ns()}")
+    collection._limits = {}  # the checks before writing see no bound
+    items = new_items(70, 4, metadata={"k": "v"})
+    items[2].id = "é" * 256  # 512 bytes
+    outcomes = collection.add(items)
+    assert isinstance(outcomes[2], ItemRejected) and "max length (256)" in str(outcomes[2])
+    for item, outcome in zip(items, outcomes):
+        if item is not items[2]:
+            assert isinstance(outcome, AddOutcome) and outcome.added
+            stored = collection.get(outcome.id, with_embedding=True)
+            assert (stored.sha256, stored.uri, stored.metadata) == (item.sha256, item.uri, item.metadata)
+            assert np.array_equal(stored.embedding, item.embedding)
+    assert collection.find_sha(items[2].sha256) is None
+
+
+def test_a_caption_racing_a_delete_never_brings_the_item_back(tmp_path, milvus_server):
+    """Two replicas: one stores captions while the other deletes. Oracle: no acknowledged delete is readable
+    again anywhere (get, search, list, at Strong), and every surviving item has the caption stored for it."""
+    name = f"captions_{time.time_ns()}"
+    a, b = store_replica(tmp_path, milvus_server, name), store_replica(tmp_path, milvus_server, name)
+    items = new_items(30, 40)
+    assert all(o.added for o in a.add(items))
+    ids = [o.id for o in a.add(items)]
+    # the exact interleaving: b's delete lands between a's read of the item and a's caption write
+    deleted = {ids[0]}
+    upsert = a.client.upsert
+
+    def delete_first(*args, **kwargs):
+        a.client.upsert = upsert
+        assert b.delete(ids[0]) is not None
+        return upsert(*args, **kwargs)
+
+    a.client.upsert = delete_first
+    a.set_captions({ids[0]: "a caption racing its delete"})
+    # and free-running: captions through a, deletes through b
+    doomed = set(ids[1::2])
+    captions = {item_id: f"caption of {item_id}" for item_id in ids[1:]}
+
+    def caption_all():
+        for item_id in sorted(captions, key=lambda i: hashlib.md5(i.encode()).hexdigest()):
+            a.set_captions({item_id: captions[item_id]})
+
+    def delete_doomed():
+        for item_id in sorted(doomed):
+            assert b.delete(item_id) is not None
+            deleted.add(item_id)
+
+    threads = [threading.Thread(target=caption_all), threading.Thread(target=delete_doomed)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    live = {item.sha256: item.embedding for item, item_id in zip(items, ids) if item_id not in deleted}
+    strong = store_replica(tmp_path, milvus_server, name, consistency="Strong")
+    for reader in (a, b, strong):
+        assert all(reader.get(item_id) is None for item_id in deleted)
+        listed = reader.list_items(None, None, None, 100, consistency="Strong").items
+        assert sorted(i.sha256 for i in listed) == sorted(live)
+        assert {i.id: i.caption for i in listed} == {i: captions[i] for i in ids if i not in deleted}
+        query = unit_vectors(31, 1)[0]
+        assert_ranking(reader.search(query, 40, consistency="Strong"), live, query, 40)
+
+
+def test_one_id_given_to_two_contents_at_once_is_added_once(tmp_path, milvus_server):
+    """Two streams of one replica give one explicit id to two contents at the same moment (each check made
+    slow, so the two checks overlap unless something orders them): ADDED once, ALREADY_EXISTS once."""
+    from search_service.store import AddOutcome, ConflictError
+
+    collection = store_replica(tmp_path, milvus_server, f"one_id_{time.time_ns()}")
+    query = collection.client.query
+
+    def slow_query(*args, **kwargs):
+        rows = query(*args, **kwargs)
+        time.sleep(0.2)
+        return rows
+
+    collection.client.query = slow_query
+    for round_ in range(4):
+        contents = [new_items(40 + 2 * round_ + j, 1, id=f"shared-{round_}")[0] for j in range(2)]
+        start, outcomes = threading.Barrier(2), {}
+
+        def add(j):
+            start.wait()
+            outcomes[j] = collection.add([contents[j]])[0]
+
+        threads = [threading.Thread(target=add, args=(j,)) for j in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        kinds = sorted(type(o).__name__ for o in outcomes.values())
+        assert kinds == ["AddOutcome", "ConflictError"], outcomes
+        winner = next(contents[j] for j, o in outcomes.items() if isinstance(o, AddOutcome))
+        assert all(o.added for o in outcomes.values() if isinstance(o, AddOutcome))
+        assert all("shared" in str(o) for o in outcomes.values() if isinstance(o, ConflictError))
+        assert collection.get(f"shared-{round_}").sha256 == winner.sha256
+        assert [i.sha256 for i in collection.list_items({}, None, None, 10, consistency="Strong").items
+                if i.id == f"shared-{round_}"] == [winner.sha256]
+
+
+def test_many_recent_deletes_keep_reads_right_and_expressions_bounded(tmp_path, milvus_server):
+    """300 deletes through one replica within its recent-delete window: its reads at the default (Session)
+    level still equal brute force over the live items, and no read expression grows with the deletes."""
+    from search_service.milvus import MAX_HIDDEN_DELETES
+
+    collection = store_replica(tmp_path, milvus_server, f"deletes_{time.time_ns()}", index_type="FLAT")
+    items = new_items(50, 400)
+    ids = [o.id for o in collection.add(items)]
+    gone = set(ids[:300])
+    assert len(gone) > MAX_HIDDEN_DELETES
+    for item_id in sorted(gone):
+        assert collection.delete(item_id) is not None
+    expressions = []
+    for method in ("search", "query"):
+        original = getattr(collection.client, method)
+
+        def spy(*args, _original=original, **kwargs):
+            expressions.append(kwargs.get("filter", ""))
+            return _original(*args, **kwargs)
+
+        setattr(collection.client, method, spy)
+    live = {item.sha256: item.embedding for item, item_id in zip(items, ids) if item_id not in gone}
+    for query in unit_vectors(51, 5):
+        assert_ranking(collection.search(query, 20), live, query, 20)
+        assert_ranking(collection.search(query, 20, filters={}), live, query, 20)
+    assert sorted(i.sha256 for i in collection.list_items(None, None, None, 200).items) == sorted(live)
+    assert all(collection.get(item_id) is None for item_id in list(gone)[:20])
+    # (a read of captions names its page's keys: as long as the page, not the deletes)
+    bounded = [e for e in expressions if not e.startswith("pk in [")]
+    assert bounded and max(map(len, bounded)) < 2 * 1024, max(map(len, bounded))
+
+
+def start_replicas_together(tmp_path, milvus_server, name: str, count: int, seed: int) -> list:
+    """`count` replicas binding and opening one new collection at once (released together, then each after its
+    own few milliseconds, as processes started together are); each one, or its error."""
+    start, opened = threading.Barrier(count), [None] * count
+    delays = np.random.default_rng(seed).uniform(0, 0.3, count)
+
+    def open_one(j):
+        start.wait()
+        time.sleep(delays[j])
+        try:
+            opened[j] = store_replica(tmp_path / f"r{j}", milvus_server, name)
+        except Exception as exc:  # reported by the caller with the others
+            opened[j] = exc
+
+    threads = [threading.Thread(target=open_one, args=(j,)) for j in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return opened
+
+
+@pytest.mark.parametrize("rounds", [2, pytest.param(10, marks=pytest.mark.long)])  # ~5-10 s a round here
+def test_replicas_started_together_on_a_new_collection_all_serve(tmp_path, milvus_server, rounds):
+    """4 replicas start at the same instant on a new collection, `rounds` times: every one serves, each
+    answering a search that equals brute force over what all of them added."""
+    for round_ in range(rounds):
+        name = f"together_{round_}_{time.time_ns()}"
+        replicas = start_replicas_together(tmp_path / name, milvus_server, name, 4, seed=round_)
+        assert not [r for r in replicas if isinstance(r, Exception)], [f"{type(r).__name__}: {r}" for r in replicas]
+        live = {}
+        for j, collection in enumerate(replicas):
+            items = new_items(1000 * round_ + j, 3)
+            assert all(o.added for o in collection.add(items))
+            live.update((item.sha256, item.embedding) for item in items)
+        query = unit_vectors(60 + round_, 1)[0]
+        for collection in replicas:
+            assert_ranking(collection.search(query, 12, consistency="Strong"), live, query, 12)
+
+
+def test_a_replica_set_up_for_another_index_says_so_once(tmp_path, milvus_server, caplog):
+    """A collection whose vector index is HNSW, a replica started for IVF_FLAT: not a loop of tracebacks but
+    StoreSetupError (FAILED_PRECONDITION, health NOT_SERVING) saying what to do, logged once."""
+    from search_service.milvus import MilvusCollection, MilvusSettings
+    from search_service.store import StoreSetupError
+
+    name = f"other_index_{time.time_ns()}"
+    store_replica(tmp_path, milvus_server, name)
+    other = MilvusCollection(tmp_path / "blobs", MilvusSettings(uri=milvus_server.uri, collection=name,
+                                                               index_type="IVF_FLAT"))
+    with caplog.at_level("ERROR", logger="search_service.milvus"):
+        for _ in range(3):  # as health probes would
+            with pytest.raises(StoreSetupError, match="HNSW.*--milvus-index HNSW"):
+                other.open_index(DIM)
+    assert len([r for r in caplog.records if "--milvus-index" in r.getMessage()]) == 1
+    assert not other.is_open
