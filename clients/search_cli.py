@@ -10,7 +10,7 @@
     coca list [--where CONDITION ...] [--order-by=-added_at] [--page-size 20] [--page-token TOKEN]
     coca duplicates [--threshold 0.95] [--page-size 20] [--page-token TOKEN]
     coca caption photo.jpg --server 127.0.0.1:50051 [--stream]   (clients/cli.py's caption command)
-    coca backup --out DIR --server HOST:PORT     (while serving: DIR on the service's machine, under its --root)
+    coca backup --out DIR --server HOST:PORT     (while serving: DIR on the service's machine, under its --backup-root)
     coca backup --out DIR --data DATA            (offline: a data directory no service has open)
     coca backup --verify DIR
     coca restore DIR --data NEW
@@ -79,8 +79,9 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the web gallery on http://127.0.0.1:PORT/ (clients/web; 0: a free one, "
                         "printed as 'web gallery on URL')")
-    from search_service import add_operator_arguments, add_store_arguments
+    from search_service import add_backup_argument, add_operator_arguments, add_store_arguments
 
+    add_backup_argument(p)
     add_store_arguments(p)
     add_operator_arguments(p)
     p.add_argument("--encoders", choices=["torch", "onnxruntime", "onnxruntime-int8"], default="torch",
@@ -108,7 +109,8 @@ def serve(args) -> int:
     try:
         print(f"tritonserver ready on {triton.grpc_url}", flush=True)
         config = ServiceConfig(data_dir=data, triton_url=triton.grpc_url, port=args.port,
-                               allowed_roots=[Path(r) for r in args.root], **store_settings(args),
+                               allowed_roots=[Path(r) for r in args.root],
+                               backup_root=args.backup_root, **store_settings(args),
                                **operator_settings(args), logit_scale=logit_scale)
         galleries = []
         on_serving = (lambda running: galleries.append(_start_web(args.web, running.address))) \
@@ -422,7 +424,7 @@ small {{ color: #666; word-break: break-all; }}
 # ---------------------------------------------------------------- backup and restore
 def configure_backup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="the backup folder: new, empty, or a previous backup (then only "
-                   "new blobs are copied); with --server a folder on the service's machine under its --root")
+                   "new blobs are copied); with --server a folder on the service's machine under its --backup-root")
     p.add_argument("--data", metavar="DATA", help="back up this data directory offline (no service may have it open)")
     p.add_argument("--verify", metavar="DIR", help="check a backup: every file's sha256, every blob its items name, "
                    "SQLite's integrity_check; exit 2 with the first fault")

@@ -11,7 +11,7 @@ not pull in the service.
 _PUBLIC = {  # name -> module that defines it
     "ServiceConfig": "config", "DEFAULT_PORT": "config", "IndexSettings": "index",
     "run": "server", "add_store_arguments": "server", "store_settings": "server", "ServiceChild": "process",
-    "add_operator_arguments": "server", "operator_settings": "server",
+    "add_operator_arguments": "server", "operator_settings": "server", "add_backup_argument": "server",
     "backup_data_dir": "backup", "verify_backup": "backup", "restore_backup": "backup",
 }
 __all__ = list(_PUBLIC)

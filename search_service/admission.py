@@ -8,7 +8,7 @@ Requests come in three classes, each with a budget of its own, so one kind canno
 * caption: Caption, CaptionStream (seconds each: a decoder sequence runs token by token; a stream holds its
   slot until its last message, or until its caller cancels it)
 
-and one bound on decoder sequences in flight, shared by Caption calls and streams (one each), by the
+(Backup takes no slot: one backup per store runs at a time, on a thread of its own.) And one bound on decoder sequences in flight, shared by Caption calls and streams (one each), by the
 retry job of ingest captions (one at a time), and by searches
 `with_captions` (one per hit being captioned). A search that finds no sequence free is still
 answered: the hits it could not caption say so in `caption_error`. So captioning is shed first and
@@ -42,6 +42,9 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 SEARCH, INGEST, CAPTION = "search", "ingest", "caption"
 CLASSES = (SEARCH, INGEST, CAPTION)
 CLASS_OF_METHOD = {"AddImages": INGEST, "Caption": CAPTION, "CaptionStream": CAPTION}  # every other method of the service: SEARCH
+# Methods that take no slot: bounded by a rule of their own (Backup: one per store at a time, on a thread of its
+# own), so minutes of work never hold a slot that searches wait for. The rate limit still applies to them.
+UNCOUNTED_METHODS = frozenset({"Backup"})
 CAPTION_SEQUENCES = "caption_sequences"
 RATE = "rate"
 DECODER_SIZED = (CAPTION, CAPTION_SEQUENCES)  # bounds that default to the decoder's capacity
@@ -51,7 +54,10 @@ RETRY_AFTER_S = (0.05, 5.0)  # the hint's range: never "at once" (a stampede), n
 HOLD_EWMA = 0.2  # weight of the newest hold time in a class's running mean (the retry hint's base)
 
 
-def request_class(method: str) -> str:
+def request_class(method: str) -> Optional[str]:
+    """The class whose slot a call of `method` holds; None for UNCOUNTED_METHODS."""
+    if method in UNCOUNTED_METHODS:
+        return None
     return CLASS_OF_METHOD.get(method, SEARCH)
 
 

@@ -25,6 +25,8 @@ data, a shortcut for the restored service's start.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -313,6 +315,30 @@ def _remove_unnamed(out: Path, manifest: dict, blobs: list[str]) -> None:
                 path.unlink(missing_ok=True)
     for name in _blob_files(out) - set(blobs):
         (out / name).unlink(missing_ok=True)
+
+
+class BackupRunning(CocaError):
+    """A Backup call while the service's backup is still running (ABORTED: ask again once it has finished)."""
+
+
+class BackupThread:
+    """The service's backups: on one thread of their own, so minutes of copying never take the shared worker
+    threads that searches, Get and AddImages run on; one at a time (a second call is refused at once, not
+    queued behind the first). A backup a client stopped listening to goes on until it has finished."""
+
+    def __init__(self):
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="backup")
+        self._running: Optional[asyncio.Future] = None
+
+    def start(self, job: Callable[[], BackupSummary]) -> asyncio.Future:
+        """Run `job` on the backup thread; BackupRunning while an earlier one has not finished."""
+        if self._running is not None and not self._running.done():
+            raise BackupRunning("a backup is running; ask again once it has finished")
+        self._running = asyncio.get_running_loop().run_in_executor(self._executor, job)
+        return self._running
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------- verify

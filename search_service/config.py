@@ -34,6 +34,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = DEFAULT_PORT  # 0: pick a free port
     allowed_roots: list[Path] = field(default_factory=list)  # empty: no server-side paths at all
+    backup_root: Optional[Path] = None  # the Backup RPC writes under it only; None: Backup is refused (off)
     index: IndexSettings = field(default_factory=IndexSettings)
     vector_store: str = "faiss"  # "faiss": SQLite + FAISS in data_dir; "milvus": a Milvus collection + blobs in data_dir
     milvus: MilvusSettings = field(default_factory=MilvusSettings)
@@ -67,6 +68,9 @@ class ServiceConfig:
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
         self.allowed_roots = [Path(r) for r in self.allowed_roots]
+        if self.backup_root is not None:
+            self.backup_root = Path(self.backup_root)
+            _check_apart(self.backup_root, self.allowed_roots)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key file")
         if self.caption_workers < 1:
@@ -80,9 +84,28 @@ class ServiceConfig:
     def resolve_path(self, path: str) -> Path:
         return resolve_under_roots(path, self.allowed_roots)
 
-    def resolve_output_folder(self, path: str) -> Path:
-        """Where a folder the service writes (a backup) would be: under the roots, like files it reads."""
-        return resolve_under_roots(path, self.allowed_roots, want_file=False)
+    def resolve_backup_folder(self, path: str) -> Path:
+        """Where a backup folder would be: under backup_root (never the --root folders the service reads)."""
+        if self.backup_root is None:
+            raise BackupsOff(BACKUPS_OFF)
+        return resolve_under_roots(path, [self.backup_root], want_file=False)
+
+
+BACKUPS_OFF = "backups through the service are off: start it with --backup-root DIR (the folder backups go under)"
+
+
+class BackupsOff(Exception):
+    """A Backup call to a service started without --backup-root."""
+
+
+def _check_apart(backup_root: Path, read_roots: list[Path]) -> None:
+    """Backups never land in the folders AddImages reads (nor those inside a backup folder)."""
+    backups = Path(os.path.realpath(backup_root))
+    for root in read_roots:
+        real = Path(os.path.realpath(root))
+        if backups == real or backups.is_relative_to(real) or real.is_relative_to(backups):
+            raise ValueError(f"--backup-root {backup_root} overlaps --root {root}: backups must not land in the "
+                             "folders the service reads images from")
 
 
 def resolve_under_roots(path: str, roots: list[Path], want_file: bool = True) -> Path:

@@ -114,7 +114,8 @@ class ShedLoad(grpc.aio.ServerInterceptor):
             async with contextlib.AsyncExitStack() as slot:
                 try:
                     self.admission.check_rate(token or _client_host(context))
-                    await slot.enter_async_context(self.admission.admitted(kind, context.time_remaining()))
+                    if kind is not None:  # (UNCOUNTED_METHODS: bounded by their own rule)
+                        await slot.enter_async_context(self.admission.admitted(kind, context.time_remaining()))
                 except Shed as exc:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
                                         trailing_metadata=exc.trailing_metadata())

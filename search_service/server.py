@@ -127,6 +127,7 @@ class RunningServer:
         self._watch.cancel()
         self._retry.cancel()
         self.health.servicer.duplicate_scans.close()
+        self.health.servicer.backups.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._retry
         await self.health.enter_graceful_shutdown()
@@ -276,6 +277,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="allow AddImages server-side paths under DIR (repeatable; none by default)")
+    add_backup_argument(p)
     add_store_arguments(p)
     add_operator_arguments(p)
     p.add_argument("--logit-scale", type=float, default=100.0, help="softmax scale of Classify")
@@ -294,6 +296,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--token-file", help="file holding the bearer token clients must send (or several, one per line) "
                    "(or set COCA_SEARCH_TOKEN); kept off the command line so ps does not show it")
     return p.parse_args(argv)
+
+
+def add_backup_argument(p: argparse.ArgumentParser) -> None:
+    """Where the Backup RPC may write; shared with `coca serve`."""
+    p.add_argument("--backup-root", metavar="DIR", help="allow Backup calls to write backup folders under DIR (apart "
+                   "from every --root; default: off, Backup is refused)")
 
 
 def add_store_arguments(p: argparse.ArgumentParser) -> None:
@@ -381,8 +389,8 @@ def config_from_args(args) -> ServiceConfig:
         token = Path(args.token_file).read_text().strip()
     return ServiceConfig(
         data_dir=Path(args.data), triton_url=args.triton, host=args.host, port=args.port,
-        allowed_roots=[Path(r) for r in args.root], **store_settings(args), **operator_settings(args),
-        logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
+        allowed_roots=[Path(r) for r in args.root], backup_root=args.backup_root,
+        **store_settings(args), **operator_settings(args), logit_scale=args.logit_scale, max_message_bytes=args.max_message_mb << 20,
         intake_bytes=args.intake_mb << 20, max_duplicate_scan=args.max_duplicate_scan, caption_workers=args.caption_workers,
         tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
         bearer_token=token, text_cache_size=max(0, args.text_cache_size),

@@ -29,7 +29,7 @@ from serving.errors import SequenceLostError
 
 from .admission import CAPTION_SEQUENCES, Admission, Shed, retry_metadata
 from .caption_retry import CaptionRetryJob, Paused
-from .config import PathRefused, ServiceConfig
+from .config import BackupsOff, PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupported
 from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
 from .options import (HYBRID, KEYWORD, VECTOR, SearchQuery, filter_from_pb, list_position, list_token,
@@ -39,7 +39,7 @@ from .query import QueryInputError, decode_token, encode_token, fingerprint
 from .duplicates import DuplicateScans, ScanStopped, TooManyItems, check_threshold, nearest_other
 from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
-from .backup import BackupError
+from .backup import BackupError, BackupRunning, BackupThread
 from .blobs import BlobError
 from .store import ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreError, StoreSetupError, sha256_hex
 
@@ -95,6 +95,10 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.PERMISSION_DENIED), str(exc)
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, BackupsOff):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, BackupRunning):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, (InvalidInputError, QueryError, QueryInputError, ItemRejected)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
@@ -270,6 +274,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._bound: Optional[ModelIdentity] = None  # what this process bound the store to (Triton's first answer)
         self._opening = asyncio.Lock()
         self.duplicate_scans = DuplicateScans()  # FindDuplicates: its own thread; pages slice one snapshot
+        self.backups = BackupThread()  # Backup: its own thread, one at a time
         self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
         self.intake = IntakeBudget(config.intake_bytes, config.max_image_bytes + (1 << 20))  # AddImages bytes held at once, all streams
         # ingest captions that failed, tried again in the background (server.py runs caption_retries.run())
@@ -873,21 +878,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     # ------------------------------------------------------------ operations
     @rpc_stream
     async def Backup(self, request: pb.BackupRequest, context) -> AsyncIterator[pb.BackupProgress]:
-        """search_service/backup.py on a worker thread while the service goes on; its progress every
-        BACKUP_PROGRESS_S. A client that goes away does not stop it (it finishes, or leaves no manifest)."""
+        """search_service/backup.py on the backup thread while the service goes on (one at a time: another
+        call meanwhile is ABORTED); its progress every BACKUP_PROGRESS_S. Off unless the service has
+        --backup-root, and writes under it only. A client that goes away does not stop it (it finishes, or
+        leaves no manifest)."""
         backup = getattr(self.engine, "backup", None)
         if backup is None:
             raise Unsupported("backups of a Milvus collection (export through a query iterator to Parquet) are not "
                               "built yet: back up Milvus with its own tools and the data directory's blobs/ folder")
         if not request.out:
-            raise bad("give the backup folder (out), under one of the service's --root folders")
-        out = self.config.resolve_output_folder(request.out)
+            raise bad("give the backup folder (out), under the service's --backup-root")
+        out = self.config.resolve_backup_folder(request.out)
         latest: list[tuple[str, int, int]] = []
 
         def progress(phase: str, done: int, total: int) -> None:
             latest[:] = [(phase, done, total)]  # the newest only; read by the loop below
 
-        job = asyncio.ensure_future(asyncio.to_thread(backup, out, progress))
+        job = self.backups.start(lambda: backup(out, progress))
         sent = None
         while True:
             finished, _ = await asyncio.wait({job}, timeout=BACKUP_PROGRESS_S)

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -85,57 +86,71 @@ def cli(*argv: str) -> int:
 
 # ---------------------------------------------------------------- while serving
 @pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
-def test_a_backup_taken_during_ingest_restores_every_item_acknowledged_before_it(tmp_path, triton, capsys):
-    root = tmp_path / "root"
-    root.mkdir()
+def test_a_backup_taken_during_ingest_restores_exactly_the_items_live_when_it_began(tmp_path, triton, capsys):
+    backups = tmp_path / "backups"
     first, during = noise_jpegs(40, seed=1), noise_jpegs(400, seed=2)
-    with ServiceProcess(tmp_path / "data", triton.grpc_url, "--root", str(root)) as service, \
+    adds: list[tuple[str, float, float]] = []  # (id, started, acknowledged): time.monotonic()
+    deletes: list[tuple[str, float, float]] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def timed(log, call, *args):
+        started = time.monotonic()
+        item_id = call(*args)
+        with lock:
+            log.append((item_id, started, time.monotonic()))
+
+    with ServiceProcess(tmp_path / "data", triton.grpc_url, "--backup-root", str(backups)) as service, \
             client_of(service) as client:
-        ids = add_all(client, first)
-        sent = dict(zip(ids, first))  # id -> bytes, for every add acknowledged
+        sent = dict(zip(add_all(client, first), first))  # id -> bytes, for every add acknowledged
+        adds += [(i, 0.0, 0.0) for i in sent]
+        ids = list(sent)
         for item_id in ids[:3]:  # deleted before the backup: must not come back
-            client.delete(item_id)
-        deleted_before = set(ids[:3])
-        stop, lock = threading.Event(), threading.Lock()
+            timed(deletes, client.delete, item_id)
+
+        def add_one(image):
+            (result,) = client.add([image])
+            sent[result.id] = image
+            return result.id
 
         def ingest():  # one image a call: each acknowledged on its own, while the backup runs
             for image in during:
                 if stop.is_set():
                     return
-                (result,) = client.add([image])
-                with lock:
-                    sent[result.id] = image
+                timed(adds, add_one, image)
 
         def delete_during():  # deletes whose blob unlinks race the backup's copy of the blobs
             for item_id in ids[3:13]:
-                if stop.is_set():
-                    return
-                client.delete(item_id)
+                timed(deletes, client.delete, item_id)
 
         writer = threading.Thread(target=ingest)
         writer.start()
-        while len(sent) < len(first) + 10:  # ingest is under way
-            time.sleep(0.01)
-        with lock:
-            acknowledged = {i: b for i, b in sent.items() if i not in deleted_before}
+        wait_for(lambda: len(adds) >= len(first) + 10, 60, "ingest to be under way", interval=0.01)
         deleter = threading.Thread(target=delete_during)
         deleter.start()
-        assert cli("backup", "--server", service.address, "--out", str(root / "bk")) == 0
+        began = time.monotonic()  # the backup's snapshot is taken between these two moments
+        assert cli("backup", "--server", service.address, "--out", "bk") == 0
+        ended = time.monotonic()
         stop.set()
         writer.join()
         deleter.join()
-        kept = {i for i in acknowledged if i not in ids[3:13]}  # not deleted by anyone
-        served = {i: client.get(i, include_embedding=True).embedding for i in kept}
+        # the oracle: live when the backup began = acknowledged adds before it, less acknowledged deletes
+        # before it; an add or delete in flight while it ran (started before its end, acknowledged after its
+        # start) may go either way
+        in_flight = {i for log in (adds, deletes) for i, started, acked in log if started < ended and acked > began}
+        live = {i for i, _, acked in adds if acked < began} - {i for i, _, acked in deletes if acked < began}
+        never_deleted = set(sent) - {i for i, _, _ in deletes}
+        served = {i: client.get(i, include_embedding=True).embedding for i in live & never_deleted - in_flight}
     assert "backed up" in capsys.readouterr().out
-    assert cli("backup", "--verify", str(root / "bk")) == 0
-    assert cli("restore", str(root / "bk"), "--data", str(tmp_path / "restored")) == 0
+    assert cli("backup", "--verify", str(backups / "bk")) == 0
+    assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "restored")) == 0
+    print(f"backup over {ended - began:.2f} s: {len(live)} items live when it began, {len(in_flight)} in flight")
 
     with ServiceProcess(tmp_path / "restored", triton.grpc_url) as restored, client_of(restored) as client:
         everything = {i.id: i for i in client.iter_items(include_embeddings=True, page_size=1000)}
-        assert kept <= set(everything), "items acknowledged before the backup began are missing"
-        assert not deleted_before & set(everything), "items deleted before the backup began came back"
-        assert set(everything) <= set(sent)
-        for item_id in everything:  # kept, or added/deleted during the backup: bytes as the client sent them
+        assert set(everything) - in_flight == live - in_flight, \
+            "the restored items differ from those live when the backup began"
+        assert set(everything) <= live | in_flight
+        for item_id in everything:  # bytes as the client sent them; embeddings as the service held them
             item = client.get(item_id, include_image=True, include_embedding=True)
             assert item.image == sent[item_id]
             if item_id in served:
@@ -153,11 +168,10 @@ def test_a_backup_taken_during_ingest_restores_every_item_acknowledged_before_it
 
 @pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 def test_a_backup_killed_at_a_random_point_leaves_no_manifest_or_a_verifiable_backup(tmp_path, triton):
-    root = tmp_path / "root"
-    root.mkdir()
+    root = tmp_path / "backups"
     rng = random.Random(22)
     images = noise_jpegs(200, seed=3, side=128)  # ~4 MB of blobs: a backup takes a while
-    args = (tmp_path / "data", triton.grpc_url, "--root", str(root))
+    args = (tmp_path / "data", triton.grpc_url, "--backup-root", str(root))
     outcomes = []
 
     def backup_until_killed(client):
@@ -199,32 +213,87 @@ def test_a_backup_killed_at_a_random_point_leaves_no_manifest_or_a_verifiable_ba
     assert {p.name for p in (root / "bk").iterdir() if p.is_file()} == {"manifest.json", *files}  # no leftovers
 
 
-@pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
-def test_backup_paths_are_confined_to_the_roots_and_need_the_token(tmp_path, triton):
-    root, token = tmp_path / "root", "s3cret"
-    root.mkdir()
-    (root / "photos").mkdir()
-    (root / "photos" / "a.jpg").write_bytes(b"x")
-    (tmp_path / "token").write_text(token)
-    with ServiceProcess(tmp_path / "data", triton.grpc_url, "--root", str(root), "--token-file",
-                        str(tmp_path / "token")) as service:
-        def code(out: str, with_token: bool = True):
-            with WireClient(service.address, token=token if with_token else None) as wire:
-                try:
-                    list(wire.stub.Backup(pb.BackupRequest(out=out), metadata=wire.metadata, timeout=30))
-                    return grpc.StatusCode.OK, ""
-                except grpc.RpcError as exc:
-                    return exc.code(), exc.details()
+def backup_status(service, out: str, token: Optional[str] = None) -> tuple[grpc.StatusCode, str]:
+    """The status of a Backup call to `service` (OK once it has finished)."""
+    with WireClient(service.address, token=token) as wire:
+        try:
+            list(wire.stub.Backup(pb.BackupRequest(out=out), metadata=wire.metadata, timeout=60))
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()
 
-        assert code("bk", with_token=False)[0] == grpc.StatusCode.UNAUTHENTICATED
-        assert code(str(tmp_path / "elsewhere"))[0] == grpc.StatusCode.PERMISSION_DENIED
-        assert code("../elsewhere")[0] == grpc.StatusCode.PERMISSION_DENIED
-        assert code("")[0] == grpc.StatusCode.INVALID_ARGUMENT
-        refused = code("photos")  # a folder of other files is not overwritten
+
+@pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+def test_backups_are_off_without_a_backup_root_and_confined_to_it(tmp_path, triton):
+    root, backups, token = tmp_path / "root", tmp_path / "backups", "s3cret"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "a.jpg").write_bytes(b"x")
+    (backups / "photos").mkdir(parents=True)
+    (backups / "photos" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "token").write_text(token)
+    with ServiceProcess(tmp_path / "data", triton.grpc_url, "--root", str(root)) as service:
+        for out in ("bk", str(root / "bk"), str(backups / "bk")):  # --root is for reading: never written
+            code, message = backup_status(service, out)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "--backup-root" in message, (out, code, message)
+    assert sorted(p.name for p in root.rglob("*")) == ["a.jpg", "photos"]
+    assert not (backups / "bk").exists()
+
+    with ServiceProcess(tmp_path / "data", triton.grpc_url, "--root", str(root), "--backup-root", str(backups),
+                        "--token-file", str(tmp_path / "token")) as service:
+        assert backup_status(service, "bk")[0] == grpc.StatusCode.UNAUTHENTICATED
+        for out in (str(root / "bk"), str(tmp_path / "elsewhere"), "../elsewhere", "../root/bk"):
+            assert backup_status(service, out, token)[0] == grpc.StatusCode.PERMISSION_DENIED, out
+        assert backup_status(service, "", token)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        refused = backup_status(service, "photos", token)  # a folder of other files is not overwritten
         assert refused[0] == grpc.StatusCode.FAILED_PRECONDITION and "other files" in refused[1]
-        assert code("bk")[0] == grpc.StatusCode.OK
-    assert not (tmp_path / "elsewhere").exists() and (root / "photos" / "a.jpg").read_bytes() == b"x"
-    assert (root / "bk" / "manifest.json").is_file()
+        assert backup_status(service, "bk", token)[0] == grpc.StatusCode.OK
+        assert backup_status(service, str(backups / "bk2"), token)[0] == grpc.StatusCode.OK
+    assert not (tmp_path / "elsewhere").exists() and sorted(p.name for p in root.rglob("*")) == ["a.jpg", "photos"]
+    assert (backups / "photos" / "a.jpg").read_bytes() == b"x"
+    assert verify_backup(backups / "bk")["items"] == verify_backup(backups / "bk2")["items"] == 0
+
+
+def test_a_backup_root_overlapping_a_root_is_refused_at_start(tmp_path):
+    from search_service.config import ServiceConfig
+
+    for backup_root in (tmp_path / "root", tmp_path / "root" / "bk", tmp_path):
+        with pytest.raises(ValueError, match="--backup-root .* overlaps --root"):
+            ServiceConfig(tmp_path / "data", allowed_roots=[tmp_path / "root"], backup_root=backup_root)
+
+
+@pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+def test_a_running_backup_holds_no_search_slot_and_a_second_one_is_aborted(tmp_path, triton):
+    backups = tmp_path / "backups"
+    with ServiceProcess(tmp_path / "data", triton.grpc_url, "--backup-root", str(backups),
+                        "--max-inflight-search", "1", "--max-queue-wait", "0") as service, \
+            client_of(service) as client:
+        images = noise_jpegs(5, seed=4)
+        ids = add_all(client, images)
+        # the backup stops at the last blob it copies until this test writes its bytes: a named pipe in its place
+        blob = next((tmp_path / "data" / "blobs").glob(f"*/{sha256_hex(images[-1])}"))
+        blob.unlink()
+        os.mkfifo(blob)
+        outcome: list = []
+        first = threading.Thread(target=lambda: outcome.append(backup_status(service, "bk")))
+        first.start()
+        try:
+            wait_for(lambda: (backups / "bk" / ".staging").is_dir(), 30, "the backup to start")
+            time.sleep(0.5)  # the backup is past its snapshot, waiting on the pipe
+            assert first.is_alive()
+            # with the one search slot: answered at once, not RESOURCE_EXHAUSTED behind the backup
+            hits = client.search_image(id=ids[0], k=2).hits
+            assert hits[0].id == ids[0] and client.get(ids[1], include_image=True).image == images[1]
+            code, message = backup_status(service, "bk2")
+            assert code == grpc.StatusCode.ABORTED and "a backup is running" in message, (code, message)
+        finally:
+            pipe = os.open(blob, os.O_WRONLY | os.O_NONBLOCK)  # let it finish (ENXIO, not a hang, if it never read)
+            try:
+                os.write(pipe, images[-1])
+            finally:
+                os.close(pipe)
+            first.join(60)
+    assert outcome == [(grpc.StatusCode.OK, "")]
+    assert verify_backup(backups / "bk")["items"] == len(images) and not (backups / "bk2").exists()
 
 
 def test_milvus_collections_answer_failed_precondition():
@@ -234,7 +303,7 @@ def test_milvus_collections_answer_failed_precondition():
     from search_service.service import SearchServicer
 
     class Context:
-        async def abort(self, code, message):
+        async def abort(self, code, message, trailing_metadata=()):
             raise grpc.aio.AbortError(f"{code.name}: {message}")
 
     async def call():
