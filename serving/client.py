@@ -67,39 +67,51 @@ CHANNEL_ARGS = [
 
 
 # Per-request deadlines toward an endpoint that has another to fail over to (serving.pool): a request not
-# answered within DEADLINE_P99_MULTIPLE x the recent p99 of the same model on the same endpoint (at least
-# DEADLINE_FLOOR_S, at most DEADLINE_CAP_S) takes the endpoint as hung: TritonUnavailableError, the pool
-# takes it out of rotation and runs the call again elsewhere. The p99 is over the last DEADLINE_WINDOW
-# answered requests; with fewer than DEADLINE_MIN_SAMPLES the cap applies. The floor keeps a busy but
-# healthy server (a 2-core box's scheduling pauses) from being taken for a hung one.
+# answered within DEADLINE_P99_MULTIPLE x the recent p99 per row of the same model on the same endpoint x the
+# request's rows (images or texts of an encoder batch; a decoder or captioner step counts 1), at least
+# DEADLINE_FLOOR_S and at most the cap (DEADLINE_CAP_S, or DEADLINE_CAP_PER_ROW_S x rows for a larger batch),
+# takes the endpoint as hung: TritonUnavailableError, the pool takes it out of rotation and runs the call again
+# elsewhere. Per row, so a 32-image batch under load gets 32x a one-image request's time, not the same 5 s (a
+# healthy endpoint taken out would flap). The p99 is over the last DEADLINE_WINDOW answered requests; with fewer
+# than DEADLINE_MIN_SAMPLES the cap applies. The floor keeps a busy but healthy server (a 2-core box's
+# scheduling pauses) from being taken for a hung one.
 DEADLINE_P99_MULTIPLE = 4.0
 DEADLINE_FLOOR_S = 1.0
 DEADLINE_CAP_S = 5.0
+DEADLINE_CAP_PER_ROW_S = 0.5  # the cap of a batch of more than DEADLINE_CAP_S / this rows
 DEADLINE_WINDOW = 256
 DEADLINE_MIN_SAMPLES = 16
 
 
+def deadline_cap(rows: int) -> float:
+    """The longest latency deadline of a request of `rows` rows."""
+    return max(DEADLINE_CAP_S, DEADLINE_CAP_PER_ROW_S * rows)
+
+
 class LatencyWindow:
-    """Recent answered-request latencies of one endpoint, per model, and the deadline they give."""
+    """Recent answered-request latencies per row of one endpoint, per model, and the deadline they give."""
 
     def __init__(self, window: int = DEADLINE_WINDOW):
         self._seconds: dict[str, deque] = {}
         self.window = window
 
-    def record(self, model: str, seconds: float) -> None:
-        self._seconds.setdefault(model, deque(maxlen=self.window)).append(seconds)
+    def record(self, model: str, seconds: float, rows: int = 1) -> None:
+        """An answered request of `rows` rows that took `seconds`."""
+        self._seconds.setdefault(model, deque(maxlen=self.window)).append(seconds / max(1, rows))
 
     def p99(self, model: str) -> Optional[float]:
+        """The recent p99 of seconds per row (None: too little history)."""
         seconds = self._seconds.get(model)
         if seconds is None or len(seconds) < DEADLINE_MIN_SAMPLES:
             return None
         return float(np.percentile(np.fromiter(seconds, float), 99))
 
-    def deadline(self, model: str) -> float:
-        p99 = self.p99(model)
+    def deadline(self, model: str, rows: int = 1) -> float:
+        """How long a request of `rows` rows may take before its endpoint is taken as hung."""
+        p99, cap = self.p99(model), deadline_cap(rows)
         if p99 is None:
-            return DEADLINE_CAP_S
-        return min(max(DEADLINE_P99_MULTIPLE * p99, DEADLINE_FLOOR_S), DEADLINE_CAP_S)
+            return cap
+        return min(max(DEADLINE_P99_MULTIPLE * p99 * rows, DEADLINE_FLOOR_S), cap)
 
 
 # Set (by serving.pool) while a call runs on an endpoint that has another healthy one to fail over to:
@@ -227,7 +239,7 @@ class TritonCoca:
         return found["ATTENTION"], found["TOKENS"]
 
     async def _encode(self, model: str, input_name: str, items: list[bytes], outputs: Sequence[str]) -> dict:
-        result = await self._infer(model, [_bytes_input(input_name, items)], outputs)
+        result = await self._infer(model, [_bytes_input(input_name, items)], outputs, rows=len(items))
         return {name: result.as_numpy(name) for name in outputs}
 
     # --- captions ----------------------------------------------------------------------
@@ -476,34 +488,36 @@ class TritonCoca:
         return json.loads(result.as_numpy("STATS")[0, 0])
 
     # --- transport -----------------------------------------------------------------------
-    async def _infer(self, model: str, inputs: list, outputs: Sequence[str], **sequence):
+    async def _infer(self, model: str, inputs: list, outputs: Sequence[str], rows: int = 1, **sequence):
+        """One request of `rows` rows (an encoder batch's items; 1: a decoder step, a stats call)."""
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        deadline = self._deadline(model)
+        deadline = self._deadline(model, rows)
         started, ok = time.perf_counter(), False
         try:
             result = await self._call(
                 self.client.infer(model, inputs, outputs=requested, client_timeout=deadline, **sequence), model,
-                deadline)
+                deadline, rows)
             ok = True
-            self.latency.record(model, time.perf_counter() - started)
+            self.latency.record(model, time.perf_counter() - started, rows)
             return result
         finally:
             if self.observe is not None:
                 self.observe(model, time.perf_counter() - started, ok)
 
-    async def _call(self, request, model: str, deadline: Optional[float] = None):
+    async def _call(self, request, model: str, deadline: Optional[float] = None, rows: int = 1):
         try:
             return await request
         except InferenceServerException as exc:
             if self._timed_out(exc, deadline):
-                raise self._hung(model, deadline) from None
+                raise self._hung(model, deadline, rows) from None
             raise self._translate(exc, model) from None
 
-    def _deadline(self, model: str) -> Optional[float]:
-        """A request's client-side limit: timeout_s, and the model's latency deadline while one applies."""
+    def _deadline(self, model: str, rows: int = 1) -> Optional[float]:
+        """A request's client-side limit: timeout_s, and the model's latency deadline for `rows` rows while one
+        applies."""
         if not latency_deadlines.get():
             return self.timeout_s
-        seconds = self.latency.deadline(model)
+        seconds = self.latency.deadline(model, rows)
         return seconds if self.timeout_s is None else min(seconds, self.timeout_s)
 
     @staticmethod
@@ -511,12 +525,12 @@ class TritonCoca:
         """The request ran past a latency deadline (not only the caller's own timeout_s)."""
         return deadline is not None and latency_deadlines.get() and (exc.status() or "").endswith("DEADLINE_EXCEEDED")
 
-    def _hung(self, model: str, deadline: float) -> TritonUnavailableError:
+    def _hung(self, model: str, deadline: float, rows: int = 1) -> TritonUnavailableError:
         p99 = self.latency.p99(model)
-        basis = (f"{DEADLINE_P99_MULTIPLE:g}x its recent p99 of {p99:.3f} s" if p99 is not None
+        basis = (f"{DEADLINE_P99_MULTIPLE:g}x its recent p99 of {p99:.3f} s per row x {rows} rows" if p99 is not None
                  else "no latency history yet")
         return TritonUnavailableError(f"Triton at {self.url} did not answer {model} within {deadline:.2f} s "
-                                      f"({basis}; bounds {DEADLINE_FLOOR_S}-{DEADLINE_CAP_S} s): taken as hung")
+                                      f"({basis}; bounds {DEADLINE_FLOOR_S}-{deadline_cap(rows)} s): taken as hung")
 
     def _translate_streamed(self, message: str, model: str = CAPTIONER) -> Exception:
         """A streamed error carries no status: coca_captioner starts its own messages with the code

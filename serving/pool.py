@@ -13,7 +13,7 @@ Failures: an endpoint whose server cannot be reached, or does not answer in time
 rotation at once, and a probe asks it what it serves (within `probe_timeout_s`, every
 `probe_interval_s`) until it answers with the pool's model; then it is back. "In time": an identity
 question within `probe_timeout_s`; a model request within its latency deadline, a multiple of that
-model's recent p99 on that endpoint (serving.client.DEADLINE_*), which applies while another healthy
+model's recent p99 per row on that endpoint times the request's rows (serving.client.DEADLINE_*), which applies while another healthy
 endpoint is left to run the call (the last one left waits as long as the caller does). A hung server
 (stopped processes, a network that holds the bytes) so costs the calls on it one deadline each, and
 the others nothing. One outage is one trip out and back: only news about the connection

@@ -142,6 +142,28 @@ def test_a_request_deadline_is_a_multiple_of_the_models_recent_p99_within_a_floo
     assert window.deadline("m") == client.DEADLINE_CAP_S
 
 
+def test_a_large_batch_gets_a_proportionally_larger_deadline_from_the_latency_per_row():
+    """A 32-image embed batch under load takes 32x one image's time: held to a one-image deadline (or a fixed
+    5 s cap) a healthy endpoint would be taken out of rotation."""
+    from serving import client
+    from serving.client import LatencyWindow
+
+    window = LatencyWindow(window=100)
+    assert window.deadline("m", rows=32) == client.DEADLINE_CAP_PER_ROW_S * 32 > client.DEADLINE_CAP_S  # no history
+    for rows in (1, 8, 32, 4) * 25:  # batches of every size, each 0.1 s an image: 0.1 s per row
+        window.record("m", 0.1 * rows, rows=rows)
+    per_row = window.p99("m")
+    assert per_row == pytest.approx(0.1)
+    one, batch = window.deadline("m", rows=1), window.deadline("m", rows=32)
+    assert one == client.DEADLINE_FLOOR_S  # 4 x 0.1 s, raised to the floor
+    assert batch == pytest.approx(client.DEADLINE_P99_MULTIPLE * per_row * 32)  # 12.8 s: past the one-row cap
+    assert batch > client.DEADLINE_CAP_S and batch > 32 * 0.1  # the batch's own time fits
+    for _ in range(100):
+        window.record("m", 60.0, rows=32)  # 1.9 s per row: the cap, scaled with the rows
+    assert window.deadline("m", rows=32) == client.DEADLINE_CAP_PER_ROW_S * 32
+    assert window.deadline("m", rows=2) == client.DEADLINE_CAP_S
+
+
 # ---------------------------------------------------------------- the pool
 def test_calls_spread_over_both_endpoints_and_answer_as_in_process(tritons, reference, photos):
     from serving.pool import TritonPool
