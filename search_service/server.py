@@ -75,15 +75,10 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')"
 
-    async def refuse(request, context):
+    async def refuse(request, context):  # a coroutine for every kind: grpc.aio and around_calls await it
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request, context):  # a streamed response needs an async generator (else UNKNOWN)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # never reached: abort raises
-
-    return None if handler is None else with_behaviour(
-        handler, lambda behaviour, kind: refuse_stream if kind[1] else refuse)
+    return None if handler is None else with_behaviour(handler, lambda behaviour, kind: refuse)
 
 
 class ParseRequests(grpc.aio.ServerInterceptor):
