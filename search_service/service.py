@@ -697,7 +697,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Caption(self, request: pb.CaptionRequest, context) -> pb.CaptionResponse:
         params = sampling_params(request.sampling)
         await self.ensure_models(context=context)
-        with self.admission.hold(CAPTION_SEQUENCES):
+        with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):  # a row per beam
             source = await self._caption_source(request, context)
             caption = await self.models.caption(source, params, self._timeout(context))
         return pb.CaptionResponse(text=caption.text, tokens=caption.tokens, logprobs=caption.logprobs)
@@ -708,7 +708,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         A cancelled call closes the step iterator, which ends the decoder sequence; the slot is freed."""
         params = sampling_params(request.sampling)
         await self.ensure_models(context=context)
-        with self.admission.hold(CAPTION_SEQUENCES):
+        with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):  # a row per beam
             source = await self._caption_source(request, context)
             sent = ""
             steps = self.models.caption_steps(source, params, self._timeout(context))
@@ -738,7 +738,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
         """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""
-        with self.admission.hold(CAPTION_SEQUENCES):
+        with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):  # a row per beam
             return await self.models.caption(data, params, timeout)
 
     async def _image_bytes(self, data: Optional[bytes], item_id: str) -> bytes:
