@@ -23,11 +23,11 @@ all of it (the decoder then says whether it fits at all).
 
 A request past its class's bound waits for a slot in a queue as long as the bound (as many waiting as
 running), at most `queue_wait_s` and half the time to its deadline; one that finds the queue full, or
-whose wait runs out, is refused with RESOURCE_EXHAUSTED (as is a decoder sequence with no rows free, at once). A bounded wait absorbs bursts; it is no
-queue in front of a saturated service, which would only make every caller wait until its deadline
-(clip-retrieval #262). A refusal carries a retry hint, trailing metadata `retry-after-ms`
-(RETRY_AFTER_KEY): about when a slot frees (the class's recent hold time; decoder rows: a sequence's), or when the rate limit's
-bucket has a token. Clients (coca_client, clients/node) retry only a RESOURCE_EXHAUSTED that has it
+whose wait runs out, is refused with RESOURCE_EXHAUSTED (a decoder sequence with no rows free: at once).
+A bounded wait absorbs bursts; it is no queue in front of a saturated service, which would only make every
+caller wait until its deadline (clip-retrieval #262). A refusal carries a retry hint, trailing metadata
+`retry-after-ms` (RETRY_AFTER_KEY): about when a slot frees (the recent hold time of the class's slots, or
+of decoder sequences), or when the rate limit's bucket has a token. Clients (coca_client, clients/node) retry only a RESOURCE_EXHAUSTED that has it
 (a message over the size limit has none: asking again cannot help). Optionally each bearer token
 (each client address when the service has no token) gets a token bucket of `rate` requests/s.
 """
@@ -67,7 +67,7 @@ class Limits:
     search: int = 32  # a search takes ~10-50 ms on 2 cores: 32 at once finish within about a second
     ingest: int = 8  # AddImages streams (each embeds a batch of up to add_batch images at a time)
     caption: Optional[int] = None  # Caption calls and CaptionStream streams: the decoder's capacity
-    caption_sequences: Optional[int] = None  # decoder rows (Caption + searches with_captions; num_beams each): its capacity
+    caption_sequences: Optional[int] = None  # decoder rows (num_beams per Caption, hit captioned): its capacity
     queue_wait_s: float = 5.0  # longest wait for a slot (past a class's bound; 0: refuse at once)
     rate: float = 0.0  # requests per second per bearer token (per client address without a token)
     burst: int = 0  # bucket size: requests a token may send at once; 0: max(1, rate)
@@ -117,7 +117,7 @@ class Admission:
         self._lock = threading.Lock()
         self._inflight = {kind: 0 for kind in (*CLASSES, CAPTION_SEQUENCES)}
         self._waiting: dict[str, deque[asyncio.Future]] = {kind: deque() for kind in CLASSES}
-        self._hold_s = {kind: 0.0 for kind in (*CLASSES, CAPTION_SEQUENCES)}  # running mean of how long a slot is held
+        self._hold_s = {kind: 0.0 for kind in (*CLASSES, CAPTION_SEQUENCES)}  # running mean of a slot's hold time
         self._decoder_capacity: Optional[int] = None
         self._capacity_source: object = None  # what the capacity was read from (Models.capacity_source)
         self._buckets = _TokenBuckets(limits.rate, limits.burst or max(1, int(limits.rate))) if limits.rate else None

@@ -216,7 +216,8 @@ class LiveHealth(health.aio.HealthServicer):
 
     async def refresh(self) -> None:
         problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
-        if problem is None and self.servicer.admission.capacity_outdated(self.servicer.models.capacity_source()):
+        admission = self.servicer.admission
+        if problem is None and admission.capacity_outdated(self.servicer.models.capacity_source()):
             await _learn_decoder_capacity(self.servicer)
         status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
         if problem is not None and self._last != status:

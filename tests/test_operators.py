@@ -285,7 +285,8 @@ def test_caption_bounds_default_to_the_decoders_capacity():
     admission = Admission(Limits())
     assert admission.capacity_outdated("a") and admission.bound("caption") == 0  # unknown yet: not refused
     admission.set_decoder_capacity(48, "a")
-    assert admission.bound("caption") == admission.bound(CAPTION_SEQUENCES) == 48 and not admission.capacity_outdated("a")
+    assert admission.bound("caption") == admission.bound(CAPTION_SEQUENCES) == 48
+    assert not admission.capacity_outdated("a")
     assert admission.capacity_outdated("b")  # other endpoints in rotation: read again
     assert Admission(Limits(caption=3)).bound("caption") == 3
 
