@@ -15,15 +15,19 @@ answered: the hits it could not caption say so in `caption_error`. So captioning
 searches keep their budget whatever the captions do.
 
 The caption bounds default to the decoder's capacity (`capacity_rows` of the decoder's model config, the
-KV-cache sequences it holds at once): shedding below what the decoder was built for would be an outage.
+KV-cache rows it holds at once), summed over the Triton endpoints in rotation, and read again whenever
+they change (an endpoint in or out, a restarted server, another export): shedding below what the decoders
+were built for would be an outage, admitting past it a CapacityError without a hint. A decoder sequence
+counts its rows (`num_beams`: a beam search holds one row per beam); one larger than the whole bound takes
+all of it (the decoder then says whether it fits at all).
 
 A request past its class's bound waits for a slot in a queue as long as the bound (as many waiting as
 running), at most `queue_wait_s` and half the time to its deadline; one that finds the queue full, or
-whose wait runs out, is refused with RESOURCE_EXHAUSTED. A bounded wait absorbs bursts; it is no
-queue in front of a saturated service, which would only make every caller wait until its deadline
-(clip-retrieval #262). A refusal carries a retry hint, trailing metadata `retry-after-ms`
-(RETRY_AFTER_KEY): about when a slot frees (the class's recent hold time), or when the rate limit's
-bucket has a token. Clients (coca_client, clients/node) retry only a RESOURCE_EXHAUSTED that has it
+whose wait runs out, is refused with RESOURCE_EXHAUSTED (a decoder sequence with no rows free: at once).
+A bounded wait absorbs bursts; it is no queue in front of a saturated service, which would only make every
+caller wait until its deadline (clip-retrieval #262). A refusal carries a retry hint, trailing metadata
+`retry-after-ms` (RETRY_AFTER_KEY): about when a slot frees (the recent hold time of the class's slots, or
+of decoder sequences), or when the rate limit's bucket has a token. Clients (coca_client, clients/node) retry only a RESOURCE_EXHAUSTED that has it
 (a message over the size limit has none: asking again cannot help). Optionally each bearer token
 (each client address when the service has no token) gets a token bucket of `rate` requests/s.
 """
@@ -69,7 +73,7 @@ class Limits:
     search: int = 32  # a search takes ~10-50 ms on 2 cores: 32 at once finish within about a second
     ingest: int = 8  # AddImages streams (each embeds a batch of up to add_batch images at a time)
     caption: Optional[int] = None  # Caption calls and CaptionStream streams: the decoder's capacity
-    caption_sequences: Optional[int] = None  # decoder sequences (Caption + searches with_captions): its capacity
+    caption_sequences: Optional[int] = None  # decoder rows (num_beams per Caption, hit captioned): its capacity
     queue_wait_s: float = 5.0  # longest wait for a slot (past a class's bound; 0: refuse at once)
     rate: float = 0.0  # requests per second per bearer token (per client address without a token)
     burst: int = 0  # bucket size: requests a token may send at once; 0: max(1, rate)
@@ -119,8 +123,9 @@ class Admission:
         self._lock = threading.Lock()
         self._inflight = {kind: 0 for kind in (*CLASSES, CAPTION_SEQUENCES)}
         self._waiting: dict[str, deque[asyncio.Future]] = {kind: deque() for kind in CLASSES}
-        self._hold_s = {kind: 0.0 for kind in CLASSES}  # running mean of how long a request holds its slot
+        self._hold_s = {kind: 0.0 for kind in (*CLASSES, CAPTION_SEQUENCES)}  # running mean of a slot's hold time
         self._decoder_capacity: Optional[int] = None
+        self._capacity_source: object = None  # what the capacity was read from (Models.capacity_source)
         self._buckets = _TokenBuckets(limits.rate, limits.burst or max(1, int(limits.rate))) if limits.rate else None
 
     # ------------------------------------------------------------ bounds
@@ -131,15 +136,18 @@ class Admission:
             return self._decoder_capacity or 0
         return value
 
-    @property
-    def needs_decoder_capacity(self) -> bool:
-        return self._decoder_capacity is None and any(getattr(self.limits, k) is None for k in DECODER_SIZED)
+    def capacity_outdated(self, source: object) -> bool:
+        """Whether a decoder-sized bound needs the capacity read (again): unknown yet, or read from other
+        endpoints than `source` (the endpoints in rotation now, their connections and identity)."""
+        sized = any(getattr(self.limits, k) is None for k in DECODER_SIZED)
+        return sized and (self._decoder_capacity is None or source != self._capacity_source)
 
-    def set_decoder_capacity(self, sequences: int) -> None:
-        """The KV-cache sequences the decoder holds at once (its model config's capacity_rows)."""
-        if sequences < 1:
-            raise ValueError(f"the decoder's capacity must be >= 1 sequence, got {sequences}")
-        self._decoder_capacity = sequences
+    def set_decoder_capacity(self, rows: int, source: object = None) -> None:
+        """The KV-cache rows the decoders hold at once (capacity_rows, summed over the endpoints in rotation),
+        as read from `source`."""
+        if rows < 1:
+            raise ValueError(f"the decoder's capacity must be >= 1 row, got {rows}")
+        self._decoder_capacity, self._capacity_source = rows, source
 
     def inflight(self, kind: str) -> int:
         return self._inflight[kind]
@@ -149,14 +157,19 @@ class Admission:
 
     # ------------------------------------------------------------ slots
     @contextlib.contextmanager
-    def hold(self, kind: str) -> Iterator[None]:
-        """One unit of `kind` for the block, taken now or never (Shed): decoder sequences, and tests."""
-        if not self._take(kind):
+    def hold(self, kind: str, units: int = 1) -> Iterator[None]:
+        """`units` of `kind` for the block, taken now or never (Shed): a decoder sequence's rows (num_beams),
+        and tests. More units than the bound take all of it."""
+        bound = self.bound(kind)
+        units = min(units, bound) if bound else units
+        if not self._take(kind, units):
             self._shed(kind)
+        started = time.monotonic()
         try:
             yield
         finally:
-            self._release(kind)
+            self._held(kind, started)
+            self._release(kind, units)
 
     @contextlib.asynccontextmanager
     async def admitted(self, kind: str, time_left: Optional[float] = None) -> AsyncIterator[None]:
@@ -168,15 +181,18 @@ class Admission:
         try:
             yield
         finally:
-            self._hold_s[kind] += HOLD_EWMA * (time.monotonic() - started - self._hold_s[kind])
+            self._held(kind, started)
             self._release(kind)
 
-    def _take(self, kind: str) -> bool:
+    def _held(self, kind: str, since: float) -> None:
+        self._hold_s[kind] += HOLD_EWMA * (time.monotonic() - since - self._hold_s[kind])
+
+    def _take(self, kind: str, units: int = 1) -> bool:
         bound = self.bound(kind)
         with self._lock:
-            if bound and (self._inflight[kind] >= bound or self.waiting(kind)):  # no overtaking those waiting
+            if bound and (self._inflight[kind] + units > bound or self.waiting(kind)):  # no overtaking those waiting
                 return False
-            self._inflight[kind] += 1
+            self._inflight[kind] += units
             return True
 
     async def _wait_for_slot(self, kind: str, time_left: Optional[float]) -> None:
@@ -203,22 +219,22 @@ class Admission:
                 slot.cancel()
             raise
 
-    def _release(self, kind: str) -> None:
-        queue = self._waiting.get(kind)
+    def _release(self, kind: str, units: int = 1) -> None:
+        queue = self._waiting.get(kind)  # (only request classes queue, one unit each)
         with self._lock:
             while queue:
                 slot = queue.popleft()
                 if not slot.done():
                     slot.set_result(None)  # the slot goes to the longest waiting, the count stays
                     return
-            self._inflight[kind] -= 1
+            self._inflight[kind] -= units
 
     def _shed(self, kind: str) -> None:
         self._on_shed(kind)
         bound = self.bound(kind)
         if kind == CAPTION_SEQUENCES:
-            raise Shed(kind, f"overloaded: {bound} caption sequences in flight, the bound ({FLAGS[kind]}); "
-                             "retry later")
+            raise Shed(kind, f"overloaded: {self._inflight[kind]} of {bound} decoder rows in flight, the bound "
+                             f"({FLAGS[kind]}); retry later", self._retry_after(kind))
         raise Shed(kind, f"overloaded: {bound} {kind} requests in flight, the bound ({FLAGS[kind]}), and "
                          f"{self.waiting(kind)} waiting; retry later", self._retry_after(kind))
 

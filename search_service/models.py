@@ -190,15 +190,33 @@ class Models:
 
         return await self._call(run, timeout)
 
-    async def decoder_capacity(self, timeout: float) -> int:
-        """The KV-cache sequences the decoder holds at once: `capacity_rows` of its model config."""
+    def capacity_source(self) -> tuple:
+        """What the decoders' capacity depends on: the served identity, and the endpoints in rotation each on
+        its connection (a restarted server is reached on a new one: its capacity may differ)."""
+        identity = self._verified[0] if self._verified is not None else None
+        return identity, tuple((e.url, e.generation) for e in self.pool.endpoints if e.healthy)
+
+    async def decoder_capacity(self, timeout: float) -> tuple[int, tuple]:
+        """The KV-cache rows the decoders hold at once, summed over the endpoints in rotation (each its
+        `capacity_rows`), and the capacity_source it was read from; ModelsUnavailable when one does not say
+        (asked again later: the caller keeps the bound it had)."""
+        from serving.errors import TritonUnavailableError
         from serving.protocol import TEXT_DECODER
 
-        async def run(client):
+        async def rows(client) -> int:
             config = await client.client.get_model_config(TEXT_DECODER, as_json=True)
             return int(config["config"]["parameters"]["capacity_rows"]["string_value"])
 
-        return await self._call(run, timeout)
+        source = self.capacity_source()  # before asking: a change meanwhile makes it stale, read again
+        rotation = [e for e in self.pool.endpoints if e.healthy]
+        if not rotation:
+            raise self._unavailable(TritonUnavailableError("no endpoint in rotation"))
+        answers = await asyncio.wait_for(asyncio.gather(*(e.run(rows, counted=False) for e in rotation),
+                                                        return_exceptions=True), timeout)
+        for endpoint, answer in zip(rotation, answers):
+            if isinstance(answer, BaseException):
+                raise self._unavailable(RuntimeError(f"{endpoint.url}: {answer}")) from None
+        return sum(answers), source
 
     async def video_embeddings(self, video: bytes, frames: int, timeout: float) -> np.ndarray:
         """What the decoder reads for a video (its frames' mean ImageEmbeddings); caption or stream it."""

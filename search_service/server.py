@@ -75,15 +75,10 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')"
 
-    async def refuse(request, context):
+    async def refuse(request, context):  # a coroutine for every kind: grpc.aio and around_calls await it
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request, context):  # a streamed response needs an async generator (else UNKNOWN)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # never reached: abort raises
-
-    return None if handler is None else with_behaviour(
-        handler, lambda behaviour, kind: refuse_stream if kind[1] else refuse)
+    return None if handler is None else with_behaviour(handler, lambda behaviour, kind: refuse)
 
 
 class ParseRequests(grpc.aio.ServerInterceptor):
@@ -222,7 +217,8 @@ class LiveHealth(health.aio.HealthServicer):
 
     async def refresh(self) -> None:
         problem = await self.servicer.models_problem(TRITON_CHECK_S) or await self.servicer.store_problem()
-        if problem is None and self.servicer.admission.needs_decoder_capacity:
+        admission = self.servicer.admission
+        if problem is None and admission.capacity_outdated(self.servicer.models.capacity_source()):
             await _learn_decoder_capacity(self.servicer)
         status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
         if problem is not None and self._last != status:
@@ -239,14 +235,15 @@ class LiveHealth(health.aio.HealthServicer):
 
 
 async def _learn_decoder_capacity(servicer: SearchServicer) -> None:
-    """Size the caption bounds left to the decoder (admission.py) from its capacity, as Triton serves it."""
+    """Size the caption bounds left to the decoders (admission.py) from their capacity, as the Triton
+    endpoints in rotation serve it (read again when they change)."""
     try:
-        sequences = await servicer.models.decoder_capacity(TRITON_CHECK_S)
-    except Exception as exc:  # asked again at the next refresh; captions stay unbounded meanwhile
+        rows, source = await servicer.models.decoder_capacity(TRITON_CHECK_S)
+    except Exception as exc:  # asked again at the next refresh; the bounds stay as they were meanwhile
         log.warning("the decoder's capacity is not known yet: %s", exc)
         return
-    servicer.admission.set_decoder_capacity(sequences)
-    log.info("caption bounds from the decoder's capacity: %d sequences", sequences)
+    servicer.admission.set_decoder_capacity(rows, source)
+    log.info("caption bounds from the decoders' capacity: %d rows", rows)
 
 
 async def _watch_models(health_servicer: LiveHealth) -> None:
@@ -350,13 +347,13 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                               ("--max-inflight-ingest", "ingest", "AddImages streams"),
                               ("--max-inflight-caption", "caption", "Caption calls and CaptionStream streams"),
                               ("--max-caption-sequences", "caption_sequences",
-                               "decoder sequences (Caption + searches with_captions; a hit that finds none free "
-                               "comes back uncaptioned)")):
+                               "decoder rows, num_beams per sequence (Caption + searches with_captions; a hit "
+                               "that finds none free comes back uncaptioned)")):
         default = getattr(Limits, field)
         g.add_argument(flag, type=int, default=default, metavar="N",
                        help=f"{what} in flight; as many more wait up to --max-queue-wait for a slot, the rest are "
                             "refused with RESOURCE_EXHAUSTED (default: "
-                            + ("%(default)s" if default is not None else "the decoder's capacity_rows, read from Triton")
+                            + ("%(default)s" if default is not None else "the decoders' capacity_rows, summed over the Triton endpoints in rotation")
                             + "; 0 = no bound)")
     g.add_argument("--max-queue-wait", type=float, default=Limits.queue_wait_s, metavar="S",
                    help="longest wait for a slot past a bound, within the call's deadline; then RESOURCE_EXHAUSTED "

@@ -182,8 +182,10 @@ class IntakeBudget:
     reads its next item: it reserves room for the largest item (max_image_bytes and its message) first, and
     gives back what the item did not need once it has it (backpressure, not an error: gRPC's flow control
     holds the client back). Streams get room in the order they asked. An item larger than the whole budget
-    takes all of it, so it waits until nothing else is held. Measured (README): peak RSS reaches several
-    times the budget with 30 MiB images (an item's bytes are copied on their way to Triton)."""
+    takes all of it, so it waits until nothing else is held. A message larger than the reservation (up to
+    max_message_bytes) is over-committed at once, never waited for: the total can pass the limit by at most
+    that excess per stream, and no stream gets more room until it is back under. Measured (README): peak RSS
+    reaches several times the budget with 30 MiB images (an item's bytes are copied on their way to Triton)."""
 
     def __init__(self, limit: int, largest_item: int):
         if limit < 1:
@@ -208,6 +210,13 @@ class IntakeBudget:
                 self._waiting = collections.deque(w for w in self._waiting if w[1] is not granted)
                 self._grant()  # a smaller request behind it may fit now
             raise
+        return size
+
+    def over_commit(self, size: int) -> int:
+        """Account `size` bytes already in memory, at once, even past the limit: waiting for them while holding
+        a reservation could deadlock with a stream queued ahead (review item 1). Later acquires wait until
+        the total is back under the limit, so a stream over-commits at most one message at a time."""
+        self._take(size)
         return size
 
     def release(self, size: int) -> None:
@@ -240,15 +249,16 @@ class StreamHold:
     async def take(self, index: int, size: int) -> None:
         self.by_index[index] = await self.budget.acquire(size)
 
-    async def settle(self, index: int, size: int) -> None:
-        """Item `index` turned out to hold `size` bytes: give back the surplus of its reservation (or wait for
-        more room: a message larger than the largest valid image is refused later, but it is here now)."""
+    def settle(self, index: int, size: int) -> None:
+        """Item `index` turned out to hold `size` bytes: give back the surplus of its reservation, or account
+        the excess without waiting (a message larger than the largest valid image is refused later, but its
+        bytes are in memory now; waiting for room while holding the reservation could deadlock)."""
         reserved = self.by_index[index]
         if size <= reserved:
             self.budget.release(reserved - size)
             self.by_index[index] = size
         else:
-            self.by_index[index] = reserved + await self.budget.acquire(size - reserved)
+            self.by_index[index] = reserved + self.budget.over_commit(size - reserved)
 
     def give_back(self, index: int) -> None:
         self.budget.release(self.by_index.pop(index, 0))
@@ -692,7 +702,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def Caption(self, request: pb.CaptionRequest, context) -> pb.CaptionResponse:
         params = sampling_params(request.sampling)
         await self.ensure_models(context=context)
-        with self.admission.hold(CAPTION_SEQUENCES):
+        with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):  # a row per beam
             source = await self._caption_source(request, context)
             caption = await self.models.caption(source, params, self._timeout(context))
         return pb.CaptionResponse(text=caption.text, tokens=caption.tokens, logprobs=caption.logprobs)
@@ -703,7 +713,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         A cancelled call closes the step iterator, which ends the decoder sequence; the slot is freed."""
         params = sampling_params(request.sampling)
         await self.ensure_models(context=context)
-        with self.admission.hold(CAPTION_SEQUENCES):
+        with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):  # a row per beam
             source = await self._caption_source(request, context)
             sent = ""
             steps = self.models.caption_steps(source, params, self._timeout(context))
@@ -733,7 +743,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
         """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""
-        with self.admission.hold(CAPTION_SEQUENCES):
+        with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):  # a row per beam
             return await self.models.caption(data, params, timeout)
 
     async def _image_bytes(self, data: Optional[bytes], item_id: str) -> bytes:
@@ -932,7 +942,7 @@ async def _read_stream(request_iterator, queue: asyncio.Queue, hold: "StreamHold
             except StopAsyncIteration:
                 hold.give_back(index)  # the stream ended: its last reservation goes back at once
                 break
-            await hold.settle(index, size_of(request))
+            hold.settle(index, size_of(request))
             await queue.put((index, request))
             index += 1
         await queue.put(None)

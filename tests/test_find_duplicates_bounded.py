@@ -1,7 +1,7 @@
 """FindDuplicates is bounded and never starves the other calls: while 6 scans run (as many as the default
-executor's threads on 2 cores, which the old code held, one per scan, waiting on one lock), Get answers in
-well under a second; the groups equal a brute-force grouping of the stored embeddings; a scan stops at the
-caller's deadline; paging slices one snapshot; a collection over the bound is refused naming it."""
+executor's threads on 2 cores, which the old code held, one per scan, waiting on one lock), the slowest Get
+stays within max(0.5 s, 5 x the p99 of Gets timed alone just before, in the same run); the groups equal a
+brute-force grouping of the stored embeddings; a scan stops at the caller's deadline; paging slices one snapshot; a collection over the bound is refused naming it."""
 from __future__ import annotations
 
 import io
@@ -18,6 +18,8 @@ pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(tr
 
 ITEMS, CLUSTERS, COPIES = 6000, 60, 3
 THRESHOLD, NEIGHBORS = 0.90625, 10  # exact in float32 (the wire type): the oracle compares the same number
+BASELINE_GETS = 100  # Gets timed before the scans, in the same run: what this machine's load allows now
+WORST_GET_S, BASELINE_FACTOR = 0.5, 5.0  # the slowest Get during the scans: <= max(0.5 s, 5 x the baseline's p99)
 
 
 def tiny_png(i: int) -> bytes:
@@ -97,6 +99,15 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
         scan_s = time.monotonic() - started
         assert sorted(groups) == expected and total == len(expected)
 
+        def timed_get(n: int) -> float:
+            t0 = time.monotonic()
+            assert client.get(ids[n % ITEMS]).id == ids[n % ITEMS]
+            return time.monotonic() - t0
+
+        # The baseline, measured now under the machine's load as it is: Gets with nothing else running.
+        baseline = [timed_get(n) for n in range(BASELINE_GETS)]
+        baseline_p99 = float(np.percentile(baseline, 99))
+
         # 6 scans at once, each its own question (nothing cached helps), 100 neighbors each: Get keeps answering
         # (each Get takes a thread of the shared pool, which the old code's scans held, one each, for their whole
         # duration, 101 index hits per item).
@@ -112,9 +123,7 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
         time.sleep(0.5)
         latencies = []
         while any(t.is_alive() for t in scanners):
-            t0 = time.monotonic()
-            assert client.get(ids[len(latencies) % ITEMS]).id
-            latencies.append(time.monotonic() - t0)
+            latencies.append(timed_get(len(latencies)))
             time.sleep(0.05)
         for t in scanners:
             t.join()
@@ -122,9 +131,13 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
         for threshold, got in scans_done.items():
             assert sorted(got) == oracle_groups(ids, vectors, threshold, neighbors=100), threshold
         worst = max(latencies) if latencies else 0.0
-        print(f"one scan of {ITEMS + 1} items: {scan_s:.2f} s; during 6 scans: {len(latencies)} Gets, "
-              f"p50 {np.median(latencies) * 1000:.0f} ms, max {worst * 1000:.0f} ms")
-        assert latencies and worst < 0.5  # the old code: max 1,047 ms here (6,001 items), growing with the store
+        bound = max(WORST_GET_S, BASELINE_FACTOR * baseline_p99)
+        print(f"one scan of {ITEMS + 1} items: {scan_s:.2f} s; Get alone: p99 {baseline_p99 * 1000:.0f} ms; during "
+              f"6 scans: {len(latencies)} Gets, p50 {np.median(latencies) * 1000:.0f} ms, max {worst * 1000:.0f} ms "
+              f"(bound {bound * 1000:.0f} ms)")
+        # The old code: max 1,047 ms here (6,001 items; Get alone ~10 ms), growing with the store. The bound
+        # follows the machine's load through the baseline, never below WORST_GET_S.
+        assert latencies and worst <= bound
 
         # The deadline: a scan that cannot finish in time answers DEADLINE_EXCEEDED (at the next block).
         with pytest.raises(grpc.RpcError) as late:

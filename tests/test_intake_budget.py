@@ -9,6 +9,7 @@ import io
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(tr
 MIB = 1 << 20
 STREAMS, PER_STREAM, IMAGE_MIB = 8, 4, 30
 INTAKE_MIB = 96  # 3 images at once, all streams together
+STREAM_TIMEOUT_S = 60  # a hung stream fails at its deadline (old code: both streams of the deadlock test)
 
 
 def big_images(count: int) -> list[bytes]:
@@ -32,6 +34,14 @@ def big_images(count: int) -> list[bytes]:
     Image.fromarray(noise).save(out, format="PNG", compress_level=0)
     png = out.getvalue()
     return [png + f"copy {i}".encode() for i in range(count)]
+
+
+def tiny_png(i: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (i % 256, 7, 9)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def vm_kib(pid: int, field: str) -> int:
@@ -82,3 +92,49 @@ def test_eight_streams_of_30_mib_images_stay_within_the_intake_budget(tmp_path, 
         # window per stream, 64 MiB of slack. With the budget unbounded the same run peaked at 3,944 MiB.
         bound_mib = 12 * INTAKE_MIB + STREAMS * 4 + 64
         assert peak_mib < bound_mib, f"peak RSS {peak_mib:.0f} MiB over the baseline, bound {bound_mib} MiB"
+
+
+def test_a_message_bigger_than_its_reservation_does_not_hang_two_streams(tmp_path, tiny_repository):
+    """Review item 1 through gRPC, --intake-mb 64: stream 1 reserves room for one item (33 MiB), stream 2 queues
+    for 33 MiB with 31 free, then stream 1's message arrives: 40 MiB (an image over the 32 MiB limit, a valid
+    message under the 64 MiB one). Old code: stream 1 waited for 7 MiB more behind stream 2 while holding its
+    reservation, and both calls hung until their deadline (DEADLINE_EXCEEDED here). Now: the oversized image
+    FAILS naming the limit, the others are stored and read back equal."""
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess, WireClient
+
+    small = [tiny_png(i) for i in range(3)]
+    oversized = b"\x89PNG" + bytes(40 * MIB)
+    first_message = threading.Event()
+    with running_triton(tiny_repository[0]) as (grpc_url, _, _), \
+            ServiceProcess(tmp_path / "data", grpc_url, "--intake-mb", "64") as service, \
+            WireClient(service.address, timeout=120) as client:
+        list(client.add_images([pb.AddImageRequest(image=small[0])]))  # warm: models checked, code paths loaded
+        results: dict[int, object] = {}
+
+        def first_stream():
+            first_message.wait(60)  # sent once the second stream waits for room
+            yield pb.AddImageRequest(image=oversized)
+            yield pb.AddImageRequest(image=small[1])
+
+        def call(s: int, requests) -> None:
+            try:
+                results[s] = list(client.add_images(requests, timeout=STREAM_TIMEOUT_S))
+            except grpc.RpcError as exc:
+                results[s] = exc
+
+        threads = [threading.Thread(target=call, args=(1, first_stream()))]
+        threads[0].start()
+        time.sleep(1.0)  # stream 1's reader holds its reservation, waiting for its first message
+        threads.append(threading.Thread(target=call, args=(2, iter([pb.AddImageRequest(image=small[2])]))))
+        threads[1].start()
+        time.sleep(1.0)  # stream 2's reader queues for room
+        first_message.set()
+        for t in threads:
+            t.join(STREAM_TIMEOUT_S + 30)
+        assert not isinstance(results[1], grpc.RpcError) and not isinstance(results[2], grpc.RpcError), results
+        assert [r.outcome for r in results[1]] == [pb.AddImageResult.FAILED, pb.AddImageResult.ADDED]
+        assert "limit" in results[1][0].error.message, results[1][0].error
+        assert [r.outcome for r in results[2]] == [pb.AddImageResult.ADDED]
+        for result, sent in ((results[1][1], small[1]), (results[2][0], small[2])):
+            assert client.get(result.id, include_image=True).image == sent

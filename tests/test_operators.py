@@ -283,7 +283,93 @@ def test_caption_bounds_default_to_the_decoders_capacity():
     from search_service.admission import CAPTION_SEQUENCES, Admission, Limits
 
     admission = Admission(Limits())
-    assert admission.needs_decoder_capacity and admission.bound("caption") == 0  # unknown yet: not refused
-    admission.set_decoder_capacity(48)
-    assert admission.bound("caption") == admission.bound(CAPTION_SEQUENCES) == 48 and not admission.needs_decoder_capacity
+    assert admission.capacity_outdated("a") and admission.bound("caption") == 0  # unknown yet: not refused
+    admission.set_decoder_capacity(48, "a")
+    assert admission.bound("caption") == admission.bound(CAPTION_SEQUENCES) == 48
+    assert not admission.capacity_outdated("a")
+    assert admission.capacity_outdated("b")  # other endpoints in rotation: read again
     assert Admission(Limits(caption=3)).bound("caption") == 3
+
+
+def test_a_beam_search_holds_a_decoder_row_per_beam():
+    """Review item 6: the decoder-row bound counts num_beams rows per sequence (a beam search holds one KV-cache
+    row per beam). Old code: one unit per sequence, so num_beams=4 admitted 4x what the decoders hold."""
+    from search_service.admission import CAPTION_SEQUENCES, Admission, Limits, Shed
+
+    admission = Admission(Limits())
+    admission.set_decoder_capacity(8, "endpoints")
+    with admission.hold(CAPTION_SEQUENCES, 4), admission.hold(CAPTION_SEQUENCES, 3):
+        assert admission.inflight(CAPTION_SEQUENCES) == 7
+        with pytest.raises(Shed):  # 7 + 4 rows > 8
+            with admission.hold(CAPTION_SEQUENCES, 4):
+                pass
+        with admission.hold(CAPTION_SEQUENCES, 1):  # the last row
+            assert admission.inflight(CAPTION_SEQUENCES) == 8
+    assert admission.inflight(CAPTION_SEQUENCES) == 0
+    with admission.hold(CAPTION_SEQUENCES, 16):  # more than the whole bound: takes all of it
+        assert admission.inflight(CAPTION_SEQUENCES) == 8
+    assert admission.inflight(CAPTION_SEQUENCES) == 0
+
+
+def test_a_decoder_row_shed_carries_a_hint_from_the_rows_hold_times(monkeypatch):
+    """Review item 7: a shed for decoder rows hints when rows free: their mean hold time x rows held / the
+    bound. Old code: always the 50 ms floor, so clients spent their attempts at once."""
+    from search_service import admission as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    admission = module.Admission(module.Limits(caption_sequences=2))
+    for _ in range(20):  # sequences of 2 s each: the running mean converges on 2 s
+        with admission.hold(module.CAPTION_SEQUENCES):
+            now[0] += 2.0
+    expected = 2.0 * (1 - (1 - module.HOLD_EWMA) ** 20)
+    with admission.hold(module.CAPTION_SEQUENCES, 2):  # both rows held
+        with pytest.raises(module.Shed) as info:
+            with admission.hold(module.CAPTION_SEQUENCES):
+                pass
+    assert info.value.retry_after_s == pytest.approx(expected * 2 / 2)
+    assert dict(info.value.trailing_metadata())[module.RETRY_AFTER_KEY] == str(round(expected * 1000))
+
+
+def test_the_decoder_capacity_is_summed_over_the_endpoints_in_rotation_and_read_again_when_they_change():
+    """Review item 6: the caption bounds are the sum of capacity_rows over the Triton endpoints in rotation
+    (old code: one endpoint's, for all of them), and are read again when the rotation changes (an endpoint
+    out or back, a restarted server on a new connection, another export); old code: read once, never again.
+    The endpoints here answer get_model_config from stand-ins; the health refresh's code path learns them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from search_service.admission import CAPTION_SEQUENCES, Admission, Limits
+    from search_service.models import Models
+    from search_service.server import _learn_decoder_capacity
+
+    async def run():
+        models = Models("127.0.0.1:1,127.0.0.1:2")
+        capacity = {"127.0.0.1:1": 48, "127.0.0.1:2": 64}
+        for endpoint in models.pool.endpoints:
+            async def answer(fn, counted=True, url=endpoint.url):
+                config = {"config": {"parameters": {"capacity_rows": {"string_value": str(capacity[url])}}}}
+                client = SimpleNamespace(get_model_config=lambda name, as_json: asyncio.sleep(0, config))
+                return await fn(SimpleNamespace(client=client))
+            endpoint.run = answer
+        servicer = SimpleNamespace(models=models, admission=Admission(Limits()))
+
+        async def refresh() -> int:  # what LiveHealth.refresh does once Triton answers
+            if servicer.admission.capacity_outdated(models.capacity_source()):
+                await _learn_decoder_capacity(servicer)
+            return servicer.admission.bound(CAPTION_SEQUENCES)
+
+        assert await refresh() == 48 + 64
+        capacity["127.0.0.1:1"] = 8  # unchanged rotation: not asked again
+        assert await refresh() == 48 + 64
+        second = models.pool.endpoints[1]
+        second.healthy = False  # out of rotation
+        assert await refresh() == 8
+        capacity["127.0.0.1:2"] = 16  # restarted with another capacity: back on a new connection
+        second.generation += 1
+        second.healthy = True
+        assert await refresh() == 8 + 16
+        assert servicer.admission.bound("caption") == 8 + 16
+        await models.close()
+
+    asyncio.run(run())
