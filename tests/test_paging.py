@@ -574,3 +574,14 @@ def test_a_lossy_index_with_an_unreachable_min_score_rescores_a_bounded_pool(tmp
     expected = sorted((i for i, s in scores.items() if s >= reachable), key=lambda i: (-scores[i], i))
     assert len(expected) == 5 and [h.item.id for h in hits] == expected
     engine.close()
+
+
+def test_a_milvus_config_deeper_than_its_largest_search_is_refused(tmp_path):
+    """Milvus answers at most MAX_TOPK hits a search: pages deeper than that ended early without a word."""
+    from search_service.config import ServiceConfig
+    from search_service.milvus import MAX_TOPK
+
+    with pytest.raises(ValueError, match=f"at most {MAX_TOPK} with Milvus"):
+        ServiceConfig(tmp_path, vector_store="milvus", max_search_depth=MAX_TOPK, max_k=1000)
+    assert ServiceConfig(tmp_path, vector_store="milvus", max_search_depth=MAX_TOPK - 1001, max_k=1000)
+    assert ServiceConfig(tmp_path, vector_store="faiss", max_search_depth=MAX_TOPK, max_k=1000)  # no such bound
