@@ -181,7 +181,9 @@ class KeywordIndex:
         above, tied = np.flatnonzero(scores > cut), np.flatnonzero(scores == cut)
         room = limit - len(above)
         if len(tied) > room:
-            tied = np.array(heapq.nsmallest(room, tied.tolist(), key=lambda i: self._ids[int(vids[i])]), np.int64)
+            tied_vids = vids[tied].tolist()
+            least = heapq.nsmallest(room, range(len(tied_vids)), key=lambda j: self._ids[tied_vids[j]])
+            tied = tied[np.array(least, np.int64)]
         keep = np.concatenate([above, tied])
         return vids[keep], scores[keep]
 
