@@ -164,7 +164,8 @@ class Collection(abc.ABC):
                min_score: Optional[float] = None, consistency: Optional[str] = None,
                order: Optional[Order] = None, after: Optional[list] = None) -> list[Hit]:
         """Best `k` live items for a unit query vector passing `filters`, in ranking order (`rank_key`: score
-        descending, ties by id, never cut inside a tie group), each with its exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
+        descending, ties by id; a tie group at the cut is followed up to the search depth: `whole_ties`), each
+        with its exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
         field's order, after the position `after` (a previous hit's `position`).
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""

@@ -3,7 +3,8 @@
 A search request, whatever its mode, becomes one `SearchQuery` (mode, vector and/or text, conditions, order,
 page position, candidate depth), built once at the edge (service.py) and answered here as one page:
   * by score (every mode): a ranking is the hits in one order, score descending and ties by item id
-    (`collection.rank_key`; stores answer their first n hits in it, never cutting inside a tie group). A page
+    (`collection.rank_key`; stores answer their first n hits in it: the keyword index cuts ties by id, vector
+    indexes follow a tie group at the cut up to max_search_depth hits). A page
     token holds how many hits earlier pages gave (`depth`) and the last one's (score, id). The next page reads
     the ranking `depth + k + 1` deep and keeps the hits ranked after that cursor: no hit shows twice even if
     the collection changed in between, and while it is unchanged the pages are the ranking's slices. The one
