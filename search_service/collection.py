@@ -41,25 +41,33 @@ def rank_key(hit: Hit) -> tuple[float, str]:
     return -hit.score, hit.item.id
 
 
-def whole_ties(search: Callable[[int], Sequence[T]], n: int, score: Callable[[T], float]) -> list[T]:
+MAX_SEARCH_DEPTH = 10_000  # the default of how deep search pages reach (ServiceConfig.max_search_depth)
+
+
+def whole_ties(search: Callable[[int], Sequence[T]], n: int, score: Callable[[T], float],
+               most: int = MAX_SEARCH_DEPTH) -> list[T]:
     """The best `n` results and every result tied with the n-th, from `search(m)` (the best m results, highest
     score first, ties in whatever order the index keeps them; or more: whole tie groups): searched one deeper,
-    and deeper again while the last result found still ties with the n-th. An index cuts a tie group where it
-    likes (by internal id, by heap order), so a cut inside one would make answers at different depths disagree."""
+    and deeper again while the last result found still ties with the n-th, but never past `most` results (or
+    n + 1): a tie group deeper than that is cut where the index cuts it. An index cuts a tie group where it
+    likes (by internal id, by heap order), so a cut inside one would make answers at different depths disagree;
+    indexes that can break ties by item id themselves (keywords.py) need none of this."""
+    most = max(most, n + 1)
     want = n + 1
     while True:
         found = list(search(want))
         if len(found) <= n:
             return found
         cut = score(found[n - 1])
-        if len(found) != want or score(found[-1]) < cut:  # fewer: all there is; more: whole groups
+        if len(found) != want or score(found[-1]) < cut or want >= most:  # fewer: all; more: whole groups
             return [r for r in found if score(r) >= cut]
-        want *= 2
+        want = min(2 * want, most)
 
 
-def first_hits(search: Callable[[int], Sequence[Hit]], k: int) -> list[Hit]:
-    """The first `k` hits in ranking order (`rank_key`), from `search(m)`: the best m by score."""
-    return sorted(whole_ties(search, k, lambda h: h.score), key=rank_key)[:k]
+def first_hits(search: Callable[[int], Sequence[Hit]], k: int, most: int = MAX_SEARCH_DEPTH) -> list[Hit]:
+    """The first `k` hits in ranking order (`rank_key`), from `search(m)`: the best m by score (ties widened
+    up to `most` hits deep: `whole_ties`)."""
+    return sorted(whole_ties(search, k, lambda h: h.score, most), key=rank_key)[:k]
 
 
 @dataclass
@@ -156,10 +164,22 @@ class Collection(abc.ABC):
                min_score: Optional[float] = None, consistency: Optional[str] = None,
                order: Optional[Order] = None, after: Optional[list] = None) -> list[Hit]:
         """Best `k` live items for a unit query vector passing `filters`, in ranking order (`rank_key`: score
-        descending, ties by id, never cut inside a tie group), each with its exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
+        descending, ties by id; a tie group at the cut is followed up to the search depth: `whole_ties`), each
+        with its exact score. With `order`: the first `k` passing items (scoring at least min_score) in that
         field's order, after the position `after` (a previous hit's `position`).
 
         `consistency` (Strong, Session, Bounded, Eventually) matters to shared remote stores only."""
+
+    def ranking(self, query: np.ndarray, n: int, filters: Filter | dict[str, str] | None = None,
+                min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
+        """`search`'s first `n` hits by score, whose items may hold only their id and sha256 (a store that reads
+        rows apart from its ranking: a page fills only the hits it shows, with `filled`)."""
+        return self.search(query, n, filters, min_score, consistency)
+
+    def filled(self, hits: list[Hit], consistency: Optional[str] = None) -> list[Hit]:
+        """Hits of `ranking` with their whole items (read at `consistency`, as the ranking was), in the same
+        order; hits deleted meanwhile are left out."""
+        return hits
 
     @functools.cached_property
     def retry_book(self) -> RetryBook:

@@ -11,7 +11,8 @@ from serving.pool import parse_endpoints
 from .admission import Limits
 from .caption_retry import RetryPolicy
 from .index import IndexSettings
-from .milvus import MilvusSettings
+from .collection import MAX_SEARCH_DEPTH
+from .milvus import MAX_TOPK, MilvusSettings
 from .query import Schema
 
 VECTOR_STORES = ("faiss", "milvus")
@@ -42,7 +43,7 @@ class ServiceConfig:
     max_image_bytes: int = 32 << 20  # one image (bytes or file)
     max_pixels: int = 40_000_000  # decompression-bomb guard (coca.media's default)
     max_k: int = 1000
-    max_search_depth: int = 10_000  # search pages reach this many hits deep (page tokens)
+    max_search_depth: int = MAX_SEARCH_DEPTH  # search pages reach this many hits deep (page tokens)
     max_page_size: int = 1000  # List
     schema: Schema = field(default_factory=Schema)  # declared metadata fields (--field NAME:TYPE)
     max_texts: int = 1000  # labels in Classify, texts in Rank
@@ -80,6 +81,9 @@ class ServiceConfig:
             raise ValueError(f"metrics port must be in [0, 65535] (0: a free one), got {self.metrics_port}")
         if self.vector_store not in VECTOR_STORES:
             raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
+        if self.vector_store == "milvus" and self.max_search_depth + self.max_k + 1 > MAX_TOPK:
+            raise ValueError(f"max search depth + max k + 1 must be at most {MAX_TOPK} with Milvus (its largest "
+                             f"search limit), got {self.max_search_depth} + {self.max_k} + 1")
 
     def resolve_path(self, path: str) -> Path:
         return resolve_under_roots(path, self.allowed_roots)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, TypeVar
 import numpy as np
 
 from .caption_retry import CaptionRetry, RetryBook
-from .collection import Collection, Hit, Page, QueryError, check_query, first_hits, whole_ties
+from .collection import MAX_SEARCH_DEPTH, Collection, Hit, Page, QueryError, check_query, first_hits, whole_ties
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
 from .keywords import KeywordIndex
@@ -33,6 +33,9 @@ log = logging.getLogger("search_service.engine")
 T = TypeVar("T")
 
 SNAPSHOT_RETRY_S = (1.0, 300.0)  # first and longest wait before retrying a failed snapshot/rebuild
+# min_score on a lossy index: candidates widen x4 while too few pass, up to this many times the first pool
+# (rerank per hit wanted); an item whose code estimate ranks below that is missed (README, Search)
+MAX_RERANK_WIDENING = 16
 
 
 def snapshot_file(factory: str) -> str:
@@ -55,8 +58,9 @@ class Engine(Collection):
     """The embedded collection: SQLite + blob files + FAISS in this process, one writer thread."""
 
     def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000,
-                 schema: Schema = Schema()):
+                 schema: Schema = Schema(), max_search_depth: int = MAX_SEARCH_DEPTH):
         self.store = Store(data_dir)
+        self.max_search_depth = max_search_depth  # vector tie groups are followed this deep (whole_ties)
         self.settings = settings
         self.schema = schema
         self.snapshot_every = snapshot_every
@@ -160,14 +164,13 @@ class Engine(Collection):
 
     def _add(self, items: list[NewItem], staged: list) -> list[AddOutcome | ConflictError]:
         outcomes = self.store.add(items, staged)
-        new = [(o.vid, item) for o, item in zip(outcomes, items) if isinstance(o, AddOutcome) and o.added]
-        vids = np.array([vid for vid, _ in new], np.int64)
+        new = [(o, item) for o, item in zip(outcomes, items) if isinstance(o, AddOutcome) and o.added]
+        vids = np.array([o.vid for o, _ in new], np.int64)
         vectors = np.stack([item.embedding for _, item in new]) if new else np.zeros((0, self.index.dim), np.float32)
         self.index.add(vids, vectors, self.store.last_seq())
-        times = {o.vid: o.created_at for o in outcomes if isinstance(o, AddOutcome)}
-        for vid, item in new:
-            self.metadata.add(vid, item.metadata, times[vid])
-            self.keywords.add(vid, None, item.metadata)
+        for outcome, item in new:
+            self.metadata.add(outcome.vid, item.metadata, outcome.created_at)
+            self.keywords.add(outcome.vid, outcome.id, None, item.metadata)
         self._after_write()
         return outcomes
 
@@ -175,7 +178,7 @@ class Engine(Collection):
         before = [item for item in map(self.store.get, captions) if item is not None]  # deleted meanwhile: skipped
         self.store.set_captions(captions)
         for item in before:
-            self.keywords.recaption(item.vid, item.caption, captions[item.id], item.metadata)
+            self.keywords.recaption(item.vid, item.id, item.caption, captions[item.id], item.metadata)
 
     def _delete(self, item_id: str) -> Optional[Item]:
         item = self.store.delete(item_id)
@@ -251,7 +254,7 @@ class Engine(Collection):
         allowed = self.metadata.matching(flt) if flt else None
         if order is not None:
             return self._ordered_search(query, k, allowed, min_score, order, after)
-        return first_hits(lambda n: self._best(query, n, allowed, min_score), k)
+        return first_hits(lambda n: self._best(query, n, allowed, min_score), k, self.max_search_depth)
 
     def _best(self, query: np.ndarray, n: int, allowed: Optional[np.ndarray], min_score: Optional[float]) -> list[Hit]:
         """The best `n` items by score (ties in the index's order), scoring at least min_score."""
@@ -269,28 +272,30 @@ class Engine(Collection):
 
     def _reranked(self, query: np.ndarray, n: int, allowed: Optional[np.ndarray],
                   min_score: Optional[float]) -> list[tuple[int, float]]:
-        """Approximate codes: `rerank` candidates per hit wanted by the codes' estimates (never cut inside a tie of
-        estimates), re-scored exactly. With min_score, more candidates while fewer than `n` pass it and the index
-        has more: an estimate can fall far below an item's true score, and a short answer ends a query's pages."""
-        pool, everything = n * self.settings.rerank, self.index.size if allowed is None else len(allowed)
+        """Approximate codes: `rerank` candidates per hit wanted by the codes' estimates (a tie of estimates
+        followed up to max_search_depth), re-scored exactly. With min_score, more candidates (x4) while fewer than
+        `n` pass it, the index has more, and the pool is within MAX_RERANK_WIDENING times the first: an estimate
+        can fall far below an item's true score (a short answer ends a query's pages), but a min_score few items
+        reach must not re-score the whole collection."""
+        first = n * self.settings.rerank
+        everything = self.index.size if allowed is None else len(allowed)
+        pool, most = first, min(everything, first * MAX_RERANK_WIDENING)
         while True:
-            candidates = whole_ties(lambda m: self.index.search(query, m, allowed), pool, lambda pair: pair[1])
+            candidates = whole_ties(lambda m: self.index.search(query, m, allowed), pool, lambda pair: pair[1],
+                                    max(self.max_search_depth, pool + 1))
             ranked = self._exact(query, n, [vid for vid, _ in candidates])
             short = min_score is not None and sum(score >= min_score for _, score in ranked) < n
-            if not short or pool >= everything:  # enough pass, or every item was a candidate
+            if not short or pool >= most:  # enough pass, or the widening is spent
                 return ranked
-            pool *= 4
+            pool = min(4 * pool, most)
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
         flt = Filter.of(filters)
         allowed = self.metadata.matching(flt) if flt else None
 
-        def best(n: int) -> list[Hit]:
-            matches = self.keywords.search(text, n, allowed)
-            items = self.store.get_many([vid for vid, _ in matches])
-            return [Hit(items[vid], score) for vid, score in matches if vid in items]
-
-        return first_hits(best, k)
+        matches = self.keywords.search(text, k, allowed)  # cut in ranking order (ties by id): no widening
+        items = self.store.get_many([vid for vid, _ in matches])
+        return [Hit(items[vid], score) for vid, score in matches if vid in items]
 
     def _ordered_search(self, query: np.ndarray, k: int, allowed: Optional[np.ndarray], min_score: Optional[float],
                         order: Order, after: Optional[list]) -> list[Hit]:

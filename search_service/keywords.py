@@ -16,6 +16,7 @@ digits, lowercased.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import threading
@@ -80,6 +81,7 @@ class KeywordIndex:
         self.text_fields = tuple(sorted(text_fields))
         self._postings: dict[str, _Postings] = {}
         self._lengths = np.zeros(1024, np.float64)  # by vid: words in its document (0: not a document)
+        self._ids: dict[int, str] = {}  # vid -> item id, of documents: ties rank by id (collection.rank_key)
         self._documents = 0
         self._words = 0
         self._lock = threading.Lock()
@@ -90,19 +92,21 @@ class KeywordIndex:
         return words(" ".join(parts))
 
     # ------------------------------------------------------------ writes (the writer thread)
-    def load(self, rows: Iterable[tuple[int, Optional[str], Mapping[str, str]]]) -> None:
-        """Every item's (vid, caption, metadata), replacing what the index held: tokenized here, postings built
-        with numpy (one (word, vid) pair per word seen)."""
+    def load(self, rows: Iterable[tuple[int, str, Optional[str], Mapping[str, str]]]) -> None:
+        """Every item's (vid, id, caption, metadata), replacing what the index held: tokenized here, postings
+        built with numpy (one (word, vid) pair per word seen)."""
         vocabulary: dict[str, int] = {}
         word_ids: list[int] = []
         vids: list[int] = []
         lengths: dict[int, int] = {}
-        for vid, caption, metadata in rows:
+        ids: dict[int, str] = {}
+        for vid, item_id, caption, metadata in rows:
             document = self.document(caption, metadata)
             if document:
                 word_ids.extend([vocabulary.setdefault(w, len(vocabulary)) for w in document])
                 vids.extend([vid] * len(document))
                 lengths[vid] = len(document)
+                ids[vid] = item_id
         top = max(lengths, default=0) + 1
         pairs, counts = np.unique(np.array(word_ids, np.int64) * top + np.array(vids, np.int64), return_counts=True)
         starts = np.searchsorted(pairs // top, np.arange(len(vocabulary) + 1))
@@ -110,26 +114,29 @@ class KeywordIndex:
                     for word, i in vocabulary.items()}
         with self._lock:
             self._postings, self._documents, self._words = postings, len(lengths), sum(lengths.values())
+            self._ids = ids
             self._lengths = np.zeros(max(1024, 2 * top), np.float64)
             self._lengths[list(lengths)] = list(lengths.values())
 
-    def add(self, vid: int, caption: Optional[str], metadata: Mapping[str, str]) -> None:
+    def add(self, vid: int, item_id: str, caption: Optional[str], metadata: Mapping[str, str]) -> None:
         with self._lock:
-            self._add(vid, self.document(caption, metadata))
+            self._add(vid, item_id, self.document(caption, metadata))
 
     def remove(self, vid: int, caption: Optional[str], metadata: Mapping[str, str]) -> None:
         """Forget the document an item had (its caption and metadata as they were indexed)."""
         with self._lock:
             self._remove(vid, self.document(caption, metadata))
 
-    def recaption(self, vid: int, old: Optional[str], new: Optional[str], metadata: Mapping[str, str]) -> None:
+    def recaption(self, vid: int, item_id: str, old: Optional[str], new: Optional[str],
+                  metadata: Mapping[str, str]) -> None:
         with self._lock:
             self._remove(vid, self.document(old, metadata))
-            self._add(vid, self.document(new, metadata))
+            self._add(vid, item_id, self.document(new, metadata))
 
-    def _add(self, vid: int, document: list[str]) -> None:
+    def _add(self, vid: int, item_id: str, document: list[str]) -> None:
         if not document:
             return
+        self._ids[vid] = item_id
         if vid >= len(self._lengths):
             self._lengths = np.concatenate([self._lengths, np.zeros(max(vid + 1, 2 * len(self._lengths)), np.float64)])
         for word, count in Counter(document).items():
@@ -143,25 +150,42 @@ class KeywordIndex:
             return
         for word in set(document):
             self._postings[word].gone.add(vid)
+        self._ids.pop(vid, None)
         self._lengths[vid] = 0
         self._documents -= 1
         self._words -= len(document)
 
     # ------------------------------------------------------------ reads (any thread)
     def search(self, text: str, limit: int, allowed: Optional[np.ndarray] = None) -> list[tuple[int, float]]:
-        """(vid, BM25) of the `limit` best documents holding any word of `text` (among `allowed` vids when
-        given) and every document tied with the last of them, best first, ties by vid; [] when `text` has no
-        word. (Equal documents score equal: a cut inside their group would split a ranking's tie.)"""
+        """(vid, BM25) of the first `limit` documents holding any word of `text` (among `allowed` vids when
+        given) in ranking order: score descending, ties by item id (`collection.rank_key`), cut there; [] when
+        `text` has no word. Equal documents score equal (CoCa repeats captions), so a tie group can hold most
+        of a collection: it is cut here by id, never read whole."""
         with self._lock:
             vids, scores = self._scored(query_terms(text))
-        if allowed is not None and len(vids):
-            keep = np.isin(vids, allowed)
-            vids, scores = vids[keep], scores[keep]
-        if len(vids) > limit:  # the best `limit` and their ties: sorting all matches costs more
-            keep = scores >= np.partition(scores, len(scores) - limit)[len(scores) - limit]
-            vids, scores = vids[keep], scores[keep]
-        order = np.lexsort((vids, -scores))
+            if allowed is not None and len(vids):
+                keep = np.isin(vids, allowed)
+                vids, scores = vids[keep], scores[keep]
+            if len(vids) > limit:  # the best `limit`: sorting all matches costs more
+                vids, scores = self._first(vids, scores, limit)
+            ids = [self._ids[vid] for vid in vids.tolist()]
+        order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))
         return [(int(vids[i]), float(scores[i])) for i in order]
+
+    def _first(self, vids: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `limit` documents first in ranking order: those scoring above the limit-th best score, and of
+        those tied with it the ones with the least ids."""
+        if limit <= 0:
+            return vids[:0], scores[:0]
+        cut = np.partition(scores, len(scores) - limit)[len(scores) - limit]
+        above, tied = np.flatnonzero(scores > cut), np.flatnonzero(scores == cut)
+        room = limit - len(above)
+        if len(tied) > room:
+            tied_vids = vids[tied].tolist()
+            least = heapq.nsmallest(room, range(len(tied_vids)), key=lambda j: self._ids[tied_vids[j]])
+            tied = tied[np.array(least, np.int64)]
+        keep = np.concatenate([above, tied])
+        return vids[keep], scores[keep]
 
     def _scored(self, terms: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Every document holding a term, with its BM25 summed over the terms."""

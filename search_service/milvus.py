@@ -53,6 +53,7 @@ every delete, so expressions stay bounded. Searches may ask for another level pe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -90,6 +91,7 @@ CONNECT_TIMEOUT_S = 2.0
 RETRY_TIMES = 2
 MAX_TOPK = 16384  # Milvus's largest search limit (topk): a tie group deeper than that is cut there
 ROW_FIELDS = ["pk", "item_id", "uri", "blob", "meta", "caption", "created_at", "updated_at"]
+RANK_FIELDS = ["pk", "item_id"]  # what ranking needs (ties by id); a page reads ROW_FIELDS of its own hits only
 
 
 @dataclass
@@ -609,20 +611,33 @@ class MilvusCollection(Collection):
         if order is not None:
             raise Unsupported(f"ordering hits by {order.field!r}: Milvus 2.3 searches return hits by score only "
                               "(the embedded store orders by fields)")
+        return self.filled(self.ranking(query, k, filters, min_score, consistency), consistency)
+
+    def ranking(self, query: np.ndarray, n: int, filters: Filter | dict[str, str] | None = None,
+                min_score: Optional[float] = None, consistency: Optional[str] = None) -> list[Hit]:
+        """The first `n` hits, their items holding id and sha256 only (RANK_FIELDS): a page at depth d reads
+        d + k + 1 hits of which it shows k, so rows and captions are read for the shown ones only (`filled`)."""
         query = check_query(query, self._dim)
         terms, level = self._terms(filters, consistency)
         expression = " and ".join(terms)
 
-        def best(n: int) -> list[Hit]:
-            limit = min(n, MAX_TOPK)
+        def best(m: int) -> list[Hit]:
+            limit = min(m, MAX_TOPK)
             results = self._call("search", lambda c: c.search(
-                self.name, data=[query.tolist()], limit=limit, filter=expression, output_fields=ROW_FIELDS,
+                self.name, data=[query.tolist()], limit=limit, filter=expression, output_fields=RANK_FIELDS,
                 search_params=self._search_params(limit), **self._opts, consistency_level=level))
-            rows = self._with_captions([r["entity"] for r in results[0]], level)
-            hits = [Hit(_item(row), float(r["distance"])) for row, r in zip(rows, results[0])]
+            hits = [Hit(_ranked_item(r["entity"]), float(r["distance"])) for r in results[0]]
             return [h for h in hits if min_score is None or h.score >= min_score]
 
-        return first_hits(best, k)
+        return first_hits(best, n, MAX_TOPK)
+
+    def filled(self, hits: list[Hit], consistency: Optional[str] = None) -> list[Hit]:
+        if not hits:
+            return hits
+        level = self._level(consistency)[0]
+        rows = self._with_captions(self._query(in_list("pk", [h.item.sha256 for h in hits]), ROW_FIELDS, level), level)
+        items = {row["pk"]: _item(row) for row in rows}
+        return [dataclasses.replace(h, item=items[h.item.sha256]) for h in hits if h.item.sha256 in items]
 
     def keyword_search(self, text: str, k: int, filters: Filter | dict[str, str] | None = None) -> list[Hit]:
         raise Unsupported("keyword search over captions: Milvus 2.3.5 has no full-text index (the embedded "
@@ -733,6 +748,12 @@ def _json_bytes(value: dict) -> bytes:
 def _cut(text: str, limit: int) -> str:
     """The longest prefix of `text` within `limit` UTF-8 bytes (whole characters)."""
     return text.encode()[:limit].decode("utf-8", "ignore")
+
+
+def _ranked_item(row: dict) -> Item:
+    """An item known by id and sha256 only (a ranking's hit, before `filled` reads its row)."""
+    return Item(vid=-1, id=row["item_id"], sha256=row["pk"], uri="", blob=None, metadata={}, caption=None,
+                created_at=0.0, updated_at=0.0)
 
 
 def _item(row: dict) -> Item:

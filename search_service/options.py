@@ -3,7 +3,8 @@
 A search request, whatever its mode, becomes one `SearchQuery` (mode, vector and/or text, conditions, order,
 page position, candidate depth), built once at the edge (service.py) and answered here as one page:
   * by score (every mode): a ranking is the hits in one order, score descending and ties by item id
-    (`collection.rank_key`; stores answer their first n hits in it, never cutting inside a tie group). A page
+    (`collection.rank_key`; stores answer their first n hits in it: the keyword index cuts ties by id, vector
+    indexes follow a tie group at the cut up to max_search_depth hits). A page
     token holds how many hits earlier pages gave (`depth`) and the last one's (score, id). The next page reads
     the ranking `depth + k + 1` deep and keeps the hits ranked after that cursor: no hit shows twice even if
     the collection changed in between, and while it is unchanged the pages are the ranking's slices. The one
@@ -21,11 +22,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .collection import Collection, Hit, Page, rank_key
+from .collection import MAX_SEARCH_DEPTH, Collection, Hit, Page, rank_key
 from .hybrid import DEFAULT_KEYWORD_WEIGHT, FUSION_DEPTH, check_weight, fuse, keyword_hits
 from .pb import search_pb2 as pb
-from .query import (MAX_ANY_OF, MAX_CONDITIONS, PARSERS, Condition, Filter, Order, QueryInputError, Schema,
-                    check_condition, check_order, decode_token, encode_token, fingerprint)
+from .query import (BAD_TOKEN, MAX_ANY_OF, MAX_CONDITIONS, PARSERS, Condition, Filter, Order, QueryInputError,
+                    Schema, check_condition, check_order, decode_token, encode_token, fingerprint)
 
 MAX_VALUE_CHARS = 4096  # one value in a condition (the longest a metadata value can be)
 
@@ -83,7 +84,6 @@ def order_from_pb(order: pb.Order, schema: Schema) -> Optional[Order]:
 
 # ---------------------------------------------------------------- one search
 VECTOR, KEYWORD, HYBRID = "vector", "keyword", "hybrid"
-BAD_TOKEN = "page_token is not one this service made (pass next_page_token back unchanged)"
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,12 @@ class SearchQuery:
     consistency: Optional[str] = None  # remote stores: Strong, Session, Bounded, Eventually
     with_captions: bool = False  # caption the hits that have none (the edge does)
     start: Position = Position()
-    max_depth: int = 10_000  # pages reach this many hits of a ranking by score
+    max_depth: int = MAX_SEARCH_DEPTH  # pages reach this many hits of a ranking by score
 
     @classmethod
     def build(cls, mode: str, k: int, query: list, page_token: str = "", *, filters: Optional[Filter] = None,
               min_score: Optional[float] = None, order: Optional[Order] = None,
-              keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, max_depth: int = 10_000,
+              keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, max_depth: int = MAX_SEARCH_DEPTH,
               fusion_depth: int = FUSION_DEPTH, **given) -> "SearchQuery":
         """A query from checked parts; `query` names what is searched for (["text", text, ...], ["id", id]).
         QueryInputError for a combination no mode takes or a page token of another query."""
@@ -176,19 +176,20 @@ class SearchQuery:
             searched = min(2 * searched, self.max_depth + self.k + 1)
         hits = rest[:self.k]
         if len(rest) <= self.k or not hits:
-            return hits, ""
+            return collection.filled(hits, self.consistency), ""
         last = hits[-1]
         next_start = Position(self.start.depth + len(hits), [last.score, last.item.id], self.start.fusion_depth)
-        return hits, next_start.token(self.identity)
+        return collection.filled(hits, self.consistency), next_start.token(self.identity)
 
     def _ranking(self, collection: Collection, n: int) -> tuple[list[Hit], bool]:
-        """The first `n` hits of the ranking by score, and whether that is all of it regardless of `n`."""
+        """The first `n` hits of the ranking by score (items possibly ids only: `Collection.ranking`), and whether
+        that is all of it regardless of `n`."""
         if self.mode == VECTOR:
-            return collection.search(self.vector, n, self.filters, self.min_score, self.consistency), False
+            return collection.ranking(self.vector, n, self.filters, self.min_score, self.consistency), False
         if self.mode == KEYWORD:
             return keyword_hits(collection.keyword_search(self.text, n, self.filters)), False
         depth = self.start.fusion_depth  # fixed for all pages: fused scores do not move between them
-        near = collection.search(self.vector, depth, self.filters, None, self.consistency)
+        near = collection.ranking(self.vector, depth, self.filters, None, self.consistency)
         return fuse(near, keyword_hits(collection.keyword_search(self.text, depth, self.filters)),
                     self.keyword_weight), True
 

@@ -227,6 +227,9 @@ def _jsonable(value):
     raise TypeError(type(value).__name__)
 
 
+BAD_TOKEN = "page_token is not one this service made (pass next_page_token back unchanged)"
+
+
 def encode_token(query: str, position: dict) -> str:
     raw = json.dumps({"q": query, **position}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -239,7 +242,7 @@ def decode_token(token: str, query: str) -> dict:
     try:
         position = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise QueryInputError("page_token is not one this service made (pass next_page_token back unchanged)") from None
+        raise QueryInputError(BAD_TOKEN) from None
     if not isinstance(position, dict) or position.get("q") != query:
         raise QueryInputError("page_token belongs to another query: page with the same text/image, conditions, "
                               "order and k as the first page")

@@ -175,7 +175,7 @@ def open_collection(config: ServiceConfig) -> Collection:
     """The collection the config names: the embedded SQLite + FAISS store, or a Milvus collection."""
     if config.vector_store == "milvus":
         return MilvusCollection(config.data_dir, config.milvus)
-    return Engine(config.data_dir, config.index, config.snapshot_every, config.schema)
+    return Engine(config.data_dir, config.index, config.snapshot_every, config.schema, config.max_search_depth)
 
 
 def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:

@@ -35,7 +35,7 @@ from .models import ModelIdentity, ModelMismatch, Models, ModelsUnavailable
 from .options import (HYBRID, KEYWORD, VECTOR, SearchQuery, filter_from_pb, list_position, list_token,
                       order_from_pb)
 from .pb import search_pb2 as pb
-from .query import QueryInputError, decode_token, encode_token, fingerprint
+from .query import BAD_TOKEN, QueryInputError, decode_token, encode_token, fingerprint
 from .duplicates import DuplicateScans, ScanStopped, TooManyItems, check_threshold, nearest_other
 from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
@@ -848,7 +848,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         position = decode_token(request.page_token, query) if request.page_token else {"o": 0, "s": ""}
         start, snapshot_id = position.get("o", -1), position.get("s", "")
         if not isinstance(start, int) or start < 0 or not isinstance(snapshot_id, str):
-            raise bad("page_token is not one this service made (pass next_page_token back unchanged)")
+            raise bad(BAD_TOKEN)
         if not self.engine.is_open:
             return pb.FindDuplicatesResponse()
         groups = self.duplicate_scans.snapshot(snapshot_id) if snapshot_id else None

@@ -450,15 +450,17 @@ class Store:
         row = self._reader().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
-    def item_texts(self, with_metadata: bool = True) -> Iterator[tuple[int, Optional[str], dict[str, str]]]:
-        """(vid, caption, metadata) of every item (the keyword index's documents); with_metadata=False: of the
-        captioned items only, metadata {} (no JSON read: when no text fields are declared)."""
+    def item_texts(self, with_metadata: bool = True) -> Iterator[tuple[int, str, Optional[str], dict[str, str]]]:
+        """(vid, id, caption, metadata) of every item (the keyword index's documents); with_metadata=False: of
+        the captioned items only, metadata {} (no JSON read: when no text fields are declared)."""
         if not with_metadata:
-            for vid, caption in self._reader().execute("SELECT vid, caption FROM items WHERE caption IS NOT NULL"):
-                yield vid, caption, {}
+            for vid, item_id, caption in self._reader().execute(
+                    "SELECT vid, id, caption FROM items WHERE caption IS NOT NULL"):
+                yield vid, item_id, caption, {}
             return
-        for vid, caption, metadata in self._reader().execute("SELECT vid, caption, metadata FROM items ORDER BY vid"):
-            yield vid, caption, json.loads(metadata)
+        for vid, item_id, caption, metadata in self._reader().execute(
+                "SELECT vid, id, caption, metadata FROM items ORDER BY vid"):
+            yield vid, item_id, caption, json.loads(metadata)
 
     def item_times(self) -> Iterator[tuple[int, float]]:
         """(vid, created_at) of every item, in vid order (the filter index's live items and added_at)."""

@@ -339,6 +339,51 @@ def test_pages_are_the_ranking_on_milvus(examples, milvus_server, tmp_path, figu
         collection.close()
 
 
+def test_milvus_pages_read_rows_and_captions_of_their_own_hits_only(milvus_server, tmp_path):
+    """A page at depth d ranks d + k + 1 hits: the ranking reads ids only, and item rows and captions are read
+    for the k hits the page shows (they were read for all d + k + 1, captions by a `pk in [...]` expression that
+    long: O(depth^2) over a query's pages). The pages are the ranking, each hit with its own stored item."""
+    from search_service.milvus import MilvusCollection, MilvusSettings
+
+    collection = MilvusCollection(tmp_path, MilvusSettings(uri=milvus_server.uri, collection=f"rows_{time.time_ns()}"))
+    collection.bind_model("test", "random", DIM)
+    collection.open_index(DIM)
+    try:
+        spec = {"groups": [[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]],
+                "items": [(n % 3, 0, n % 3, None, None) for n in range(40)]}
+        known = {i.id: i for i in fill(collection, spec)}
+        client, reads = collection.client, []
+
+        def counting(name: str):
+            method = getattr(client, name)
+
+            def call(target, **kwargs):
+                found = method(target, **kwargs)
+                rows = found[0] if name == "search" else found
+                if target == collection.captions_name or "uri" in kwargs["output_fields"]:
+                    reads.append((target, len(rows)))  # whole item rows, or caption rows
+                return found
+            return call
+
+        client.search, client.query = counting("search"), counting("query")
+        k, q = 3, {"mode": VECTOR, "k": 3, "vector": [2, 1, 0, 0], "text": "", "colour": None, "min_score": None,
+                   "order": None, "weight": 0.5, "fusion_depth": 100}
+        shown, token = [], ""
+        for _ in range(20):
+            reads.clear()
+            hits, token = query_value(q, token).page(collection)
+            assert all(rows <= k for _, rows in reads) and len(reads) <= 2, (len(shown), reads)
+            assert [(h.item.caption, h.item.uri) for h in hits] == [
+                (known[h.item.id].caption, f"mem:{known[h.item.id].seq}") for h in hits]
+            shown += [h.item.id for h in hits]
+            if not token:
+                break
+        assert shown == expected_ids(list(known.values()), q)
+    finally:
+        collection.client.drop_collection(collection.name)
+        collection.close()
+
+
 # ---------------------------------------------------------------- end to end: the real gRPC service and Triton
 def ten_pictures_four_ways() -> tuple[list[bytes], list[str]]:
     """Issue 19's collection: 10 pictures, each saved as PNG, BMP, TIFF and lossless WebP (identical pixels: one
@@ -407,20 +452,26 @@ def test_the_issues_collection_pages_through_grpc(issue_service):
     embeddings = {i: np.array(client.get(i, include_embedding=True).embedding, np.float32) for i in ids}
     assert len({v.tobytes() for v in embeddings.values()}) <= 10 * 2  # groups of equal embeddings (ties)
 
-    def ranking(query: np.ndarray) -> list[str]:
-        scores = {i: float(v @ query) for i, v in embeddings.items()}
-        return sorted(ids, key=lambda i: (-scores[i], i))
-
     probe = ids[5]
+    scores = {i: float(v.astype(np.float64) @ embeddings[probe]) for i, v in embeddings.items()}
+    expected = sorted(ids, key=lambda i: (-scores[i], i))
+    # The saves of one picture embed equal or a few float32 ulps apart (Triton batches): exact scores closer than
+    # float32 resolves (1e-6) form one block, ranked inside by the service's float32 score, then id.
+    block, blocks = {}, 0
+    for before, i in zip([None] + expected, expected):
+        blocks += before is None or scores[before] - scores[i] > 1e-6
+        block[i] = blocks
+    assert blocks >= 9  # 10 pictures
     for k in (3, 5):
         hits = grpc_pages(lambda k, token: client.stub.SearchImage(pb.SearchImageRequest(
             id=probe, options=pb.SearchOptions(k=k, page_token=token)), timeout=60), k)
         shown = [h.id for h in hits]
         assert sorted(shown) == sorted(ids), f"k={k}: pages showed {len(set(shown))} of 40 items"
-        assert shown == sorted(shown, key=lambda i: (-hits[shown.index(i)].score, i))  # one order: ties by id
-        expected = ranking(embeddings[probe])
-        scores = {i: float(embeddings[i] @ embeddings[probe]) for i in ids}
-        np.testing.assert_allclose([h.score for h in hits], [scores[i] for i in expected], atol=1e-5)
+        assert [block[i] for i in shown] == [block[i] for i in expected], f"k={k}: not the exact ranking"
+        for n in range(1, blocks + 1):  # inside a block: the service's scores, ties by id
+            inside = [(-h.score, h.id) for h in hits if block[h.id] == n]
+            assert inside == sorted(inside), (k, n, inside)
+        np.testing.assert_allclose([h.score for h in hits], [scores[i] for i in shown], atol=1e-5)
     if store == "milvus":  # no keyword index in Milvus 2.3 (FAILED_PRECONDITION: tests/test_search_service.py)
         return
     text = "red dog ball"
@@ -471,3 +522,75 @@ def test_a_lossy_index_with_min_score_answers_every_hit_it_is_asked_for(tmp_path
         assert all(h.score >= min_score for h in hits)
     engine.close()
     assert not short, f"{short} of 20 searches answered fewer than 40 hits while 60 items passed min_score"
+
+
+# ---------------------------------------------------------------- bounded work per page (review items 2, 3, 4)
+def test_a_tie_heavy_keyword_query_reads_about_k_rows_a_page(tmp_path):
+    """3,000 items with one caption (CoCa repeats captions) tie in BM25. Each KEYWORD page (k=10) gets at most
+    depth + k + 1 matches from the keyword index and reads that many rows from the store (the index cuts its
+    ranking by score, then id); it read the whole tie group (3,000 rows) for every page. The pages are the
+    brute-force ranking, ties by id."""
+    engine = Engine(tmp_path, IndexSettings(factory="Flat"), schema=SCHEMA)
+    engine.bind_model("test", "random", DIM)
+    engine.open_index(DIM)
+    items = [(0, 4, 1, None, None)] * 3000 + [(0, 0, 0, None, None)] * 3 + [(0, 1, 0, None, None)] * 2
+    known = fill(engine, {"groups": [[1, 0, 0, 0]], "items": items})
+    rows_read, matches = [], []
+    get_many, keyword_search = engine.store.get_many, engine.keywords.search
+    engine.store.get_many = lambda vids, *a: rows_read.append(len(vids)) or get_many(vids, *a)
+    engine.keywords.search = lambda *a: (lambda found: matches.append(len(found)) or found)(keyword_search(*a))
+    q = {"mode": KEYWORD, "k": 10, "vector": [1, 0, 0, 0], "text": "red dog", "colour": None, "min_score": None,
+         "order": None, "weight": 0.5, "fusion_depth": 100}
+    shown, token = [], ""
+    for page in range(5):
+        rows_read.clear(), matches.clear()
+        hits, token = query_value(q, token).page(engine)
+        shown += [h.item.id for h in hits]
+        assert max(rows_read) <= 10 * page + 10 + 1 and max(matches) <= 10 * page + 10 + 1, (page, rows_read, matches)
+    expected = expected_ids(known, q)
+    assert len(expected) == 3005 and shown == expected[:50]
+    engine.close()
+
+
+def test_a_lossy_index_with_an_unreachable_min_score_rescores_a_bounded_pool(tmp_path):
+    """min_score on compressed codes widens the candidate pool (x4) while too few pass, but at most
+    MAX_RERANK_WIDENING times the first pool (rerank per hit wanted): a min_score no item reaches re-scored the
+    whole collection (3,000 items here, and again for every x4 step), now a few hundred candidates."""
+    from search_service.engine import MAX_RERANK_WIDENING
+
+    rng = np.random.default_rng(7)
+    dim, k, rerank = 16, 10, 4
+    engine = Engine(tmp_path, IndexSettings(factory="IVF2,PQ4x4", nprobe=2, train_per_centroid=2, rerank=rerank))
+    engine.bind_model("test", "random", dim)
+    engine.open_index(dim)
+    vectors = rng.standard_normal((3000, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    engine.add([NewItem(sha256_hex(b"v%d" % n), "mem:", v, data=b"v%d" % n) for n, v in enumerate(vectors)])
+    assert engine.index.lossy and not engine.index.waiting_for_training
+    rescored = []
+    exact = engine._exact
+    engine._exact = lambda query, n, vids: rescored.append(len(vids)) or exact(query, n, vids)
+    query = vectors[0]
+    best = float(np.max(vectors @ query))  # 1: the item itself
+    hits, token = SearchQuery.build(VECTOR, k, ["unreachable"], min_score=best + 0.5, vector=query).page(engine)
+    assert (hits, token) == ([], "")
+    first = (k + 1) * rerank  # a page searches k + 1 deep
+    # each pool may double to finish a tie of estimates (whole_ties)
+    assert rescored and max(rescored) <= 2 * first * MAX_RERANK_WIDENING and sum(rescored) < len(vectors), rescored
+    reachable = float(np.sort(vectors @ query)[-5])  # 5 items pass: the answer is still the exact ranking
+    hits, _ = SearchQuery.build(VECTOR, k, ["reachable"], min_score=reachable, vector=query).page(engine)
+    scores = {default_id(sha256_hex(b"v%d" % n)): float(s) for n, s in enumerate(vectors @ query)}
+    expected = sorted((i for i, s in scores.items() if s >= reachable), key=lambda i: (-scores[i], i))
+    assert len(expected) == 5 and [h.item.id for h in hits] == expected
+    engine.close()
+
+
+def test_a_milvus_config_deeper_than_its_largest_search_is_refused(tmp_path):
+    """Milvus answers at most MAX_TOPK hits a search: pages deeper than that ended early without a word."""
+    from search_service.config import ServiceConfig
+    from search_service.milvus import MAX_TOPK
+
+    with pytest.raises(ValueError, match=f"at most {MAX_TOPK} with Milvus"):
+        ServiceConfig(tmp_path, vector_store="milvus", max_search_depth=MAX_TOPK, max_k=1000)
+    assert ServiceConfig(tmp_path, vector_store="milvus", max_search_depth=MAX_TOPK - 1001, max_k=1000)
+    assert ServiceConfig(tmp_path, vector_store="faiss", max_search_depth=MAX_TOPK, max_k=1000)  # no such bound
