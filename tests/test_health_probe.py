@@ -18,7 +18,8 @@ class CountingServicer:
     def __init__(self, probe_s: float):
         self.probe_s = probe_s
         self.store_probes = self.triton_probes = 0
-        self.models = SimpleNamespace(endpoints=lambda: [])
+        self.models = SimpleNamespace(endpoints=lambda: [], capacity_source=lambda: ())
+        self.admission = SimpleNamespace(capacity_outdated=lambda source: False)  # capacity known: no question
 
     async def models_problem(self, timeout):
         self.triton_probes += 1
