@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 import pytest
 
-from .conftest import needs_triton, service_args, unique_jpegs
+from .conftest import needs_triton, service_args, short, unique_jpegs
 
 ROOT = str(Path(__file__).resolve().parents[2])
-ROUNDS = [pytest.param(3, id="3-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.long)]
+ROUNDS = [pytest.param(3, id="3-kills", marks=short), pytest.param(20, id="20-kills", marks=pytest.mark.long)]
 
 
 def index_matches_store(data_dir) -> dict:
@@ -160,7 +160,7 @@ def read_snapshot(path):
     return index.seq, index.size
 
 
-@pytest.mark.parametrize("kills", [pytest.param(6, id="6-kills"), pytest.param(40, id="40-kills", marks=pytest.mark.long)])
+@pytest.mark.parametrize("kills", [pytest.param(6, id="6-kills", marks=short), pytest.param(40, id="40-kills", marks=pytest.mark.long)])
 def test_sigkill_during_snapshot_write_leaves_old_or_new(kills, tmp_path, figures):
     """A child process writes snapshots in a loop (seq n holds blocks(n) x 20,000 vectors of 64-d);
     SIGKILL it at a random moment. The file on disk is then the last one completed or the one being

@@ -17,7 +17,7 @@ import pytest
 from coca.errors import CapacityError
 from coca.sampling import SamplingParams
 
-from .conftest import CAPACITY, EXPIRY_INTERVAL_S, IDLE_S, needs_triton, rss_bytes, unique_jpegs
+from .conftest import CAPACITY, EXPIRY_INTERVAL_S, IDLE_S, needs_triton, rss_bytes, short, unique_jpegs
 
 pytestmark = needs_triton
 BEYOND = 2  # extra STARTs per round, past the cap
@@ -34,7 +34,7 @@ def decoder_pid(server) -> int:
     raise AssertionError("no decoder stub process found")
 
 
-@pytest.mark.parametrize("sequences", [pytest.param(50, id="50-sequences"),
+@pytest.mark.parametrize("sequences", [pytest.param(50, id="50-sequences", marks=short),
                                        pytest.param(1000, id="1000-sequences", marks=pytest.mark.long)])
 def test_abandoned_sequences_are_freed_and_the_cap_is_a_clear_error(sequences, live_triton, shared_service, figures):
     import grpc

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from .conftest import encode, needs_triton, unique_jpegs
+from .conftest import encode, needs_triton, short, unique_jpegs
 
 pytestmark = needs_triton
 
@@ -247,7 +247,7 @@ def video(tmp_path_factory):
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("examples", [pytest.param(300, id="300-cases"),
+@pytest.mark.parametrize("examples", [pytest.param(300, id="300-cases", marks=short),
                                       pytest.param(10_000, id="10000-cases", marks=pytest.mark.long)])
 def test_malformed_requests_get_proper_statuses(examples, shared_service, video, figures):
     from search_service.pb import search_pb2 as pb

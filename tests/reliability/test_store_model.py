@@ -466,6 +466,7 @@ SHORT_RUNS = {"milvus:HNSW": (4, 30)}
 LONG_RUNS = {"milvus:HNSW": (10, 45)}  # 12 x 50 (603 steps) took 499 s at load 13: too near the timeout
 
 
+@pytest.mark.short  # make test runs it; the long suite runs the long one, which checks the same, longer
 @pytest.mark.parametrize("factory", list(FAMILIES))
 def test_store_model_short(factory, figures, request):
     examples, steps = SHORT_RUNS.get(factory, (6, 40))
