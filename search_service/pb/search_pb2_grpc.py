@@ -197,8 +197,9 @@ class SearchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Backup(self, request, context):
-        """Back the embedded store up into a folder under the service's --root folders while it keeps serving
-        (README "Backup and restore"): progress messages, then one with the summary. Milvus: FAILED_PRECONDITION.
+        """Back the embedded store up into a folder under the service's --backup-root while it keeps serving
+        (README "Backup and restore"): progress messages, then one with the summary. No --backup-root, or Milvus:
+        FAILED_PRECONDITION; another backup running: ABORTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
