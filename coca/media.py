@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Generator, Iterator, Union
 
 import av
 import numpy as np
@@ -371,6 +371,96 @@ def _kept_image(frame: av.VideoFrame) -> Image.Image:
         return frame.to_image()  # RGB, as decoded
     return frame.to_image(width=max(1, round(width * scale)), height=max(1, round(height * scale)),
                           interpolation="AREA")
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What one video may cost to sample (sample_frames); each is refused by name (VideoLimitError)."""
+
+    max_seconds: float = 3600.0  # duration: the header's, and every decoded frame's time
+    max_pixels: int = 3840 * 2160  # one frame's width x height (the resolution)
+    max_samples: int = 7200  # frames sampled (what is embedded)
+    max_decoded_bytes: int = 64 << 30  # raw bytes of all decoded frames (every frame is decoded, sampled or not)
+    max_decode_seconds: float = 1800.0  # wall clock (decoding runs in a thread nothing can interrupt)
+
+
+class VideoLimitError(InvalidVideoError):
+    """A video over one of VideoLimits; `limit` names it."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass
+class SampledFrame:
+    time_s: float  # presentation time of the decoded frame taken
+    image: Image.Image  # RGB, downscaled as video_frames keeps frames (_kept_image)
+
+
+def sample_frames(source: VideoSource, every_s: float,
+                  limits: VideoLimits = VideoLimits()) -> Generator[SampledFrame, None, float]:
+    """Frames at a fixed rate, streamed: the first decoded frame at or after each multiple of `every_s` seconds
+    (by presentation time, so variable frame rates sample evenly). Nothing but the current frame is held.
+    After the last frame, the generator's return value (StopIteration.value) is the video's end time (the last
+    frame's time plus its duration). A decode error ends the frames where it happens (a truncated file gives
+    the frames before the cut); no decodable frame at all, a file that is not a video, or a limit passed
+    raises InvalidVideoError (VideoLimitError naming the limit)."""
+    if not every_s > 0:
+        raise ValueError(f"every_s must be positive, got {every_s}")
+    name = describe_source(source)
+    deadline = time.monotonic() + limits.max_decode_seconds
+    with _open_binary(source, InvalidVideoError) as stream, _container(stream, name) as container:
+        video = container.streams.video[0]
+        _check_video_header(video, container, name, limits)
+        decoded_bytes, sampled, next_t, end = 0, 0, 0.0, 0.0
+        rate = float(video.average_rate or video.guessed_rate or 25)
+        for index, frame in enumerate(_decoded_frames(container)):
+            t = float(frame.time) if frame.time is not None else index / rate
+            end = max(end, t + (float(frame.duration * frame.time_base) if frame.duration and frame.time_base
+                                else 1 / rate))
+            decoded_bytes += sum(plane.buffer_size for plane in frame.planes)
+            _check_frame_limits(frame, t, decoded_bytes, deadline, name, limits)
+            if t + 1e-6 < next_t:
+                continue
+            sampled += 1
+            if sampled > limits.max_samples:
+                raise VideoLimitError(f"{name}: more than {limits.max_samples} frames sampled (the limit "
+                                      "max_samples): sample less often or cut the video shorter", "max_samples")
+            next_t = (int(t / every_s + 1e-6) + 1) * every_s
+            yield SampledFrame(t, _kept_image(frame))
+        if sampled == 0:
+            raise InvalidVideoError(f"{name}: no decodable video frames")
+        return end
+
+
+def _check_video_header(video, container, name: str, limits: VideoLimits) -> None:
+    width, height = video.codec_context.width, video.codec_context.height
+    if width and height and width * height > limits.max_pixels:
+        raise VideoLimitError(f"{name}: frames are {width}x{height} = {width * height} pixels, over the limit "
+                              f"max_pixels = {limits.max_pixels}", "max_pixels")
+    duration = (float(video.duration * video.time_base) if video.duration and video.time_base
+                else (container.duration or 0) / 1_000_000)
+    if duration > limits.max_seconds:
+        raise VideoLimitError(f"{name}: {duration:.1f} s long (its header), over the limit max_seconds = "
+                              f"{limits.max_seconds:g} s", "max_seconds")
+
+
+def _check_frame_limits(frame: av.VideoFrame, t: float, decoded_bytes: int, deadline: float, name: str,
+                        limits: VideoLimits) -> None:
+    if frame.width * frame.height > limits.max_pixels:
+        raise VideoLimitError(f"{name}: a frame is {frame.width}x{frame.height} = {frame.width * frame.height} "
+                              f"pixels, over the limit max_pixels = {limits.max_pixels}", "max_pixels")
+    check_dimensions(frame.width, frame.height, name, "frames", None, InvalidVideoError)
+    if t > limits.max_seconds:
+        raise VideoLimitError(f"{name}: a frame at {t:.1f} s, past the limit max_seconds = {limits.max_seconds:g} s",
+                              "max_seconds")
+    if decoded_bytes > limits.max_decoded_bytes:
+        raise VideoLimitError(f"{name}: over {limits.max_decoded_bytes} bytes of decoded frames (the limit "
+                              "max_decoded_bytes)", "max_decoded_bytes")
+    if time.monotonic() > deadline:
+        raise VideoLimitError(f"{name}: decoding took over {limits.max_decode_seconds:g} s (the limit "
+                              "max_decode_seconds)", "max_decode_seconds")
 
 
 def is_video(source: ImageSource) -> bool:

@@ -45,7 +45,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 SEARCH, INGEST, CAPTION = "search", "ingest", "caption"
 CLASSES = (SEARCH, INGEST, CAPTION)
-CLASS_OF_METHOD = {"AddImages": INGEST, "Caption": CAPTION, "CaptionStream": CAPTION}  # every other method of the service: SEARCH
+CLASS_OF_METHOD = {"AddImages": INGEST, "AddVideos": INGEST, "Caption": CAPTION, "CaptionStream": CAPTION}  # every other method of the service: SEARCH
 # Methods that take no slot: bounded by a rule of their own (Backup: one per store at a time, on a thread of its
 # own), so minutes of work never hold a slot that searches wait for. The rate limit still applies to them.
 UNCOUNTED_METHODS = frozenset({"Backup"})

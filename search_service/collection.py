@@ -21,7 +21,7 @@ import numpy as np
 
 from .caption_retry import MemoryRetryBook, RetryBook
 from .query import Filter, Order
-from .store import AddOutcome, ConflictError, Item, NewItem
+from .store import AddOutcome, ConflictError, Item, NewItem, NewScene, NewVideo, Video, VideoOutcome
 
 T = TypeVar("T")
 
@@ -142,6 +142,30 @@ class Collection(abc.ABC):
     @abc.abstractmethod
     def set_captions(self, captions: dict[str, str]) -> None:
         """Keep captions by item id (ids deleted meanwhile are skipped)."""
+
+    # ------------------------------------------------------------ videos (search_service/video.py)
+    keeps_videos = False  # add_video and the rest work (the embedded store)
+    VIDEOS_MISSING = ("videos: this store keeps no video rows and no scene table (a video's scenes must be added and "
+                      "deleted with it in one commit); index videos into the embedded store (--vector-store faiss)")
+
+    def add_video(self, video: NewVideo, scenes: list[NewScene]) -> VideoOutcome | ConflictError:
+        """Store a video (its bytes, once) and its scenes (items) in one commit: all or nothing; the same content
+        again adds nothing (its outcome says so, with the scenes stored)."""
+        raise Unsupported(self.VIDEOS_MISSING)
+
+    def get_video(self, video_id: str) -> Optional[Video]:
+        """A video and its scenes (None if unknown)."""
+        return None
+
+    def find_video_sha(self, sha256: str) -> Optional[Video]:
+        return None
+
+    def delete_video(self, video_id: str) -> Optional[Video]:
+        """Remove a video and all its scenes in one commit; returns what was removed, None if unknown."""
+        return None
+
+    def read_video(self, video: Video) -> bytes:
+        raise Unsupported(self.VIDEOS_MISSING)
 
     # ------------------------------------------------------------ reads
     @abc.abstractmethod

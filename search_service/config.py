@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from coca.media import VideoLimits
 from coca.texts import MAX_TEXT_CHARS
 from serving.pool import parse_endpoints
 from .admission import Limits
@@ -65,6 +66,8 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)  # load shedding: bounds on work in flight, rate limit
     metrics_port: Optional[int] = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
     caption_retry: RetryPolicy = field(default_factory=RetryPolicy)  # ingest captions that failed, tried again
+    video: VideoLimits = field(default_factory=VideoLimits)  # what decoding one AddVideos video may cost
+    max_video_bytes: int = 4 << 30  # one video file (bytes sent are also bounded by max_message_bytes)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)

@@ -27,7 +27,7 @@ from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
 from .keywords import KeywordIndex
 from .query import Filter, Order, QueryInputError, Schema
-from .store import AddOutcome, ConflictError, Item, NewItem, Store
+from .store import AddOutcome, ConflictError, Item, NewItem, NewScene, NewVideo, Store, Video, VideoOutcome
 
 log = logging.getLogger("search_service.engine")
 T = TypeVar("T")
@@ -56,6 +56,8 @@ def row_scores(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 class Engine(Collection):
     """The embedded collection: SQLite + blob files + FAISS in this process, one writer thread."""
+
+    keeps_videos = True
 
     def __init__(self, data_dir: str | Path, settings: IndexSettings, snapshot_every: int = 10_000,
                  schema: Schema = Schema(), max_search_depth: int = MAX_SEARCH_DEPTH):
@@ -140,6 +142,13 @@ class Engine(Collection):
     def delete(self, item_id: str) -> Optional[Item]:
         return self._write(lambda: self._delete(item_id))
 
+    def add_video(self, video: NewVideo, scenes: list[NewScene]) -> VideoOutcome | ConflictError:
+        staged = self.store.stage_blob(video.data) if video.data is not None else None
+        return self._write(lambda: self._add_video(video, scenes, staged))
+
+    def delete_video(self, video_id: str) -> Optional[Video]:
+        return self._write(lambda: self._delete_video(video_id))
+
     def set_captions(self, captions: dict[str, str]) -> None:
         if captions:
             self._write(lambda: self._set_captions(captions))
@@ -173,6 +182,30 @@ class Engine(Collection):
             self.keywords.add(outcome.vid, outcome.id, None, item.metadata)
         self._after_write()
         return outcomes
+
+    def _add_video(self, video: NewVideo, scenes: list[NewScene], staged) -> VideoOutcome | ConflictError:
+        outcome = self.store.add_video(video, scenes, staged)
+        if isinstance(outcome, VideoOutcome) and outcome.added and scenes:
+            vids = np.array([row.vid for row in outcome.scenes], np.int64)
+            self.index.add(vids, np.stack([scene.item.embedding for scene in scenes]), self.store.last_seq())
+            for row, scene in zip(outcome.scenes, scenes):
+                self.metadata.add(row.vid, scene.item.metadata, row.created_at)
+                self.keywords.add(row.vid, row.id, scene.caption, scene.item.metadata)
+            self._after_write()
+        return outcome
+
+    def _delete_video(self, video_id: str) -> Optional[Video]:
+        removed = self.store.delete_video(video_id)
+        if removed is None:
+            return None
+        video, items = removed
+        if items:
+            self.index.remove([item.vid for item in items], self.store.last_seq())
+            for item in items:
+                self.metadata.remove(item.vid, item.metadata)
+                self.keywords.remove(item.vid, item.caption, item.metadata)
+            self._after_write()
+        return video
 
     def _set_captions(self, captions: dict[str, str]) -> None:
         before = [item for item in map(self.store.get, captions) if item is not None]  # deleted meanwhile: skipped
@@ -237,6 +270,15 @@ class Engine(Collection):
 
     def read_image(self, item: Item) -> bytes:
         return self.store.read_image(item)
+
+    def get_video(self, video_id: str) -> Optional[Video]:
+        return self.store.get_video(video_id)
+
+    def find_video_sha(self, sha256: str) -> Optional[Video]:
+        return self.store.find_video_sha(sha256)
+
+    def read_video(self, video: Video) -> bytes:
+        return self.store.read_video(video)
 
     @property
     def size(self) -> int:

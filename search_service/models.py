@@ -168,6 +168,18 @@ class Models:
 
         return await self._each(one, images, timeout)
 
+    async def encode_frames(self, frames: Sequence[bytes], image_embeddings: bool,
+                            timeout: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """A video's sampled frames (encoded images) in one pool call: their ClassEmbeddings (N, D), and their
+        ImageEmbeddings (N, T, W) when asked (None otherwise)."""
+        outputs = ["CLASS_EMBEDDING", "IMAGE_EMBEDDINGS"] if image_embeddings else ["CLASS_EMBEDDING"]
+
+        async def run(client):
+            return await client.encode_images(frames, outputs, batch_size=max(1, len(frames)))
+
+        found = await self._call(run, timeout)
+        return found["CLASS_EMBEDDING"], found.get("IMAGE_EMBEDDINGS")
+
     async def embed_texts(self, texts: Sequence[str], timeout: float) -> np.ndarray:
         """(N, D) float32; texts seen recently come from the cache, the others from Triton in one call."""
         found = [self.text_cache.get(text) for text in texts]

@@ -25,8 +25,8 @@ import numpy as np
 from .collection import MAX_SEARCH_DEPTH, Collection, Hit, Page, rank_key
 from .hybrid import DEFAULT_KEYWORD_WEIGHT, FUSION_DEPTH, check_weight, fuse, keyword_hits
 from .pb import search_pb2 as pb
-from .query import (BAD_TOKEN, MAX_ANY_OF, MAX_CONDITIONS, PARSERS, Condition, Filter, Order, QueryInputError,
-                    Schema, check_condition, check_order, decode_token, encode_token, fingerprint)
+from .query import (BAD_TOKEN, MAX_ANY_OF, MAX_CONDITIONS, PARSERS, VIDEO_ID, Condition, Filter, Order,
+                    QueryInputError, Schema, check_condition, check_order, decode_token, encode_token, fingerprint)
 
 MAX_VALUE_CHARS = 4096  # one value in a condition (the longest a metadata value can be)
 
@@ -137,18 +137,21 @@ class SearchQuery:
     with_captions: bool = False  # caption the hits that have none (the edge does)
     start: Position = Position()
     max_depth: int = MAX_SEARCH_DEPTH  # pages reach this many hits of a ranking by score
+    group_by_video: bool = False  # the ranking keeps each video's best scene only (a still image: itself)
 
     @classmethod
     def build(cls, mode: str, k: int, query: list, page_token: str = "", *, filters: Optional[Filter] = None,
               min_score: Optional[float] = None, order: Optional[Order] = None,
               keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, max_depth: int = MAX_SEARCH_DEPTH,
-              fusion_depth: int = FUSION_DEPTH, **given) -> "SearchQuery":
+              fusion_depth: int = FUSION_DEPTH, group_by_video: bool = False, **given) -> "SearchQuery":
         """A query from checked parts; `query` names what is searched for (["text", text, ...], ["id", id]).
         QueryInputError for a combination no mode takes or a page token of another query."""
         if mode != VECTOR and (order is not None or min_score is not None):
             raise QueryInputError("order_by and min_score work in VECTOR mode only")
+        if group_by_video and order is not None:
+            raise QueryInputError("group_by_video ranks by score: give no order_by")
         identity = fingerprint("search", query, [min_score, filters.key() if filters else [],
-                                                 order.key() if order else None])
+                                                 order.key() if order else None] + (["videos"] if group_by_video else []))
         start = Position.of(page_token, identity)
         if page_token and order is None and start.depth + k > max_depth:
             raise QueryInputError(f"pages reach the first {max_depth} hits of a search: narrow it (conditions, "
@@ -158,7 +161,8 @@ class SearchQuery:
         if mode == HYBRID and not start.fusion_depth:
             start = Position(start.depth, start.after, min(max_depth, max(fusion_depth, k + 1)))
         return cls(mode, k, identity, filters=filters, min_score=min_score, order=order,
-                   keyword_weight=check_weight(keyword_weight), start=start, max_depth=max_depth, **given)
+                   keyword_weight=check_weight(keyword_weight), start=start, max_depth=max_depth,
+                   group_by_video=group_by_video, **given)
 
     def page(self, collection: Collection) -> tuple[list[Hit], str]:
         """This page's hits and the next page's token ("" after the last page)."""
@@ -183,7 +187,19 @@ class SearchQuery:
 
     def _ranking(self, collection: Collection, n: int) -> tuple[list[Hit], bool]:
         """The first `n` hits of the ranking by score (items possibly ids only: `Collection.ranking`), and whether
-        that is all of it regardless of `n`."""
+        that is all of it regardless of `n`. Grouped by video: the first `n` groups' best hits, read from a
+        ranking as deep as it takes to hold `n` groups (doubling, up to max_depth hits)."""
+        if not self.group_by_video:
+            return self._ungrouped(collection, n)
+        depth = n
+        while True:
+            ranked, whole = self._ungrouped(collection, depth)
+            best = best_per_video(ranked)
+            if len(best) >= n or whole or len(ranked) < depth or depth >= self.max_depth:
+                return best, whole or len(ranked) < depth
+            depth = min(2 * depth, self.max_depth)
+
+    def _ungrouped(self, collection: Collection, n: int) -> tuple[list[Hit], bool]:
         if self.mode == VECTOR:
             return collection.ranking(self.vector, n, self.filters, self.min_score, self.consistency), False
         if self.mode == KEYWORD:
@@ -201,6 +217,18 @@ class SearchQuery:
         if len(hits) <= self.k:
             return page, ""
         return page, Position(self.start.depth + len(page), page[-1].position).token(self.identity)
+
+
+def best_per_video(ranked: list[Hit]) -> list[Hit]:
+    """The first hit of each video in a ranking (a hit that is no video scene stands for itself), in its order."""
+    seen: set[str] = set()
+    best = []
+    for hit in ranked:
+        group = hit.item.metadata.get(VIDEO_ID) or "\0" + hit.item.id  # "\0": no video id starts with it
+        if group not in seen:
+            seen.add(group)
+            best.append(hit)
+    return best
 
 
 def _cursor(after: list) -> tuple[float, str]:

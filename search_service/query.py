@@ -3,7 +3,8 @@
 * `Schema`: the collection's declared metadata fields (`--field year:number --field taken:date --field title:text`).
   Undeclared fields are strings. Number and date fields can be ranged over and ordered by; text fields are
   strings that KEYWORD search also looks in (beside captions).
-  `added_at` (when the item was stored) is a built-in date field.
+  `added_at` (when the item was stored) is a built-in date field; `start_s`, `end_s` and `video_duration_s`
+  (video scenes) are built-in number fields.
 * `Condition`: one test on one field (equals, any of, a range), optionally negated; a `Filter` is
   conditions that must all hold. An item without the field fails every test (so passes its negation).
 * `Order`: by a date/number field, ascending or descending; items without the field come last.
@@ -25,6 +26,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
 ADDED_AT = "added_at"
+# Video scenes carry these in their metadata (search_service/video.py): which video, where in it, how long it
+# is. Built in: the numbers are typed fields of every collection, and no other item may set them.
+VIDEO_ID = "video_id"
+VIDEO_NUMBERS = {"start_s": "number", "end_s": "number", "video_duration_s": "number"}
+VIDEO_FIELDS = (VIDEO_ID, *VIDEO_NUMBERS)
 FIELD_TYPES = ("string", "number", "date", "text")
 TYPED = ("number", "date")
 MAX_CONDITIONS = 64
@@ -75,6 +81,8 @@ class Schema:
                 raise ValueError(f"field {name!r}: type must be one of {FIELD_TYPES}, got {kind!r}")
             if name == ADDED_AT:
                 raise ValueError(f"{ADDED_AT!r} is built in (the time an item was stored): choose another name")
+            if name in VIDEO_FIELDS:
+                raise ValueError(f"{name!r} is built in (video scenes): choose another name")
             if not name or len(name) > MAX_FIELD_CHARS:
                 raise ValueError(f"field names are 1..{MAX_FIELD_CHARS} characters")
 
@@ -90,12 +98,12 @@ class Schema:
         return cls(fields)
 
     def type_of(self, name: str) -> str:
-        return "date" if name == ADDED_AT else self.fields.get(name, "string")
+        return "date" if name == ADDED_AT else VIDEO_NUMBERS.get(name) or self.fields.get(name, "string")
 
     @property
     def typed_fields(self) -> dict[str, str]:
-        """Declared number and date fields (ranges and orders work on these and on added_at)."""
-        return {name: kind for name, kind in self.fields.items() if kind in TYPED}
+        """Declared number and date fields and the video ones (ranges and orders work on these and on added_at)."""
+        return {**VIDEO_NUMBERS, **{name: kind for name, kind in self.fields.items() if kind in TYPED}}
 
     @property
     def text_fields(self) -> list[str]:

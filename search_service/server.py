@@ -26,6 +26,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coca.media import VideoLimits
+
 from .admission import Admission, Limits
 from .caption_retry import RetryPolicy
 from .collection import Collection, StoreUnavailable
@@ -367,6 +369,17 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s; 0 = never)")
     g.add_argument("--caption-retry-wait", type=float, default=RetryPolicy.first_wait_s, metavar="S",
                    help="seconds before the first retry, doubled after each failed one (default %(default)s)")
+    v = p.add_argument_group("videos (AddVideos; README \"Video\"): each limit passed is refused by name")
+    v.add_argument("--max-video-mb", type=int, default=ServiceConfig.max_video_bytes >> 20, metavar="MB",
+                   help="one video file (default %(default)s; bytes sent are also bounded by --max-message-mb)")
+    v.add_argument("--video-max-seconds", type=float, default=VideoLimits.max_seconds,
+                   help="longest video, in seconds (default %(default)s)")
+    v.add_argument("--video-max-pixels", type=int, default=VideoLimits.max_pixels,
+                   help="largest frame, width x height (default %(default)s: 4K)")
+    v.add_argument("--video-max-samples", type=int, default=VideoLimits.max_samples,
+                   help="frames sampled (embedded) from one video (default %(default)s)")
+    v.add_argument("--video-max-decoded-gb", type=float, default=VideoLimits.max_decoded_bytes / 2 ** 30,
+                   help="raw bytes of all frames decoded from one video, in GiB (default %(default)s)")
     g.add_argument("--caption-retry-rate", type=float, default=RetryPolicy.rate, metavar="PER_S",
                    help="caption retries started per second, at most (default %(default)s)")
 
@@ -377,7 +390,10 @@ def operator_settings(args) -> dict:
                     caption_sequences=args.max_caption_sequences, queue_wait_s=args.max_queue_wait,
                     rate=args.rate_limit, burst=args.rate_burst)
     retry = RetryPolicy(retries=args.caption_retries, first_wait_s=args.caption_retry_wait, rate=args.caption_retry_rate)
-    return {"limits": limits, "metrics_port": args.metrics_port, "caption_retry": retry}
+    video = VideoLimits(max_seconds=args.video_max_seconds, max_pixels=args.video_max_pixels,
+                        max_samples=args.video_max_samples, max_decoded_bytes=int(args.video_max_decoded_gb * 2 ** 30))
+    return {"limits": limits, "metrics_port": args.metrics_port, "caption_retry": retry, "video": video,
+            "max_video_bytes": args.max_video_mb << 20}
 
 
 def config_from_args(args) -> ServiceConfig:

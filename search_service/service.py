@@ -42,6 +42,8 @@ from .pb import search_pb2_grpc
 from .backup import BackupError, BackupRunning, BackupThread
 from .blobs import BlobError
 from .store import ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreError, StoreSetupError, sha256_hex
+from .query import VIDEO_FIELDS
+from . import video as videos
 
 log = logging.getLogger("search_service")
 
@@ -488,7 +490,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     def _prepare(self, index: int, request: pb.AddImageRequest):
         item_id = _check_id(request.id) if request.id else ""
-        metadata = _check_metadata(dict(request.metadata))
+        metadata = _check_user_metadata(dict(request.metadata))
         try:
             self.config.schema.check_metadata(metadata)
         except ValueError as exc:
@@ -601,7 +603,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             await self.ensure_models(context=context)
 
         def find() -> list[str]:
-            return [item.id if (item := self.engine.find_sha(sha)) is not None else "" for sha in hashes]
+            return [found.id if (found := self.engine.find_sha(sha) or self.engine.find_video_sha(sha)) is not None
+                    else "" for sha in hashes]
 
         return pb.FindContentResponse(ids=await asyncio.to_thread(find))
 
@@ -644,7 +647,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return SearchQuery.build(mode, k, names, options.page_token, filters=filters, min_score=min_score,
                                  order=order_from_pb(options.order_by, schema), max_depth=self.config.max_search_depth,
                                  consistency=CONSISTENCY.get(options.consistency),
-                                 with_captions=options.with_captions, **given)
+                                 with_captions=options.with_captions, group_by_video=options.group_by_video, **given)
 
     async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
         """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
@@ -802,7 +805,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise bad("give the id of an item")
         item = await asyncio.to_thread(self.engine.get, request.id, request.include_embedding)
         if item is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+            video = await asyncio.to_thread(self.engine.get_video, request.id)
+            if video is None:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+            return pb.Item(id=video.id, content_sha256=video.sha256, uri=video.uri, metadata=video.metadata,
+                           created_at=video.created_at, updated_at=video.created_at,
+                           video=videos.stored_video_info(video))
         reply = _item(item, request.include_embedding)
         if request.include_image:
             reply.image = await asyncio.to_thread(_read_image, self.engine, item)
@@ -815,6 +823,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if not self.engine.is_open:  # nothing was ever indexed
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
         item = await asyncio.to_thread(self.engine.delete, request.id)
+        if item is None:
+            item = await asyncio.to_thread(self.engine.delete_video, request.id)  # a video goes with its scenes
         if item is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
         return pb.DeleteResponse(id=item.id)
@@ -884,6 +894,91 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                               last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
             repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings,
             schema=schema)
+
+    # ------------------------------------------------------------ videos (search_service/video.py)
+    @rpc_stream
+    async def AddVideos(self, request_iterator, context) -> AsyncIterator[pb.AddVideoResult]:
+        """One video at a time, each result sent once it is committed (or failed alone)."""
+        await self.ensure_models(context=context)
+        if not self.engine.keeps_videos:
+            raise Unsupported(self.engine.VIDEOS_MISSING)
+        index = 0
+        async for request in request_iterator:
+            try:
+                yield await self._add_video(index, request, context)
+            except (ModelsUnavailable, StoreUnavailable):
+                raise  # not this video's fault: the stream fails, as AddImages does
+            except Exception as exc:
+                code, message = status_of(exc)
+                yield pb.AddVideoResult(index=index, outcome=pb.AddImageResult.FAILED,
+                                        error=pb.Error(code=code.value[0], message=message))
+            index += 1
+
+    async def _add_video(self, index: int, request: pb.AddVideoRequest, context) -> pb.AddVideoResult:
+        video = await asyncio.to_thread(self._video_source, request)
+        known = await asyncio.to_thread(self.engine.find_video_sha, video.sha256)
+        if known is None:
+            timeout = self.config.triton_timeout_s  # per call: a long video makes many
+
+            async def encode(frames: list[bytes], image_embeddings: bool):
+                return await self.models.encode_frames(frames, image_embeddings, timeout)
+
+            async def caption(embeddings: np.ndarray, params: SamplingParams) -> str:
+                with self.admission.hold(CAPTION_SEQUENCES, params.num_beams):
+                    return (await self.models.caption(embeddings, params, timeout)).text
+
+            cut = await videos.cut_video(video, self.config.video, encode, caption, self.config.caption_workers)
+            await self.ensure_models(context=context, fresh=True)  # the embeddings came from the weights we hold
+            outcome = await asyncio.to_thread(self.engine.add_video, *videos.new_video(video, cut))
+            if isinstance(outcome, StoreError):
+                raise outcome
+            result = pb.AddVideoResult(index=index, id=outcome.id, content_sha256=video.sha256,
+                                       caption_error=cut.caption_error,
+                                       outcome=pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE,
+                                       video=videos.video_info(cut.duration_s, cut.sampled, outcome.id, outcome.scenes))
+            if not outcome.added:  # added meanwhile by another stream: say what is stored
+                known = await asyncio.to_thread(self.engine.get_video, outcome.id)
+            else:
+                return result
+        return pb.AddVideoResult(index=index, outcome=pb.AddImageResult.DUPLICATE, id=known.id,
+                                 content_sha256=video.sha256, video=videos.stored_video_info(known))
+
+    def _video_source(self, request: pb.AddVideoRequest) -> videos.VideoSource:
+        """A checked AddVideos item: id, metadata, options, and its bytes (or server-side file) hashed."""
+        item_id = _check_id(request.id) if request.id else ""
+        metadata = _check_user_metadata(dict(request.metadata))
+        try:
+            self.config.schema.check_metadata(metadata)
+            settings = videos.settings_from_pb(request.options)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        limit = self.config.max_video_bytes
+        source = request.WhichOneof("source")
+        if source == "video":
+            data = request.video
+            if not data:
+                raise bad("empty video (0 bytes)")
+            if len(data) > limit:
+                raise bad(f"video is {len(data)} bytes, over the limit max_video_bytes = {limit} (--max-video-mb)")
+            name, sha, uri, source_value = f"<bytes, {len(data)} B>", sha256_hex(data), self._check_uri(request.uri), data
+        elif source == "path":
+            path = self.config.resolve_path(request.path)
+            try:
+                size = path.stat().st_size
+                if size > limit:
+                    raise bad(f"{request.path}: {size} bytes, over the limit max_video_bytes = {limit} (--max-video-mb)")
+                sha = videos.file_sha256(path)
+            except OSError as exc:
+                raise PathRefused(f"{request.path!r}: cannot read it ({exc.strerror or type(exc).__name__})",
+                                  not_found=isinstance(exc, FileNotFoundError)) from None
+            name, uri, source_value = request.path, f"file://{path}", path
+        else:
+            raise bad("item has neither video bytes nor a path")
+        params = None
+        if request.options.caption:
+            params = (sampling_params(request.options.sampling) if request.options.HasField("sampling")
+                      else self.caption_params)
+        return videos.VideoSource(source_value, name, sha, uri or f"sha256:{sha}", item_id, metadata, settings, params)
 
     # ------------------------------------------------------------ operations
     @rpc_stream
@@ -989,6 +1084,14 @@ def _check_id(item_id: str) -> str:
     return item_id
 
 
+def _check_user_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata a client stores: bounded, and none of the fields video scenes carry (they say an item is one)."""
+    reserved = sorted(set(metadata) & set(VIDEO_FIELDS))
+    if reserved:
+        raise bad(f"metadata key {reserved[0]!r} is reserved: video scenes carry {', '.join(VIDEO_FIELDS)}")
+    return _check_metadata(metadata)
+
+
 def _check_metadata(metadata: dict[str, str], what: str = "metadata") -> dict[str, str]:
     if len(metadata) > MAX_METADATA_ENTRIES:
         raise bad(f"at most {MAX_METADATA_ENTRIES} {what} entries, got {len(metadata)}")
@@ -1013,14 +1116,19 @@ def _read_image(engine: Collection, item: Item) -> bytes:
 
 def _hit(hit: Hit, caption_error: str) -> pb.Hit:
     item = hit.item
-    return pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri,
-                  caption=item.caption or "", caption_error=caption_error, added_at=item.created_at,
-                  vector_rank=hit.vector_rank, keyword_rank=hit.keyword_rank, keyword_score=hit.keyword_score)
+    reply = pb.Hit(id=item.id, score=hit.score, metadata=item.metadata, uri=item.uri,
+                   caption=item.caption or "", caption_error=caption_error, added_at=item.created_at,
+                   vector_rank=hit.vector_rank, keyword_rank=hit.keyword_rank, keyword_score=hit.keyword_score)
+    scene = videos.scene_of(item.id, item.metadata, item.caption)
+    if scene is not None:
+        reply.video_id, reply.start_s, reply.end_s = scene.video_id, scene.start_s, scene.end_s
+    return reply
 
 
 def _item(item: Item, with_embedding: bool) -> pb.Item:
     reply = pb.Item(id=item.id, content_sha256=item.sha256, uri=item.uri, metadata=item.metadata,
-                    caption=item.caption or "", created_at=item.created_at, updated_at=item.updated_at)
+                    caption=item.caption or "", created_at=item.created_at, updated_at=item.updated_at,
+                    scene=videos.scene_of(item.id, item.metadata, item.caption))
     if with_embedding:
         reply.embedding.extend(item.embedding.tolist())
     return reply

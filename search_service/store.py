@@ -46,8 +46,9 @@ import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dir, fsync_dirs, sha256_hex
 
-__all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ItemRejected", "ModelMismatchError", "NewItem", "Store",
-           "StoreError", "StoreSetupError", "default_id", "fsync_dir", "sha256_hex"]
+__all__ = ["AddOutcome", "Change", "ConflictError", "Item", "ItemRejected", "ModelMismatchError", "NewItem", "NewScene",
+           "NewVideo", "SceneRow", "Store", "StoreError", "StoreSetupError", "Video", "VideoOutcome", "default_id",
+           "fsync_dir", "sha256_hex"]
 
 # 2: caption_text, an FTS5 index over captions. 3: none (KEYWORD search's index lives in memory, built from the
 # items: search_service/keywords.py); a version-2 store's caption_text is dropped when opened.
@@ -94,10 +95,87 @@ CREATE TABLE IF NOT EXISTS caption_retry (
 );
 CREATE INDEX IF NOT EXISTS caption_retry_due ON caption_retry (given_up, next_at);
 """
+SCHEMA += """
+-- Videos (search_service/video.py): a video is a row here, its scenes are items (searched like images) with a
+-- row in `scenes` each; both go in one transaction and are deleted in one. (Tables of their own: older stores
+-- gain them on open, empty, with no version change.)
+CREATE TABLE IF NOT EXISTS videos (
+    id         TEXT PRIMARY KEY,
+    sha256     TEXT NOT NULL UNIQUE,
+    uri        TEXT NOT NULL,
+    blob       TEXT,                 -- path under blobs/ of the video bytes we keep, NULL for server-side paths
+    metadata   TEXT NOT NULL DEFAULT '{}',
+    duration_s REAL NOT NULL,
+    sampled    INTEGER NOT NULL,     -- frames sampled and embedded
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scenes (
+    vid       INTEGER PRIMARY KEY,   -- items.vid of the scene
+    video_id  TEXT NOT NULL,         -- videos.id
+    idx       INTEGER NOT NULL,      -- its place in the video, from 0
+    start_s   REAL NOT NULL,
+    end_s     REAL NOT NULL,
+    thumbnail BLOB NOT NULL          -- the keyframe, JPEG
+);
+CREATE INDEX IF NOT EXISTS scenes_video ON scenes (video_id, idx);
+"""
 # what schema version 2 had, dropped when such a store is opened (one statement each: executescript would
 # commit the migration's transaction)
 VERSION_2_KEYWORD_INDEX = ("DROP TRIGGER IF EXISTS caption_text_add", "DROP TRIGGER IF EXISTS caption_text_drop",
                            "DROP TRIGGER IF EXISTS caption_text_set", "DROP TABLE IF EXISTS caption_text")
+
+
+@dataclass
+class NewScene:
+    item: NewItem  # id, sha256 (of the scene: video sha256 and place), uri, metadata (with the video fields)
+    index: int
+    start_s: float
+    end_s: float
+    thumbnail: bytes
+    caption: Optional[str] = None
+
+
+@dataclass
+class NewVideo:
+    sha256: str
+    uri: str
+    id: str
+    metadata: dict[str, str]
+    duration_s: float
+    sampled: int
+    data: Optional[bytes] = None  # the video bytes to keep (None: indexed from a server-side file)
+
+
+@dataclass
+class SceneRow:
+    vid: int
+    id: str
+    index: int
+    start_s: float
+    end_s: float
+    caption: Optional[str]
+    created_at: float = 0.0
+
+
+@dataclass
+class Video:
+    id: str
+    sha256: str
+    uri: str
+    blob: Optional[str]
+    metadata: dict[str, str]
+    duration_s: float
+    sampled: int
+    created_at: float
+    scenes: list[SceneRow] = field(default_factory=list)
+
+
+@dataclass
+class VideoOutcome:
+    id: str
+    sha256: str
+    added: bool  # False: the video was already there under `id` (its scenes as stored)
+    scenes: list[SceneRow]
 
 
 class StoreError(Exception):
@@ -245,8 +323,10 @@ class Store:
         return self.blobs.stage(data)
 
     def read_image(self, item: Item) -> bytes:
-        """The item's encoded bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
-        return self.blobs.read_item(item)
+        """The item's encoded bytes: its blob, or the server-side file it was indexed from (BlobError if not);
+        a video scene's keyframe."""
+        row = self._reader().execute("SELECT thumbnail FROM scenes WHERE vid = ?", (item.vid,)).fetchone()
+        return bytes(row[0]) if row else self.blobs.read_item(item)
 
     def sweep_blobs(self) -> int:
         """Remove staging leftovers and blobs no row names (after a crash); returns how many. Writer only."""
@@ -256,7 +336,9 @@ class Store:
         known: set[str] = set()
         for start in range(0, len(names), 500):
             chunk = names[start:start + 500]
-            rows = self._writer.execute(f"SELECT blob FROM items WHERE blob IN ({','.join('?' * len(chunk))})", chunk)
+            marks = ','.join('?' * len(chunk))
+            rows = self._writer.execute(f"SELECT blob FROM items WHERE blob IN ({marks}) "
+                                        f"UNION ALL SELECT blob FROM videos WHERE blob IN ({marks})", chunk + chunk)
             known.update(r[0] for r in rows)
         return known
 
@@ -295,7 +377,7 @@ class Store:
         if row is not None:
             return AddOutcome(id=row[1], sha256=item.sha256, added=False, vid=row[0], created_at=row[2])
         item_id = item.id or default_id(item.sha256)
-        if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone():
+        if _id_taken(db, item_id):
             return ConflictError(f"id {item_id!r} already names other content")
         embedding = np.ascontiguousarray(item.embedding, dtype=np.float32)
         blob_name = self.blobs.relative(item.sha256) if blob is not None else None
@@ -318,10 +400,104 @@ class Store:
             db.execute("DELETE FROM items WHERE vid = ?", (item.vid,))
             db.execute("DELETE FROM item_meta WHERE vid = ?", (item.vid,))
             db.execute("DELETE FROM caption_retry WHERE vid = ?", (item.vid,))
+            db.execute("DELETE FROM scenes WHERE vid = ?", (item.vid,))
             db.execute("INSERT INTO changes (vid, op) VALUES (?, 'delete')", (item.vid,))
         if item.blob:  # after the commit: a crash in between leaves an unreferenced blob, never a dangling row
             self._unlink_blob(item.blob)
         return item
+
+    # ------------------------------------------------------------ videos
+    def add_video(self, video: NewVideo, scenes: list[NewScene], staged: Optional[Path] = None
+                  ) -> VideoOutcome | ConflictError:
+        """The video row, its blob (`staged`, placed or removed before this returns) and its scenes (items with
+        their captions, and `scenes` rows) in one transaction: all of it or none. Writer thread only."""
+        now = time.time()
+        placed: Optional[Path] = None
+        try:
+            with self._transaction() as db:
+                known = db.execute("SELECT id FROM videos WHERE sha256 = ?", (video.sha256,)).fetchone()
+                if known is not None:
+                    return VideoOutcome(known[0], video.sha256, False, self._scene_rows(db, known[0]))
+                video_id = video.id or default_id(video.sha256)
+                taken = next((i for i in [video_id, *(s.item.id for s in scenes)] if _id_taken(db, i)), None)
+                if taken is not None:
+                    return ConflictError(f"id {taken!r} already names other content")
+                blob_name = self.blobs.relative(video.sha256) if staged is not None else None
+                db.execute("INSERT INTO videos VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (video_id, video.sha256, video.uri, blob_name, json.dumps(video.metadata, sort_keys=True),
+                            video.duration_s, video.sampled, now))
+                rows = [self._add_scene(db, scene, video_id, now) for scene in scenes]
+                if staged is not None:
+                    placed = self.blobs.place(staged, video.sha256)
+                    fsync_dirs([placed])  # durable before the row that names it commits
+            return VideoOutcome(video_id, video.sha256, True, rows)
+        except BaseException:
+            discard(placed)  # rolled back: nothing names it
+            raise
+        finally:
+            discard(staged)
+
+    def _add_scene(self, db: sqlite3.Connection, scene: NewScene, video_id: str, now: float) -> SceneRow:
+        outcome = self._add_one(db, scene.item, None, now)
+        if not isinstance(outcome, AddOutcome) or not outcome.added:  # ids and hashes were checked: cannot happen
+            raise StoreError(f"scene {scene.item.id!r} could not be added: {outcome}")
+        if scene.caption is not None:
+            db.execute("UPDATE items SET caption = ? WHERE vid = ?", (scene.caption, outcome.vid))
+        db.execute("INSERT INTO scenes VALUES (?, ?, ?, ?, ?, ?)",
+                   (outcome.vid, video_id, scene.index, scene.start_s, scene.end_s, scene.thumbnail))
+        return SceneRow(outcome.vid, outcome.id, scene.index, scene.start_s, scene.end_s, scene.caption, now)
+
+    def delete_video(self, video_id: str) -> Optional[tuple[Video, list[Item]]]:
+        """Remove a video, its scenes (items, metadata, rows) and its blob in one transaction; returns what was
+        removed, None if unknown."""
+        with self._transaction() as db:
+            video = self._video(db, "id", video_id)
+            if video is None:
+                return None
+            vids = [scene.vid for scene in video.scenes]
+            removed = list(self._items_of(db, vids).values())
+            for table in ("items", "item_meta", "caption_retry", "scenes"):
+                db.executemany(f"DELETE FROM {table} WHERE vid = ?", [(vid,) for vid in vids])
+            db.executemany("INSERT INTO changes (vid, op) VALUES (?, 'delete')", [(vid,) for vid in vids])
+            db.execute("DELETE FROM videos WHERE id = ?", (video_id,))
+        if video.blob:  # after the commit, as for images
+            self._unlink_blob(video.blob)
+        return video, removed
+
+    def get_video(self, video_id: str) -> Optional[Video]:
+        return self._video(self._reader(), "id", video_id)
+
+    def find_video_sha(self, sha256: str) -> Optional[Video]:
+        return self._video(self._reader(), "sha256", sha256)
+
+    def read_video(self, video: Video) -> bytes:
+        """The video's bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
+        return self.blobs.read_item(video)
+
+    def _video(self, db, column: str, value: str) -> Optional[Video]:
+        row = db.execute(f"SELECT id, sha256, uri, blob, metadata, duration_s, sampled, created_at FROM videos "
+                         f"WHERE {column} = ?", (value,)).fetchone()
+        if row is None:
+            return None
+        return Video(*row[:4], json.loads(row[4]), *row[5:], scenes=self._scene_rows(db, row[0]))
+
+    @staticmethod
+    def _scene_rows(db, video_id: str) -> list[SceneRow]:
+        return [SceneRow(*row) for row in db.execute(
+            "SELECT s.vid, i.id, s.idx, s.start_s, s.end_s, i.caption, i.created_at FROM scenes s "
+            "JOIN items i ON i.vid = s.vid WHERE s.video_id = ? ORDER BY s.idx", (video_id,))]
+
+    def _items_of(self, db, vids: list[int], with_embedding: bool = False) -> dict[int, Item]:
+        out: dict[int, Item] = {}
+        columns = self._COLUMNS + (", embedding" if with_embedding else "")
+        for start in range(0, len(vids), 500):
+            chunk = vids[start:start + 500]
+            for row in db.execute(f"SELECT {columns} FROM items WHERE vid IN ({','.join('?' * len(chunk))})", chunk):
+                out[row[0]] = _item(row)
+        return out
+
+    def video_count(self) -> int:
+        return self._reader().execute("SELECT count(*) FROM videos").fetchone()[0]
 
     def _unlink_blob(self, relative: str) -> None:
         with self._holds_lock:
@@ -430,15 +606,7 @@ class Store:
         return self._get(self._reader(), "sha256", sha256, False)
 
     def get_many(self, vids: list[int], with_embedding: bool = False) -> dict[int, Item]:
-        out: dict[int, Item] = {}
-        db = self._reader()
-        columns = self._COLUMNS + (", embedding" if with_embedding else "")
-        for start in range(0, len(vids), 500):
-            chunk = vids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in db.execute(f"SELECT {columns} FROM items WHERE vid IN ({marks})", chunk):
-                out[row[0]] = _item(row)
-        return out
+        return self._items_of(self._reader(), vids, with_embedding)
 
     def count(self) -> int:
         return self._reader().execute("SELECT count(*) FROM items").fetchone()[0]
@@ -493,6 +661,12 @@ class Store:
         rows = self._reader().execute("SELECT seq, vid, op FROM changes WHERE seq > ? ORDER BY seq", (seq,))
         return [Change(*r) for r in rows]
 
+
+
+def _id_taken(db: sqlite3.Connection, item_id: str) -> bool:
+    """Whether an item or a video has this id (they share one name space: Get and Delete take either)."""
+    return db.execute("SELECT 1 FROM items WHERE id = ? UNION ALL SELECT 1 FROM videos WHERE id = ?",
+                      (item_id, item_id)).fetchone() is not None
 
 
 def _stack(rows) -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,9 @@ class WireClient:
         return self.stub.AddImages(iter(requests), timeout=timeout, metadata=self.metadata)
 
     # ------------------------------------------------------------ search
+    def add_videos(self, requests: Iterable[pb.AddVideoRequest], timeout: Optional[float] = None) -> Iterator[pb.AddVideoResult]:
+        return self._call(self.stub.AddVideos, iter(requests), timeout)
+
     def search_text(self, text: str, k: int = 10, with_captions: bool = False, filters: Optional[dict] = None,
                     min_score: Optional[float] = None, timeout: Optional[float] = None) -> pb.SearchResponse:
         return self._call(self.stub.SearchText, pb.SearchTextRequest(

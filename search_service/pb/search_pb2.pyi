@@ -165,7 +165,7 @@ class Order(_message.Message):
     def __init__(self, field: _Optional[str] = ..., descending: _Optional[bool] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("k", "min_score", "filters", "with_captions", "consistency", "where", "order_by", "page_token")
+    __slots__ = ("k", "min_score", "filters", "with_captions", "consistency", "where", "order_by", "page_token", "group_by_video")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class SearchOptions(_message.Message):
     WHERE_FIELD_NUMBER: _ClassVar[int]
     ORDER_BY_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_VIDEO_FIELD_NUMBER: _ClassVar[int]
     k: int
     min_score: float
     filters: _containers.ScalarMap[str, str]
@@ -189,7 +190,8 @@ class SearchOptions(_message.Message):
     where: _containers.RepeatedCompositeFieldContainer[Condition]
     order_by: Order
     page_token: str
-    def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., where: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., order_by: _Optional[_Union[Order, _Mapping]] = ..., page_token: _Optional[str] = ...) -> None: ...
+    group_by_video: bool
+    def __init__(self, k: _Optional[int] = ..., min_score: _Optional[float] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_captions: _Optional[bool] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., where: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., order_by: _Optional[_Union[Order, _Mapping]] = ..., page_token: _Optional[str] = ..., group_by_video: _Optional[bool] = ...) -> None: ...
 
 class SearchTextRequest(_message.Message):
     __slots__ = ("text", "options", "mode", "keyword_weight")
@@ -222,7 +224,7 @@ class SearchImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., id: _Optional[str] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "added_at", "vector_rank", "keyword_rank", "keyword_score")
+    __slots__ = ("id", "score", "metadata", "uri", "caption", "caption_error", "added_at", "vector_rank", "keyword_rank", "keyword_score", "video_id", "start_s", "end_s")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +242,9 @@ class Hit(_message.Message):
     VECTOR_RANK_FIELD_NUMBER: _ClassVar[int]
     KEYWORD_RANK_FIELD_NUMBER: _ClassVar[int]
     KEYWORD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     metadata: _containers.ScalarMap[str, str]
@@ -250,7 +255,10 @@ class Hit(_message.Message):
     vector_rank: int
     keyword_rank: int
     keyword_score: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., added_at: _Optional[float] = ..., vector_rank: _Optional[int] = ..., keyword_rank: _Optional[int] = ..., keyword_score: _Optional[float] = ...) -> None: ...
+    video_id: str
+    start_s: float
+    end_s: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., added_at: _Optional[float] = ..., vector_rank: _Optional[int] = ..., keyword_rank: _Optional[int] = ..., keyword_score: _Optional[float] = ..., video_id: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "searched", "next_page_token")
@@ -389,7 +397,7 @@ class GetRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., include_image: _Optional[bool] = ..., include_embedding: _Optional[bool] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("id", "content_sha256", "uri", "metadata", "caption", "created_at", "updated_at", "image", "embedding")
+    __slots__ = ("id", "content_sha256", "uri", "metadata", "caption", "created_at", "updated_at", "image", "embedding", "scene", "video")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -406,6 +414,8 @@ class Item(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    SCENE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     id: str
     content_sha256: str
     uri: str
@@ -415,7 +425,9 @@ class Item(_message.Message):
     updated_at: float
     image: bytes
     embedding: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., caption: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., image: _Optional[bytes] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+    scene: SceneInfo
+    video: VideoInfo
+    def __init__(self, id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., caption: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., image: _Optional[bytes] = ..., embedding: _Optional[_Iterable[float]] = ..., scene: _Optional[_Union[SceneInfo, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("id",)
@@ -611,3 +623,86 @@ class BackupSummary(_message.Message):
     sequence: int
     seconds: float
     def __init__(self, out: _Optional[str] = ..., items: _Optional[int] = ..., blobs: _Optional[int] = ..., blobs_copied: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., sequence: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class AddVideoRequest(_message.Message):
+    __slots__ = ("video", "path", "id", "metadata", "uri", "options")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    video: bytes
+    path: str
+    id: str
+    metadata: _containers.ScalarMap[str, str]
+    uri: str
+    options: VideoOptions
+    def __init__(self, video: _Optional[bytes] = ..., path: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., options: _Optional[_Union[VideoOptions, _Mapping]] = ...) -> None: ...
+
+class VideoOptions(_message.Message):
+    __slots__ = ("every_s", "scene_threshold", "min_scene_s", "max_scene_s", "caption", "sampling")
+    EVERY_S_FIELD_NUMBER: _ClassVar[int]
+    SCENE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCENE_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCENE_S_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    every_s: float
+    scene_threshold: float
+    min_scene_s: float
+    max_scene_s: float
+    caption: bool
+    sampling: SamplingSettings
+    def __init__(self, every_s: _Optional[float] = ..., scene_threshold: _Optional[float] = ..., min_scene_s: _Optional[float] = ..., max_scene_s: _Optional[float] = ..., caption: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingSettings, _Mapping]] = ...) -> None: ...
+
+class SceneInfo(_message.Message):
+    __slots__ = ("id", "video_id", "index", "start_s", "end_s", "caption")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    video_id: str
+    index: int
+    start_s: float
+    end_s: float
+    caption: str
+    def __init__(self, id: _Optional[str] = ..., video_id: _Optional[str] = ..., index: _Optional[int] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., caption: _Optional[str] = ...) -> None: ...
+
+class VideoInfo(_message.Message):
+    __slots__ = ("duration_s", "frames_sampled", "scenes")
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SCENES_FIELD_NUMBER: _ClassVar[int]
+    duration_s: float
+    frames_sampled: int
+    scenes: _containers.RepeatedCompositeFieldContainer[SceneInfo]
+    def __init__(self, duration_s: _Optional[float] = ..., frames_sampled: _Optional[int] = ..., scenes: _Optional[_Iterable[_Union[SceneInfo, _Mapping]]] = ...) -> None: ...
+
+class AddVideoResult(_message.Message):
+    __slots__ = ("index", "outcome", "id", "content_sha256", "error", "video", "caption_error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    outcome: AddImageResult.Outcome
+    id: str
+    content_sha256: str
+    error: Error
+    video: VideoInfo
+    caption_error: str
+    def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., caption_error: _Optional[str] = ...) -> None: ...

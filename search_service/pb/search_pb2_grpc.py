@@ -105,6 +105,11 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.BackupRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.BackupProgress.FromString,
                 _registered_method=True)
+        self.AddVideos = channel.stream_stream(
+                '/coca.search.v1.SearchService/AddVideos',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoResult.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -205,6 +210,15 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddVideos(self, request_iterator, context):
+        """Index videos as scenes (README "Video"): one result per video, in request order, sent once the video and
+        all its scenes are committed (together); a video that fails (not a video, truncated header, over a limit:
+        INVALID_ARGUMENT naming the limit) fails alone. Embedded store only (Milvus: FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +291,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.BackupRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.BackupProgress.SerializeToString,
+            ),
+            'AddVideos': grpc.stream_stream_rpc_method_handler(
+                    servicer.AddVideos,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -657,6 +676,33 @@ class SearchService:
             '/coca.search.v1.SearchService/Backup',
             coca_dot_search_dot_v1_dot_search__pb2.BackupRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.BackupProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddVideos(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/coca.search.v1.SearchService/AddVideos',
+            coca_dot_search_dot_v1_dot_search__pb2.AddVideoRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.AddVideoResult.FromString,
             options,
             channel_credentials,
             insecure,

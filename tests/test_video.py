@@ -1,0 +1,351 @@
+"""Search inside videos (README "Video"): synthetic videos made here with PyAV, each a few scenes of distinct
+pictures with known cut times, indexed through a real service over a real Triton (the tiny model).
+
+Oracles: the cut times the videos were written with; the in-process model (coca-tiny, the weights Triton
+serves) for captions and embeddings; what the service said it stored for deletes and kills."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sqlite3
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from search_service.pb import search_pb2 as pb
+from search_service.testing import ServiceProcess, WireClient
+from serving.testing import running_triton, triton_unavailable_reason
+
+EVERY_S = 0.25  # sampling interval the tests ask for: cuts must land within one of it
+THRESHOLD = 0.9  # cut below this cosine: the pictures below are further apart than this under coca-tiny
+OPTIONS = pb.VideoOptions(every_s=EVERY_S, scene_threshold=THRESHOLD, min_scene_s=0.5, max_scene_s=30)
+SIZE = (96, 64)
+MAX_TOKENS = 6  # captions of coca-tiny (random weights) run to the limit: keep them short
+
+
+@dataclass
+class Clip:
+    name: str
+    codec: str
+    container: str
+    pictures: list[str]  # skimage sample names, one per scene
+    seconds: list[float]  # each scene's length
+    fps: float = 10
+    variable_rate: bool = False  # frame intervals alternate 1/fps and 3/fps
+
+    @property
+    def cuts(self) -> list[float]:
+        return list(np.cumsum([0.0] + self.seconds))  # start of each scene, then the end
+
+    @property
+    def duration(self) -> float:
+        return self.cuts[-1]
+
+
+CLIPS = [
+    Clip("a", "mpeg4", "mp4", ["astronaut", "coffee", "rocket"], [2.0, 1.5, 2.5], fps=10),
+    Clip("b", "libx264", "matroska", ["camera", "moon", "page", "hubble_deep_field"], [1.5, 2.0, 1.0, 2.0], fps=25),
+    Clip("c", "libvpx-vp9", "webm", ["immunohistochemistry", "coins", "logo"], [2.0, 1.5, 2.0], fps=20,
+         variable_rate=True),
+]
+
+
+def picture(name: str) -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB").resize(SIZE)
+
+
+def frame_times(clip: Clip) -> list[float]:
+    times, t, step = [], 0.0, 0
+    while t < clip.duration - 1e-9:
+        times.append(t)
+        t += (1 if not clip.variable_rate or step % 2 == 0 else 3) / clip.fps
+        step += 1
+    return times
+
+
+def write_clip(clip: Clip) -> bytes:
+    import av
+
+    out = io.BytesIO()
+    pictures = [picture(n) for n in clip.pictures]
+    with av.open(out, "w", format=clip.container) as container:
+        stream = container.add_stream(clip.codec, rate=int(clip.fps))
+        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        for t in frame_times(clip):
+            scene = int(np.searchsorted(clip.cuts, t + 1e-9, side="right")) - 1
+            frame = av.VideoFrame.from_image(pictures[scene])
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def triton(tiny_repository):
+    reason = triton_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with running_triton(tiny_repository[0]) as (grpc_url, _, server):
+        yield grpc_url
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, bytes]:
+    return {clip.name: write_clip(clip) for clip in CLIPS}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, triton, tiny_repository):
+    with ServiceProcess(tmp_path_factory.mktemp("video-data"), triton, "--logit-scale", str(tiny_repository[1])
+                        ) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with WireClient(service.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def indexed(client, clips) -> dict[str, pb.AddVideoResult]:
+    """The three clips, captioned, added in one stream with a truncated file between them."""
+    truncated = clips["a"][: len(clips["a"]) * 6 // 10]
+    requests = [pb.AddVideoRequest(video=clips["a"], uri="a.mp4", options=_captioned()),
+                pb.AddVideoRequest(video=truncated, uri="cut.mp4", options=_captioned()),
+                pb.AddVideoRequest(video=clips["b"], uri="b.mkv", metadata={"source": "test"}, options=_captioned()),
+                pb.AddVideoRequest(video=clips["c"], uri="c.webm", options=_captioned())]
+    results = list(client.add_videos(requests))
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    assert results[1].outcome == pb.AddImageResult.FAILED, results[1]
+    assert results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not a video" in results[1].error.message
+    by_name = {"a": results[0], "b": results[2], "c": results[3]}
+    for name, result in by_name.items():
+        assert result.outcome == pb.AddImageResult.ADDED, (name, result)
+    return by_name
+
+
+def _captioned() -> pb.VideoOptions:
+    options = pb.VideoOptions()
+    options.CopyFrom(OPTIONS)
+    options.caption = True
+    options.sampling.max_tokens = MAX_TOKENS
+    return options
+
+
+# ---------------------------------------------------------------- cutting, searching, captions
+def test_the_pictures_are_apart_under_the_model(tiny_coca):
+    """The premise of the cut oracle: consecutive scenes' pictures are below the threshold, each picture is
+    nearer itself than any other by a margin (computed in process, the weights Triton serves)."""
+    for clip in CLIPS:
+        vectors = np.asarray(tiny_coca.embed_images([picture(n) for n in clip.pictures]))
+        consecutive = (vectors[1:] * vectors[:-1]).sum(1)
+        assert (consecutive < THRESHOLD - 0.05).all(), (clip.name, consecutive)
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=[c.name for c in CLIPS])
+def test_cuts_land_within_one_sample_of_the_truth(indexed, clip):
+    video = indexed[clip.name].video
+    assert len(video.scenes) == len(clip.pictures)
+    starts = [s.start_s for s in video.scenes]
+    ends = [s.end_s for s in video.scenes]
+    assert np.allclose(starts, clip.cuts[:-1], atol=EVERY_S + 1e-6), (starts, clip.cuts)
+    assert ends[:-1] == starts[1:]  # scenes tile the video
+    assert abs(ends[-1] - clip.duration) <= 3 / clip.fps + 1e-6 and abs(video.duration_s - ends[-1]) < 1e-6
+    assert [s.index for s in video.scenes] == list(range(len(clip.pictures)))
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=[c.name for c in CLIPS])
+def test_a_frame_of_scene_j_finds_scene_j_first_with_its_times(client, indexed, clip):
+    video = indexed[clip.name]
+    for j, name in enumerate(clip.pictures):
+        hit = client.search_image(png(picture(name)), k=3).hits[0]
+        scene = video.video.scenes[j]
+        assert (hit.id, hit.video_id) == (scene.id, video.id), (clip.name, j, [h.id for h in client.search_image(
+            png(picture(name)), k=3).hits])
+        assert (hit.start_s, hit.end_s) == (scene.start_s, scene.end_s)
+        assert abs(hit.start_s - clip.cuts[j]) <= EVERY_S + 1e-6
+        assert hit.caption == scene.caption != ""
+
+
+def test_scene_captions_are_the_in_process_video_caption_of_the_same_frames(indexed, clips, tiny_coca):
+    """The card's video caption (mean of the frames' ImageEmbeddings) of each scene's sampled frames, in process."""
+    from coca import media
+    from coca.settings import SamplingParams
+
+    for clip in CLIPS[:2]:
+        frames = list(media.sample_frames(clips[clip.name], EVERY_S))
+        for scene in indexed[clip.name].video.scenes:
+            chosen = [f.image for f in frames if scene.start_s <= f.time_s < scene.end_s]
+            embeddings = tiny_coca.encode_images(chosen).image_embeddings.mean(0, keepdim=True)
+            expected = tiny_coca.caption_embeddings(embeddings, SamplingParams(max_tokens=MAX_TOKENS))[0]
+            assert scene.caption == expected.text and len(expected.tokens) > 2, (clip.name, scene.index)
+
+
+def test_scene_embedding_is_the_normalised_mean_of_its_frames(client, indexed, clips, tiny_coca):
+    from coca import media
+
+    clip = CLIPS[0]
+    frames = list(media.sample_frames(clips[clip.name], EVERY_S))
+    for scene in indexed[clip.name].video.scenes:
+        vectors = np.asarray(tiny_coca.embed_images([f.image for f in frames if scene.start_s <= f.time_s < scene.end_s]))
+        mean = vectors.mean(0)
+        stored = np.asarray(client.get(scene.id, include_embedding=True).embedding)
+        assert np.allclose(stored, mean / np.linalg.norm(mean), atol=2e-4)
+
+
+def test_text_search_answers_scenes_and_groups_by_video(client, indexed):
+    hits = client.search_text("a photo", k=50).hits
+    assert len(hits) == 10 and all(h.video_id for h in hits)
+    grouped = _search(client, "a photo", k=2, group_by_video=True)
+    best = {}
+    for h in hits:  # the oracle: each video's best scene of the full ranking, in ranking order
+        best.setdefault(h.video_id, h.id)
+    assert [h.id for h in grouped.hits] == list(best.values())[:2]
+    rest = _search(client, "a photo", k=2, group_by_video=True, page_token=grouped.next_page_token)
+    assert [h.id for h in rest.hits] == list(best.values())[2:] and not rest.next_page_token
+
+
+def test_conditions_on_video_fields(client, indexed):
+    starts = {s.id: s.start_s for r in indexed.values() for s in r.video.scenes}
+    where = [pb.Condition(field="start_s", range=pb.Range(gte="1.9"))]
+    found = {h.id for h in _search(client, "a photo", k=50, where=where).hits}
+    assert found == {i for i, start in starts.items() if start >= 1.9}
+    longer = [pb.Condition(field="video_duration_s", range=pb.Range(gt="6.2"))]
+    assert {h.video_id for h in _search(client, "a photo", k=50, where=longer).hits} == {indexed["b"].id}
+    assert {h.video_id for h in _search(client, "x", k=50, filters={"source": "test"}).hits} == {indexed["b"].id}
+
+
+def test_get_lists_the_scenes_and_a_scene_gives_its_keyframe(client, indexed):
+    video = indexed["a"]
+    got = client.get(video.id)
+    assert got.video.scenes == video.video.scenes and got.content_sha256 == video.content_sha256
+    scene = client.get(video.video.scenes[1].id, include_image=True)
+    assert scene.scene.video_id == video.id and scene.scene.start_s == video.video.scenes[1].start_s
+    keyframe = Image.open(io.BytesIO(scene.image))
+    assert keyframe.format == "JPEG" and max(keyframe.size) <= 320
+
+
+def test_the_same_video_twice_adds_nothing(client, indexed, clips):
+    before = client.stats().count
+    (again,) = client.add_videos([pb.AddVideoRequest(video=clips["a"], options=OPTIONS)])
+    assert again.outcome == pb.AddImageResult.DUPLICATE and again.id == indexed["a"].id
+    assert [s.id for s in again.video.scenes] == [s.id for s in indexed["a"].video.scenes]
+    assert client.stats().count == before
+
+
+def test_limits_are_refused_by_name(tmp_path, triton, tiny_repository, clips):
+    with ServiceProcess(tmp_path, triton, "--video-max-seconds", "6.2", "--video-max-samples", "30",
+                        "--video-max-pixels", "10000") as service, WireClient(service.address) as client:
+        results = list(client.add_videos([
+            pb.AddVideoRequest(video=clips["b"], options=OPTIONS),  # 6.5 s
+            pb.AddVideoRequest(video=clips["a"], options=pb.VideoOptions(every_s=0.1)),  # 60 samples
+            pb.AddVideoRequest(video=write_clip(Clip("big", "mpeg4", "mp4", ["coins"], [0.5])), options=OPTIONS),
+            pb.AddVideoRequest(video=clips["a"], options=pb.VideoOptions(every_s=0.01)),
+            pb.AddVideoRequest(video=clips["a"], metadata={"start_s": "3"}),
+            pb.AddVideoRequest(video=clips["a"], options=OPTIONS),  # within every limit
+        ]))
+        errors = [(r.error.code, r.error.message) for r in results[:5]]
+        assert all(code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for code, _ in errors), errors
+        for (_, message), name in zip(errors, ["max_seconds", "max_samples", "max_pixels", "every_s", "reserved"]):
+            assert name in message, (name, message)
+        assert results[5].outcome == pb.AddImageResult.ADDED and client.stats().count == 3
+
+
+# ---------------------------------------------------------------- deletes
+def test_deleting_a_video_removes_exactly_its_scenes(client, indexed, clips):
+    (added,) = client.add_videos([pb.AddVideoRequest(video=write_clip(Clip("d", "mpeg4", "mp4", ["coins", "rocket"],
+                                                                             [1.0, 1.0])), options=OPTIONS)])
+    others = {s.id for r in indexed.values() for s in r.video.scenes}
+    before = client.stats().count
+    assert client.delete(added.id).id == added.id
+    assert client.stats().count == before - len(added.video.scenes)
+    for scene in added.video.scenes:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.get(scene.id)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    left = {h.id for h in client.search_text("a photo", k=100).hits}
+    assert left == others
+    with pytest.raises(grpc.RpcError) as caught:
+        client.get(added.id)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_kill_9_around_a_delete_never_splits_a_video(tmp_path, triton, clips):
+    """SIGKILL at once after sending Delete (the delete may or may not have committed): after a restart the
+    video is there with every scene it was stored with, or neither it nor any of its scenes; and the database
+    holds no scene of a missing video nor a video missing a scene."""
+    made = [write_clip(Clip(f"k{i}", "mpeg4", "mp4", ["coins", "rocket", "logo"], [0.75, 0.75, 0.75]))
+            for i in range(2)]
+    with ServiceProcess(tmp_path, triton) as service, WireClient(service.address) as client:
+        added = list(client.add_videos([pb.AddVideoRequest(video=v, options=OPTIONS) for v in made]))
+        acknowledged = set()
+        future = client.stub.Delete.future(pb.DeleteRequest(id=added[0].id), timeout=10)
+        try:
+            acknowledged.add(future.result(timeout=10).id)  # the first: acknowledged, then killed
+        except grpc.RpcError:
+            pass
+        client.stub.Delete.future(pb.DeleteRequest(id=added[1].id), timeout=10)
+        os.kill(service.process.pid, signal.SIGKILL)
+        service.process.wait(10)
+    _assert_whole_videos(tmp_path / "store.sqlite3")
+    with ServiceProcess(tmp_path, triton) as service, WireClient(service.address) as client:
+        for result in added:
+            scene_ids = [s.id for s in result.video.scenes]
+            try:
+                got = client.get(result.id)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+                assert not any(_exists(client, i) for i in scene_ids)
+                continue
+            assert result.id not in acknowledged
+            assert [s.id for s in got.video.scenes] == scene_ids and all(_exists(client, i) for i in scene_ids)
+        assert client.stats().count == client.stats().indexed == _scene_count(tmp_path / "store.sqlite3")
+
+
+def _assert_whole_videos(database: Path) -> None:
+    with sqlite3.connect(database) as db:
+        orphans = db.execute("SELECT count(*) FROM scenes WHERE video_id NOT IN (SELECT id FROM videos)").fetchone()[0]
+        lost = db.execute("SELECT count(*) FROM scenes WHERE vid NOT IN (SELECT vid FROM items)").fetchone()[0]
+        empty = db.execute("SELECT count(*) FROM videos WHERE id NOT IN (SELECT video_id FROM scenes)").fetchone()[0]
+    assert (orphans, lost, empty) == (0, 0, 0)
+
+
+def _scene_count(database: Path) -> int:
+    with sqlite3.connect(database) as db:
+        return db.execute("SELECT count(*) FROM scenes").fetchone()[0]
+
+
+def _exists(client: WireClient, item_id: str) -> bool:
+    try:
+        client.get(item_id)
+        return True
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+
+def _search(client: WireClient, text: str, k: int, page_token: str = "", group_by_video: bool = False,
+            where=(), filters=None) -> pb.SearchResponse:
+    options = pb.SearchOptions(k=k, page_token=page_token, group_by_video=group_by_video, where=list(where),
+                               filters=filters or {})
+    return client.stub.SearchText(pb.SearchTextRequest(text=text, options=options), timeout=60)
