@@ -6,8 +6,6 @@ serves) for captions and embeddings; what the service said it stored for deletes
 from __future__ import annotations
 
 import io
-import os
-import signal
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ class Clip:
     seconds: list[float]  # each scene's length
     fps: float = 10
     variable_rate: bool = False  # frame intervals alternate 1/fps and 3/fps
+    size: tuple[int, int] = SIZE
 
     @property
     def cuts(self) -> list[float]:
@@ -76,10 +75,10 @@ def write_clip(clip: Clip) -> bytes:
     import av
 
     out = io.BytesIO()
-    pictures = [picture(n) for n in clip.pictures]
+    pictures = [picture(n).resize(clip.size) for n in clip.pictures]
     with av.open(out, "w", format=clip.container) as container:
         stream = container.add_stream(clip.codec, rate=int(clip.fps))
-        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = *clip.size, "yuv420p"
         stream.time_base = Fraction(1, 1000)
         for t in frame_times(clip):
             scene = int(np.searchsorted(clip.cuts, t + 1e-9, side="right")) - 1
@@ -259,7 +258,7 @@ def test_limits_are_refused_by_name(tmp_path, triton, tiny_repository, clips):
         results = list(client.add_videos([
             pb.AddVideoRequest(video=clips["b"], options=OPTIONS),  # 6.5 s
             pb.AddVideoRequest(video=clips["a"], options=pb.VideoOptions(every_s=0.1)),  # 60 samples
-            pb.AddVideoRequest(video=write_clip(Clip("big", "mpeg4", "mp4", ["coins"], [0.5])), options=OPTIONS),
+            pb.AddVideoRequest(video=write_clip(Clip("big", "mpeg4", "mp4", ["coins"], [0.5], size=(160, 120))), options=OPTIONS),
             pb.AddVideoRequest(video=clips["a"], options=pb.VideoOptions(every_s=0.01)),
             pb.AddVideoRequest(video=clips["a"], metadata={"start_s": "3"}),
             pb.AddVideoRequest(video=clips["a"], options=OPTIONS),  # within every limit
@@ -305,8 +304,7 @@ def test_kill_9_around_a_delete_never_splits_a_video(tmp_path, triton, clips):
         except grpc.RpcError:
             pass
         client.stub.Delete.future(pb.DeleteRequest(id=added[1].id), timeout=10)
-        os.kill(service.process.pid, signal.SIGKILL)
-        service.process.wait(10)
+        service.kill()
     _assert_whole_videos(tmp_path / "store.sqlite3")
     with ServiceProcess(tmp_path, triton) as service, WireClient(service.address) as client:
         for result in added:
