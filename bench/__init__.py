@@ -14,7 +14,8 @@ BENCHMARKS = {
     "service": "bench.service",  # the search service process: launch -> ready seconds, RSS, torch mapped or not
     "triton-caption": "bench.triton_caption",  # captions/s through Triton's decoder at 1..32 concurrent sequences
     "triton-encode": "bench.triton_encode",  # images/s through Triton vs in-process embed_images
-    "triton-endpoints": "bench.triton_endpoints",  # captions/s through two Triton endpoints vs one (serving.pool)
+    "triton-endpoints": "bench.triton_endpoints",
+    "video": "bench.video",  # AddVideos: video seconds per wall second vs decode-alone and embed-alone floors, peak RSS  # captions/s through two Triton endpoints vs one (serving.pool)
 }
 
 

@@ -142,7 +142,8 @@ def _start_web(port: int, service_address: str):
 def configure_index(p: argparse.ArgumentParser) -> None:
     from clients.ray_ingest import cli as ray_cli
 
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder of images (searched recursively); with "
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder of images and videos (searched recursively; "
+                   "videos are indexed as scenes: README \"Video\"); with "
                    "--ray also a glob, a text file of paths/URIs, or a Parquet/CSV manifest, several in one run "
                    "(clients/ray_ingest/sources.py)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata for every image")
@@ -153,6 +154,9 @@ def configure_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--near-duplicates", type=float, metavar="THRESHOLD",
                    help="report images whose cosine similarity to a stored one is at least THRESHOLD (0 < T <= 1)")
     p.add_argument("--skip-near-duplicates", action="store_true", help="with --near-duplicates: do not store them")
+    p.add_argument("--every", type=float, metavar="SECONDS", help="videos: sample a frame this often (default 0.5)")
+    p.add_argument("--scene-threshold", type=float, metavar="COSINE",
+                   help="videos: cut where consecutive frames' cosine similarity is below this (default 0.85)")
     add_connection_options(p)
     ray_cli.configure(p)
 
@@ -162,7 +166,7 @@ def index(args) -> int:
 
     from clients.coca_client import Outcome, SearchError
     from clients.ray_ingest import cli as ray_cli
-    from coca.media import image_files
+    from coca.media import image_files, video_files
 
     metadata = parse_pairs(args.meta, "--meta")
     options = add_options(args)
@@ -175,6 +179,9 @@ def index(args) -> int:
     if len(args.sources) > 1:
         raise InvalidInputError("give one folder (several SOURCEs only with --ray)")
     files = image_files(args.sources[0])
+    videos = video_files(args.sources[0])
+    if not files and videos:
+        return index_videos(args, videos, metadata)
     counts = {outcome.value: 0 for outcome in Outcome}
     with connect(args) as client, tqdm(total=len(files), unit="img", desc="indexing") as bar:
         try:
@@ -196,6 +203,38 @@ def index(args) -> int:
     near = f", {counts['near_duplicate']} near-duplicates" if options["near_duplicate_threshold"] else ""
     print(f"{len(files)} files: {counts['added']} added, {counts['duplicate']} already indexed{near}, "
           f"{counts['failed']} failed")
+    failed = index_videos(args, videos, metadata) if videos else 0
+    return 1 if counts["failed"] or failed else 0
+
+
+def index_videos(args, videos: list[Path], metadata: dict[str, str]) -> int:
+    """The videos of `coca index DIR`, one at a time, progress in video seconds; 1 if any failed."""
+    from tqdm import tqdm
+
+    from clients.coca_client import Outcome, SearchError, video_options
+    from coca.media import video_seconds
+
+    options = video_options(every_s=args.every, scene_threshold=args.scene_threshold, caption=args.captions)
+    counts = {outcome.value: 0 for outcome in Outcome}
+    scenes = 0
+    total = sum(video_seconds(v) for v in videos)
+    with connect(args) as client, tqdm(total=round(total, 1), unit="video s", desc="videos") as bar:
+        try:
+            for result in client.add_videos(videos, metadata, server_paths=args.server_paths, options=options):
+                counts[result.outcome.value] += 1
+                if result.outcome is Outcome.FAILED:
+                    bar.write(f"{videos[result.index]}: {result.error.message}", file=sys.stderr)
+                else:
+                    scenes += len(result.video.scenes)
+                bar.update(round(video_seconds(videos[result.index]), 1))
+                bar.set_postfix(counts)
+        except SearchError as exc:
+            bar.close()
+            print(f"coca index: error: {exc} (run it again to resume: indexed videos are skipped by content hash)",
+                  file=sys.stderr)
+            return 1
+    print(f"{len(videos)} videos: {counts['added']} added, {counts['duplicate']} already indexed, "
+          f"{counts['failed']} failed; {scenes} scenes")
     return 1 if counts["failed"] else 0
 
 
@@ -375,8 +414,18 @@ def duplicates(args) -> int:
 def print_hits(hits) -> None:
     print(f"{'#':>3}  {'score':>6}  {'id':<32}  uri / caption")
     for rank, hit in enumerate(hits, 1):
+        if hit.video_id:  # a moment of a video: where, then how close, then what happens there
+            name = os.path.basename(hit.uri.removeprefix("file://")) or hit.video_id
+            print(f"{rank:>3}  {name} {clock(hit.start_s)}–{clock(hit.end_s)}  {hit.score:.2f}  {hit.caption}".rstrip())
+            continue
         caption = hit.caption or (f"(no caption: {hit.caption_error})" if hit.caption_error else "")
         print(f"{rank:>3}  {hit.score:6.3f}  {hit.id:<32}  {hit.uri}" + (f"\n{'':>46}{caption}" if caption else ""))
+
+
+def clock(seconds: float) -> str:
+    """HH:MM:SS of a time in a video (whole seconds, rounded down)."""
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _thumbnail(client, item_id: str, size: int = 256) -> str:

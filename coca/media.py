@@ -499,9 +499,33 @@ def _pillow_identifies(stream: BinaryIO) -> bool:
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv"})
+
+
 def image_files(directory: Union[str, os.PathLike]) -> list[Path]:
     """Image files under `directory` (searched recursively, by suffix), sorted so runs visit them in the same order."""
+    return _files_with(directory, IMAGE_SUFFIXES)
+
+
+def video_files(directory: Union[str, os.PathLike]) -> list[Path]:
+    """Video files under `directory` (recursively, by suffix), sorted."""
+    return _files_with(directory, VIDEO_SUFFIXES)
+
+
+def _files_with(directory: Union[str, os.PathLike], suffixes: frozenset[str]) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
         raise InvalidInputError(f"{directory}: not a directory")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
+
+def video_seconds(source: VideoSource) -> float:
+    """A video's duration as its header says (0.0 when it does not say, or the file is not a video)."""
+    try:
+        with _open_binary(source, InvalidVideoError) as stream, _container(stream, describe_source(source)) as c:
+            video = c.streams.video[0]
+            if video.duration and video.time_base:
+                return float(video.duration * video.time_base)
+            return (c.duration or 0) / 1_000_000
+    except InvalidVideoError:
+        return 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import grpc
@@ -114,6 +115,34 @@ class Client(ClientBase):
                 result = dataclasses.replace(result, error=t.ItemError(grpc.StatusCode.INVALID_ARGUMENT, reason))
             yield result
 
+    def add_videos(self, videos: Iterable[Union[bytes, str, os.PathLike]], metadata: Optional[dict[str, str]] = None,
+                   *, server_paths: bool = False, options: Optional[pb.VideoOptions] = None,
+                   timeout: Optional[float] = None) -> Iterator[t.VideoResult]:
+        """Index videos (bytes, or local files read one at a time; with server_paths=True the server reads
+        them, under its --root) as scenes; yields one VideoResult per video, in order, once it is committed
+        with all its scenes. A video that fails fails alone. Not retried (a long video is costly to redo:
+        run again, and the videos already stored come back DUPLICATE without being decoded).
+        `options`: types.video_options(every_s=..., caption=True, ...)."""
+        def requests():
+            for video in videos:
+                request = pb.AddVideoRequest(metadata=metadata or {}, options=options)
+                if isinstance(video, (bytes, bytearray)):
+                    request.video = bytes(video)
+                elif server_paths:
+                    request.path = os.path.abspath(video)
+                else:
+                    request.video, request.uri = Path(video).read_bytes(), os.path.abspath(video)
+                yield request
+
+        call = self._stub.AddVideos(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            for result in call:
+                yield t.VideoResult.from_pb(result)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "AddVideos", self.target) from None
+        finally:
+            call.cancel()
+
     def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
         """The id holding each content sha256 (hex), "" where that content is not indexed; in order."""
         return [id for request in t.find_content_requests(list(hashes))
@@ -123,20 +152,21 @@ class Client(ClientBase):
     def search_text(self, text: str, k: int = 10, *, with_captions: bool = False, filters: Optional[dict] = None,
                     min_score: Optional[float] = None, where: Sequence[t.Condition] = (), order_by: str = "",
                     page_token: str = "", mode: str = "vector", keyword_weight: Optional[float] = None,
-                    timeout=_UNSET) -> t.SearchResult:
+                    group_by_video: bool = False, timeout=_UNSET) -> t.SearchResult:
         """Items like the text. `where`: more conditions (AND); `order_by`: a date/number field ("-field":
         descending) instead of by score; `page_token`: the previous result's next_page_token (same query);
-        `mode`: "vector", "keyword" (caption words, BM25) or "hybrid" (both, fused; `keyword_weight` 0..1)."""
-        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
+        `mode`: "vector", "keyword" (caption words, BM25) or "hybrid" (both, fused; `keyword_weight` 0..1);
+        `group_by_video`: each video's best scene only."""
+        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token, group_by_video)
         request = t.search_text_request(text, options, mode, keyword_weight)
         return t.SearchResult.from_pb(self._unary("SearchText", request, timeout))
 
     def search_image(self, image: Optional[t.ImageInput] = None, k: int = 10, *, id: str = "",
                      with_captions: bool = False, filters: Optional[dict] = None, min_score: Optional[float] = None,
                      where: Sequence[t.Condition] = (), order_by: str = "", page_token: str = "",
-                     timeout=_UNSET) -> t.SearchResult:
+                     group_by_video: bool = False, timeout=_UNSET) -> t.SearchResult:
         """Images like `image` (bytes or a local file), or like the indexed item `id` (which finds itself first)."""
-        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token)
+        options = t.search_options(k, with_captions, filters, min_score, where, order_by, page_token, group_by_video)
         return t.SearchResult.from_pb(self._unary("SearchImage", t.search_image_request(image, id, options), timeout))
 
     # ------------------------------------------------------------ model calls

@@ -30,11 +30,15 @@ class Hit:
     vector_rank: int = 0  # mode="keyword"/"hybrid": where each list placed it (1 = first; 0 = not found by it)
     keyword_rank: int = 0
     keyword_score: float = 0.0
+    video_id: str = ""  # a video scene's hit: its video ("" for an image) and where in it (seconds)
+    start_s: float = 0.0
+    end_s: float = 0.0
 
     @classmethod
     def from_pb(cls, hit: pb.Hit) -> "Hit":
         return cls(hit.id, float(hit.score), hit.uri, hit.caption, hit.caption_error, dict(hit.metadata),
-                   hit.added_at, hit.vector_rank, hit.keyword_rank, hit.keyword_score)
+                   hit.added_at, hit.vector_rank, hit.keyword_rank, hit.keyword_score, hit.video_id, hit.start_s,
+                   hit.end_s)
 
 
 @dataclass(frozen=True)
@@ -154,14 +158,71 @@ class Item:
     caption: str
     created_at: float
     updated_at: float
-    image: Optional[bytes] = None  # only when asked for (include_image=True)
+    image: Optional[bytes] = None  # only when asked for (include_image=True); a scene's: its keyframe
     embedding: Optional[np.ndarray] = None  # only when asked for (include_embedding=True)
+    scene: Optional["Scene"] = None  # the item is a video scene: where in its video
+    video: Optional["Video"] = None  # the id names a video: its scenes
 
     @classmethod
     def from_pb(cls, item: pb.Item, include_image: bool, include_embedding: bool) -> "Item":
         return cls(item.id, item.content_sha256, item.uri, dict(item.metadata), item.caption, item.created_at,
                    item.updated_at, bytes(item.image) if include_image else None,
-                   np.asarray(item.embedding, dtype=np.float32) if include_embedding else None)
+                   np.asarray(item.embedding, dtype=np.float32) if include_embedding else None,
+                   Scene.from_pb(item.scene) if item.HasField("scene") else None,
+                   Video.from_pb(item.video) if item.HasField("video") else None)
+
+
+@dataclass(frozen=True)
+class Scene:
+    id: str  # the scene's item id
+    video_id: str
+    index: int  # its place in the video (from 0; in Video.scenes)
+    start_s: float
+    end_s: float
+    caption: str = ""
+
+    @classmethod
+    def from_pb(cls, scene: pb.SceneInfo) -> "Scene":
+        return cls(scene.id, scene.video_id, int(scene.index), scene.start_s, scene.end_s, scene.caption)
+
+
+@dataclass(frozen=True)
+class Video:
+    duration_s: float
+    frames_sampled: int
+    scenes: list[Scene]
+
+    @classmethod
+    def from_pb(cls, video: pb.VideoInfo) -> "Video":
+        return cls(video.duration_s, int(video.frames_sampled), [Scene.from_pb(s) for s in video.scenes])
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What AddVideos said of one video."""
+
+    index: int  # its position in what was passed to add_videos()
+    outcome: Outcome  # ADDED, DUPLICATE or FAILED
+    id: str = ""
+    content_sha256: str = ""
+    error: Optional[ItemError] = None
+    video: Optional[Video] = None
+    caption_error: str = ""
+
+    @classmethod
+    def from_pb(cls, result: pb.AddVideoResult) -> "VideoResult":
+        error = None
+        if result.HasField("error") and (result.error.code or result.error.message):
+            error = ItemError(status_code(result.error.code), result.error.message)
+        return cls(int(result.index), _OUTCOMES.get(result.outcome, Outcome.FAILED), result.id, result.content_sha256,
+                   error, Video.from_pb(result.video) if result.HasField("video") else None, result.caption_error)
+
+
+def video_options(every_s: Optional[float] = None, scene_threshold: Optional[float] = None,
+                  min_scene_s: Optional[float] = None, max_scene_s: Optional[float] = None,
+                  caption: bool = False) -> pb.VideoOptions:
+    given = dict(every_s=every_s, scene_threshold=scene_threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s)
+    return pb.VideoOptions(caption=caption, **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -403,9 +464,11 @@ def order_pb(order_by: str) -> pb.Order:
 
 
 def search_options(k: int, with_captions: bool, filters: Optional[dict], min_score: Optional[float],
-                   where: Sequence[Condition] = (), order_by: str = "", page_token: str = "") -> pb.SearchOptions:
+                   where: Sequence[Condition] = (), order_by: str = "", page_token: str = "",
+                   group_by_video: bool = False) -> pb.SearchOptions:
     options = pb.SearchOptions(k=k, with_captions=with_captions, filters=filters or {},
-                               where=[c.to_pb() for c in where], order_by=order_pb(order_by), page_token=page_token)
+                               where=[c.to_pb() for c in where], order_by=order_pb(order_by), page_token=page_token,
+                               group_by_video=group_by_video)
     if min_score is not None:
         options.min_score = min_score
     return options
