@@ -7,8 +7,8 @@ The videos are made here: H.264 at --size, --fps, a new picture (a scikit-image 
 few seconds, so decoding does real work. Stages, each timed alone on the longest video:
   * decode floor: search_service.video.frame_chunks (PyAV decode of every frame, the sampled ones downscaled,
     PNG-encoded for the encoder, JPEG keyframe candidates): what the service's decoding thread does;
-  * embed floor: the same sampled frames' PNGs through Triton's image encoder (serving.client, 16 a request,
-    all in flight at once);
+  * embed floor: the same sampled frames' PNGs through Triton's image encoder (bench/ingest.py triton_alone:
+    serving.client, 16 a request, all in flight at once);
   * the service: one AddVideos call per video (fresh data dir each), clock from send to the committed result.
 Ingest overlaps the two stages (the next chunk decodes while one embeds), so its ceiling is the slower floor;
 the goal (issue 21) is >= 0.8x that. Peak RSS is the service process's VmHWM after each video: bounded means it
@@ -26,6 +26,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from .common import add_model_options, print_json, print_table, sample_images
+from .ingest import triton_alone
 from .triton_common import add_encoder_options, encoder_settings, encoder_suffix
 
 
@@ -75,19 +76,6 @@ def decode_floor(video: bytes, every_s: float) -> tuple[float, list[bytes]]:
     return time.perf_counter() - started, pngs
 
 
-def embed_floor(url: str, pngs: list[bytes]) -> float:
-    from serving.client import TritonCoca
-
-    async def run():
-        async with TritonCoca(url) as client:
-            await client.embed_images(pngs[:16])  # warm-up
-            started = time.perf_counter()
-            await client.embed_images(pngs, batch_size=16)
-            return time.perf_counter() - started
-
-    return asyncio.run(run())
-
-
 def through_service(url: str, video: bytes, every_s: float) -> tuple[float, int, int]:
     """(seconds, scenes, service peak RSS in bytes) of one AddVideos call on a fresh service."""
     from clients.coca_client import Client, Outcome, video_options
@@ -124,7 +112,7 @@ def main(argv=None) -> int:
     repository, _ = ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{args.seed}{encoder_suffix(args)}",
                                       args.model, args.pretrained, args.seed, encoders=encoder_settings(args))
     with TritonServer(repository, kill_on_parent_exit=True).start(timeout=600) as triton:
-        embed_s = embed_floor(triton.grpc_url, pngs)
+        embed_s = len(pngs) / triton_alone(triton.grpc_url, pngs)  # the embedding stage alone
         runs = {s: through_service(triton.grpc_url, videos[s], args.every) for s in lengths}
     decode_rate, embed_rate = longest / decode_s, longest / embed_s
     floor = min(decode_rate, embed_rate)

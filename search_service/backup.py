@@ -244,6 +244,8 @@ def read_contents(database: Path) -> Contents:
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         info = dict(db.execute("SELECT key, value FROM info"))
         blobs = [name for (name,) in db.execute("SELECT blob FROM items WHERE blob IS NOT NULL ORDER BY vid")]
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'videos'").fetchone():  # stores since videos
+            blobs += [name for (name,) in db.execute("SELECT blob FROM videos WHERE blob IS NOT NULL ORDER BY id")]
     except sqlite3.DatabaseError as exc:
         raise BackupError(f"{database.name}: not a readable store database ({exc})") from None
     finally:

@@ -39,7 +39,7 @@ from .query import BAD_TOKEN, QueryInputError, decode_token, encode_token, finge
 from .duplicates import DuplicateScans, ScanStopped, TooManyItems, check_threshold, nearest_other
 from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
-from .backup import BackupError, BackupRunning, BackupThread
+from .backup import BackupError, BackupRunning, BackupThread, file_sha256
 from .blobs import BlobError
 from .store import ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreError, StoreSetupError, sha256_hex
 from .query import VIDEO_FIELDS
@@ -967,7 +967,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 size = path.stat().st_size
                 if size > limit:
                     raise bad(f"{request.path}: {size} bytes, over the limit max_video_bytes = {limit} (--max-video-mb)")
-                sha = videos.file_sha256(path)
+                sha = file_sha256(path)
             except OSError as exc:
                 raise PathRefused(f"{request.path!r}: cannot read it ({exc.strerror or type(exc).__name__})",
                                   not_found=isinstance(exc, FileNotFoundError)) from None

@@ -32,7 +32,6 @@ from .store import NewItem, NewScene, NewVideo, SceneRow, Video, default_id
 FRAMES_PER_CALL = 16  # sampled frames embedded by one Triton request (and decoded ahead of it)
 THUMBNAIL_SIDE = 320  # keyframes: long side at most this many pixels, JPEG
 THUMBNAIL_QUALITY = 85
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -64,14 +63,6 @@ def settings_from_pb(options: pb.VideoOptions) -> SceneSettings:
     if problem is not None:
         raise ValueError(f"options: {problem}")
     return settings
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def scene_id(video_id: str, index: int) -> str:

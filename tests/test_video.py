@@ -381,3 +381,27 @@ def test_coca_index_takes_videos_beside_images_and_search_prints_moments(tmp_pat
 
 def _video_id(client, name: str) -> str:
     return next(h.video_id for h in client.search_text("x", k=100).hits if h.uri.endswith(name))
+
+
+# ---------------------------------------------------------------- without a service
+def test_a_truncated_matroska_decodes_up_to_the_break(clips):
+    from coca import media
+
+    full = [f.time_s for f in media.sample_frames(clips["b"], EVERY_S)]
+    cut = [f.time_s for f in media.sample_frames(clips["b"][: len(clips["b"]) // 2], EVERY_S)]
+    assert 0 < len(cut) < len(full) and cut == full[:len(cut)]
+
+
+def test_the_cutter_falls_back_to_fixed_windows_and_keeps_min_length():
+    from search_service.scenes import SceneCutter, SceneSettings
+
+    steady = SceneCutter(SceneSettings(every_s=0.5, threshold=0.5, min_scene_s=1.0, max_scene_s=2.0))
+    scenes = [s for i in range(10) for s in steady.add(i * 0.5, np.array([1.0, 0.0]), b"k%d" % i)] + steady.finish(5.0)
+    assert [(s.start_s, s.end_s, s.frames) for s in scenes] == [(0, 2, 4), (2, 4, 4), (4, 5, 2)]
+    assert [s.keyframe for s in scenes] == [b"k2", b"k6", b"k9"]  # nearest the middle (ties: the earlier)
+    flicker = SceneCutter(SceneSettings(every_s=0.5, threshold=0.5, min_scene_s=1.0, max_scene_s=30))
+    vectors = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]  # every frame a cut, but scenes last >= 1 s
+    scenes = [s for i in range(6) for s in flicker.add(i * 0.5, vectors[i % 2], b"")] + flicker.finish(3.0)
+    assert [(s.start_s, s.end_s) for s in scenes] == [(0, 1.0), (1.0, 2.0), (2.0, 3.0)]
+    mean = np.array([1.0, 1.0]) / np.sqrt(2)
+    assert all(np.allclose(s.embedding, mean) for s in scenes)

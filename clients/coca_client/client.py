@@ -135,13 +135,7 @@ class Client(ClientBase):
                 yield request
 
         call = self._stub.AddVideos(requests(), timeout=timeout, metadata=self._metadata)
-        try:
-            for result in call:
-                yield t.VideoResult.from_pb(result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "AddVideos", self.target) from None
-        finally:
-            call.cancel()
+        yield from self._results(call, "AddVideos", t.VideoResult.from_pb)
 
     def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
         """The id holding each content sha256 (hex), "" where that content is not indexed; in order."""
@@ -261,11 +255,15 @@ class Client(ClientBase):
         (a previous backup there: only new blobs are copied). Yields progress; the last one carries the
         summary. No deadline unless given; not retried; stopping early does not stop the backup."""
         call = self._stub.Backup(pb.BackupRequest(out=str(out)), timeout=timeout, metadata=self._metadata)
+        yield from self._results(call, "Backup", t.BackupProgress.from_pb)
+
+    def _results(self, call, method: str, convert) -> Iterator:
+        """A response stream's messages converted; its RpcError as this client's error; cancelled when left."""
         try:
-            for progress in call:
-                yield t.BackupProgress.from_pb(progress)
+            for response in call:
+                yield convert(response)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "Backup", self.target) from None
+            raise from_rpc_error(exc, method, self.target) from None
         finally:
             call.cancel()
 
