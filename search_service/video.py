@@ -156,9 +156,11 @@ async def cut_video(video: VideoSource, limits: media.VideoLimits, encode: Encod
             for i, frame in enumerate(chunk):
                 closed(cutter.add(frame.time_s, classes[i], frame.thumbnail, None if images is None else images[i]))
         made = await asyncio.gather(*captions, return_exceptions=True)
-    except BaseException:
+    except BaseException as exc:
         for task in captions:
             task.cancel()
+        if isinstance(exc, media.InvalidVideoError) and isinstance(video.source, Path):
+            exc.args = (str(exc).replace(str(video.source), video.name),)  # as the client named it: no server path
         raise
     finally:
         if pending is not None:  # the decoding thread finishes its chunk before the generator can be closed

@@ -254,8 +254,14 @@ def test_the_same_video_twice_adds_nothing(client, indexed, clips):
 
 
 def test_limits_are_refused_by_name(tmp_path, triton, tiny_repository, clips):
-    with ServiceProcess(tmp_path, triton, "--video-max-seconds", "6.2", "--video-max-samples", "30",
-                        "--video-max-pixels", "10000") as service, WireClient(service.address) as client:
+    """Each limit passed fails that video alone, named; then a server-side path within them is indexed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "c.webm").write_bytes(clips["c"])
+    (root / "cut.mp4").write_bytes(clips["a"][:2000])
+    with ServiceProcess(tmp_path / "data", triton, "--video-max-seconds", "6.2", "--video-max-samples", "30",
+                        "--video-max-pixels", "10000", "--root", str(root)) as service, \
+            WireClient(service.address) as client:
         results = list(client.add_videos([
             pb.AddVideoRequest(video=clips["b"], options=OPTIONS),  # 6.5 s
             pb.AddVideoRequest(video=clips["a"], options=pb.VideoOptions(every_s=0.1)),  # 60 samples
@@ -263,12 +269,17 @@ def test_limits_are_refused_by_name(tmp_path, triton, tiny_repository, clips):
             pb.AddVideoRequest(video=clips["a"], options=pb.VideoOptions(every_s=0.01)),
             pb.AddVideoRequest(video=clips["a"], metadata={"start_s": "3"}),
             pb.AddVideoRequest(video=clips["a"], options=OPTIONS),  # within every limit
+            pb.AddVideoRequest(path=str(root / "cut.mp4"), options=OPTIONS),
+            pb.AddVideoRequest(path=str(root / "c.webm"), options=OPTIONS),
         ]))
         errors = [(r.error.code, r.error.message) for r in results[:5]]
         assert all(code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for code, _ in errors), errors
         for (_, message), name in zip(errors, ["max_seconds", "max_samples", "max_pixels", "every_s", "reserved"]):
             assert name in message, (name, message)
-        assert results[5].outcome == pb.AddImageResult.ADDED and client.stats().count == 3
+        assert results[5].outcome == pb.AddImageResult.ADDED
+        assert results[6].error.message.startswith(f"{root / 'cut.mp4'}: not a video"), results[6]
+        assert results[7].outcome == pb.AddImageResult.ADDED and len(results[7].video.scenes) == 3
+        assert client.get(results[7].id).uri == f"file://{root / 'c.webm'}" and client.stats().count == 6
 
 
 # ---------------------------------------------------------------- deletes
