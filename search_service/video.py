@@ -30,6 +30,7 @@ from .scenes import Scene, SceneCutter, SceneSettings
 from .store import NewItem, NewScene, NewVideo, SceneRow, Video, default_id
 
 FRAMES_PER_CALL = 16  # sampled frames embedded by one Triton request (and decoded ahead of it)
+SCENES_AWAITING_CAPTION = 16  # closed scenes whose captions are not made yet, at most, before decoding waits
 THUMBNAIL_SIDE = 320  # keyframes: long side at most this many pixels, JPEG
 THUMBNAIL_QUALITY = 85
 
@@ -151,6 +152,7 @@ async def cut_video(video: VideoSource, limits: media.VideoLimits, encode: Encod
                 end = chunk
                 break
             pending = asyncio.ensure_future(asyncio.to_thread(next, chunks))  # decode on while this chunk embeds
+            await _captions_caught_up(captions)
             classes, images = await encode([f.png for f in chunk], video.caption is not None)
             sampled += len(chunk)
             for i, frame in enumerate(chunk):
@@ -169,6 +171,13 @@ async def cut_video(video: VideoSource, limits: media.VideoLimits, encode: Encod
     texts = [None if isinstance(m, BaseException) else m for m in made] if captions else [None] * len(scenes)
     failure = next((m for m in made if isinstance(m, BaseException)), None)
     return Cut(scenes, texts, "" if failure is None else f"{type(failure).__name__}: {failure}", end, sampled)
+
+
+async def _captions_caught_up(captions: list[asyncio.Task]) -> None:
+    """Wait while more than SCENES_AWAITING_CAPTION scenes wait for their captions: each holds its mean
+    ImageEmbeddings until then, so captions slower than decoding would otherwise grow memory with the video."""
+    while len(waiting := [task for task in captions if not task.done()]) > SCENES_AWAITING_CAPTION:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def _caption_scene(scene: Scene, caption: CaptionEmbeddings, params: SamplingParams,
