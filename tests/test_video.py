@@ -302,23 +302,27 @@ def test_deleting_a_video_removes_exactly_its_scenes(client, indexed, clips):
 
 
 def test_kill_9_around_a_delete_never_splits_a_video(tmp_path, triton, clips):
-    """SIGKILL at once after sending Delete (the delete may or may not have committed): after a restart the
-    video is there with every scene it was stored with, or neither it nor any of its scenes; and the database
-    holds no scene of a missing video nor a video missing a scene."""
-    made = [write_clip(Clip(f"k{i}", "mpeg4", "mp4", ["coins", "rocket", "logo"], [0.75, 0.75, 0.75]))
-            for i in range(2)]
+    """One Delete acknowledged, then SIGKILL the moment the database shows the next one's video row gone (read
+    from another connection: that delete has committed something): after a restart each video is there with
+    every scene it was stored with, or neither it nor any of its scenes; the database holds no scene of a missing
+    video nor a video missing a scene. (A delete committed in two steps fails this: checked by splitting it.)"""
+    pictures = ["coins", "rocket", "logo"]
+    made = [write_clip(Clip(f"k{i}", "mpeg4", "mp4", pictures[i:] + pictures[:i], [0.75, 0.75, 0.75]))
+            for i in range(3)]  # three different videos
+    database = tmp_path / "store.sqlite3"
     with ServiceProcess(tmp_path, triton) as service, WireClient(service.address) as client:
         added = list(client.add_videos([pb.AddVideoRequest(video=v, options=OPTIONS) for v in made]))
-        acknowledged = set()
-        future = client.stub.Delete.future(pb.DeleteRequest(id=added[0].id), timeout=10)
-        try:
-            acknowledged.add(future.result(timeout=10).id)  # the first: acknowledged, then killed
-        except grpc.RpcError:
-            pass
-        client.stub.Delete.future(pb.DeleteRequest(id=added[1].id), timeout=10)
+        assert [r.outcome for r in added] == [pb.AddImageResult.ADDED] * 3
+        acknowledged = {client.delete(added[0].id).id}
+        pending = client.stub.Delete.future(pb.DeleteRequest(id=added[1].id), timeout=30)  # kept: dropped, it is cancelled
+        deadline = time.monotonic() + 30
+        while _video_rows(database, added[1].id) and time.monotonic() < deadline:
+            time.sleep(0.001)
         service.kill()
-    _assert_whole_videos(tmp_path / "store.sqlite3")
+        assert not _video_rows(database, added[1].id), pending
+    _assert_whole_videos(database)
     with ServiceProcess(tmp_path, triton) as service, WireClient(service.address) as client:
+        present = []
         for result in added:
             scene_ids = [s.id for s in result.video.scenes]
             try:
@@ -327,9 +331,15 @@ def test_kill_9_around_a_delete_never_splits_a_video(tmp_path, triton, clips):
                 assert exc.code() == grpc.StatusCode.NOT_FOUND
                 assert not any(_exists(client, i) for i in scene_ids)
                 continue
-            assert result.id not in acknowledged
+            present.append(result.id)
             assert [s.id for s in got.video.scenes] == scene_ids and all(_exists(client, i) for i in scene_ids)
-        assert client.stats().count == client.stats().indexed == _scene_count(tmp_path / "store.sqlite3")
+        assert present == [added[2].id] and not acknowledged & set(present)
+        assert client.stats().count == client.stats().indexed == _scene_count(database) == 3
+
+
+def _video_rows(database: Path, video_id: str) -> int:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        return db.execute("SELECT count(*) FROM videos WHERE id = ?", (video_id,)).fetchone()[0]
 
 
 def _assert_whole_videos(database: Path) -> None:
