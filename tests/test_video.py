@@ -426,3 +426,78 @@ def test_the_cutter_falls_back_to_fixed_windows_and_keeps_min_length():
     assert [(s.start_s, s.end_s) for s in scenes] == [(0, 1.0), (1.0, 2.0), (2.0, 3.0)]
     mean = np.array([1.0, 1.0]) / np.sqrt(2)
     assert all(np.allclose(s.embedding, mean) for s in scenes)
+
+
+def _offline_video(engine, seed: int, scenes: int = 3, data: bytes = b""):
+    """A video of random embeddings through Engine.add_video (no decoding: the store's side alone)."""
+    from search_service.store import NewItem, NewScene, NewVideo, sha256_hex
+
+    rng = np.random.default_rng(seed)
+    data = data or rng.bytes(1000)
+    sha = sha256_hex(data)
+    rows = []
+    for i in range(scenes):
+        vector = rng.normal(size=8).astype(np.float32)
+        item = NewItem(sha256=sha256_hex(sha.encode() + bytes([i])), uri="v.mp4", embedding=vector / np.linalg.norm(vector),
+                       id=f"{sha[:32]}.scene{i}", metadata={"video_id": sha[:32], "start_s": str(float(i)),
+                                                            "end_s": str(i + 1.0), "video_duration_s": str(float(scenes))})
+        rows.append(NewScene(item, i, float(i), i + 1.0, b"jpeg%d" % i))
+    return engine.add_video(NewVideo(sha, "v.mp4", "", {}, float(scenes), scenes * 2, data), rows), data
+
+
+def test_video_rows_survive_a_reopen_and_an_older_store_gains_the_tables(tmp_path):
+    """The blob sweep at start keeps video bytes; a data directory made before videos opens with empty video
+    tables and its items intact; a delete takes the video, its scenes and its blob."""
+    from search_service.engine import Engine
+    from search_service.index import IndexSettings
+    from search_service.store import Store
+
+    def opened() -> Engine:
+        engine = Engine(tmp_path, IndexSettings())
+        engine.bind_model("m", "p", 8)
+        engine.open_index(8)
+        return engine
+
+    engine = opened()
+    (outcome, data) = _offline_video(engine, 0)
+    again, _ = _offline_video(engine, 0, data=data)
+    assert outcome.added and not again.added and [s.id for s in again.scenes] == [s.id for s in outcome.scenes]
+    engine.close()
+    engine = opened()
+    video = engine.get_video(outcome.id)
+    assert engine.read_video(video) == data and [s.index for s in video.scenes] == [0, 1, 2]
+    assert engine.read_image(engine.get(outcome.scenes[1].id)) == b"jpeg1"
+    assert engine.delete_video(outcome.id).id == outcome.id and engine.size == 0
+    assert engine.get_video(outcome.id) is None and not (tmp_path / video.blob).exists()
+    from search_service.store import NewItem
+
+    engine.add([NewItem(sha256="ab" * 32, uri="still.png", embedding=np.eye(8, dtype=np.float32)[0], data=b"png")])
+    engine.close()
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:  # a store from before videos
+        db.execute("DROP TABLE scenes")
+        db.execute("DROP TABLE videos")
+    store = Store(tmp_path)
+    assert store.video_count() == 0 and store.count() == 1 and store.get_video("x") is None
+    store.close()
+
+
+def test_milvus_collections_refuse_videos_naming_what_is_missing():
+    import asyncio
+    from types import SimpleNamespace
+
+    from search_service.milvus import MilvusCollection
+    from search_service.service import SearchServicer
+
+    class Context:
+        async def abort(self, code, message, trailing_metadata=()):
+            raise grpc.aio.AbortError(f"{code.name}: {message}")
+
+    async def nothing(**_):
+        return None
+
+    async def call():
+        servicer = SimpleNamespace(engine=MilvusCollection.__new__(MilvusCollection), ensure_models=nothing)
+        return [m async for m in SearchServicer.AddVideos(servicer, iter([]), Context())]
+
+    with pytest.raises(grpc.aio.AbortError, match="FAILED_PRECONDITION: .*videos: this store keeps no video rows"):
+        asyncio.run(call())
