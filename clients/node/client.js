@@ -155,9 +155,11 @@ function conditionMessage({ field, equals, anyOf, negate = false, ...rest }) {
 // "added_at" ascending, "-added_at" descending; "" or undefined: none.
 const orderMessage = (orderBy = "") => ({ field: orderBy.replace(/^-/, ""), descending: orderBy.startsWith("-") });
 
-function searchOptions({ k = 10, withCaptions = false, filters = {}, minScore, where = [], orderBy, pageToken = "" } = {}) {
+// groupByVideo: each video's best scene only. Scene hits carry video_id, start_s, end_s (README "Video").
+function searchOptions({ k = 10, withCaptions = false, filters = {}, minScore, where = [], orderBy, pageToken = "",
+                         groupByVideo = false } = {}) {
   const o = { k, with_captions: withCaptions, filters, where: where.map(conditionMessage), order_by: orderMessage(orderBy),
-              page_token: pageToken };
+              page_token: pageToken, group_by_video: groupByVideo };
   if (minScore !== undefined) o.min_score = minScore;
   return o;
 }
