@@ -822,6 +822,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise bad("give the id of an item")
         if not self.engine.is_open:  # nothing was ever indexed
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {request.id!r}")
+        stored = await asyncio.to_thread(self.engine.get, request.id)
+        scene = stored and videos.scene_of(stored.id, stored.metadata, stored.caption)
+        if scene is not None:  # a video and its scenes are stored and deleted together
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"{request.id!r} is a scene of the video "
+                               f"{scene.video_id!r}: delete the video (with all its scenes)")
         item = await asyncio.to_thread(self.engine.delete, request.id)
         if item is None:
             item = await asyncio.to_thread(self.engine.delete_video, request.id)  # a video goes with its scenes

@@ -288,6 +288,9 @@ def test_deleting_a_video_removes_exactly_its_scenes(client, indexed, clips):
                                                                              [1.0, 1.0])), options=OPTIONS)])
     others = {s.id for r in indexed.values() for s in r.video.scenes}
     before = client.stats().count
+    with pytest.raises(grpc.RpcError) as caught:  # a scene alone: no, it goes with its video
+        client.delete(added.video.scenes[0].id)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and added.id in caught.value.details()
     assert client.delete(added.id).id == added.id
     assert client.stats().count == before - len(added.video.scenes)
     for scene in added.video.scenes:
