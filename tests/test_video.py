@@ -504,3 +504,14 @@ def test_milvus_collections_refuse_videos_naming_what_is_missing():
 
     with pytest.raises(grpc.aio.AbortError, match="FAILED_PRECONDITION: .*videos: this store keeps no video rows"):
         asyncio.run(call())
+
+
+def test_decoded_bytes_and_decoding_time_are_limits_named_too(clips):
+    from coca.media import VideoLimitError, VideoLimits, sample_frames
+
+    for limits, name in [(VideoLimits(max_decoded_bytes=100_000), "max_decoded_bytes"),
+                         (VideoLimits(max_decode_seconds=0), "max_decode_seconds")]:
+        with pytest.raises(VideoLimitError, match=name) as caught:
+            list(sample_frames(clips["a"], EVERY_S, limits))
+        assert caught.value.limit == name
+    assert len(list(sample_frames(clips["a"], EVERY_S, VideoLimits(max_decoded_bytes=10_000_000)))) == 24
