@@ -467,9 +467,11 @@ def run_family(factory: str, examples: int, steps: int, figures, request) -> Non
 
 
 # Each Milvus step is round trips to another process: Stats' count alone, at Strong consistency, waits for
-# Milvus's next time tick (0.23 s a step measured here, 2/3 of a step's time; 60 x 80 steps took ~48 min
-# and ran past the 600 s timeout, always caught inside that count). Its runs are sized to fit: the short
-# one within CI's budget, the long one within the timeout on a 2-core box.
+# Milvus's next time tick (at Milvus's default 200 ms tick 0.23 s a step, 2/3 of a step's time; 60 x 80 steps
+# took ~48 min and ran past the 600 s timeout, always caught inside that count; the test server now ticks
+# every 50 ms, search_service/testing.py: ~0.055 s). Its runs are sized to fit: the short one within CI's
+# budget, the long one within the timeout on a 2-core box. (Changing the machine class changes its draws:
+# hypothesis seeds a derandomized run from the class's source.)
 SHORT_RUNS = {"milvus:HNSW": (4, 30)}
 LONG_RUNS = {"milvus:HNSW": (10, 45)}  # 12 x 50 (603 steps) took 499 s at load 13: too near the timeout
 
