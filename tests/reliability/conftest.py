@@ -30,12 +30,8 @@ EXPIRY_INTERVAL_S = 0.25
 
 needs_triton = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 # The quick variant of a long test (e.g. 64 clients x 10 s beside x 60 s): make test runs it, make test-reliability
-# (-m "long or not short") runs only the long one, which checks everything the quick one does.
+# (-m long) runs only the long one, which checks everything the quick one does.
 short = pytest.mark.short
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "short: the quick variant of a long test; left out of make test-reliability")
 
 
 # ---------------------------------------------------------------- figures
