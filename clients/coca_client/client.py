@@ -239,6 +239,25 @@ class Client(ClientBase):
         finally:
             call.cancel()
 
+    def reindex(self, action: str = "start", *, to_model: str = "", to_pretrained: str = "", triton: str = "",
+                timeout: Optional[float] = None) -> Iterator[t.ReindexProgress]:
+        """Move the service's store to another model while it serves (README "Reindex to new weights"): action
+        "start" (to_model, to_pretrained, triton: the endpoints serving it), "resume", "rollback" (triton:
+        overrides the recorded endpoints) or "drop_old". Yields progress; the last one has phase "done". No
+        deadline unless given; not retried; stopping early does not stop the reindex (resume listens again)."""
+        actions = {"start": pb.ReindexRequest.START, "resume": pb.ReindexRequest.RESUME,
+                   "rollback": pb.ReindexRequest.ROLLBACK, "drop_old": pb.ReindexRequest.DROP_OLD}
+        request = pb.ReindexRequest(action=actions[action], to_model=to_model, to_pretrained=to_pretrained,
+                                    triton=triton)
+        call = self._stub.Reindex(request, timeout=timeout, metadata=self._metadata)
+        try:
+            for progress in call:
+                yield t.ReindexProgress.from_pb(progress)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "Reindex", self.target) from None
+        finally:
+            call.cancel()
+
 
 class _FileItems(Sequence):
     """Files as AddItems, read only when the stream gets to them (so retries can slice without reading)."""
