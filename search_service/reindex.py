@@ -82,7 +82,7 @@ async def fill(engine, target: Generation, models: Models, timeout_s: float,
 
 
 async def _embed_batch(engine, target: Generation, models: Models, items: list, timeout_s: float) -> int:
-    data = await asyncio.to_thread(_read_all, engine, items)
+    items, data = await asyncio.to_thread(_read_all, engine, items)
     vectors = await models.embed_images_each(data, timeout_s)
     for item, vector in zip(items, vectors):
         if isinstance(vector, ModelsUnavailable):
@@ -93,19 +93,24 @@ async def _embed_batch(engine, target: Generation, models: Models, items: list, 
         if vector.shape != (target.embedding_dim,):
             raise ReindexFailed(f"Triton at {target.triton} returned {vector.size}-value embeddings, but says it "
                                 f"serves {target.model} ({target.pretrained}) of dimension {target.embedding_dim}")
-    await asyncio.to_thread(engine.put_generation, target.gen, [i.vid for i in items], np.stack(vectors))
+    if items:
+        await asyncio.to_thread(engine.put_generation, target.gen, [i.vid for i in items], np.stack(vectors))
     return len(items)
 
 
-def _read_all(engine, items: list) -> list[bytes]:
-    out = []
+def _read_all(engine, items: list) -> tuple[list, list[bytes]]:
+    """The items still there and their bytes (one deleted since it was listed is left out: its blob may be gone)."""
+    kept, data = [], []
     for item in items:
         try:
-            out.append(engine.read_image(item))
+            data.append(engine.read_image(item))
+            kept.append(item)
         except BlobError as exc:
-            raise ReindexFailed(f"item {item.id!r}: its image cannot be read to embed it again ({exc}); restore "
-                                "the file or delete the item, then RESUME") from None
-    return out
+            now = engine.get(item.id)
+            if now is not None and now.vid == item.vid:
+                raise ReindexFailed(f"item {item.id!r}: its image cannot be read to embed it again ({exc}); restore "
+                                    "the file or delete the item, then RESUME") from None
+    return kept, data
 
 
 async def fill_and_switch(engine, target: Generation, models: Models, timeout_s: float,

@@ -1040,9 +1040,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             yield progress
 
     async def _reindex_progress(self, task: asyncio.Task) -> AsyncIterator[pb.ReindexProgress]:
-        sent = None
+        sent, wait = None, 0.05  # the first message soon (a small store's reindex may take less than a tick)
         while True:
-            finished, _ = await asyncio.wait({task}, timeout=BACKUP_PROGRESS_S)
+            finished, _ = await asyncio.wait({task}, timeout=wait)
+            wait = BACKUP_PROGRESS_S
             if finished:
                 break
             now = self.reindexing.latest

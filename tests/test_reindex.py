@@ -98,9 +98,11 @@ def assert_search_is_exact(model, client: WireClient, k: int = 8) -> pb.SearchRe
 class Traffic:
     """Clients adding, deleting and searching while a reindex runs; what they were told is the oracle."""
 
-    def __init__(self, address: str, live: set[str], images_by_id: dict[str, bytes], new_images: list[bytes]):
+    def __init__(self, address: str, live: set[str], images_by_id: dict[str, bytes], new_images: list[bytes],
+                 keep: set[str]):
         self.address, self.live, self.images_by_id = address, live, images_by_id
-        self.new_images, self.deletable = list(new_images), sorted(live)
+        self.new_images, self.deletable = list(new_images), sorted(live - keep)
+        self.acknowledged: list[float] = []  # when each add and delete was acknowledged
         self.stop = threading.Event()
         self.search_errors: list[str] = []
         self.answered_by: set[str] = set()
@@ -126,10 +128,12 @@ class Traffic:
                     (item_id,) = add(client, [image])
                     self.images_by_id[item_id] = image
                     self.live.add(item_id)
+                    self.acknowledged.append(time.monotonic())
                 if self.deletable and len(self.new_images) % 2 == 0:
                     victim = self.deletable.pop()
                     client.delete(victim)
                     self.live.discard(victim)
+                    self.acknowledged.append(time.monotonic())
                 time.sleep(0.02)
 
     def _searcher(self) -> None:
@@ -146,18 +150,23 @@ class Traffic:
 # ---------------------------------------------------------------- tests
 def test_reindex_while_clients_write_and_search_then_rollback(tritons, tiny_coca, seed1_coca, tmp_path):
     old, new = tritons
-    images = noise_jpegs(90, seed=22)
+    images = noise_jpegs(200, seed=22)
     with service_on(tmp_path / "data", old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
-        first = add(client, images[:60])
-        images_by_id, live = dict(zip(first, images[:60])), set(first)
+        first = add(client, images[:160])
+        images_by_id, live = dict(zip(first, images[:160])), set(first)
         before = assert_search_is_exact(tiny_coca, client)
         assert before.answered_by.startswith("generation 0: coca-tiny")
+        captioned = client.search_text(QUERY, k=1, with_captions=True).hits[0]  # by the old decoder, kept
+        assert captioned.caption
 
-        with Traffic(service.address, live, images_by_id, images[60:]) as traffic:
+        with Traffic(service.address, live, images_by_id, images[160:], keep={captioned.id}) as traffic:
+            started = time.monotonic()
             steps = reindex(client, triton=new.grpc_url)
-            wait_for(lambda: not traffic.new_images and not traffic.deletable, 60, "the clients' writes")
+            ended = time.monotonic()
+            wait_for(lambda: not traffic.new_images, 60, "the clients' writes")
         assert steps[-1].phase == "done" and steps[-1].generation == 1
-        assert any(s.phase == "embedding" for s in steps)
+        assert any(s.phase == "embedding" and s.done < s.total for s in steps)
+        assert sum(started < t < ended for t in traffic.acknowledged) >= 3  # writes did land during the reindex
         assert not traffic.search_errors, traffic.search_errors[:3]
         assert traffic.searches > 0
         assert all(a.startswith(("generation 0:", "generation 1:")) for a in traffic.answered_by)
@@ -169,6 +178,7 @@ def test_reindex_while_clients_write_and_search_then_rollback(tritons, tiny_coca
         assert stats.answered_by.startswith("generation 1: coca-tiny") and stats.old_generation.startswith("generation 0")
         assert stats.count == stats.indexed == len(live)
         assert [s.address for s in stats.triton_endpoints] == [new.grpc_url]
+        assert stats.captions_by_old_models == 1 and client.get(captioned.id).caption == captioned.caption
 
         # items added after the switch are embedded by the new model, and by the old one on rollback
         extra = noise_jpegs(3, seed=23)
@@ -184,6 +194,7 @@ def test_reindex_while_clients_write_and_search_then_rollback(tritons, tiny_coca
         assert_embedded_by(tiny_coca, client, images_by_id, live)
         assert assert_search_is_exact(tiny_coca, client).answered_by.startswith("generation 0: coca-tiny")
         assert client.stats().old_generation.startswith("generation 1")
+        assert client.stats().captions_by_old_models == 0  # generation 0 answers again: its decoder made it
 
         reindex(client, pb.ReindexRequest.DROP_OLD)
         assert client.stats().old_generation == ""
