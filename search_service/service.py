@@ -308,13 +308,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def ensure_models(self, context=None, fresh: bool = False, timeout: Optional[float] = None) -> None:
         """Triton answers and serves the store's model and weights (asked now when `fresh`); the index is
         open. ModelMismatch when Triton serves other weights than those the store was bound to."""
-        identity = await self.models.identity(timeout or self._timeout(context), fresh=fresh)
+        models = None
+        while models is not self.models:  # a Reindex switched models while the old ones were asked: ask the new
+            models = self.models
+            identity = await models.identity(timeout or self._timeout(context), fresh=fresh)
         async with self._opening:
             if self._bound is None:
                 await self._check_recorded_generation(identity)
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
-            elif identity != self._bound:
+            elif identity != self._bound and models is self.models:  # (else a switch came in between: it stands)
                 raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if not self.engine.is_open:
