@@ -230,14 +230,7 @@ class Client(ClientBase):
         """Back the service's store up into `out`, a folder on the service's machine under its --root folders
         (a previous backup there: only new blobs are copied). Yields progress; the last one carries the
         summary. No deadline unless given; not retried; stopping early does not stop the backup."""
-        call = self._stub.Backup(pb.BackupRequest(out=str(out)), timeout=timeout, metadata=self._metadata)
-        try:
-            for progress in call:
-                yield t.BackupProgress.from_pb(progress)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "Backup", self.target) from None
-        finally:
-            call.cancel()
+        return self._progress("Backup", pb.BackupRequest(out=str(out)), t.BackupProgress, timeout)
 
     def reindex(self, action: str = "start", *, to_model: str = "", to_pretrained: str = "", triton: str = "",
                 timeout: Optional[float] = None) -> Iterator[t.ReindexProgress]:
@@ -249,12 +242,16 @@ class Client(ClientBase):
                    "rollback": pb.ReindexRequest.ROLLBACK, "drop_old": pb.ReindexRequest.DROP_OLD}
         request = pb.ReindexRequest(action=actions[action], to_model=to_model, to_pretrained=to_pretrained,
                                     triton=triton)
-        call = self._stub.Reindex(request, timeout=timeout, metadata=self._metadata)
+        return self._progress("Reindex", request, t.ReindexProgress, timeout)
+
+    def _progress(self, method: str, request, kind, timeout: Optional[float]) -> Iterator:
+        """The messages of a server-streamed operation as `kind`; the call is cancelled when the caller stops."""
+        call = getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
         try:
             for progress in call:
-                yield t.ReindexProgress.from_pb(progress)
+                yield kind.from_pb(progress)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "Reindex", self.target) from None
+            raise from_rpc_error(exc, method, self.target) from None
         finally:
             call.cancel()
 
