@@ -32,7 +32,8 @@ test-reliability: venv
 	COCA_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) $(PYTEST) -q --durations=30 -m "long or not short" \
 		tests/reliability $(SECURITY_TESTS) tests/test_ray_ingest.py::test_bulk_ingest_and_resume \
 		tests/test_milvus_store.py::test_milvus_down_gives_unavailable_naming_milvus_then_recovers \
-		tests/test_triton_pool.py::test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back; \
+		tests/test_triton_pool.py::test_service_under_mixed_load_loses_no_call_when_an_endpoint_dies_and_takes_it_back \
+		tests/test_reindex.py::test_reindex_killed_mid_way_resumes_with_the_same_oracle; \
 	status=$$?; $(PYTEST) -q --durations=10 -m long tests/test_triton.py || status=1; exit $$status
 
 # One benchmark: make bench BENCH="caption --model coca-tiny" (names: python -m bench, or coca bench --help).
