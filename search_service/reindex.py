@@ -124,6 +124,9 @@ async def fill_and_switch(engine, target: Generation, models: Models, timeout_s:
         await fill(engine, target, models, timeout_s, report)
         total = engine.size
         report(ReindexStatus("switching", total, total, 0.0, 0.0, target.gen))
+        serves = await models.identity(timeout_s, fresh=True)  # still those weights (and fresh for the searches next)
+        if serves.weights != target.weights:
+            raise ReindexFailed(f"Triton at {target.triton} serves {serves} now, not the weights of {target}")
         active = await asyncio.to_thread(engine.switch_generation, target.gen, target.embedding_dim)
         if active is not None:
             switched(active)
