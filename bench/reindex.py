@@ -6,8 +6,9 @@ vs plain ingest of the same items, and search latency while it runs vs idle, on 
 Two tritonservers: the model exported with random weights of --seed and of --seed + 1. The service (its own
 process, fresh data dir) ingests the images through the first (AddImages, one stream: the plain ingest rate),
 then reindexes them into the second (Reindex RPC); one client searches back to back during both (the same load on
-each rate compared). Search latency (SearchText, k 10) is sampled idle, during the ingest and during the reindex. Beside them, what the hardware gives: the
-new model's Triton alone embedding the same images (serving.client, batches of 16, all in flight).
+each rate compared). Search latency (SearchText, k 10) is sampled idle, during the ingest and during the reindex.
+Beside them, what the hardware gives: the new model's Triton alone embedding the same images (serving.client,
+batches of 16, all in flight).
 """
 from __future__ import annotations
 
