@@ -459,6 +459,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     break
                 except GenerationChanged:
                     log.info("AddImages batch embedded by the previous model generation: embedding it again")
+                    prepared = [_stale_embedding(p) if isinstance(p, Prepared) and p.embedding is not None else p
+                                for p in prepared]
             if not turn.done():
                 turn.set_result(None)  # the next batch may commit while these are captioned
             await self._caption_added([(p, results[p.index]) for p, _ in ready if p.caption], context)
@@ -1171,6 +1173,12 @@ async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool | Exc
         if len(batch) >= size or queue.empty():
             return batch, False
         entry = queue.get_nowait()
+
+
+def _stale_embedding(p: Prepared) -> pb.AddImageResult:
+    """A caller's embedding of the export the store answered from before a switch that came while it was added."""
+    return _failed(p.index, ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "the store switched to another model "
+                                         "(Reindex) while this item was added: embed it with the new export"), p.sha256)
 
 
 def _reindex_pb(status: ReindexStatus) -> pb.ReindexProgress:
