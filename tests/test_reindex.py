@@ -300,3 +300,22 @@ def test_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, seed1_coca
                 client.search_text(QUERY, k=3)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "generation 1" in refused.value.details()
+
+
+def test_milvus_collections_answer_failed_precondition():
+    import asyncio
+    from types import SimpleNamespace
+
+    from search_service.service import SearchServicer
+
+    class Context:
+        async def abort(self, code, message, trailing_metadata=()):
+            raise grpc.aio.AbortError(f"{code.name}: {message}")
+
+    async def call():
+        servicer = SimpleNamespace(engine=object(), config=None)  # a collection without model generations
+        request = pb.ReindexRequest(to_model=MODEL, to_pretrained=PRETRAINED, triton="127.0.0.1:8001")
+        return [m async for m in SearchServicer.Reindex(servicer, request, Context())]
+
+    with pytest.raises(grpc.aio.AbortError, match="FAILED_PRECONDITION: not offered by this store: .*Milvus.*alter_alias"):
+        asyncio.run(call())
