@@ -11,6 +11,7 @@ BENCHMARKS = {
     "caption": "bench.caption",
     "search": "bench.search",  # text -> image search latency, recall@10, index build (search service)
     "ingest": "bench.ingest",  # AddImages images/s vs in-process embed_images (search service)
+    "reindex": "bench.reindex",  # reindex into new weights vs plain ingest rate; search p99 during it vs idle
     "service": "bench.service",  # the search service process: launch -> ready seconds, RSS, torch mapped or not
     "triton-caption": "bench.triton_caption",  # captions/s through Triton's decoder at 1..32 concurrent sequences
     "triton-encode": "bench.triton_encode",  # images/s through Triton vs in-process embed_images

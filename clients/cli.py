@@ -328,6 +328,8 @@ search_command("list", "browse the indexed items a page at a time (conditions, o
 search_command("backup", "back up the search store (while serving, through the service), or --verify a backup",
                "backup")
 search_command("restore", "restore a backup into a new data directory", "restore")
+search_command("reindex", "move the search store to another model while it serves (or --rollback, --drop-old)",
+               "reindex")
 search_command("duplicates", "groups of near-identical indexed images (cosine similarity >= a threshold)", "duplicates")
 
 

@@ -14,6 +14,8 @@
     coca backup --out DIR --data DATA            (offline: a data directory no service has open)
     coca backup --verify DIR
     coca restore DIR --data NEW
+    coca reindex --server HOST:PORT --to-model NAME --to-pretrained TAG|FILE --triton HOST:PORT[,...]
+    coca reindex --server HOST:PORT --resume | --rollback | --drop-old
 """
 from __future__ import annotations
 
@@ -527,6 +529,58 @@ def restore(args) -> int:
     print(f"restored {manifest['items']} items (sequence {manifest['sequence']}, model {manifest['model']['model']}) "
           f"into {args.data}; serve it with: coca serve --data {args.data}")
     return 0
+
+
+# ---------------------------------------------------------------- reindex
+def configure_reindex(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to-model", metavar="NAME", help="the new model (as its Triton export names it)")
+    p.add_argument("--to-pretrained", metavar="TAG|FILE", help="its weights: the pretrained tag or the file it was "
+                   "exported from (as its Triton export names them)")
+    p.add_argument("--triton", metavar="HOST:PORT,...", help="the Triton endpoints serving the new model (with "
+                   "--rollback: in place of those recorded for the old generation)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--resume", action="store_true", help="go on with the reindex a stopped service was building, "
+                      "or listen to the running one's progress")
+    what.add_argument("--rollback", action="store_true", help="switch back to the old generation (kept until "
+                      "--drop-old)")
+    what.add_argument("--drop-old", action="store_true", help="forget the old generation (no rollback after this)")
+    add_connection_options(p, server_help="the search service HOST:PORT")
+
+
+def reindex(args) -> int:
+    from clients.coca_client import FailedPrecondition, InvalidArgument, NotFound, SearchError, Unavailable
+
+    action = "resume" if args.resume else "rollback" if args.rollback else "drop_old" if args.drop_old else "start"
+    if not args.server:
+        raise InvalidInputError("give --server HOST:PORT: the service whose store is reindexed")
+    if action == "start" and not (args.to_model and args.to_pretrained and args.triton):
+        raise InvalidInputError("give --to-model NAME --to-pretrained TAG|FILE --triton HOST:PORT[,...] (or --resume, "
+                                "--rollback, --drop-old)")
+    if action in ("resume", "drop_old") and (args.to_model or args.to_pretrained or args.triton):
+        raise InvalidInputError(f"--{action.replace('_', '-')} takes no --to-model, --to-pretrained or --triton")
+    with connect(args) as client:
+        try:
+            last = _follow_reindex(client.reindex(action, to_model=args.to_model or "",
+                                                  to_pretrained=args.to_pretrained or "", triton=args.triton or ""))
+        except SearchError as exc:  # refused: bad input, a Triton that is not there or serves other weights
+            print(f"coca reindex: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, (InvalidArgument, NotFound, FailedPrecondition, Unavailable)) else 1
+    print(f"searches answer from {last.answered_by}" if action != "drop_old" else "old generation dropped")
+    return 0
+
+
+def _follow_reindex(steps):
+    """Draw the progress of a reindex stream; its last message."""
+    from tqdm import tqdm
+
+    last = None
+    with tqdm(unit="item", desc="re-embedding", file=sys.stderr, disable=None) as bar:
+        for last in steps:
+            if last.phase != "done":
+                bar.total = last.total
+                bar.set_postfix_str(f"{last.rate:.1f} items/s, ETA {last.eta_seconds:.0f} s, {last.phase}")
+                bar.update(last.done - bar.n)
+    return last
 
 
 @contextlib.contextmanager

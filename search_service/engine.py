@@ -23,6 +23,7 @@ import numpy as np
 
 from .caption_retry import CaptionRetry, RetryBook
 from .collection import MAX_SEARCH_DEPTH, Collection, Hit, Page, QueryError, check_query, first_hits, whole_ties
+from . import generations
 from .filters import MetadataIndex
 from .index import IndexSettings, SnapshotError, VectorIndex, factory_label
 from .keywords import KeywordIndex
@@ -74,6 +75,8 @@ class Engine(Collection):
         self.snapshot_failures = 0
         self._retry_at = 0.0  # monotonic time before which a failed snapshot is not tried again
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        # the model generation searches answer from; None while a switch changes the vectors (generations.py)
+        self.generation: Optional[int] = generations.active_generation(self.store)
 
     # ------------------------------------------------------------ life cycle
     @property
@@ -107,7 +110,7 @@ class Engine(Collection):
 
     def _load_or_rebuild(self, dim: int, progress: bool) -> tuple[VectorIndex, str]:
         try:
-            index = VectorIndex.load(self.snapshot_path, self.settings, self.store.store_uuid(), dim)
+            index = VectorIndex.load(self.snapshot_path, self.settings, self.snapshot_owner(), dim)
             if not self.store.pruned_seq() <= index.seq <= self.store.last_seq():
                 raise SnapshotError(f"snapshot at seq {index.seq} cannot be caught up: the store's change log "
                                     f"holds seq {self.store.pruned_seq()}..{self.store.last_seq()}")
@@ -126,8 +129,10 @@ class Engine(Collection):
         self.store.close()
 
     # ------------------------------------------------------------ writes (writer thread)
-    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError]:
-        """Commit new items (their kept bytes staged first, on the caller's thread); one outcome each."""
+    def add(self, items: list[NewItem], generation: Optional[int] = None) -> list[AddOutcome | ConflictError]:
+        """Commit new items (their kept bytes staged first, on the caller's thread); one outcome each.
+        `generation`: the one whose model embedded them; GenerationChanged (nothing stored) when the store
+        answers from another one by the time the writer commits them."""
         staged = []
         try:
             for item in items:
@@ -137,7 +142,7 @@ class Engine(Collection):
                 if path is not None:
                     path.unlink(missing_ok=True)
             raise
-        return self._write(lambda: self._add(items, staged))
+        return self._write(lambda: self._add(items, staged, generation))
 
     def delete(self, item_id: str) -> Optional[Item]:
         return self._write(lambda: self._delete(item_id))
@@ -168,10 +173,75 @@ class Engine(Collection):
         release = lambda: self._write(self.store.release_blob_deletes)  # noqa: E731 (placing blobs runs there)
         return backup_store(self.store, Path(out), [self.snapshot_path], progress, release=release)
 
+    # ------------------------------------------------------------ model generations (generations.py)
+    def snapshot_owner(self) -> str:
+        """Whose vectors an index snapshot holds: this store's, of its active generation."""
+        gen = generations.active_generation(self.store)
+        return self.store.store_uuid() + (f"/generation-{gen}" if gen else "")
+
+    def generation_records(self) -> dict[str, generations.Generation]:
+        return generations.generations(self.store)
+
+    def begin_generation(self, active: generations.Generation, target: generations.Generation
+                         ) -> generations.Generation:
+        return self._write(lambda: generations.begin(self.store, active, target))
+
+    def generation_lacking(self, gen: int, after_vid: int, limit: int) -> list[Item]:
+        return generations.lacking(self.store, gen, after_vid, limit)
+
+    def generation_embedded(self, gen: int) -> int:
+        return generations.embedded(self.store, gen)
+
+    def put_generation(self, gen: int, vids: list[int], vectors: np.ndarray) -> None:
+        self._write(lambda: generations.put(self.store, gen, vids, vectors))
+
+    def switch_generation(self, gen: int, dim: int) -> Optional[generations.Generation]:
+        """Answer from generation `gen` from now on (its FAISS index built here, off the writer); None while a
+        live item lacks its vector (embed those, then ask again)."""
+        view = generations.GenerationView(self.store, gen)
+        index = VectorIndex(dim, self.settings)
+        index.rebuild(view)
+        return self._write(lambda: self._switch(gen, index, view.missing))
+
+    def _switch(self, gen: int, index: VectorIndex, missing: list[int]) -> Optional[generations.Generation]:
+        if generations.lacking(self.store, gen, 0, 1):
+            return None
+        answering, self.generation = self.generation, None  # searches meanwhile wait (or retry)
+        try:
+            switched = generations.switch(self.store, gen)
+        except BaseException:
+            self.generation = answering
+            raise
+        if switched is None:
+            self.generation = answering
+            return None
+        if self.store.pruned_seq() > index.seq:  # snapshots pruned the log the view's index needs: build anew
+            index.rebuild(self.store)
+        else:
+            index.catch_up(self.store)
+            for vids, vectors in self.store.embeddings(missing):  # lacking when the view was read; deleted: skipped
+                index.add(vids, vectors, 0)
+        self.index, self.generation = index, gen
+        self._snapshot_or_retry_later()
+        return switched
+
+    def drop_old_generation(self) -> Optional[int]:
+        return self._write(lambda: generations.drop_old(self.store))
+
+    def captions_by_old_models(self) -> int:
+        return generations.captions_by_old_models(self.store)
+
     def _write(self, fn: Callable[[], T]) -> T:
         return self._writer.submit(fn).result()
 
-    def _add(self, items: list[NewItem], staged: list) -> list[AddOutcome | ConflictError]:
+    def _add(self, items: list[NewItem], staged: list, generation: Optional[int] = None
+             ) -> list[AddOutcome | ConflictError]:
+        if generation is not None and generation != self.generation:
+            for path in staged:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            raise generations.GenerationChanged(f"embedded by generation {generation}, the store answers from "
+                                                f"generation {self.generation} now")
         outcomes = self.store.add(items, staged)
         new = [(o, item) for o, item in zip(outcomes, items) if isinstance(o, AddOutcome) and o.added]
         vids = np.array([o.vid for o, _ in new], np.int64)
@@ -251,7 +321,7 @@ class Engine(Collection):
 
     def _snapshot(self) -> None:
         started = time.perf_counter()
-        seq = self.index.save(self.snapshot_path, self.store.store_uuid())
+        seq = self.index.save(self.snapshot_path, self.snapshot_owner())
         self.store.prune_changes(seq)
         self.snapshot_seq = seq
         self.snapshot_failures, self._retry_at = 0, 0.0

@@ -112,6 +112,16 @@ class Models:
         self.logit_scale = logit_scale  # Classify's softmax scale (CoCa's learned one is not served)
         self._verified: Optional[tuple[ModelIdentity, float]] = None  # the last answer, and when it came
         self.text_cache = TextEmbeddingCache(text_cache_size)
+        self.observe = observe
+
+    def like(self, urls: str) -> "Models":
+        """Models of other endpoints (another model's: a reindex), set up as this one."""
+        return Models(urls, self.logit_scale, self.text_cache.capacity, observe=self.observe)
+
+    @property
+    def endpoints_spec(self) -> str:
+        """The endpoints as --triton takes them."""
+        return ",".join(self.pool.urls)
 
     def _unavailable(self, exc: BaseException) -> ModelsUnavailable:
         if len(self.pool.endpoints) > 1:

@@ -125,6 +125,7 @@ class RunningServer:
         self._retry.cancel()
         self.health.servicer.duplicate_scans.close()
         self.health.servicer.backups.close()
+        await self.health.servicer.reindexing.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._retry
         await self.health.enter_graceful_shutdown()
@@ -132,6 +133,8 @@ class RunningServer:
         if self.metrics is not None:  # before the store closes: a scrape reads it
             await asyncio.to_thread(self.metrics.stop)
         await self.models.close()
+        if self.health.servicer.models is not self.models:  # a reindex switched to another model's Triton
+            await self.health.servicer.models.close()
         await asyncio.to_thread(self.engine.close)
 
 

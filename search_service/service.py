@@ -40,12 +40,18 @@ from .duplicates import DuplicateScans, ScanStopped, TooManyItems, check_thresho
 from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
 from .backup import BackupError, BackupRunning, BackupThread, file_sha256
+from .generations import Generation, GenerationChanged
+from .reindex import ReindexFailed, ReindexJob, ReindexRunning, ReindexStatus, fill_and_switch
 from .blobs import BlobError
 from .store import ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreError, StoreSetupError, sha256_hex
 from .query import VIDEO_FIELDS
 from . import video as videos
 
 log = logging.getLogger("search_service")
+# A scene's embedding is the mean of its frames' (search_service/video.py), not its keyframe's: a reindex would
+# have to decode every video again through the new model, which is not built; the two are kept apart.
+VIDEOS_AND_REINDEX = ("a reindex embeds items from their stored image, and a video scene's embedding needs its "
+                      "frames decoded again (not built yet)")
 
 DEFAULT_K = 10
 DEFAULT_PAGE_SIZE = 100
@@ -63,6 +69,8 @@ MAX_FIND_HASHES = 1024  # content hashes in one FindContent
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within this of 1
 BACKUP_PROGRESS_S = 0.5  # how often a Backup stream says how far it got
+SWITCH_WAIT_S = 30.0  # how long a search waits for a generation switch to end (the switch's SQLite commit)
+OLD_MODELS_GRACE_S = 30.0  # the old generation's Triton connections close this long after a switch
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
@@ -99,8 +107,10 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, BackupsOff):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, BackupRunning):
+    if isinstance(exc, (BackupRunning, ReindexRunning)):
         return grpc.StatusCode.ABORTED, str(exc)
+    if isinstance(exc, ReindexFailed):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"reindex: {exc}"
     if isinstance(exc, (InvalidInputError, QueryError, QueryInputError, ItemRejected)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, DecodeError):  # a request (or AddImages item) that does not parse, e.g. a non-UTF-8 string
@@ -287,6 +297,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._opening = asyncio.Lock()
         self.duplicate_scans = DuplicateScans()  # FindDuplicates: its own thread; pages slice one snapshot
         self.backups = BackupThread()  # Backup: its own thread, one at a time
+        self.reindexing = ReindexJob()  # Reindex: one at a time, a task of this loop
+        # the generation self.models embeds for (searches answer only while the engine answers from it too)
+        self._models_generation = getattr(engine, "generation", 0) or 0
         self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
         self.intake = IntakeBudget(config.intake_bytes, config.max_image_bytes + (1 << 20))  # AddImages bytes held at once, all streams
         # ingest captions that failed, tried again in the background (server.py runs caption_retries.run())
@@ -301,16 +314,30 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def ensure_models(self, context=None, fresh: bool = False, timeout: Optional[float] = None) -> None:
         """Triton answers and serves the store's model and weights (asked now when `fresh`); the index is
         open. ModelMismatch when Triton serves other weights than those the store was bound to."""
-        identity = await self.models.identity(timeout or self._timeout(context), fresh=fresh)
+        models = None
+        while models is not self.models:  # a Reindex switched models while the old ones were asked: ask the new
+            models = self.models
+            identity = await models.identity(timeout or self._timeout(context), fresh=fresh)
         async with self._opening:
             if self._bound is None:
+                await self._check_recorded_generation(identity)
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
-            elif identity != self._bound:
+            elif identity != self._bound and models is self.models:  # (else a switch came in between: it stands)
                 raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
+
+    async def _check_recorded_generation(self, identity: ModelIdentity) -> None:
+        """A store that was reindexed records the weights of the generation it answers from: Triton must serve
+        those (the model name alone does not tell two exports apart)."""
+        records = await asyncio.to_thread(getattr(self.engine, "generation_records", dict))
+        active = records.get("active")
+        if active is not None and identity.weights != active.weights:
+            raise ModelMismatch(f"Triton at {self.models.url} serves {identity}, but this store answers from "
+                                f"{active} (served at {active.triton} when it was switched to): start the service "
+                                "with --triton pointing at that export")
 
     async def models_problem(self, timeout: float) -> Optional[str]:
         """Why Triton cannot serve this store now (None when it can), asked of Triton now, within `timeout`.
@@ -414,24 +441,32 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         try:
             prepared = await asyncio.to_thread(self._prepare_all, batch)
             pending = [p for p in prepared if isinstance(p, Prepared) and p.embedding is None]
-            vectors = await self.models.embed_images_each([p.data for p in pending], self._timeout(context))
-            results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
-            if pending:  # the embeddings come from the weights the store holds: asked again, not assumed
-                await self.ensure_models(context=context, fresh=True)
-            ready = [(p, p.embedding) for p in prepared if isinstance(p, Prepared) and p.embedding is not None]
-            for p, vector in zip(pending, vectors):
-                if isinstance(vector, ModelsUnavailable):
-                    raise vector  # Triton is down: fail the stream, nothing below was acknowledged
-                if isinstance(vector, BaseException):
-                    results[p.index] = _failed(p.index, vector, p.sha256)
-                else:
-                    ready.append((p, vector))
-            ready.sort(key=lambda pair: pair[0].index)  # stream order: the first copy of repeated content is ADDED
-            await previous
-            if ready:
-                outcomes = await asyncio.to_thread(self._commit, ready)
-                for (p, _), outcome in zip(ready, outcomes):
-                    results[p.index] = outcome
+            while True:  # again when the store switched model generations while these were embedded
+                models, generation = self.models, self._models_generation
+                vectors = await models.embed_images_each([p.data for p in pending], self._timeout(context))
+                results = {r.index: r for r in prepared if isinstance(r, pb.AddImageResult)}
+                if pending:  # the embeddings come from the weights the store holds: asked again, not assumed
+                    await self.ensure_models(context=context, fresh=True)
+                ready = [(p, p.embedding) for p in prepared if isinstance(p, Prepared) and p.embedding is not None]
+                for p, vector in zip(pending, vectors):
+                    if isinstance(vector, ModelsUnavailable):
+                        raise vector  # Triton is down: fail the stream, nothing below was acknowledged
+                    if isinstance(vector, BaseException):
+                        results[p.index] = _failed(p.index, vector, p.sha256)
+                    else:
+                        ready.append((p, vector))
+                ready.sort(key=lambda pair: pair[0].index)  # stream order: the first copy of repeated content is ADDED
+                await previous
+                try:
+                    if ready:
+                        outcomes = await asyncio.to_thread(self._commit, ready, generation)
+                        for (p, _), outcome in zip(ready, outcomes):
+                            results[p.index] = outcome
+                    break
+                except GenerationChanged:
+                    log.info("AddImages batch embedded by the previous model generation: embedding it again")
+                    prepared = [_stale_embedding(p) if isinstance(p, Prepared) and p.embedding is not None else p
+                                for p in prepared]
             if not turn.done():
                 turn.set_result(None)  # the next batch may commit while these are captioned
             await self._caption_added([(p, results[p.index]) for p, _ in ready if p.caption], context)
@@ -566,16 +601,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise bad(f"uri {uri[:40]!r} holds the control character {unsafe!r}: uris must be printable text")
         return uri
 
-    def _commit(self, ready: list[tuple[Prepared, np.ndarray]]) -> list[pb.AddImageResult]:
+    def _commit(self, ready: list[tuple[Prepared, np.ndarray]], generation: int = 0) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent. With a
-        near-duplicate check, one item at a time (each must see the ones before it)."""
+        near-duplicate check, one item at a time (each must see the ones before it). GenerationChanged when the
+        store no longer answers from `generation`, the one that embedded them."""
         if any(p.near_duplicate is not None for p, _ in ready):
-            return [result for one in ready for result in self._commit_checked(one)]
+            return [result for one in ready for result in self._commit_checked(one, generation)]
         items = [NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata,
                          data=p.data if p.keep_blob else None) for p, vector in ready]
-        return [_added(p, outcome) for (p, _), outcome in zip(ready, self.engine.add(items))]
+        return [_added(p, outcome) for (p, _), outcome in zip(ready, self._add_items(items, generation))]
 
-    def _commit_checked(self, ready: tuple[Prepared, np.ndarray]) -> list[pb.AddImageResult]:
+    def _add_items(self, items: list[NewItem], generation: int) -> list:
+        """engine.add, checked against the generation where the store has generations."""
+        if hasattr(self.engine, "switch_generation"):
+            return self.engine.add(items, generation=generation)
+        return self.engine.add(items)
+
+    def _commit_checked(self, ready: tuple[Prepared, np.ndarray], generation: int = 0) -> list[pb.AddImageResult]:
         p, vector = ready
         near = None if p.near_duplicate is None else nearest_other(self.engine, vector, p.sha256, "Strong")
         if near is not None and near.score < p.near_duplicate:
@@ -583,8 +625,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if near is not None and p.skip_near_duplicate:
             return [pb.AddImageResult(index=p.index, outcome=pb.AddImageResult.NEAR_DUPLICATE, content_sha256=p.sha256,
                                       near_duplicate=pb.NearDuplicate(id=near.item.id, score=near.score))]
-        (outcome,) = self.engine.add([NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id,
-                                              metadata=p.metadata, data=p.data if p.keep_blob else None)])
+        (outcome,) = self._add_items([NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id,
+                                              metadata=p.metadata, data=p.data if p.keep_blob else None)], generation)
         result = _added(p, outcome)
         if near is not None and result.outcome == pb.AddImageResult.ADDED:
             result.outcome = pb.AddImageResult.NEAR_DUPLICATE
@@ -619,9 +661,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         query = self._query(request.options, mode, ["text", text, request.mode, weight] if mode != VECTOR
                             else ["text", text], text=text, keyword_weight=weight)
         await self.ensure_models(context=context)
-        if mode != KEYWORD:  # VECTOR and HYBRID rank by the text's embedding
-            query = dataclasses.replace(query, vector=(await self.models.embed_texts([text], self._timeout(context)))[0])
-        return await self._answer(query, context)
+
+        async def answer(models: Models) -> pb.SearchResponse:
+            if mode == KEYWORD:
+                return await self._answer(query, context)
+            vector = (await models.embed_texts([text], self._timeout(context)))[0]  # VECTOR, HYBRID: by embedding
+            return await self._answer(dataclasses.replace(query, vector=vector), context)
+
+        return await self._in_one_generation(answer)
 
     @rpc
     async def SearchImage(self, request: pb.SearchImageRequest, context) -> pb.SearchResponse:
@@ -629,8 +676,41 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         query = self._query(request.options, VECTOR, ["image", request.image] if by_image else ["id", request.id])
         if by_image or not self.engine.is_open:
             await self.ensure_models(context=context)  # by id, a known store needs no Triton
-        vector = await self._image_vector(request.image if by_image else None, request.id, context)
-        return await self._answer(dataclasses.replace(query, vector=vector), context)
+
+        async def answer(models: Models) -> pb.SearchResponse:
+            vector = await self._image_vector(request.image if by_image else None, request.id, context, models)
+            return await self._answer(dataclasses.replace(query, vector=vector), context)
+
+        return await self._in_one_generation(answer)
+
+    async def _in_one_generation(self, answer) -> pb.SearchResponse:
+        """`answer(models)` with the query embedded by the model of the generation the index answers from; run
+        again when a switch (Reindex) came in between, waited for while it commits (SWITCH_WAIT_S at most)."""
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while True:
+            models, generation = self.models, self._models_generation
+            if getattr(self.engine, "generation", 0) == generation:
+                try:
+                    response = await answer(models)
+                except Exception:
+                    if not self._switched_since(models, generation) or time.monotonic() > deadline:
+                        raise
+                    continue
+                if not self._switched_since(models, generation):
+                    response.answered_by = self._answered_by()
+                    return response
+            if time.monotonic() > deadline:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the store is switching model generations; ask again")
+            await asyncio.sleep(0.01)
+
+    def _switched_since(self, models: Models, generation: int) -> bool:
+        return self.models is not models or getattr(self.engine, "generation", 0) != generation
+
+    def _answered_by(self) -> str:
+        """Which generation and model answer searches now (SearchResponse/StatsResponse.answered_by)."""
+        bound = f": {self._bound}" if self._bound is not None else ""
+        return f"generation {self._models_generation}{bound}"
+
 
     def _query(self, options: pb.SearchOptions, mode: str, names: list, **given) -> SearchQuery:
         """The one query value of a search request (checked: INVALID_ARGUMENT names what was wrong)."""
@@ -649,11 +729,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                  consistency=CONSISTENCY.get(options.consistency),
                                  with_captions=options.with_captions, group_by_video=options.group_by_video, **given)
 
-    async def _image_vector(self, data: Optional[bytes], item_id: str, context) -> np.ndarray:
+    async def _image_vector(self, data: Optional[bytes], item_id: str, context,
+                            models: Optional[Models] = None) -> np.ndarray:
         """The embedding of image bytes (through Triton) or of an indexed item (stored)."""
         if data is not None:
             self.check_image(data)
-            vector = (await self.models.embed_images_each([data], self._timeout(context)))[0]
+            vector = (await (models or self.models).embed_images_each([data], self._timeout(context)))[0]
             if isinstance(vector, BaseException):
                 raise vector
             return vector
@@ -898,7 +979,17 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
                               last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
             repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings,
-            schema=schema)
+            schema=schema, **await self._generation_stats())
+
+    async def _generation_stats(self) -> dict:
+        """StatsResponse's model generation fields."""
+        records = await asyncio.to_thread(getattr(self.engine, "generation_records", dict))
+        old = records.get("old")
+        captions = await asyncio.to_thread(getattr(self.engine, "captions_by_old_models", lambda: 0))
+        return dict(generation=self._models_generation, answered_by=self._answered_by(),
+                    reindex=self.reindexing.describe() or (f"{records['building']} (stopped: RESUME goes on)"
+                                                           if "building" in records else ""),
+                    old_generation=str(old) if old is not None else "", captions_by_old_models=captions)
 
     # ------------------------------------------------------------ videos (search_service/video.py)
     @rpc_stream
@@ -907,6 +998,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         await self.ensure_models(context=context)
         if not self.engine.keeps_videos:
             raise Unsupported(self.engine.VIDEOS_MISSING)
+        if self.reindexing.running or "building" in await asyncio.to_thread(self.engine.generation_records):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"videos while a reindex is under way: "
+                               f"{VIDEOS_AND_REINDEX}; add them once it has switched or been rolled back")
         index = 0
         async for request in request_iterator:
             try:
@@ -1027,6 +1121,131 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                     sequence=summary.sequence, seconds=summary.seconds))
 
 
+    @rpc_stream
+    async def Reindex(self, request: pb.ReindexRequest, context) -> AsyncIterator[pb.ReindexProgress]:
+        """Build another model generation while serving and switch to it; or roll back, or drop the old one
+        (search_service/reindex.py, generations.py). Its progress every BACKUP_PROGRESS_S, then "done". A
+        client that goes away does not stop it; RESUME while it runs listens again."""
+        if not hasattr(self.engine, "switch_generation"):
+            raise Unsupported("reindexing a Milvus collection (a new collection switched to with alter_alias) is "
+                              "not built yet: load the items into a new collection served with the new model")
+        action = request.action
+        if action in (pb.ReindexRequest.START, pb.ReindexRequest.RESUME):
+            videos = await asyncio.to_thread(self.engine.store.video_count)
+            if videos:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"the store holds {videos} videos: {VIDEOS_AND_REINDEX}")
+        if action == pb.ReindexRequest.DROP_OLD:
+            dropped = await asyncio.to_thread(self.engine.drop_old_generation)
+            if dropped is None:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no old generation is kept (dropped already, "
+                                   "or the store was never reindexed)")
+            yield pb.ReindexProgress(phase="done", generation=self._models_generation, answered_by=self._answered_by())
+            return
+        if self.reindexing.running and action == pb.ReindexRequest.RESUME:
+            task = self.reindexing.task  # listen to the one running
+        else:
+            target, models, identity = await self._reindex_target(request, context)
+            what = (f"rolling back to {target}" if action == pb.ReindexRequest.ROLLBACK else f"building {target}")
+
+            def switched(active: Generation) -> None:  # on this loop, right after the store switched
+                self._use_models(models, identity, active.gen)
+
+            task = self.reindexing.start(what, lambda report: fill_and_switch(
+                self.engine, target, models, self.config.triton_timeout_s, report, switched))
+        async for progress in self._reindex_progress(task):
+            yield progress
+
+    async def _reindex_progress(self, task: asyncio.Task) -> AsyncIterator[pb.ReindexProgress]:
+        sent, wait = None, 0.05  # the first message soon (a small store's reindex may take less than a tick)
+        while True:
+            finished, _ = await asyncio.wait({task}, timeout=wait)
+            wait = BACKUP_PROGRESS_S
+            if finished:
+                break
+            now = self.reindexing.latest
+            if now is not None and now != sent:
+                sent = now
+                yield _reindex_pb(now)
+        try:
+            active = task.result()
+        except asyncio.CancelledError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the reindex stopped with the service; RESUME goes on")
+        yield _reindex_pb(self.reindexing.finished(active, self._answered_by()))
+
+    async def _reindex_target(self, request: pb.ReindexRequest, context) -> tuple[Generation, Models, ModelIdentity]:
+        """The generation a START, RESUME or ROLLBACK switches to, and the models of its Triton (checked: it
+        serves that generation's weights); recorded as being built (START, RESUME)."""
+        await self.ensure_models(context=context)  # the store answers now: its own model is known and served
+        records = await asyncio.to_thread(self.engine.generation_records)
+        action = request.action
+        if action == pb.ReindexRequest.START:
+            for name, value in (("to_model", request.to_model), ("to_pretrained", request.to_pretrained),
+                                ("triton", request.triton)):
+                if not value.strip():
+                    raise bad(f"give {name}: START names the new model and the Triton endpoints that serve it")
+            recorded, triton = None, request.triton
+        else:
+            state = "building" if action == pb.ReindexRequest.RESUME else "old"
+            recorded = records.get(state)
+            if recorded is None:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no reindex to resume" if state == "building"
+                                   else "no old generation is kept to roll back to (dropped, or never reindexed)")
+            triton = request.triton or recorded.triton
+        try:
+            models = self.models.like(triton)
+        except ValueError as exc:
+            raise bad(f"triton: {exc}") from None
+        try:
+            identity = await self._new_identity(models, context)
+            target = self._check_target(request, recorded, identity, models)
+        except BaseException:
+            await models.close()
+            raise
+        if action == pb.ReindexRequest.ROLLBACK:
+            return target, models, identity
+        active = Generation(self._models_generation, self._bound.model, self._bound.pretrained, self._bound.embed_dim,
+                            self._bound.weights, self.models.endpoints_spec, "active")
+        return await asyncio.to_thread(self.engine.begin_generation, active, target), models, identity
+
+    async def _new_identity(self, models: Models, context) -> ModelIdentity:
+        try:
+            return await models.identity(self._timeout(context), fresh=True)
+        except ModelsUnavailable as exc:
+            raise ModelsUnavailable(f"the reindex's Triton: {exc}") from None
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the reindex's Triton at {models.url} did not say in "
+                               "time what it serves") from None
+
+    def _check_target(self, request: pb.ReindexRequest, recorded: Optional[Generation], identity: ModelIdentity,
+                      models: Models) -> Generation:
+        if recorded is None:  # START: Triton serves what was named, and not what the store answers from
+            if (identity.model, identity.pretrained) != (request.to_model, request.to_pretrained):
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"Triton at {models.url} serves {identity}, "
+                                   f"not {request.to_model} ({request.to_pretrained})")
+            if identity.weights == self._bound.weights:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"the store answers from {identity} already")
+            return Generation(0, identity.model, identity.pretrained, identity.embed_dim, identity.weights,
+                              models.endpoints_spec, "building")
+        if identity.weights != recorded.weights:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"Triton at {models.url} serves {identity}, but "
+                               f"{recorded} is of other weights: give --triton endpoints serving them")
+        return dataclasses.replace(recorded, triton=models.endpoints_spec)
+
+    def _use_models(self, models: Models, identity: ModelIdentity, generation: int) -> None:
+        """Answer with `models` from now on (the store switched to their generation); the previous ones are
+        closed once the calls still on them are done."""
+        previous = self.models
+        self.models, self._bound, self._models_generation = models, identity, generation
+        log.info("model generation %d answers now: %s (Triton %s)", generation, identity, models.url)
+
+        async def close_later():
+            await asyncio.sleep(OLD_MODELS_GRACE_S)
+            await previous.close()
+
+        self._closing_models = asyncio.ensure_future(close_later())
+
+
 # ---------------------------------------------------------------- module helpers
 async def _read_stream(request_iterator, queue: asyncio.Queue, hold: "StreamHold", size_of) -> None:
     """Feed (index, request) pairs into `queue`, then None; a broken stream ends it with the exception.
@@ -1066,6 +1285,18 @@ async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool | Exc
         if len(batch) >= size or queue.empty():
             return batch, False
         entry = queue.get_nowait()
+
+
+def _stale_embedding(p: Prepared) -> pb.AddImageResult:
+    """A caller's embedding of the export the store answered from before a switch that came while it was added."""
+    return _failed(p.index, ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "the store switched to another model "
+                                         "(Reindex) while this item was added: embed it with the new export"), p.sha256)
+
+
+def _reindex_pb(status: ReindexStatus) -> pb.ReindexProgress:
+    return pb.ReindexProgress(phase=status.phase, done=status.done, total=status.total, rate=status.rate,
+                              eta_seconds=status.eta_seconds, generation=status.generation,
+                              answered_by=status.answered_by)
 
 
 def _added(p: Prepared, outcome) -> pb.AddImageResult:

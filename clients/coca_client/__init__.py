@@ -22,13 +22,13 @@ from .aio import AsyncClient
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                      NotFound, PermissionDenied, ResourceExhausted, SearchError, Unauthenticated, Unavailable)
-from .types import (AddItem, AddResult, BackupProgress, BackupSummary, Caption, CaptionChunk, Condition,
+from .types import (AddItem, AddResult, BackupProgress, BackupSummary, ReindexProgress, Caption, CaptionChunk, Condition,
                     DuplicateGroup, DuplicatePage, Hit, Item, ItemError, LabelScore, ListPage, Outcome, Sampling,
                     Scene, SearchResult, Stats, TextScore, TritonEndpoint, Video, VideoResult, video_options)
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "DEFAULT_TIMEOUT",
-    "AddItem", "AddResult", "BackupProgress", "BackupSummary", "Caption", "CaptionChunk", "Condition",
+    "AddItem", "AddResult", "BackupProgress", "BackupSummary", "ReindexProgress", "Caption", "CaptionChunk", "Condition",
     "DuplicateGroup", "DuplicatePage", "Hit", "Item",
     "ItemError", "LabelScore", "ListPage", "Outcome", "Sampling", "Scene", "SearchResult", "Stats", "TextScore",
     "TritonEndpoint", "Video", "VideoResult", "video_options",

@@ -257,6 +257,19 @@ class Client(ClientBase):
         call = self._stub.Backup(pb.BackupRequest(out=str(out)), timeout=timeout, metadata=self._metadata)
         yield from self._results(call, "Backup", t.BackupProgress.from_pb)
 
+    def reindex(self, action: str = "start", *, to_model: str = "", to_pretrained: str = "", triton: str = "",
+                timeout: Optional[float] = None) -> Iterator[t.ReindexProgress]:
+        """Move the service's store to another model while it serves (README "Reindex to new weights"): action
+        "start" (to_model, to_pretrained, triton: the endpoints serving it), "resume", "rollback" (triton:
+        overrides the recorded endpoints) or "drop_old". Yields progress; the last one has phase "done". No
+        deadline unless given; not retried; stopping early does not stop the reindex (resume listens again)."""
+        actions = {"start": pb.ReindexRequest.START, "resume": pb.ReindexRequest.RESUME,
+                   "rollback": pb.ReindexRequest.ROLLBACK, "drop_old": pb.ReindexRequest.DROP_OLD}
+        request = pb.ReindexRequest(action=actions[action], to_model=to_model, to_pretrained=to_pretrained,
+                                    triton=triton)
+        call = self._stub.Reindex(request, timeout=timeout, metadata=self._metadata)
+        yield from self._results(call, "Reindex", t.ReindexProgress.from_pb)
+
     def _results(self, call, method: str, convert) -> Iterator:
         """A response stream's messages converted; its RpcError as this client's error; cancelled when left."""
         try:

@@ -46,10 +46,12 @@ class SearchResult:
     hits: list[Hit]
     searched: int  # items in the index
     next_page_token: str = ""  # pass as page_token (same query otherwise) for the next page; "" when none
+    answered_by: str = ""  # the model generation that ranked it (README "Reindex to new weights")
 
     @classmethod
     def from_pb(cls, response: pb.SearchResponse) -> "SearchResult":
-        return cls([Hit.from_pb(h) for h in response.hits], int(response.searched), response.next_page_token)
+        return cls([Hit.from_pb(h) for h in response.hits], int(response.searched), response.next_page_token,
+                   response.answered_by)
 
     def __iter__(self):
         return iter(self.hits)
@@ -290,6 +292,11 @@ class Stats:
     captions_pending_retry: int = 0  # AddItem(caption=True) captions that failed, waiting for the retry job
     captions_retried_ok: int = 0  # made by the retry job since the service started
     captions_given_up: int = 0  # items whose retries ran out
+    generation: int = 0  # the model generation searches answer from (README "Reindex to new weights")
+    answered_by: str = ""  # that generation and its model
+    reindex: str = ""  # a generation being built, and how far ("" when none)
+    old_generation: str = ""  # the one kept for rollback ("" when none)
+    captions_by_old_models: int = 0  # captions an earlier generation's decoder made (kept)
 
     @classmethod
     def from_pb(cls, s: pb.StatsResponse) -> "Stats":
@@ -324,6 +331,21 @@ class BackupProgress:
     def from_pb(cls, p: pb.BackupProgress) -> "BackupProgress":
         summary = BackupSummary.from_pb(p.summary) if p.HasField("summary") else None
         return cls(p.phase, p.done, p.total, summary)
+
+
+@dataclass(frozen=True)
+class ReindexProgress:
+    phase: str  # "embedding", "switching", then "done"
+    done: int  # items of the new generation embedded so far
+    total: int  # live items
+    rate: float  # items per second in this run
+    eta_seconds: float
+    generation: int  # the generation being built (switched to, when "done")
+    answered_by: str = ""  # when "done": the generation searches answer from now
+
+    @classmethod
+    def from_pb(cls, p: pb.ReindexProgress) -> "ReindexProgress":
+        return cls(**{f.name: getattr(p, f.name) for f in fields(cls)})
 
 
 # ---------------------------------------------------------------- inputs

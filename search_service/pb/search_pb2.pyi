@@ -261,14 +261,16 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., uri: _Optional[str] = ..., caption: _Optional[str] = ..., caption_error: _Optional[str] = ..., added_at: _Optional[float] = ..., vector_rank: _Optional[int] = ..., keyword_rank: _Optional[int] = ..., keyword_score: _Optional[float] = ..., video_id: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "searched", "next_page_token")
+    __slots__ = ("hits", "searched", "next_page_token", "answered_by")
     HITS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     searched: int
     next_page_token: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., searched: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    answered_by: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., searched: _Optional[int] = ..., next_page_token: _Optional[str] = ..., answered_by: _Optional[str] = ...) -> None: ...
 
 class SamplingSettings(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "num_beams", "num_beam_groups", "repetition_penalty", "min_tokens", "max_tokens", "seed")
@@ -527,7 +529,7 @@ class FieldSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "repository_id", "accepts_embeddings", "schema", "captions_pending_retry", "captions_retried_ok", "captions_given_up")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "repository_id", "accepts_embeddings", "schema", "captions_pending_retry", "captions_retried_ok", "captions_given_up", "generation", "answered_by", "reindex", "old_generation", "captions_by_old_models")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -548,6 +550,11 @@ class StatsResponse(_message.Message):
     CAPTIONS_PENDING_RETRY_FIELD_NUMBER: _ClassVar[int]
     CAPTIONS_RETRIED_OK_FIELD_NUMBER: _ClassVar[int]
     CAPTIONS_GIVEN_UP_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_FIELD_NUMBER: _ClassVar[int]
+    OLD_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONS_BY_OLD_MODELS_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
     index_type: str
@@ -568,7 +575,12 @@ class StatsResponse(_message.Message):
     captions_pending_retry: int
     captions_retried_ok: int
     captions_given_up: int
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., captions_pending_retry: _Optional[int] = ..., captions_retried_ok: _Optional[int] = ..., captions_given_up: _Optional[int] = ...) -> None: ...
+    generation: int
+    answered_by: str
+    reindex: str
+    old_generation: str
+    captions_by_old_models: int
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., captions_pending_retry: _Optional[int] = ..., captions_retried_ok: _Optional[int] = ..., captions_given_up: _Optional[int] = ..., generation: _Optional[int] = ..., answered_by: _Optional[str] = ..., reindex: _Optional[str] = ..., old_generation: _Optional[str] = ..., captions_by_old_models: _Optional[int] = ...) -> None: ...
 
 class TritonEndpoint(_message.Message):
     __slots__ = ("address", "healthy", "in_flight", "calls", "outages", "last_error", "down_seconds")
@@ -706,3 +718,43 @@ class AddVideoResult(_message.Message):
     video: VideoInfo
     caption_error: str
     def __init__(self, index: _Optional[int] = ..., outcome: _Optional[_Union[AddImageResult.Outcome, str]] = ..., id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., caption_error: _Optional[str] = ...) -> None: ...
+
+class ReindexRequest(_message.Message):
+    __slots__ = ("action", "to_model", "to_pretrained", "triton")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        START: _ClassVar[ReindexRequest.Action]
+        RESUME: _ClassVar[ReindexRequest.Action]
+        ROLLBACK: _ClassVar[ReindexRequest.Action]
+        DROP_OLD: _ClassVar[ReindexRequest.Action]
+    START: ReindexRequest.Action
+    RESUME: ReindexRequest.Action
+    ROLLBACK: ReindexRequest.Action
+    DROP_OLD: ReindexRequest.Action
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TO_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TO_PRETRAINED_FIELD_NUMBER: _ClassVar[int]
+    TRITON_FIELD_NUMBER: _ClassVar[int]
+    action: ReindexRequest.Action
+    to_model: str
+    to_pretrained: str
+    triton: str
+    def __init__(self, action: _Optional[_Union[ReindexRequest.Action, str]] = ..., to_model: _Optional[str] = ..., to_pretrained: _Optional[str] = ..., triton: _Optional[str] = ...) -> None: ...
+
+class ReindexProgress(_message.Message):
+    __slots__ = ("phase", "done", "total", "rate", "eta_seconds", "generation", "answered_by")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    done: int
+    total: int
+    rate: float
+    eta_seconds: float
+    generation: int
+    answered_by: str
+    def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., generation: _Optional[int] = ..., answered_by: _Optional[str] = ...) -> None: ...

@@ -110,6 +110,11 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoResult.FromString,
                 _registered_method=True)
+        self.Reindex = channel.unary_stream(
+                '/coca.search.v1.SearchService/Reindex',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexProgress.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -219,6 +224,18 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reindex(self, request, context):
+        """Move the embedded store to another model while it serves (README "Reindex to new weights"): START (or
+        RESUME after a restart) re-embeds every item from its stored bytes through the new model's Triton into a
+        new generation, then switches to it atomically; ROLLBACK switches back to the kept old generation,
+        DROP_OLD forgets it. Progress messages, then a last one with phase "done". Milvus: FAILED_PRECONDITION;
+        another reindex running: ABORTED; the new Triton unreachable: UNAVAILABLE; serving another model than
+        named, or nothing to switch to: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +313,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.AddVideos,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.AddVideoResult.SerializeToString,
+            ),
+            'Reindex': grpc.unary_stream_rpc_method_handler(
+                    servicer.Reindex,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -703,6 +725,33 @@ class SearchService:
             '/coca.search.v1.SearchService/AddVideos',
             coca_dot_search_dot_v1_dot_search__pb2.AddVideoRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.AddVideoResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reindex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/coca.search.v1.SearchService/Reindex',
+            coca_dot_search_dot_v1_dot_search__pb2.ReindexRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.ReindexProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,321 @@
+"""Reindex of a live embedded store into another model (search_service/reindex.py, generations.py), against real
+parts: the service in its own process, two real tritonservers (coca-tiny exported with random weights of seed 0
+and of seed 1), real gRPC, SQLite and FAISS.
+
+The oracles: coca's in-process models of the same weights (every live item's stored embedding after a switch
+equals the new model's embedding of its bytes), what the clients were told (the live item set), exact search
+over the stored embeddings (search answers, before and after a rollback), and that no search failed."""
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from search_service.pb import search_pb2 as pb
+from search_service.testing import ServiceProcess, WireClient, wait_for
+from serving.testing import triton_unavailable_reason
+from tests.test_backup import noise_jpegs
+
+MODEL, PRETRAINED = "coca-tiny", "random"
+QUERY = "a photo of noise"
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+@pytest.fixture(scope="module")
+def tritons(tiny_repository, tmp_path_factory):
+    """(seed-0 server, seed-1 server): the store's model and the one it is reindexed into."""
+    if triton_unavailable_reason():
+        pytest.skip(triton_unavailable_reason())
+    from serving.repository import ensure_repository
+    from serving.testing import restartable_triton
+
+    seed1 = ensure_repository(tmp_path_factory.mktemp("reindex-seed1") / "repo", MODEL, PRETRAINED, 1)
+    with restartable_triton(tiny_repository[0]) as old, restartable_triton(seed1[0]) as new:
+        yield old, new
+
+
+@pytest.fixture(scope="module")
+def seed1_coca():
+    import coca
+
+    return coca.load(MODEL, pretrained=PRETRAINED, seed=1)
+
+
+def service_on(data, triton_url: str) -> ServiceProcess:
+    return ServiceProcess(data, triton_url)
+
+
+def add(client: WireClient, images: list[bytes]) -> list[str]:
+    results = list(client.add_images(pb.AddImageRequest(image=image) for image in images))
+    assert all(r.outcome == pb.AddImageResult.ADDED for r in results), [r.error.message for r in results]
+    return [r.id for r in results]
+
+
+def reindex(client: WireClient, action=pb.ReindexRequest.START, triton: str = "", model: str = MODEL,
+            pretrained: str = PRETRAINED) -> list[pb.ReindexProgress]:
+    request = pb.ReindexRequest(action=action, to_model=model if action == pb.ReindexRequest.START else "",
+                                to_pretrained=pretrained if action == pb.ReindexRequest.START else "", triton=triton)
+    return list(client.stub.Reindex(request, timeout=120))
+
+
+def stored(client: WireClient) -> dict[str, np.ndarray]:
+    """Every live item's stored embedding, by id."""
+    out, token = {}, ""
+    while True:
+        page = client.stub.List(pb.ListRequest(page_size=500, page_token=token, include_embeddings=True), timeout=60)
+        out.update({item.id: np.asarray(item.embedding, np.float32) for item in page.items})
+        if not page.next_page_token:
+            return out
+        token = page.next_page_token
+
+
+def assert_embedded_by(model, client: WireClient, images_by_id: dict[str, bytes], live: set[str]) -> None:
+    """The live set is the oracle's, and each stored embedding is `model`'s embedding of the item's bytes."""
+    vectors = stored(client)
+    assert set(vectors) == live
+    ids = sorted(live)
+    expected = embeddings_of(model, [images_by_id[i] for i in ids])
+    np.testing.assert_allclose(np.stack([vectors[i] for i in ids]), expected, atol=1e-5)
+
+
+_EMBEDDINGS: dict[tuple[int, bytes], np.ndarray] = {}
+
+
+def embeddings_of(model, images: list[bytes]) -> np.ndarray:
+    """`model`'s embeddings of `images`, each computed once (the checks repeat over the same items)."""
+    missing = list(dict.fromkeys(image for image in images if (id(model), image) not in _EMBEDDINGS))
+    if missing:
+        _EMBEDDINGS.update({(id(model), image): vector for image, vector in zip(missing, model.embed_images(missing))})
+    return np.stack([_EMBEDDINGS[id(model), image] for image in images])
+
+
+def assert_search_is_exact(model, client: WireClient, k: int = 8) -> pb.SearchResponse:
+    """SearchText's hits are the exact top k over the stored embeddings, by `model`'s query embedding."""
+    vectors = stored(client)
+    ids = sorted(vectors)
+    scores = np.stack([vectors[i] for i in ids]) @ model.embed_texts([QUERY])[0]
+    order = np.argsort(-scores, kind="stable")[:k]
+    response = client.search_text(QUERY, k=k)
+    assert [h.id for h in response.hits] == [ids[i] for i in order]
+    np.testing.assert_allclose([h.score for h in response.hits], scores[order], atol=1e-5)
+    return response
+
+
+class Traffic:
+    """Clients adding, deleting and searching while a reindex runs; what they were told is the oracle."""
+
+    def __init__(self, address: str, live: set[str], images_by_id: dict[str, bytes], new_images: list[bytes],
+                 keep: set[str]):
+        self.address, self.live, self.images_by_id = address, live, images_by_id
+        self.new_images, self.deletable = list(new_images), sorted(live - keep)
+        self.acknowledged: list[float] = []  # when each add and delete was acknowledged
+        self.stop = threading.Event()
+        self.search_errors: list[str] = []
+        self.answered_by: set[str] = set()
+        self.searches = 0
+        self.threads = [threading.Thread(target=self._writer), threading.Thread(target=self._searcher),
+                        threading.Thread(target=self._searcher)]
+
+    def __enter__(self) -> "Traffic":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+    def _writer(self) -> None:
+        with WireClient(self.address, timeout=60) as client:
+            while not self.stop.is_set() and (self.new_images or self.deletable):
+                if self.new_images:
+                    image = self.new_images.pop()
+                    (item_id,) = add(client, [image])
+                    self.images_by_id[item_id] = image
+                    self.live.add(item_id)
+                    self.acknowledged.append(time.monotonic())
+                if self.deletable and len(self.new_images) % 2 == 0:
+                    victim = self.deletable.pop()
+                    client.delete(victim)
+                    self.live.discard(victim)
+                    self.acknowledged.append(time.monotonic())
+                time.sleep(0.02)
+
+    def _searcher(self) -> None:
+        with WireClient(self.address, timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.search_text(QUERY, k=5)
+                    self.answered_by.add(response.answered_by)
+                    self.searches += 1
+                except grpc.RpcError as exc:
+                    self.search_errors.append(f"{exc.code()}: {exc.details()}")
+
+
+def drain(stream) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        list(stream)
+
+
+def embedded_so_far(client: WireClient, at_least: int = 32):
+    """(done, total) of the running reindex once it has embedded `at_least` items (Stats.reindex), else None."""
+    found = re.search(r"(\d+)/(\d+) items", client.stats().reindex)
+    return (int(found[1]), int(found[2])) if found and int(found[1]) >= at_least else None
+
+
+# ---------------------------------------------------------------- tests
+def test_reindex_while_clients_write_and_search_then_rollback(tritons, tiny_coca, seed1_coca, tmp_path):
+    old, new = tritons
+    images = noise_jpegs(130, seed=22)
+    with service_on(tmp_path / "data", old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+        first = add(client, images[:100])
+        images_by_id, live = dict(zip(first, images[:100])), set(first)
+        before = assert_search_is_exact(tiny_coca, client)
+        assert before.answered_by.startswith("generation 0: coca-tiny")
+        captioned = client.search_text(QUERY, k=1, with_captions=True).hits[0]  # by the old decoder, kept
+        assert captioned.caption
+
+        with Traffic(service.address, live, images_by_id, images[100:], keep={captioned.id}) as traffic:
+            started = time.monotonic()
+            steps = reindex(client, triton=new.grpc_url)
+            ended = time.monotonic()
+            wait_for(lambda: not traffic.new_images, 60, "the clients' writes")
+        assert steps[-1].phase == "done" and steps[-1].generation == 1
+        assert any(s.phase == "embedding" and s.done < s.total for s in steps)
+        assert sum(started < t < ended for t in traffic.acknowledged) >= 3  # writes did land during the reindex
+        assert not traffic.search_errors, traffic.search_errors[:3]
+        assert traffic.searches > 0
+        assert all(a.startswith(("generation 0:", "generation 1:")) for a in traffic.answered_by)
+
+        assert_embedded_by(seed1_coca, client, images_by_id, live)
+        after = assert_search_is_exact(seed1_coca, client)
+        stats = client.stats()
+        assert stats.generation == 1 and after.answered_by == stats.answered_by == steps[-1].answered_by
+        assert stats.answered_by.startswith("generation 1: coca-tiny") and stats.old_generation.startswith("generation 0")
+        assert stats.count == stats.indexed == len(live)
+        assert [s.address for s in stats.triton_endpoints] == [new.grpc_url]
+        assert stats.captions_by_old_models == 1 and client.get(captioned.id).caption == captioned.caption
+
+        # items added after the switch are embedded by the new model, and by the old one on rollback
+        extra = noise_jpegs(3, seed=23)
+        for item_id, image in zip(add(client, extra), extra):
+            images_by_id[item_id] = image
+            live.add(item_id)
+        assert_embedded_by(seed1_coca, client, images_by_id, live)
+
+        rollback = subprocess.run([sys.executable, "-m", "clients.cli", "reindex", "--server", service.address,
+                                   "--rollback"], capture_output=True, text=True, timeout=120)
+        assert rollback.returncode == 0, rollback.stderr
+        assert "generation 0" in rollback.stdout
+        assert_embedded_by(tiny_coca, client, images_by_id, live)
+        assert assert_search_is_exact(tiny_coca, client).answered_by.startswith("generation 0: coca-tiny")
+        assert client.stats().old_generation.startswith("generation 1")
+        assert client.stats().captions_by_old_models == 0  # generation 0 answers again: its decoder made it
+
+        reindex(client, pb.ReindexRequest.DROP_OLD)
+        assert client.stats().old_generation == ""
+        with pytest.raises(grpc.RpcError) as refused:
+            reindex(client, pb.ReindexRequest.ROLLBACK)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no old generation" in refused.value.details()
+
+
+def test_reindex_refuses_what_it_cannot_switch_to(tritons, tmp_path):
+    old, new = tritons
+    with service_on(tmp_path / "data", old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+        add(client, noise_jpegs(3, seed=24))
+        cases = [
+            (dict(triton=new.grpc_url, model="coca-huge"), grpc.StatusCode.FAILED_PRECONDITION, "not coca-huge (random)"),
+            (dict(triton=old.grpc_url), grpc.StatusCode.FAILED_PRECONDITION, "answers from"),
+            (dict(triton="127.0.0.1:1"), grpc.StatusCode.UNAVAILABLE, "127.0.0.1:1"),
+            (dict(triton="not an address"), grpc.StatusCode.INVALID_ARGUMENT, "HOST:PORT"),
+            (dict(triton=""), grpc.StatusCode.INVALID_ARGUMENT, "give triton"),
+        ]
+        for arguments, code, words in cases:
+            with pytest.raises(grpc.RpcError) as refused:
+                reindex(client, **arguments)
+            assert refused.value.code() == code and words in refused.value.details(), (arguments, refused.value)
+        with pytest.raises(grpc.RpcError) as refused:
+            reindex(client, pb.ReindexRequest.RESUME)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        cli = subprocess.run([sys.executable, "-m", "clients.cli", "reindex", "--server", service.address, "--to-model",
+                              "coca-huge", "--to-pretrained", PRETRAINED, "--triton", new.grpc_url],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "coca-huge" in cli.stderr, cli.stderr
+        assert client.stats().generation == 0 and len(client.search_text(QUERY, k=3).hits) == 3  # still serving
+
+
+@pytest.mark.long  # ~30 s under load (three service starts): make test-reliability
+def test_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, seed1_coca, tmp_path):
+    from serving.testing import TcpRelay
+
+    old, new = tritons
+    images = noise_jpegs(210, seed=25)
+    data = tmp_path / "data"
+    with TcpRelay(new.grpc_url) as relay:
+        with service_on(data, old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            ids = add(client, images[:200])
+            images_by_id, live = dict(zip(ids, images[:200])), set(ids)
+            request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model=MODEL, to_pretrained=PRETRAINED,
+                                        triton=relay.url)
+            stream = client.stub.Reindex(request, timeout=120)
+            listener = threading.Thread(target=drain, args=(stream,), daemon=True)  # cancelled below
+            listener.start()
+            progress = wait_for(lambda: embedded_so_far(client), 60, "the reindex to commit some batches",
+                                interval=0.01)
+            relay.stall()  # the new model's Triton stops answering mid-way; then kill -9
+            done_before_kill, total = progress
+            assert 0 < done_before_kill < total
+            for item_id, image in zip(add(client, images[200:]), images[200:]):  # the old model still serves
+                images_by_id[item_id] = image
+                live.add(item_id)
+            for victim in sorted(ids)[:5]:
+                client.delete(victim)
+                live.discard(victim)
+            service.kill()
+            stream.cancel()
+            listener.join(30)
+        relay.resume()
+        with service_on(data, old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            assert client.stats().reindex.startswith("generation 1")  # recorded, stopped
+            steps = reindex(client, pb.ReindexRequest.RESUME)
+            # what was committed before the kill is not embedded again (less the 5 deleted since, at most)
+            assert steps[0].done >= done_before_kill - 5
+            assert steps[-1].phase == "done" and client.stats().generation == 1
+            assert_embedded_by(seed1_coca, client, images_by_id, live)
+            assert_search_is_exact(seed1_coca, client)
+        # a restart after the switch answers from the new generation, and refuses a Triton of the old weights
+        with service_on(data, relay.url) as service, WireClient(service.address, timeout=60) as client:
+            assert_embedded_by(seed1_coca, client, images_by_id, live)
+            assert client.search_text(QUERY, k=3).answered_by.startswith("generation 1")
+        with service_on(data, old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.search_text(QUERY, k=3)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "generation 1" in refused.value.details()
+
+
+def test_milvus_collections_answer_failed_precondition():
+    import asyncio
+    from types import SimpleNamespace
+
+    from search_service.service import SearchServicer
+
+    class Context:
+        async def abort(self, code, message, trailing_metadata=()):
+            raise grpc.aio.AbortError(f"{code.name}: {message}")
+
+    async def call():
+        servicer = SimpleNamespace(engine=object(), config=None)  # a collection without model generations
+        request = pb.ReindexRequest(to_model=MODEL, to_pretrained=PRETRAINED, triton="127.0.0.1:8001")
+        return [m async for m in SearchServicer.Reindex(servicer, request, Context())]
+
+    with pytest.raises(grpc.aio.AbortError, match="FAILED_PRECONDITION: not offered by this store: .*Milvus.*alter_alias"):
+        asyncio.run(call())
