@@ -130,6 +130,40 @@ class Generation:
     done: bool = False  # the caption is finished (generate_steps' last Generation)
 
 
+def reproducible(params: SamplingParams) -> bool:
+    """Whether a caption with `params` gives the same tokens each time it is made (greedy, or seeded)."""
+    return params.temperature == 0 or params.seed is not None
+
+
+class HandedSteps:
+    """The steps of one caption handed out so far, so that a caption started again (a dropped decoder
+    sequence, an endpoint that failed under it) hands out only the steps after them: a reproducible
+    caption's new run gives the same steps, so its first `count` are skipped, and the last of those is
+    checked to equal what was handed out (SequenceLostError if not). Call new_run() before each run."""
+
+    def __init__(self):
+        self.count = 0  # steps handed out
+        self.last_tokens: list[int] = []  # the tokens of the last one
+        self._step = 0  # steps of the current run seen
+
+    def can_restart(self, params: SamplingParams) -> bool:
+        """Whether the caption may start again: nothing handed out yet, or a run gives the same steps."""
+        return self.count == 0 or reproducible(params)
+
+    def new_run(self) -> None:
+        self._step = 0
+
+    def is_new(self, generation: Generation) -> bool:
+        """Whether the run's next step, `generation`, is past what was handed out: hand it out."""
+        self._step += 1
+        if self._step == self.count and generation.tokens != self.last_tokens:
+            raise SequenceLostError("the caption started again gave other tokens than those already handed out")
+        if self._step <= self.count:
+            return False
+        self.count, self.last_tokens = self._step, list(generation.tokens)
+        return True
+
+
 @dataclass
 class CaptionStep:
     """One streamed response of coca_captioner: the token a forward added, and the caption so far."""
@@ -413,22 +447,17 @@ class TritonCoca:
         past max_sequence_idle_microseconds, e.g. a client starved of CPU between two steps). A greedy or
         seeded caption is reproducible: the new sequence's steps up to where the lost one got are not
         handed out again (they are the same; checked). Another caption cannot be resumed: SequenceLostError."""
-        handed, last_tokens = 0, []  # steps handed out, and the tokens of the last one
+        handed = HandedSteps()
         for attempt in range(2):
+            handed.new_run()
             try:
                 async with contextlib.aclosing(self._sequence_steps(image_embeddings, params, text_so_far)) as steps:
-                    step = 0
                     async for generation in steps:
-                        step += 1
-                        if step == handed and generation.tokens != last_tokens:
-                            raise SequenceLostError("the decoder dropped the caption's sequence, and starting it "
-                                                    "again gave other tokens")
-                        if step > handed:
-                            handed, last_tokens = step, list(generation.tokens)
+                        if handed.is_new(generation):
                             yield generation
                     return
             except SequenceLostError as exc:
-                if attempt or not (params.temperature == 0 or params.seed is not None):
+                if attempt or not handed.can_restart(params):
                     raise SequenceLostError(f"{exc} (the caption could not be finished; ask again)") from None
                 log.warning("%s: starting the caption again", exc)
 
