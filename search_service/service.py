@@ -185,7 +185,7 @@ class IntakeBudget:
     takes all of it, so it waits until nothing else is held. A message larger than the reservation (up to
     max_message_bytes) is over-committed at once, never waited for: the total can pass the limit by at most
     that excess per stream, and no stream gets more room until it is back under. Measured (README): peak RSS
-    reaches several times the budget with 30 MiB images (an item's bytes are copied on their way to Triton)."""
+    ~3.5x the budget with 30 MiB images (an admitted item is in memory ~3 times on its way in and to Triton)."""
 
     def __init__(self, limit: int, largest_item: int):
         if limit < 1:
