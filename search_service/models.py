@@ -98,8 +98,8 @@ class TextEmbeddingCache:
 class Models:
     """Embeddings and captions from the Triton endpoints in `urls` ("HOST:PORT" or "HOST:PORT,HOST:PORT,...").
 
-    The work is spread over the endpoints by serving.pool.TritonPool (least loaded, a caption pinned
-    to one endpoint, a call cut by an endpoint's failure run again once on another); with one
+    The work is spread over the endpoints by serving.pool.TritonPool (least loaded, a caption's decoder
+    sequence on one endpoint, a call or caption cut by an endpoint's failure run again once on another); with one
     endpoint it is that server, and a fresh connection after each failure. `observe(model, seconds, ok)`
     is told of each Triton infer call (the metrics).
     """
@@ -252,21 +252,27 @@ class Models:
         """The caption of image bytes (or ImageEmbeddings) as it grows: serving.client.Generation after each
         decoder step, with the text so far; the last one `done`. All within `timeout` seconds.
 
-        One endpoint serves the whole stream; if it fails midway the stream fails (ModelsUnavailable)
-        rather than start again elsewhere, since what was already handed out stands. Closing the
-        iterator early (a cancelled call) ends the decoder sequence on Triton."""
+        One endpoint serves the stream; if it fails midway, the caption starts again from START on another
+        where that gives the same caption (serving.pool.TritonPool.caption_steps): what was already handed
+        out is not handed out again. Closing the iterator early (a cancelled call) ends the decoder
+        sequence on Triton."""
         from serving.errors import TritonUnavailableError
 
         deadline = time.monotonic() + timeout
+
+        async def in_time(client):  # each step within the time left (a cancelled step ends the sequence)
+            async with contextlib.aclosing(client.caption_steps(image, params)) as steps:
+                while True:
+                    try:
+                        step = await asyncio.wait_for(anext(steps), max(deadline - time.monotonic(), 0.001))
+                    except StopAsyncIteration:
+                        return
+                    yield step
+
         try:
-            async with self.pool.pinned() as client:
-                async with contextlib.aclosing(client.caption_steps(image, params)) as steps:
-                    while True:  # each step within the time left (a cancelled step ends the sequence)
-                        try:
-                            step = await asyncio.wait_for(anext(steps), max(deadline - time.monotonic(), 0.001))
-                        except StopAsyncIteration:
-                            return
-                        yield step
+            async with contextlib.aclosing(self.pool.caption_steps(in_time, params)) as steps:
+                async for step in steps:
+                    yield step
         except TritonUnavailableError as exc:
             raise self._unavailable(exc) from None
 

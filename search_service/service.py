@@ -13,7 +13,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import grpc
 import numpy as np
@@ -197,7 +197,7 @@ class IntakeBudget:
     takes all of it, so it waits until nothing else is held. A message larger than the reservation (up to
     max_message_bytes) is over-committed at once, never waited for: the total can pass the limit by at most
     that excess per stream, and no stream gets more room until it is back under. Measured (README): peak RSS
-    reaches several times the budget with 30 MiB images (an item's bytes are copied on their way to Triton)."""
+    ~3.5x the budget with 30 MiB images (an admitted item is in memory ~3 times on its way in and to Triton)."""
 
     def __init__(self, limit: int, largest_item: int):
         if limit < 1:
@@ -377,10 +377,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     @rpc_stream
     async def AddImages(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
         await self.ensure_models(context=context)  # Triton down, deadline passed: results sent stand, the rest fail
-        async for result in self._add_stream(request_iterator, context):
+        async for result in self._add_stream(context):  # read by context.read (_message_reader), not the iterator
             yield result
 
-    async def _add_stream(self, request_iterator, context) -> AsyncIterator[pb.AddImageResult]:
+    async def _add_stream(self, context) -> AsyncIterator[pb.AddImageResult]:
         """Batches of whatever has arrived (up to add_batch), a few in flight, results in request order.
 
         A batch starts as soon as one item is there, so a client that waits for each
@@ -390,7 +390,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.config.add_batch)
         hold = self.intake.stream_hold()
-        reader = asyncio.create_task(_read_stream(request_iterator, queue, hold, self._intake_bytes))
+        reader = asyncio.create_task(_read_stream(_message_reader(context), queue, hold, self._intake_bytes))
         inflight: collections.deque[asyncio.Task] = collections.deque()
         next_batch: Optional[asyncio.Task] = None
         ended: bool | Exception = False
@@ -440,6 +440,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """
         try:
             prepared = await asyncio.to_thread(self._prepare_all, batch)
+            indices = [i for i, _ in batch]
+            batch.clear()  # the messages: each item's bytes are in its Prepared now (protobuf gave a copy)
             pending = [p for p in prepared if isinstance(p, Prepared) and p.embedding is None]
             while True:  # again when the store switched model generations while these were embedded
                 models, generation = self.models, self._models_generation
@@ -470,7 +472,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if not turn.done():
                 turn.set_result(None)  # the next batch may commit while these are captioned
             await self._caption_added([(p, results[p.index]) for p, _ in ready if p.caption], context)
-            return [results[i] for i, _ in batch]
+            return [results[i] for i in indices]
         finally:
             if not turn.done():
                 turn.set_result(None)
@@ -1247,28 +1249,40 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
 
 # ---------------------------------------------------------------- module helpers
-async def _read_stream(request_iterator, queue: asyncio.Queue, hold: "StreamHold", size_of) -> None:
+async def _read_stream(read: Callable[[], Awaitable], queue: asyncio.Queue, hold: "StreamHold", size_of) -> None:
     """Feed (index, request) pairs into `queue`, then None; a broken stream ends it with the exception.
-    Each item first takes its bytes from the process's intake budget (`hold`): while there is no room the
-    stream is not read on (backpressure: gRPC's flow control holds the client back), never an error."""
+    `read()` is the stream's next request, None at its end (_message_reader). Each item first takes its bytes
+    from the process's intake budget (`hold`): while there is no room the stream is not read on (backpressure:
+    gRPC's flow control holds the client back), never an error. Nothing here holds an item once it is queued:
+    its batch lets go of it when it is done, while this may still wait for room for the next one."""
     try:
         index = 0
-        requests = request_iterator.__aiter__()
         while True:
             await hold.take(index, hold.budget.largest_item)  # room for any item before it is read off the wire
-            try:
-                request = await requests.__anext__()
-            except StopAsyncIteration:
+            request = await read()
+            if request is None:
                 hold.give_back(index)  # the stream ended: its last reservation goes back at once
                 break
             hold.settle(index, size_of(request))
             await queue.put((index, request))
+            del request
             index += 1
         await queue.put(None)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         await queue.put(exc)
+
+
+def _message_reader(context) -> Callable[[], Awaitable]:
+    """A request stream's next message (None at its end) by context.read(), not by iterating the stream: gRPC's
+    iterator holds the message it gave last until asked for the next one, and an AddImages stream is not asked
+    while it waits for intake room (one 32 MiB image per stream outside the budget)."""
+    async def read():
+        message = await context.read()
+        return None if message is grpc.aio.EOF else message
+
+    return read
 
 
 async def _take_batch(queue: asyncio.Queue, size: int) -> tuple[list, bool | Exception]:

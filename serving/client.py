@@ -27,16 +27,18 @@ import logging
 import os
 import re
 import secrets
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, Union
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from coca import media
@@ -128,6 +130,40 @@ class Generation:
     batch_rows: list[int] = field(default_factory=list)
     text: str = ""  # the decoder's own reading of the tokens, answered to END (or the text so far)
     done: bool = False  # the caption is finished (generate_steps' last Generation)
+
+
+def reproducible(params: SamplingParams) -> bool:
+    """Whether a caption with `params` gives the same tokens each time it is made (greedy, or seeded)."""
+    return params.temperature == 0 or params.seed is not None
+
+
+class HandedSteps:
+    """The steps of one caption handed out so far, so that a caption started again (a dropped decoder
+    sequence, an endpoint that failed under it) hands out only the steps after them: a reproducible
+    caption's new run gives the same steps, so its first `count` are skipped, and the last of those is
+    checked to equal what was handed out (SequenceLostError if not). Call new_run() before each run."""
+
+    def __init__(self):
+        self.count = 0  # steps handed out
+        self.last_tokens: list[int] = []  # the tokens of the last one
+        self._step = 0  # steps of the current run seen
+
+    def can_restart(self, params: SamplingParams) -> bool:
+        """Whether the caption may start again: nothing handed out yet, or a run gives the same steps."""
+        return self.count == 0 or reproducible(params)
+
+    def new_run(self) -> None:
+        self._step = 0
+
+    def is_new(self, generation: Generation) -> bool:
+        """Whether the run's next step, `generation`, is past what was handed out: hand it out."""
+        self._step += 1
+        if self._step == self.count and generation.tokens != self.last_tokens:
+            raise SequenceLostError("the caption started again gave other tokens than those already handed out")
+        if self._step <= self.count:
+            return False
+        self.count, self.last_tokens = self._step, list(generation.tokens)
+        return True
 
 
 @dataclass
@@ -239,8 +275,18 @@ class TritonCoca:
         return found["ATTENTION"], found["TOKENS"]
 
     async def _encode(self, model: str, input_name: str, items: list[bytes], outputs: Sequence[str]) -> dict:
-        result = await self._infer(model, [_bytes_input(input_name, items)], outputs, rows=len(items))
+        request = bytes_request(model, input_name, items, outputs)
+        result = await self._timed(model, len(items), lambda deadline: self._send_serialized(request, deadline))
         return {name: result.as_numpy(name) for name in outputs}
+
+    async def _send_serialized(self, request: bytes, deadline: Optional[float]) -> grpcclient.InferResult:
+        """ModelInfer with a request serialized here (bytes_request); errors as tritonclient raises them."""
+        infer = self.client._channel.unary_unary(MODEL_INFER_METHOD, request_serializer=None,
+                                                 response_deserializer=service_pb2.ModelInferResponse.FromString)
+        try:
+            return grpcclient.InferResult(await infer(request, timeout=deadline))
+        except grpc.RpcError as exc:
+            raise InferenceServerException(msg=exc.details(), status=str(exc.code())) from None
 
     # --- captions ----------------------------------------------------------------------
     async def caption(self, image: Union[ImageInput, np.ndarray], params: SamplingParams = SamplingParams()) -> Caption:
@@ -413,22 +459,17 @@ class TritonCoca:
         past max_sequence_idle_microseconds, e.g. a client starved of CPU between two steps). A greedy or
         seeded caption is reproducible: the new sequence's steps up to where the lost one got are not
         handed out again (they are the same; checked). Another caption cannot be resumed: SequenceLostError."""
-        handed, last_tokens = 0, []  # steps handed out, and the tokens of the last one
+        handed = HandedSteps()
         for attempt in range(2):
+            handed.new_run()
             try:
                 async with contextlib.aclosing(self._sequence_steps(image_embeddings, params, text_so_far)) as steps:
-                    step = 0
                     async for generation in steps:
-                        step += 1
-                        if step == handed and generation.tokens != last_tokens:
-                            raise SequenceLostError("the decoder dropped the caption's sequence, and starting it "
-                                                    "again gave other tokens")
-                        if step > handed:
-                            handed, last_tokens = step, list(generation.tokens)
+                        if handed.is_new(generation):
                             yield generation
                     return
             except SequenceLostError as exc:
-                if attempt or not (params.temperature == 0 or params.seed is not None):
+                if attempt or not handed.can_restart(params):
                     raise SequenceLostError(f"{exc} (the caption could not be finished; ask again)") from None
                 log.warning("%s: starting the caption again", exc)
 
@@ -491,12 +532,16 @@ class TritonCoca:
     async def _infer(self, model: str, inputs: list, outputs: Sequence[str], rows: int = 1, **sequence):
         """One request of `rows` rows (an encoder batch's items; 1: a decoder step, a stats call)."""
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        return await self._timed(model, rows, lambda deadline: self.client.infer(
+            model, inputs, outputs=requested, client_timeout=deadline, **sequence))
+
+    async def _timed(self, model: str, rows: int, send: Callable[[Optional[float]], Awaitable]):
+        """`send(deadline)`, one request of `rows` rows to `model`, within its deadline (_deadline): its latency
+        recorded, the observer told, errors translated (_call)."""
         deadline = self._deadline(model, rows)
         started, ok = time.perf_counter(), False
         try:
-            result = await self._call(
-                self.client.infer(model, inputs, outputs=requested, client_timeout=deadline, **sequence), model,
-                deadline, rows)
+            result = await self._call(send(deadline), model, deadline, rows)
             ok = True
             self.latency.record(model, time.perf_counter() - started, rows)
             return result
@@ -608,10 +653,32 @@ def _identity(name: str, config: dict) -> Identity:
         raise IdentityMismatchError(f"{name} has no CoCa identity in its config ({exc}): not a `coca export` repository")
 
 
-def _bytes_input(name: str, items: list[bytes]) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, [len(items), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array(items, dtype=np.object_).reshape(-1, 1))
-    return tensor
+MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+_RAW_CONTENTS_TAG = bytes([service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3 | 2])
+
+
+def bytes_request(model: str, input_name: str, items: Sequence[bytes], outputs: Sequence[str]) -> bytes:
+    """A serialized ModelInferRequest of one BYTES input [len(items), 1] (Triton's length-prefixed items) asking
+    for `outputs`: the message without its raw content as protobuf writes it, then the raw_input_contents field
+    written here (protobuf reads fields in any order). Each item's bytes are copied once, into the request;
+    tritonclient copies them four times (its serialized tensor, the request message, its serialization,
+    gRPC's), which for AddImages' 32 MiB images held several times the intake budget."""
+    header = service_pb2.ModelInferRequest(model_name=model, inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+        name=input_name, datatype="BYTES", shape=[len(items), 1])], outputs=[
+        service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs])
+    parts = [header.SerializeToString(), _RAW_CONTENTS_TAG, _varint(sum(4 + len(item) for item in items))]
+    for item in items:
+        parts += [struct.pack("<I", len(item)), item]
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _array_input(name: str, array: np.ndarray) -> grpcclient.InferInput:

@@ -4,6 +4,7 @@
         await pool.identity()                                  # every endpoint serves the same export
         vectors = await pool.call(lambda t: t.embed_images([jpeg]))
         caption = await pool.call(lambda t: t.caption(jpeg, SamplingParams()))
+        async for step in pool.caption_steps(lambda t: t.caption_steps(jpeg, params), params): ...
 
 Routing: each call goes to the healthy endpoint with the fewest calls in flight (ties in turn).
 A call runs on one endpoint from start to end, so a caption's decoder sequence, and the KV cache
@@ -21,7 +22,8 @@ in use counts (each retired connection is a generation), so the other calls cut 
 and an answer asked before a failure that arrives after it, change nothing. The call the failure cut
 runs again, once, on another endpoint: encoders are pure functions and greedy or seeded captions
 are reproducible (a caption starts again from START there), so the answer is the one an
-uninterrupted call gives. A full decoder cache is
+uninterrupted call gives; a streamed caption (caption_steps) hands out only the steps after those it
+had handed out. A full decoder cache is
 tried once elsewhere too. When no endpoint is healthy, calls still try them (a call is its own
 probe) and fail with TritonUnavailableError naming every endpoint. Endpoints that answer with
 different models make identity() fail with IdentityMismatchError naming both; an endpoint that
@@ -40,8 +42,9 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 from coca.errors import CapacityError
+from coca.settings import SamplingParams
 
-from .client import InferObserver, LatencyWindow, TritonCoca, latency_deadlines
+from .client import Generation, HandedSteps, InferObserver, LatencyWindow, TritonCoca, latency_deadlines
 from .errors import IdentityMismatchError, TritonUnavailableError
 from .protocol import Identity
 
@@ -260,34 +263,50 @@ class TritonPool:
             try:
                 return await endpoint.run(fn)
             except (TritonUnavailableError, CapacityError) as exc:
-                if isinstance(exc, TritonUnavailableError):
-                    self._watch(endpoint)
-                failed.append((endpoint, exc))
-                if len(failed) > 1 or len(failed) == len(self.endpoints):
-                    raise self._failure(failed) from None
-                self.failovers += 1
-                log.info("%s failed (%s): running the call again on another endpoint", endpoint.url, exc)
+                self._failed(endpoint, exc, failed, again=True)
             finally:
                 latency_deadlines.reset(bounded)
 
-    @contextlib.asynccontextmanager
-    async def pinned(self) -> AsyncIterator[TritonCoca]:
-        """The least-loaded healthy endpoint's client for the block: for a call that hands out results as
-        it goes (a streamed caption), which is not run again elsewhere when the endpoint fails (what it
-        handed out stands); the endpoint then leaves rotation as after any call."""
-        endpoint = self._pick(exclude=[])
-        # a hung endpoint fails the stream within a deadline (it is not run again); set back, not reset:
-        # a stream may be closed from another context than the one it began in
+    async def caption_steps(self, fn: Callable[[TritonCoca], AsyncIterator[Generation]],
+                            params: SamplingParams) -> AsyncIterator[Generation]:
+        """The steps of a caption that `fn(client)` hands out as it grows (a streamed caption), from the
+        least-loaded healthy endpoint. Started again from START once on another endpoint, as `call` runs a
+        call again, where that gives the same caption: before its first step was handed out, or when
+        `params` are reproducible (greedy, seeded); then the steps already handed out are not handed out
+        again (serving.client.HandedSteps). A sampled caption without a seed cut midway fails."""
+        failed: list[tuple[Endpoint, Exception]] = []
+        handed = HandedSteps()
+        # set back, not reset: a stream may be closed from another context than the one it began in
         previous = latency_deadlines.get()
-        latency_deadlines.set(self._has_fallback(endpoint, []))
         try:
-            async with endpoint.connected() as client:
-                yield client
-        except TritonUnavailableError:
-            self._watch(endpoint)  # connected() took it out of rotation
-            raise
+            while True:
+                tried = [e for e, _ in failed]
+                endpoint = self._pick(exclude=tried)
+                latency_deadlines.set(self._has_fallback(endpoint, tried))
+                handed.new_run()
+                try:
+                    async with endpoint.connected() as client, contextlib.aclosing(fn(client)) as steps:
+                        async for generation in steps:
+                            if handed.is_new(generation):
+                                yield generation
+                    return
+                except (TritonUnavailableError, CapacityError) as exc:
+                    self._failed(endpoint, exc, failed, again=handed.can_restart(params))
         finally:
             latency_deadlines.set(previous)
+
+    def _failed(self, endpoint: Endpoint, exc: Exception, failed: list[tuple[Endpoint, Exception]],
+                again: bool) -> None:
+        """A call (or stream) on `endpoint` failed with `exc`: the endpoint is watched when it left rotation;
+        returns when the call may run again on another endpoint (`again`, and one not tried is left), else
+        raises the call's error."""
+        if isinstance(exc, TritonUnavailableError):
+            self._watch(endpoint)
+        failed.append((endpoint, exc))
+        if not again or len(failed) > 1 or len(failed) == len(self.endpoints):
+            raise self._failure(failed) from None
+        self.failovers += 1
+        log.info("%s failed (%s): running the call again on another endpoint", endpoint.url, exc)
 
     def _pick(self, exclude: Sequence[Endpoint]) -> Endpoint:
         """The healthy endpoint with the fewest calls in flight, ties in turn; when none is healthy,

@@ -15,6 +15,19 @@ MIB = 1 << 20
 WAIT_S = 5.0  # a deadlocked reader never gets there; a working one takes microseconds
 
 
+def reads(stream):
+    """_read_stream's `read` of an async iterator of stand-in messages (None at its end)."""
+    messages = stream.__aiter__()
+
+    async def read():
+        try:
+            return await messages.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    return read
+
+
 async def _until(condition, what: str) -> None:
     for _ in range(1000):
         if condition():
@@ -37,9 +50,9 @@ def test_a_message_bigger_than_its_reservation_does_not_deadlock_two_streams():
 
         queues = asyncio.Queue(), asyncio.Queue()
         holds = budget.stream_hold(), budget.stream_hold()
-        readers = [asyncio.create_task(_read_stream(first_stream(), queues[0], holds[0], lambda size: size))]
+        readers = [asyncio.create_task(_read_stream(reads(first_stream()), queues[0], holds[0], lambda size: size))]
         await _until(lambda: budget.held == 33 * MIB, "the first stream reserved its item")
-        readers.append(asyncio.create_task(_read_stream(second_stream(), queues[1], holds[1], lambda size: size)))
+        readers.append(asyncio.create_task(_read_stream(reads(second_stream()), queues[1], holds[1], lambda size: size)))
         await _until(lambda: budget._waiting, "the second stream queued for 33 MiB with 31 free")
         message_arrives.set()
         try:
@@ -78,5 +91,44 @@ def test_an_over_commit_past_the_limit_makes_later_acquires_wait_until_it_is_bac
         hold.give_back(0)
         budget.release(1 * MIB)
         assert budget.held == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_waiting_for_its_next_item_holds_no_message_the_budget_let_go_of():
+    """A stream's reader gives its item to the batches, then waits for the next one (for room, or for the client
+    to send it). The item's batch is done (its bytes given back to the budget) meanwhile: the item must be gone
+    from memory then. (The old reader kept its last message in a local variable while it waited: one 32 MiB
+    image per stream outside the budget.)"""
+    import gc
+    import weakref
+
+    class Message:
+        size = 30 * MIB
+
+    async def scenario():
+        budget = IntakeBudget(64 * MIB, 33 * MIB)
+        next_sent = asyncio.Event()
+        messages = [Message()]
+        gone = weakref.ref(messages[0])
+
+        async def stream():
+            yield messages.pop()
+            await next_sent.wait()
+            yield Message()
+
+        queue, hold = asyncio.Queue(), budget.stream_hold()
+        reader = asyncio.create_task(_read_stream(reads(stream()), queue, hold, lambda message: message.size))
+        try:
+            index, message = await asyncio.wait_for(queue.get(), WAIT_S)
+            await _until(lambda: budget.held == 30 * MIB + 33 * MIB, "the reader reserved room for its next item")
+            hold.give_back(index)  # the item's batch is done
+            del message
+            gc.collect()
+            assert gone() is None, "the reader still holds the message its batch let go of"
+            next_sent.set()
+            assert (await asyncio.wait_for(queue.get(), WAIT_S))[0] == 1
+        finally:
+            reader.cancel()
 
     asyncio.run(scenario())

@@ -692,3 +692,86 @@ def run_hung(how: str, hung_s: float, good, bad, photos: list[bytes], oracle: di
             service.__exit__(None, None, None)
     return (bad_url, stats, hung_health, overall, hung_at, ended, both_rate, during, straddling, rejoined,
             back_health)
+
+
+STREAMS = 6
+
+
+def test_streamed_captions_cut_by_a_hung_endpoint_start_again_on_the_other_and_equal_uninterrupted_ones(
+        tritons, reference, photos, tmp_path):
+    """STREAMS CaptionStream calls (greedy and seeded) through a service on two endpoints; once each has its
+    first chunk, one endpoint hangs (SIGSTOP of its processes). The streams on it start again from START on
+    the other endpoint, handing out only the steps not handed out yet: no stream fails, each one's pieces add
+    up to its final text and its tokens equal the in-process caption's, and the slowest takes at most the
+    probe timeout plus the slowest stream with both endpoints healthy (the same streams, measured first in
+    the same run) plus HUNG_MARGIN_S. Stats name the hung endpoint out. (Before: the cut streams failed
+    UNAVAILABLE.)"""
+    from search_service.pb import search_pb2 as pb
+    from search_service.testing import ServiceProcess, WireClient
+    from serving.pool import PROBE_TIMEOUT_S
+
+    good, bad = tritons
+    settings = [LONG_GREEDY if i % 2 == 0 else LONG_SAMPLED for i in range(STREAMS)]
+    images = photos[:STREAMS]
+    expected = [reference.caption([image], params)[0].tokens for image, params in zip(images, settings)]
+
+    def request(i: int) -> pb.CaptionRequest:
+        params = settings[i]
+        sampling = pb.SamplingSettings(temperature=params.temperature, min_tokens=params.min_tokens,
+                                       max_tokens=params.max_tokens)
+        if params.seed is not None:
+            sampling.MergeFrom(pb.SamplingSettings(top_k=params.top_k, top_p=params.top_p, seed=params.seed))
+        return pb.CaptionRequest(image=images[i], sampling=sampling)
+
+    def streams(client, started: Optional[threading.Barrier] = None) -> list:
+        """Each stream's (chunks, seconds, error); `started` is passed by each once it has its first chunk."""
+        results: list = [None] * STREAMS
+
+        def one(i: int) -> None:
+            began, chunks, error = time.monotonic(), [], None
+            try:
+                for chunk in client.stub.CaptionStream(request(i), timeout=30):
+                    chunks.append(chunk)
+                    if started is not None and len(chunks) == 1:
+                        started.wait(30)
+            except grpc.RpcError as exc:
+                error = repr(exc)[:300]
+            results[i] = (chunks, time.monotonic() - began, error)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(STREAMS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        return results
+
+    def check(results: list) -> None:
+        for i, (chunks, _, error) in enumerate(results):
+            assert error is None and chunks and chunks[-1].done, (i, error, len(chunks))
+            assert "".join(c.piece for c in chunks) == chunks[-1].text, f"stream {i}: a step handed out twice"
+            assert list(chunks[-1].caption.tokens) == expected[i], f"stream {i}"
+
+    hang = Hang("sigstop", bad, relay=None)
+    with ServiceProcess(tmp_path / "data", f"{good.grpc_url},{bad.grpc_url}", "--max-inflight-caption", "0",
+                        "--max-caption-sequences", "0") as service, WireClient(service.address, timeout=30) as client:
+        try:
+            streams(client)  # warm: both endpoints' decoder latency history fills
+            healthy = streams(client)
+            check(healthy)
+            started = threading.Barrier(STREAMS + 1, action=hang)  # the last stream to start hangs `bad`
+            cut: list = []
+            runner = threading.Thread(target=lambda: cut.extend(streams(client, started)))
+            runner.start()
+            started.wait(30)
+            runner.join(120)
+            stats = client.stats()
+        finally:
+            hang.release()
+    check(cut)
+    slowest, healthy_slowest = max(r[1] for r in cut), max(r[1] for r in healthy)
+    figures = f"slowest stream {slowest:.2f} s hung, {healthy_slowest:.2f} s healthy; load {os.getloadavg()}"
+    print(figures)
+    assert slowest <= PROBE_TIMEOUT_S + healthy_slowest + HUNG_MARGIN_S, figures
+    good_state, bad_state = stats.triton_endpoints
+    assert good_state.healthy and good_state.outages == 0, good_state
+    assert not bad_state.healthy and bad_state.outages == 1 and bad.grpc_url in bad_state.last_error, bad_state
