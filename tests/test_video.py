@@ -253,6 +253,20 @@ def test_the_same_video_twice_adds_nothing(client, indexed, clips):
     assert client.stats().count == before
 
 
+def test_a_reindex_of_a_store_with_videos_is_refused_naming_them(client, indexed):
+    """A reindex embeds items from their stored image; a scene's embedding is its frames' mean (not built for a
+    reindex): START is FAILED_PRECONDITION naming the videos, and the store is left as it was."""
+    before = client.stats()
+    request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model="coca-tiny", to_pretrained="random",
+                                triton="127.0.0.1:1")
+    with pytest.raises(grpc.RpcError) as refused:
+        list(client.stub.Reindex(request, timeout=60, metadata=client.metadata))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+    assert f"the store holds {len(indexed)} videos" in refused.value.details(), refused.value.details()
+    after = client.stats()
+    assert (after.count, after.generation) == (before.count, before.generation)
+
+
 def test_limits_are_refused_by_name(tmp_path, triton, tiny_repository, clips):
     """Each limit passed fails that video alone, named; then a server-side path within them is indexed."""
     root = tmp_path / "root"
