@@ -919,6 +919,26 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                         error=pb.Error(code=code.value[0], message=message))
             index += 1
 
+    @rpc
+    async def ReadVideo(self, request: pb.ReadVideoRequest, context) -> pb.VideoBytes:
+        """A slice of a stored video, found by its id only (never a path from the client)."""
+        if not self.engine.keeps_videos:
+            raise Unsupported(self.engine.VIDEOS_MISSING)
+        if not request.id:
+            raise bad("give the id of a video")
+        if not 1 <= request.length <= videos.MAX_READ_BYTES:
+            raise bad(f"length must be 1 to {videos.MAX_READ_BYTES} bytes, got {request.length}")
+        video = await asyncio.to_thread(self.engine.get_video, request.id)
+        if video is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no video with id {request.id!r}")
+        try:
+            return await asyncio.to_thread(videos.read_slice, self.engine.video_file(video), request.offset,
+                                           request.length)
+        except videos.OutOfRange as exc:
+            raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, f"video {video.id!r}: {exc}") from None
+        except OSError:  # its server-side file was moved or removed (no server path in the message)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"the bytes of video {video.id!r} cannot be read") from None
+
     async def _add_video(self, index: int, request: pb.AddVideoRequest, context) -> pb.AddVideoResult:
         video = await asyncio.to_thread(self._video_source, request)
         known = await asyncio.to_thread(self.engine.find_video_sha, video.sha256)

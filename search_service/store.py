@@ -474,6 +474,10 @@ class Store:
         """The video's bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
         return self.blobs.read_item(video)
 
+    def video_file(self, video: Video) -> Path:
+        """The file holding the video's bytes (read a slice at a time: a video may be gigabytes)."""
+        return self.blobs.item_path(video)
+
     def _video(self, db, column: str, value: str) -> Optional[Video]:
         row = db.execute(f"SELECT id, sha256, uri, blob, metadata, duration_s, sampled, created_at FROM videos "
                          f"WHERE {column} = ?", (value,)).fetchone()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator, Optional, Union
@@ -230,3 +231,33 @@ def scene_of(item_id: str, metadata: dict[str, str], caption: Optional[str]) -> 
     return pb.SceneInfo(id=item_id, video_id=metadata[VIDEO_ID], start_s=start, end_s=end, caption=caption or "")
 
 
+
+
+# ---------------------------------------------------------------- reading a stored video (ReadVideo)
+MAX_READ_BYTES = 4 << 20  # one ReadVideo answer at most (a player reads a long video a range at a time)
+_CONTAINERS = [(4, b"ftyp", "video/mp4"), (0, b"OggS", "video/ogg"), (0, b"RIFF", "video/x-msvideo"),
+               (0, b"\x1a\x45\xdf\xa3", "video/x-matroska")]  # EBML: Matroska, or WebM if its DocType says so
+
+
+class OutOfRange(ValueError):
+    """An offset at or past the video's end."""
+
+
+def read_slice(path: Path, offset: int, length: int) -> pb.VideoBytes:
+    """Bytes [offset, offset + length) of the video file at `path` (fewer at its end), its size and type.
+    OutOfRange for an offset at or past the end; OSError when the file is gone."""
+    with open(path, "rb") as file:
+        total = os.fstat(file.fileno()).st_size
+        if offset >= total:
+            raise OutOfRange(f"offset {offset} is at or past the video's end ({total} bytes)")
+        head = file.read(64)
+        file.seek(offset)
+        data = file.read(min(length, MAX_READ_BYTES))
+    return pb.VideoBytes(data=data, offset=offset, total_bytes=total, content_type=content_type(head))
+
+
+def content_type(head: bytes) -> str:
+    """A video's media type from its first bytes (what a browser needs to play it)."""
+    kind = next((kind for at, magic, kind in _CONTAINERS if head[at:at + len(magic)] == magic),
+                "application/octet-stream")
+    return "video/webm" if kind == "video/x-matroska" and b"webm" in head else kind

@@ -245,6 +245,118 @@ def test_get_lists_the_scenes_and_a_scene_gives_its_keyframe(client, indexed):
     assert keyframe.format == "JPEG" and max(keyframe.size) <= 320
 
 
+# ---------------------------------------------------------------- the web gallery plays scenes
+@pytest.fixture(scope="module")
+def gallery(service):
+    from clients.coca_client import Client
+    from clients.web.server import start_gallery
+
+    with Client(service.address, timeout=60) as client:
+        server = start_gallery(0, client)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def _http(gallery, path: str, headers: dict = {}) -> tuple[int, dict, bytes]:
+    import http.client
+
+    port = gallery.server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        for name, value in {"Host": f"127.0.0.1:{port}", **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("name, media_type", [("a", "video/mp4"), ("b", "video/x-matroska"), ("c", "video/webm")])
+def test_the_gallery_serves_a_video_by_ranges_of_the_bytes_sent(gallery, indexed, clips, monkeypatch, name,
+                                                                media_type):
+    """Oracle: the bytes sent at ingest. Ranges answer 206 with exactly their slice (cut at MAX_RANGE_BYTES),
+    no Range the whole video (200, streamed a slice at a time); a range outside it 416, one that does not parse 400."""
+    from clients.web import server
+
+    data, path = clips[name], f"/video/{indexed[name].id}"
+    total = len(data)
+    monkeypatch.setattr(server, "MAX_RANGE_BYTES", 1000)  # several slices per clip
+    for header, first, last in [("bytes=10-99", 10, 99), ("bytes=0-0", 0, 0), ("bytes=-50", total - 50, total - 1),
+                                (f"bytes={total - 7}-", total - 7, total - 1), ("bytes=0-", 0, 999),
+                                (f"bytes=500-{total + 10**9}", 500, 1499), (f"bytes=-{total + 5}", 0, 999)]:
+        status, headers, body = _http(gallery, path, {"Range": header})
+        assert status == 206 and body == data[first:last + 1], (header, status, body[:200])
+        assert headers["Content-Range"] == f"bytes {first}-{last}/{total}" and headers["Content-Type"] == media_type
+        assert headers["Accept-Ranges"] == "bytes"
+    status, headers, body = _http(gallery, path)
+    assert status == 200 and body == data and int(headers["Content-Length"]) == total
+    for header in (f"bytes={total}-", f"bytes={total + 1}-{total + 9}", "bytes=50-10", "bytes=-0"):
+        status, headers, body = _http(gallery, path, {"Range": header})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{total}", (header, status, body)
+    for header in ("bytes=0-1,5-9", "items=0-9", "bytes=abc", "bytes=-", "bytes=0x10-"):
+        status, _, body = _http(gallery, path, {"Range": header})
+        assert status == 400 and b"Range must be one range" in body, (header, status, body)
+
+
+def test_the_gallery_reads_videos_by_id_only_under_its_origin_checks(gallery, indexed):
+    """Never a path: a scene's id, an unknown id or a path-like one is 404; a foreign Host 421, another site 403."""
+    video = indexed["a"]
+    for path in (f"/video/{video.video.scenes[0].id}", "/video/nope", "/video/..%2F..%2Fetc%2Fpasswd",
+                 "/video/%2Fetc%2Fpasswd", "/video/"):
+        status, _, body = _http(gallery, path, {"Range": "bytes=0-9"})
+        assert status == 404, (path, status, body)
+    assert _http(gallery, f"/video/{video.id}", {"Host": "attacker.example"})[0] == 421
+    for headers in ({"Origin": "http://attacker.example"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+                    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}):
+        assert _http(gallery, f"/video/{video.id}", headers)[0] == 403, headers
+
+
+def test_read_video_is_bounded_and_names_what_is_wrong(service, indexed, clips):
+    from clients.coca_client import Client, InvalidArgument, NotFound
+
+    video_id, data = indexed["b"].id, clips["b"]
+    with Client(service.address) as python:
+        piece = python.read_video(video_id, 7, 300)
+        assert (piece.data, piece.offset, piece.total_bytes) == (data[7:307], 7, len(data))
+        assert python.read_video(video_id, len(data) - 3).data == data[-3:]  # fewer at the end
+        for offset, length, code, words in [(0, 0, "INVALID_ARGUMENT", "length must be 1 to 4194304"),
+                                            (0, (4 << 20) + 1, "INVALID_ARGUMENT", "length must be 1 to 4194304"),
+                                            (len(data), 10, "OUT_OF_RANGE", "at or past the video's end")]:
+            with pytest.raises(InvalidArgument) as caught:
+                python.read_video(video_id, offset, length)
+            assert caught.value.code.name == code and words in caught.value.details, caught.value
+        with pytest.raises(NotFound, match="no video with id"):
+            python.read_video(indexed["b"].video.scenes[0].id, 0, 10)
+
+
+def test_the_gallery_api_gives_scene_hits_their_player_and_a_video_its_strip(gallery, client, indexed):
+    """Oracle: the Python client's hits and Get of the video."""
+    import json
+    import urllib.parse
+
+    status, _, body = _http(gallery, "/api/search?q=a+photo&k=12")
+    hits = json.loads(body)["hits"]
+    expected = client.search_text("a photo", k=12).hits
+    assert status == 200 and [h["id"] for h in hits] == [h.id for h in expected]
+    for shown, hit in zip(hits, expected):
+        scene = shown["scene"]
+        assert (scene["video_id"], scene["start_s"], scene["end_s"]) == (hit.video_id, hit.start_s, hit.end_s)
+        assert scene["src"] == f"/video/{urllib.parse.quote(hit.video_id, safe='')}#t={hit.start_s:.3f},{hit.end_s:.3f}"
+    video = indexed["c"]
+    status, _, body = _http(gallery, f"/api/video?id={video.id}")
+    strip = json.loads(body)
+    assert status == 200 and strip["duration_s"] == pytest.approx(client.get(video.id).video.duration_s)
+    assert [(s["id"], s["index"], s["start_s"], s["end_s"], s["caption"]) for s in strip["scenes"]] == \
+        [(s.id, s.index, s.start_s, s.end_s, s.caption) for s in video.video.scenes]
+    status, headers, thumb = _http(gallery, strip["scenes"][1]["thumb"])
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(thumb)).format == "JPEG"
+    assert _http(gallery, f"/api/video?id={video.video.scenes[0].id}")[0] == 404  # a scene is not a video
+
+
 def test_the_same_video_twice_adds_nothing(client, indexed, clips):
     before = client.stats().count
     (again,) = client.add_videos([pb.AddVideoRequest(video=clips["a"], options=OPTIONS)])
