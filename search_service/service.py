@@ -13,7 +13,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 import grpc
 import numpy as np
@@ -468,7 +468,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             item = await asyncio.to_thread(self.engine.get, item_id)
             if item is None or item.caption:
                 return False
-            data = await asyncio.to_thread(_read_image, self.engine, item)
+            data = await self._caption_input(item, self.config.triton_timeout_s)
             caption = await self._caption(data, self.caption_params, self.config.triton_timeout_s)
         except (ModelsUnavailable, StoreUnavailable, Shed, CapacityError) as exc:  # busy or down: not the item's fault
             raise Paused(status_of(exc)[1]) from None
@@ -682,7 +682,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             while pending:
                 item = pending.popleft()
                 try:
-                    data = await asyncio.to_thread(_read_image, self.engine, item)
+                    data = await self._caption_input(item, self._timeout(context))
                     caption = await self._caption(data, self.caption_params, self._timeout(context))
                 except ModelsUnavailable:
                     raise  # Triton is down: the search fails UNAVAILABLE
@@ -743,6 +743,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if len(request.video) > self.config.max_image_bytes:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
         return await self.models.video_embeddings(request.video, frames, self._timeout(context))
+
+    async def _caption_input(self, item: Item, timeout: float) -> Union[bytes, np.ndarray]:
+        """What captions a stored item: its image; a video scene's, the mean ImageEmbeddings of its sampled
+        frames, decoded again from the stored video (the model card's video caption, as at ingest). A scene of
+        a video stored before its sampling interval was kept: its keyframe."""
+        scene = videos.scene_of(item.id, item.metadata, item.caption)
+        video = scene and await asyncio.to_thread(self.engine.get_video, scene.video_id)
+        if not video or video.every_s is None:
+            return await asyncio.to_thread(_read_image, self.engine, item)
+
+        async def encode(frames: list[bytes], image_embeddings: bool):
+            return await self.models.encode_frames(frames, image_embeddings, timeout)
+
+        return await videos.scene_image_embeddings(self.engine.video_file(video), video.every_s, scene.start_s,
+                                                   scene.end_s, self.config.video, encode)
 
     async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
         """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""

@@ -188,11 +188,45 @@ async def _caption_scene(scene: Scene, caption: CaptionEmbeddings, params: Sampl
         return await caption(embeddings, params)
 
 
+_HALF_MS = 0.0005  # scene times are stored to the millisecond
+
+
+async def scene_image_embeddings(source: Union[bytes, Path], every_s: float, start_s: float, end_s: float,
+                                 limits: media.VideoLimits, encode: EncodeFrames) -> np.ndarray:
+    """The mean ImageEmbeddings of a stored scene's sampled frames (its caption's input, as at ingest), decoded
+    again from the video: from the keyframe before the scene to its end, FRAMES_PER_CALL frames at a time
+    (memory: one chunk and the running sum), under the video limits."""
+    frames = media.sample_frames(source, every_s, limits, start_s=max(0.0, start_s - _HALF_MS))
+    ended = False
+
+    def next_chunk() -> list[bytes]:
+        nonlocal ended
+        chunk: list[bytes] = []
+        while not ended and len(chunk) < FRAMES_PER_CALL:
+            frame = next(frames, None)
+            ended = frame is None or frame.time_s >= end_s - _HALF_MS
+            if not ended:
+                chunk.append(encoded(frame.image, "PNG"))
+        return chunk
+
+    total, count = 0.0, 0
+    try:
+        while chunk := await asyncio.to_thread(next_chunk):
+            _, images = await encode(chunk, True)
+            total, count = total + images.sum(0, dtype=np.float64), count + len(chunk)
+    finally:
+        frames.close()
+    if not count:
+        raise media.InvalidVideoError(f"no frames decoded between {start_s} s and {end_s} s")
+    return (total / count).astype(np.float32)
+
+
 def new_video(video: VideoSource, cut: Cut) -> tuple[NewVideo, list[NewScene]]:
     """The rows to commit: the video, and one item per scene carrying the video fields in its metadata."""
     video_id = video.id or default_id(video.sha256)
     duration = _ms(cut.duration_s)
-    row = NewVideo(video.sha256, video.uri, video_id, video.metadata, duration, cut.sampled, video.keep)
+    row = NewVideo(video.sha256, video.uri, video_id, video.metadata, duration, cut.sampled, video.keep,
+                   video.settings.every_s)
     scenes = []
     for scene, text in zip(cut.scenes, cut.captions):
         start, end = _ms(scene.start_s), _ms(scene.end_s)
