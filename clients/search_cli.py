@@ -176,7 +176,9 @@ def index(args) -> int:
         if args.server_paths or any(options.values()):
             raise InvalidInputError("--server-paths, --captions and --near-duplicates do not apply with --ray "
                                     "(Ray workers read and embed the files)")
-        return ray_cli.run(args, metadata)
+        status = ray_cli.run(args, metadata)  # the images, on Ray
+        videos = [v for source in args.sources if Path(source).is_dir() for v in video_files(source)]
+        return max(status, index_videos(args, videos, metadata)) if videos else status  # then the folders' videos
     ray_cli.check_plain(args)
     if len(args.sources) > 1:
         raise InvalidInputError("give one folder (several SOURCEs only with --ray)")

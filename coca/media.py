@@ -398,14 +398,18 @@ class SampledFrame:
     image: Image.Image  # RGB, downscaled as video_frames keeps frames (_kept_image)
 
 
-def sample_frames(source: VideoSource, every_s: float,
-                  limits: VideoLimits = VideoLimits()) -> Generator[SampledFrame, None, float]:
+def sample_frames(source: VideoSource, every_s: float, limits: VideoLimits = VideoLimits(),
+                  start_s: float = 0.0) -> Generator[SampledFrame, None, float]:
     """Frames at a fixed rate, streamed: the first decoded frame at or after each multiple of `every_s` seconds
     (by presentation time, so variable frame rates sample evenly). Nothing but the current frame is held.
     After the last frame, the generator's return value (StopIteration.value) is the video's end time (the last
     frame's time plus its duration). A decode error ends the frames where it happens (a truncated file gives
     the frames before the cut); no decodable frame at all, a file that is not a video, or a limit passed
-    raises InvalidVideoError (VideoLimitError naming the limit)."""
+    raises InvalidVideoError (VideoLimitError naming the limit).
+
+    `start_s`: begin at a sampled frame's time (a seek to the keyframe before it, then frames from it on):
+    the frames sampled from there are the ones a decode from the start samples, as sampling restarts at each
+    sampled frame's time."""
     if not every_s > 0:
         raise ValueError(f"every_s must be positive, got {every_s}")
     name = describe_source(source)
@@ -413,8 +417,10 @@ def sample_frames(source: VideoSource, every_s: float,
     with _open_binary(source, InvalidVideoError) as stream, _container(stream, name) as container:
         video = container.streams.video[0]
         _check_video_header(video, container, name, limits)
-        decoded_bytes, sampled, next_t, end = 0, 0, 0.0, 0.0
+        decoded_bytes, sampled, next_t, end = 0, 0, max(0.0, start_s), 0.0
         rate = float(video.average_rate or video.guessed_rate or 25)
+        if next_t > 0:
+            _seek(container, video, next_t)
         for index, frame in enumerate(_decoded_frames(container)):
             t = float(frame.time) if frame.time is not None else index / rate
             end = max(end, t + (float(frame.duration * frame.time_base) if frame.duration and frame.time_base
@@ -432,6 +438,18 @@ def sample_frames(source: VideoSource, every_s: float,
         if sampled == 0:
             raise InvalidVideoError(f"{name}: no decodable video frames")
         return end
+
+
+def _seek(container, video, time_s: float) -> None:
+    """To the keyframe at or before `time_s` (decoding goes on from there); a file that cannot seek decodes
+    from its start, which samples the same frames, later."""
+    try:
+        if video.time_base:
+            container.seek(int(time_s / video.time_base), stream=video)
+        else:
+            container.seek(int(time_s * av.time_base))
+    except av.FFmpegError:
+        pass  # not seekable: decoding stays at the start
 
 
 def _check_video_header(video, container, name: str, limits: VideoLimits) -> None:

@@ -73,9 +73,11 @@ class BlobDirectory:
     def read_item(self, item) -> bytes:
         """An item's bytes: its blob here, or the server-side file it was indexed from (a file:// uri),
         checked against its sha256; BlobError names the item, not server paths."""
-        what = f"the image of item {item.id!r}"
-        path = self.path(item.blob) if item.blob else Path(item.uri.removeprefix("file://"))
-        return read_checked(path, item.sha256, what)
+        return read_checked(self.item_path(item), item.sha256, f"the image of item {item.id!r}")
+
+    def item_path(self, item) -> Path:
+        """Where an item's (or a video's) bytes are: its blob here, or the server-side file of its file:// uri."""
+        return self.path(item.blob) if item.blob else Path(item.uri.removeprefix("file://"))
 
     def unlink(self, relative: str) -> None:
         discard(self.path(relative))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
@@ -165,6 +166,10 @@ class Collection(abc.ABC):
         return None
 
     def read_video(self, video: Video) -> bytes:
+        raise Unsupported(self.VIDEOS_MISSING)
+
+    def video_file(self, video: Video) -> Path:
+        """The file holding the video's bytes (its blob, or the server-side file it was indexed from)."""
         raise Unsupported(self.VIDEOS_MISSING)
 
     # ------------------------------------------------------------ reads

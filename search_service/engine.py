@@ -350,6 +350,9 @@ class Engine(Collection):
     def read_video(self, video: Video) -> bytes:
         return self.store.read_video(video)
 
+    def video_file(self, video: Video) -> Path:
+        return self.store.video_file(video)
+
     @property
     def size(self) -> int:
         """Searchable vectors (0 before the index is open); never waits for a writer."""

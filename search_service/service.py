@@ -13,7 +13,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 import grpc
 import numpy as np
@@ -505,7 +505,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             item = await asyncio.to_thread(self.engine.get, item_id)
             if item is None or item.caption:
                 return False
-            data = await asyncio.to_thread(_read_image, self.engine, item)
+            data = await self._caption_input(item, self.config.triton_timeout_s)
             caption = await self._caption(data, self.caption_params, self.config.triton_timeout_s)
         except (ModelsUnavailable, StoreUnavailable, Shed, CapacityError) as exc:  # busy or down: not the item's fault
             raise Paused(status_of(exc)[1]) from None
@@ -765,7 +765,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             while pending:
                 item = pending.popleft()
                 try:
-                    data = await asyncio.to_thread(_read_image, self.engine, item)
+                    data = await self._caption_input(item, self._timeout(context))
                     caption = await self._caption(data, self.caption_params, self._timeout(context))
                 except ModelsUnavailable:
                     raise  # Triton is down: the search fails UNAVAILABLE
@@ -826,6 +826,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if len(request.video) > self.config.max_image_bytes:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "video over the size limit")
         return await self.models.video_embeddings(request.video, frames, self._timeout(context))
+
+    async def _caption_input(self, item: Item, timeout: float) -> Union[bytes, np.ndarray]:
+        """What captions a stored item: its image; a video scene's, the mean ImageEmbeddings of its sampled
+        frames, decoded again from the stored video (the model card's video caption, as at ingest). A scene of
+        a video stored before its sampling interval was kept: its keyframe."""
+        scene = videos.scene_of(item.id, item.metadata, item.caption)
+        video = scene and await asyncio.to_thread(self.engine.get_video, scene.video_id)
+        if not video or video.every_s is None:
+            return await asyncio.to_thread(_read_image, self.engine, item)
+
+        async def encode(frames: list[bytes], image_embeddings: bool):
+            return await self.models.encode_frames(frames, image_embeddings, timeout)
+
+        return await videos.scene_image_embeddings(self.engine.video_file(video), video.every_s, scene.start_s,
+                                                   scene.end_s, self.config.video, encode)
 
     async def _caption(self, data: bytes, params: SamplingParams, timeout: float):
         """One decoder sequence, if one is free under --max-caption-sequences (Shed otherwise)."""
@@ -1014,6 +1029,26 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 yield pb.AddVideoResult(index=index, outcome=pb.AddImageResult.FAILED,
                                         error=pb.Error(code=code.value[0], message=message))
             index += 1
+
+    @rpc
+    async def ReadVideo(self, request: pb.ReadVideoRequest, context) -> pb.VideoBytes:
+        """A slice of a stored video, found by its id only (never a path from the client)."""
+        if not self.engine.keeps_videos:
+            raise Unsupported(self.engine.VIDEOS_MISSING)
+        if not request.id:
+            raise bad("give the id of a video")
+        if not 1 <= request.length <= videos.MAX_READ_BYTES:
+            raise bad(f"length must be 1 to {videos.MAX_READ_BYTES} bytes, got {request.length}")
+        video = await asyncio.to_thread(self.engine.get_video, request.id)
+        if video is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no video with id {request.id!r}")
+        try:
+            return await asyncio.to_thread(videos.read_slice, self.engine.video_file(video), request.offset,
+                                           request.length)
+        except videos.OutOfRange as exc:
+            raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, f"video {video.id!r}: {exc}") from None
+        except OSError:  # its server-side file was moved or removed (no server path in the message)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"the bytes of video {video.id!r} cannot be read") from None
 
     async def _add_video(self, index: int, request: pb.AddVideoRequest, context) -> pb.AddVideoResult:
         video = await asyncio.to_thread(self._video_source, request)

@@ -107,7 +107,8 @@ CREATE TABLE IF NOT EXISTS videos (
     metadata   TEXT NOT NULL DEFAULT '{}',
     duration_s REAL NOT NULL,
     sampled    INTEGER NOT NULL,     -- frames sampled and embedded
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    every_s    REAL                  -- the sampling interval it was cut with (NULL: a row older than the column)
 );
 CREATE TABLE IF NOT EXISTS scenes (
     vid       INTEGER PRIMARY KEY,   -- items.vid of the scene
@@ -144,6 +145,7 @@ class NewVideo:
     duration_s: float
     sampled: int
     data: Optional[bytes] = None  # the video bytes to keep (None: indexed from a server-side file)
+    every_s: Optional[float] = None  # the sampling interval (a scene's frames can be decoded again with it)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Video:
     duration_s: float
     sampled: int
     created_at: float
+    every_s: Optional[float] = None  # the sampling interval (None: stored before it was kept)
     scenes: list[SceneRow] = field(default_factory=list)
 
 
@@ -256,6 +259,8 @@ class Store:
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        if "every_s" not in {row[1] for row in self._writer.execute("PRAGMA table_info(videos)")}:
+            self._writer.execute("ALTER TABLE videos ADD COLUMN every_s REAL")  # a videos table of before the column
         self._init_info()
         # blob unlinks put off while a backup copies the blobs its snapshot names (hold_blob_deletes)
         self._holds, self._held_unlinks, self._holds_lock = 0, [], threading.Lock()
@@ -423,9 +428,10 @@ class Store:
                 if taken is not None:
                     return ConflictError(f"id {taken!r} already names other content")
                 blob_name = self.blobs.relative(video.sha256) if staged is not None else None
-                db.execute("INSERT INTO videos VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute("INSERT INTO videos (id, sha256, uri, blob, metadata, duration_s, sampled, created_at, every_s) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (video_id, video.sha256, video.uri, blob_name, json.dumps(video.metadata, sort_keys=True),
-                            video.duration_s, video.sampled, now))
+                            video.duration_s, video.sampled, now, video.every_s))
                 rows = [self._add_scene(db, scene, video_id, now) for scene in scenes]
                 if staged is not None:
                     placed = self.blobs.place(staged, video.sha256)
@@ -474,8 +480,12 @@ class Store:
         """The video's bytes: its blob, or the server-side file it was indexed from (BlobError if not)."""
         return self.blobs.read_item(video)
 
+    def video_file(self, video: Video) -> Path:
+        """The file holding the video's bytes (read a slice at a time: a video may be gigabytes)."""
+        return self.blobs.item_path(video)
+
     def _video(self, db, column: str, value: str) -> Optional[Video]:
-        row = db.execute(f"SELECT id, sha256, uri, blob, metadata, duration_s, sampled, created_at FROM videos "
+        row = db.execute(f"SELECT id, sha256, uri, blob, metadata, duration_s, sampled, created_at, every_s FROM videos "
                          f"WHERE {column} = ?", (value,)).fetchone()
         if row is None:
             return None

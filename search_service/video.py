@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator, Optional, Union
@@ -187,11 +188,45 @@ async def _caption_scene(scene: Scene, caption: CaptionEmbeddings, params: Sampl
         return await caption(embeddings, params)
 
 
+_HALF_MS = 0.0005  # scene times are stored to the millisecond
+
+
+async def scene_image_embeddings(source: Union[bytes, Path], every_s: float, start_s: float, end_s: float,
+                                 limits: media.VideoLimits, encode: EncodeFrames) -> np.ndarray:
+    """The mean ImageEmbeddings of a stored scene's sampled frames (its caption's input, as at ingest), decoded
+    again from the video: from the keyframe before the scene to its end, FRAMES_PER_CALL frames at a time
+    (memory: one chunk and the running sum), under the video limits."""
+    frames = media.sample_frames(source, every_s, limits, start_s=max(0.0, start_s - _HALF_MS))
+    ended = False
+
+    def next_chunk() -> list[bytes]:
+        nonlocal ended
+        chunk: list[bytes] = []
+        while not ended and len(chunk) < FRAMES_PER_CALL:
+            frame = next(frames, None)
+            ended = frame is None or frame.time_s >= end_s - _HALF_MS
+            if not ended:
+                chunk.append(encoded(frame.image, "PNG"))
+        return chunk
+
+    total, count = 0.0, 0
+    try:
+        while chunk := await asyncio.to_thread(next_chunk):
+            _, images = await encode(chunk, True)
+            total, count = total + images.sum(0, dtype=np.float64), count + len(chunk)
+    finally:
+        frames.close()
+    if not count:
+        raise media.InvalidVideoError(f"no frames decoded between {start_s} s and {end_s} s")
+    return (total / count).astype(np.float32)
+
+
 def new_video(video: VideoSource, cut: Cut) -> tuple[NewVideo, list[NewScene]]:
     """The rows to commit: the video, and one item per scene carrying the video fields in its metadata."""
     video_id = video.id or default_id(video.sha256)
     duration = _ms(cut.duration_s)
-    row = NewVideo(video.sha256, video.uri, video_id, video.metadata, duration, cut.sampled, video.keep)
+    row = NewVideo(video.sha256, video.uri, video_id, video.metadata, duration, cut.sampled, video.keep,
+                   video.settings.every_s)
     scenes = []
     for scene, text in zip(cut.scenes, cut.captions):
         start, end = _ms(scene.start_s), _ms(scene.end_s)
@@ -230,3 +265,33 @@ def scene_of(item_id: str, metadata: dict[str, str], caption: Optional[str]) -> 
     return pb.SceneInfo(id=item_id, video_id=metadata[VIDEO_ID], start_s=start, end_s=end, caption=caption or "")
 
 
+
+
+# ---------------------------------------------------------------- reading a stored video (ReadVideo)
+MAX_READ_BYTES = 4 << 20  # one ReadVideo answer at most (a player reads a long video a range at a time)
+_CONTAINERS = [(4, b"ftyp", "video/mp4"), (0, b"OggS", "video/ogg"), (0, b"RIFF", "video/x-msvideo"),
+               (0, b"\x1a\x45\xdf\xa3", "video/x-matroska")]  # EBML: Matroska, or WebM if its DocType says so
+
+
+class OutOfRange(ValueError):
+    """An offset at or past the video's end."""
+
+
+def read_slice(path: Path, offset: int, length: int) -> pb.VideoBytes:
+    """Bytes [offset, offset + length) of the video file at `path` (fewer at its end), its size and type.
+    OutOfRange for an offset at or past the end; OSError when the file is gone."""
+    with open(path, "rb") as file:
+        total = os.fstat(file.fileno()).st_size
+        if offset >= total:
+            raise OutOfRange(f"offset {offset} is at or past the video's end ({total} bytes)")
+        head = file.read(64)
+        file.seek(offset)
+        data = file.read(min(length, MAX_READ_BYTES))
+    return pb.VideoBytes(data=data, offset=offset, total_bytes=total, content_type=content_type(head))
+
+
+def content_type(head: bytes) -> str:
+    """A video's media type from its first bytes (what a browser needs to play it)."""
+    kind = next((kind for at, magic, kind in _CONTAINERS if head[at:at + len(magic)] == magic),
+                "application/octet-stream")
+    return "video/webm" if kind == "video/x-matroska" and b"webm" in head else kind

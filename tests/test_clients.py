@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 import time
 import urllib.error
@@ -628,38 +627,6 @@ def test_web_gallery_answers_its_own_pages_only(lone_gallery):
     for path in ("/api/search?q=cat&captions=1", "/api/similar?id=x&captions=true"):
         status, body, allow = raw_request(lone_gallery, "GET", path, own)
         assert (status, allow) == (405, "POST") and "POST" in body, (path, status, body)
-
-
-def browser_unavailable_reason() -> str | None:
-    for tool in ("chromium", "chromedriver"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (Debian: apt-get install chromium chromium-driver; scripts/bootstrap.sh does as root)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[test]')"
-    return None
-
-
-@pytest.fixture
-def browser(tmp_path):
-    reason = browser_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1000", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_web_gallery_in_a_browser(served, client, browser, tmp_path):

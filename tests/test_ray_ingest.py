@@ -385,3 +385,28 @@ def test_find_content_bounds(trusting_service):
             with pytest.raises(grpc.RpcError) as info:
                 client.stub.FindContent(pb.FindContentRequest(content_sha256=hashes))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+
+
+def test_ray_indexes_the_folders_videos_as_scenes_after_its_images(plain_service, ray_cluster, tmp_path):
+    """`coca index FOLDER --ray`: the images go through the Ray pipeline, then the folder's videos through
+    AddVideos (as plain `coca index` sends them). Oracle: the bytes written (sha256s) and the scene cut.
+    Last in the module: test_cli_refuses_what_cannot_run finds plain_service empty."""
+    from test_video import Clip, write_clip
+
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    still = jpeg(np.random.default_rng(7))
+    clip = write_clip(Clip("r", "mpeg4", "mp4", ["astronaut", "coins"], [1.0, 1.0]))
+    (folder / "still.jpg").write_bytes(still)
+    (folder / "sub" / "clip.mp4").write_bytes(clip)
+    result = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "index", str(folder), "--ray", ray_cluster, "--server",
+         plain_service.address, "--every", "0.25", "--scene-threshold", "0.9"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "1 items: 1 added" in result.stdout and "1 videos: 1 added" in result.stdout, result.stdout
+    with WireClient(plain_service.address) as client:
+        sha = hashlib.sha256(still).hexdigest()
+        assert client.get(sha[:32]).content_sha256 == sha
+        found = client.stub.FindContent(pb.FindContentRequest(content_sha256=[hashlib.sha256(clip).hexdigest()])).ids
+        assert [(s.start_s, s.end_s) for s in client.get(found[0]).video.scenes] == [(0.0, 1.0), (1.0, 2.0)]

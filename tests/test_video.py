@@ -245,6 +245,239 @@ def test_get_lists_the_scenes_and_a_scene_gives_its_keyframe(client, indexed):
     assert keyframe.format == "JPEG" and max(keyframe.size) <= 320
 
 
+# ---------------------------------------------------------------- the web gallery plays scenes
+@pytest.fixture(scope="module")
+def gallery(service):
+    from clients.coca_client import Client
+    from clients.web.server import start_gallery
+
+    with Client(service.address, timeout=60) as client:
+        server = start_gallery(0, client)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def _http(gallery, path: str, headers: dict = {}) -> tuple[int, dict, bytes]:
+    import http.client
+
+    port = gallery.server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        for name, value in {"Host": f"127.0.0.1:{port}", **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("name, media_type", [("a", "video/mp4"), ("b", "video/x-matroska"), ("c", "video/webm")])
+def test_the_gallery_serves_a_video_by_ranges_of_the_bytes_sent(gallery, indexed, clips, monkeypatch, name,
+                                                                media_type):
+    """Oracle: the bytes sent at ingest. Ranges answer 206 with exactly their slice (cut at MAX_RANGE_BYTES),
+    no Range the whole video (200, streamed a slice at a time); a range outside it 416, one that does not parse 400."""
+    from clients.web import server
+
+    data, path = clips[name], f"/video/{indexed[name].id}"
+    total = len(data)
+    monkeypatch.setattr(server, "MAX_RANGE_BYTES", 1000)  # several slices per clip
+    for header, first, last in [("bytes=10-99", 10, 99), ("bytes=0-0", 0, 0), ("bytes=-50", total - 50, total - 1),
+                                (f"bytes={total - 7}-", total - 7, total - 1), ("bytes=0-", 0, 999),
+                                (f"bytes=500-{total + 10**9}", 500, 1499), (f"bytes=-{total + 5}", 0, 999)]:
+        status, headers, body = _http(gallery, path, {"Range": header})
+        assert status == 206 and body == data[first:last + 1], (header, status, body[:200])
+        assert headers["Content-Range"] == f"bytes {first}-{last}/{total}" and headers["Content-Type"] == media_type
+        assert headers["Accept-Ranges"] == "bytes"
+    status, headers, body = _http(gallery, path)
+    assert status == 200 and body == data and int(headers["Content-Length"]) == total
+    for header in (f"bytes={total}-", f"bytes={total + 1}-{total + 9}", "bytes=50-10", "bytes=-0"):
+        status, headers, body = _http(gallery, path, {"Range": header})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{total}", (header, status, body)
+    for header in ("bytes=0-1,5-9", "items=0-9", "bytes=abc", "bytes=-", "bytes=0x10-"):
+        status, _, body = _http(gallery, path, {"Range": header})
+        assert status == 400 and b"Range must be one range" in body, (header, status, body)
+
+
+def test_the_gallery_reads_videos_by_id_only_under_its_origin_checks(gallery, indexed):
+    """Never a path: a scene's id, an unknown id or a path-like one is 404; a foreign Host 421, another site 403."""
+    video = indexed["a"]
+    for path in (f"/video/{video.video.scenes[0].id}", "/video/nope", "/video/..%2F..%2Fetc%2Fpasswd",
+                 "/video/%2Fetc%2Fpasswd", "/video/"):
+        status, _, body = _http(gallery, path, {"Range": "bytes=0-9"})
+        assert status == 404, (path, status, body)
+    assert _http(gallery, f"/video/{video.id}", {"Host": "attacker.example"})[0] == 421
+    for headers in ({"Origin": "http://attacker.example"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+                    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}):
+        assert _http(gallery, f"/video/{video.id}", headers)[0] == 403, headers
+
+
+def test_read_video_is_bounded_and_names_what_is_wrong(service, indexed, clips):
+    from clients.coca_client import Client, InvalidArgument, NotFound
+
+    video_id, data = indexed["b"].id, clips["b"]
+    with Client(service.address) as python:
+        piece = python.read_video(video_id, 7, 300)
+        assert (piece.data, piece.offset, piece.total_bytes) == (data[7:307], 7, len(data))
+        assert python.read_video(video_id, len(data) - 3).data == data[-3:]  # fewer at the end
+        for offset, length, code, words in [(0, 0, "INVALID_ARGUMENT", "length must be 1 to 4194304"),
+                                            (0, (4 << 20) + 1, "INVALID_ARGUMENT", "length must be 1 to 4194304"),
+                                            (len(data), 10, "OUT_OF_RANGE", "at or past the video's end")]:
+            with pytest.raises(InvalidArgument) as caught:
+                python.read_video(video_id, offset, length)
+            assert caught.value.code.name == code and words in caught.value.details, caught.value
+        with pytest.raises(NotFound, match="no video with id"):
+            python.read_video(indexed["b"].video.scenes[0].id, 0, 10)
+
+
+def test_the_gallery_api_gives_scene_hits_their_player_and_a_video_its_strip(gallery, client, indexed):
+    """Oracle: the Python client's hits and Get of the video."""
+    import json
+    import urllib.parse
+
+    status, _, body = _http(gallery, "/api/search?q=a+photo&k=12")
+    hits = json.loads(body)["hits"]
+    expected = client.search_text("a photo", k=12).hits
+    assert status == 200 and [h["id"] for h in hits] == [h.id for h in expected]
+    for shown, hit in zip(hits, expected):
+        scene = shown["scene"]
+        assert (scene["video_id"], scene["start_s"], scene["end_s"]) == (hit.video_id, hit.start_s, hit.end_s)
+        assert scene["src"] == f"/video/{urllib.parse.quote(hit.video_id, safe='')}#t={hit.start_s:.3f},{hit.end_s:.3f}"
+    video = indexed["c"]
+    status, _, body = _http(gallery, f"/api/video?id={video.id}")
+    strip = json.loads(body)
+    assert status == 200 and strip["duration_s"] == pytest.approx(client.get(video.id).video.duration_s)
+    assert [(s["id"], s["index"], s["start_s"], s["end_s"], s["caption"]) for s in strip["scenes"]] == \
+        [(s.id, s.index, s.start_s, s.end_s, s.caption) for s in video.video.scenes]
+    status, headers, thumb = _http(gallery, strip["scenes"][1]["thumb"])
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(thumb)).format == "JPEG"
+    assert _http(gallery, f"/api/video?id={video.video.scenes[0].id}")[0] == 404  # a scene is not a video
+
+
+def test_the_gallery_plays_a_scene_hit_from_its_start_in_a_browser(gallery, client, indexed, browser):
+    """Headless Chromium: a text search shows the Python client's hits as players of their scenes; the WebM
+    clip's player loads over range requests and stands at its scene's start (the media fragment); its video's
+    scene strip shows every scene's keyframe and times, and a keyframe seeks the strip's player there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    cards = lambda: browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    expected = client.search_text("a photo", k=12).hits
+    browser.get(gallery.url)
+    browser.find_element(By.ID, "query").send_keys("a photo", Keys.ENTER)
+    wait.until(lambda b: len(cards()) == len(expected))
+    assert [c.get_attribute("data-id") for c in cards()] == [h.id for h in expected]
+    webm = indexed["c"].id
+    for card, hit in zip(cards(), expected):
+        player = card.find_element(By.CSS_SELECTOR, "video.thumb")
+        assert player.get_attribute("src").endswith(f"/video/{hit.video_id}#t={hit.start_s:.3f},{hit.end_s:.3f}")
+    card, hit = next((c, h) for c, h in zip(cards(), expected) if h.video_id == webm and h.start_s > 0)
+    player = card.find_element(By.CSS_SELECTOR, "video.thumb")
+    wait.until(lambda b: b.execute_script("return arguments[0].readyState", player) >= 1)
+    assert browser.execute_script("return arguments[0].currentTime", player) == pytest.approx(hit.start_s, abs=0.06)
+    assert browser.execute_script("return arguments[0].error", player) is None
+
+    card.find_element(By.CSS_SELECTOR, ".scenes").click()
+    strip = lambda: browser.find_elements(By.CSS_SELECTOR, "#strip-scenes li")
+    scenes = indexed["c"].video.scenes
+    wait.until(lambda b: len(strip()) == len(scenes))
+    assert [li.text for li in strip()] == [f"0:{s.start_s:04.1f}–0:{s.end_s:04.1f}" for s in scenes]
+    wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                             for i in b.find_elements(By.CSS_SELECTOR, "#strip-scenes img")))
+    strip()[2].click()
+    player = browser.find_element(By.ID, "strip-player")
+    wait.until(lambda b: abs(b.execute_script("return arguments[0].currentTime", player) - scenes[2].start_s) < 0.3)
+
+
+def test_the_async_and_node_clients_add_videos_and_read_them_back(service, client, indexed, clips, tmp_path,
+                                                                  request):
+    """AsyncClient.add_videos and Node's addVideos send videos as the sync client does. Oracles: the scenes the
+    service lists for the video (Get), and the bytes sent (ReadVideo through each client)."""
+    import asyncio
+    import base64
+    import hashlib
+    import json
+    import shutil
+    import subprocess
+
+    from clients.coca_client import AsyncClient, Outcome, video_options
+
+    fresh = write_clip(Clip("f", "mpeg4", "mp4", ["brick", "coins"], [1.0, 1.0]))
+    options = video_options(every_s=EVERY_S, scene_threshold=THRESHOLD, min_scene_s=0.5)
+
+    async def add_async():
+        async with AsyncClient(service.address, timeout=120) as python:
+            added = [r async for r in python.add_videos([fresh, clips["a"]], {"by": "async"}, options=options)]
+            return added, await python.read_video(added[0].id, 100, 200)
+
+    (added, again), piece = asyncio.run(add_async())
+    request.addfinalizer(lambda: client.delete(added.id))  # the later tests count the module's videos
+    assert added.outcome is Outcome.ADDED and added.content_sha256 == hashlib.sha256(fresh).hexdigest()
+    assert again.outcome is Outcome.DUPLICATE and again.id == indexed["a"].id
+    stored = client.get(added.id)
+    assert [(s.id, s.start_s, s.end_s) for s in stored.video.scenes] == \
+        [(s.id, s.start_s, s.end_s) for s in added.video.scenes] and len(added.video.scenes) == 2
+    assert client.get(added.video.scenes[0].id).metadata["by"] == "async"
+    assert (piece.data, piece.total_bytes, piece.content_type) == (fresh[100:300], len(fresh), "video/mp4")
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed (the Node.js client needs Node >= 18)")
+    node_clip = write_clip(Clip("g", "libvpx-vp9", "webm", ["rocket", "moon"], [1.0, 1.5], fps=20))
+    (tmp_path / "g.webm").write_bytes(node_clip)
+    node_options = {"everyS": EVERY_S, "sceneThreshold": THRESHOLD, "minSceneS": 0.5}
+    calls = [{"call": "addVideos", "args": [[{"file": str(tmp_path / "g.webm"), "uri": "g.webm", "metadata": {"by": "node"},
+                                             "options": node_options}, {"video": "", "options": node_options}]]},
+             {"call": "addVideos", "args": [[{"file": str(tmp_path / "g.webm"), "options": {"everyS": 0.01}}]]},
+             {"call": "addVideos", "args": [[{"file": str(tmp_path / "g.webm"), "options": {"every": 1}}]]}]
+    node = ["node", str(Path(__file__).parent / "node" / "answers.js"), service.address]
+    done = subprocess.run([*node, json.dumps(calls)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (node_added, empty), (too_often,), bad_option = json.loads(done.stdout)
+    request.addfinalizer(lambda: client.delete(node_added["id"]))
+    assert node_added["outcome"] == "ADDED" and node_added["content_sha256"] == hashlib.sha256(node_clip).hexdigest()
+    stored = client.get(node_added["id"])
+    assert [(s["id"], s["start_s"], s["end_s"]) for s in node_added["video"]["scenes"]] == \
+        [(s.id, s.start_s, s.end_s) for s in stored.video.scenes] and len(stored.video.scenes) == 2
+    assert stored.uri == "g.webm" and client.get(stored.video.scenes[1].id).metadata["by"] == "node"
+    assert empty["outcome"] == "FAILED" and "empty video" in empty["error"]["message"]
+    assert too_often["outcome"] == "FAILED" and "every_s" in too_often["error"]["message"]
+    assert "unknown video option every" in bad_option["error"]
+    calls = [{"call": "readVideo", "args": [node_added["id"], 50, 70]},
+             {"call": "readVideo", "args": [node_added["id"], len(node_clip), 10]}]
+    done = subprocess.run([*node, json.dumps(calls)], capture_output=True, text=True, timeout=120)
+    piece, past = json.loads(done.stdout)
+    assert base64.b64decode(piece["data"]) == node_clip[50:120] and piece["total_bytes"] == len(node_clip)
+    assert piece["content_type"] == "video/webm" and past["code"] == "OUT_OF_RANGE"
+
+
+def test_a_search_captions_an_uncaptioned_scene_from_its_frames_like_ingest(service, client, tiny_coca, request):
+    """A scene stored without a caption, captioned by a `with_captions` search: from the mean ImageEmbeddings of
+    its sampled frames decoded again from the stored video (seeking to the scene), not from its keyframe.
+    Oracle: the in-process video caption of the same frames (the service's default sampling)."""
+    from coca import media
+    from coca.settings import SamplingParams
+
+    data = write_clip(Clip("h", "libvpx-vp9", "webm", ["coffee", "rocket", "camera"], [1.0, 1.5, 1.0], fps=20,
+                           variable_rate=True))
+    (added,) = client.add_videos([pb.AddVideoRequest(video=data, uri="h.webm", options=OPTIONS)])
+    request.addfinalizer(lambda: client.delete(added.id))  # the later tests count the module's videos
+    assert len(added.video.scenes) == 3 and not any(s.caption for s in added.video.scenes)
+    hits = _search(client, "a photo", k=3, filters={"video_id": added.id}, with_captions=True).hits
+    captions = {h.id: h.caption for h in hits}
+    frames = list(media.sample_frames(data, EVERY_S))
+    for scene in added.video.scenes:
+        chosen = [f.image for f in frames if scene.start_s - 5e-4 <= f.time_s < scene.end_s - 5e-4]
+        embeddings = tiny_coca.encode_images(chosen).image_embeddings.mean(0, keepdim=True)
+        expected = tiny_coca.caption_embeddings(embeddings, SamplingParams())[0]
+        assert captions[scene.id] == expected.text and len(expected.tokens) > 2, scene.index
+        assert client.get(scene.id).caption == expected.text  # stored
+
+
 def test_the_same_video_twice_adds_nothing(client, indexed, clips):
     before = client.stats().count
     (again,) = client.add_videos([pb.AddVideoRequest(video=clips["a"], options=OPTIONS)])
@@ -382,10 +615,10 @@ def _exists(client: WireClient, item_id: str) -> bool:
 
 
 def _search(client: WireClient, text: str, k: int, page_token: str = "", group_by_video: bool = False,
-            where=(), filters=None) -> pb.SearchResponse:
+            where=(), filters=None, with_captions: bool = False) -> pb.SearchResponse:
     options = pb.SearchOptions(k=k, page_token=page_token, group_by_video=group_by_video, where=list(where),
-                               filters=filters or {})
-    return client.stub.SearchText(pb.SearchTextRequest(text=text, options=options), timeout=60)
+                               filters=filters or {}, with_captions=with_captions)
+    return client.stub.SearchText(pb.SearchTextRequest(text=text, options=options), timeout=120)
 
 
 # ---------------------------------------------------------------- clients

@@ -24,14 +24,14 @@ from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondit
                      NotFound, PermissionDenied, ResourceExhausted, SearchError, Unauthenticated, Unavailable)
 from .types import (AddItem, AddResult, BackupProgress, BackupSummary, ReindexProgress, Caption, CaptionChunk, Condition,
                     DuplicateGroup, DuplicatePage, Hit, Item, ItemError, LabelScore, ListPage, Outcome, Sampling,
-                    Scene, SearchResult, Stats, TextScore, TritonEndpoint, Video, VideoResult, video_options)
+                    Scene, SearchResult, Stats, TextScore, TritonEndpoint, Video, VideoResult, VideoSlice, video_options)
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "DEFAULT_TIMEOUT",
     "AddItem", "AddResult", "BackupProgress", "BackupSummary", "ReindexProgress", "Caption", "CaptionChunk", "Condition",
     "DuplicateGroup", "DuplicatePage", "Hit", "Item",
     "ItemError", "LabelScore", "ListPage", "Outcome", "Sampling", "Scene", "SearchResult", "Stats", "TextScore",
-    "TritonEndpoint", "Video", "VideoResult", "video_options",
+    "TritonEndpoint", "Video", "VideoResult", "VideoSlice", "video_options",
     "SearchError", "AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
     "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable",
 ]

@@ -84,6 +84,26 @@ class AsyncClient(ClientBase):
             finally:
                 call.cancel()  # a no-op when it finished; stops the stream when the caller stopped early
 
+    async def add_videos(self, videos: Iterable[Union[bytes, str, os.PathLike]],
+                         metadata: Optional[dict[str, str]] = None, *, server_paths: bool = False,
+                         options: Optional[pb.VideoOptions] = None,
+                         timeout: Optional[float] = None) -> AsyncIterator[t.VideoResult]:
+        """As Client.add_videos: one VideoResult per video, in order, once committed; not retried."""
+        requests = t.video_requests(videos, metadata, server_paths, options)
+        call = self._stub.AddVideos(requests, timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield t.VideoResult.from_pb(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "AddVideos", self.target) from None
+        finally:
+            call.cancel()
+
+    async def read_video(self, id: str, offset: int = 0, length: int = 4 << 20, *, timeout=_UNSET) -> t.VideoSlice:
+        """As Client.read_video."""
+        request = pb.ReadVideoRequest(id=id, offset=offset, length=length)
+        return t.VideoSlice.from_pb(await self._unary("ReadVideo", request, timeout))
+
     async def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
         """As Client.find_content."""
         return [id for request in t.find_content_requests(list(hashes))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import grpc
@@ -123,19 +122,15 @@ class Client(ClientBase):
         with all its scenes. A video that fails fails alone. Not retried (a long video is costly to redo:
         run again, and the videos already stored come back DUPLICATE without being decoded).
         `options`: types.video_options(every_s=..., caption=True, ...)."""
-        def requests():
-            for video in videos:
-                request = pb.AddVideoRequest(metadata=metadata or {}, options=options)
-                if isinstance(video, (bytes, bytearray)):
-                    request.video = bytes(video)
-                elif server_paths:
-                    request.path = os.path.abspath(video)
-                else:
-                    request.video, request.uri = Path(video).read_bytes(), os.path.abspath(video)
-                yield request
-
-        call = self._stub.AddVideos(requests(), timeout=timeout, metadata=self._metadata)
+        requests = t.video_requests(videos, metadata, server_paths, options)
+        call = self._stub.AddVideos(requests, timeout=timeout, metadata=self._metadata)
         yield from self._results(call, "AddVideos", t.VideoResult.from_pb)
+
+    def read_video(self, id: str, offset: int = 0, length: int = 4 << 20, *, timeout=_UNSET) -> t.VideoSlice:
+        """Bytes of a stored video from `offset` (at most 4 MiB a call); InvalidArgument (code OUT_OF_RANGE)
+        for an offset at or past its end, NotFound for an id that is not a video."""
+        request = pb.ReadVideoRequest(id=id, offset=offset, length=length)
+        return t.VideoSlice.from_pb(self._unary("ReadVideo", request, timeout))
 
     def find_content(self, hashes: Sequence[str], *, timeout=_UNSET) -> list[str]:
         """The id holding each content sha256 (hex), "" where that content is not indexed; in order."""

@@ -5,7 +5,7 @@ import enum
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import grpc
 import numpy as np
@@ -225,6 +225,34 @@ def video_options(every_s: Optional[float] = None, scene_threshold: Optional[flo
                   caption: bool = False) -> pb.VideoOptions:
     given = dict(every_s=every_s, scene_threshold=scene_threshold, min_scene_s=min_scene_s, max_scene_s=max_scene_s)
     return pb.VideoOptions(caption=caption, **{k: v for k, v in given.items() if v is not None})
+
+
+def video_requests(videos: Iterable[Union[bytes, str, os.PathLike]], metadata: Optional[dict[str, str]],
+                   server_paths: bool, options: Optional[pb.VideoOptions]) -> Iterator[pb.AddVideoRequest]:
+    """AddVideos requests, one video at a time (a local file is read when the stream gets to it)."""
+    for video in videos:
+        request = pb.AddVideoRequest(metadata=metadata or {}, options=options)
+        if isinstance(video, (bytes, bytearray)):
+            request.video = bytes(video)
+        elif server_paths:
+            request.path = os.path.abspath(video)
+        else:
+            request.video, request.uri = Path(video).read_bytes(), os.path.abspath(video)
+        yield request
+
+
+@dataclass(frozen=True)
+class VideoSlice:
+    """Bytes of a stored video (ReadVideo): data starts at `offset`; the whole video is `total_bytes` long."""
+
+    data: bytes
+    offset: int
+    total_bytes: int
+    content_type: str
+
+    @classmethod
+    def from_pb(cls, reply: pb.VideoBytes) -> "VideoSlice":
+        return cls(reply.data, int(reply.offset), int(reply.total_bytes), reply.content_type)
 
 
 @dataclass(frozen=True)

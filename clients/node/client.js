@@ -132,7 +132,14 @@ function connect(target, { token, tlsCa, timeoutMs = 60000, attempts = 5, protoR
       unary("FindDuplicates", { threshold, page_size: pageSize, page_token: pageToken, neighbors }, opts),
     // Index images: items [{ image (Buffer) | path, id, metadata, uri, nearDuplicateThreshold,
     // skipNearDuplicates, caption }] -> one result per item, in order (no retries: adding again is idempotent).
-    add: (items, opts = {}) => addImages(stub, metadata, target, items, opts.timeout || timeoutMs),
+    add: (items, opts = {}) => streamAll(stub, metadata, target, "AddImages", items.map(addRequest), opts.timeout || timeoutMs),
+    // Index videos as scenes: [{ video (Buffer) | path, id, metadata, uri, options: { everyS, sceneThreshold,
+    // minSceneS, maxSceneS, caption } }] -> one result per video ({ outcome, id, video: { scenes } }), in order.
+    // Not retried (adding again answers DUPLICATE without decoding).
+    addVideos: (videos, opts = {}) =>
+      streamAll(stub, metadata, target, "AddVideos", videos.map(addVideoRequest), opts.timeout || timeoutMs),
+    // Bytes of a stored video by id: { data, offset, total_bytes, content_type }, at most 4 MiB a call.
+    readVideo: (id, offset = 0, length = 4 << 20, opts = {}) => unary("ReadVideo", { id, offset, length }, opts),
     close: () => stub.close(),
   };
 }
@@ -186,13 +193,25 @@ function addRequest({ image, path: serverPath, id = "", metadata = {}, uri = "",
   return request;
 }
 
-function addImages(stub, metadata, target, items, timeout) {
-  const requests = items.map(addRequest); // a bad item throws here, before anything is sent
+const VIDEO_OPTIONS = { everyS: "every_s", sceneThreshold: "scene_threshold", minSceneS: "min_scene_s",
+                        maxSceneS: "max_scene_s", caption: "caption" };
+
+function addVideoRequest({ video, path: serverPath, id = "", metadata = {}, uri = "", options = {} }) {
+  const unknown = Object.keys(options).filter((name) => !(name in VIDEO_OPTIONS));
+  if (unknown.length) throw new Error(`unknown video option ${unknown[0]}: give ${Object.keys(VIDEO_OPTIONS).join(", ")}`);
+  const request = { id, metadata, uri, options: Object.fromEntries(Object.entries(options).map(([k, v]) => [VIDEO_OPTIONS[k], v])) };
+  if (serverPath !== undefined) request.path = serverPath;
+  else request.video = video;
+  return request;
+}
+
+// A client-streaming call of `requests` (built before anything is sent: a bad one throws first); its results.
+function streamAll(stub, metadata, target, method, requests, timeout) {
   return new Promise((resolve, reject) => {
     const results = [];
-    const call = stub.AddImages(metadata, { deadline: new Date(Date.now() + timeout) });
+    const call = stub[method](metadata, { deadline: new Date(Date.now() + timeout) });
     call.on("data", (result) => results.push(result));
-    call.on("error", (error) => reject(new SearchError("AddImages", target, error)));
+    call.on("error", (error) => reject(new SearchError(method, target, error)));
     call.on("end", () => resolve(results));
     requests.forEach((request) => call.write(request));
     call.end();

@@ -14,7 +14,10 @@ the gRPC service through clients.coca_client:
     POST /api/search-image?k=12&captions=0       body: the image bytes (image -> image search)
     GET  /api/similar?id=ID&k=12                 images like an indexed one (POST too; POST only with captions=1)
     POST /api/caption                            body: image bytes; or POST /api/caption?id=ID (empty body)
-    GET  /thumb/ID?size=256                      JPEG thumbnail of an indexed image
+    GET  /thumb/ID?size=256                      JPEG thumbnail of an indexed image (a scene: its keyframe)
+    GET  /api/video?id=VIDEO                     a video's scenes (times, captions, keyframe thumbnails)
+    GET  /video/VIDEO                            the video's bytes, for <video>: HTTP range requests (206), at most
+                                                 MAX_RANGE_BYTES an answer; read through the service by id (ReadVideo)
 
 List and the searches also take conditions, `where=FIELD>=V` (repeatable, `coca search --where`'s forms, at
 most MAX_CONDITIONS), and `order_by=-added_at` (a date/number field; "-": descending).
@@ -54,6 +57,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional, Sequence
 
+import grpc
+
 from clients.coca_client import (Client, Condition, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
                                  ResourceExhausted, SearchError, Unauthenticated, Unavailable)
 
@@ -71,6 +76,8 @@ MODES = ("vector", "keyword", "hybrid")
 MULTI_VALUED = ("where",)  # query parameters that may repeat (the others: the last one counts)
 THUMB_SIZES = (128, 256, 512)
 THUMB_CACHE = 512  # thumbnails kept in memory
+MAX_RANGE_BYTES = 4 << 20  # bytes of a video one answer carries at most (a longer range is cut: the player asks on)
+_RANGE = re.compile(r"bytes=([0-9]{0,15})-([0-9]{0,15})")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 KEY_COOKIE = "coca_gallery_key"  # the access key off loopback, once given as ?key=
 MIN_ACCESS_KEY_CHARS = 16
@@ -84,9 +91,10 @@ _STATUS_BY_ERROR = [(InvalidArgument, HTTPStatus.BAD_REQUEST), (NotFound, HTTPSt
 
 
 class HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str, code: str = ""):
+    def __init__(self, status: HTTPStatus, message: str, code: str = "", headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.code = status, code or status.phrase.upper().replace(" ", "_")
+        self.headers = headers or {}
 
 
 class Thumbnails:
@@ -131,10 +139,22 @@ def make_thumbnail(data: bytes, size: int) -> bytes:
 
 
 def item_json(item) -> dict:
-    """What a card shows of an item (an Item of List, or a Hit)."""
+    """What a card shows of an item (an Item of List, or a Hit); a video scene's also says where it is."""
     added_at = getattr(item, "added_at", None) or getattr(item, "created_at", 0.0)
+    scene = getattr(item, "scene", None) or (item if getattr(item, "video_id", "") else None)
     return {"id": item.id, "caption": item.caption, "name": _display_name(item.uri, item.id), "uri": item.uri,
-            "metadata": item.metadata, "added_at": added_at, "thumb": f"/thumb/{urllib.parse.quote(item.id, safe='')}"}
+            "metadata": item.metadata, "added_at": added_at, "thumb": _thumb_url(item.id),
+            "scene": scene and scene_json(scene)}
+
+
+def scene_json(scene) -> dict:
+    """A scene's place in its video, and the URL that plays it from its start to its end (media fragment)."""
+    return {"video_id": scene.video_id, "start_s": scene.start_s, "end_s": scene.end_s,
+            "src": f"/video/{urllib.parse.quote(scene.video_id, safe='')}#t={scene.start_s:.3f},{scene.end_s:.3f}"}
+
+
+def _thumb_url(item_id: str) -> str:
+    return f"/thumb/{urllib.parse.quote(item_id, safe='')}"
 
 
 def hit_json(hit) -> dict:
@@ -222,7 +242,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._dispatch({"/api/stats": self.api_stats, "/api/search": self.api_search,
                         "/api/similar": self.api_similar, "/api/list": self.api_list,
-                        "/api/duplicates": self.api_duplicates})
+                        "/api/duplicates": self.api_duplicates, "/api/video": self.api_video})
 
     def do_POST(self):
         self._dispatch({"/api/search": self.api_search, "/api/similar": self.api_similar,
@@ -244,12 +264,14 @@ class GalleryHandler(BaseHTTPRequestHandler):
                 self._json(routes[url.path](query), started)
             elif self.command == "GET" and url.path.startswith("/thumb/"):
                 self.thumbnail(urllib.parse.unquote(url.path[len("/thumb/"):]), query)
+            elif self.command == "GET" and url.path.startswith("/video/"):
+                self.video(urllib.parse.unquote(url.path[len("/video/"):]))
             elif self.command == "GET":
                 self.static(url.path)
             else:
                 raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {url.path}")
         except HttpError as exc:
-            self._error(exc.status, str(exc), exc.code)
+            self._error(exc.status, str(exc), exc.code, exc.headers)
         except SearchError as exc:
             status = next((s for cls, s in _STATUS_BY_ERROR if isinstance(exc, cls)), HTTPStatus.BAD_GATEWAY)
             self._error(status, exc.details or str(exc), exc.code.name)
@@ -298,7 +320,7 @@ class GalleryHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.FORBIDDEN, f"cross-origin request from {origin[:100]!r} refused")
         site = self.headers.get("Sec-Fetch-Site")
         page = self.headers.get("Sec-Fetch-Mode") == "navigate" and self.command == "GET" \
-            and not path.startswith(("/api/", "/thumb/"))
+            and not path.startswith(("/api/", "/thumb/", "/video/"))
         if site not in (None, "same-origin", "none") and not page:
             raise HttpError(HTTPStatus.FORBIDDEN, f"request made by another site ({site}) refused")
 
@@ -357,6 +379,67 @@ class GalleryHandler(BaseHTTPRequestHandler):
                    else self.server.client.caption(data, timeout=300))
         return {"id": item_id, "caption": caption.text}
 
+    def api_video(self, query) -> dict:
+        video_id = query.get("id", "")
+        item = self.server.client.get(video_id, timeout=30)
+        if item.video is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"{video_id!r} is not a video", "NOT_FOUND")
+        return {"id": item.id, "name": _display_name(item.uri, item.id), "duration_s": item.video.duration_s,
+                "scenes": [{**scene_json(s), "id": s.id, "index": s.index, "caption": s.caption,
+                            "thumb": _thumb_url(s.id)} for s in item.video.scenes]}
+
+    def video(self, video_id: str) -> None:
+        """The video's bytes, by its id only: a range (206, at most MAX_RANGE_BYTES of it), or all of it (200,
+        streamed a slice at a time) without a Range header. 416 for a range past its end, 400 for one that
+        does not parse (one `bytes=` range only)."""
+        if not video_id or len(video_id) > 256:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such video")
+        wanted = self.headers.get("Range")
+        first, last = parse_range(wanted) if wanted is not None else (0, None)
+        read = self.server.client.read_video
+        try:
+            if first is None:  # bytes=-N: the last N bytes
+                total = read(video_id, 0, 1, timeout=30).total_bytes
+                first, last = max(0, total - last), total - 1
+            if last is not None and last < first:  # also bytes=-0
+                raise self._unsatisfiable(video_id, wanted)
+            piece = read(video_id, first, MAX_RANGE_BYTES if last is None else min(MAX_RANGE_BYTES, last - first + 1),
+                         timeout=30)
+        except SearchError as exc:
+            if exc.code != grpc.StatusCode.OUT_OF_RANGE:
+                raise
+            raise self._unsatisfiable(video_id, wanted) from None
+        headers = {"Accept-Ranges": "bytes"}
+        if wanted is None:
+            self._send(HTTPStatus.OK, b"", piece.content_type, "private, max-age=3600", headers,
+                       length=piece.total_bytes)
+            self._stream_video(video_id, piece)
+            return
+        end = piece.offset + len(piece.data) - 1
+        headers["Content-Range"] = f"bytes {piece.offset}-{end}/{piece.total_bytes}"
+        self._send(HTTPStatus.PARTIAL_CONTENT, piece.data, piece.content_type, "private, max-age=3600", headers)
+
+    def _unsatisfiable(self, video_id: str, wanted: str) -> HttpError:
+        total = self.server.client.read_video(video_id, 0, 1, timeout=30).total_bytes
+        return HttpError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"range {wanted[:60]!r} is not within the "
+                         f"video ({total} bytes)", headers={"Content-Range": f"bytes */{total}"})
+
+    def _stream_video(self, video_id: str, piece) -> None:
+        """The whole video after its headers, slice by slice (memory: one slice). A failure midway can only
+        close the connection: the client sees a body shorter than its Content-Length."""
+        keep, self.close_connection = self.close_connection, True
+        while True:
+            self.wfile.write(piece.data)
+            offset = piece.offset + len(piece.data)
+            if offset >= piece.total_bytes or not piece.data:
+                self.close_connection = keep
+                return
+            try:
+                piece = self.server.client.read_video(video_id, offset, MAX_RANGE_BYTES, timeout=30)
+            except SearchError as exc:
+                log.warning("video %r cut at byte %d: %s", video_id, offset, exc)
+                return
+
     def thumbnail(self, item_id: str, query) -> None:
         size = parse_number(query, "size", default=256)
         size = min(THUMB_SIZES, key=lambda s: abs(s - size))
@@ -401,9 +484,9 @@ class GalleryHandler(BaseHTTPRequestHandler):
         payload["ms"] = round((time.monotonic() - started) * 1000, 1)
         self._send(HTTPStatus.OK, json.dumps(payload).encode(), "application/json")
 
-    def _error(self, status: HTTPStatus, message: str, code: str = "") -> None:
+    def _error(self, status: HTTPStatus, message: str, code: str = "", headers: Optional[dict] = None) -> None:
         body = json.dumps({"error": message, "code": code or status.phrase}).encode()
-        headers = {"Allow": "POST"} if status == HTTPStatus.METHOD_NOT_ALLOWED else {}
+        headers = {"Allow": "POST"} if status == HTTPStatus.METHOD_NOT_ALLOWED else dict(headers or {})
         if self.headers.get("Content-Length", "0") != "0" and not self._body_read:
             self.close_connection = True  # its unread body would be taken for the next request
         try:
@@ -412,12 +495,13 @@ class GalleryHandler(BaseHTTPRequestHandler):
             pass
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, cache: str = "no-store",
-              headers: Optional[dict] = None) -> None:
+              headers: Optional[dict] = None, length: Optional[int] = None) -> None:
+        """Answer with `body`; with `length`, only the headers (the caller writes `length` bytes after)."""
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) if length is None else length))
         self.send_header("Cache-Control", cache)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", CSP)
@@ -446,6 +530,17 @@ def parse_number(query, name: str, kind: type = int, default=None):
         raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be {what} (decimal digits), got {raw[:40]!r}",
                         "INVALID_ARGUMENT")
     return kind(raw)
+
+
+def parse_range(header: str) -> tuple[Optional[int], Optional[int]]:
+    """(first, last) of a Range header `bytes=FIRST-LAST` (last None: to the end; first None: the last `last`
+    bytes, `bytes=-N`). One range only; HttpError 400 naming the header otherwise."""
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise HttpError(HTTPStatus.BAD_REQUEST, "Range must be one range of bytes (bytes=FIRST-LAST, bytes=FIRST- "
+                        f"or bytes=-N), got {header[:60]!r}", "INVALID_ARGUMENT")
+    first, last = (int(g) if g else None for g in match.groups())
+    return first, last
 
 
 def _k(query, name: str = "k") -> int:

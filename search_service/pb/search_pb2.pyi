@@ -701,6 +701,28 @@ class VideoInfo(_message.Message):
     scenes: _containers.RepeatedCompositeFieldContainer[SceneInfo]
     def __init__(self, duration_s: _Optional[float] = ..., frames_sampled: _Optional[int] = ..., scenes: _Optional[_Iterable[_Union[SceneInfo, _Mapping]]] = ...) -> None: ...
 
+class ReadVideoRequest(_message.Message):
+    __slots__ = ("id", "offset", "length")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    offset: int
+    length: int
+    def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class VideoBytes(_message.Message):
+    __slots__ = ("data", "offset", "total_bytes", "content_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    total_bytes: int
+    content_type: str
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., content_type: _Optional[str] = ...) -> None: ...
+
 class AddVideoResult(_message.Message):
     __slots__ = ("index", "outcome", "id", "content_sha256", "error", "video", "caption_error")
     INDEX_FIELD_NUMBER: _ClassVar[int]

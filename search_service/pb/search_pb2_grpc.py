@@ -115,6 +115,11 @@ class SearchServiceStub:
                 request_serializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexRequest.SerializeToString,
                 response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexProgress.FromString,
                 _registered_method=True)
+        self.ReadVideo = channel.unary_unary(
+                '/coca.search.v1.SearchService/ReadVideo',
+                request_serializer=coca_dot_search_dot_v1_dot_search__pb2.ReadVideoRequest.SerializeToString,
+                response_deserializer=coca_dot_search_dot_v1_dot_search__pb2.VideoBytes.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -236,6 +241,14 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadVideo(self, request, context):
+        """A slice of a stored video's bytes, by video id (what a player's HTTP range requests read): at most
+        4 MiB a call; an offset at or past the end: OUT_OF_RANGE; an id that is not a video: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -318,6 +331,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.Reindex,
                     request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexRequest.FromString,
                     response_serializer=coca_dot_search_dot_v1_dot_search__pb2.ReindexProgress.SerializeToString,
+            ),
+            'ReadVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadVideo,
+                    request_deserializer=coca_dot_search_dot_v1_dot_search__pb2.ReadVideoRequest.FromString,
+                    response_serializer=coca_dot_search_dot_v1_dot_search__pb2.VideoBytes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -752,6 +770,33 @@ class SearchService:
             '/coca.search.v1.SearchService/Reindex',
             coca_dot_search_dot_v1_dot_search__pb2.ReindexRequest.SerializeToString,
             coca_dot_search_dot_v1_dot_search__pb2.ReindexProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coca.search.v1.SearchService/ReadVideo',
+            coca_dot_search_dot_v1_dot_search__pb2.ReadVideoRequest.SerializeToString,
+            coca_dot_search_dot_v1_dot_search__pb2.VideoBytes.FromString,
             options,
             channel_credentials,
             insecure,

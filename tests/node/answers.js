@@ -2,7 +2,8 @@
 // The Node.js client's answers to a list of calls, as JSON, for tests/test_clients.py to compare with the
 // Python client's:  node answers.js TARGET '[{"call": "list", "args": [{"pageSize": 2}]}, ...]'
 // Calls: any client method (its resolved value), "pages" (every page of list/searchText/findDuplicates, following
-// next_page_token), "items" (iterItems, collected); add's items give `file` (its bytes are sent) for `image`.
+// next_page_token), "items" (iterItems, collected); add's items give `file` (its bytes are sent) for `image`,
+// addVideos' for `video`; Buffers in answers come back as base64 strings.
 "use strict";
 
 const fs = require("fs");
@@ -28,8 +29,9 @@ async function answer(client, { call, method, args = [] }) {
     for await (const item of client.iterItems(...args)) items.push(item);
     return items;
   }
-  if (call === "add") {
-    return client.add(args[0].map(({ file, ...item }) => (file ? { ...item, image: fs.readFileSync(file) } : item)));
+  const media = { add: "image", addVideos: "video" }[call];
+  if (media) {
+    return client[call](args[0].map(({ file, ...item }) => (file ? { ...item, [media]: fs.readFileSync(file) } : item)));
   }
   return client[call](...args);
 }
@@ -46,7 +48,7 @@ async function main() {
         out.push({ error: e.message, code: e.code, attempts: e.attempts, retryAfterMs: e.retryAfterMs });
       }
     }
-    console.log(JSON.stringify(out));
+    console.log(JSON.stringify(out, (key, value) => (value && value.type === "Buffer" ? Buffer.from(value.data).toString("base64") : value)));
   } finally {
     client.close();
   }

@@ -69,9 +69,56 @@ function card(item, rank) {
   if (item.caption) caption.textContent = item.caption;
   else if (item.caption_error) { caption.textContent = item.caption_error; caption.classList.add("error"); }
   node.querySelector(".name").textContent = item.name;
+  if (item.scene) showMoment(node, item);
   node.querySelector(".caption-hit").addEventListener("click", (e) => captionHit(node, item.id, e.target));
   node.querySelector(".similar").addEventListener("click", () => similar(item.id, item.name));
   return node;
+}
+
+// 83.4 -> "1:23.4"
+const clock = (s) => `${Math.floor(s / 60)}:${(s % 60).toFixed(1).padStart(4, "0")}`;
+
+// A video scene's card: its player (from the gallery's /video/ID by range requests, playing the scene's
+// start to its end: a media fragment), its times, and a button for its video's scene strip.
+function showMoment(node, item) {
+  const player = document.createElement("video");
+  player.className = "thumb";
+  player.controls = true;
+  player.preload = "metadata";
+  player.poster = item.thumb;
+  player.src = item.scene.src;
+  node.querySelector(".thumb").replaceWith(player);
+  const moment = node.querySelector(".moment");
+  moment.textContent = `${clock(item.scene.start_s)}–${clock(item.scene.end_s)}`;
+  moment.hidden = false;
+  const scenes = node.querySelector(".scenes");
+  scenes.hidden = false;
+  scenes.addEventListener("click", () => showStrip(item.scene.video_id, item.scene.start_s));
+}
+
+// The scene strip of a video: its scenes' keyframes with their times; a keyframe plays the video from there.
+async function showStrip(videoId, startS) {
+  try {
+    const video = await api(`/api/video?id=${encodeURIComponent(videoId)}`);
+    const player = $("strip-player");
+    player.src = `/video/${encodeURIComponent(video.id)}#t=${startS}`;
+    $("strip-title").textContent = `${video.name} · ${video.scenes.length} scenes · ${clock(video.duration_s)}`;
+    $("strip-scenes").replaceChildren(...video.scenes.map((scene) => {
+      const li = document.createElement("li");
+      li.dataset.start = scene.start_s;
+      const img = document.createElement("img");
+      img.src = scene.thumb;
+      img.alt = img.title = scene.caption || scene.id;
+      const time = document.createElement("span");
+      time.textContent = `${clock(scene.start_s)}–${clock(scene.end_s)}`;
+      li.append(img, time);
+      li.addEventListener("click", () => { player.currentTime = scene.start_s; player.play(); });
+      return li;
+    }));
+    $("scene-strip").hidden = false;
+  } catch (e) {
+    setStatus(`scenes of ${videoId}: ${e.message}`, true);
+  }
 }
 
 function renderCards(items, offset) {
@@ -250,5 +297,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("upload").addEventListener("change", chooseFile);
   $("image-search-button").addEventListener("click", searchImage);
   $("caption-button").addEventListener("click", captionUpload);
+  $("strip-close").addEventListener("click", () => { $("strip-player").pause(); $("scene-strip").hidden = true; });
   loadStats();
 });
