@@ -278,6 +278,16 @@ def info(args):
     print(netinfo.net_information(model.net, arrays=args.arrays))
 
 
+def _cpu_features(listed: str) -> frozenset[str]:
+    from coca.cpu import FEATURES
+
+    features = frozenset(f for f in listed.split(",") if f)
+    if features - set(FEATURES):
+        raise InvalidInputError(f"--cpu-features: unknown {', '.join(sorted(features - set(FEATURES)))}; "
+                                f"known: {', '.join(FEATURES)}")
+    return features
+
+
 def repository_information(repository: str) -> str:
     """An exported repository's identity and its precision record (every gate figure of an automatic choice)."""
     from coca.precision import summary
@@ -288,7 +298,8 @@ def repository_information(repository: str) -> str:
     lines = [f"{repository}: {manifest['model']} ({manifest['pretrained']}, {manifest['dtype']}), "
              f"id {manifest['repository_id']}", f"precision: {summary(record)}"]
     if record["mode"] == "auto":
-        lines.append(f"  chosen on: {record['cpu']} (load average {record['load_average']}); gates {record['gates']}")
+        lines.append(f"  chosen on: {record['cpu']} (load average {record['load_average']}), as a CPU with "
+                     f"{' '.join(record['features']) or 'no listed features'}; gates {record['gates']}")
         for row in record["candidates"]:
             figures = {k: v for k, v in row.items() if k not in ("encoders", "decoder", "passed", "failed")}
             verdict = "passed" if row["passed"] else "failed " + ", ".join(row["failed"])
@@ -375,7 +386,8 @@ def export(args):
     encoders = EncoderSettings("onnxruntime" if args.format == "onnx" else "torch", args.encoder_precision or "fp32")
     model, record = load_model(args), None
     if args.precision == "auto":
-        encoders, settings, record = auto_precision(model, encoders, settings, args.calibration_index)
+        features = None if args.cpu_features is None else _cpu_features(args.cpu_features)
+        encoders, settings, record = auto_precision(model, encoders, settings, args.calibration_index, features)
     manifest = export_repository(model, args.out, decoder=settings, encoders=encoders, precision=record)
     if record is not None:
         print(repository_information(args.out))
@@ -396,6 +408,9 @@ export.configure = lambda p: (
                         "--encoder-precision and --decoder-precision given (default fp32)"),
     p.add_argument("--calibration-index", type=int, default=100_000, metavar="ITEMS",
                    help="with --precision auto: items of the index the top-10 overlap gate searches (default 100000)"),
+    p.add_argument("--cpu-features", metavar="LIST",
+                   help="with --precision auto: choose as if the CPU had these features (comma-separated, e.g. "
+                        "avx2,fma,avx512f,avx512_vnni; default: this CPU's); the gates are measured here all the same"),
     p.add_argument("--encoder-precision", choices=["fp32", "int8"],
                    help="with --format onnx: int8 = 8-bit weights (MatMulNBits), opt-in, agreement in README"),
     p.add_argument("--decoder-precision", choices=["fp32", "int8"],
