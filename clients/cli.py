@@ -376,7 +376,9 @@ def export(args):
 
     from serving.repository import auto_precision
 
-    if args.precision == "auto" and (args.encoder_precision or args.decoder_precision):
+    named = bool(args.encoder_precision or args.decoder_precision)
+    args.precision = args.precision or ("fixed" if named else "auto")
+    if args.precision == "auto" and named:
         raise InvalidInputError("--precision auto chooses the encoder and decoder precisions: drop "
                                 "--encoder-precision/--decoder-precision, or use --precision fixed")
     if args.calibration_index < 1:
@@ -402,10 +404,10 @@ export.configure = lambda p: (
     p.add_argument("--format", choices=["python", "onnx"], default="python",
                    help="onnx: also write the encoders as ONNX graphs (1/model.onnx, what NGC Triton's onnxruntime "
                         "backend serves) and run them with ONNX Runtime inside the Python backend"),
-    p.add_argument("--precision", choices=["fixed", "auto"], default="fixed",
-                   help="auto: measure each precision this CPU runs fast against fp32 on a generated calibration "
-                        "set and keep the fastest that passes the gates (README Precision); fixed: the "
-                        "--encoder-precision and --decoder-precision given (default fp32)"),
+    p.add_argument("--precision", choices=["fixed", "auto"],
+                   help="auto (the default unless --encoder-precision/--decoder-precision is given): measure each "
+                        "precision this CPU runs fast against fp32 on a generated calibration set and keep the "
+                        "fastest that passes the gates (README Precision); fixed: those two options (default fp32)"),
     p.add_argument("--calibration-index", type=int, default=100_000, metavar="ITEMS",
                    help="with --precision auto: items of the index the top-10 overlap gate searches (default 100000)"),
     p.add_argument("--cpu-features", metavar="LIST",

@@ -161,3 +161,15 @@ def test_the_top10_gate_sees_a_disturbed_index(tiny_coca):
     overlap = top10_overlap(reference, noisy, Calibration(index_size=500), chunk=64)
     assert overlap < 0.98
     assert top10_overlap(reference, noisy, Calibration(index_size=500), chunk=500) == overlap
+
+
+def test_export_chooses_automatically_unless_a_precision_is_named(tmp_path):
+    """The CLI default: auto (features given, so it costs nothing on any machine); a named precision: fixed."""
+    base = ["export", "--model", "coca-tiny", "--pretrained", "random"]
+    assert main([*base, "--out", str(tmp_path / "auto"), "--cpu-features", "avx2,fma"]) == 0
+    record = json.loads((tmp_path / "auto" / MANIFEST_FILE).read_text())["precision"]
+    assert (record["mode"], record["features"], record["chosen"]) == ("auto", ["avx2", "fma"],
+                                                                      {"encoders": "fp32", "decoder": "fp32"})
+    assert main([*base, "--out", str(tmp_path / "named"), "--decoder-precision", "int8"]) == 0
+    record = json.loads((tmp_path / "named" / MANIFEST_FILE).read_text())["precision"]
+    assert record == {"mode": "fixed", "chosen": {"encoders": "fp32", "decoder": "int8"}}
