@@ -10,13 +10,13 @@ set of distinct photos compared to fp32's (agreement printed).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import coca
 from coca.generate import generate
-from coca.sampling import SOT, SamplingParams
+from coca.precision import step_seconds
+from coca.sampling import SamplingParams
 
 from .common import add_model_options, best_of, distinct_images, print_json, print_table, sample_images, synchronize
 
@@ -34,22 +34,6 @@ def parse(argv):
     p.add_argument("--agreement-images", type=int, default=24, help="distinct photos of the fixed agreement set")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return p.parse_args(argv)
-
-
-def step_seconds(net, batch: int, steps: int = 16) -> float:
-    """Mean time of one cached decode step at batch `batch`, over positions 0..steps-1."""
-    cache = net.new_cache(batch, steps)
-    slots, device = slice(0, batch), net.device
-    with torch.inference_mode():
-        net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config.decoder.width))
-        tokens = torch.full((batch, 1), SOT, device=device)
-        net.decode(tokens, torch.zeros(batch, dtype=torch.long, device=device), cache, slots)  # warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        for pos in range(1, steps):
-            net.decode(tokens, torch.full((batch,), pos, device=device), cache, slots)
-        synchronize(device)
-    return (time.perf_counter() - start) / (steps - 1)
 
 
 def ours(model, pixels, params):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Callable
 
@@ -58,7 +59,17 @@ def add_model_options(p, model: str = "coca_ViT-B-32") -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def machine() -> dict:
+    """The CPU and its features (what a figure depends on) and the load it was measured under."""
+    from coca.cpu import describe_cpu
+
+    return {"cpu": describe_cpu(), "load_average": round(os.getloadavg()[0], 2)}
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
+    """The table, under a line naming the machine (CPU features, load average) that gave its figures."""
+    now = machine()
+    print(f"machine: {now['cpu']}; load average {now['load_average']}")
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for i, row in enumerate(cells):
@@ -68,4 +79,4 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
 
 def print_json(result: dict) -> None:
-    print(json.dumps(result), flush=True)
+    print(json.dumps({**result, "machine": machine()}), flush=True)

@@ -89,7 +89,7 @@ def batching_bound(args) -> dict:
     import coca
     from coca.quant import quantize
 
-    from .caption import step_seconds
+    from coca.precision import step_seconds
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the decoder model's torch_threads

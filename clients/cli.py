@@ -264,15 +264,54 @@ def _plot_index_options(p):
     configure(p)
 
 
-@command("info", "net information: parameters per part and array, layer types")
+@command("info", "net information (parameters per part and array, layer types), this CPU's features; "
+                 "--repository: an export's identity and precision")
 def info(args):
+    from coca.cpu import describe_cpu
+
+    print(f"CPU: {describe_cpu()}")
+    if args.repository:
+        return print(repository_information(args.repository))
     from coca import netinfo
 
     model = load_model(args)
     print(netinfo.net_information(model.net, arrays=args.arrays))
 
 
-info.configure = lambda p: p.add_argument("--arrays", action="store_true", help="list every array")
+def _cpu_features(listed: str) -> frozenset[str]:
+    from coca.cpu import FEATURES
+
+    features = frozenset(f for f in listed.split(",") if f)
+    if features - set(FEATURES):
+        raise InvalidInputError(f"--cpu-features: unknown {', '.join(sorted(features - set(FEATURES)))}; "
+                                f"known: {', '.join(FEATURES)}")
+    return features
+
+
+def repository_information(repository: str) -> str:
+    """An exported repository's identity and its precision record (every gate figure of an automatic choice)."""
+    from coca.precision import summary
+    from serving.repository import read_manifest
+
+    manifest = read_manifest(repository)
+    record = manifest.get("precision") or {"mode": "fixed", "chosen": {"encoders": "?", "decoder": "?"}}
+    lines = [f"{repository}: {manifest['model']} ({manifest['pretrained']}, {manifest['dtype']}), "
+             f"id {manifest['repository_id']}", f"precision: {summary(record)}"]
+    if record["mode"] == "auto":
+        lines.append(f"  chosen on: {record['cpu']} (load average {record['load_average']}), as a CPU with "
+                     f"{' '.join(record['features']) or 'no listed features'}; gates {record['gates']}")
+        for row in record["candidates"]:
+            figures = {k: v for k, v in row.items() if k not in ("encoders", "decoder", "passed", "failed")}
+            verdict = "passed" if row["passed"] else "failed " + ", ".join(row["failed"])
+            lines.append(f"  encoders {row['encoders']}, decoder {row['decoder']}: {verdict}; {figures}")
+        lines += [f"  not tried: {name}: {why}" for name, why in record["skipped"].items()]
+    return "\n".join(lines)
+
+
+info.configure = lambda p: (
+    p.add_argument("--arrays", action="store_true", help="list every array"),
+    p.add_argument("--repository", help="a folder written by `coca export`: its identity and precision choice"),
+)
 
 
 @command("bench", "benchmarks (see bench/): caption, ...")
@@ -337,10 +376,25 @@ search_command("duplicates", "groups of near-identical indexed images (cosine si
 def export(args):
     from serving.repository import DecoderSettings, EncoderSettings, export_repository
 
+    from serving.repository import auto_precision
+
+    named = bool(args.encoder_precision or args.decoder_precision)
+    args.precision = args.precision or ("fixed" if named else "auto")
+    if args.precision == "auto" and named:
+        raise InvalidInputError("--precision auto chooses the encoder and decoder precisions: drop "
+                                "--encoder-precision/--decoder-precision, or use --precision fixed")
+    if args.calibration_index < 1:
+        raise InvalidInputError(f"--calibration-index must be >= 1, got {args.calibration_index}")
     settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle,
                                precision=args.decoder_precision, scheduler=args.decoder_scheduler)
-    encoders = EncoderSettings("onnxruntime" if args.format == "onnx" else "torch", args.encoder_precision)
-    manifest = export_repository(load_model(args), args.out, decoder=settings, encoders=encoders)
+    encoders = EncoderSettings("onnxruntime" if args.format == "onnx" else "torch", args.encoder_precision or "fp32")
+    model, record = load_model(args), None
+    if args.precision == "auto":
+        features = None if args.cpu_features is None else _cpu_features(args.cpu_features)
+        encoders, settings, record = auto_precision(model, encoders, settings, args.calibration_index, features)
+    manifest = export_repository(model, args.out, decoder=settings, encoders=encoders, precision=record)
+    if record is not None:
+        print(repository_information(args.out))
     print(f"exported {args.model} ({args.pretrained}, {args.dtype}) to {args.out}; identity: {manifest}")
 
 
@@ -352,7 +406,16 @@ export.configure = lambda p: (
     p.add_argument("--format", choices=["python", "onnx"], default="python",
                    help="onnx: also write the encoders as ONNX graphs (1/model.onnx, what NGC Triton's onnxruntime "
                         "backend serves) and run them with ONNX Runtime inside the Python backend"),
-    p.add_argument("--encoder-precision", choices=["fp32", "int8"], default="fp32",
+    p.add_argument("--precision", choices=["fixed", "auto"],
+                   help="auto (the default unless --encoder-precision/--decoder-precision is given): measure each "
+                        "precision this CPU runs fast against fp32 on a generated calibration set and keep the "
+                        "fastest that passes the gates (README Precision); fixed: those two options (default fp32)"),
+    p.add_argument("--calibration-index", type=int, default=100_000, metavar="ITEMS",
+                   help="with --precision auto: items of the index the top-10 overlap gate searches (default 100000)"),
+    p.add_argument("--cpu-features", metavar="LIST",
+                   help="with --precision auto: choose as if the CPU had these features (comma-separated, e.g. "
+                        "avx2,fma,avx512f,avx512_vnni; default: this CPU's); the gates are measured here all the same"),
+    p.add_argument("--encoder-precision", choices=["fp32", "int8"],
                    help="with --format onnx: int8 = 8-bit weights (MatMulNBits), opt-in, agreement in README"),
     p.add_argument("--decoder-precision", choices=["fp32", "int8"],
                    help="the decode step's arithmetic (default fp32; int8: opt-in, agreement in README)"),

@@ -56,8 +56,8 @@ class ServiceMetrics:
     def count_shed(self, bound: str) -> None:
         self.shed.labels(bound).inc()
 
-    def watch(self, admission: Admission, collection: Collection, text_cache) -> None:
-        """Export the admission counts and the store's state, read at each scrape."""
+    def watch(self, admission: Admission, collection: Collection, text_cache, models=None) -> None:
+        """Export the admission counts, the store's state and the served precision, read at each scrape."""
         inflight = Gauge("coca_search_inflight", "Requests in flight per admission class; caption_sequences: "
                          "decoder sequences", ["class"], registry=self.registry)
         limit = Gauge("coca_search_inflight_limit", "The bound of each admission class (0: none)", ["class"],
@@ -66,6 +66,8 @@ class ServiceMetrics:
             inflight.labels(kind).set_function(lambda kind=kind: admission.inflight(kind))
             limit.labels(kind).set_function(lambda kind=kind: admission.bound(kind))
         self.registry.register(_StoreCollector(collection, text_cache))
+        if models is not None:
+            self.registry.register(_PrecisionCollector(models))
 
     def serve(self, host: str, port: int) -> "MetricsServer":
         server, thread = start_http_server(port, addr=host, registry=self.registry)
@@ -114,6 +116,22 @@ class _StoreCollector:
         info = GaugeMetricFamily("coca_search_index_info", "The index: configured type and what serves now",
                                  labels=["configured", "active"])
         info.add_metric([stats["index_type"], stats["index_active"]], 1)
+        yield info
+
+
+class _PrecisionCollector:
+    """What the served export computes in (search_service.models.Models.precision), as last heard."""
+
+    def __init__(self, models):
+        self.models = models
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        info = GaugeMetricFamily("coca_search_model_precision_info", "The served export's precision as `coca export` "
+                                 "recorded it (\"\" before Triton first answered)", labels=["precision"])
+        info.add_metric([self.models.precision], 1)
         yield info
 
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
@@ -53,6 +53,7 @@ class ModelIdentity:
     pretrained: str
     embed_dim: int
     weights: str  # the export's repository id: a hash of all the weights (equal ids, equal weights)
+    precision: str = field(default="", compare=False)  # what `coca export` chose (serving.protocol.Identity)
 
     def __str__(self) -> str:
         return f"{self.model} ({self.pretrained}, dim {self.embed_dim}, weights {self.weights[:12]})"
@@ -147,6 +148,11 @@ class Models:
         """serving.pool.EndpointState of each Triton endpoint."""
         return self.pool.states()
 
+    @property
+    def precision(self) -> str:
+        """The precision the served export says it computes in, as last heard ("" before any answer)."""
+        return self._verified[0].precision if self._verified is not None else ""
+
     async def identity(self, timeout: float, fresh: bool = False) -> ModelIdentity:
         """Which model and weights the endpoints serve: asked now if `fresh`, while no endpoint is in
         rotation, or when the last answer is older than IDENTITY_MAX_AGE_S (serving.pool asks those in
@@ -164,7 +170,8 @@ class Models:
             raise ModelMismatch(str(exc)) from None
         except TritonUnavailableError as exc:
             raise self._unavailable(exc) from None
-        identity = ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id)
+        identity = ModelIdentity(found.model, found.pretrained, int(found.embed_dim), found.repository_id,
+                                 found.precision)
         if self._verified is not None and identity != self._verified[0]:
             self.text_cache.clear()  # its vectors are the old model's
         self._verified = (identity, time.monotonic())  # its age counts from the answer, not the question

@@ -171,7 +171,7 @@ async def start(config: ServiceConfig, progress: bool = False) -> RunningServer:
     retry = asyncio.create_task(servicer.caption_retries.run())
     endpoint = None
     if config.metrics_port is not None:
-        metrics.watch(admission, engine, models.text_cache)
+        metrics.watch(admission, engine, models.text_cache, models)
         endpoint = metrics.serve(config.host, config.metrics_port)
     return RunningServer(server, port, engine, models, health_servicer, watch, retry, endpoint)
 

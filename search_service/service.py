@@ -995,7 +995,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return pb.StatsResponse(**stats, **self.models.text_cache.stats(), **retries, triton_ready=ready, triton_endpoints=[
             pb.TritonEndpoint(address=e.url, healthy=e.healthy, in_flight=e.in_flight, calls=e.calls, outages=e.outages,
                               last_error=e.last_error, down_seconds=e.down_s) for e in self.models.endpoints()],
-            repository_id=self._bound.weights if ready else "", accepts_embeddings=self.config.accept_embeddings,
+            repository_id=self._bound.weights if ready else "", precision=self.models.precision if ready else "",
+            accepts_embeddings=self.config.accept_embeddings,
             schema=schema, **await self._generation_stats())
 
     async def _generation_stats(self) -> dict:

@@ -6,7 +6,7 @@ serving.repository writing the repository).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class Identity:
     dtype: str
     embed_dim: int
     repository_id: str  # hash of all parts' weights: equal ids, equal weights
+    # "encoders int8, decoder fp32 (auto)" (coca/precision.py summary); not part of equality: the same
+    # weights at another precision are the same export to a store; "" from repositories written before it
+    precision: str = field(default="", compare=False)
 
     def parameters(self) -> dict[str, str]:
         return {PARAMETER_PREFIX + k: str(v) for k, v in asdict(self).items()}
@@ -41,7 +44,8 @@ class Identity:
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> "Identity":
         """From a model config's parameters (values as strings); KeyError if one is missing."""
-        values = {name: parameters[PARAMETER_PREFIX + name] for name in cls.__dataclass_fields__}
+        values = {name: parameters[PARAMETER_PREFIX + name] for name in cls.__dataclass_fields__ if name != "precision"}
+        values["precision"] = parameters.get(PARAMETER_PREFIX + "precision", "")
         return cls(**{**values, "embed_dim": int(values["embed_dim"])})
 
 

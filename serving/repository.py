@@ -79,12 +79,18 @@ def export_repository(
     encoders: EncoderSettings = EncoderSettings(),
     torch_threads: Optional[int] = None,
     templates: Union[str, os.PathLike] = TEMPLATES,
+    precision: Optional[dict] = None,
 ) -> Path:
     """Write (or refresh) a Triton model repository for `model` (a coca.Coca); return the manifest's path.
 
     dtype: the weights' dtype on disk and in the server (default: the model's).
+    precision: the record of an automatic choice (`auto_precision`, whose settings these are); None: the
+    precisions of `encoders` and `decoder` were asked for by name. The manifest keeps it whole.
     """
     from coca.loading import dtype_name, resolve_dtype, save_part  # torch + open_clip: only when exporting
+    from coca.precision import fixed_precision, summary
+
+    precision = precision or fixed_precision(encoders.precision, decoder.precision or "fp32")
 
     out, templates = Path(out_dir).resolve(), Path(templates).resolve()
     dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
@@ -94,6 +100,7 @@ def export_repository(
     identity = Identity(
         model=model.model_name, pretrained=model.pretrained, dtype=dtype_name(dtype),
         embed_dim=model.net.config.embed_dim, repository_id=repository_id(hashes),
+        precision=summary(precision),
     )
     onnx_hashes = _write_onnx(model, out, encoders.precision) if encoders.runtime == "onnxruntime" else {}
     names = list(TRITON_MODELS)
@@ -124,12 +131,28 @@ def export_repository(
         _write_text(out / name / "config.pbtxt", config)
     manifest = {
         **asdict(identity),
+        "precision": precision,
         "preprocess_cfg": model.preprocess_cfg,
         "models": {name: {"part": TRITON_MODELS.get(name, "text_decoder"), "weights": f"{name}/1/{WEIGHTS_FILE}",
                           "sha256": hashes[name]} for name in names},
     }
     _write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return out / MANIFEST_FILE
+
+
+def auto_precision(model, encoders: EncoderSettings, decoder: DecoderSettings, index_size: Optional[int] = None,
+                   features: Optional[frozenset[str]] = None) -> tuple[EncoderSettings, DecoderSettings, dict]:
+    """`encoders` and `decoder` at the precision coca/precision.py chooses for this CPU (or `features`), and
+    the record of that choice (pass it to export_repository). index_size: the top-10 gate's index."""
+    from dataclasses import replace
+
+    from coca.cpu import cpu_features
+    from coca.precision import Calibration, choose_precision
+
+    calibration = Calibration() if index_size is None else Calibration(index_size=index_size)
+    record = choose_precision(model, cpu_features() if features is None else features, encoders.runtime, calibration)
+    chosen = record["chosen"]
+    return (replace(encoders, precision=chosen["encoders"]), replace(decoder, precision=chosen["decoder"]), record)
 
 
 def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained: str, seed: int = 0,

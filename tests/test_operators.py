@@ -146,6 +146,13 @@ def test_metrics_count_what_the_clients_did(tmp_path, triton, repository):
     assert sample(got, "coca_search_items") == sample(got, "coca_search_indexed_items") == len(images)
     assert sample(got, "coca_search_captioned_items") == stored == len(captioned)
     assert sample(got, "coca_search_index_info", configured="Flat", active="Flat") == 1
+    # the precision the export recorded (its manifest), as Triton's configs carry it
+    from coca.precision import summary
+    from serving.repository import read_manifest
+
+    recorded = summary(read_manifest(repository[0])["precision"])
+    assert stats.precision == recorded == "encoders fp32, decoder fp32 (fixed)"
+    assert sample(got, "coca_search_model_precision_info", precision=recorded) == 1
     # queue depths back to zero, the bounds as configured
     for kind in ("search", "ingest", "caption", "caption_sequences"):
         assert sample(got, "coca_search_inflight", **{"class": kind}) == 0

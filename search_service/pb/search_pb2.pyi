@@ -529,7 +529,7 @@ class FieldSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "repository_id", "accepts_embeddings", "schema", "captions_pending_retry", "captions_retried_ok", "captions_given_up", "generation", "answered_by", "reindex", "old_generation", "captions_by_old_models")
+    __slots__ = ("count", "indexed", "index_type", "index_active", "model", "pretrained", "embedding_dim", "last_sequence", "snapshot_sequence", "triton_ready", "query_cache_hits", "query_cache_misses", "query_cache_entries", "triton_endpoints", "repository_id", "accepts_embeddings", "schema", "captions_pending_retry", "captions_retried_ok", "captions_given_up", "generation", "answered_by", "reindex", "old_generation", "captions_by_old_models", "precision")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -555,6 +555,7 @@ class StatsResponse(_message.Message):
     REINDEX_FIELD_NUMBER: _ClassVar[int]
     OLD_GENERATION_FIELD_NUMBER: _ClassVar[int]
     CAPTIONS_BY_OLD_MODELS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     count: int
     indexed: int
     index_type: str
@@ -580,7 +581,8 @@ class StatsResponse(_message.Message):
     reindex: str
     old_generation: str
     captions_by_old_models: int
-    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., captions_pending_retry: _Optional[int] = ..., captions_retried_ok: _Optional[int] = ..., captions_given_up: _Optional[int] = ..., generation: _Optional[int] = ..., answered_by: _Optional[str] = ..., reindex: _Optional[str] = ..., old_generation: _Optional[str] = ..., captions_by_old_models: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, count: _Optional[int] = ..., indexed: _Optional[int] = ..., index_type: _Optional[str] = ..., index_active: _Optional[str] = ..., model: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., last_sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., triton_ready: _Optional[bool] = ..., query_cache_hits: _Optional[int] = ..., query_cache_misses: _Optional[int] = ..., query_cache_entries: _Optional[int] = ..., triton_endpoints: _Optional[_Iterable[_Union[TritonEndpoint, _Mapping]]] = ..., repository_id: _Optional[str] = ..., accepts_embeddings: _Optional[bool] = ..., schema: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., captions_pending_retry: _Optional[int] = ..., captions_retried_ok: _Optional[int] = ..., captions_given_up: _Optional[int] = ..., generation: _Optional[int] = ..., answered_by: _Optional[str] = ..., reindex: _Optional[str] = ..., old_generation: _Optional[str] = ..., captions_by_old_models: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class TritonEndpoint(_message.Message):
     __slots__ = ("address", "healthy", "in_flight", "calls", "outages", "last_error", "down_seconds")
