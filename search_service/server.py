@@ -202,9 +202,16 @@ class SharedAnswer:
         loop = asyncio.get_running_loop()
         if self._task is None or (self._task.done() and loop.time() - self._answered_at >= self.ttl_s):
             self.asked += 1
-            self._task = asyncio.ensure_future(self.ask())
-            self._task.add_done_callback(lambda _: setattr(self, "_answered_at", loop.time()))
+            self._task = asyncio.ensure_future(self._answer())
         return await asyncio.shield(self._task)  # a caller that gives up does not cancel the others' answer
+
+    async def _answer(self):
+        # Stamped inside the task, so it is set before done() is true (a done callback runs a turn later, and
+        # a caller in between saw the old stamp and asked again).
+        try:
+            return await self.ask()
+        finally:
+            self._answered_at = asyncio.get_running_loop().time()
 
 
 class LiveHealth(health.aio.HealthServicer):
