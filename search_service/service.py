@@ -1137,15 +1137,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             latest[:] = [(phase, done, total)]  # the newest only; read by the loop below
 
         job = self.backups.start(lambda: backup(out, progress))
-        sent = None
-        while True:
-            finished, _ = await asyncio.wait({job}, timeout=BACKUP_PROGRESS_S)
-            now = latest[0] if latest else None
-            if now is not None and now != sent and not finished:
-                sent = now
-                yield pb.BackupProgress(phase=now[0], done=now[1], total=now[2])
-            if finished:
-                break
+        async for phase, done, total in changes_until_done(job, lambda: latest[0] if latest else None):
+            yield pb.BackupProgress(phase=phase, done=done, total=total)
         try:
             summary = job.result()
         except BackupError as exc:
@@ -1195,16 +1188,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             yield progress
 
     async def _reindex_progress(self, task: asyncio.Task) -> AsyncIterator[pb.ReindexProgress]:
-        sent, wait = None, 0.05  # the first message soon (a small store's reindex may take less than a tick)
-        while True:
-            finished, _ = await asyncio.wait({task}, timeout=wait)
-            wait = BACKUP_PROGRESS_S
-            if finished:
-                break
-            now = self.reindexing.latest
-            if now is not None and now != sent:
-                sent = now
-                yield _reindex_pb(now)
+        # the first message soon: a small store's reindex may take less than a tick
+        async for now in changes_until_done(task, lambda: self.reindexing.latest, first_wait_s=0.05):
+            yield _reindex_pb(now)
         try:
             active = task.result()
         except asyncio.CancelledError:
@@ -1341,6 +1327,21 @@ def _stale_embedding(p: Prepared) -> pb.AddImageResult:
     """A caller's embedding of the export the store answered from before a switch that came while it was added."""
     return _failed(p.index, ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "the store switched to another model "
                                          "(Reindex) while this item was added: embed it with the new export"), p.sha256)
+
+
+async def changes_until_done(job: asyncio.Future, latest: Callable[[], object],
+                             first_wait_s: float = BACKUP_PROGRESS_S) -> AsyncIterator:
+    """A running job's newest progress (`latest()`) each time it changed, every BACKUP_PROGRESS_S, until done."""
+    sent, wait = None, first_wait_s
+    while True:
+        finished, _ = await asyncio.wait({job}, timeout=wait)
+        wait = BACKUP_PROGRESS_S
+        if finished:
+            return
+        now = latest()
+        if now is not None and now != sent:
+            sent = now
+            yield now
 
 
 def _reindex_pb(status: ReindexStatus) -> pb.ReindexProgress:
