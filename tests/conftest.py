@@ -59,6 +59,29 @@ def tiny_repository(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shared_triton(tiny_repository):
+    """One tritonserver serving `tiny_repository` for every module that needs a plain one (each start costs
+    15-30 s of a 2-core CI box). It keeps its ports, so a test may stop it and start it again; `plain_triton`
+    hands it out alive. Modules that kill, hang or reconfigure Triton start their own."""
+    from serving.testing import restartable_triton, triton_unavailable_reason
+
+    reason = triton_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with restartable_triton(tiny_repository[0]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def plain_triton(shared_triton):
+    """The shared tritonserver, started again if an earlier module left it down."""
+    if not shared_triton.is_alive():
+        shared_triton.stop()
+        shared_triton.start()
+    return shared_triton
+
+
+@pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A real Milvus standalone for the whole test session, on ports of its own (its embedded etcd's too): it
     runs beside any other Milvus on the host (see MilvusServerProcess)."""

@@ -35,13 +35,8 @@ MODEL, PRETRAINED = "coca-tiny", "random"  # conftest's tiny_repository: seed 0
 
 # ---------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def triton(tiny_repository):
-    if triton_unavailable_reason():
-        pytest.skip(triton_unavailable_reason())
-    from serving.testing import restartable_triton
-
-    with restartable_triton(tiny_repository[0]) as server:
-        yield server
+def triton(plain_triton):
+    return plain_triton
 
 
 def noise_jpegs(count: int, seed: int, side: int = 64) -> list[bytes]:

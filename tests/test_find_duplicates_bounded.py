@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.testing import running_triton, triton_unavailable_reason
+from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
@@ -64,12 +64,12 @@ def oracle_groups(ids: list[str], vectors: np.ndarray, threshold: float = THRESH
     return sorted(sorted(m) for m in members.values() if len(m) > 1)
 
 
-def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repository):
+def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, plain_triton):
     from search_service.pb import search_pb2 as pb
     from search_service.testing import ServiceProcess, WireClient
 
-    with running_triton(tiny_repository[0]) as (grpc_url, _, _), \
-            ServiceProcess(tmp_path / "data", grpc_url, "--accept-embeddings",
+    grpc_url = plain_triton.grpc_url
+    with ServiceProcess(tmp_path / "data", grpc_url, "--accept-embeddings",
                            "--max-duplicate-scan", str(ITEMS + 1)) as service, \
             WireClient(service.address, timeout=120) as client:
         list(client.add_images([pb.AddImageRequest(image=tiny_png(1 << 23))]))  # binds the store to the model
@@ -145,8 +145,7 @@ def test_find_duplicates_is_exact_bounded_and_starves_nobody(tmp_path, tiny_repo
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     # Over the bound: refused, naming it.
-    with running_triton(tiny_repository[0]) as (grpc_url, _, _), \
-            ServiceProcess(tmp_path / "data", grpc_url, "--max-duplicate-scan", "100") as service, \
+    with ServiceProcess(tmp_path / "data", grpc_url, "--max-duplicate-scan", "100") as service, \
             WireClient(service.address, timeout=120) as client:
         with pytest.raises(grpc.RpcError) as refused:
             client.stub.FindDuplicates(pb.FindDuplicatesRequest(threshold=THRESHOLD))

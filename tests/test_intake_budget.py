@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.testing import running_triton, triton_unavailable_reason
+from serving.testing import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
@@ -51,14 +51,13 @@ def vm_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
-def test_eight_streams_of_30_mib_images_stay_within_the_intake_budget(tmp_path, tiny_repository):
+def test_eight_streams_of_30_mib_images_stay_within_the_intake_budget(tmp_path, plain_triton):
     from search_service.pb import search_pb2 as pb
     from search_service.testing import ServiceProcess, WireClient
 
     images = big_images(STREAMS * PER_STREAM)
     assert all(IMAGE_MIB * MIB * 0.95 < len(i) <= 32 * MIB for i in images)
-    with running_triton(tiny_repository[0]) as (grpc_url, _, _), \
-            ServiceProcess(tmp_path / "data", grpc_url, "--intake-mb", str(INTAKE_MIB)) as service, \
+    with ServiceProcess(tmp_path / "data", plain_triton.grpc_url, "--intake-mb", str(INTAKE_MIB)) as service, \
             WireClient(service.address, timeout=600) as client:
         pid = service.process.pid
         list(client.add_images([pb.AddImageRequest(image=big_images(1)[0][:-6] + b"warmup")]))  # code paths warm
@@ -96,7 +95,7 @@ def test_eight_streams_of_30_mib_images_stay_within_the_intake_budget(tmp_path, 
         assert peak_mib < bound_mib, f"peak RSS {peak_mib:.0f} MiB over the baseline, bound {bound_mib} MiB"
 
 
-def test_a_message_bigger_than_its_reservation_does_not_hang_two_streams(tmp_path, tiny_repository):
+def test_a_message_bigger_than_its_reservation_does_not_hang_two_streams(tmp_path, plain_triton):
     """Review item 1 through gRPC, --intake-mb 64: stream 1 reserves room for one item (33 MiB), stream 2 queues
     for 33 MiB with 31 free, then stream 1's message arrives: 40 MiB (an image over the 32 MiB limit, a valid
     message under the 64 MiB one). Old code: stream 1 waited for 7 MiB more behind stream 2 while holding its
@@ -108,8 +107,7 @@ def test_a_message_bigger_than_its_reservation_does_not_hang_two_streams(tmp_pat
     small = [tiny_png(i) for i in range(3)]
     oversized = b"\x89PNG" + bytes(40 * MIB)
     first_message = threading.Event()
-    with running_triton(tiny_repository[0]) as (grpc_url, _, _), \
-            ServiceProcess(tmp_path / "data", grpc_url, "--intake-mb", "64") as service, \
+    with ServiceProcess(tmp_path / "data", plain_triton.grpc_url, "--intake-mb", "64") as service, \
             WireClient(service.address, timeout=120) as client:
         list(client.add_images([pb.AddImageRequest(image=small[0])]))  # warm: models checked, code paths loaded
         results: dict[int, object] = {}

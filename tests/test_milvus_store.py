@@ -35,13 +35,8 @@ ADDED, DUPLICATE = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    from serving.repository import ensure_repository
-    from serving.testing import restartable_triton
-
-    repository, _ = ensure_repository(tmp_path_factory.mktemp("milvus-e2e") / "repo", MODEL, PRETRAINED, SEED)
-    with restartable_triton(repository) as server:
-        yield server
+def triton(plain_triton):
+    return plain_triton
 
 
 def images(seed: int, count: int) -> list[bytes]:

@@ -24,20 +24,13 @@ from search_service.testing import ServiceProcess, WireClient  # noqa: E402
 
 # ---------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    from serving.repository import ensure_repository
-
-    return ensure_repository(tmp_path_factory.mktemp("operators") / "repo", MODEL, PRETRAINED, SEED)
+def repository(tiny_repository):
+    return tiny_repository
 
 
 @pytest.fixture(scope="module")
-def triton(repository):
-    if triton_unavailable_reason():
-        pytest.skip(triton_unavailable_reason())
-    from serving.testing import restartable_triton
-
-    with restartable_triton(repository[0]) as server:
-        yield server
+def triton(plain_triton):
+    return plain_triton
 
 
 def distinct_jpegs(count: int, seed: int) -> list[bytes]:

@@ -17,7 +17,6 @@ and float64 alike and distinct embeddings tie too. The oracle computes scores, B
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import shutil
 import sys
@@ -403,13 +402,8 @@ def ten_pictures_four_ways() -> tuple[list[bytes], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_repository):
-    from serving.testing import restartable_triton, triton_unavailable_reason
-
-    if triton_unavailable_reason():
-        pytest.skip(str(triton_unavailable_reason()))
-    with restartable_triton(tiny_repository[0]) as server:
-        yield server
+def triton(plain_triton):
+    return plain_triton
 
 
 @pytest.fixture(scope="module", params=["faiss", "milvus"])

@@ -35,12 +35,9 @@ ADDED, DUPLICATE, FAILED = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE,
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def triton(tiny_repository):
+def triton(plain_triton):
     """coca-tiny with random weights (seed 0): what `reference` computes in process."""
-    from serving.testing import running_triton
-
-    with running_triton(tiny_repository[0], timeout=300) as (grpc_url, _, _):
-        yield grpc_url
+    return plain_triton.grpc_url
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import pytest
 
 from search_service.pb import search_pb2 as pb
 from search_service.testing import ServiceProcess, WireClient, wait_for
-from serving.testing import triton_unavailable_reason
 from tests.test_backup import noise_jpegs
 
 MODEL, PRETRAINED = "coca-tiny", "random"
@@ -29,16 +28,14 @@ QUERY = "a photo of noise"
 
 # ---------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def tritons(tiny_repository, tmp_path_factory):
+def tritons(plain_triton, tmp_path_factory):
     """(seed-0 server, seed-1 server): the store's model and the one it is reindexed into."""
-    if triton_unavailable_reason():
-        pytest.skip(triton_unavailable_reason())
     from serving.repository import ensure_repository
     from serving.testing import restartable_triton
 
     seed1 = ensure_repository(tmp_path_factory.mktemp("reindex-seed1") / "repo", MODEL, PRETRAINED, 1)
-    with restartable_triton(tiny_repository[0]) as old, restartable_triton(seed1[0]) as new:
-        yield old, new
+    with restartable_triton(seed1[0]) as new:
+        yield plain_triton, new
 
 
 @pytest.fixture(scope="module")

@@ -36,19 +36,14 @@ ADDED, DUPLICATE, FAILED = pb.AddImageResult.ADDED, pb.AddImageResult.DUPLICATE,
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    from serving.repository import ensure_repository
-
-    return ensure_repository(tmp_path_factory.mktemp("search") / "repo", MODEL, PRETRAINED, SEED)
+def repository(tiny_repository):
+    return tiny_repository
 
 
 @pytest.fixture(scope="module")
-def triton(repository):
-    """One tritonserver on fixed ports, so a test can stop it and start it again at the same address."""
-    from serving.testing import restartable_triton
-
-    with restartable_triton(repository[0]) as server:
-        yield server
+def triton(plain_triton):
+    """The session's tritonserver (fixed ports: a test can stop it and start it again at the same address)."""
+    return plain_triton
 
 
 @pytest.fixture(scope="module")

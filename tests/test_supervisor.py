@@ -91,7 +91,7 @@ def test_sigterm_ignored_then_sigkill_reaches_the_whole_group():
 
 def test_child_dies_with_its_parent(tmp_path):
     """PR_SET_PDEATHSIG: a supervisor's process that is SIGKILLed takes its child with it."""
-    parent = f"""
+    parent = """
         import re, sys
         from serving.supervisor import Supervisor
         child = Supervisor([sys.executable, "-u", "-c", "import time; print('ready on 1'); time.sleep(60)"],

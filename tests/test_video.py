@@ -20,7 +20,6 @@ from PIL import Image
 
 from search_service.pb import search_pb2 as pb
 from search_service.testing import ServiceProcess, WireClient
-from serving.testing import running_triton, triton_unavailable_reason
 
 EVERY_S = 0.25  # sampling interval the tests ask for: cuts must land within one of it
 THRESHOLD = 0.9  # cut below this cosine: the pictures below are further apart than this under coca-tiny
@@ -100,12 +99,8 @@ def png(image: Image.Image) -> bytes:
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def triton(tiny_repository):
-    reason = triton_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with running_triton(tiny_repository[0]) as (grpc_url, _, server):
-        yield grpc_url
+def triton(plain_triton):
+    return plain_triton.grpc_url
 
 
 @pytest.fixture(scope="module")

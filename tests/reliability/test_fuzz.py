@@ -11,8 +11,6 @@ indexed after every case). The number of cases per kind is recorded in the figur
 from __future__ import annotations
 
 import collections
-import io
-import math
 import struct
 import time
 import zlib

@@ -167,7 +167,8 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
 
     images = unique_jpegs(9100, 64)
     results = {}
-    for bound in (LIMIT, 0):  # 0: no bound (the contrast)
+    # 0: no bound, the contrast (figures only): the long run measures it; the quick one saves its ~20 s
+    for bound in (LIMIT, 0) if seconds >= 60 else (LIMIT,):
         # refused at once past the bound (--max-queue-wait 0): the contract measured here is shedding's
         args = service_args(exported, "--max-inflight-search", str(bound), "--max-queue-wait", "0", "--metrics-port", "0")
         with ServiceProcess(tmp_path / f"data-{bound}", live_triton.grpc_url, *args) as service:
@@ -217,8 +218,6 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
     mb = np.array(rss.values()) / 2**20
     quarter = mb[: max(1, len(mb) // 4)]
 
-    unbounded = results[0][0]
-    all_unbounded = np.array([s for s, _ in unbounded.answers if not np.isnan(s)])
     figures.record(
         f"load shedding: {CLIENTS} clients x {seconds} s, --max-inflight-search {LIMIT}",
         answers=len(overloaded.answers), ok=codes.get("OK", 0), resource_exhausted=codes.get("RESOURCE_EXHAUSTED", 0),
@@ -236,11 +235,16 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
         all_clients_slowest_answer_ms=round(overloaded.slowest()[0] * 1000, 1),
         all_clients_p99_8_clients_ms=p99_ms(before.seconds(OK)),
         peak_inflight_seen=int(peak), admitted_per_s=round(codes["OK"] / seconds, 1),
-        service_rss_mb_min_max=f"{mb.min():.0f} / {mb.max():.0f}",
-        unbounded_answers=len(unbounded.answers), unbounded_codes=str(unbounded.codes()),
-        unbounded_p50_p99_ms=f"{np.percentile(all_unbounded, 50) * 1000:.0f} / {p99_ms(all_unbounded):.0f}",
-        unbounded_slowest_ms=round(float(all_unbounded.max()) * 1000, 1),
-        unbounded_peak_inflight=int(results[0][3]))
+        service_rss_mb_min_max=f"{mb.min():.0f} / {mb.max():.0f}")
+    if 0 in results:
+        unbounded = results[0][0]
+        all_unbounded = np.array([s for s, _ in unbounded.answers if not np.isnan(s)])
+        figures.record(
+            f"load shedding: {CLIENTS} clients x {seconds} s, --max-inflight-search {LIMIT}",
+            unbounded_answers=len(unbounded.answers), unbounded_codes=str(unbounded.codes()),
+            unbounded_p50_p99_ms=f"{np.percentile(all_unbounded, 50) * 1000:.0f} / {p99_ms(all_unbounded):.0f}",
+            unbounded_slowest_ms=round(float(all_unbounded.max()) * 1000, 1),
+            unbounded_peak_inflight=int(results[0][3]))
     assert slowest <= ANSWER_WITHIN_S, f"a probe's answer ({slowest_code.name}) took {slowest:.2f} s"
     assert 1 <= peak <= LIMIT and shed == codes["RESOURCE_EXHAUSTED"]  # the service's own count agrees with the clients'
     assert set(one.codes()) == set(before.codes()) == {"OK"}  # not overloaded: nothing refused

@@ -28,11 +28,12 @@ import gc
 import hashlib
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
@@ -295,7 +296,9 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
             else:
                 scores = [h.score for h in seen]
                 assert scores == sorted(scores, reverse=True)
-                if recall_floor is None or self._trained_ann_is_bypassed(dict(expected)):
+                # exact when the engine is: no recall floor, an untrained index, or a selective filter (a min_score cut
+                # alone leaves an approximate search: fewer items passing it than are live is no filter)
+                if recall_floor is None or self._trained_ann_is_bypassed(dict.fromkeys(self._passing(flt))):
                     assert len(ids) == len(expected) and not token, (len(ids), len(expected), token)
                     assert np.allclose(scores, [s for _, s in expected][:len(ids)], atol=SCORE_TOL)
 
@@ -420,8 +423,7 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
 def drop_run_collections(uri: str) -> None:
     """Drop what the Milvus runs left: each run's teardown drops its item collection, not the caption collection
     MilvusCollection makes beside it (`<name>_captions`), and the session's Milvus loads every collection again
-    after a restart (the Milvus-down test's wait grew with each one left). Outside the machine class: its source
-    seeds the runs' draws."""
+    after a restart (the Milvus-down test's wait grew with each one left)."""
     from pymilvus import MilvusClient
 
     client = MilvusClient(uri=uri)
@@ -465,7 +467,9 @@ def _holds(condition: Condition, known: dict) -> bool:
 def run_family(factory: str, examples: int, steps: int, figures, request) -> None:
     totals = Totals()
     uri = request.getfixturevalue("milvus_server").uri if factory.startswith("milvus:") else ""
-    machine = make_machine(factory, totals, uri)
+    # A fixed seed per family: a derandomized run is otherwise seeded from the machine class's source, so
+    # any edit of the class drew other runs.
+    machine = seed(zlib.crc32(factory.encode()))(make_machine(factory, totals, uri))
     try:
         run_state_machine_as_test(machine, settings=settings(
             max_examples=examples, stateful_step_count=steps, deadline=None, database=None, derandomize=True,
@@ -490,8 +494,7 @@ def run_family(factory: str, examples: int, steps: int, figures, request) -> Non
 # Milvus's next time tick (at Milvus's default 200 ms tick 0.23 s a step, 2/3 of a step's time; 60 x 80 steps
 # took ~48 min and ran past the 600 s timeout, always caught inside that count; the test server now ticks
 # every 50 ms, search_service/testing.py: ~0.055 s). Its runs are sized to fit: the short one within CI's
-# budget, the long one within the timeout on a 2-core box. (Changing the machine class changes its draws:
-# hypothesis seeds a derandomized run from the class's source.)
+# budget, the long one within the timeout on a 2-core box.
 SHORT_RUNS = {"milvus:HNSW": (4, 30)}
 LONG_RUNS = {"milvus:HNSW": (10, 45)}  # 12 x 50 (603 steps) took 499 s at load 13: too near the timeout
 
