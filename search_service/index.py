@@ -209,6 +209,11 @@ class VectorIndex:
     # ------------------------------------------------------------ construction
     def _new(self, factory: str) -> faiss.Index:
         inner = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        # faiss trains IVF-PQ codes for polysemous filtering by default: simulated annealing the engine never
+        # uses (no polysemous_ht search), 281 of 358 s training IVF64,PQ64x8 on 20k x 512 vectors, 1.2 s of
+        # 1.2 s for 36 vectors (the store model's IVF2,PQ4x4)
+        if getattr(inner, "do_polysemous_training", False):
+            inner.do_polysemous_training = False
         return inner if keeps_ids(inner) else faiss.IndexIDMap(inner)
 
     def _empty(self, factory: str) -> tuple[faiss.Index, str]:

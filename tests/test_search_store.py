@@ -167,6 +167,24 @@ def test_ivf_serves_flat_until_trained(tmp_path):
     engine.close()
 
 
+def test_ivf_pq_trains_without_the_unused_polysemous_codes(tmp_path):
+    """faiss trains IVF-PQ for polysemous filtering unless told not to; the engine never searches that way, and
+    it cost 1.2 s of a 1.2 s training here (36 vectors) and 281 of 358 s for IVF64,PQ64x8 on 20k x 512. The
+    trained index answers a stored vector's own query with that vector (rerank: exact scores)."""
+    import faiss
+
+    rng = np.random.default_rng(6)
+    engine = open_engine(tmp_path, factory="IVF2,PQ4x4", settings={"nprobe": 2, "train_per_centroid": 2, "rerank": 4})
+    engine.add(items(rng, 40))
+    assert engine.index.active == "IVF2,PQ4x4"
+    trained = faiss.downcast_index(engine.index.index)  # IVF keeps ids: no IDMap around it
+    assert isinstance(trained, faiss.IndexIVFPQ) and not trained.do_polysemous_training
+    probe = engine.store.get(default_id(sha256_hex(b"content 7")), with_embedding=True)
+    hit = engine.search(probe.embedding, 1)[0]
+    assert hit.item.id == probe.id and abs(hit.score - 1.0) < 1e-5
+    engine.close()
+
+
 @pytest.mark.parametrize("exact_limit", [0, 10_000])  # selector inside FAISS, exact scoring
 def test_filters_min_score_and_k(tmp_path, exact_limit):
     rng = np.random.default_rng(6)
