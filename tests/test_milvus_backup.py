@@ -1,0 +1,129 @@
+"""Backup and restore of a Milvus collection (search_service/milvus_backup.py), against real parts: the
+session's Milvus standalone, a real tritonserver (coca-tiny, random weights), the service in its own process.
+
+The oracles: what the client was told was stored before the backup began (bytes and metadata sent,
+the embedding and caption the source service held), exact search over the restored items."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from clients.coca_client import AddItem
+from serving.testing import triton_unavailable_reason
+from search_service.backup import verify_backup
+from search_service.testing import ServiceProcess, wait_for
+
+pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
+
+from tests.test_backup import cli, client_of, noise_jpegs, run_backup  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def triton(plain_triton):
+    return plain_triton
+
+
+def milvus_service(data, triton, milvus_server, collection: str, *extra: str) -> ServiceProcess:
+    return ServiceProcess(data, triton.grpc_url, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
+                          "--collection", collection, *extra)
+
+
+def test_a_backup_taken_during_ingest_restores_into_a_new_collection_every_item_acknowledged_before_it(
+        tmp_path, triton, milvus_server, capsys):
+    source, target = f"bk_source_{time.time_ns()}", f"bk_restored_{time.time_ns()}"
+    backups = tmp_path / "backups"
+    first, during = noise_jpegs(30, seed=21), noise_jpegs(300, seed=22)
+    sent: dict[str, tuple[bytes, dict]] = {}  # id -> (bytes, metadata) of every add acknowledged
+    adds: list[tuple[str, float, float]] = []  # (id, started, acknowledged): time.monotonic()
+    stop = threading.Event()
+
+    with milvus_service(tmp_path / "data", triton, milvus_server, source, "--backup-root", str(backups)) as service, \
+            client_of(service) as client:
+        items = [AddItem(image=data, metadata={"n": str(i), "note": "ünï 😀"}, caption=i < 3)
+                 for i, data in enumerate(first)]
+        for item, result in zip(items, client.add(items)):
+            sent[result.id] = (item.image, item.metadata)
+            adds.append((result.id, 0.0, 0.0))
+        deleted = list(sent)[-2:]  # deleted before the backup: must not come back
+        for item_id in deleted:
+            client.delete(item_id)
+
+        def ingest():  # one image a call: each acknowledged on its own, while the backup runs
+            for i, image in enumerate(during):
+                if stop.is_set():
+                    return
+                started, metadata = time.monotonic(), {"n": f"during-{i}"}
+                (result,) = client.add([AddItem(image=image, metadata=metadata)])
+                sent[result.id] = (image, metadata)
+                adds.append((result.id, started, time.monotonic()))
+
+        writer = threading.Thread(target=ingest)
+        writer.start()
+        try:
+            wait_for(lambda: len(adds) >= len(first) + 10, 60, "ingest to be under way", interval=0.01)
+            began = time.monotonic()
+            summary = run_backup(client, "bk")
+            ended = time.monotonic()
+        finally:
+            stop.set()
+            writer.join()
+        in_flight = {i for i, started, acked in adds if started < ended and acked > began}
+        live = {i for i, _, acked in adds if acked < began} - set(deleted)
+        held = {i: client.get(i, include_embedding=True) for i in live}  # as the source service holds them
+        assert cli("backup", "--verify", str(backups / "bk")) == 0
+        manifest = verify_backup(backups / "bk")
+        assert manifest["model"]["model"] == "coca-tiny" and manifest["index"]["index_type"] == "HNSW"
+        assert manifest["captions"] == 3 and manifest["items"] == summary.items >= len(live)
+        assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "restored"), "--collection", target,
+                   "--milvus-uri", milvus_server.uri) == 0
+        assert "coca serve --vector-store milvus" in capsys.readouterr().out
+        # a second backup into the folder copies only the blobs of items added since
+        second = run_backup(client, "bk")
+        count = client.stats().count
+    assert second.items == count and second.blobs_copied == count - summary.items
+    print(f"backup over {ended - began:.2f} s: {len(live)} items live when it began, {len(in_flight)} in flight")
+
+    with milvus_service(tmp_path / "restored", triton, milvus_server, target) as restored, \
+            client_of(restored) as client:
+        everything = {i.id: i for i in client.iter_items(include_embeddings=True, page_size=1000)}
+        assert set(everything) - in_flight == live - in_flight, "restored items differ from those live when it began"
+        assert set(everything) <= set(sent) - set(deleted)
+        assert len(everything) == summary.items
+        for item_id, item in everything.items():
+            back = client.get(item_id, include_image=True)
+            assert (back.image, back.metadata) == sent[item_id]
+            if item_id in held:
+                np.testing.assert_allclose(item.embedding, held[item_id].embedding, atol=1e-6)
+                assert back.caption == held[item_id].caption and back.created_at == held[item_id].created_at
+        assert sum(bool(held[i].caption) for i in held) == 3
+        ids = list(everything)
+        vectors = np.stack([everything[i].embedding for i in ids])
+        for query_id in ids[:: max(1, len(ids) // 3)][:3]:
+            hits = client.search_image(id=query_id, k=10).hits
+            scores = vectors @ everything[query_id].embedding
+            best = np.argsort(-scores, kind="stable")[:10]
+            np.testing.assert_allclose([h.score for h in hits], scores[best], atol=1e-5)
+            assert {h.id for h in hits if h.score > scores[best[-1]] + 1e-5} == \
+                {ids[j] for j in best if scores[j] > scores[best[-1]] + 1e-5}
+
+
+def test_restore_refuses_an_existing_collection_that_holds_items(tmp_path, triton, milvus_server, capsys):
+    source = f"bk_refused_{time.time_ns()}"
+    backups = tmp_path / "backups"
+    with milvus_service(tmp_path / "data", triton, milvus_server, source, "--backup-root", str(backups)) as service, \
+            client_of(service) as client:
+        ids = [r.id for r in client.add(noise_jpegs(5, seed=23))]
+        run_backup(client, "bk")
+        capsys.readouterr()
+        assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "new"), "--collection", source,
+                   "--milvus-uri", milvus_server.uri) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"{source!r} exists and holds 5 rows" in error[0], error
+        assert not (tmp_path / "new").exists()
+        assert client.stats().count == 5 and {i.id for i in client.iter_items()} == set(ids)
+    # a Milvus backup restored without --collection: told how
+    assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "new")) == 2
+    assert "--collection NAME" in capsys.readouterr().err
