@@ -493,8 +493,10 @@ def backup(args) -> int:
             raise InvalidInputError("--verify DIR takes no --out, --data or --server")
         with _bar("verifying blobs") as progress:
             manifest = verify_backup(Path(args.verify), progress)
+        source = (f"sequence {manifest['sequence']}" if "sequence" in manifest
+                  else f"Milvus collection {manifest['collection']!r}")
         print(f"{args.verify}: a verified backup of {manifest['items']} items, {manifest['blobs']['count']} blobs, "
-              f"sequence {manifest['sequence']}, made {manifest['created']}")
+              f"{source}, made {manifest['created']}")
         return 0
     if not args.out or (args.data is None) == (args.server is None):
         raise InvalidInputError("give --out DIR and one of --server HOST:PORT (while serving) or --data DATA (offline)")
