@@ -127,3 +127,32 @@ def test_restore_refuses_an_existing_collection_that_holds_items(tmp_path, trito
     # a Milvus backup restored without --collection: told how
     assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "new")) == 2
     assert "--collection NAME" in capsys.readouterr().err
+
+
+def test_a_backup_begun_right_after_a_write_holds_it(tmp_path, milvus_server):
+    """In process, no Triton: each round adds items and backs up at once (the collection's default level,
+    Bounded, would read pages older than the write: the Strong read the backup begins with is what holds it)."""
+    from search_service.milvus import MilvusCollection, MilvusSettings
+    from search_service.milvus_backup import read_items
+    from search_service.store import NewItem, sha256_hex
+
+    settings = MilvusSettings(uri=milvus_server.uri, collection=f"bk_fresh_{time.time_ns()}", index_type="FLAT")
+    collection = MilvusCollection(tmp_path / "data", settings)
+    rng = np.random.default_rng(24)
+    stored: dict[str, bytes] = {}
+    try:
+        collection.bind_model("coca-tiny", "random", 8)
+        collection.open_index(8)
+        for _ in range(6):
+            data = [rng.bytes(300) for _ in range(3)]
+            vectors = rng.normal(size=(3, 8)).astype(np.float32)
+            collection.add([NewItem(sha256=sha256_hex(d), uri="", embedding=v / np.linalg.norm(v), data=d)
+                            for d, v in zip(data, vectors)])
+            stored.update((sha256_hex(d), d) for d in data)
+            summary = collection.backup(tmp_path / "bk")
+            manifest = verify_backup(tmp_path / "bk")
+            assert set(read_items(tmp_path / "bk", manifest, ["pk"]).column("pk").to_pylist()) == set(stored)
+            assert summary.blobs_copied == 3  # incremental: the round's new blobs only
+    finally:
+        collection.close()
+    assert all((tmp_path / "bk" / "blobs" / sha[:2] / sha).read_bytes() == data for sha, data in stored.items())
