@@ -73,6 +73,19 @@ def blob_inodes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in (folder / "blobs").glob("*/*")}
 
 
+def assert_search_is_exact(client, everything: dict) -> None:
+    """Searches by three items' ids answer as exact search over `everything` (id -> item with its embedding)."""
+    ids = list(everything)
+    vectors = np.stack([everything[i].embedding for i in ids])
+    for query_id in ids[:: max(1, len(ids) // 3)][:3]:
+        hits = client.search_image(id=query_id, k=10).hits
+        scores = vectors @ everything[query_id].embedding
+        best = np.argsort(-scores, kind="stable")[:10]
+        np.testing.assert_allclose([h.score for h in hits], scores[best], atol=1e-5)
+        assert {h.id for h in hits if h.score > scores[best[-1]] + 1e-5} == \
+            {ids[j] for j in best if scores[j] > scores[best[-1]] + 1e-5}
+
+
 def cli(*argv: str) -> int:
     from clients.cli import main
 
@@ -150,15 +163,7 @@ def test_a_backup_taken_during_ingest_restores_exactly_the_items_live_when_it_be
             assert item.image == sent[item_id]
             if item_id in served:
                 np.testing.assert_array_equal(item.embedding, served[item_id])
-        ids_all = list(everything)
-        vectors = np.stack([everything[i].embedding for i in ids_all])
-        for query_id in ids_all[:: max(1, len(ids_all) // 3)][:3]:
-            hits = client.search_image(id=query_id, k=10).hits
-            scores = vectors @ everything[query_id].embedding
-            best = np.argsort(-scores, kind="stable")[:10]
-            np.testing.assert_allclose([h.score for h in hits], scores[best], atol=1e-5)
-            assert {h.id for h in hits if h.score > scores[best[-1]] + 1e-5} == \
-                {ids_all[j] for j in best if scores[j] > scores[best[-1]] + 1e-5}
+        assert_search_is_exact(client, everything)
 
 
 @pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))

@@ -18,7 +18,7 @@ from search_service.testing import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
-from tests.test_backup import cli, client_of, noise_jpegs, run_backup  # noqa: E402
+from tests.test_backup import assert_search_is_exact, cli, client_of, noise_jpegs, run_backup  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +99,7 @@ def test_a_backup_taken_during_ingest_restores_into_a_new_collection_every_item_
                 np.testing.assert_allclose(item.embedding, held[item_id].embedding, atol=1e-6)
                 assert back.caption == held[item_id].caption and back.created_at == held[item_id].created_at
         assert sum(bool(held[i].caption) for i in held) == 3
-        ids = list(everything)
-        vectors = np.stack([everything[i].embedding for i in ids])
-        for query_id in ids[:: max(1, len(ids) // 3)][:3]:
-            hits = client.search_image(id=query_id, k=10).hits
-            scores = vectors @ everything[query_id].embedding
-            best = np.argsort(-scores, kind="stable")[:10]
-            np.testing.assert_allclose([h.score for h in hits], scores[best], atol=1e-5)
-            assert {h.id for h in hits if h.score > scores[best[-1]] + 1e-5} == \
-                {ids[j] for j in best if scores[j] > scores[best[-1]] + 1e-5}
+        assert_search_is_exact(client, everything)
 
 
 def test_restore_refuses_an_existing_collection_that_holds_items(tmp_path, triton, milvus_server, capsys):
