@@ -35,7 +35,9 @@ from .backup import (MILVUS_FORMAT, STAGING, BackupError, BackupSummary, BlobMis
                      blobs_present, building_folder, check_blob, check_files, check_new_folder, copy_blob,
                      finish_backup, load_manifest, one_at_a_time, place, put_in_place, restore_file,
                      sync_filesystem)
+from .collection import StoreUnavailable
 from .milvus import ROW_FIELDS, SCHEMA_VERSION, MilvusCollection, MilvusSettings, MAX_META_JSON_BYTES
+from .store import StoreError
 
 PAGE = 500  # rows per query iterator page, per Parquet row group and per insert on restore (~1 MB at dim 512)
 CAPTION_FIELDS = ["pk", "caption", "item_created_at", "updated_at"]
@@ -226,8 +228,14 @@ def restore_collection(folder: Path, data: Path, settings: MilvusSettings,
                        progress: Progress = _no_progress) -> dict:
     """Restore a Milvus backup into a new collection (`settings.collection`: absent, or present and empty) with
     the backup's index, its blobs into the new blob directory `data` (absent or empty; built beside it and
-    renamed into place at the end). Returns the manifest."""
-    folder, data = Path(folder), Path(data)
+    renamed into place at the end). Returns the manifest. What Milvus refuses or cannot do is BackupError."""
+    try:
+        return _restore(Path(folder), Path(data), settings, progress)
+    except (StoreUnavailable, StoreError) as exc:
+        raise BackupError(f"restore into the Milvus collection {settings.collection!r}: {exc}") from None
+
+
+def _restore(folder: Path, data: Path, settings: MilvusSettings, progress: Progress) -> dict:
     check_new_folder(data)
     manifest = load_manifest(folder)
     if manifest["format"] != MILVUS_FORMAT:

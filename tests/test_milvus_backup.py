@@ -5,6 +5,7 @@ The oracles: what the client was told was stored before the backup began (bytes 
 the embedding and caption the source service held), exact search over the restored items."""
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -121,7 +122,7 @@ def test_restore_refuses_an_existing_collection_that_holds_items(tmp_path, trito
     assert "--collection NAME" in capsys.readouterr().err
 
 
-def test_a_backup_begun_right_after_a_write_holds_it(tmp_path, milvus_server):
+def test_a_backup_begun_right_after_a_write_holds_it_and_verify_names_faults(tmp_path, milvus_server, capsys):
     """In process, no Triton: each round adds items and backs up at once (the collection's default level,
     Bounded, would read pages older than the write: the Strong read the backup begins with is what holds it)."""
     from search_service.milvus import MilvusCollection, MilvusSettings
@@ -148,3 +149,26 @@ def test_a_backup_begun_right_after_a_write_holds_it(tmp_path, milvus_server):
     finally:
         collection.close()
     assert all((tmp_path / "bk" / "blobs" / sha[:2] / sha).read_bytes() == data for sha, data in stored.items())
+    faults = {}
+    for fault in ("flip a blob byte", "remove a blob", "flip an items file byte"):
+        broken = tmp_path / fault.replace(" ", "-")
+        shutil.copytree(tmp_path / "bk", broken)
+        blob = broken / "blobs" / sorted(stored)[4][:2] / sorted(stored)[4]
+        items = next(broken.glob("items-*.parquet"))
+        if fault == "remove a blob":
+            blob.unlink()
+        else:
+            path = blob if fault == "flip a blob byte" else items
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+        assert cli("backup", "--verify", str(broken)) == 2
+        faults[fault] = capsys.readouterr().err.strip().splitlines()
+    assert all(len(lines) == 1 for lines in faults.values()), faults
+    assert "do not match its name" in faults["flip a blob byte"][0]
+    assert "missing (an item names it)" in faults["remove a blob"][0]
+    assert "items-" in faults["flip an items file byte"][0] and "sha256 differs" in faults["flip an items file byte"][0]
+    # a Milvus that does not answer: one line, exit 2, nothing left behind
+    assert cli("restore", str(tmp_path / "bk"), "--data", str(tmp_path / "new"), "--collection", "elsewhere",
+               "--milvus-uri", "http://127.0.0.1:1") == 2
+    assert "unavailable" in capsys.readouterr().err and not (tmp_path / "new").exists()
