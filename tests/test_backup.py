@@ -167,11 +167,15 @@ def test_a_backup_taken_during_ingest_restores_exactly_the_items_live_when_it_be
 
 
 @pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
-def test_a_backup_killed_at_a_random_point_leaves_no_manifest_or_a_verifiable_backup(tmp_path, triton):
+@pytest.mark.parametrize("store", ["faiss", pytest.param("milvus", marks=pytest.mark.long)])
+def test_a_backup_killed_at_a_random_point_leaves_no_manifest_or_a_verifiable_backup(tmp_path, triton, store, request):
     root = tmp_path / "backups"
     rng = random.Random(22)
     images = noise_jpegs(200, seed=3, side=128)  # ~4 MB of blobs: a backup takes a while
     args = (tmp_path / "data", triton.grpc_url, "--backup-root", str(root))
+    if store == "milvus":  # the Milvus collection's backup (search_service/milvus_backup.py)
+        args += ("--vector-store", "milvus", "--milvus-uri", request.getfixturevalue("milvus_server").uri,
+                 "--collection", f"killed_{time.time_ns()}")
     outcomes = []
 
     def backup_until_killed(client):
