@@ -229,9 +229,11 @@ def restore_collection(folder: Path, data: Path, settings: MilvusSettings,
     """Restore a Milvus backup into a new collection (`settings.collection`: absent, or present and empty) with
     the backup's index, its blobs into the new blob directory `data` (absent or empty; built beside it and
     renamed into place at the end). Returns the manifest. What Milvus refuses or cannot do is BackupError."""
+    from pymilvus.exceptions import MilvusException
+
     try:
         return _restore(Path(folder), Path(data), settings, progress)
-    except (StoreUnavailable, StoreError) as exc:
+    except (StoreUnavailable, StoreError, MilvusException) as exc:
         raise BackupError(f"restore into the Milvus collection {settings.collection!r}: {exc}") from None
 
 
@@ -242,6 +244,7 @@ def _restore(folder: Path, data: Path, settings: MilvusSettings, progress: Progr
         raise BackupError(f"{folder}: a backup of an embedded store: restore it with coca restore DIR --data NEW "
                           "(no --collection)")
     check_files(folder, manifest)
+    verify_items(folder, manifest)  # the whole backup first: a damaged one leaves no half-filled collection
     settings = _with_index(settings, manifest["index"])
     probe = MilvusCollection(data, settings)
     try:
@@ -295,7 +298,10 @@ def _restored_row(folder: Path, manifest: dict, collection: MilvusCollection, bu
         blob = collection.blobs.relative(f"{record['pk']}.{secrets.token_hex(6)}")
         restore_file(folder / record["blob"], building / blob, building / STAGING, record["pk"], record["blob"],
                      durable=False)
-    meta = json.loads(record["meta"])
+    try:
+        meta = json.loads(record["meta"])
+    except ValueError:
+        meta = None
     if len(record["meta"].encode()) > MAX_META_JSON_BYTES or not isinstance(meta, dict):
         raise BackupError(f"{manifest['items_file']}: item {record['item_id']!r} has metadata that is no JSON object "
                           "within Milvus's bound")
