@@ -522,7 +522,7 @@ def _print_backup(summary) -> None:
 
 
 def configure_restore(p: argparse.ArgumentParser) -> None:
-    from search_service.milvus import MilvusSettings
+    from search_service import MilvusSettings
 
     p.add_argument("backup", metavar="DIR", help="a backup folder (coca backup --out)")
     p.add_argument("--data", metavar="NEW", required=True, help="the new data directory (of a Milvus backup: the "
@@ -546,9 +546,7 @@ def restore(args) -> int:
 
 
 def _restore_collection(args) -> int:
-    from search_service.milvus import MilvusSettings
-    from search_service.milvus_backup import restore_collection
-    from search_service.server import milvus_token
+    from search_service import MilvusSettings, milvus_token, restore_collection
 
     settings = MilvusSettings(uri=args.milvus_uri, token=milvus_token(args.milvus_token_file),
                               collection=args.collection)
