@@ -14,6 +14,7 @@
     coca backup --out DIR --data DATA            (offline: a data directory no service has open)
     coca backup --verify DIR
     coca restore DIR --data NEW
+    coca restore DIR --data NEW --collection NAME [--milvus-uri URI]   (a Milvus collection's backup)
     coca reindex --server HOST:PORT --to-model NAME --to-pretrained TAG|FILE --triton HOST:PORT[,...]
     coca reindex --server HOST:PORT --resume | --rollback | --drop-old
 """
@@ -492,8 +493,10 @@ def backup(args) -> int:
             raise InvalidInputError("--verify DIR takes no --out, --data or --server")
         with _bar("verifying blobs") as progress:
             manifest = verify_backup(Path(args.verify), progress)
+        source = (f"sequence {manifest['sequence']}" if "sequence" in manifest
+                  else f"Milvus collection {manifest['collection']!r}")
         print(f"{args.verify}: a verified backup of {manifest['items']} items, {manifest['blobs']['count']} blobs, "
-              f"sequence {manifest['sequence']}, made {manifest['created']}")
+              f"{source}, made {manifest['created']}")
         return 0
     if not args.out or (args.data is None) == (args.server is None):
         raise InvalidInputError("give --out DIR and one of --server HOST:PORT (while serving) or --data DATA (offline)")
@@ -519,17 +522,40 @@ def _print_backup(summary) -> None:
 
 
 def configure_restore(p: argparse.ArgumentParser) -> None:
+    from search_service import MilvusSettings
+
     p.add_argument("backup", metavar="DIR", help="a backup folder (coca backup --out)")
-    p.add_argument("--data", metavar="NEW", required=True, help="the new data directory: absent or empty")
+    p.add_argument("--data", metavar="NEW", required=True, help="the new data directory (of a Milvus backup: the "
+                   "new collection's blob directory): absent or empty")
+    milvus = p.add_argument_group("a Milvus collection's backup: restored into a new collection")
+    milvus.add_argument("--collection", metavar="NAME", help="the new collection (absent, or present and empty)")
+    milvus.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
+    milvus.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
 
 
 def restore(args) -> int:
     from search_service import restore_backup
 
+    if args.collection:
+        return _restore_collection(args)
     with _bar("restoring blobs") as progress:
         manifest = restore_backup(Path(args.backup), Path(args.data), progress)
     print(f"restored {manifest['items']} items (sequence {manifest['sequence']}, model {manifest['model']['model']}) "
           f"into {args.data}; serve it with: coca serve --data {args.data}")
+    return 0
+
+
+def _restore_collection(args) -> int:
+    from search_service import MilvusSettings, milvus_token, restore_collection
+
+    settings = MilvusSettings(uri=args.milvus_uri, token=milvus_token(args.milvus_token_file),
+                              collection=args.collection)
+    with _bar("restoring items") as progress:
+        manifest = restore_collection(Path(args.backup), Path(args.data), settings, progress)
+    print(f"restored {manifest['items']} items (model {manifest['model']['model']}) into the Milvus collection "
+          f"{args.collection!r}, their blobs into {args.data}; serve it with: coca serve --vector-store milvus "
+          f"--milvus-uri {args.milvus_uri} --collection {args.collection} --milvus-index "
+          f"{manifest['index']['index_type']} --data {args.data}")
     return 0
 
 

@@ -49,7 +49,9 @@ from .store import SCHEMA_VERSION, Store
 
 MANIFEST = "manifest.json"
 FORMAT = "coca-search-backup/1"
-BACKUP_FILES = ("store-*.sqlite3", "index-*.faiss")  # what a backup writes beside its manifest and blobs/
+MILVUS_FORMAT = "coca-search-milvus-backup/1"  # a Milvus collection's (search_service/milvus_backup.py)
+# what a backup writes beside its manifest and blobs/ (either format: one folder may hold one, then the other)
+BACKUP_FILES = ("store-*.sqlite3", "index-*.faiss", "items-*.parquet", "captions-*.parquet")
 STAGING = ".staging"  # partial copies; never named by a manifest, cleared by the next backup
 CHUNK = 1 << 20
 BLOB_NAME = re.compile(r"blobs/([0-9a-f]{2})/\1[0-9a-f]{62}")  # BlobDirectory.relative of a sha256
@@ -85,7 +87,7 @@ def backup_store(store: Store, out: Path, index_files: Iterable[Path] = (), prog
 
     `index_files`: FAISS snapshots to include. `release`: how to end the blob-delete hold (the engine runs
     Store.release_blob_deletes on its writer thread; offline, the store's own method)."""
-    with _one_at_a_time(store):
+    with one_at_a_time(store.data_dir):
         return _backup(store, Path(out), index_files, progress or _no_progress, release or store.release_blob_deletes)
 
 
@@ -94,27 +96,22 @@ _running_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _one_at_a_time(store: Store):
+def one_at_a_time(data_dir: Path):
     with _running_lock:
-        if store.data_dir in _running:
+        if data_dir in _running:
             raise BackupError("another backup of this store is running; wait until it has finished")
-        _running.add(store.data_dir)
+        _running.add(data_dir)
     try:
         yield
     finally:
         with _running_lock:
-            _running.discard(store.data_dir)
+            _running.discard(data_dir)
 
 
 def _backup(store: Store, out: Path, index_files: Iterable[Path], progress: Progress,
             release: Callable[[], int]) -> BackupSummary:
     started = time.perf_counter()
-    _check_out(store, out)
-    previous = _previous_manifest(out)
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000_000:09d}"
+    previous, staging, stamp = begin_backup(store.data_dir, out)
     files: dict[str, dict] = {}
     written = 0
     for index_file in index_files:  # before the database: the snapshot never runs ahead of it
@@ -127,15 +124,15 @@ def _backup(store: Store, out: Path, index_files: Iterable[Path], progress: Prog
         staged_db = staging / database
         store.backup_database(staged_db)
         contents = read_contents(staged_db)
-        have = _blobs_present(out, previous)
+        have = blobs_present(out, previous)
         missing = [name for name in contents.blobs if name not in have]
         for done, name in enumerate(missing, 1):
-            written += _copy_blob(store.blobs.path(name), out / name, staging)
+            written += copy_blob(store.blobs.path(name), out / name, staging)
             progress("blobs", done, len(missing))
         sync_filesystem(out)  # one flush for all the blobs (an fsync each would cost more than the copying)
     finally:
         release()
-    files[database] = _place(staged_db, out / database)
+    files[database] = place(staged_db, out / database)
     written += files[database]["bytes"]
     manifest = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -144,9 +141,7 @@ def _backup(store: Store, out: Path, index_files: Iterable[Path], progress: Prog
         "model": {key: contents.info.get(key, "") for key in ("model", "pretrained", "embedding_dim")},
         "files": files, "blobs": {"count": len(contents.blobs), "named_by": "the sha256 of each one's bytes"},
     }
-    _write_manifest(out, manifest)
-    _remove_unnamed(out, manifest, contents.blobs)
-    shutil.rmtree(staging, ignore_errors=True)
+    finish_backup(out, manifest, contents.blobs)
     return BackupSummary(str(out), contents.items, len(contents.blobs), len(missing), written, contents.sequence,
                          time.perf_counter() - started)
 
@@ -164,8 +159,19 @@ def backup_data_dir(data: Path, out: Path, progress: Progress = _no_progress) ->
         store.close()
 
 
-def _check_out(store: Store, out: Path) -> None:
-    data = store.data_dir.resolve()
+def begin_backup(data_dir: Path, out: Path) -> tuple[Optional[dict], Path, str]:
+    """Check the folder, clear its staging area: (its previous backup's manifest or None, the staging folder,
+    a stamp naming this run's files)."""
+    _check_out(data_dir, out)
+    previous = _previous_manifest(out)
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return previous, staging, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000_000:09d}"
+
+
+def _check_out(data_dir: Path, out: Path) -> None:
+    data = data_dir.resolve()
     target = out.resolve()
     if target == data or target.is_relative_to(data) or data.is_relative_to(target):
         raise BackupError(f"{out}: a backup folder must lie outside the data directory (and not contain it)")
@@ -184,16 +190,25 @@ def _previous_manifest(out: Path) -> Optional[dict]:
         return None
 
 
-def _blobs_present(out: Path, previous: Optional[dict]) -> set[str]:
-    """Blobs a previous finished backup in `out` holds: named by its database and on disk. (Its blobs were
-    flushed before its manifest was written; leftovers of an interrupted run may not be: copied again.)"""
+def blobs_present(out: Path, previous: Optional[dict]) -> set[str]:
+    """Blobs a previous finished backup in `out` holds: named by it and on disk. (Its blobs were flushed
+    before its manifest was written; leftovers of an interrupted run may not be: copied again.)"""
     if previous is None:
         return set()
     try:
-        named = read_contents(out / previous["database"]).blobs
+        named = named_blobs(out, previous)
     except BackupError:
         return set()
     return _blob_files(out).intersection(named)
+
+
+def named_blobs(folder: Path, manifest: dict) -> list[str]:
+    """The blobs a backup's items name (paths relative to its folder), in either format."""
+    if manifest["format"] == MILVUS_FORMAT:
+        from .milvus_backup import read_items
+
+        return [name for name in read_items(folder, manifest, ["blob"]).column("blob").to_pylist() if name]
+    return read_contents(folder / manifest["database"]).blobs
 
 
 def _blob_files(out: Path) -> set[str]:
@@ -256,16 +271,20 @@ def read_contents(database: Path) -> Contents:
     return Contents(items, row[0] if row else 0, info, blobs)
 
 
-def _copy_blob(source: Path, target: Path, staging: Path) -> int:
-    """Copy one blob, checking its bytes against its name (a changed or missing blob is a fault of the
-    data directory, named)."""
+class BlobMissing(BackupError):
+    """A blob an item names is not in the data directory."""
+
+
+def copy_blob(source: Path, target: Path, staging: Path, sha256: Optional[str] = None) -> int:
+    """Copy one blob, checking its bytes against `sha256` (default: its name); a changed or missing blob is
+    a fault of the data directory, named (BlobMissing when it is not there)."""
     try:
         copied = _copy_file(source, target, staging, durable=False)
     except FileNotFoundError:
-        raise BackupError(f"the data directory lacks the blob {target.name} that an item names") from None
-    if copied["sha256"] != source.name:
+        raise BlobMissing(f"the data directory lacks the blob {source.name} that an item names") from None
+    if copied["sha256"] != (sha256 or source.name):
         target.unlink(missing_ok=True)
-        raise BackupError(f"the data directory's blob {source.name} does not hold the bytes its name says "
+        raise BackupError(f"the data directory's blob {source.name} does not hold the bytes its item says "
                           f"(sha256 {copied['sha256']}): the data directory is damaged")
     return copied["bytes"]
 
@@ -291,11 +310,18 @@ def _copy_file(source: Path, target: Path, staging: Path, durable: bool = True) 
     return {"sha256": digest.hexdigest(), "bytes": size}
 
 
-def _place(staged: Path, target: Path) -> dict:
+def place(staged: Path, target: Path) -> dict:
     entry = {"sha256": file_sha256(staged), "bytes": staged.stat().st_size}
     os.replace(staged, target)
     fsync_dir(target.parent)
     return entry
+
+
+def finish_backup(out: Path, manifest: dict, blobs: list[str]) -> None:
+    """Write the manifest (the moment the backup exists), then remove what it no longer names."""
+    _write_manifest(out, manifest)
+    _remove_unnamed(out, manifest, blobs)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -353,14 +379,21 @@ def load_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BackupError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BackupError(f"{path}: not a manifest of this format ({FORMAT})")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, MILVUS_FORMAT):
+        raise BackupError(f"{path}: not a manifest of these formats ({FORMAT}, {MILVUS_FORMAT})")
+    schema = SCHEMA_VERSION if manifest["format"] == FORMAT else milvus_schema_version()
+    if manifest.get("schema_version") != schema:
         raise BackupError(f"{path}: schema version {manifest.get('schema_version')!r}, "
-                          f"this code reads {SCHEMA_VERSION}")
+                          f"this code reads {schema}")
     for name in manifest["files"]:
         _check_name(name)
     return manifest
+
+
+def milvus_schema_version():
+    from .milvus import SCHEMA_VERSION as MILVUS_SCHEMA
+
+    return MILVUS_SCHEMA
 
 
 def _check_name(name: str) -> None:
@@ -374,12 +407,12 @@ def verify_backup(folder: Path, progress: Progress = _no_progress) -> dict:
     says; returns the manifest. BackupError names the first fault."""
     folder = Path(folder)
     manifest = load_manifest(folder)
-    for name, entry in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise BackupError(f"{name}: missing")
-        if file_sha256(path) != entry["sha256"]:
-            raise BackupError(f"{name}: sha256 differs from the manifest's (the file is damaged)")
+    check_files(folder, manifest)
+    if manifest["format"] == MILVUS_FORMAT:
+        from .milvus_backup import verify_items
+
+        verify_items(folder, manifest, progress)
+        return manifest
     database = folder / manifest["database"]
     check = _integrity(database)
     if check != "ok":
@@ -389,13 +422,27 @@ def verify_backup(folder: Path, progress: Progress = _no_progress) -> dict:
         raise BackupError(f"{manifest['database']}: {contents.items} items and {len(contents.blobs)} blobs, the "
                           f"manifest says {manifest['items']} and {manifest['blobs']['count']}")
     for done, name in enumerate(contents.blobs, 1):
-        path = folder / name
-        if not path.is_file():
-            raise BackupError(f"{name}: missing (an item names it)")
-        if file_sha256(path) != path.name:
-            raise BackupError(f"{name}: its bytes do not match its name (the file is damaged)")
+        check_blob(folder, name)
         progress("verify", done, len(contents.blobs))
     return manifest
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest names is there with its sha256."""
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise BackupError(f"{name}: missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise BackupError(f"{name}: sha256 differs from the manifest's (the file is damaged)")
+
+
+def check_blob(folder: Path, name: str) -> None:
+    path = folder / name
+    if not path.is_file():
+        raise BackupError(f"{name}: missing (an item names it)")
+    if file_sha256(path) != path.name:
+        raise BackupError(f"{name}: its bytes do not match its name (the file is damaged)")
 
 
 def _integrity(database: Path) -> str:
@@ -423,33 +470,50 @@ def restore_backup(folder: Path, data: Path, progress: Progress = _no_progress) 
     is copied; built beside it and renamed into place at the end, so a failed restore leaves no half data
     directory. Returns the manifest."""
     folder, data = Path(folder), Path(data)
-    if data.exists() and (not data.is_dir() or any(data.iterdir())):
-        raise BackupError(f"{data}: not empty; restore into a new or empty folder")
+    check_new_folder(data)
     manifest = load_manifest(folder)
-    building = data.with_name(f".{data.name}.restoring")
-    shutil.rmtree(building, ignore_errors=True)
-    (building / STAGING).mkdir(parents=True)
+    if manifest["format"] == MILVUS_FORMAT:
+        raise BackupError(f"{folder}: a backup of the Milvus collection {manifest['collection']!r}: restore it into "
+                          "a new collection (coca restore DIR --data NEW --milvus-uri URI --collection NAME)")
+    building = building_folder(data)
     try:
         for name, entry in manifest["files"].items():
             target = building / ("store.sqlite3" if name == manifest["database"] else name)
-            _restore_file(folder / name, target, building / STAGING, entry["sha256"], name)
+            restore_file(folder / name, target, building / STAGING, entry["sha256"], name)
         contents = read_contents(building / "store.sqlite3")
         for done, name in enumerate(contents.blobs, 1):
-            _restore_file(folder / name, building / name, building / STAGING, Path(name).name, name, durable=False)
+            restore_file(folder / name, building / name, building / STAGING, Path(name).name, name, durable=False)
             progress("restore", done, len(contents.blobs))
-        sync_filesystem(building)
-        (building / STAGING).rmdir()
-        if data.exists():
-            data.rmdir()
-        os.replace(building, data)
-        fsync_dir(data.parent)
+        put_in_place(building, data)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return manifest
 
 
-def _restore_file(source: Path, target: Path, staging: Path, sha256: str, name: str, durable: bool = True) -> None:
+def check_new_folder(data: Path) -> None:
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise BackupError(f"{data}: not empty; restore into a new or empty folder")
+
+
+def building_folder(data: Path) -> Path:
+    """Where a restore builds `data` (beside it, renamed into place at the end: put_in_place)."""
+    building = data.with_name(f".{data.name}.restoring")
+    shutil.rmtree(building, ignore_errors=True)
+    (building / STAGING).mkdir(parents=True)
+    return building
+
+
+def put_in_place(building: Path, data: Path) -> None:
+    sync_filesystem(building)
+    (building / STAGING).rmdir()
+    if data.exists():
+        data.rmdir()
+    os.replace(building, data)
+    fsync_dir(data.parent)
+
+
+def restore_file(source: Path, target: Path, staging: Path, sha256: str, name: str, durable: bool = True) -> None:
     try:
         copied = _copy_file(source, target, staging, durable)
     except FileNotFoundError:

@@ -709,6 +709,69 @@ class MilvusCollection(Collection):
         }
 
 
+    # ------------------------------------------------------------ backup and restore (milvus_backup.py)
+    def backup(self, out, progress=None):
+        """A copy into `out` while writes go on (search_service/milvus_backup.py); blocks."""
+        from pathlib import Path
+
+        from .milvus_backup import backup_collection
+
+        return backup_collection(self, Path(out), progress)
+
+    def identity(self) -> Optional[dict]:
+        """The model identity the collection is bound to (None: no such collection)."""
+        return self._identity()
+
+    def strong_count(self) -> int:
+        """Items, read at Strong: Milvus has applied every write acknowledged before this call."""
+        return self._count("Strong")
+
+    def pages(self, captions: bool, fields: list[str], size: int) -> Iterator[list[dict]]:
+        """Every row of the items' (or the captions') collection through pymilvus's query iterator, `size` a
+        page, in primary-key order; each page read anew (at the collection's default level)."""
+        name = self.captions_name if captions else self.name
+        rows = self._call("query iterator", lambda c: c.query_iterator(
+            name, batch_size=size, output_fields=fields, timeout=float(self.settings.timeout_s)))
+        try:
+            while page := self._call("query iterator", lambda c: rows.next()):
+                yield page
+        finally:
+            rows.close()
+
+    def row_now(self, pk: str) -> Optional[dict]:
+        """An item's row as it is now (Strong), or None."""
+        rows = self._call("query", lambda c: c.query(self.name, filter=f"pk == {literal(pk)}", output_fields=ROW_FIELDS,
+                                                     **self._opts, consistency_level="Strong"))
+        return rows[0] if rows else None
+
+    def index_settings(self) -> dict:
+        """The embedding index as the collection has it: type, metric, build parameters."""
+        have = self._describe_indexes(self.name).get("embedding", {})
+        params = {key: have[key] for key in ("M", "efConstruction", "nlist") if key in have}
+        return {"index_type": str(have.get("index_type", self.settings.index_type)),
+                "metric_type": str(have.get("metric_type", "IP")), "params": params}
+
+    def stored_rows(self) -> int:
+        """Rows the collection holds (0 when it does not exist): counted at Strong when it is loaded, else by
+        Milvus's statistics (no load needed; they may count deleted rows)."""
+        from pymilvus.client.types import LoadState
+
+        def rows(client) -> int:
+            if not client.has_collection(self.name, **self._opts):
+                return 0
+            if client.get_load_state(self.name, **self._opts).get("state") == LoadState.Loaded:
+                return self._count("Strong")
+            return int(client.get_collection_stats(self.name, **self._opts).get("row_count", 0))
+
+        return self._call("collection statistics", rows)
+
+    def insert_rows(self, rows: list[dict], captions: bool = False) -> None:
+        """Insert rows as they are (a restore into a new collection: no checks, no blobs written)."""
+        if rows:
+            name = self.captions_name if captions else self.name
+            self._call("insert", lambda c: c.insert(name, rows, **self._opts))
+
+
 class KeyLocks:
     """Locks by name, taken together in one order (callers holding overlapping sets cannot deadlock); a name's
     lock exists while someone holds or waits for it."""

@@ -334,11 +334,16 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. by `coca index --ray --triton`): trusts every writer not to mislabel images")
 
 
+def milvus_token(token_file: Optional[str]) -> str:
+    """The Milvus token: the file's (--milvus-token-file), else COCA_MILVUS_TOKEN's, else none."""
+    if token_file:
+        return Path(token_file).read_text().strip()
+    return os.environ.get("COCA_MILVUS_TOKEN", "")
+
+
 def store_settings(args) -> dict:
     """ServiceConfig fields for the options of add_store_arguments."""
-    token = os.environ.get("COCA_MILVUS_TOKEN", "")
-    if args.milvus_token_file:
-        token = Path(args.milvus_token_file).read_text().strip()
+    token = milvus_token(args.milvus_token_file)
     return {
         "vector_store": args.vector_store,
         "schema": Schema.parse(args.field),

@@ -1126,8 +1126,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         leaves no manifest)."""
         backup = getattr(self.engine, "backup", None)
         if backup is None:
-            raise Unsupported("backups of a Milvus collection (export through a query iterator to Parquet) are not "
-                              "built yet: back up Milvus with its own tools and the data directory's blobs/ folder")
+            raise Unsupported("backups of this collection")
         if not request.out:
             raise bad("give the backup folder (out), under the service's --backup-root")
         out = self.config.resolve_backup_folder(request.out)

@@ -33,6 +33,7 @@ class Scripted(search_pb2_grpc.SearchServiceServicer):
         self.seen_metadata: list[dict] = []
         self.break_stream_after = None  # AddImages: UNAVAILABLE after this many results, once
         self.streams: list[list[bytes]] = []
+        self.reindexed: list[pb.ReindexRequest] = []
         self.lock = threading.Lock()
 
     def _enter(self, name, context):
@@ -67,6 +68,22 @@ class Scripted(search_pb2_grpc.SearchServiceServicer):
         yield pb.CaptionChunk(piece="a", text="a", token_count=1)
         yield pb.CaptionChunk(piece=" cat", text="a cat", token_count=2, done=True,
                               caption=pb.CaptionResponse(text="a cat", tokens=[1, 2]))
+
+    def Backup(self, request, context):
+        self._enter("Backup", context)
+        if not request.out:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give the backup folder (out)")
+        yield pb.BackupProgress(phase="blobs", done=1, total=2)
+        yield pb.BackupProgress(phase="done", done=2, total=2, summary=pb.BackupSummary(
+            out=request.out, items=5, blobs=2, blobs_copied=2, bytes_copied=900, sequence=7, seconds=0.5))
+
+    def Reindex(self, request, context):
+        self._enter("Reindex", context)
+        self.reindexed.append(request)
+        if request.action == pb.ReindexRequest.ROLLBACK:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no old generation is kept to roll back to")
+        yield pb.ReindexProgress(phase="embedding", done=3, total=4, rate=2.0, eta_seconds=0.5, generation=1)
+        yield pb.ReindexProgress(phase="done", done=4, total=4, generation=1, answered_by="generation 1")
 
     def Get(self, request, context):
         self._enter("Get", context)
@@ -320,6 +337,32 @@ def test_async_client(scripted):
 
     asyncio.run(main())
     assert scripted.calls["SearchText"] == 4 + 1  # one UNAVAILABLE retried, then the bad one
+
+
+def test_the_async_client_backs_up_and_reindexes_as_the_sync_one(scripted):
+    from clients.coca_client import FailedPrecondition
+
+    with Client(scripted.target, retry=FAST) as client:
+        backup = list(client.backup("bk"))
+        reindex = list(client.reindex("start", to_model="m", to_pretrained="p", triton="t:1"))
+
+    async def main():
+        async with AsyncClient(scripted.target, retry=FAST) as client:
+            got = ([p async for p in client.backup("bk")],
+                   [p async for p in client.reindex("start", to_model="m", to_pretrained="p", triton="t:1")])
+            with pytest.raises(InvalidArgument, match="backup folder"):
+                [p async for p in client.backup("")]
+            with pytest.raises(FailedPrecondition, match="roll back"):
+                [p async for p in client.reindex("rollback")]
+            with pytest.raises(ValueError, match="one of start"):
+                [p async for p in client.reindex("undo")]
+            return got
+
+    assert asyncio.run(main()) == (backup, reindex)
+    assert backup[-1].summary.out == "bk" and backup[-1].summary.items == 5 and backup[0].summary is None
+    assert [p.phase for p in reindex] == ["embedding", "done"] and reindex[-1].answered_by == "generation 1"
+    sent = [(r.action, r.to_model, r.to_pretrained, r.triton) for r in scripted.reindexed]
+    assert sent == [(pb.ReindexRequest.START, "m", "p", "t:1")] * 2 + [(pb.ReindexRequest.ROLLBACK, "", "", "")]
 
 
 def test_backoff_grows_and_is_jittered():

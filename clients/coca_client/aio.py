@@ -196,3 +196,29 @@ class AsyncClient(ClientBase):
 
     async def stats(self, *, timeout=_UNSET) -> t.Stats:
         return t.Stats.from_pb(await self._unary("Stats", pb.StatsRequest(), timeout))
+
+    # ------------------------------------------------------------ operations
+    async def backup(self, out: str, *, timeout: Optional[float] = None) -> AsyncIterator[t.BackupProgress]:
+        """As Client.backup: progress, the last one carrying the summary; not retried; closing the iterator
+        does not stop the backup."""
+        call = self._stub.Backup(pb.BackupRequest(out=str(out)), timeout=timeout, metadata=self._metadata)
+        async for progress in self._results(call, "Backup", t.BackupProgress.from_pb):
+            yield progress
+
+    async def reindex(self, action: str = "start", *, to_model: str = "", to_pretrained: str = "", triton: str = "",
+                      timeout: Optional[float] = None) -> AsyncIterator[t.ReindexProgress]:
+        """As Client.reindex: "start", "resume", "rollback" or "drop_old"; progress, the last with phase "done"."""
+        request = t.reindex_request(action, to_model, to_pretrained, triton)
+        call = self._stub.Reindex(request, timeout=timeout, metadata=self._metadata)
+        async for progress in self._results(call, "Reindex", t.ReindexProgress.from_pb):
+            yield progress
+
+    async def _results(self, call, method: str, convert) -> AsyncIterator:
+        """A response stream's messages converted; its RpcError as this client's error; cancelled when left."""
+        try:
+            async for response in call:
+                yield convert(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, method, self.target) from None
+        finally:
+            call.cancel()

@@ -258,10 +258,7 @@ class Client(ClientBase):
         "start" (to_model, to_pretrained, triton: the endpoints serving it), "resume", "rollback" (triton:
         overrides the recorded endpoints) or "drop_old". Yields progress; the last one has phase "done". No
         deadline unless given; not retried; stopping early does not stop the reindex (resume listens again)."""
-        actions = {"start": pb.ReindexRequest.START, "resume": pb.ReindexRequest.RESUME,
-                   "rollback": pb.ReindexRequest.ROLLBACK, "drop_old": pb.ReindexRequest.DROP_OLD}
-        request = pb.ReindexRequest(action=actions[action], to_model=to_model, to_pretrained=to_pretrained,
-                                    triton=triton)
+        request = t.reindex_request(action, to_model, to_pretrained, triton)
         call = self._stub.Reindex(request, timeout=timeout, metadata=self._metadata)
         yield from self._results(call, "Reindex", t.ReindexProgress.from_pb)
 

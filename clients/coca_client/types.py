@@ -350,7 +350,7 @@ class BackupSummary:
 
 @dataclass(frozen=True)
 class BackupProgress:
-    phase: str  # "blobs" while blobs are copied; "done" on the last one
+    phase: str  # "blobs" (a Milvus collection's: "items") while copying; "done" on the last one
     done: int
     total: int
     summary: Optional[BackupSummary] = None  # on the last one
@@ -522,6 +522,17 @@ def search_options(k: int, with_captions: bool, filters: Optional[dict], min_sco
     if min_score is not None:
         options.min_score = min_score
     return options
+
+
+REINDEX_ACTIONS = {"start": pb.ReindexRequest.START, "resume": pb.ReindexRequest.RESUME,
+                   "rollback": pb.ReindexRequest.ROLLBACK, "drop_old": pb.ReindexRequest.DROP_OLD}
+
+
+def reindex_request(action: str, to_model: str, to_pretrained: str, triton: str) -> pb.ReindexRequest:
+    if action not in REINDEX_ACTIONS:
+        raise ValueError(f"reindex action {action!r}: one of {', '.join(REINDEX_ACTIONS)}")
+    return pb.ReindexRequest(action=REINDEX_ACTIONS[action], to_model=to_model, to_pretrained=to_pretrained,
+                             triton=triton)
 
 
 def list_request(filters: Optional[dict], where: Sequence[Condition], order_by: str, page_size: int,
