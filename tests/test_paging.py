@@ -230,6 +230,7 @@ def test_pages_are_the_ranking_on_the_embedded_store(factory, figures):
 
 
 @pytest.mark.long
+@pytest.mark.untimed
 @pytest.mark.parametrize("factory", list(INDEXES))
 def test_pages_are_the_ranking_on_the_embedded_store_long(factory, figures):
     run_engine_oracle(factory, EXAMPLES["long"], figures)
@@ -307,7 +308,7 @@ def test_pages_while_the_collection_changes(tmp_path):
 
 
 # ---------------------------------------------------------------- the real Milvus (vector mode)
-@pytest.mark.parametrize("examples", [pytest.param(40, id="short"), pytest.param(400, id="long", marks=pytest.mark.long)])
+@pytest.mark.parametrize("examples", [pytest.param(40, id="short"), pytest.param(400, id="long", marks=[pytest.mark.long, pytest.mark.untimed])])
 def test_pages_are_the_ranking_on_milvus(examples, milvus_server, tmp_path, figures):
     from search_service.milvus import MilvusCollection, MilvusSettings
 

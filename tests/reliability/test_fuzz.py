@@ -246,7 +246,7 @@ def video(tmp_path_factory):
 
 
 @pytest.mark.parametrize("examples", [pytest.param(300, id="300-cases", marks=short),
-                                      pytest.param(10_000, id="10000-cases", marks=pytest.mark.long)])
+                                      pytest.param(10_000, id="10000-cases", marks=[pytest.mark.long, pytest.mark.untimed])])
 def test_malformed_requests_get_proper_statuses(examples, shared_service, video, figures):
     from search_service.pb import search_pb2 as pb
 

@@ -539,6 +539,7 @@ def test_store_model_short(factory, figures, request):
 
 
 @pytest.mark.long
+@pytest.mark.untimed
 @pytest.mark.parametrize("factory", list(FAMILIES))
 def test_store_model_long(factory, figures, request):
     examples, steps = LONG_RUNS.get(factory, (60, 80))
