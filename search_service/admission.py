@@ -8,7 +8,9 @@ Requests come in three classes, each with a budget of its own, so one kind canno
 * caption: Caption, CaptionStream (seconds each: a decoder sequence runs token by token; a stream holds its
   slot until its last message, or until its caller cancels it)
 
-(Backup takes no slot: one backup per store runs at a time, on a thread of its own.) And one bound on decoder sequences in flight, shared by Caption calls and streams (one each), by the
+(Backup and Reindex take no slot: one of each per store runs at a time, on a thread or task of its own; a
+reindex gives way to searches and captions by itself, search_service/reindex.py Throttle, which must not
+count its own progress stream as a search.) And one bound on decoder sequences in flight, shared by Caption calls and streams (one each), by the
 retry job of ingest captions (one at a time), and by searches
 `with_captions` (one per hit being captioned). A search that finds no sequence free is still
 answered: the hits it could not caption say so in `caption_error`. So captioning is shed first and
@@ -46,9 +48,9 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 SEARCH, INGEST, CAPTION = "search", "ingest", "caption"
 CLASSES = (SEARCH, INGEST, CAPTION)
 CLASS_OF_METHOD = {"AddImages": INGEST, "AddVideos": INGEST, "Caption": CAPTION, "CaptionStream": CAPTION}  # every other method of the service: SEARCH
-# Methods that take no slot: bounded by a rule of their own (Backup: one per store at a time, on a thread of its
-# own), so minutes of work never hold a slot that searches wait for. The rate limit still applies to them.
-UNCOUNTED_METHODS = frozenset({"Backup"})
+# Methods that take no slot: bounded by a rule of their own (Backup, Reindex: one per store at a time, on a thread
+# or task of its own), so minutes of work never hold a slot that searches wait for. The rate limit still applies.
+UNCOUNTED_METHODS = frozenset({"Backup", "Reindex"})
 CAPTION_SEQUENCES = "caption_sequences"
 RATE = "rate"
 DECODER_SIZED = (CAPTION, CAPTION_SEQUENCES)  # bounds that default to the decoder's capacity
@@ -124,6 +126,7 @@ class Admission:
         self._inflight = {kind: 0 for kind in (*CLASSES, CAPTION_SEQUENCES)}
         self._waiting: dict[str, deque[asyncio.Future]] = {kind: deque() for kind in CLASSES}
         self._hold_s = {kind: 0.0 for kind in (*CLASSES, CAPTION_SEQUENCES)}  # running mean of a slot's hold time
+        self._last_release = {kind: float("-inf") for kind in (*CLASSES, CAPTION_SEQUENCES)}  # time.monotonic()
         self._decoder_capacity: Optional[int] = None
         self._capacity_source: object = None  # what the capacity was read from (Models.capacity_source)
         self._buckets = _TokenBuckets(limits.rate, limits.burst or max(1, int(limits.rate))) if limits.rate else None
@@ -154,6 +157,12 @@ class Admission:
 
     def waiting(self, kind: str) -> int:
         return len(self._waiting[kind]) if kind in self._waiting else 0
+
+    def quiet_for(self, kinds: tuple[str, ...]) -> float:
+        """Seconds since the last request of `kinds` finished; 0 while one is in flight or waiting."""
+        if any(self._inflight[kind] or self.waiting(kind) for kind in kinds):
+            return 0.0
+        return time.monotonic() - max(self._last_release[kind] for kind in kinds)
 
     # ------------------------------------------------------------ slots
     @contextlib.contextmanager
@@ -228,6 +237,7 @@ class Admission:
                     slot.set_result(None)  # the slot goes to the longest waiting, the count stays
                     return
             self._inflight[kind] -= units
+            self._last_release[kind] = time.monotonic()
 
     def _shed(self, kind: str) -> None:
         self._on_shed(kind)

@@ -31,6 +31,42 @@ log = logging.getLogger("search_service.reindex")
 BATCH = 32  # items per Triton round and per commit
 IN_FLIGHT = 2  # batches embedding at once (3: 1.55x ingest but search p99 2.3x idle on 2 shared cores; README)
 SWITCH_TRIES = 20  # fills + switches before giving up on a collection that grows faster than it is reindexed
+THROTTLED_CHUNK = 2  # images per Triton call while searches are about: the CPU a search arriving meanwhile shares
+QUIET_S = 0.02  # searches/captions idle this long count as gone (longer than a client's gap between calls)
+POLL_S = 0.005  # how often a yielding reindex looks again
+
+
+class Throttle:
+    """The reindex gives way to searches and captions: while one is in flight, queued or ended less than QUIET_S
+    ago, it sends Triton nothing new, waiting up to `yield_s` for them to go quiet, then one THROTTLED_CHUNK
+    (so it still completes under any load); with none about, whole batches. `quiet_s()`: seconds since they were
+    last about (Admission.quiet_for). On a box where the new model's Triton shares the CPU with the service, its
+    embeddings are what slows a search (README "Reindex to new weights": the search p99 figures)."""
+
+    def __init__(self, quiet_s: Callable[[], float], yield_s: float):
+        self.quiet_s, self.yield_s = quiet_s, yield_s
+        self._turn = asyncio.Lock()  # throttled chunks one at a time, whichever batch they belong to
+
+    def idle(self) -> bool:
+        return self.yield_s <= 0 or self.quiet_s() >= QUIET_S
+
+    async def embed(self, models: Models, data: list[bytes], timeout_s: float) -> list:
+        """`models.embed_images_each(data)`, given way to searches as above."""
+        out: list = []
+        while len(out) < len(data):
+            rest = data[len(out):]
+            if self.idle():
+                out += await models.embed_images_each(rest, timeout_s)
+                continue
+            async with self._turn:
+                deadline = time.monotonic() + self.yield_s
+                while not self.idle() and time.monotonic() < deadline:
+                    await asyncio.sleep(POLL_S)
+                out += await models.embed_images_each(rest[:THROTTLED_CHUNK], timeout_s)
+        return out
+
+
+UNTHROTTLED = Throttle(lambda: float("inf"), 0.0)
 
 
 class ReindexFailed(CocaError):
@@ -53,7 +89,7 @@ class ReindexStatus:
 
 
 async def fill(engine, target: Generation, models: Models, timeout_s: float,
-               report: Callable[[ReindexStatus], None]) -> int:
+               report: Callable[[ReindexStatus], None], throttle: Throttle = UNTHROTTLED) -> int:
     """Embed every live item lacking its `target` vector (added meanwhile included); returns how many."""
     done = await asyncio.to_thread(engine.generation_embedded, target.gen)
     started, embedded = time.monotonic(), 0
@@ -72,7 +108,8 @@ async def fill(engine, target: Generation, models: Models, timeout_s: float,
             items = await asyncio.to_thread(engine.generation_lacking, target.gen, after, BATCH)
             if items:
                 after = items[-1].vid
-                inflight.append(asyncio.create_task(_embed_batch(engine, target, models, items, timeout_s)))
+                inflight.append(asyncio.create_task(_embed_batch(engine, target, models, items, timeout_s,
+                                                                             throttle)))
             while inflight and (len(inflight) >= IN_FLIGHT or not items):
                 embedded += await inflight.popleft()
                 report(status())
@@ -83,9 +120,10 @@ async def fill(engine, target: Generation, models: Models, timeout_s: float,
             task.cancel()
 
 
-async def _embed_batch(engine, target: Generation, models: Models, items: list, timeout_s: float) -> int:
+async def _embed_batch(engine, target: Generation, models: Models, items: list, timeout_s: float,
+                       throttle: Throttle) -> int:
     items, data = await asyncio.to_thread(_read_all, engine, items)
-    vectors = await models.embed_images_each(data, timeout_s)
+    vectors = await throttle.embed(models, data, timeout_s)
     for item, vector in zip(items, vectors):
         if isinstance(vector, ModelsUnavailable):
             raise vector
@@ -117,11 +155,11 @@ def _read_all(engine, items: list) -> tuple[list, list[bytes]]:
 
 async def fill_and_switch(engine, target: Generation, models: Models, timeout_s: float,
                           report: Callable[[ReindexStatus], None],
-                          switched: Callable[[Generation], None]) -> Generation:
+                          switched: Callable[[Generation], None], throttle: Throttle = UNTHROTTLED) -> Generation:
     """`fill`, then switch the store to `target` (again after another fill while items arrive); `switched` is
     called on the event loop as soon as the store answers from it (the service swaps its models there)."""
     for _ in range(SWITCH_TRIES):
-        await fill(engine, target, models, timeout_s, report)
+        await fill(engine, target, models, timeout_s, report, throttle)
         total = engine.size
         report(ReindexStatus("switching", total, total, 0.0, 0.0, target.gen))
         serves = await models.identity(timeout_s, fresh=True)  # still those weights (and fresh for the searches next)

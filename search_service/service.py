@@ -27,7 +27,7 @@ from coca.settings import SamplingParams
 from coca.texts import check_text
 from serving.errors import SequenceLostError
 
-from .admission import CAPTION_SEQUENCES, Admission, Shed, retry_metadata
+from .admission import CAPTION, CAPTION_SEQUENCES, SEARCH, Admission, Shed, retry_metadata
 from .caption_retry import CaptionRetryJob, Paused
 from .config import BackupsOff, PathRefused, ServiceConfig
 from .collection import Collection, Hit, QueryError, StoreUnavailable, Unsupported
@@ -41,7 +41,7 @@ from .hybrid import DEFAULT_KEYWORD_WEIGHT
 from .pb import search_pb2_grpc
 from .backup import BackupError, BackupRunning, BackupThread, file_sha256
 from .generations import Generation, GenerationChanged
-from .reindex import ReindexFailed, ReindexJob, ReindexRunning, ReindexStatus, fill_and_switch
+from .reindex import ReindexFailed, ReindexJob, ReindexRunning, ReindexStatus, Throttle, fill_and_switch
 from .blobs import BlobError
 from .store import ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreError, StoreSetupError, sha256_hex
 from .query import VIDEO_FIELDS
@@ -62,6 +62,7 @@ DEFAULT_FRAMES = 16
 MAX_FRAMES = 64
 TRITON_CHECK_S = 1.5  # how long health and Stats wait for Triton to say what it serves
 MAX_INFLIGHT_BATCHES = 2  # AddImages: batches embedding while earlier ones commit
+REINDEX_YIELDS_TO = (SEARCH, CAPTION)  # what users wait on (an ingest does not hold a reindex back)
 MAX_ID_CHARS = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_CHARS = 4096
@@ -1181,8 +1182,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             def switched(active: Generation) -> None:  # on this loop, right after the store switched
                 self._use_models(models, identity, active.gen)
 
+            throttle = Throttle(lambda: self.admission.quiet_for(REINDEX_YIELDS_TO), self.config.reindex_yield_s)
             task = self.reindexing.start(what, lambda report: fill_and_switch(
-                self.engine, target, models, self.config.triton_timeout_s, report, switched))
+                self.engine, target, models, self.config.triton_timeout_s, report, switched, throttle))
         async for progress in self._reindex_progress(task):
             yield progress
 
