@@ -1,10 +1,10 @@
 """Reindex figures (README "Reindex to new weights"): re-embedding a live store into another model's weights
 vs plain ingest of the same items, and search latency while it runs vs idle, on one service and one box.
 
-    coca bench reindex [--model coca-tiny --pretrained random] [--images 300] [--searches 200] [--reindex-yield S]
+    coca bench reindex [--model coca-tiny --pretrained random] [--images 300] [--searches 200] [--reindex-share F]
 
 Two tritonservers: the model exported with random weights of --seed and of --seed + 1. The service (its own
-process, fresh data dir, --reindex-yield as given: the throttle) ingests the images through the first (AddImages,
+process, fresh data dir, --reindex-share as given: the throttle) ingests the images through the first (AddImages,
 one stream, nothing else asked: the plain ingest rate); then search latency (SearchText, k 10, one client back to
 back) is sampled idle and during a reindex into the second (Reindex RPC); then, the old generation dropped, a
 reindex back into the first with nothing else asked (the reindex rate compared with ingest: the throttle holds a
@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
-import time
 from pathlib import Path
-
-import numpy as np
 
 from search_service.config import ServiceConfig
 
@@ -32,39 +29,10 @@ def parse(argv):
     add_model_options(p, model="coca-tiny")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--searches", type=int, default=200, help="idle searches (the p99 baseline)")
-    p.add_argument("--reindex-yield", type=float, default=ServiceConfig.reindex_yield_s, metavar="S",
-                   help="the service's --reindex-yield (0: no throttle; default %(default)s, the service's)")
+    p.add_argument("--reindex-share", type=float, default=ServiceConfig.reindex_share, metavar="F",
+                   help="the service's --reindex-share (1: no throttle; default %(default)s, the service's)")
     p.add_argument("--cache", default="data/bench/reindex")
     return p.parse_args(argv)
-
-
-def search_latencies(client, stop: threading.Event, limit: int) -> list[float]:
-    """Seconds of SearchText calls back to back until `stop` is set or `limit` calls are done."""
-    out = []
-    while not stop.is_set() and len(out) < limit:
-        started = time.perf_counter()
-        client.search_text("a photo", k=10)
-        out.append(time.perf_counter() - started)
-    return out
-
-
-def while_searching(client, work):
-    """(work()'s value, its seconds) and the latencies of searches made back to back meanwhile (the same search
-    load on each path compared)."""
-    stop, latencies = threading.Event(), []
-    searcher = threading.Thread(target=lambda: latencies.extend(search_latencies(client, stop, 10 ** 9)))
-    searcher.start()
-    try:
-        return timed(work), latencies
-    finally:
-        stop.set()
-        searcher.join()
-
-
-def timed(work):
-    """(work()'s value, its seconds)."""
-    started = time.perf_counter()
-    return work(), time.perf_counter() - started
 
 
 def reindex_to(client, model: str, pretrained: str, triton: str):
@@ -72,13 +40,9 @@ def reindex_to(client, model: str, pretrained: str, triton: str):
     return list(client.reindex("start", to_model=model, to_pretrained=pretrained, triton=triton))[-1]
 
 
-def p99_ms(latencies: list[float]) -> float:
-    return float(np.percentile(np.asarray(latencies) * 1000, 99)) if latencies else float("nan")
-
-
 def main(argv=None) -> int:
     from clients.coca_client import Client, Outcome
-    from search_service.testing import ServiceProcess
+    from search_service.testing import ServiceProcess, p99_ms, search_latencies, timed, while_searching
     from serving.repository import ensure_repository
     from serving.testing import running_triton
 
@@ -90,7 +54,7 @@ def main(argv=None) -> int:
     with running_triton(repos[0], timeout=600) as (old_url, _, _), running_triton(repos[1], timeout=600) as (new_url, _, _):
         floor = triton_alone(new_url, images)
         with tempfile.TemporaryDirectory(prefix="coca-reindex-") as data, \
-                ServiceProcess(data, old_url, "--reindex-yield", str(args.reindex_yield)) as service, \
+                ServiceProcess(data, old_url, "--reindex-share", str(args.reindex_share)) as service, \
                 Client(service.address, timeout=600) as client:
             list(client.add(warmup))
             (added, ingest_s) = timed(lambda: sum(r.outcome is Outcome.ADDED for r in client.add(images)))
@@ -112,10 +76,10 @@ def main(argv=None) -> int:
             [f"reindex under back-to-back searches; their p99 ({len(during)} searches)", f"{searched_rate:.1f}",
              f"{searched_rate / ingest_rate:.2f}", f"{p99_ms(during):.1f} ({p99_ratio:.2f}x idle)"]]
     print(f"{args.model} ({args.pretrained}), seed {args.seed} -> {args.seed + 1} -> {args.seed}; {len(images)} "
-          f"distinct JPEGs; --reindex-yield {args.reindex_yield:g}; load average {' '.join(load)} (goals: reindex >= "
+          f"distinct JPEGs; --reindex-share {args.reindex_share:g}; load average {' '.join(load)} (goals: reindex >= "
           "0.9x ingest, p99 during <= 2x idle)")
     print_table(["path", "items/s", "vs ingest", "p99 ms"], rows)
-    print_json({"benchmark": "reindex", "model": args.model, "items": items, "reindex_yield_s": args.reindex_yield,
+    print_json({"benchmark": "reindex", "model": args.model, "items": items, "reindex_share": args.reindex_share,
                 "triton_alone": round(floor, 2), "ingest_rate": round(ingest_rate, 2),
                 "reindex_rate": round(reindex_rate, 2), "rate_ratio": round(reindex_rate / ingest_rate, 3),
                 "reindex_rate_searched": round(searched_rate, 2), "p99_idle_ms": round(p99_ms(idle), 2),

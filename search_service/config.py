@@ -19,7 +19,7 @@ from .query import Schema
 VECTOR_STORES = ("faiss", "milvus")
 
 DEFAULT_PORT = 50051
-MAX_REINDEX_YIELD_S = 60.0  # a reindex under steady search load still moves a chunk a minute
+MIN_REINDEX_SHARE = 0.001  # a reindex under searches that never pause still moves (a 2-image chunk: ~1 s in 1000)
 
 
 class PathRefused(Exception):
@@ -69,7 +69,7 @@ class ServiceConfig:
     caption_retry: RetryPolicy = field(default_factory=RetryPolicy)  # ingest captions that failed, tried again
     video: VideoLimits = field(default_factory=VideoLimits)  # what decoding one AddVideos video may cost
     max_video_bytes: int = 4 << 30  # one video file (bytes sent are also bounded by max_message_bytes)
-    reindex_yield_s: float = 1.0  # a reindex waits up to this for searches/captions to go quiet, per chunk (0: off)
+    reindex_share: float = 0.01  # most of the time a reindex keeps its Triton busy while searches run (1: no throttle)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
@@ -84,9 +84,9 @@ class ServiceConfig:
         parse_endpoints(self.triton_url)  # ValueError naming a malformed address
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in [0, 65535] (0: a free one), got {self.metrics_port}")
-        if not 0 <= self.reindex_yield_s <= MAX_REINDEX_YIELD_S:
-            raise ValueError(f"reindex yield must be in [0, {MAX_REINDEX_YIELD_S}] seconds (0: no throttle), got "
-                             f"{self.reindex_yield_s}")
+        if not MIN_REINDEX_SHARE <= self.reindex_share <= 1:
+            raise ValueError(f"reindex share must be in [{MIN_REINDEX_SHARE}, 1] (1: no throttle), got "
+                             f"{self.reindex_share}")
         if self.vector_store not in VECTOR_STORES:
             raise ValueError(f"vector store must be one of {VECTOR_STORES}, got {self.vector_store!r}")
         if self.vector_store == "milvus" and self.max_search_depth + self.max_k + 1 > MAX_TOPK:

@@ -31,24 +31,27 @@ log = logging.getLogger("search_service.reindex")
 BATCH = 32  # items per Triton round and per commit
 IN_FLIGHT = 2  # batches embedding at once (3: 1.55x ingest but search p99 2.3x idle on 2 shared cores; README)
 SWITCH_TRIES = 20  # fills + switches before giving up on a collection that grows faster than it is reindexed
-THROTTLED_CHUNK = 2  # images per Triton call while searches are about: the CPU a search arriving meanwhile shares
+THROTTLED_CHUNK = 2  # images per Triton call while searches are about (what a search arriving meanwhile shares)
 QUIET_S = 0.02  # searches/captions idle this long count as gone (longer than a client's gap between calls)
 POLL_S = 0.005  # how often a yielding reindex looks again
 
 
 class Throttle:
-    """The reindex gives way to searches and captions: while one is in flight, queued or ended less than QUIET_S
-    ago, it sends Triton nothing new, waiting up to `yield_s` for them to go quiet, then one THROTTLED_CHUNK
-    (so it still completes under any load); with none about, whole batches. `quiet_s()`: seconds since they were
-    last about (Admission.quiet_for). On a box where the new model's Triton shares the CPU with the service, its
-    embeddings are what slows a search (README "Reindex to new weights": the search p99 figures)."""
+    """The reindex gives way to searches and captions. While one is in flight, queued or ended less than QUIET_S
+    ago, it embeds one THROTTLED_CHUNK at a time and keeps its Triton busy at most `share` of the time (after a
+    chunk that took t s it waits t * (1 / share - 1) s, or until they go quiet): at share 0.01 fewer than about 1%
+    of the searches overlap re-embedding, so their p99 is an unshared search's; under searches that never pause
+    the reindex runs at `share` of its rate, and still completes. With none about: whole batches, full speed.
+    `quiet_s()`: seconds since they were last about (Admission.quiet_for). Where the new model's Triton shares the
+    CPU with the service, its embeddings are what slows a search (README "Reindex to new weights")."""
 
-    def __init__(self, quiet_s: Callable[[], float], yield_s: float):
-        self.quiet_s, self.yield_s = quiet_s, yield_s
+    def __init__(self, quiet_s: Callable[[], float], share: float):
+        self.quiet_s, self.share = quiet_s, share
         self._turn = asyncio.Lock()  # throttled chunks one at a time, whichever batch they belong to
+        self._next = 0.0  # time.monotonic() before which no throttled chunk starts
 
     def idle(self) -> bool:
-        return self.yield_s <= 0 or self.quiet_s() >= QUIET_S
+        return self.share >= 1 or self.quiet_s() >= QUIET_S
 
     async def embed(self, models: Models, data: list[bytes], timeout_s: float) -> list:
         """`models.embed_images_each(data)`, given way to searches as above."""
@@ -59,14 +62,16 @@ class Throttle:
                 out += await models.embed_images_each(rest, timeout_s)
                 continue
             async with self._turn:
-                deadline = time.monotonic() + self.yield_s
-                while not self.idle() and time.monotonic() < deadline:
+                while not self.idle() and time.monotonic() < self._next:
                     await asyncio.sleep(POLL_S)
+                started = time.monotonic()
                 out += await models.embed_images_each(rest[:THROTTLED_CHUNK], timeout_s)
+                ended = time.monotonic()
+                self._next = ended + (ended - started) * (1 / self.share - 1)
         return out
 
 
-UNTHROTTLED = Throttle(lambda: float("inf"), 0.0)
+UNTHROTTLED = Throttle(lambda: float("inf"), 1.0)
 
 
 class ReindexFailed(CocaError):

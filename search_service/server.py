@@ -31,7 +31,7 @@ from coca.media import VideoLimits
 from .admission import Admission, Limits
 from .caption_retry import RetryPolicy
 from .collection import Collection, StoreUnavailable
-from .config import DEFAULT_PORT, MAX_REINDEX_YIELD_S, VECTOR_STORES, ServiceConfig
+from .config import DEFAULT_PORT, MIN_REINDEX_SHARE, VECTOR_STORES, ServiceConfig
 from .engine import Engine
 from .index import IndexSettings
 from .interceptors import RecordMetrics, ShedLoad, with_behaviour
@@ -379,10 +379,11 @@ def add_operator_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per second per bearer token (per client address without one); 0 = off (default)")
     g.add_argument("--rate-burst", type=int, default=Limits.burst, metavar="N",
                    help="requests a token may send at once under --rate-limit (default: the rate, at least 1)")
-    g.add_argument("--reindex-yield", type=float, default=ServiceConfig.reindex_yield_s, metavar="S",
-                   help="a reindex sends its new model's Triton nothing while searches or captions are in flight, "
-                        "waiting up to S per chunk of a few images for them to go quiet (default %(default)s; at most "
-                        f"{MAX_REINDEX_YIELD_S:g}; 0 = no throttle: searches share the CPU with the re-embedding)")
+    g.add_argument("--reindex-share", type=float, default=ServiceConfig.reindex_share, metavar="F",
+                   help="while searches or captions are in flight, a reindex keeps its new model's Triton busy at "
+                        "most this fraction of the time, a chunk of 2 images at a time: the searches' p99 holds "
+                        "when under 1%% of them overlap re-embedding (default %(default)s; at least "
+                        f"{MIN_REINDEX_SHARE:g}; 1 = no throttle)")
     g.add_argument("--caption-retries", type=int, default=RetryPolicy.retries, metavar="N",
                    help="captions on ingest that failed are tried again up to N times in the background "
                         "(default %(default)s; 0 = never)")
@@ -412,7 +413,7 @@ def operator_settings(args) -> dict:
     video = VideoLimits(max_seconds=args.video_max_seconds, max_pixels=args.video_max_pixels,
                         max_samples=args.video_max_samples, max_decoded_bytes=int(args.video_max_decoded_gb * 2 ** 30))
     return {"limits": limits, "metrics_port": args.metrics_port, "caption_retry": retry, "video": video,
-            "max_video_bytes": args.max_video_mb << 20, "reindex_yield_s": args.reindex_yield}
+            "max_video_bytes": args.max_video_mb << 20, "reindex_share": args.reindex_share}
 
 
 def config_from_args(args) -> ServiceConfig:

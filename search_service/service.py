@@ -1182,7 +1182,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             def switched(active: Generation) -> None:  # on this loop, right after the store switched
                 self._use_models(models, identity, active.gen)
 
-            throttle = Throttle(lambda: self.admission.quiet_for(REINDEX_YIELDS_TO), self.config.reindex_yield_s)
+            throttle = Throttle(lambda: self.admission.quiet_for(REINDEX_YIELDS_TO), self.config.reindex_share)
             task = self.reindexing.start(what, lambda report: fill_and_switch(
                 self.engine, target, models, self.config.triton_timeout_s, report, switched, throttle))
         async for progress in self._reindex_progress(task):

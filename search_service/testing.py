@@ -6,11 +6,13 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import grpc
+import numpy as np
 
 from serving.supervisor import ProcessError, Supervisor
 
@@ -35,6 +37,41 @@ class ServiceProcess(ServiceChild):
         if self.process is not None and self.process.forced:
             raise RuntimeError(f"search service ignored SIGTERM for {timeout} s:\n{self.output()}")
         return returncode or 0
+
+
+# ---------------------------------------------------------------- search latency under load (tests, bench/)
+def search_latencies(client, stop: threading.Event, limit: int, text: str = "a photo") -> list[float]:
+    """Seconds of SearchText calls back to back (k 10) until `stop` is set or `limit` calls are done; `client`:
+    a WireClient or a coca_client.Client."""
+    out = []
+    while not stop.is_set() and len(out) < limit:
+        started = time.perf_counter()
+        client.search_text(text, k=10)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def timed(work):
+    """(work()'s value, its seconds)."""
+    started = time.perf_counter()
+    return work(), time.perf_counter() - started
+
+
+def while_searching(client, work):
+    """(work()'s value, its seconds) and the latencies of searches made back to back meanwhile (the same search
+    load on each path compared)."""
+    stop, latencies = threading.Event(), []
+    searcher = threading.Thread(target=lambda: latencies.extend(search_latencies(client, stop, 10 ** 9)))
+    searcher.start()
+    try:
+        return timed(work), latencies
+    finally:
+        stop.set()
+        searcher.join()
+
+
+def p99_ms(latencies: list[float]) -> float:
+    return float(np.percentile(np.asarray(latencies) * 1000, 99)) if latencies else float("nan")
 
 
 class WireClient:
