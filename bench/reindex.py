@@ -14,11 +14,14 @@ embedding the same images (serving.client, batches of 16, all in flight).
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from search_service.config import ServiceConfig
+from search_service.testing import while_searching
 
 from .common import add_model_options, print_json, print_table
 from .ingest import distinct_jpegs, triton_alone
@@ -31,8 +34,35 @@ def parse(argv):
     p.add_argument("--searches", type=int, default=200, help="idle searches (the p99 baseline)")
     p.add_argument("--reindex-share", type=float, default=ServiceConfig.reindex_share, metavar="F",
                    help="the service's --reindex-share (1: no throttle; default %(default)s, the service's)")
+    p.add_argument("--search-seconds", type=float, default=20.0, metavar="S",
+                   help="search back to back for the first S seconds of the first reindex (default %(default)s; the "
+                        "throttle slows the reindex to its --reindex-share meanwhile)")
     p.add_argument("--cache", default="data/bench/reindex")
     return p.parse_args(argv)
+
+
+def embedded_now(client) -> int:
+    """Items the running reindex has embedded (Stats.reindex "...: embedding N/M items"; 0 when none says)."""
+    found = re.search(r"(\d+)/\d+ items", client.stats().reindex)
+    return int(found[1]) if found else 0
+
+
+def searched_reindex(client, reindex, seconds: float):
+    """reindex()'s value, the latencies of searches made back to back during its first `seconds`, and (seconds
+    searched, items embedded meanwhile)."""
+    stop, window, started = threading.Event(), [], time.perf_counter()
+
+    def end_window():
+        window.append((time.perf_counter() - started, embedded_now(client)))
+        stop.set()
+
+    timer = threading.Timer(seconds, end_window)
+    timer.start()
+    try:
+        (last, reindex_s), during = while_searching(client, reindex, stop)
+    finally:
+        timer.cancel()
+    return last, during, window[0] if window else (reindex_s, last.total)
 
 
 def reindex_to(client, model: str, pretrained: str, triton: str):
@@ -42,7 +72,7 @@ def reindex_to(client, model: str, pretrained: str, triton: str):
 
 def main(argv=None) -> int:
     from clients.coca_client import Client, Outcome
-    from search_service.testing import ServiceProcess, p99_ms, search_latencies, timed, while_searching
+    from search_service.testing import ServiceProcess, p99_ms, search_latencies, timed
     from serving.repository import ensure_repository
     from serving.testing import running_triton
 
@@ -59,21 +89,22 @@ def main(argv=None) -> int:
             list(client.add(warmup))
             (added, ingest_s) = timed(lambda: sum(r.outcome is Outcome.ADDED for r in client.add(images)))
             idle = search_latencies(client, threading.Event(), args.searches)
-            (last, searched_s), during = while_searching(client, lambda: reindex_to(client, args.model, args.pretrained,
-                                                                                    new_url))
+            last, during, (searched_s, searched_items) = searched_reindex(
+                client, lambda: reindex_to(client, args.model, args.pretrained, new_url), args.search_seconds)
             items = client.stats().count
             list(client.reindex("drop_old"))
             _, reindex_s = timed(lambda: reindex_to(client, args.model, args.pretrained, old_url))
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    ingest_rate, reindex_rate, searched_rate = added / ingest_s, items / reindex_s, items / searched_s
+    ingest_rate, reindex_rate, searched_rate = added / ingest_s, items / reindex_s, searched_items / searched_s
     p99_ratio = p99_ms(during) / p99_ms(idle)
     rows = [["new model's Triton alone (serving.client, batches of 16)", f"{floor:.1f}", "", ""],
             ["plain ingest (AddImages), nothing else asked", f"{ingest_rate:.1f}", "1.00", ""],
             [f"reindex ({items} items), nothing else asked", f"{reindex_rate:.1f}", f"{reindex_rate / ingest_rate:.2f}",
              ""],
             [f"search p99, idle ({len(idle)} searches)", "", "", f"{p99_ms(idle):.1f}"],
-            [f"reindex under back-to-back searches; their p99 ({len(during)} searches)", f"{searched_rate:.1f}",
+            [f"reindex, {searched_s:.0f} s of back-to-back searches; their p99 ({len(during)} searches)",
+             f"{searched_rate:.1f}",
              f"{searched_rate / ingest_rate:.2f}", f"{p99_ms(during):.1f} ({p99_ratio:.2f}x idle)"]]
     print(f"{args.model} ({args.pretrained}), seed {args.seed} -> {args.seed + 1} -> {args.seed}; {len(images)} "
           f"distinct JPEGs; --reindex-share {args.reindex_share:g}; load average {' '.join(load)} (goals: reindex >= "

@@ -110,7 +110,8 @@ async def fill(engine, target: Generation, models: Models, timeout_s: float,
     after = 0
     try:
         while True:
-            items = await asyncio.to_thread(engine.generation_lacking, target.gen, after, BATCH)
+            batch = BATCH if throttle.idle() else THROTTLED_CHUNK  # (given way: committed a chunk at a time)
+            items = await asyncio.to_thread(engine.generation_lacking, target.gen, after, batch)
             if items:
                 after = items[-1].vid
                 inflight.append(asyncio.create_task(_embed_batch(engine, target, models, items, timeout_s,

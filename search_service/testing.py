@@ -57,10 +57,10 @@ def timed(work):
     return work(), time.perf_counter() - started
 
 
-def while_searching(client, work):
+def while_searching(client, work, stop: Optional[threading.Event] = None):
     """(work()'s value, its seconds) and the latencies of searches made back to back meanwhile (the same search
-    load on each path compared)."""
-    stop, latencies = threading.Event(), []
+    load on each path compared), or until `stop` is set."""
+    stop, latencies = stop or threading.Event(), []
     searcher = threading.Thread(target=lambda: latencies.extend(search_latencies(client, stop, 10 ** 9)))
     searcher.start()
     try:
