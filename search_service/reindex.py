@@ -29,7 +29,7 @@ from .models import Models, ModelsUnavailable
 
 log = logging.getLogger("search_service.reindex")
 BATCH = 32  # items per Triton round and per commit
-IN_FLIGHT = 2  # batches embedding at once (3: 1.55x ingest but search p99 2.3x idle on 2 shared cores; README)
+IN_FLIGHT = 2  # batches embedding at once with nothing else asked (3: 1.55x ingest, 2: 1.1-1.8x on 2 shared cores)
 SWITCH_TRIES = 20  # fills + switches before giving up on a collection that grows faster than it is reindexed
 THROTTLED_CHUNK = 2  # images per Triton call while searches are about (what a search arriving meanwhile shares)
 QUIET_S = 0.02  # searches/captions idle this long count as gone (longer than a client's gap between calls)
