@@ -214,6 +214,51 @@ def test_admission_holds_and_sheds_per_class():
     assert admission.inflight("caption") == 100 and refused == ["search", CAPTION_SEQUENCES]
 
 
+def test_quiet_for_counts_from_the_last_search_or_caption_to_finish(monkeypatch):
+    from search_service import admission as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    admission = module.Admission(module.Limits())
+    kinds = (module.SEARCH, module.CAPTION)
+    assert admission.quiet_for(kinds) == float("inf")  # none ever
+    with admission.hold(module.SEARCH):
+        assert admission.quiet_for(kinds) == 0.0  # one in flight
+    now[0] += 0.5
+    with admission.hold(module.INGEST):  # an ingest is not what a reindex gives way to
+        assert admission.quiet_for(kinds) == pytest.approx(0.5)
+
+
+def test_the_reindex_throttle_keeps_its_share_of_the_time_while_searches_run(monkeypatch):
+    """reindex.Throttle: with searches about, 2-image chunks, each followed by a wait of 1/share - 1 times its
+    Triton time; with none about, one call for the whole batch."""
+    import asyncio
+
+    from search_service import reindex
+
+    clock, calls, busy = [0.0], [], [True]
+    monkeypatch.setattr(reindex.time, "monotonic", lambda: clock[0])
+
+    async def sleep(seconds):
+        clock[0] += seconds
+
+    class Triton:  # each image takes 10 ms
+        async def embed_images_each(self, data, timeout):
+            calls.append((clock[0], len(data)))
+            clock[0] += 0.01 * len(data)
+            return [f"v{image}" for image in data]
+
+    monkeypatch.setattr(reindex.asyncio, "sleep", sleep)
+    throttle = reindex.Throttle(lambda: 0.0 if busy[0] else 1.0, share=0.1)
+    out = asyncio.run(throttle.embed(Triton(), list(range(6)), 60))
+    assert out == [f"v{i}" for i in range(6)]  # in order
+    assert [n for _, n in calls] == [2, 2, 2]
+    assert [round(t, 3) for t, _ in calls] == [0.0, 0.2, 0.4]  # 20 ms busy, 180 ms given way: 10%
+    busy[0], calls[:] = False, []
+    asyncio.run(throttle.embed(Triton(), list(range(32)), 60))
+    assert [n for _, n in calls] == [32]
+
+
 def test_token_bucket_arithmetic(monkeypatch):
     from search_service import admission as module
 
@@ -230,7 +275,9 @@ def test_token_bucket_arithmetic(monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [("--max-inflight-search", "-1"), ("--rate-limit", "-2"),
-                                        ("--rate-limit", "nan"), ("--metrics-port", "70000")])
+                                        ("--rate-limit", "nan"), ("--metrics-port", "70000"),
+                                        ("--reindex-share", "0"), ("--reindex-share", "1.5"),
+                                        ("--reindex-share", "nan")])
 def test_bad_operator_flags_exit_2_with_one_line(tmp_path, capsys, flag, value):
     from search_service.server import main
 
