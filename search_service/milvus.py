@@ -66,6 +66,8 @@ import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dirs
 from .collection import Collection, Hit, Page, StoreUnavailable, Unsupported, check_query, first_hits
+from .generations import GenerationChanged
+from .milvus_generations import MilvusGenerations, WriteGate
 from .query import ADDED_AT, Condition, Filter, Order, QueryInputError
 from .store import (AddOutcome, ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreSetupError,
                     default_id)
@@ -150,8 +152,8 @@ def in_list(field: str, values: list[str]) -> str:
     return f"{field} in [{', '.join(literal(v) for v in values)}]"
 
 
-class MilvusCollection(Collection):
-    """The Collection over a Milvus collection (see the module docstring)."""
+class MilvusCollection(MilvusGenerations, Collection):
+    """The Collection over a Milvus collection (see the module docstring; generations: milvus_generations.py)."""
 
     def __init__(self, blob_root, settings: MilvusSettings):
         self.settings = settings
@@ -169,6 +171,8 @@ class MilvusCollection(Collection):
         self._strong_until = 0.0  # monotonic time until which reads run at Strong (too many recent deletes)
         self._deleted_lock = threading.Lock()
         self._writing = KeyLocks()  # ids and contents being added through this replica
+        self._gate = WriteGate()  # adds and deletes through this replica; a generation switch holds them back
+        self.generation: Optional[int] = 0  # the model generation reads answer from (milvus_generations.py)
         self._said: set[str] = set()  # operator messages already logged
 
     # ------------------------------------------------------------ Milvus calls
@@ -259,16 +263,20 @@ class MilvusCollection(Collection):
         wanted = {"coca_schema": SCHEMA_VERSION, "model": model, "pretrained": pretrained, "embedding_dim": dim}
         have = self._identity()
         if have is None:
-            self._create_collection(self.name, self._item_schema(wanted))
+            self.recover_alias()
+            have = self._identity()
+        if have is None:
+            self.create_aliased(self._item_schema(wanted))
             have = self._identity()  # (another replica's, if it made it a moment before: then checked below)
             if have is None:
                 raise StoreUnavailable(f"Milvus collection {self.name!r} was created but cannot be found")
-        if have != wanted:
+        if {key: have.get(key) for key in wanted} != wanted:
             raise ModelMismatchError(
                 f"Milvus collection {self.name!r} holds embeddings of {have.get('model')} ({have.get('pretrained')}, "
                 f"dim {have.get('embedding_dim')}) but the model server has {model} ({pretrained}, dim {dim}); "
                 "use another --collection or the same model")
         self._dim = dim
+        self.generation = self._gen_of(self.answering_collection() or self.name)
 
     @staticmethod
     def _item_schema(identity: dict):
@@ -447,11 +455,16 @@ class MilvusCollection(Collection):
         return known
 
     # ------------------------------------------------------------ writes
-    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
+    def add(self, items: list[NewItem], generation: Optional[int] = None
+            ) -> list[AddOutcome | ConflictError | ItemRejected]:
         """Check, then write, under this replica's locks on the batch's ids and contents: between the
-        conflict check and the upsert no other stream of this replica can claim them."""
+        conflict check and the upsert no other stream of this replica can claim them. `generation`: the one
+        whose model embedded them; GenerationChanged (nothing stored) when the alias names another now."""
         keys = [f"sha:{item.sha256}" for item in items] + [f"id:{item.id or default_id(item.sha256)}" for item in items]
-        with self._writing.hold(keys):
+        with self._gate.write(), self._writing.hold(keys):
+            if generation is not None and generation != self.generation:
+                raise GenerationChanged(f"embedded by generation {generation}, the collection answers from "
+                                        f"generation {self.generation} now")
             return self._add(items)
 
     def _add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
@@ -546,6 +559,10 @@ class MilvusCollection(Collection):
                 "embedding": np.asarray(item.embedding, np.float32).tolist()}
 
     def delete(self, item_id: str) -> Optional[Item]:
+        with self._gate.write():
+            return self._delete(item_id)
+
+    def _delete(self, item_id: str) -> Optional[Item]:
         rows = self._with_captions(self._query(f"item_id == {literal(item_id)}", ROW_FIELDS), self._level(None)[0])
         if not rows:
             return None
@@ -703,7 +720,7 @@ class MilvusCollection(Collection):
         self._size = self._count()
         return {
             "count": self._size, "indexed": self._size,
-            "index_type": f"milvus:{self.settings.index_type}", "index_active": f"milvus:{self.name}",
+            "index_type": f"milvus:{self.settings.index_type}", "index_active": f"milvus:{self.name}->{self.answering_collection()}",
             "model": info.get("model", ""), "pretrained": info.get("pretrained", ""),
             "embedding_dim": int(info.get("embedding_dim", 0)), "last_sequence": 0, "snapshot_sequence": 0,
         }

@@ -323,6 +323,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 await self._check_recorded_generation(identity)
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
+                # a Milvus collection knows its generation once bound (the one its alias names)
+                self._models_generation = getattr(self.engine, "generation", None) or 0
             elif identity != self._bound and models is self.models:  # (else a switch came in between: it stands)
                 raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
@@ -1157,10 +1159,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         (search_service/reindex.py, generations.py). Its progress every BACKUP_PROGRESS_S, then "done". A
         client that goes away does not stop it; RESUME while it runs listens again."""
         if not hasattr(self.engine, "switch_generation"):
-            raise Unsupported("reindexing a Milvus collection (a new collection switched to with alter_alias) is "
-                              "not built yet: load the items into a new collection served with the new model")
+            raise Unsupported("reindexing: this store has no model generations")
         action = request.action
-        if action in (pb.ReindexRequest.START, pb.ReindexRequest.RESUME):
+        if action in (pb.ReindexRequest.START, pb.ReindexRequest.RESUME) and self.engine.keeps_videos:
             videos = await asyncio.to_thread(self.engine.store.video_count)
             if videos:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
