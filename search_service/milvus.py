@@ -173,6 +173,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         self._writing = KeyLocks()  # ids and contents being added through this replica
         self._gate = WriteGate()  # adds and deletes through this replica; a generation switch holds them back
         self.generation: Optional[int] = 0  # the model generation reads answer from (milvus_generations.py)
+        self._physical: Optional[str] = None  # that generation's collection (NAME's alias target when bound)
         self._said: set[str] = set()  # operator messages already logged
 
     # ------------------------------------------------------------ Milvus calls
@@ -224,7 +225,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         expression: it stays as long as the caller made it)."""
         level, _ = self._level(level)
         rows = self._call("query", lambda c: c.query(
-            self.name, filter=expression, output_fields=fields, **self._opts, consistency_level=level))
+            self.reading, filter=expression, output_fields=fields, **self._opts, consistency_level=level))
         hidden = self._recently_deleted()
         return [r for r in rows if r.get("pk") not in hidden]
 
@@ -237,14 +238,19 @@ class MilvusCollection(MilvusGenerations, Collection):
         return self._dim
 
     @property
+    def reading(self) -> str:
+        """The collection reads and writes go to: the generation this replica answers from (NAME until bound)."""
+        return self._physical or self.name
+
+    @property
     def is_open(self) -> bool:
         return self._open
 
     def _identity(self) -> Optional[dict]:
         def describe(client):
-            if not client.has_collection(self.name, **self._opts):
+            if not client.has_collection(self.reading, **self._opts):
                 return None
-            return client.describe_collection(self.name, **self._opts)
+            return client.describe_collection(self.reading, **self._opts)
 
         described = self._call("describe collection", describe)
         if described is None:
@@ -276,7 +282,8 @@ class MilvusCollection(MilvusGenerations, Collection):
                 f"dim {have.get('embedding_dim')}) but the model server has {model} ({pretrained}, dim {dim}); "
                 "use another --collection or the same model")
         self._dim = dim
-        self.generation = self._gen_of(self.answering_collection() or self.name)
+        self._physical = self.answering_collection()
+        self.generation = self._gen_of(self._physical or self.name)
 
     @staticmethod
     def _item_schema(identity: dict):
@@ -420,7 +427,7 @@ class MilvusCollection(MilvusGenerations, Collection):
             c.describe_collection(self.captions_name, **self._opts))).get("caption", MAX_CAPTION)
         from pymilvus.client.types import LoadState
 
-        states = {name: self._ensure_indexes(name) for name in (self.name, self.captions_name)}
+        states = {name: self._ensure_indexes(name) for name in (self.reading, self.captions_name)}
         # loaded already (another replica, an earlier start): a load would only poll its progress, 0.2 s a time
         to_load = [name for name, state in states.items() if state != LoadState.Loaded]
         for name in to_load:  # both at once: a new collection takes Milvus ~2.8 s to load
@@ -524,7 +531,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         if not rows:
             return {}
         try:
-            self._call("upsert", lambda c: c.upsert(self.name, rows, **self._opts))
+            self._call("upsert", lambda c: c.upsert(self.reading, rows, **self._opts))
             return {}
         except Exception as exc:
             if getattr(exc, "code", None) != INVALID_PARAMETER:
@@ -538,7 +545,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         deduplicate themselves. `add` is the checked path."""
         now = time.time()
         rows = [self._row(item, item.id or default_id(item.sha256), "", now) for item in items]
-        self._call("insert", lambda c: c.insert(self.name, rows, **self._opts))
+        self._call("insert", lambda c: c.insert(self.reading, rows, **self._opts))
         self._size += len(rows)
 
     @staticmethod
@@ -567,7 +574,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         if not rows:
             return None
         pks = [r["pk"] for r in rows]
-        self._call("delete", lambda c: c.delete(self.name, ids=pks, **self._opts))
+        self._call("delete", lambda c: c.delete(self.reading, ids=pks, **self._opts))
         self._hide(pks)
         for row in rows:
             if row["blob"]:
@@ -649,7 +656,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         def best(m: int) -> list[Hit]:
             limit = min(m, MAX_TOPK)
             results = self._call("search", lambda c: c.search(
-                self.name, data=[query.tolist()], limit=limit, filter=expression, output_fields=RANK_FIELDS,
+                self.reading, data=[query.tolist()], limit=limit, filter=expression, output_fields=RANK_FIELDS,
                 search_params=self._search_params(limit), **self._opts, consistency_level=level))
             hits = [Hit(_ranked_item(r["entity"]), float(r["distance"])) for r in results[0]]
             return [h for h in hits if min_score is None or h.score >= min_score]
@@ -687,7 +694,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         if after:
             terms.append(f"pk > {literal(after[0])}")
         fields = ROW_FIELDS + (["embedding"] if with_embeddings else [])
-        rows = self._call("list", lambda c: c.query(self.name, filter=" and ".join(terms) or "pk != \"\"",
+        rows = self._call("list", lambda c: c.query(self.reading, filter=" and ".join(terms) or "pk != \"\"",
                                                     output_fields=fields, limit=limit + 1, **self._opts,
                                                     consistency_level=level))
         rows.sort(key=lambda r: r["pk"])
@@ -695,7 +702,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         return Page(items, total, [items[-1].sha256] if len(rows) > limit else None)
 
     def _count(self, level: str = "Strong", expression: str = "") -> int:
-        rows = self._call("count", lambda c: c.query(self.name, filter=expression, output_fields=["count(*)"],
+        rows = self._call("count", lambda c: c.query(self.reading, filter=expression, output_fields=["count(*)"],
                                                      **self._opts, consistency_level=level))
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -720,7 +727,7 @@ class MilvusCollection(MilvusGenerations, Collection):
         self._size = self._count()
         return {
             "count": self._size, "indexed": self._size,
-            "index_type": f"milvus:{self.settings.index_type}", "index_active": f"milvus:{self.name}->{self.answering_collection()}",
+            "index_type": f"milvus:{self.settings.index_type}", "index_active": f"milvus:{self.name}->{self.reading}",
             "model": info.get("model", ""), "pretrained": info.get("pretrained", ""),
             "embedding_dim": int(info.get("embedding_dim", 0)), "last_sequence": 0, "snapshot_sequence": 0,
         }
@@ -746,7 +753,7 @@ class MilvusCollection(MilvusGenerations, Collection):
     def pages(self, captions: bool, fields: list[str], size: int) -> Iterator[list[dict]]:
         """Every row of the items' (or the captions') collection through pymilvus's query iterator, `size` a
         page, in primary-key order; each page read anew (at the collection's default level)."""
-        name = self.captions_name if captions else self.name
+        name = self.captions_name if captions else self.reading
         rows = self._call("query iterator", lambda c: c.query_iterator(
             name, batch_size=size, output_fields=fields, timeout=float(self.settings.timeout_s)))
         try:
@@ -757,13 +764,13 @@ class MilvusCollection(MilvusGenerations, Collection):
 
     def row_now(self, pk: str) -> Optional[dict]:
         """An item's row as it is now (Strong), or None."""
-        rows = self._call("query", lambda c: c.query(self.name, filter=f"pk == {literal(pk)}", output_fields=ROW_FIELDS,
+        rows = self._call("query", lambda c: c.query(self.reading, filter=f"pk == {literal(pk)}", output_fields=ROW_FIELDS,
                                                      **self._opts, consistency_level="Strong"))
         return rows[0] if rows else None
 
     def index_settings(self) -> dict:
         """The embedding index as the collection has it: type, metric, build parameters."""
-        have = self._describe_indexes(self.name).get("embedding", {})
+        have = self._describe_indexes(self.reading).get("embedding", {})
         params = {key: have[key] for key in ("M", "efConstruction", "nlist") if key in have}
         return {"index_type": str(have.get("index_type", self.settings.index_type)),
                 "metric_type": str(have.get("metric_type", "IP")), "params": params}
@@ -774,18 +781,18 @@ class MilvusCollection(MilvusGenerations, Collection):
         from pymilvus.client.types import LoadState
 
         def rows(client) -> int:
-            if not client.has_collection(self.name, **self._opts):
+            if not client.has_collection(self.reading, **self._opts):
                 return 0
-            if client.get_load_state(self.name, **self._opts).get("state") == LoadState.Loaded:
+            if client.get_load_state(self.reading, **self._opts).get("state") == LoadState.Loaded:
                 return self._count("Strong")
-            return int(client.get_collection_stats(self.name, **self._opts).get("row_count", 0))
+            return int(client.get_collection_stats(self.reading, **self._opts).get("row_count", 0))
 
         return self._call("collection statistics", rows)
 
     def insert_rows(self, rows: list[dict], captions: bool = False) -> None:
         """Insert rows as they are (a restore into a new collection: no checks, no blobs written)."""
         if rows:
-            name = self.captions_name if captions else self.name
+            name = self.captions_name if captions else self.reading
             self._call("insert", lambda c: c.insert(name, rows, **self._opts))
 
 

@@ -20,9 +20,12 @@ The switch, under this replica's write gate (no add or delete through it runs me
 has its copy (else None: fill again), rows deleted since they were copied are deleted from the new one, then
 the rollback alias names the active collection and `alter_alias` points NAME at the new one.
 
-Bounds: the switch reads every row's (pk, created_at) of both collections at Strong (MAX_TOPK a query);
-writes through *other* replicas are not held back by the gate: run the reindex on the replica that takes the
-writes, or stop writing through the others for the switch (README "Reindex a Milvus collection").
+Every replica reads and writes the collection of the generation it answers from (`reading`) and follows the
+alias (`refresh_generation`, once a second at most: SearchServicer follows with the models of the generation it
+names), so no replica ranks one model's vectors with another's query. Bounds: the switch reads every row's
+(pk, created_at) of both collections at Strong (MAX_TOPK a query); writes through *other* replicas are not held
+back by the gate: those in the second before they follow land in the old generation (README "Reindex to new
+weights", Milvus).
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ from .store import Item
 
 ROLLBACK_SUFFIX = "_rollback"
 WEIGHTS, TRITON = "coca.weights", "coca.triton"
-ALIAS_NOT_FOUND = 1600
 
 
 class WriteGate:
@@ -94,23 +96,23 @@ class MilvusGenerations:
         found = re.fullmatch(re.escape(self.name) + r"_g(\d+)", physical)
         return int(found[1]) if found else 0  # the plain collection NAME (made before aliases) is generation 0
 
-    def _alias_target(self, alias: str) -> Optional[str]:
+    def _resolve(self, name: str) -> Optional[str]:
+        """The collection `name` reaches (an alias's target, or `name` when it is a collection), or None.
+        (describe_collection, not describe_alias: pymilvus logs an ERROR for every alias that is not found.)"""
         def describe(client) -> Optional[str]:
-            try:
-                return client.describe_alias(alias, **self._opts)["collection_name"]
-            except Exception as exc:
-                if getattr(exc, "code", None) == ALIAS_NOT_FOUND:
-                    return None
-                raise
+            if not client.has_collection(name, **self._opts):
+                return None
+            return client.describe_collection(name, **self._opts)["collection_name"]
 
-        return self._call("describe alias", describe)
+        return self._call("describe collection", describe)
+
+    def _alias_target(self, alias: str) -> Optional[str]:
+        target = self._resolve(alias)
+        return target if target != alias else None
 
     def answering_collection(self) -> Optional[str]:
         """The physical collection NAME reads from now (NAME itself when it is a plain collection), or None."""
-        target = self._alias_target(self.name)
-        if target is not None:
-            return target
-        return self.name if self._call("describe collection", lambda c: c.has_collection(self.name, **self._opts)) else None
+        return self._resolve(self.name)
 
     def create_aliased(self, schema) -> None:
         """A new collection: NAME_g0 with NAME its alias (replicas doing this at once: each call is a no-op or
@@ -207,7 +209,7 @@ class MilvusGenerations:
         add of the same content (another created_at); and the pk to go on after."""
         from .milvus import ROW_FIELDS, _item, in_list, literal
 
-        source, target = self.answering_collection(), self.generation_name(gen)
+        source, target = self.reading, self.generation_name(gen)
         after = after or ""
         while True:
             rows = self._call("reindex read", lambda c: c.query(
@@ -255,8 +257,20 @@ class MilvusGenerations:
             except BaseException:
                 self.generation = answering
                 raise
-            self.generation, self._dim = gen, dim
+            self.generation, self._dim, self._physical = gen, dim, target
         return self._record(target, "active")
+
+    def refresh_generation(self) -> Optional[int]:
+        """Follow NAME (switched through another replica): the generation it names now, which this replica reads
+        and writes from now on (its service follows with that generation's models); None while switching here."""
+        with self._gate.write():  # not between a switch's reads and its flip
+            if self.generation is None:
+                return None
+            physical = self.answering_collection()
+            if physical is not None and physical != self._physical:
+                self._physical, self.generation, self._dim = physical, self._gen_of(physical), None
+                self._dim = self.dim  # the new generation's (read from its collection)
+            return self.generation
 
     def _keys(self, physical: str) -> dict[str, float]:
         """Every row's pk -> created_at, read at Strong (every acknowledged write is in)."""

@@ -71,6 +71,7 @@ EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within
 BACKUP_PROGRESS_S = 0.5  # how often a Backup stream says how far it got
 SWITCH_WAIT_S = 30.0  # how long a search waits for a generation switch to end (the switch's SQLite commit)
 OLD_MODELS_GRACE_S = 30.0  # the old generation's Triton connections close this long after a switch
+FOLLOW_S = 1.0  # how often (at most) a replica asks which generation a shared store (Milvus alias) names
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
@@ -300,6 +301,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.reindexing = ReindexJob()  # Reindex: one at a time, a task of this loop
         # the generation self.models embeds for (searches answer only while the engine answers from it too)
         self._models_generation = getattr(engine, "generation", 0) or 0
+        self._follow_at = 0.0  # when to ask the store again which generation it answers from (_follow_store)
+        self._following = asyncio.Lock()
         self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
         self.intake = IntakeBudget(config.intake_bytes, config.max_image_bytes + (1 << 20))  # AddImages bytes held at once, all streams
         # ingest captions that failed, tried again in the background (server.py runs caption_retries.run())
@@ -330,6 +333,38 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
+        await self._follow_store(timeout or self._timeout(context))
+
+    async def _follow_store(self, timeout: float) -> None:
+        """A shared store switched through another replica (Milvus: its alias names another generation now):
+        answer from that generation with its models. Asked once per FOLLOW_S at most."""
+        refresh = getattr(self.engine, "refresh_generation", None)
+        if refresh is None or self.reindexing.running or time.monotonic() < self._follow_at:
+            return
+        self._follow_at = time.monotonic() + FOLLOW_S
+        generation = await asyncio.to_thread(refresh)
+        if generation is not None and generation != self._models_generation:
+            await self._follow(generation, timeout)
+
+    async def _follow(self, generation: int, timeout: float) -> None:
+        """Use the models recorded for `generation` (the store answers from it): they must serve its weights."""
+        async with self._following:
+            if generation == self._models_generation:
+                return
+            active = (await asyncio.to_thread(self.engine.generation_records)).get("active")
+            if active is None or active.gen != generation:
+                raise ModelMismatch(f"the store answers from generation {generation} now, whose weights and Triton "
+                                    "endpoints are not recorded: restart this replica with --triton serving them")
+            models = self.models.like(active.triton)
+            try:
+                identity = await models.identity(timeout, fresh=True)
+                if identity.weights != active.weights:
+                    raise ModelMismatch(f"the store answers from {active} now, but Triton at {models.url} serves "
+                                        f"{identity}: restart this replica with --triton serving those weights")
+            except BaseException:
+                await models.close()
+                raise
+            self._use_models(models, identity, generation)
 
     async def _check_recorded_generation(self, identity: ModelIdentity) -> None:
         """A store that was reindexed records the weights of the generation it answers from: Triton must serve
@@ -705,6 +740,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     return response
             if time.monotonic() > deadline:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the store is switching model generations; ask again")
+            store_generation = getattr(self.engine, "generation", 0)
+            if store_generation is not None and not self.reindexing.running and hasattr(self.engine,
+                                                                                        "refresh_generation"):
+                await self._follow(store_generation, self.config.triton_timeout_s)  # switched by another replica
             await asyncio.sleep(0.01)
 
     def _switched_since(self, models: Models, generation: int) -> bool:

@@ -318,12 +318,14 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
     made_before_aliases(milvus_server.uri, name, tiny_coca.embed_texts([QUERY]).shape[-1], tmp_path / "made")
     images = noise_jpegs(90, seed=26)
     milvus = MilvusClient(uri=milvus_server.uri)
-    with ServiceProcess(tmp_path / "data", old.grpc_url, "--vector-store", "milvus", "--milvus-uri",
-                        milvus_server.uri, "--collection", name, "--milvus-index", "FLAT") as service, \
-            WireClient(service.address, timeout=60) as client:
+    replica = [tmp_path / "data", old.grpc_url, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
+               "--collection", name, "--milvus-index", "FLAT"]
+    with ServiceProcess(*replica) as service, ServiceProcess(*replica) as other, \
+            WireClient(service.address, timeout=60) as client, WireClient(other.address, timeout=60) as follower:
         first = add(client, images[:70])
         images_by_id, live = dict(zip(first, images[:70])), set(first)
         assert assert_search_is_exact(tiny_coca, client).answered_by.startswith("generation 0: coca-tiny")
+        assert_search_is_exact(tiny_coca, follower)  # serving (bound to generation 0) before the reindex
 
         with Traffic(service.address, live, images_by_id, images[70:], keep=set()) as traffic:
             started = time.monotonic()
@@ -344,6 +346,9 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         assert stats.generation == 1 and after.answered_by == stats.answered_by == steps[-1].answered_by
         assert stats.answered_by.startswith("generation 1: coca-tiny") and stats.old_generation.startswith("generation 0")
         assert stats.count == len(live) and [s.address for s in stats.triton_endpoints] == [new.grpc_url]
+        # the other replica follows the alias with the new generation's recorded Triton (within FOLLOW_S)
+        wait_for(lambda: follower.search_text(QUERY, k=3).answered_by == stats.answered_by, 15, "the other replica")
+        assert_search_is_exact(seed1_coca, follower)
 
         extra = noise_jpegs(3, seed=27)  # added after the switch: embedded by the new model, by the old on rollback
         for item_id, image in zip(add(client, extra), extra):
@@ -359,6 +364,8 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         assert_embedded_by(tiny_coca, client, images_by_id, live)
         assert_search_is_exact(tiny_coca, client)
         assert client.stats().old_generation.startswith("generation 1")
+        wait_for(lambda: follower.search_text(QUERY, k=3).answered_by.startswith("generation 0"), 15, "the other replica")
+        assert_search_is_exact(tiny_coca, follower)
 
         reindex(client, pb.ReindexRequest.DROP_OLD)
         assert client.stats().old_generation == ""
