@@ -345,7 +345,8 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         stats = client.stats()
         assert stats.generation == 1 and after.answered_by == stats.answered_by == steps[-1].answered_by
         assert stats.answered_by.startswith("generation 1: coca-tiny") and stats.old_generation.startswith("generation 0")
-        assert stats.count == len(live) and [s.address for s in stats.triton_endpoints] == [new.grpc_url]
+        assert stats.count == len(live)  # counted at Strong: no deleted row came back (reads hide recent deletes)
+        assert [s.address for s in stats.triton_endpoints] == [new.grpc_url]
         # the other replica follows the alias with the new generation's recorded Triton (within FOLLOW_S)
         wait_for(lambda: follower.search_text(QUERY, k=3).answered_by == stats.answered_by, 15, "the other replica")
         assert_search_is_exact(seed1_coca, follower)
@@ -373,3 +374,50 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         with pytest.raises(grpc.RpcError) as refused:
             reindex(client, pb.ReindexRequest.ROLLBACK)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.long  # three service starts on Milvus (~1 min here): make test-reliability
+def test_milvus_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, seed1_coca, milvus_server, tmp_path):
+    from serving.testing import TcpRelay
+
+    old, new = tritons
+    name = f"resume_{time.time_ns()}"  # a new collection: alias-backed from creation (NAME -> NAME_g0)
+    images = noise_jpegs(110, seed=28)
+
+    def replica(triton: str) -> ServiceProcess:
+        return ServiceProcess(tmp_path / "data", triton, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
+                              "--collection", name, "--milvus-index", "FLAT")
+
+    with TcpRelay(new.grpc_url) as relay:
+        with replica(old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            ids = add(client, images[:100])
+            images_by_id, live = dict(zip(ids, images[:100])), set(ids)
+            request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model=MODEL, to_pretrained=PRETRAINED,
+                                        triton=relay.url)
+            stream = client.stub.Reindex(request, timeout=120)
+            listener = threading.Thread(target=drain, args=(stream,), daemon=True)
+            listener.start()
+            done_before_kill, total = wait_for(lambda: embedded_so_far(client), 60, "some batches", interval=0.01)
+            relay.stall()  # the new model's Triton stops answering mid-way; then kill -9
+            assert 0 < done_before_kill < total
+            for item_id, image in zip(add(client, images[100:]), images[100:]):  # the old model still serves
+                images_by_id[item_id] = image
+                live.add(item_id)
+            for victim in sorted(ids)[:5]:
+                client.delete(victim)
+                live.discard(victim)
+            service.kill()
+            stream.cancel()
+            listener.join(30)
+        relay.resume()
+        with replica(old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            assert client.stats().reindex.startswith("generation 1")  # the collection being built, stopped
+            steps = reindex(client, pb.ReindexRequest.RESUME)
+            assert steps[0].done >= done_before_kill  # what was copied before the kill is not embedded again
+            assert steps[-1].phase == "done" and client.stats().generation == 1
+            assert_embedded_by(seed1_coca, client, images_by_id, live)
+            assert_search_is_exact(seed1_coca, client)
+            assert client.stats().count == len(live)  # at Strong: no deleted row came back
+        with replica(relay.url) as service, WireClient(service.address, timeout=60) as client:
+            assert_embedded_by(seed1_coca, client, images_by_id, live)  # a restart answers from generation 1
+            assert client.search_text(QUERY, k=3).answered_by.startswith("generation 1")
