@@ -171,24 +171,26 @@ class MilvusGenerations:
     def begin_generation(self, active: Generation, target: Generation) -> Generation:
         """Record the active generation's weights, and make (or go on with) the collection `target` is built
         in: the one being built when it holds the same weights, else a new one (another being built is dropped)."""
+        from pymilvus.client.types import LoadState
+
         answering = self.answering_collection()
         self._set_properties(answering, active)
         records = self.generation_records()
         building = records.get("building")
         if building is not None and building.weights == target.weights:
             target.gen = building.gen
-            self._set_properties(self.generation_name(target.gen), target)
-            return target
-        if building is not None:
-            self._drop(self.generation_name(building.gen))
-        target.gen = max([r.gen for r in records.values()] + [self._gen_of(answering)]) + 1
+        else:
+            if building is not None:
+                self._drop(self.generation_name(building.gen))
+            target.gen = max([r.gen for r in records.values()] + [self._gen_of(answering)]) + 1
+            identity = {"coca_schema": self._identity()["coca_schema"], "model": target.model,
+                        "pretrained": target.pretrained, "embedding_dim": target.embedding_dim}
+            self._create_collection(self.generation_name(target.gen), self._item_schema(identity))
         physical = self.generation_name(target.gen)
-        identity = {"coca_schema": self._identity()["coca_schema"], "model": target.model,
-                    "pretrained": target.pretrained, "embedding_dim": target.embedding_dim}
-        self._create_collection(physical, self._item_schema(identity))
         self._set_properties(physical, target)
-        self._ensure_indexes(physical)
-        self._load(physical)
+        # (again on a resume: a kill may have come before its indexes or its load)
+        if self._ensure_indexes(physical) != LoadState.Loaded:
+            self._load(physical)
         return target
 
     def _set_properties(self, physical: str, generation: Generation) -> None:
