@@ -5,7 +5,9 @@
 
 The service process keeps no state of its own. One Milvus row per item (schema below); the
 collection's description records the model identity (model, pretrained, dim), checked by
-every replica that binds to it. Image bytes go to BLOB_DIR/blobs (a local disk for one
+every replica that binds to it. NAME (--collection) is an alias of the collection of the model
+generation that answers (NAME_g0 when new; milvus_generations.py: reindex, switch, rollback); a
+replica reads and writes that collection (`reading`) and follows the alias. Image bytes go to BLOB_DIR/blobs (a local disk for one
 replica, a shared mount for several), written and fsynced before the row that names them.
 
 Identity and idempotency: the primary key is the content's sha256 and rows are written with
