@@ -576,7 +576,8 @@ class MilvusCollection(MilvusGenerations, Collection):
         if not rows:
             return None
         pks = [r["pk"] for r in rows]
-        self._call("delete", lambda c: c.delete(self.reading, ids=pks, **self._opts))
+        for name in {self.reading, self.answering_collection() or self.reading}:  # (switched: both generations)
+            self._call("delete", lambda c: c.delete(name, ids=pks, **self._opts))
         self._hide(pks)
         for row in rows:
             if row["blob"]:

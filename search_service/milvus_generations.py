@@ -22,10 +22,11 @@ the rollback alias names the active collection and `alter_alias` points NAME at 
 
 Every replica reads and writes the collection of the generation it answers from (`reading`) and follows the
 alias (`refresh_generation`, once a second at most: SearchServicer follows with the models of the generation it
-names), so no replica ranks one model's vectors with another's query. Bounds: the switch reads every row's
-(pk, created_at) of both collections at Strong (MAX_TOPK a query); writes through *other* replicas are not held
-back by the gate: those in the second before they follow land in the old generation (README "Reindex to new
-weights", Milvus).
+names; before every AddImages commit too), so no replica ranks one model's vectors with another's query. Deletes
+go to the alias's collection as well, and those that reached the old collection during the switch are applied
+after the flip. Bounds: the switch reads every row's (pk, created_at) of both collections at Strong (MAX_TOPK a
+query); adds through *other* replicas are not held back by the gate: one committed between its alias check and
+the flip lands in the old generation only (README "Reindex to new weights", Milvus).
 """
 from __future__ import annotations
 
@@ -250,17 +251,22 @@ class MilvusGenerations:
             live, copied = self._keys(source), self._keys(target)
             if any(copied.get(pk) != created for pk, created in live.items()):
                 return None
-            gone = [pk for pk in copied if pk not in live]
-            for start in range(0, len(gone), 1000):
-                self._call("reindex delete", lambda c: c.delete(target, ids=gone[start:start + 1000], **self._opts))
+            self._delete_rows(target, [pk for pk in copied if pk not in live])  # deleted since they were copied
             answering, self.generation = self.generation, None  # searches meanwhile wait (or retry)
             try:
-                self._flip(source, target)
+                source = self._flip(source, target)
             except BaseException:
                 self.generation = answering
                 raise
             self.generation, self._dim, self._physical = gen, dim, target
+        # deletes through other replicas between the reads above and the flip reached the old collection only
+        still = self._keys(source)
+        self._delete_rows(target, [pk for pk in live if pk not in still])
         return self._record(target, "active")
+
+    def _delete_rows(self, physical: str, pks: list[str]) -> None:
+        for start in range(0, len(pks), 1000):
+            self._call("reindex delete", lambda c: c.delete(physical, ids=pks[start:start + 1000], **self._opts))
 
     def refresh_generation(self) -> Optional[int]:
         """Follow NAME (switched through another replica): the generation it names now, which this replica reads
@@ -288,8 +294,9 @@ class MilvusGenerations:
                 return keys
             after = max(r["pk"] for r in rows)
 
-    def _flip(self, source: str, target: str) -> None:
-        """The rollback alias to `source` (an older kept generation dropped), then NAME to `target`."""
+    def _flip(self, source: str, target: str) -> str:
+        """The rollback alias to `source` (an older kept generation dropped), then NAME to `target`; the name
+        `source` has now (renamed when it was the plain collection NAME)."""
         kept = self._alias_target(self.rollback_alias)
         if kept is not None and kept not in (source, target):
             self._call("drop alias", lambda c: c.drop_alias(self.rollback_alias, **self._opts))
@@ -299,6 +306,7 @@ class MilvusGenerations:
             self._call("rename collection", lambda c: c.rename_collection(self.name, source, **self._opts))
         self._point_alias(self.rollback_alias, source)
         self._point_alias(self.name, target)
+        return source
 
     def drop_old_generation(self) -> Optional[int]:
         """Drop the generation kept for rollback; which one (None when none is kept)."""

@@ -333,13 +333,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
-        await self._follow_store(timeout or self._timeout(context))
+        await self._follow_store(timeout or self._timeout(context), every_call=fresh)
 
-    async def _follow_store(self, timeout: float) -> None:
+    async def _follow_store(self, timeout: float, every_call: bool = False) -> None:
         """A shared store switched through another replica (Milvus: its alias names another generation now):
-        answer from that generation with its models. Asked once per FOLLOW_S at most."""
+        answer from that generation with its models. Asked once per FOLLOW_S at most, or at every call that
+        asks afresh (an AddImages batch before its commit: its embeddings must be of the generation it writes)."""
         refresh = getattr(self.engine, "refresh_generation", None)
-        if refresh is None or self.reindexing.running or time.monotonic() < self._follow_at:
+        if refresh is None or self.reindexing.running or (time.monotonic() < self._follow_at and not every_call):
             return
         self._follow_at = time.monotonic() + FOLLOW_S
         generation = await asyncio.to_thread(refresh)
