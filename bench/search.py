@@ -330,7 +330,7 @@ def milvus_collection(directory: Path, uri: str, identity, count: int, ef: int):
         wait_for_index(collection, name, count)
         return collection
     if collection.dim is not None:
-        collection.client.drop_collection(name)
+        collection.drop_all()
     collection.bind_model(identity.model, identity.pretrained, identity.embed_dim)
     from tqdm import tqdm
 

@@ -186,14 +186,17 @@ class Engine(Collection):
                          ) -> generations.Generation:
         return self._write(lambda: generations.begin(self.store, active, target))
 
-    def generation_lacking(self, gen: int, after_vid: int, limit: int) -> list[Item]:
-        return generations.lacking(self.store, gen, after_vid, limit)
+    def generation_lacking(self, gen: int, after_vid: Optional[int], limit: int) -> tuple[list[Item], Optional[int]]:
+        """Up to `limit` live items after `after_vid` lacking their generation-`gen` vector, and the vid to go on
+        after (reindex.fill)."""
+        items = generations.lacking(self.store, gen, after_vid or 0, limit)
+        return items, items[-1].vid if items else after_vid
 
     def generation_embedded(self, gen: int) -> int:
         return generations.embedded(self.store, gen)
 
-    def put_generation(self, gen: int, vids: list[int], vectors: np.ndarray) -> None:
-        self._write(lambda: generations.put(self.store, gen, vids, vectors))
+    def put_generation(self, gen: int, items: list[Item], vectors: np.ndarray) -> None:
+        self._write(lambda: generations.put(self.store, gen, [i.vid for i in items], vectors))
 
     def switch_generation(self, gen: int, dim: int) -> Optional[generations.Generation]:
         """Answer from generation `gen` from now on (its FAISS index built here, off the writer); None while a

@@ -5,7 +5,9 @@
 
 The service process keeps no state of its own. One Milvus row per item (schema below); the
 collection's description records the model identity (model, pretrained, dim), checked by
-every replica that binds to it. Image bytes go to BLOB_DIR/blobs (a local disk for one
+every replica that binds to it. NAME (--collection) is an alias of the collection of the model
+generation that answers (NAME_g0 when new; milvus_generations.py: reindex, switch, rollback); a
+replica reads and writes that collection (`reading`) and follows the alias. Image bytes go to BLOB_DIR/blobs (a local disk for one
 replica, a shared mount for several), written and fsynced before the row that names them.
 
 Identity and idempotency: the primary key is the content's sha256 and rows are written with
@@ -66,6 +68,8 @@ import numpy as np
 
 from .blobs import BlobDirectory, discard, fsync_dirs
 from .collection import Collection, Hit, Page, StoreUnavailable, Unsupported, check_query, first_hits
+from .generations import GenerationChanged
+from .milvus_generations import MilvusGenerations, WriteGate
 from .query import ADDED_AT, Condition, Filter, Order, QueryInputError
 from .store import (AddOutcome, ConflictError, Item, ItemRejected, ModelMismatchError, NewItem, StoreSetupError,
                     default_id)
@@ -150,8 +154,8 @@ def in_list(field: str, values: list[str]) -> str:
     return f"{field} in [{', '.join(literal(v) for v in values)}]"
 
 
-class MilvusCollection(Collection):
-    """The Collection over a Milvus collection (see the module docstring)."""
+class MilvusCollection(MilvusGenerations, Collection):
+    """The Collection over a Milvus collection (see the module docstring; generations: milvus_generations.py)."""
 
     def __init__(self, blob_root, settings: MilvusSettings):
         self.settings = settings
@@ -169,6 +173,9 @@ class MilvusCollection(Collection):
         self._strong_until = 0.0  # monotonic time until which reads run at Strong (too many recent deletes)
         self._deleted_lock = threading.Lock()
         self._writing = KeyLocks()  # ids and contents being added through this replica
+        self._gate = WriteGate()  # adds and deletes through this replica; a generation switch holds them back
+        self.generation: Optional[int] = 0  # the model generation reads answer from (milvus_generations.py)
+        self._physical: Optional[str] = None  # that generation's collection (NAME's alias target when bound)
         self._said: set[str] = set()  # operator messages already logged
 
     # ------------------------------------------------------------ Milvus calls
@@ -220,7 +227,7 @@ class MilvusCollection(Collection):
         expression: it stays as long as the caller made it)."""
         level, _ = self._level(level)
         rows = self._call("query", lambda c: c.query(
-            self.name, filter=expression, output_fields=fields, **self._opts, consistency_level=level))
+            self.reading, filter=expression, output_fields=fields, **self._opts, consistency_level=level))
         hidden = self._recently_deleted()
         return [r for r in rows if r.get("pk") not in hidden]
 
@@ -233,14 +240,19 @@ class MilvusCollection(Collection):
         return self._dim
 
     @property
+    def reading(self) -> str:
+        """The collection reads and writes go to: the generation this replica answers from (NAME until bound)."""
+        return self._physical or self.name
+
+    @property
     def is_open(self) -> bool:
         return self._open
 
     def _identity(self) -> Optional[dict]:
         def describe(client):
-            if not client.has_collection(self.name, **self._opts):
+            if not client.has_collection(self.reading, **self._opts):
                 return None
-            return client.describe_collection(self.name, **self._opts)
+            return client.describe_collection(self.reading, **self._opts)
 
         described = self._call("describe collection", describe)
         if described is None:
@@ -259,16 +271,21 @@ class MilvusCollection(Collection):
         wanted = {"coca_schema": SCHEMA_VERSION, "model": model, "pretrained": pretrained, "embedding_dim": dim}
         have = self._identity()
         if have is None:
-            self._create_collection(self.name, self._item_schema(wanted))
+            self.recover_alias()
+            have = self._identity()
+        if have is None:
+            self.create_aliased(self._item_schema(wanted))
             have = self._identity()  # (another replica's, if it made it a moment before: then checked below)
             if have is None:
                 raise StoreUnavailable(f"Milvus collection {self.name!r} was created but cannot be found")
-        if have != wanted:
+        if {key: have.get(key) for key in wanted} != wanted:
             raise ModelMismatchError(
                 f"Milvus collection {self.name!r} holds embeddings of {have.get('model')} ({have.get('pretrained')}, "
                 f"dim {have.get('embedding_dim')}) but the model server has {model} ({pretrained}, dim {dim}); "
                 "use another --collection or the same model")
         self._dim = dim
+        self._physical = self.answering_collection()
+        self.generation = self._gen_of(self._physical or self.name)
 
     @staticmethod
     def _item_schema(identity: dict):
@@ -412,7 +429,7 @@ class MilvusCollection(Collection):
             c.describe_collection(self.captions_name, **self._opts))).get("caption", MAX_CAPTION)
         from pymilvus.client.types import LoadState
 
-        states = {name: self._ensure_indexes(name) for name in (self.name, self.captions_name)}
+        states = {name: self._ensure_indexes(name) for name in (self.reading, self.captions_name)}
         # loaded already (another replica, an earlier start): a load would only poll its progress, 0.2 s a time
         to_load = [name for name, state in states.items() if state != LoadState.Loaded]
         for name in to_load:  # both at once: a new collection takes Milvus ~2.8 s to load
@@ -447,11 +464,16 @@ class MilvusCollection(Collection):
         return known
 
     # ------------------------------------------------------------ writes
-    def add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
+    def add(self, items: list[NewItem], generation: Optional[int] = None
+            ) -> list[AddOutcome | ConflictError | ItemRejected]:
         """Check, then write, under this replica's locks on the batch's ids and contents: between the
-        conflict check and the upsert no other stream of this replica can claim them."""
+        conflict check and the upsert no other stream of this replica can claim them. `generation`: the one
+        whose model embedded them; GenerationChanged (nothing stored) when the alias names another now."""
         keys = [f"sha:{item.sha256}" for item in items] + [f"id:{item.id or default_id(item.sha256)}" for item in items]
-        with self._writing.hold(keys):
+        with self._gate.write(), self._writing.hold(keys):
+            if generation is not None and generation != self.generation:
+                raise GenerationChanged(f"embedded by generation {generation}, the collection answers from "
+                                        f"generation {self.generation} now")
             return self._add(items)
 
     def _add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
@@ -511,7 +533,7 @@ class MilvusCollection(Collection):
         if not rows:
             return {}
         try:
-            self._call("upsert", lambda c: c.upsert(self.name, rows, **self._opts))
+            self._call("upsert", lambda c: c.upsert(self.reading, rows, **self._opts))
             return {}
         except Exception as exc:
             if getattr(exc, "code", None) != INVALID_PARAMETER:
@@ -525,7 +547,7 @@ class MilvusCollection(Collection):
         deduplicate themselves. `add` is the checked path."""
         now = time.time()
         rows = [self._row(item, item.id or default_id(item.sha256), "", now) for item in items]
-        self._call("insert", lambda c: c.insert(self.name, rows, **self._opts))
+        self._call("insert", lambda c: c.insert(self.reading, rows, **self._opts))
         self._size += len(rows)
 
     @staticmethod
@@ -546,11 +568,16 @@ class MilvusCollection(Collection):
                 "embedding": np.asarray(item.embedding, np.float32).tolist()}
 
     def delete(self, item_id: str) -> Optional[Item]:
+        with self._gate.write():
+            return self._delete(item_id)
+
+    def _delete(self, item_id: str) -> Optional[Item]:
         rows = self._with_captions(self._query(f"item_id == {literal(item_id)}", ROW_FIELDS), self._level(None)[0])
         if not rows:
             return None
         pks = [r["pk"] for r in rows]
-        self._call("delete", lambda c: c.delete(self.name, ids=pks, **self._opts))
+        for name in {self.reading, self.answering_collection() or self.reading}:  # (switched: both generations)
+            self._call("delete", lambda c: c.delete(name, ids=pks, **self._opts))
         self._hide(pks)
         for row in rows:
             if row["blob"]:
@@ -632,7 +659,7 @@ class MilvusCollection(Collection):
         def best(m: int) -> list[Hit]:
             limit = min(m, MAX_TOPK)
             results = self._call("search", lambda c: c.search(
-                self.name, data=[query.tolist()], limit=limit, filter=expression, output_fields=RANK_FIELDS,
+                self.reading, data=[query.tolist()], limit=limit, filter=expression, output_fields=RANK_FIELDS,
                 search_params=self._search_params(limit), **self._opts, consistency_level=level))
             hits = [Hit(_ranked_item(r["entity"]), float(r["distance"])) for r in results[0]]
             return [h for h in hits if min_score is None or h.score >= min_score]
@@ -670,7 +697,7 @@ class MilvusCollection(Collection):
         if after:
             terms.append(f"pk > {literal(after[0])}")
         fields = ROW_FIELDS + (["embedding"] if with_embeddings else [])
-        rows = self._call("list", lambda c: c.query(self.name, filter=" and ".join(terms) or "pk != \"\"",
+        rows = self._call("list", lambda c: c.query(self.reading, filter=" and ".join(terms) or "pk != \"\"",
                                                     output_fields=fields, limit=limit + 1, **self._opts,
                                                     consistency_level=level))
         rows.sort(key=lambda r: r["pk"])
@@ -678,7 +705,7 @@ class MilvusCollection(Collection):
         return Page(items, total, [items[-1].sha256] if len(rows) > limit else None)
 
     def _count(self, level: str = "Strong", expression: str = "") -> int:
-        rows = self._call("count", lambda c: c.query(self.name, filter=expression, output_fields=["count(*)"],
+        rows = self._call("count", lambda c: c.query(self.reading, filter=expression, output_fields=["count(*)"],
                                                      **self._opts, consistency_level=level))
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -703,7 +730,7 @@ class MilvusCollection(Collection):
         self._size = self._count()
         return {
             "count": self._size, "indexed": self._size,
-            "index_type": f"milvus:{self.settings.index_type}", "index_active": f"milvus:{self.name}",
+            "index_type": f"milvus:{self.settings.index_type}", "index_active": f"milvus:{self.name}->{self.reading}",
             "model": info.get("model", ""), "pretrained": info.get("pretrained", ""),
             "embedding_dim": int(info.get("embedding_dim", 0)), "last_sequence": 0, "snapshot_sequence": 0,
         }
@@ -729,7 +756,7 @@ class MilvusCollection(Collection):
     def pages(self, captions: bool, fields: list[str], size: int) -> Iterator[list[dict]]:
         """Every row of the items' (or the captions') collection through pymilvus's query iterator, `size` a
         page, in primary-key order; each page read anew (at the collection's default level)."""
-        name = self.captions_name if captions else self.name
+        name = self.captions_name if captions else self.reading
         rows = self._call("query iterator", lambda c: c.query_iterator(
             name, batch_size=size, output_fields=fields, timeout=float(self.settings.timeout_s)))
         try:
@@ -740,13 +767,13 @@ class MilvusCollection(Collection):
 
     def row_now(self, pk: str) -> Optional[dict]:
         """An item's row as it is now (Strong), or None."""
-        rows = self._call("query", lambda c: c.query(self.name, filter=f"pk == {literal(pk)}", output_fields=ROW_FIELDS,
+        rows = self._call("query", lambda c: c.query(self.reading, filter=f"pk == {literal(pk)}", output_fields=ROW_FIELDS,
                                                      **self._opts, consistency_level="Strong"))
         return rows[0] if rows else None
 
     def index_settings(self) -> dict:
         """The embedding index as the collection has it: type, metric, build parameters."""
-        have = self._describe_indexes(self.name).get("embedding", {})
+        have = self._describe_indexes(self.reading).get("embedding", {})
         params = {key: have[key] for key in ("M", "efConstruction", "nlist") if key in have}
         return {"index_type": str(have.get("index_type", self.settings.index_type)),
                 "metric_type": str(have.get("metric_type", "IP")), "params": params}
@@ -757,18 +784,18 @@ class MilvusCollection(Collection):
         from pymilvus.client.types import LoadState
 
         def rows(client) -> int:
-            if not client.has_collection(self.name, **self._opts):
+            if not client.has_collection(self.reading, **self._opts):
                 return 0
-            if client.get_load_state(self.name, **self._opts).get("state") == LoadState.Loaded:
+            if client.get_load_state(self.reading, **self._opts).get("state") == LoadState.Loaded:
                 return self._count("Strong")
-            return int(client.get_collection_stats(self.name, **self._opts).get("row_count", 0))
+            return int(client.get_collection_stats(self.reading, **self._opts).get("row_count", 0))
 
         return self._call("collection statistics", rows)
 
     def insert_rows(self, rows: list[dict], captions: bool = False) -> None:
         """Insert rows as they are (a restore into a new collection: no checks, no blobs written)."""
         if rows:
-            name = self.captions_name if captions else self.name
+            name = self.captions_name if captions else self.reading
             self._call("insert", lambda c: c.insert(name, rows, **self._opts))
 
 

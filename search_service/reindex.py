@@ -1,6 +1,7 @@
-"""Reindex a live embedded store into another model (the Reindex RPC's work; README "Reindex to new weights").
+"""Reindex a live store into another model (the Reindex RPC's work; README "Reindex to new weights").
 
-The store side (tables, the switch) is search_service/generations.py. Here: embedding every live item that
+The store side (tables, the switch) is search_service/generations.py (embedded) or milvus_generations.py (a
+new collection behind the alias). Here: embedding every live item that
 lacks its vector of the generation being built, from its stored bytes, through that generation's Triton
 (`fill`), a few batches in flight, each batch committed on its own (a kill loses at most the batches in
 flight); then the switch, tried again after another fill while clients keep adding items (each try embeds
@@ -107,15 +108,14 @@ async def fill(engine, target: Generation, models: Models, timeout_s: float,
 
     report(status())
     inflight: collections.deque[asyncio.Task] = collections.deque()
-    after = 0
+    after = None  # where the store's walk over its items goes on (its own key: a vid, a Milvus pk)
     try:
         while True:
             batch = BATCH if throttle.idle() else THROTTLED_CHUNK  # (given way: committed a chunk at a time)
-            items = await asyncio.to_thread(engine.generation_lacking, target.gen, after, batch)
+            items, after = await asyncio.to_thread(engine.generation_lacking, target.gen, after, batch)
             if items:
-                after = items[-1].vid
                 inflight.append(asyncio.create_task(_embed_batch(engine, target, models, items, timeout_s,
-                                                                             throttle)))
+                                                                 throttle)))
             while inflight and (len(inflight) >= IN_FLIGHT or not items):
                 embedded += await inflight.popleft()
                 report(status())
@@ -140,7 +140,7 @@ async def _embed_batch(engine, target: Generation, models: Models, items: list, 
             raise ReindexFailed(f"Triton at {target.triton} returned {vector.size}-value embeddings, but says it "
                                 f"serves {target.model} ({target.pretrained}) of dimension {target.embedding_dim}")
     if items:
-        await asyncio.to_thread(engine.put_generation, target.gen, [i.vid for i in items], np.stack(vectors))
+        await asyncio.to_thread(engine.put_generation, target.gen, items, np.stack(vectors))
     return len(items)
 
 
@@ -153,7 +153,7 @@ def _read_all(engine, items: list) -> tuple[list, list[bytes]]:
             kept.append(item)
         except BlobError as exc:
             now = engine.get(item.id)
-            if now is not None and now.vid == item.vid:
+            if now is not None and (now.sha256, now.created_at) == (item.sha256, item.created_at):
                 raise ReindexFailed(f"item {item.id!r}: its image cannot be read to embed it again ({exc}); restore "
                                     "the file or delete the item, then RESUME") from None
     return kept, data

@@ -72,6 +72,7 @@ EMBEDDING_NORM_TOLERANCE = 1e-3  # a precomputed embedding's norm must be within
 BACKUP_PROGRESS_S = 0.5  # how often a Backup stream says how far it got
 SWITCH_WAIT_S = 30.0  # how long a search waits for a generation switch to end (the switch's SQLite commit)
 OLD_MODELS_GRACE_S = 30.0  # the old generation's Triton connections close this long after a switch
+FOLLOW_S = 1.0  # how often (at most) a replica asks which generation a shared store (Milvus alias) names
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
 
 
@@ -301,6 +302,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.reindexing = ReindexJob()  # Reindex: one at a time, a task of this loop
         # the generation self.models embeds for (searches answer only while the engine answers from it too)
         self._models_generation = getattr(engine, "generation", 0) or 0
+        self._follow_at = 0.0  # when to ask the store again which generation it answers from (_follow_store)
+        self._following = asyncio.Lock()
         self._checking: Optional[asyncio.Task] = None  # the one health check in flight (probes share it)
         self.intake = IntakeBudget(config.intake_bytes, config.max_image_bytes + (1 << 20))  # AddImages bytes held at once, all streams
         # ingest captions that failed, tried again in the background (server.py runs caption_retries.run())
@@ -324,11 +327,46 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 await self._check_recorded_generation(identity)
                 await asyncio.to_thread(self.engine.bind_model, identity.model, identity.pretrained, identity.embed_dim)
                 self._bound = identity
+                # a Milvus collection knows its generation once bound (the one its alias names)
+                self._models_generation = getattr(self.engine, "generation", None) or 0
             elif identity != self._bound and models is self.models:  # (else a switch came in between: it stands)
                 raise ModelMismatch(f"Triton at {self.models.url} now serves {identity}, but this store holds "
                                     f"embeddings of {self._bound}: serve those weights again (or use another --data)")
             if not self.engine.is_open:
                 await asyncio.to_thread(self.engine.open_index, identity.embed_dim)
+        await self._follow_store(timeout or self._timeout(context), every_call=fresh)
+
+    async def _follow_store(self, timeout: float, every_call: bool = False) -> None:
+        """A shared store switched through another replica (Milvus: its alias names another generation now):
+        answer from that generation with its models. Asked once per FOLLOW_S at most, or at every call that
+        asks afresh (an AddImages batch before its commit: its embeddings must be of the generation it writes)."""
+        refresh = getattr(self.engine, "refresh_generation", None)
+        if refresh is None or self.reindexing.running or (time.monotonic() < self._follow_at and not every_call):
+            return
+        self._follow_at = time.monotonic() + FOLLOW_S
+        generation = await asyncio.to_thread(refresh)
+        if generation is not None and generation != self._models_generation:
+            await self._follow(generation, timeout)
+
+    async def _follow(self, generation: int, timeout: float) -> None:
+        """Use the models recorded for `generation` (the store answers from it): they must serve its weights."""
+        async with self._following:
+            if generation == self._models_generation:
+                return
+            active = (await asyncio.to_thread(self.engine.generation_records)).get("active")
+            if active is None or active.gen != generation:
+                raise ModelMismatch(f"the store answers from generation {generation} now, whose weights and Triton "
+                                    "endpoints are not recorded: restart this replica with --triton serving them")
+            models = self.models.like(active.triton)
+            try:
+                identity = await models.identity(timeout, fresh=True)
+                if identity.weights != active.weights:
+                    raise ModelMismatch(f"the store answers from {active} now, but Triton at {models.url} serves "
+                                        f"{identity}: restart this replica with --triton serving those weights")
+            except BaseException:
+                await models.close()
+                raise
+            self._use_models(models, identity, generation)
 
     async def _check_recorded_generation(self, identity: ModelIdentity) -> None:
         """A store that was reindexed records the weights of the generation it answers from: Triton must serve
@@ -704,6 +742,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     return response
             if time.monotonic() > deadline:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the store is switching model generations; ask again")
+            store_generation = getattr(self.engine, "generation", 0)
+            if store_generation is not None and not self.reindexing.running and hasattr(self.engine,
+                                                                                        "refresh_generation"):
+                await self._follow(store_generation, self.config.triton_timeout_s)  # switched by another replica
             await asyncio.sleep(0.01)
 
     def _switched_since(self, models: Models, generation: int) -> bool:
@@ -1158,10 +1200,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         (search_service/reindex.py, generations.py). Its progress every BACKUP_PROGRESS_S, then "done". A
         client that goes away does not stop it; RESUME while it runs listens again."""
         if not hasattr(self.engine, "switch_generation"):
-            raise Unsupported("reindexing a Milvus collection (a new collection switched to with alter_alias) is "
-                              "not built yet: load the items into a new collection served with the new model")
+            raise Unsupported("reindexing: this store has no model generations")
         action = request.action
-        if action in (pb.ReindexRequest.START, pb.ReindexRequest.RESUME):
+        if action in (pb.ReindexRequest.START, pb.ReindexRequest.RESUME) and self.engine.keeps_videos:
             videos = await asyncio.to_thread(self.engine.store.video_count)
             if videos:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,

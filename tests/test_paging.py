@@ -335,7 +335,7 @@ def test_pages_are_the_ranking_on_milvus(examples, milvus_server, tmp_path, figu
         figures.record("paging oracle milvus", cases=counts.cases, modes={VECTOR: counts.cases}, tied_hits=counts.ties)
         assert counts.ties
     finally:
-        collection.client.drop_collection(collection.name)
+        collection.drop_all()
         collection.close()
 
 
@@ -380,7 +380,7 @@ def test_milvus_pages_read_rows_and_captions_of_their_own_hits_only(milvus_serve
                 break
         assert shown == expected_ids(list(known.values()), q)
     finally:
-        collection.client.drop_collection(collection.name)
+        collection.drop_all()
         collection.close()
 
 

@@ -319,20 +319,125 @@ def test_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, seed1_coca
             assert "generation 1" in refused.value.details()
 
 
-def test_milvus_collections_answer_failed_precondition():
-    import asyncio
-    from types import SimpleNamespace
+def made_before_aliases(uri: str, name: str, dim: int, blobs) -> None:
+    """A plain Milvus collection called `name`, as coca-search made them before aliases (generation 0)."""
+    from search_service.milvus import SCHEMA_VERSION, MilvusCollection, MilvusSettings
 
-    from search_service.service import SearchServicer
+    collection = MilvusCollection(blobs, MilvusSettings(uri=uri, collection=name, index_type="FLAT"))
+    collection._create_collection(name, collection._item_schema(
+        {"coca_schema": SCHEMA_VERSION, "model": MODEL, "pretrained": PRETRAINED, "embedding_dim": dim}))
+    collection.close()
 
-    class Context:
-        async def abort(self, code, message, trailing_metadata=()):
-            raise grpc.aio.AbortError(f"{code.name}: {message}")
 
-    async def call():
-        servicer = SimpleNamespace(engine=object(), config=None)  # a collection without model generations
-        request = pb.ReindexRequest(to_model=MODEL, to_pretrained=PRETRAINED, triton="127.0.0.1:8001")
-        return [m async for m in SearchServicer.Reindex(servicer, request, Context())]
+def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rollback(
+        tritons, tiny_coca, seed1_coca, milvus_server, tmp_path):
+    from pymilvus import MilvusClient
 
-    with pytest.raises(grpc.aio.AbortError, match="FAILED_PRECONDITION: not offered by this store: .*Milvus.*alter_alias"):
-        asyncio.run(call())
+    old, new = tritons
+    name = f"reindex_{time.time_ns()}"
+    made_before_aliases(milvus_server.uri, name, tiny_coca.embed_texts([QUERY]).shape[-1], tmp_path / "made")
+    images = noise_jpegs(90, seed=26)
+    milvus = MilvusClient(uri=milvus_server.uri)
+    replica = [tmp_path / "data", old.grpc_url, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
+               "--collection", name, "--milvus-index", "FLAT"]
+    with ServiceProcess(*replica) as service, ServiceProcess(*replica) as other, \
+            WireClient(service.address, timeout=60) as client, WireClient(other.address, timeout=60) as follower:
+        first = add(client, images[:70])
+        images_by_id, live = dict(zip(first, images[:70])), set(first)
+        assert assert_search_is_exact(tiny_coca, client).answered_by.startswith("generation 0: coca-tiny")
+        assert_search_is_exact(tiny_coca, follower)  # serving (bound to generation 0) before the reindex
+
+        with Traffic(service.address, live, images_by_id, images[70:], keep=set()) as traffic:
+            started = time.monotonic()
+            steps = reindex(client, triton=new.grpc_url)
+            ended = time.monotonic()
+            wait_for(lambda: not traffic.new_images, 60, "the clients' writes")
+        assert steps[-1].phase == "done" and steps[-1].generation == 1
+        assert sum(started < t < ended for t in traffic.acknowledged) >= 3  # writes did land during the reindex
+        assert not traffic.search_errors, traffic.search_errors[:3]
+        assert all(a.startswith(("generation 0:", "generation 1:")) for a in traffic.answered_by)
+        # the plain collection became generation 0 (renamed), the name an alias of generation 1
+        assert milvus.describe_alias(name)["collection_name"] == f"{name}_g1"
+        assert milvus.describe_alias(f"{name}_rollback")["collection_name"] == f"{name}_g0"
+
+        assert_embedded_by(seed1_coca, client, images_by_id, live)
+        after = assert_search_is_exact(seed1_coca, client)
+        stats = client.stats()
+        assert stats.generation == 1 and after.answered_by == stats.answered_by == steps[-1].answered_by
+        assert stats.answered_by.startswith("generation 1: coca-tiny") and stats.old_generation.startswith("generation 0")
+        assert stats.count == len(live)  # counted at Strong: no deleted row came back (reads hide recent deletes)
+        assert [s.address for s in stats.triton_endpoints] == [new.grpc_url]
+        # the other replica follows the alias with the new generation's recorded Triton (within FOLLOW_S)
+        wait_for(lambda: follower.search_text(QUERY, k=3).answered_by == stats.answered_by, 15, "the other replica")
+        assert_search_is_exact(seed1_coca, follower)
+
+        extra = noise_jpegs(3, seed=27)  # added after the switch: embedded by the new model, by the old on rollback
+        for item_id, image in zip(add(client, extra), extra):
+            images_by_id[item_id] = image
+            live.add(item_id)
+        victim = min(live & set(first))  # (one the clients did not delete already)
+        client.delete(victim)
+        live.discard(victim)
+        assert_embedded_by(seed1_coca, client, images_by_id, live)
+
+        steps = reindex(client, pb.ReindexRequest.ROLLBACK)
+        assert steps[-1].generation == 0 and steps[-1].answered_by.startswith("generation 0: coca-tiny")
+        assert_embedded_by(tiny_coca, client, images_by_id, live)
+        assert_search_is_exact(tiny_coca, client)
+        assert client.stats().old_generation.startswith("generation 1")
+        wait_for(lambda: follower.search_text(QUERY, k=3).answered_by.startswith("generation 0"), 15, "the other replica")
+        assert_search_is_exact(tiny_coca, follower)
+
+        reindex(client, pb.ReindexRequest.DROP_OLD)
+        assert client.stats().old_generation == ""
+        assert f"{name}_g1" not in milvus.list_collections()
+        with pytest.raises(grpc.RpcError) as refused:
+            reindex(client, pb.ReindexRequest.ROLLBACK)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.long  # three service starts on Milvus (~1 min here): make test-reliability
+def test_milvus_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, seed1_coca, milvus_server, tmp_path):
+    from serving.testing import TcpRelay
+
+    old, new = tritons
+    name = f"resume_{time.time_ns()}"  # a new collection: alias-backed from creation (NAME -> NAME_g0)
+    images = noise_jpegs(110, seed=28)
+
+    def replica(triton: str) -> ServiceProcess:
+        return ServiceProcess(tmp_path / "data", triton, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
+                              "--collection", name, "--milvus-index", "FLAT")
+
+    with TcpRelay(new.grpc_url) as relay:
+        with replica(old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            ids = add(client, images[:100])
+            images_by_id, live = dict(zip(ids, images[:100])), set(ids)
+            request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model=MODEL, to_pretrained=PRETRAINED,
+                                        triton=relay.url)
+            stream = client.stub.Reindex(request, timeout=120)
+            listener = threading.Thread(target=drain, args=(stream,), daemon=True)
+            listener.start()
+            done_before_kill, total = wait_for(lambda: embedded_so_far(client), 60, "some batches", interval=0.01)
+            relay.stall()  # the new model's Triton stops answering mid-way; then kill -9
+            assert 0 < done_before_kill < total
+            for item_id, image in zip(add(client, images[100:]), images[100:]):  # the old model still serves
+                images_by_id[item_id] = image
+                live.add(item_id)
+            for victim in sorted(ids)[:5]:
+                client.delete(victim)
+                live.discard(victim)
+            service.kill()
+            stream.cancel()
+            listener.join(30)
+        relay.resume()
+        with replica(old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
+            assert client.stats().reindex.startswith("generation 1")  # the collection being built, stopped
+            steps = reindex(client, pb.ReindexRequest.RESUME)
+            assert steps[0].done >= done_before_kill  # what was copied before the kill is not embedded again
+            assert steps[-1].phase == "done" and client.stats().generation == 1
+            assert_embedded_by(seed1_coca, client, images_by_id, live)
+            assert_search_is_exact(seed1_coca, client)
+            assert client.stats().count == len(live)  # at Strong: no deleted row came back
+        with replica(relay.url) as service, WireClient(service.address, timeout=60) as client:
+            assert_embedded_by(seed1_coca, client, images_by_id, live)  # a restart answers from generation 1
+            assert client.search_text(QUERY, k=3).answered_by.startswith("generation 1")

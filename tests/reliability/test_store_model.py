@@ -126,7 +126,7 @@ def make_machine(factory: str, totals: Totals, milvus_uri: str = ""):
 
         def teardown(self):
             if on_milvus:
-                self.engine.client.drop_collection(self.settings.collection)
+                self.engine.drop_all()
                 for engine in self.abandoned:  # a killed process's connections die with it; these would pile up
                     engine.close()
             self.engine.close()

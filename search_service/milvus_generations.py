@@ -1,0 +1,336 @@
+"""Model generations of a Milvus collection: one physical collection per generation behind the service's alias.
+
+    --collection NAME   an alias -> NAME_g<k>  (the generation that answers; every replica reads through it)
+                        NAME_rollback -> NAME_g<j>  (the generation kept for rollback, until DROP_OLD)
+                        NAME_captions  (captions: keyed by content, shared by every generation)
+
+A new collection is made as NAME_g0 with NAME its alias. A collection made before aliases (a plain collection
+called NAME) is generation 0 as it is; Milvus 2.3 refuses an alias named like a collection (error 1601), so its
+first switch renames it to NAME_g0 (rename_collection keeps it loaded) and creates the alias NAME at once
+after: between those two calls (a few ms) NAME names nothing, and reads fail as "collection not found". A
+replica that starts in that gap (or after a crash in it) points NAME back at NAME_g0 (`recover_alias`).
+
+State lives in Milvus itself, so a killed service resumes with what is there: the alias names the active
+generation, NAME_rollback the old one, and a NAME_g<k> named by neither is being built. Each generation's
+weights (the export's repository id) and Triton endpoints are collection properties (coca.weights,
+coca.triton), written when a reindex begins. The reindex (search_service/reindex.py, shared with the embedded
+store) fills the generation being built from the active one: a live row lacks its copy there until one with
+the same content and created_at is upserted (re-embedded from its stored bytes), so progress survives a kill.
+The switch, under this replica's write gate (no add or delete through it runs meanwhile): every active row
+has its copy (else None: fill again), rows deleted since they were copied are deleted from the new one, then
+the rollback alias names the active collection and `alter_alias` points NAME at the new one.
+
+Every replica reads and writes the collection of the generation it answers from (`reading`) and follows the
+alias (`refresh_generation`, once a second at most: SearchServicer follows with the models of the generation it
+names; before every AddImages commit too), so no replica ranks one model's vectors with another's query. Deletes
+go to the alias's collection as well, and those that reached the old collection during the switch are applied
+after the flip. Bounds: the switch reads every row's (pk, created_at) of both collections at Strong (MAX_TOPK a
+query); adds through *other* replicas are not held back by the gate: one committed between its alias check and
+the flip lands in the old generation only (README "Reindex to new weights", Milvus).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .generations import Generation
+from .store import Item
+
+ROLLBACK_SUFFIX = "_rollback"
+WEIGHTS, TRITON = "coca.weights", "coca.triton"
+
+
+class WriteGate:
+    """Writes pass together; a switch waits for those under way and holds new ones back until it is done."""
+
+    def __init__(self):
+        self._turn = threading.Condition()
+        self._writers = 0
+        self._switching = False
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._turn:
+            self._turn.wait_for(lambda: not self._switching)
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._writers -= 1
+                self._turn.notify_all()
+
+    @contextlib.contextmanager
+    def switch(self) -> Iterator[None]:
+        with self._turn:
+            self._turn.wait_for(lambda: not self._switching)
+            self._switching = True
+            self._turn.wait_for(lambda: self._writers == 0)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._switching = False
+                self._turn.notify_all()
+
+
+class MilvusGenerations:
+    """The generation operations of MilvusCollection (the Reindex RPC's store side; see the module docstring).
+    Needs of its host: name, settings, _call, _opts, _identity, _item_schema, _create_collection,
+    _ensure_indexes, _load."""
+
+    generation: Optional[int] = 0  # the generation reads answer from; None while the alias moves
+
+    # ------------------------------------------------------------ names
+    def generation_name(self, gen: int) -> str:
+        return f"{self.name}_g{gen}"
+
+    @property
+    def rollback_alias(self) -> str:
+        return self.name + ROLLBACK_SUFFIX
+
+    def _gen_of(self, physical: str) -> int:
+        found = re.fullmatch(re.escape(self.name) + r"_g(\d+)", physical)
+        return int(found[1]) if found else 0  # the plain collection NAME (made before aliases) is generation 0
+
+    def _resolve(self, name: str) -> Optional[str]:
+        """The collection `name` reaches (an alias's target, or `name` when it is a collection), or None.
+        (describe_collection, not describe_alias: pymilvus logs an ERROR for every alias that is not found.)"""
+        def describe(client) -> Optional[str]:
+            if not client.has_collection(name, **self._opts):
+                return None
+            return client.describe_collection(name, **self._opts)["collection_name"]
+
+        return self._call("describe collection", describe)
+
+    def _alias_target(self, alias: str) -> Optional[str]:
+        target = self._resolve(alias)
+        return target if target != alias else None
+
+    def answering_collection(self) -> Optional[str]:
+        """The physical collection NAME reads from now (NAME itself when it is a plain collection), or None."""
+        return self._resolve(self.name)
+
+    def create_aliased(self, schema) -> None:
+        """A new collection: NAME_g0 with NAME its alias (replicas doing this at once: each call is a no-op or
+        fails because the other's is there, then the alias is what they both wanted)."""
+        physical = self.generation_name(0)
+        self._create_collection(physical, schema)
+        self._point_alias(self.name, physical)
+
+    def recover_alias(self) -> None:
+        """NAME names nothing but the rollback alias names a generation: a first switch stopped between renaming
+        NAME and making it an alias. NAME answers from that generation again (the new one is resumed)."""
+        kept = self._alias_target(self.rollback_alias)
+        if kept is not None:
+            self._point_alias(self.name, kept)
+
+    def _point_alias(self, alias: str, physical: str) -> None:
+        def point(client) -> None:
+            if self._alias_target(alias) is None:
+                try:
+                    client.create_alias(physical, alias, **self._opts)
+                    return
+                except Exception:
+                    if self._alias_target(alias) is None:  # not made by another replica meanwhile
+                        raise
+            client.alter_alias(physical, alias, **self._opts)
+
+        self._call(f"alias {alias} -> {physical}", point)
+
+    # ------------------------------------------------------------ records
+    def generation_records(self) -> dict[str, Generation]:
+        """The generations by state: 'active' once its weights are recorded (a first reindex records them),
+        'old' (kept for rollback), 'building'."""
+        active = self.answering_collection()
+        if active is None:
+            return {}
+        old = self._alias_target(self.rollback_alias)
+        pattern = re.compile(re.escape(self.name) + r"_g\d+")
+        names = {n for n in self._call("list collections", lambda c: c.list_collections(**self._opts))
+                 if pattern.fullmatch(n)} | {active}
+        records = {}
+        for physical in sorted(names, key=self._gen_of):
+            state = "active" if physical == active else "old" if physical == old else "building"
+            record = self._record(physical, state)
+            if record.weights or state != "active":
+                records[state] = record
+        return records
+
+    def _record(self, physical: str, state: str) -> Generation:
+        described = self._call("describe collection", lambda c: c.describe_collection(physical, **self._opts))
+        identity = _description(described)
+        properties = described.get("properties") or {}
+        return Generation(self._gen_of(physical), identity.get("model", ""), identity.get("pretrained", ""),
+                          int(identity.get("embedding_dim", 0)), properties.get(WEIGHTS, ""),
+                          properties.get(TRITON, ""), state)
+
+    def begin_generation(self, active: Generation, target: Generation) -> Generation:
+        """Record the active generation's weights, and make (or go on with) the collection `target` is built
+        in: the one being built when it holds the same weights, else a new one (another being built is dropped)."""
+        from pymilvus.client.types import LoadState
+
+        answering = self.answering_collection()
+        self._set_properties(answering, active)
+        records = self.generation_records()
+        building = records.get("building")
+        if building is not None and building.weights == target.weights:
+            target.gen = building.gen
+        else:
+            if building is not None:
+                self._drop(self.generation_name(building.gen))
+            target.gen = max([r.gen for r in records.values()] + [self._gen_of(answering)]) + 1
+            identity = {"coca_schema": self._identity()["coca_schema"], "model": target.model,
+                        "pretrained": target.pretrained, "embedding_dim": target.embedding_dim}
+            self._create_collection(self.generation_name(target.gen), self._item_schema(identity))
+        physical = self.generation_name(target.gen)
+        self._set_properties(physical, target)
+        # (again on a resume: a kill may have come before its indexes or its load)
+        if self._ensure_indexes(physical) != LoadState.Loaded:
+            self._load(physical)
+        return target
+
+    def _set_properties(self, physical: str, generation: Generation) -> None:
+        self._call("collection properties", lambda c: c.alter_collection_properties(
+            physical, {WEIGHTS: generation.weights, TRITON: generation.triton}, **self._opts))
+
+    def _drop(self, physical: str) -> None:
+        def drop(client) -> None:
+            with contextlib.suppress(Exception):  # not loaded: nothing to release
+                client.release_collection(physical, **self._opts)
+            client.drop_collection(physical, **self._opts)
+
+        self._call(f"drop collection {physical}", drop)
+
+    # ------------------------------------------------------------ filling (reindex.fill)
+    def generation_lacking(self, gen: int, after: Optional[str], limit: int) -> tuple[list[Item], Optional[str]]:
+        """Live rows after pk `after` (in pk order) whose copy in generation `gen` is missing or of an earlier
+        add of the same content (another created_at); and the pk to go on after."""
+        from .milvus import ROW_FIELDS, _item, in_list, literal
+
+        source, target = self.reading, self.generation_name(gen)
+        after = after or ""
+        while True:
+            rows = self._call("reindex read", lambda c: c.query(
+                source, filter=f"pk > {literal(after)}", output_fields=ROW_FIELDS, limit=limit, **self._opts,
+                consistency_level=self.settings.consistency))
+            if not rows:
+                return [], after
+            rows.sort(key=lambda r: r["pk"])
+            after = rows[-1]["pk"]
+            copied = {r["pk"]: r["created_at"] for r in self._call("reindex read", lambda c: c.query(
+                target, filter=in_list("pk", [r["pk"] for r in rows]), output_fields=["pk", "created_at"],
+                **self._opts, consistency_level=self.settings.consistency))}
+            lacking = [_item(r) for r in rows if copied.get(r["pk"]) != r["created_at"]]
+            if lacking:
+                return lacking, after
+
+    def generation_embedded(self, gen: int) -> int:
+        target = self.generation_name(gen)
+        rows = self._call("count", lambda c: c.query(target, filter="", output_fields=["count(*)"], **self._opts,
+                                                         consistency_level=self.settings.consistency))
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def put_generation(self, gen: int, items: list[Item], vectors: np.ndarray) -> None:
+        """Upsert the items' rows, with their new vectors, into generation `gen`'s collection."""
+        rows = [{"pk": i.sha256, "item_id": i.id, "uri": i.uri, "blob": i.blob or "", "meta": dict(i.metadata),
+                 "caption": i.caption or "", "created_at": i.created_at, "updated_at": i.updated_at,
+                 "embedding": np.asarray(v, np.float32).tolist()} for i, v in zip(items, vectors)]
+        self._call("reindex write", lambda c: c.upsert(self.generation_name(gen), rows, **self._opts))
+
+    # ------------------------------------------------------------ switch, drop
+    def switch_generation(self, gen: int, dim: int) -> Optional[Generation]:
+        """Point NAME at generation `gen` (see the module docstring); None while an active row lacks its copy."""
+        target = self.generation_name(gen)
+        with self._gate.switch():
+            source = self.answering_collection()
+            live, copied = self._keys(source), self._keys(target)
+            if any(copied.get(pk) != created for pk, created in live.items()):
+                return None
+            self._delete_rows(target, [pk for pk in copied if pk not in live])  # deleted since they were copied
+            answering, self.generation = self.generation, None  # searches meanwhile wait (or retry)
+            try:
+                source = self._flip(source, target)
+            except BaseException:
+                self.generation = answering
+                raise
+            self.generation, self._dim, self._physical = gen, dim, target
+        # deletes through other replicas between the reads above and the flip reached the old collection only
+        still = self._keys(source)
+        self._delete_rows(target, [pk for pk in live if pk not in still])
+        return self._record(target, "active")
+
+    def _delete_rows(self, physical: str, pks: list[str]) -> None:
+        for start in range(0, len(pks), 1000):
+            self._call("reindex delete", lambda c: c.delete(physical, ids=pks[start:start + 1000], **self._opts))
+
+    def refresh_generation(self) -> Optional[int]:
+        """Follow NAME (switched through another replica): the generation it names now, which this replica reads
+        and writes from now on (its service follows with that generation's models); None while switching here."""
+        with self._gate.write():  # not between a switch's reads and its flip
+            if self.generation is None:
+                return None
+            physical = self.answering_collection()
+            if physical is not None and physical != self._physical:
+                self._physical, self.generation, self._dim = physical, self._gen_of(physical), None
+                self._dim = self.dim  # the new generation's (read from its collection)
+            return self.generation
+
+    def _keys(self, physical: str) -> dict[str, float]:
+        """Every row's pk -> created_at, read at Strong (every acknowledged write is in)."""
+        from .milvus import MAX_TOPK, literal
+
+        keys, after = {}, ""
+        while True:
+            rows = self._call("reindex read", lambda c: c.query(
+                physical, filter=f"pk > {literal(after)}", output_fields=["pk", "created_at"], limit=MAX_TOPK,
+                timeout=float(self.settings.timeout_s), consistency_level="Strong"))
+            keys.update((r["pk"], r["created_at"]) for r in rows)
+            if len(rows) < MAX_TOPK:
+                return keys
+            after = max(r["pk"] for r in rows)
+
+    def _flip(self, source: str, target: str) -> str:
+        """The rollback alias to `source` (an older kept generation dropped), then NAME to `target`; the name
+        `source` has now (renamed when it was the plain collection NAME)."""
+        kept = self._alias_target(self.rollback_alias)
+        if kept is not None and kept not in (source, target):
+            self._call("drop alias", lambda c: c.drop_alias(self.rollback_alias, **self._opts))
+            self._drop(kept)
+        if source == self.name:  # a collection made before aliases: Milvus refuses an alias of its name
+            source = self.generation_name(0)
+            self._call("rename collection", lambda c: c.rename_collection(self.name, source, **self._opts))
+        self._point_alias(self.rollback_alias, source)
+        self._point_alias(self.name, target)
+        return source
+
+    def drop_old_generation(self) -> Optional[int]:
+        """Drop the generation kept for rollback; which one (None when none is kept)."""
+        kept = self._alias_target(self.rollback_alias)
+        if kept is None or kept == self.answering_collection():
+            return None
+        self._call("drop alias", lambda c: c.drop_alias(self.rollback_alias, **self._opts))
+        self._drop(kept)
+        return self._gen_of(kept)
+
+    def drop_all(self) -> None:
+        """Drop NAME with every generation, both aliases and the captions (tests and benches tidying up)."""
+        pattern = re.compile(re.escape(self.name) + r"(_g\d+)?")
+        for alias in (self.name, self.rollback_alias):
+            self._call("drop alias", lambda c: c.drop_alias(alias, **self._opts))
+        for physical in self._call("list collections", lambda c: c.list_collections(**self._opts)):
+            if pattern.fullmatch(physical) or physical == self.captions_name:
+                self._drop(physical)
+
+
+def _description(described: dict) -> dict:
+    import json
+
+    try:
+        return json.loads(described.get("description") or "{}")
+    except ValueError:
+        return {}
