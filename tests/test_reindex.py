@@ -339,7 +339,7 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
     images = noise_jpegs(90, seed=26)
     milvus = MilvusClient(uri=milvus_server.uri)
     replica = [tmp_path / "data", old.grpc_url, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
-               "--collection", name, "--milvus-index", "FLAT"]
+               "--collection", name, "--milvus-index", "FLAT", "--reindex-share", str(SHARE)]
     with ServiceProcess(*replica) as service, ServiceProcess(*replica) as other, \
             WireClient(service.address, timeout=60) as client, WireClient(other.address, timeout=60) as follower:
         first = add(client, images[:70])
