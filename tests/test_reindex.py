@@ -164,6 +164,31 @@ def drain(stream) -> None:
         list(stream)
 
 
+def kill_mid_reindex(client: WireClient, service, relay, more: list[bytes], ids: list[str], images_by_id: dict,
+                     live: set) -> int:
+    """START a reindex into the Triton behind `relay`; once some batches are committed, stall that Triton, add
+    `more` and delete 5 of `ids` through the old model (the oracle follows), then kill -9 the service. Returns how many were embedded before the stall."""
+    request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model=MODEL, to_pretrained=PRETRAINED,
+                                triton=relay.url)
+    stream = client.stub.Reindex(request, timeout=120)
+    listener = threading.Thread(target=drain, args=(stream,), daemon=True)  # cancelled below
+    listener.start()
+    done_before_kill, total = wait_for(lambda: embedded_so_far(client), 60, "the reindex to commit some batches",
+                                       interval=0.01)
+    relay.stall()  # the new model's Triton stops answering mid-way; then kill -9
+    assert 0 < done_before_kill < total
+    for item_id, image in zip(add(client, more), more):  # the old model still serves
+        images_by_id[item_id] = image
+        live.add(item_id)
+    for victim in sorted(ids)[:5]:
+        client.delete(victim)
+        live.discard(victim)
+    service.kill()
+    stream.cancel()
+    listener.join(30)
+    return done_before_kill
+
+
 def embedded_so_far(client: WireClient, at_least: int = 32):
     """(done, total) of the running reindex once it has embedded `at_least` items (Stats.reindex), else None."""
     found = re.search(r"(\d+)/(\d+) items", client.stats().reindex)
@@ -280,25 +305,7 @@ def test_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, seed1_coca
         with service_on(data, old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
             ids = add(client, images[:200])
             images_by_id, live = dict(zip(ids, images[:200])), set(ids)
-            request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model=MODEL, to_pretrained=PRETRAINED,
-                                        triton=relay.url)
-            stream = client.stub.Reindex(request, timeout=120)
-            listener = threading.Thread(target=drain, args=(stream,), daemon=True)  # cancelled below
-            listener.start()
-            progress = wait_for(lambda: embedded_so_far(client), 60, "the reindex to commit some batches",
-                                interval=0.01)
-            relay.stall()  # the new model's Triton stops answering mid-way; then kill -9
-            done_before_kill, total = progress
-            assert 0 < done_before_kill < total
-            for item_id, image in zip(add(client, images[200:]), images[200:]):  # the old model still serves
-                images_by_id[item_id] = image
-                live.add(item_id)
-            for victim in sorted(ids)[:5]:
-                client.delete(victim)
-                live.discard(victim)
-            service.kill()
-            stream.cancel()
-            listener.join(30)
+            done_before_kill = kill_mid_reindex(client, service, relay, images[200:], ids, images_by_id, live)
         relay.resume()
         with service_on(data, old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
             assert client.stats().reindex.startswith("generation 1")  # recorded, stopped
@@ -412,23 +419,7 @@ def test_milvus_reindex_killed_mid_way_resumes_with_the_same_oracle(tritons, see
         with replica(old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
             ids = add(client, images[:100])
             images_by_id, live = dict(zip(ids, images[:100])), set(ids)
-            request = pb.ReindexRequest(action=pb.ReindexRequest.START, to_model=MODEL, to_pretrained=PRETRAINED,
-                                        triton=relay.url)
-            stream = client.stub.Reindex(request, timeout=120)
-            listener = threading.Thread(target=drain, args=(stream,), daemon=True)
-            listener.start()
-            done_before_kill, total = wait_for(lambda: embedded_so_far(client), 60, "some batches", interval=0.01)
-            relay.stall()  # the new model's Triton stops answering mid-way; then kill -9
-            assert 0 < done_before_kill < total
-            for item_id, image in zip(add(client, images[100:]), images[100:]):  # the old model still serves
-                images_by_id[item_id] = image
-                live.add(item_id)
-            for victim in sorted(ids)[:5]:
-                client.delete(victim)
-                live.discard(victim)
-            service.kill()
-            stream.cancel()
-            listener.join(30)
+            done_before_kill = kill_mid_reindex(client, service, relay, images[100:], ids, images_by_id, live)
         relay.resume()
         with replica(old.grpc_url) as service, WireClient(service.address, timeout=60) as client:
             assert client.stats().reindex.startswith("generation 1")  # the collection being built, stopped
