@@ -128,14 +128,10 @@ def milvus_figures(args, rng: np.random.Generator) -> None:
 
     from search_service.milvus import MilvusCollection, MilvusSettings
     from search_service.milvus_backup import restore_collection
-    from search_service.testing import MilvusServerProcess
+    from .common import milvus_uri
 
     with contextlib.ExitStack() as stack:
-        uri = args.milvus_uri
-        if uri is None:
-            server = MilvusServerProcess(args.work / "milvus").start()
-            stack.callback(server.stop)
-            uri = server.uri
+        uri = milvus_uri(args.milvus_uri, args.work / "milvus", stack)
         settings = MilvusSettings(uri=uri, collection=f"bench_backup_{time.time_ns()}")
         collection = MilvusCollection(args.work / "data", settings)
         stack.callback(collection.close)

@@ -78,5 +78,16 @@ def print_table(headers: list[str], rows: list[list]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def milvus_uri(given, work, stack) -> str:
+    """`given` (a running Milvus), else a Milvus standalone of its own under `work`, stopped with `stack`."""
+    if given:
+        return given
+    from search_service.testing import MilvusServerProcess
+
+    server = MilvusServerProcess(work).start()
+    stack.callback(server.stop)
+    return server.uri
+
+
 def print_json(result: dict) -> None:
     print(json.dumps({**result, "machine": machine()}), flush=True)

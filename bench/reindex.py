@@ -2,6 +2,7 @@
 vs plain ingest of the same items, and search latency while it runs vs idle, on one service and one box.
 
     coca bench reindex [--model coca-tiny --pretrained random] [--images 300] [--searches 200] [--reindex-share F]
+                       [--vector-store milvus [--milvus-uri URI]]
 
 Two tritonservers: the model exported with random weights of --seed and of --seed + 1. The service (its own
 process, fresh data dir, --reindex-share as given: the throttle) ingests the images through the first (AddImages,
@@ -9,11 +10,13 @@ one stream, nothing else asked: the plain ingest rate); then search latency (Sea
 back) is sampled idle and during a reindex into the second (Reindex RPC); then, the old generation dropped, a
 reindex back into the first with nothing else asked (the reindex rate compared with ingest: the throttle holds a
 reindex back only while searches are about). Beside them, what the hardware gives: the new model's Triton alone
-embedding the same images (serving.client, batches of 16, all in flight).
+embedding the same images (serving.client, batches of 16, all in flight). With --vector-store milvus the service
+keeps a new collection (HNSW) in the Milvus at --milvus-uri, or in a Milvus standalone of its own.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import tempfile
 import threading
@@ -23,7 +26,7 @@ from pathlib import Path
 from search_service.config import ServiceConfig
 from search_service.testing import while_searching
 
-from .common import add_model_options, print_json, print_table
+from .common import add_model_options, milvus_uri, print_json, print_table
 from .ingest import distinct_jpegs, triton_alone
 
 
@@ -38,7 +41,17 @@ def parse(argv):
                    help="search back to back for the first S seconds of the first reindex (default %(default)s; the "
                         "throttle slows the reindex to its --reindex-share meanwhile)")
     p.add_argument("--cache", default="data/bench/reindex")
+    p.add_argument("--vector-store", choices=["faiss", "milvus"], default="faiss")
+    p.add_argument("--milvus-uri", help="a running Milvus (default: a standalone of its own under --cache)")
     return p.parse_args(argv)
+
+
+def store_options(args, stack: contextlib.ExitStack) -> list[str]:
+    """The service's store options: the embedded store, or a new collection in Milvus."""
+    if args.vector_store == "faiss":
+        return []
+    uri = milvus_uri(args.milvus_uri, Path(args.cache) / "milvus", stack)
+    return ["--vector-store", "milvus", "--milvus-uri", uri, "--collection", f"bench_reindex_{time.time_ns()}"]
 
 
 def embedded_now(client) -> int:
@@ -81,11 +94,14 @@ def main(argv=None) -> int:
     warmup, images = images[:16], images[16:]
     repos = [ensure_repository(Path(args.cache) / f"repo-{args.model}-{args.pretrained}-s{seed}", args.model,
                                args.pretrained, seed)[0] for seed in (args.seed, args.seed + 1)]
-    with running_triton(repos[0], timeout=600) as (old_url, _, _), running_triton(repos[1], timeout=600) as (new_url, _, _):
+    with contextlib.ExitStack() as stack:
+        old_url, _, _ = stack.enter_context(running_triton(repos[0], timeout=600))
+        new_url, _, _ = stack.enter_context(running_triton(repos[1], timeout=600))
         floor = triton_alone(new_url, images)
-        with tempfile.TemporaryDirectory(prefix="coca-reindex-") as data, \
-                ServiceProcess(data, old_url, "--reindex-share", str(args.reindex_share)) as service, \
-                Client(service.address, timeout=600) as client:
+        data = stack.enter_context(tempfile.TemporaryDirectory(prefix="coca-reindex-"))
+        service = stack.enter_context(ServiceProcess(data, old_url, "--reindex-share", str(args.reindex_share),
+                                                     *store_options(args, stack)))
+        with Client(service.address, timeout=600) as client:
             list(client.add(warmup))
             (added, ingest_s) = timed(lambda: sum(r.outcome is Outcome.ADDED for r in client.add(images)))
             idle = search_latencies(client, threading.Event(), args.searches)
@@ -106,11 +122,12 @@ def main(argv=None) -> int:
             [f"reindex, {searched_s:.0f} s of back-to-back searches; their p99 ({len(during)} searches)",
              f"{searched_rate:.1f}",
              f"{searched_rate / ingest_rate:.2f}", f"{p99_ms(during):.1f} ({p99_ratio:.2f}x idle)"]]
-    print(f"{args.model} ({args.pretrained}), seed {args.seed} -> {args.seed + 1} -> {args.seed}; {len(images)} "
+    print(f"{args.model} ({args.pretrained}), seed {args.seed} -> {args.seed + 1} -> {args.seed}; {args.vector_store}; "
+          f"{len(images)} "
           f"distinct JPEGs; --reindex-share {args.reindex_share:g}; load average {' '.join(load)} (goals: reindex >= "
           "0.9x ingest, p99 during <= 2x idle)")
     print_table(["path", "items/s", "vs ingest", "p99 ms"], rows)
-    print_json({"benchmark": "reindex", "model": args.model, "items": items, "reindex_share": args.reindex_share,
+    print_json({"benchmark": "reindex", "model": args.model, "vector_store": args.vector_store, "items": items, "reindex_share": args.reindex_share,
                 "triton_alone": round(floor, 2), "ingest_rate": round(ingest_rate, 2),
                 "reindex_rate": round(reindex_rate, 2), "rate_ratio": round(reindex_rate / ingest_rate, 3),
                 "reindex_rate_searched": round(searched_rate, 2), "p99_idle_ms": round(p99_ms(idle), 2),

@@ -12,6 +12,7 @@
     coca caption photo.jpg --server 127.0.0.1:50051 [--stream]   (clients/cli.py's caption command)
     coca backup --out DIR --server HOST:PORT     (while serving: DIR on the service's machine, under its --backup-root)
     coca backup --out DIR --data DATA            (offline: a data directory no service has open)
+    coca backup --out DIR --data DATA --collection NAME [--milvus-uri URI]   (a Milvus collection, no service needed)
     coca backup --verify DIR
     coca restore DIR --data NEW
     coca restore DIR --data NEW --collection NAME [--milvus-uri URI]   (a Milvus collection's backup)
@@ -479,10 +480,22 @@ small {{ color: #666; word-break: break-all; }}
 def configure_backup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="the backup folder: new, empty, or a previous backup (then only "
                    "new blobs are copied); with --server a folder on the service's machine under its --backup-root")
-    p.add_argument("--data", metavar="DATA", help="back up this data directory offline (no service may have it open)")
+    p.add_argument("--data", metavar="DATA", help="back up this data directory offline (no service may have it open); "
+                   "with --collection: the blob directory of the collection's replicas (their --data)")
     p.add_argument("--verify", metavar="DIR", help="check a backup: every file's sha256, every blob its items name, "
                    "SQLite's integrity_check; exit 2 with the first fault")
     add_connection_options(p, server_help="back up through the service at HOST:PORT while it serves")
+    add_milvus_options(p, "a Milvus collection, no service needed (replicas may serve it meanwhile)",
+                       "the collection to back up")
+
+
+def add_milvus_options(p: argparse.ArgumentParser, title: str, collection_help: str) -> None:
+    from search_service import MilvusSettings
+
+    milvus = p.add_argument_group(title)
+    milvus.add_argument("--collection", metavar="NAME", help=collection_help)
+    milvus.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
+    milvus.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
 
 
 def backup(args) -> int:
@@ -498,6 +511,10 @@ def backup(args) -> int:
         print(f"{args.verify}: a verified backup of {manifest['items']} items, {manifest['blobs']['count']} blobs, "
               f"{source}, made {manifest['created']}")
         return 0
+    if args.collection:
+        if not args.out or args.data is None or args.server is not None:
+            raise InvalidInputError("--collection NAME takes --out DIR and --data DATA (its blob directory), no --server")
+        return _backup_collection(args)
     if not args.out or (args.data is None) == (args.server is None):
         raise InvalidInputError("give --out DIR and one of --server HOST:PORT (while serving) or --data DATA (offline)")
     if args.data is not None:
@@ -516,21 +533,32 @@ def backup(args) -> int:
     return call_service(args, "backup", body)
 
 
+def _backup_collection(args) -> int:
+    from search_service import backup_named_collection
+
+    with _bar("copying blobs") as progress:
+        summary = backup_named_collection(_milvus_settings(args), Path(args.data), Path(args.out), progress)
+    _print_backup(summary)
+    return 0
+
+
+def _milvus_settings(args):
+    from search_service import MilvusSettings, milvus_token
+
+    return MilvusSettings(uri=args.milvus_uri, token=milvus_token(args.milvus_token_file), collection=args.collection)
+
+
 def _print_backup(summary) -> None:
     print(f"backed up {summary.items} items into {summary.out} (sequence {summary.sequence}): {summary.blobs} blobs, "
           f"{summary.blobs_copied} copied now, {summary.bytes_copied / 1e6:.1f} MB written in {summary.seconds:.2f} s")
 
 
 def configure_restore(p: argparse.ArgumentParser) -> None:
-    from search_service import MilvusSettings
-
     p.add_argument("backup", metavar="DIR", help="a backup folder (coca backup --out)")
     p.add_argument("--data", metavar="NEW", required=True, help="the new data directory (of a Milvus backup: the "
                    "new collection's blob directory): absent or empty")
-    milvus = p.add_argument_group("a Milvus collection's backup: restored into a new collection")
-    milvus.add_argument("--collection", metavar="NAME", help="the new collection (absent, or present and empty)")
-    milvus.add_argument("--milvus-uri", default=MilvusSettings.uri, help="Milvus address (default %(default)s)")
-    milvus.add_argument("--milvus-token-file", help="file holding the Milvus token (or set COCA_MILVUS_TOKEN)")
+    add_milvus_options(p, "a Milvus collection's backup: restored into a new collection",
+                       "the new collection (absent, or present and empty)")
 
 
 def restore(args) -> int:
@@ -546,12 +574,10 @@ def restore(args) -> int:
 
 
 def _restore_collection(args) -> int:
-    from search_service import MilvusSettings, milvus_token, restore_collection
+    from search_service import restore_collection
 
-    settings = MilvusSettings(uri=args.milvus_uri, token=milvus_token(args.milvus_token_file),
-                              collection=args.collection)
     with _bar("restoring items") as progress:
-        manifest = restore_collection(Path(args.backup), Path(args.data), settings, progress)
+        manifest = restore_collection(Path(args.backup), Path(args.data), _milvus_settings(args), progress)
     print(f"restored {manifest['items']} items (model {manifest['model']['model']}) into the Milvus collection "
           f"{args.collection!r}, their blobs into {args.data}; serve it with: coca serve --vector-store milvus "
           f"--milvus-uri {args.milvus_uri} --collection {args.collection} --milvus-index "

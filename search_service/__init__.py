@@ -13,7 +13,7 @@ _PUBLIC = {  # name -> module that defines it
     "run": "server", "add_store_arguments": "server", "store_settings": "server", "ServiceChild": "process",
     "add_operator_arguments": "server", "operator_settings": "server", "add_backup_argument": "server",
     "backup_data_dir": "backup", "verify_backup": "backup", "restore_backup": "backup",
-    "restore_collection": "milvus_backup", "MilvusSettings": "milvus", "milvus_token": "server",
+    "restore_collection": "milvus_backup", "backup_named_collection": "milvus_backup", "MilvusSettings": "milvus", "milvus_token": "server",
 }
 __all__ = list(_PUBLIC)
 

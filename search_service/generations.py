@@ -62,7 +62,16 @@ class GenerationError(Exception):
 
 
 class GenerationChanged(Exception):
-    """Vectors of one generation offered to a store that answers from another now: embed them again."""
+    """Vectors of one generation offered to a store that answers from another now: embed them again.
+
+    `committed`: outcomes of a write that landed in the generation it was embedded for while another replica
+    switched the store away from it (Milvus): it is made again in the new one, and the client is told what this
+    one did. `results`: those as the service's add results (set by the service)."""
+
+    def __init__(self, message: str, committed: Optional[list] = None):
+        super().__init__(message)
+        self.committed = committed or []
+        self.results: list = []
 
 
 @dataclass

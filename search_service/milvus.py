@@ -313,7 +313,9 @@ class MilvusCollection(MilvusGenerations, Collection):
         schema.add_field("caption", DataType.VARCHAR, max_length=MAX_CAPTION)
         schema.add_field("item_created_at", DataType.DOUBLE)  # the item it was made for (not a later re-add)
         schema.add_field("updated_at", DataType.DOUBLE)
-        schema.add_field("marker", DataType.FLOAT_VECTOR, dim=2)  # Milvus wants a vector field; never searched
+        # Milvus wants a vector field; never searched: it carries the generation whose decoder made the caption
+        # ([gen, 0]; rows stored before generations were marked read as generation 0)
+        schema.add_field("marker", DataType.FLOAT_VECTOR, dim=2)
         return schema
 
     def _indexes(self, name: str) -> list[tuple[str, str, Optional[str], dict]]:
@@ -468,23 +470,45 @@ class MilvusCollection(MilvusGenerations, Collection):
             ) -> list[AddOutcome | ConflictError | ItemRejected]:
         """Check, then write, under this replica's locks on the batch's ids and contents: between the
         conflict check and the upsert no other stream of this replica can claim them. `generation`: the one
-        whose model embedded them; GenerationChanged (nothing stored) when the alias names another now."""
+        whose model embedded them; GenerationChanged when the alias names another now (nothing stored), or
+        once they are stored when another replica switched the alias meanwhile (its `committed`: their outcomes)."""
         keys = [f"sha:{item.sha256}" for item in items] + [f"id:{item.id or default_id(item.sha256)}" for item in items]
         with self._gate.write(), self._writing.hold(keys):
             if generation is not None and generation != self.generation:
                 raise GenerationChanged(f"embedded by generation {generation}, the collection answers from "
                                         f"generation {self.generation} now")
-            return self._add(items)
+            written = self.reading
+            try:
+                outcomes = self._add(items)
+            except Exception as exc:
+                if generation is None or not self.in_rename_gap(exc, written):
+                    raise
+                self.moved_since_write(written)  # (until NAME names the new generation)
+                raise GenerationChanged(f"embedded by generation {generation}, whose collection a switch renamed "
+                                        "meanwhile") from None
+            if generation is not None and (moved := self.moved_since_write(written)) is not None:
+                raise GenerationChanged(f"embedded by generation {generation}, stored there while another replica "
+                                        f"switched the collection to {moved}", committed=outcomes)
+            return outcomes
 
     def _add(self, items: list[NewItem]) -> list[AddOutcome | ConflictError | ItemRejected]:
         shas = sorted({item.sha256 for item in items})
         present = {r["pk"]: r["item_id"] for r in self._query(in_list("pk", shas), ["pk", "item_id"])}
         wanted_ids = sorted({item.id or default_id(item.sha256) for item in items})
         owners = {r["item_id"]: r["pk"] for r in self._query(in_list("item_id", wanted_ids), ["pk", "item_id"])}
+        rewritten = self._rows_to_rewrite(items, present)
+        renewed = len(rewritten)  # rows stored already: not counted again
         outcomes: list[AddOutcome | ConflictError | ItemRejected] = []
         rows, placed, written, now = [], [], [], time.time()  # written: (outcome index, blob path or None)
         try:
             for item in items:
+                if item.sha256 in rewritten:
+                    row = rewritten.pop(item.sha256)
+                    outcomes.append(AddOutcome(id=row["item_id"], sha256=item.sha256, added=True, vid=-1,
+                                               created_at=row["created_at"]))
+                    rows.append({**row, "embedding": np.asarray(item.embedding, np.float32).tolist()})
+                    written.append((len(outcomes) - 1, None))
+                    continue
                 outcome = (self._oversized(self._row(item, item.id or default_id(item.sha256), "", now))
                            or self._decide(item, present, owners, now))
                 outcomes.append(outcome)
@@ -512,8 +536,14 @@ class MilvusCollection(MilvusGenerations, Collection):
         with self._deleted_lock:
             for row in stored:
                 self._deleted.pop(row["pk"], None)
-        self._size += len(stored)
+        self._size += len(stored) - renewed
         return outcomes
+
+    def _rows_to_rewrite(self, items: list[NewItem], present: dict[str, str]) -> dict[str, dict]:
+        """The stored rows (by pk) that items marked `rewrite` find under their own id: they take the new
+        embedding as they are (an item not there, or there under another id, is added as any other)."""
+        shas = [i.sha256 for i in items if i.rewrite and present.get(i.sha256) == (i.id or default_id(i.sha256))]
+        return {r["pk"]: r for r in self._query(in_list("pk", shas), ROW_FIELDS)} if shas else {}
 
     def _oversized(self, row: dict) -> Optional[ItemRejected]:
         """Why Milvus would refuse this row (a field over its bound in UTF-8 bytes), or None."""
@@ -569,15 +599,24 @@ class MilvusCollection(MilvusGenerations, Collection):
 
     def delete(self, item_id: str) -> Optional[Item]:
         with self._gate.write():
-            return self._delete(item_id)
+            written = self.reading
+            try:
+                return self._delete(item_id)
+            except Exception as exc:
+                if not self.in_rename_gap(exc, written):
+                    raise
+                self.moved_since_write(written)  # NAME names the new generation: delete there
+                return self._delete(item_id)
 
     def _delete(self, item_id: str) -> Optional[Item]:
         rows = self._with_captions(self._query(f"item_id == {literal(item_id)}", ROW_FIELDS), self._level(None)[0])
         if not rows:
             return None
         pks = [r["pk"] for r in rows]
-        for name in {self.reading, self.answering_collection() or self.reading}:  # (switched: both generations)
-            self._call("delete", lambda c: c.delete(name, ids=pks, **self._opts))
+        written = self.reading
+        self._call("delete", lambda c: c.delete(written, ids=pks, **self._opts))
+        if (moved := self.moved_since_write(written)) is not None:  # switched meanwhile: gone from both generations
+            self._call("delete", lambda c: c.delete(moved, ids=pks, **self._opts))
         self._hide(pks)
         for row in rows:
             if row["blob"]:
@@ -604,11 +643,13 @@ class MilvusCollection(MilvusGenerations, Collection):
         if not captions:
             return
         items = self._query(in_list("item_id", sorted(captions)), ["pk", "item_id", "created_at"])
-        now = time.time()
+        now, made_by = time.time(), self._gen_of(self.reading)  # (the generation its models made the caption)
         rows = [{"pk": r["pk"], "caption": _cut(captions[r["item_id"]], self._caption_limit),
-                 "item_created_at": r["created_at"], "updated_at": now, "marker": [0.0, 0.0]} for r in items]
+                 "item_created_at": r["created_at"], "updated_at": now, "marker": [float(made_by), 0.0]}
+                for r in items]
         if rows:
             self._call("store captions", lambda c: c.upsert(self.captions_name, rows, **self._opts))
+            self._captions_stored += 1
 
     def _with_captions(self, rows: list[dict], level: str) -> list[dict]:
         """The item rows with their stored captions (a caption row counts for the item it was made for only)."""

@@ -74,6 +74,23 @@ def backup_collection(collection: MilvusCollection, out: Path, progress: Optiona
         return _backup(collection, Path(out), progress or _no_progress)
 
 
+def backup_named_collection(settings, data: Path, out: Path, progress: Optional[Progress] = None) -> BackupSummary:
+    """`coca backup --collection NAME`, no service needed: the collection the Milvus at settings.uri holds under
+    that name (the generation it answers from), its blobs read from `data` (the replicas' --data). Replicas may
+    serve it meanwhile: as through the Backup RPC, the backup holds every write acknowledged before it began."""
+    collection = MilvusCollection(data, settings)
+    try:
+        identity = collection.identity()
+        if identity is None:
+            raise BackupError(f"the Milvus collection {settings.collection!r} does not exist")
+        dim = int(identity["embedding_dim"])
+        collection.bind_model(identity["model"], identity["pretrained"], dim)
+        collection.open_index(dim)  # (loaded, as a replica loads it: a Strong count needs that)
+        return backup_collection(collection, out, progress)
+    finally:
+        collection.close()
+
+
 def _backup(collection: MilvusCollection, out: Path, progress: Progress) -> BackupSummary:
     started = time.perf_counter()
     identity = collection.identity()

@@ -16,32 +16,48 @@ weights (the export's repository id) and Triton endpoints are collection propert
 coca.triton), written when a reindex begins. The reindex (search_service/reindex.py, shared with the embedded
 store) fills the generation being built from the active one: a live row lacks its copy there until one with
 the same content and created_at is upserted (re-embedded from its stored bytes), so progress survives a kill.
-The switch, under this replica's write gate (no add or delete through it runs meanwhile): every active row
-has its copy (else None: fill again), rows deleted since they were copied are deleted from the new one, then
-the rollback alias names the active collection and `alter_alias` points NAME at the new one.
+The switch, under this replica's write gate (no add or delete through it runs meanwhile): it fences the active
+collection (the property coca.switching: until when), then every active row has its copy (else None: fill
+again), rows deleted since they were copied are deleted from the new one, then the rollback alias names the
+active collection and `alter_alias` points NAME at the new one.
+
+Other replicas' writes: each add and delete, once committed, asks NAME again (`moved_since_write`). A write
+committed before the fence is in the switch's reads (at Strong); one committed after it sees the fence (or the
+moved alias), waits until the switch flips or gives up, and, flipped, is made again in the new generation (an
+add re-embedded by the new model: GenerationChanged with what it committed; a delete repeated there).
 
 Every replica reads and writes the collection of the generation it answers from (`reading`) and follows the
 alias (`refresh_generation`, once a second at most: SearchServicer follows with the models of the generation it
 names; before every AddImages commit too), so no replica ranks one model's vectors with another's query. Deletes
-go to the alias's collection as well, and those that reached the old collection during the switch are applied
-after the flip. Bounds: the switch reads every row's (pk, created_at) of both collections at Strong (MAX_TOPK a
-query); adds through *other* replicas are not held back by the gate: one committed between its alias check and
-the flip lands in the old generation only (README "Reindex to new weights", Milvus).
+follow it as above. Bounds: the switch reads every row's (pk, created_at) of both collections at Strong
+(MAX_TOPK a query) within FENCE_S (less CLOCK_SKEW_S; else it lifts the fence and fills again); a write elsewhere
+waits for a switch at most that long. Replicas' clocks must agree within CLOCK_SKEW_S.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
+import time
 from typing import Iterator, Optional
 
 import numpy as np
 
+from .collection import StoreUnavailable
 from .generations import Generation
 from .store import Item
 
 ROLLBACK_SUFFIX = "_rollback"
 WEIGHTS, TRITON = "coca.weights", "coca.triton"
+SWITCHING = "coca.switching"  # on the answering collection while a switch reads it: until when (unix seconds)
+FENCE_S = 60.0  # a switch's reads and flip, from its fence on; writes through other replicas wait at most this
+CLOCK_SKEW_S = 5.0  # how far replicas' clocks may differ: a switch flips no later than this before its fence ends
+WRITE_RECHECK_S = 0.05  # how often a write committed under a fence asks whether the switch is done
+COLLECTION_NOT_FOUND = 100  # Milvus's error code
+CAPTION_COUNT_S = 30.0  # how long Stats.captions_by_old_models is kept (counting reads every caption row)
+
+log = logging.getLogger(__name__)
 
 
 class WriteGate:
@@ -80,10 +96,12 @@ class WriteGate:
 
 class MilvusGenerations:
     """The generation operations of MilvusCollection (the Reindex RPC's store side; see the module docstring).
-    Needs of its host: name, settings, _call, _opts, _identity, _item_schema, _create_collection,
-    _ensure_indexes, _load."""
+    Needs of its host: name, settings, captions_name, reading, _call, _opts, _hide, _identity, _item_schema,
+    _create_collection, _ensure_indexes, _load."""
 
     generation: Optional[int] = 0  # the generation reads answer from; None while the alias moves
+    _caption_count: Optional[tuple] = None  # (active generation, _captions_stored, good until, count)
+    _captions_stored = 0  # caption writes through this replica (a count read before one is stale)
 
     # ------------------------------------------------------------ names
     def generation_name(self, gen: int) -> str:
@@ -248,21 +266,62 @@ class MilvusGenerations:
         target = self.generation_name(gen)
         with self._gate.switch():
             source = self.answering_collection()
-            live, copied = self._keys(source), self._keys(target)
-            if any(copied.get(pk) != created for pk, created in live.items()):
-                return None
-            self._delete_rows(target, [pk for pk in copied if pk not in live])  # deleted since they were copied
-            answering, self.generation = self.generation, None  # searches meanwhile wait (or retry)
+            fence_ends = time.time() + FENCE_S
+            self._set_fence(source, fence_ends)
             try:
-                source = self._flip(source, target)
-            except BaseException:
-                self.generation = answering
-                raise
-            self.generation, self._dim, self._physical = gen, dim, target
-        # deletes through other replicas between the reads above and the flip reached the old collection only
-        still = self._keys(source)
-        self._delete_rows(target, [pk for pk in live if pk not in still])
+                live, copied = self._keys(source), self._keys(target)
+                if any(copied.get(pk) != created for pk, created in live.items()):
+                    return None
+                gone = [pk for pk in copied if pk not in live]  # deleted since they were copied
+                self._delete_rows(target, gone)
+                self._hide(gone)  # (reads at Bounded would see them for a while)
+                if time.time() > fence_ends - CLOCK_SKEW_S:  # writers elsewhere may have stopped waiting
+                    log.warning("switch to %s: reading both collections took over %.0f s; filling again", target,
+                                FENCE_S - CLOCK_SKEW_S)
+                    return None
+                answering, self.generation = self.generation, None  # searches meanwhile wait (or retry)
+                try:
+                    source = self._flip(source, target)
+                except BaseException:
+                    self.generation = answering
+                    raise
+                self.generation, self._dim, self._physical = gen, dim, target
+            finally:
+                self._lift_fence(source)
         return self._record(target, "active")
+
+    def _set_fence(self, physical: str, until: float) -> None:
+        self._call("switch fence", lambda c: c.alter_collection_properties(
+            physical, {SWITCHING: repr(until)}, **self._opts))
+
+    def _lift_fence(self, physical: str) -> None:
+        try:
+            self._set_fence(physical, 0.0)
+        except Exception as exc:  # it ends by itself at its time: writes elsewhere wait until then
+            log.warning("the switch fence on %s stays until it ends: %s", physical, exc)
+
+    def in_rename_gap(self, exc: Exception, written: str) -> bool:
+        """Whether `exc` is a call to the plain collection NAME refused as not found: a first switch renamed it,
+        and the alias NAME follows in a few ms (`moved_since_write` waits for it)."""
+        return written == self.name and getattr(exc, "code", None) == COLLECTION_NOT_FOUND
+
+    def moved_since_write(self, written: str) -> Optional[str]:
+        """After an add or delete committed to collection `written`: None when NAME still answers from it and no
+        switch is reading it; else the collection NAME answers from now (the write must be made there too).
+        Waits out a switch under way (its reads may have missed the write), FENCE_S at most."""
+        give_up = time.monotonic() + FENCE_S + CLOCK_SKEW_S
+        while True:
+            described = self._call("describe collection", lambda c: (
+                c.describe_collection(self.name, **self._opts) if c.has_collection(self.name, **self._opts) else None))
+            if described is not None:  # (else a first switch is between its rename and its alias: a few ms)
+                if described["collection_name"] != written:
+                    return described["collection_name"]
+                if float((described.get("properties") or {}).get(SWITCHING) or 0) <= time.time():
+                    return None
+            if time.monotonic() > give_up:
+                raise StoreUnavailable(f"a model generation switch of Milvus collection {self.name!r} did not end "
+                                       f"within {FENCE_S:.0f} s of its start; this write may have to be made again")
+            time.sleep(WRITE_RECHECK_S)
 
     def _delete_rows(self, physical: str, pks: list[str]) -> None:
         for start in range(0, len(pks), 1000):
@@ -282,17 +341,45 @@ class MilvusGenerations:
 
     def _keys(self, physical: str) -> dict[str, float]:
         """Every row's pk -> created_at, read at Strong (every acknowledged write is in)."""
+        return {pk: row["created_at"] for pk, row in self._every_row(physical, ["created_at"]).items()}
+
+    def _every_row(self, physical: str, fields: list[str]) -> dict[str, dict]:
+        """Every row's `fields` by pk, read at Strong (MAX_TOPK a query)."""
         from .milvus import MAX_TOPK, literal
 
-        keys, after = {}, ""
+        found, after = {}, ""
         while True:
-            rows = self._call("reindex read", lambda c: c.query(
-                physical, filter=f"pk > {literal(after)}", output_fields=["pk", "created_at"], limit=MAX_TOPK,
+            rows = self._call("read every row", lambda c: c.query(
+                physical, filter=f"pk > {literal(after)}", output_fields=["pk", *fields], limit=MAX_TOPK,
                 timeout=float(self.settings.timeout_s), consistency_level="Strong"))
-            keys.update((r["pk"], r["created_at"]) for r in rows)
+            found.update((r["pk"], r) for r in rows)
             if len(rows) < MAX_TOPK:
-                return keys
+                return found
             after = max(r["pk"] for r in rows)
+
+    # ------------------------------------------------------------ captions
+    def captions_by_old_models(self) -> int:
+        """Captions of live items made by another generation's decoder than the active one's (the caption row's
+        marker names it). Reads every caption row: counted once per CAPTION_COUNT_S at most (again after a
+        caption stored through this replica or a switch)."""
+        from .milvus import in_list
+
+        active = self._gen_of(self.reading)
+        cached = self._caption_count
+        if cached is not None and cached[:2] == (active, self._captions_stored) and time.monotonic() < cached[2]:
+            return cached[3]
+        stored, started = self._captions_stored, time.monotonic()
+        made_for = {pk: row["item_created_at"] for pk, row in
+                    self._every_row(self.captions_name, ["item_created_at", "marker"]).items()
+                    if round(float(row["marker"][0])) != active}
+        pks, count = sorted(made_for), 0
+        for start in range(0, len(pks), 1000):
+            rows = self._call("count captions", lambda c: c.query(
+                self.reading, filter=in_list("pk", pks[start:start + 1000]), output_fields=["pk", "created_at"],
+                **self._opts, consistency_level="Strong"))
+            count += sum(made_for[r["pk"]] == r["created_at"] for r in rows)  # (a caption of a later re-add: no)
+        self._caption_count = (active, stored, started + CAPTION_COUNT_S, count)
+        return count
 
     def _flip(self, source: str, target: str) -> str:
         """The rollback alias to `source` (an older kept generation dropped), then NAME to `target`; the name

@@ -182,6 +182,7 @@ class Prepared:
     near_duplicate: Optional[float] = None  # AddOptions.near_duplicate_threshold
     skip_near_duplicate: bool = False
     caption: bool = False  # AddOptions.caption
+    rewrite: bool = False  # added to a generation the store then switched from (see _rewrite_landed)
 
 
 TEXT_MODES = {pb.SearchTextRequest.VECTOR: VECTOR, pb.SearchTextRequest.KEYWORD: KEYWORD,
@@ -504,7 +505,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                         for (p, _), outcome in zip(ready, outcomes):
                             results[p.index] = outcome
                     break
-                except GenerationChanged:
+                except GenerationChanged as changed:
+                    for item_id in _rewrite_landed(prepared, changed.results):  # (answered FAILED below: not kept)
+                        await asyncio.to_thread(self.engine.delete, item_id)
                     log.info("AddImages batch embedded by the previous model generation: embedding it again")
                     prepared = [_stale_embedding(p) if isinstance(p, Prepared) and p.embedding is not None else p
                                 for p in prepared]
@@ -645,12 +648,19 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def _commit(self, ready: list[tuple[Prepared, np.ndarray]], generation: int = 0) -> list[pb.AddImageResult]:
         """Blobs first (fsynced), then one transaction for the batch; only then are results sent. With a
         near-duplicate check, one item at a time (each must see the ones before it). GenerationChanged when the
-        store no longer answers from `generation`, the one that embedded them."""
-        if any(p.near_duplicate is not None for p, _ in ready):
-            return [result for one in ready for result in self._commit_checked(one, generation)]
-        items = [NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id, metadata=p.metadata,
-                         data=p.data if p.keep_blob else None) for p, vector in ready]
-        return [_added(p, outcome) for (p, _), outcome in zip(ready, self._add_items(items, generation))]
+        store no longer answers from `generation`, the one that embedded them (its `results`: what was committed
+        there all the same)."""
+        done: list[pb.AddImageResult] = []
+        try:
+            if any(p.near_duplicate is not None for p, _ in ready):
+                for one in ready:
+                    done.extend(self._commit_checked(one, generation))
+                return done
+            items = [_new_item(p, vector) for p, vector in ready]
+            return [_added(p, outcome) for (p, _), outcome in zip(ready, self._add_items(items, generation))]
+        except GenerationChanged as changed:
+            changed.results = done + [_added(p, outcome) for (p, _), outcome in zip(ready[len(done):], changed.committed)]
+            raise
 
     def _add_items(self, items: list[NewItem], generation: int) -> list:
         """engine.add, checked against the generation where the store has generations."""
@@ -666,8 +676,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if near is not None and p.skip_near_duplicate:
             return [pb.AddImageResult(index=p.index, outcome=pb.AddImageResult.NEAR_DUPLICATE, content_sha256=p.sha256,
                                       near_duplicate=pb.NearDuplicate(id=near.item.id, score=near.score))]
-        (outcome,) = self._add_items([NewItem(sha256=p.sha256, uri=p.uri, embedding=vector, id=p.id,
-                                              metadata=p.metadata, data=p.data if p.keep_blob else None)], generation)
+        (outcome,) = self._add_items([_new_item(p, vector)], generation)
         result = _added(p, outcome)
         if near is not None and result.outcome == pb.AddImageResult.ADDED:
             result.outcome = pb.AddImageResult.NEAR_DUPLICATE
@@ -1399,6 +1408,26 @@ def _added(p: Prepared, outcome) -> pb.AddImageResult:
         return _failed(p.index, outcome, p.sha256)
     kind = pb.AddImageResult.ADDED if outcome.added else pb.AddImageResult.DUPLICATE
     return pb.AddImageResult(index=p.index, outcome=kind, id=outcome.id, content_sha256=p.sha256)
+
+
+def _new_item(p: Prepared, embedding: np.ndarray) -> NewItem:
+    return NewItem(sha256=p.sha256, uri=p.uri, embedding=embedding, id=p.id, metadata=p.metadata,
+                   data=p.data if p.keep_blob else None, rewrite=p.rewrite)
+
+
+def _rewrite_landed(prepared: list, landed: list[pb.AddImageResult]) -> list[str]:
+    """Items a commit added to the generation the store then switched from: those the service embeds are added
+    again, their rows in the new generation (carried over by the switch, or written through the alias) taking the
+    new model's embedding; the ids of those the caller embedded (to be deleted: they fail, embedded by the old
+    export)."""
+    added = {r.index: r.id for r in landed if r.outcome in (pb.AddImageResult.ADDED, pb.AddImageResult.NEAR_DUPLICATE)}
+    unembeddable = []
+    for p in prepared:
+        if isinstance(p, Prepared) and p.index in added:
+            p.rewrite = True
+            if p.embedding is not None:
+                unembeddable.append(added[p.index])
+    return unembeddable
 
 
 def _failed(index: int, exc: BaseException, sha256: str = "") -> pb.AddImageResult:

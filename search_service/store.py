@@ -216,6 +216,9 @@ class NewItem:
     id: str = ""  # empty: default_id(sha256)
     metadata: dict[str, str] = field(default_factory=dict)
     data: Optional[bytes] = None  # the image bytes to keep (None: indexed from a server-side file)
+    # added by this call to a generation another replica's switch then left (Milvus): its row in the store,
+    # when there under the same id, takes this embedding (service._rewrite_landed)
+    rewrite: bool = False
 
 
 @dataclass

@@ -107,6 +107,7 @@ class TcpRelay:
     - cut(): every connection reset, new ones refused (the server died); open() listens again (it is back)
     - stall() / resume(): bytes held in both directions, then passed on (a server that stops answering)
     - point_to(target): cut, then open onto another server at the same address (a server replaced)
+    - delay(seconds): each chunk held that long before it is passed on (a slow network); delay(0) ends it
     """
 
     def __init__(self, target: str):
@@ -119,6 +120,7 @@ class TcpRelay:
         self._transports: set[asyncio.BaseTransport] = set()
         self._flowing = asyncio.Event()  # bound to the relay's loop when first awaited there
         self._flowing.set()
+        self._delay_s = 0.0
         self.open()
 
     @property
@@ -141,6 +143,9 @@ class TcpRelay:
 
     def resume(self) -> None:
         self._run(self._set_flowing(True))
+
+    def delay(self, seconds: float) -> None:
+        self._delay_s = seconds
 
     def close(self) -> None:
         self.cut()
@@ -194,6 +199,8 @@ class TcpRelay:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
+            if self._delay_s:
+                await asyncio.sleep(self._delay_s)
             await self._flowing.wait()
             writer.write(data)
             await writer.drain()

@@ -104,11 +104,15 @@ def test_a_backup_taken_during_ingest_restores_into_a_new_collection_every_item_
 
 
 def test_restore_refuses_an_existing_collection_that_holds_items(tmp_path, triton, milvus_server, capsys):
+    """... and `coca backup --collection` backs the collection up with no service running."""
+    from search_service.milvus_backup import read_items
+
     source = f"bk_refused_{time.time_ns()}"
     backups = tmp_path / "backups"
+    images = noise_jpegs(5, seed=23)
     with milvus_service(tmp_path / "data", triton, milvus_server, source, "--backup-root", str(backups)) as service, \
             client_of(service) as client:
-        ids = [r.id for r in client.add(noise_jpegs(5, seed=23))]
+        ids = [r.id for r in client.add(images)]
         run_backup(client, "bk")
         capsys.readouterr()
         assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "new"), "--collection", source,
@@ -120,6 +124,16 @@ def test_restore_refuses_an_existing_collection_that_holds_items(tmp_path, trito
     # a Milvus backup restored without --collection: told how
     assert cli("restore", str(backups / "bk"), "--data", str(tmp_path / "new")) == 2
     assert "--collection NAME" in capsys.readouterr().err
+
+    offline = tmp_path / "offline"
+    assert cli("backup", "--out", str(offline), "--data", str(tmp_path / "data"), "--collection", source,
+               "--milvus-uri", milvus_server.uri) == 0
+    items = read_items(offline, verify_backup(offline), ["pk", "item_id"]).to_pylist()
+    assert {r["item_id"] for r in items} == set(ids) and len(items) == len(images)
+    assert {(offline / "blobs" / r["pk"][:2] / r["pk"]).read_bytes() for r in items} == set(images)
+    assert cli("backup", "--out", str(offline), "--data", str(tmp_path / "data"), "--collection", "no_such_one",
+               "--milvus-uri", milvus_server.uri) == 2
+    assert "'no_such_one' does not exist" in capsys.readouterr().err
 
 
 def test_a_backup_begun_right_after_a_write_holds_it_and_verify_names_faults(tmp_path, milvus_server, capsys):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -111,16 +112,17 @@ class Traffic:
     """Clients adding, deleting and searching while a reindex runs; what they were told is the oracle."""
 
     def __init__(self, address: str, live: set[str], images_by_id: dict[str, bytes], new_images: list[bytes],
-                 keep: set[str]):
+                 keep: set[str], writers: int = 1, searchers: int = 2):
         self.address, self.live, self.images_by_id = address, live, images_by_id
         self.new_images, self.deletable = list(new_images), sorted(live - keep)
         self.acknowledged: list[float] = []  # when each add and delete was acknowledged
         self.stop = threading.Event()
         self.search_errors: list[str] = []
+        self.write_errors: list[str] = []
         self.answered_by: set[str] = set()
         self.searches = 0
-        self.threads = [threading.Thread(target=self._writer), threading.Thread(target=self._searcher),
-                        threading.Thread(target=self._searcher)]
+        self.threads = ([threading.Thread(target=self._writer) for _ in range(writers)]
+                        + [threading.Thread(target=self._searcher) for _ in range(searchers)])
 
     def __enter__(self) -> "Traffic":
         for thread in self.threads:
@@ -135,18 +137,26 @@ class Traffic:
     def _writer(self) -> None:
         with WireClient(self.address, timeout=60) as client:
             while not self.stop.is_set() and (self.new_images or self.deletable):
-                if self.new_images:
-                    image = self.new_images.pop()
-                    (item_id,) = add(client, [image])
-                    self.images_by_id[item_id] = image
-                    self.live.add(item_id)
-                    self.acknowledged.append(time.monotonic())
-                if self.deletable and len(self.new_images) % 2 == 0:
-                    victim = self.deletable.pop()
-                    client.delete(victim)
-                    self.live.discard(victim)
-                    self.acknowledged.append(time.monotonic())
+                try:
+                    self._write_once(client)
+                except (AssertionError, grpc.RpcError, IndexError) as exc:  # (IndexError: another writer's pop)
+                    if not isinstance(exc, IndexError):
+                        self.write_errors.append(repr(exc))
+                        return
                 time.sleep(0.02)
+
+    def _write_once(self, client: WireClient) -> None:
+        if self.new_images:
+            image = self.new_images.pop()
+            (item_id,) = add(client, [image])
+            self.images_by_id[item_id] = image
+            self.live.add(item_id)
+            self.acknowledged.append(time.monotonic())
+        if self.deletable and len(self.new_images) % 2 == 0:
+            victim = self.deletable.pop()
+            client.delete(victim)
+            self.live.discard(victim)
+            self.acknowledged.append(time.monotonic())
 
     def _searcher(self) -> None:
         with WireClient(self.address, timeout=60) as client:
@@ -157,6 +167,21 @@ class Traffic:
                     self.searches += 1
                 except grpc.RpcError as exc:
                     self.search_errors.append(f"{exc.code()}: {exc.details()}")
+
+
+@contextlib.contextmanager
+def slow_writes(slow_link, address: str, live: set[str], images_by_id: dict[str, bytes], images: list[bytes],
+                deletable: set[str]) -> Iterator[Traffic]:
+    """Three clients adding `images` and deleting `deletable` through the replica at `address`, whose link to
+    Milvus (`slow_link`) is slow meanwhile (30 ms a hop): its writes are under way when a switch flips the alias.
+    They go on until 3 more are acknowledged after the block; none may fail."""
+    slow_link.delay(0.03)
+    with Traffic(address, live, images_by_id, images, keep=set(live) - deletable, writers=3, searchers=0) as traffic:
+        yield traffic
+        ended = time.monotonic()
+        wait_for(lambda: sum(t > ended for t in traffic.acknowledged) >= 3, 60, "writes through the other replica")
+    slow_link.delay(0)
+    assert not traffic.write_errors, traffic.write_errors
 
 
 def drain(stream) -> None:
@@ -338,30 +363,43 @@ def made_before_aliases(uri: str, name: str, dim: int, blobs) -> None:
 
 def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rollback(
         tritons, tiny_coca, seed1_coca, milvus_server, tmp_path):
+    """Clients write through both replicas during the switch; the other replica reaches Milvus over a slow link
+    (30 ms a hop), so its adds and deletes are under way when the alias flips: each is made in the new generation."""
     from pymilvus import MilvusClient
+
+    from serving.testing import TcpRelay
 
     old, new = tritons
     name = f"reindex_{time.time_ns()}"
     made_before_aliases(milvus_server.uri, name, tiny_coca.embed_texts([QUERY]).shape[-1], tmp_path / "made")
-    images = noise_jpegs(90, seed=26)
+    images = noise_jpegs(200, seed=26)
     milvus = MilvusClient(uri=milvus_server.uri)
-    replica = [tmp_path / "data", old.grpc_url, "--vector-store", "milvus", "--milvus-uri", milvus_server.uri,
-               "--collection", name, "--milvus-index", "FLAT", "--reindex-share", str(SHARE)]
-    with ServiceProcess(*replica) as service, ServiceProcess(*replica) as other, \
+    replica = [tmp_path / "data", old.grpc_url, "--vector-store", "milvus", "--collection", name,
+               "--milvus-index", "FLAT", "--reindex-share", str(SHARE)]
+    with TcpRelay(f"127.0.0.1:{milvus_server.port}") as slow_link, \
+            ServiceProcess(*replica, "--milvus-uri", milvus_server.uri) as service, \
+            ServiceProcess(*replica, "--milvus-uri", f"http://{slow_link.url}") as other, \
             WireClient(service.address, timeout=60) as client, WireClient(other.address, timeout=60) as follower:
         first = add(client, images[:70])
         images_by_id, live = dict(zip(first, images[:70])), set(first)
         assert assert_search_is_exact(tiny_coca, client).answered_by.startswith("generation 0: coca-tiny")
         assert_search_is_exact(tiny_coca, follower)  # serving (bound to generation 0) before the reindex
+        captioned = client.search_text(QUERY, k=1, with_captions=True).hits[0]  # by the old decoder, kept
+        assert captioned.caption and client.stats().captions_by_old_models == 0
 
-        with Traffic(service.address, live, images_by_id, images[70:], keep=set()) as traffic:
-            started = time.monotonic()
-            steps = reindex(client, triton=new.grpc_url)
-            ended = time.monotonic()
-            wait_for(lambda: not traffic.new_images, 60, "the clients' writes")
+        with slow_writes(slow_link, other.address, live, images_by_id, images[90:150],
+                         set(first[35:]) - {captioned.id}) as elsewhere:
+            with Traffic(service.address, live, images_by_id, images[70:90],
+                         keep=set(first[35:]) | {captioned.id}) as traffic:
+                started = time.monotonic()
+                steps = reindex(client, triton=new.grpc_url)
+                ended = time.monotonic()
+                wait_for(lambda: not traffic.new_images, 60, "the clients' writes")
         assert steps[-1].phase == "done" and steps[-1].generation == 1
         assert sum(started < t < ended for t in traffic.acknowledged) >= 3  # writes did land during the reindex
+        assert sum(started < t < ended for t in elsewhere.acknowledged) >= 3  # through the other replica too
         assert not traffic.search_errors, traffic.search_errors[:3]
+        assert not traffic.write_errors, traffic.write_errors
         assert all(a.startswith(("generation 0:", "generation 1:")) for a in traffic.answered_by)
         # the plain collection became generation 0 (renamed), the name an alias of generation 1
         assert milvus.describe_alias(name)["collection_name"] == f"{name}_g1"
@@ -374,6 +412,7 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         assert stats.answered_by.startswith("generation 1: coca-tiny") and stats.old_generation.startswith("generation 0")
         assert stats.count == len(live)  # counted at Strong: no deleted row came back (reads hide recent deletes)
         assert [s.address for s in stats.triton_endpoints] == [new.grpc_url]
+        assert stats.captions_by_old_models == 1 and client.get(captioned.id).caption == captioned.caption
         # the other replica follows the alias with the new generation's recorded Triton (within FOLLOW_S)
         wait_for(lambda: follower.search_text(QUERY, k=3).answered_by == stats.answered_by, 15, "the other replica")
         assert_search_is_exact(seed1_coca, follower)
@@ -382,16 +421,24 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         for item_id, image in zip(add(client, extra), extra):
             images_by_id[item_id] = image
             live.add(item_id)
-        victim = min(live & set(first))  # (one the clients did not delete already)
+        victim = min(live & set(first) - {captioned.id})  # (one the clients did not delete already)
         client.delete(victim)
         live.discard(victim)
         assert_embedded_by(seed1_coca, client, images_by_id, live)
 
-        steps = reindex(client, pb.ReindexRequest.ROLLBACK)
+        with slow_writes(slow_link, other.address, live, images_by_id, images[150:],
+                         set(sorted(live - {captioned.id})[:20])) as elsewhere:
+            started = time.monotonic()
+            steps = reindex(client, pb.ReindexRequest.ROLLBACK)  # (an alias-backed switch: generation 1 -> 0)
+            ended = time.monotonic()
+        acknowledged = elsewhere.acknowledged  # (writes under way at the flip: one acknowledged in it, or after)
+        assert any(started < t < ended for t in acknowledged) or min(acknowledged) > ended
         assert steps[-1].generation == 0 and steps[-1].answered_by.startswith("generation 0: coca-tiny")
         assert_embedded_by(tiny_coca, client, images_by_id, live)
         assert_search_is_exact(tiny_coca, client)
-        assert client.stats().old_generation.startswith("generation 1")
+        stats = client.stats()
+        assert stats.old_generation.startswith("generation 1")
+        assert stats.captions_by_old_models == 0  # generation 0 answers again: its decoder made it
         wait_for(lambda: follower.search_text(QUERY, k=3).answered_by.startswith("generation 0"), 15, "the other replica")
         assert_search_is_exact(tiny_coca, follower)
 
