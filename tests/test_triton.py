@@ -39,12 +39,17 @@ SCHEDULERS = pytest.mark.parametrize("scheduler", ["sequence", pytest.param("ite
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_coca, tmp_path_factory):
+def repository(tiny_coca, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
     settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S,
                                scheduler="iterative")
     export_repository(tiny_coca, repo, decoder=settings)
-    with running_triton(repo) as (grpc_url, _, server):
+    return repo
+
+
+@pytest.fixture(scope="module")
+def triton(repository):
+    with running_triton(repository) as (grpc_url, _, server):
         yield grpc_url, server
 
 
@@ -382,6 +387,49 @@ def test_a_cancelled_or_disconnected_stream_frees_its_caption(triton, photos):
     for after in (after_cancel, after_disconnect):
         assert (after["live_sequences"], after["free_rows"]) == (0, CAPACITY)
     assert after_disconnect["cancelled"] >= before["cancelled"] + 2
+
+
+@pytest.mark.long  # a server of its own, started twice (~1-2 min on a busy 2-core box)
+def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_work_after(repository, tiny_coca,
+                                                                                          images, photos):
+    """Triton SIGKILLed (with its stubs) mid-caption: the stream fails at once with TritonUnavailableError
+    naming Triton, not at its deadline (one server: nothing to start it again on; a pool does, see
+    tests/test_triton_pool.py). Started again on the same address, the same client captions again, equal to
+    the in-process caption, and the new captioner holds no caption."""
+    from serving.testing import restartable_triton
+
+    endless = SamplingParams(max_tokens=70, min_tokens=70)
+    expected = tiny_coca.caption(images[:1], LONG_GREEDY)[0]
+
+    with restartable_triton(repository) as server:
+        async def work(t):
+            embeddings = (await t.image_embeddings(photos[:1]))[0]
+            steps = []
+            with pytest.raises(TritonUnavailableError, match="Triton") as cut:
+                async with contextlib.aclosing(t.captioner_steps(embeddings, endless)) as stream:
+                    async for step in stream:
+                        steps.append(step)
+                        if len(steps) == 3:
+                            killed = time.monotonic()
+                            server.kill()
+            failed_after_s = time.monotonic() - killed
+            server.start()  # from this thread: a server dies with the thread that started it
+            deadline = time.monotonic() + 60
+            while True:  # the channel reconnects after its backoff from the refused connections
+                try:
+                    after = await streamed(t, embeddings)
+                    break
+                except TritonUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.25)
+            return steps, cut.value, failed_after_s, after, await t.captioner_stats()
+
+        steps, error, failed_after_s, after, stats = on_triton(server.grpc_url, work, "iterative")
+    assert len(steps) == 3 and not steps[-1].done
+    assert failed_after_s < 10, f"the cut stream failed {failed_after_s:.1f} s after the kill: {error}"
+    assert (after[-1].tokens, after[-1].text) == (expected.tokens, expected.text)
+    assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)
 
 
 # --- memory: TTL and cap ---------------------------------------------------------------------
