@@ -34,9 +34,11 @@ LONG_SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    from serving.repository import ensure_repository
+    from serving.repository import EncoderSettings, ensure_repository
 
-    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED)
+    # the step protocol (captioner_servers: coca_captioner); torch encoders, as CI has always run these
+    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED,
+                             encoders=EncoderSettings("torch"), decoder_scheduler="sequence")
 
 
 @pytest.fixture(scope="module")
