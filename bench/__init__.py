@@ -9,6 +9,7 @@ import sys
 
 BENCHMARKS = {
     "caption": "bench.caption",
+    "export-defaults": "bench.export_defaults",  # export, tritonserver start, RSS: onnx+iterative vs torch+sequence
     "search": "bench.search",  # text -> image search latency, recall@10, index build (search service)
     "ingest": "bench.ingest",  # AddImages images/s vs in-process embed_images (search service)
     "reindex": "bench.reindex",  # reindex into new weights vs plain ingest rate; search p99 during it vs idle

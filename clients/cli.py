@@ -387,7 +387,7 @@ def export(args):
         raise InvalidInputError(f"--calibration-index must be >= 1, got {args.calibration_index}")
     settings = DecoderSettings(capacity_rows=args.capacity, sequence_idle_s=args.sequence_idle,
                                precision=args.decoder_precision, scheduler=args.decoder_scheduler)
-    encoders = EncoderSettings("onnxruntime" if args.format == "onnx" else "torch", args.encoder_precision or "fp32")
+    encoders = EncoderSettings(EXPORT_FORMATS[args.format], args.encoder_precision or "fp32")
     model, record = load_model(args), None
     if args.precision == "auto":
         features = None if args.cpu_features is None else _cpu_features(args.cpu_features)
@@ -398,14 +398,26 @@ def export(args):
     print(f"exported {args.model} ({args.pretrained}, {args.dtype}) to {args.out}; identity: {manifest}")
 
 
+EXPORT_FORMATS = {"python": "torch", "onnx": "onnxruntime"}  # --format: the encoders' runtime it means
+
+
+def _export_defaults() -> tuple[str, str]:
+    """--format and --decoder-scheduler unless given: serving.repository's defaults (one home)."""
+    from serving.repository import DEFAULT_DECODER_SCHEDULER, DEFAULT_ENCODER_RUNTIME
+
+    return ({runtime: name for name, runtime in EXPORT_FORMATS.items()}[DEFAULT_ENCODER_RUNTIME],
+            DEFAULT_DECODER_SCHEDULER)
+
+
 export.configure = lambda p: (
     p.add_argument("--out", required=True, help="model repository folder (model_repository: in place)"),
     p.add_argument("--capacity", type=int, help="decoder KV-cache rows (default 64; a beam search takes --beams)"),
     p.add_argument("--sequence-idle", type=float, metavar="SECONDS",
                    help="Triton drops a silent caption sequence after this (default 30); the decoder frees it soon after"),
-    p.add_argument("--format", choices=["python", "onnx"], default="python",
-                   help="onnx: also write the encoders as ONNX graphs (1/model.onnx, what NGC Triton's onnxruntime "
-                        "backend serves) and run them with ONNX Runtime inside the Python backend"),
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default=_export_defaults()[0],
+                   help="onnx (default): also write the encoders as ONNX graphs (1/model.onnx, what NGC Triton's "
+                        "onnxruntime backend serves) and run them with ONNX Runtime inside the Python backend; "
+                        "python: the encoders in torch"),
     p.add_argument("--precision", choices=["fixed", "auto"],
                    help="auto (the default unless --encoder-precision/--decoder-precision is given): measure each "
                         "precision this CPU runs fast against fp32 on a generated calibration set and keep the "
@@ -419,9 +431,10 @@ export.configure = lambda p: (
                    help="with --format onnx: int8 = 8-bit weights (MatMulNBits), opt-in, agreement in README"),
     p.add_argument("--decoder-precision", choices=["fp32", "int8"],
                    help="the decode step's arithmetic (default fp32; int8: opt-in, agreement in README)"),
-    p.add_argument("--decoder-scheduler", choices=["sequence", "iterative"], default="sequence",
-                   help="iterative: also export coca_captioner (one streamed request per caption, every live caption "
-                        "in each forward), which clients and the service then use for captions"),
+    p.add_argument("--decoder-scheduler", choices=["sequence", "iterative"], default=_export_defaults()[1],
+                   help="iterative (default): also export coca_captioner (one streamed request per caption, every "
+                        "live caption in each forward), which clients and the service then use for captions; "
+                        "sequence: only the step protocol's decoder (Triton's sequence batcher)"),
 )
 
 

@@ -88,9 +88,16 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     add_backup_argument(p)
     add_store_arguments(p)
     add_operator_arguments(p)
-    p.add_argument("--encoders", choices=["torch", "onnxruntime", "onnxruntime-int8"], default="torch",
-                   help="how Triton's encoders compute: torch, their ONNX graphs in ONNX Runtime (equal within 1e-5, "
-                        "faster on CPU), or those with 8-bit weights (opt-in; agreement in README)")
+    from serving.protocol import DECODER_SCHEDULERS
+    from serving.repository import DEFAULT_DECODER_SCHEDULER, DEFAULT_ENCODER_RUNTIME
+
+    p.add_argument("--encoders", choices=["torch", "onnxruntime", "onnxruntime-int8"], default=DEFAULT_ENCODER_RUNTIME,
+                   help="how Triton's encoders compute: their ONNX graphs in ONNX Runtime (the default; equal to "
+                        "torch within 1e-5, faster on CPU), torch, or the ONNX graphs with 8-bit weights (opt-in; "
+                        "agreement in README)")
+    p.add_argument("--decoder-scheduler", choices=DECODER_SCHEDULERS, default=DEFAULT_DECODER_SCHEDULER,
+                   help="captions by coca_captioner (iterative, the default: every live caption in each forward) or "
+                        "by the step protocol alone (sequence: Triton's sequence batcher)")
 
 
 def serve(args) -> int:
@@ -105,7 +112,8 @@ def serve(args) -> int:
 
     runtime, _, precision = args.encoders.partition("-")
     repository, logit_scale = ensure_repository(data / "model_repository", args.model, args.pretrained,
-                                                args.seed, args.dtype, EncoderSettings(runtime, precision or "fp32"))
+                                                args.seed, args.dtype, EncoderSettings(runtime, precision or "fp32"),
+                                                args.decoder_scheduler)
     triton = TritonServer(repository, grpc_port=args.triton_port, echo=False, kill_on_parent_exit=True,
                           log_file=data / "triton.log")
     print(f"starting tritonserver on {repository} (log: {data / 'triton.log'}) ...", flush=True)

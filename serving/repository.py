@@ -35,6 +35,12 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
 # Triton (docker-compose mounts it) loads whole, so an in-place export without them stays loadable.
 OPTIONAL_TEMPLATES = TEMPLATES.parent / "optional_models"
 ENCODER_RUNTIMES = ("torch", "onnxruntime")
+# What `coca export`, `coca serve`, `coca demo` and ensure_repository export unless told otherwise: the
+# encoders' ONNX graphs in ONNX Runtime (equal to torch within 1e-5, faster) and coca_captioner beside the
+# step protocol's decoder (every live caption in each forward). The old paths: --format python (coca serve:
+# --encoders torch) and --decoder-scheduler sequence.
+DEFAULT_ENCODER_RUNTIME = "onnxruntime"
+DEFAULT_DECODER_SCHEDULER = "iterative"
 MANIFEST_FILE = "coca_manifest.json"
 MARKER = "search_export.json"  # beside a reused repository: what was exported, and the logit scale Triton does not serve
 
@@ -157,17 +163,18 @@ def auto_precision(model, encoders: EncoderSettings, decoder: DecoderSettings, i
 
 def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained: str, seed: int = 0,
                       dtype: str = "float32", encoders: Optional[EncoderSettings] = None,
-                      decoder_scheduler: str = "sequence") -> tuple[Path, float]:
+                      decoder_scheduler: str = DEFAULT_DECODER_SCHEDULER) -> tuple[Path, float]:
     """`directory` as a model repository of this model and weights (exported now unless it already is).
 
-    encoders: how the encoders compute (default: torch, fp32); decoder_scheduler "iterative" adds coca_captioner.
-    Returns the repository and the model's logit scale (Classify's softmax scale).
+    encoders: how the encoders compute (default: DEFAULT_ENCODER_RUNTIME, fp32); decoder_scheduler "iterative"
+    adds coca_captioner. Returns the repository and the model's logit scale (Classify's softmax scale).
     """
     repository = Path(directory)
     marker = repository.parent / f"{repository.name}.{MARKER}"
     wanted = {"model": model, "pretrained": pretrained, "seed": seed, "dtype": dtype}
+    encoders = encoders or EncoderSettings(DEFAULT_ENCODER_RUNTIME)
     # torch encoders are recorded as None, so markers written before this key existed still match
-    use_onnx = encoders is not None and encoders.runtime != "torch"
+    use_onnx = encoders.runtime != "torch"
     wanted["encoders"] = [encoders.runtime, encoders.precision] if use_onnx else None
     wanted["decoder_scheduler"] = None if decoder_scheduler == "sequence" else decoder_scheduler  # old markers match
     if marker.is_file() and (repository / MANIFEST_FILE).is_file():
@@ -179,7 +186,7 @@ def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained
     print(f"exporting {model} ({pretrained}) to {repository} ...", flush=True)
     loaded = coca.load(model, pretrained=pretrained, seed=seed, dtype=dtype)
     repository.mkdir(parents=True, exist_ok=True)
-    export_repository(loaded, repository, encoders=encoders or EncoderSettings(),
+    export_repository(loaded, repository, encoders=encoders,
                       decoder=DecoderSettings(scheduler=decoder_scheduler))
     marker.write_text(json.dumps({**wanted, "logit_scale": loaded.logit_scale}, indent=2) + "\n")
     return repository, loaded.logit_scale

@@ -52,10 +52,15 @@ def tiny_coca():
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory):
-    """That model exported once for the session as a Triton model repository: (path, logit scale)."""
-    from serving.repository import ensure_repository
+    """That model exported once for the session as a Triton model repository: (path, logit scale).
 
-    return ensure_repository(tmp_path_factory.mktemp("tiny-repository") / "repo", "coca-tiny", "random", 0)
+    The old export paths (torch encoders, the step protocol only), not the defaults: the service tests on it fill
+    coca_text_decoder's cache and read its stats (tests/test_search_service.py's DecoderFull); the defaults'
+    paths are tested in tests/test_triton.py, tests/test_triton_pool.py and tests/test_clients.py."""
+    from serving.repository import EncoderSettings, ensure_repository
+
+    return ensure_repository(tmp_path_factory.mktemp("tiny-repository") / "repo", "coca-tiny", "random", 0,
+                             encoders=EncoderSettings("torch"), decoder_scheduler="sequence")
 
 
 @pytest.fixture(scope="session")

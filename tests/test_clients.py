@@ -37,7 +37,8 @@ SCREENSHOT_DIR = os.environ.get("COCA_SCREENSHOT_DIR")  # also copy screenshots 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from clients.demo import ServeProcess, sample_photos
-    from serving.repository import ensure_repository
+    from serving.protocol import CAPTIONER, IMAGE_ENCODER, ONNX_FILE
+    from serving.repository import ensure_repository, read_manifest
 
     data = tmp_path_factory.mktemp("served")
     ensure_repository(data / "model_repository", MODEL, PRETRAINED, SEED)
@@ -45,6 +46,9 @@ def served(tmp_path_factory):
     command = [sys.executable, "-m", "clients.cli", "serve", "--model", MODEL, "--pretrained", PRETRAINED,
                "--seed", str(SEED), "--data", str(data), "--port", "0", "--web", "0"]
     server = ServeProcess(command, data / "serve.log").start(timeout=300)
+    # the defaults, kept by `coca serve` (else it exports again): captions through coca_captioner, ONNX encoders
+    assert read_manifest(data / "model_repository")["models"].keys() >= {CAPTIONER}
+    assert (data / "model_repository" / IMAGE_ENCODER / "1" / ONNX_FILE).is_file()
     photos = sample_photos(tmp_path_factory.mktemp("photos"))
     try:
         with Client(server.address, timeout=120) as client:

@@ -87,14 +87,20 @@ def test_weights_of_another_part_are_refused(tmp_path, tiny_coca):
         load_part("coca-tiny", "text_encoder", tmp_path / "missing.safetensors")
 
 
-def test_cli_export(tmp_path, capsys):
+def test_cli_export_defaults_to_onnx_encoders_and_the_captioner_and_keeps_the_old_paths(tmp_path, capsys):
     from clients.cli import main
+    from serving.protocol import CAPTIONER, IMAGE_ENCODER, ONNX_FILE, TEXT_ENCODER
 
-    # fixed: auto measures candidates on a VNNI machine (~13 s for coca-tiny), which this test is not about
-    assert main(["export", "--model", "coca-tiny", "--pretrained", "random", "--out", str(tmp_path / "repo"),
-                 "--precision", "fixed"]) == 0
-    assert (tmp_path / "repo" / MANIFEST_FILE).is_file()
-    assert "coca-tiny" in capsys.readouterr().out
+    def export(out, *flags):  # fixed: auto measures candidates on a VNNI machine (~13 s), not what this is about
+        assert main(["export", "--model", "coca-tiny", "--pretrained", "random", "--out", str(out),
+                     "--precision", "fixed", *flags]) == 0
+        runtimes = {config_parameters((out / name / "config.pbtxt").read_text())["runtime"]
+                    for name in (IMAGE_ENCODER, TEXT_ENCODER)}
+        return runtimes, (out / IMAGE_ENCODER / "1" / ONNX_FILE).is_file(), (out / CAPTIONER).is_dir()
+
+    assert export(tmp_path / "repo") == ({"onnxruntime"}, True, True)
+    assert (tmp_path / "repo" / MANIFEST_FILE).is_file() and "coca-tiny" in capsys.readouterr().out
+    assert export(tmp_path / "old", "--format", "python", "--decoder-scheduler", "sequence") == ({"torch"}, False, False)
 
 
 def test_cli_triton_refuses_a_repository_that_was_not_exported(tmp_path, capsys):

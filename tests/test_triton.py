@@ -39,12 +39,17 @@ SCHEDULERS = pytest.mark.parametrize("scheduler", ["sequence", pytest.param("ite
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_coca, tmp_path_factory):
+def repository(tiny_coca, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
     settings = DecoderSettings(capacity_rows=CAPACITY, sequence_idle_s=IDLE_S, expiry_interval_s=EXPIRY_INTERVAL_S,
                                scheduler="iterative")
     export_repository(tiny_coca, repo, decoder=settings)
-    with running_triton(repo) as (grpc_url, _, server):
+    return repo
+
+
+@pytest.fixture(scope="module")
+def triton(repository):
+    with running_triton(repository) as (grpc_url, _, server):
         yield grpc_url, server
 
 
@@ -293,14 +298,18 @@ async def captioner_settles(t: TritonCoca, timeout: float = 10.0) -> dict:
         await asyncio.sleep(0.01)
 
 
-def test_streamed_greedy_captions_equal_in_process_alone_and_sixteen_at_once(triton, tiny_coca, images, photos):
+@pytest.mark.parametrize("concurrent", [16, 32])
+def test_streamed_greedy_captions_equal_in_process_alone_and_many_at_once(triton, tiny_coca, images, photos,
+                                                                         concurrent):
+    """Batch invariance: each caption open_clip's whatever shares its forwards; 32 is over the CAPACITY rows,
+    so the captions past it wait, then join forwards already under way."""
     url, _ = triton
     expected = tiny_coca.caption(images, LONG_GREEDY)
 
     async def work(t):
         embeddings = await t.image_embeddings(photos)
         alone = await streamed(t, embeddings[0])
-        together = await asyncio.gather(*(streamed(t, embeddings[i % 4]) for i in range(16)))
+        together = await asyncio.gather(*(streamed(t, embeddings[i % 4]) for i in range(concurrent)))
         return alone, together, await t.captioner_stats()
 
     alone, together, stats = on_triton(url, work, "iterative")
@@ -314,7 +323,8 @@ def test_streamed_greedy_captions_equal_in_process_alone_and_sixteen_at_once(tri
         assert [s.token for s in steps] == [s.tokens[-1] for s in steps]
         assert [s.text for s in steps[:-1]] == [tiny_coca.text_so_far(s.tokens) for s in steps[:-1]]
         np.testing.assert_allclose(steps[-1].logprobs, want.logprobs, rtol=0, atol=1e-4)
-    assert max(s.batch_rows for steps in together for s in steps) == 16, "the 16 captions never shared a forward"
+    widest = min(concurrent, CAPACITY)
+    assert max(s.batch_rows for steps in together for s in steps) == widest, f"never {widest} captions in a forward"
     assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)
 
 
@@ -379,6 +389,49 @@ def test_a_cancelled_or_disconnected_stream_frees_its_caption(triton, photos):
     assert after_disconnect["cancelled"] >= before["cancelled"] + 2
 
 
+@pytest.mark.long  # a server of its own, started twice (~1-2 min on a busy 2-core box)
+def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_work_after(repository, tiny_coca,
+                                                                                          images, photos):
+    """Triton SIGKILLed (with its stubs) mid-caption: the stream fails at once with TritonUnavailableError
+    naming Triton, not at its deadline (one server: nothing to start it again on; a pool does, see
+    tests/test_triton_pool.py). Started again on the same address, the same client captions again, equal to
+    the in-process caption, and the new captioner holds no caption."""
+    from serving.testing import restartable_triton
+
+    endless = SamplingParams(max_tokens=70, min_tokens=70)
+    expected = tiny_coca.caption(images[:1], LONG_GREEDY)[0]
+
+    with restartable_triton(repository) as server:
+        async def work(t):
+            embeddings = (await t.image_embeddings(photos[:1]))[0]
+            steps = []
+            with pytest.raises(TritonUnavailableError, match="Triton") as cut:
+                async with contextlib.aclosing(t.captioner_steps(embeddings, endless)) as stream:
+                    async for step in stream:
+                        steps.append(step)
+                        if len(steps) == 3:
+                            killed = time.monotonic()
+                            server.kill()
+            failed_after_s = time.monotonic() - killed
+            server.start()  # from this thread: a server dies with the thread that started it
+            deadline = time.monotonic() + 60
+            while True:  # the channel reconnects after its backoff from the refused connections
+                try:
+                    after = await streamed(t, embeddings)
+                    break
+                except TritonUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.25)
+            return steps, cut.value, failed_after_s, after, await t.captioner_stats()
+
+        steps, error, failed_after_s, after, stats = on_triton(server.grpc_url, work, "iterative")
+    assert len(steps) == 3 and not steps[-1].done
+    assert failed_after_s < 10, f"the cut stream failed {failed_after_s:.1f} s after the kill: {error}"
+    assert (after[-1].tokens, after[-1].text) == (expected.tokens, expected.text)
+    assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)
+
+
 # --- memory: TTL and cap ---------------------------------------------------------------------
 def test_abandoned_sequences_are_freed_after_the_ttl(triton, photos):
     url, server = triton
@@ -406,23 +459,45 @@ def test_a_caption_forgotten_while_its_client_stalled_is_started_again(triton, t
     reproducible caption starts again and goes on where it was: each step handed out once, the caption
     open_clip's; an unseeded sample cannot, and says so."""
     url, _ = triton
-
-    async def stalled(t, params, stall_s=IDLE_S + 1.5):  # past Triton's idle limit and the model's TTL
-        steps = []
-        async with contextlib.aclosing(t.caption_steps(photos[0], params)) as generations:
-            async for generation in generations:
-                steps.append((list(generation.tokens), generation.text, generation.done))
-                if len(steps) == 2:
-                    await asyncio.sleep(stall_s)
-        return steps
-
-    steps = on_triton(url, lambda t: stalled(t, params), "sequence")
-    assert steps == on_triton(url, lambda t: stalled(t, params, stall_s=0), "sequence")
+    steps = on_triton(url, lambda t: stalled(t, photos[0], params), "sequence")
+    assert steps == on_triton(url, lambda t: stalled(t, photos[0], params, stall_s=0), "sequence")
     expected = tiny_coca.caption([images[0]], params)[0]
     assert steps[-1] == (expected.tokens, expected.text, True) and len(steps) > 3
-    unseeded = SamplingParams(temperature=0.75, top_k=40, max_tokens=12)
     with pytest.raises(SequenceLostError, match="does not know the caption's sequence.*ask again"):
-        on_triton(url, lambda t: stalled(t, unseeded), "sequence")
+        on_triton(url, lambda t: stalled(t, photos[0], UNSEEDED), "sequence")
+
+
+@pytest.mark.long  # the step protocol's variant above runs in CI
+def test_a_streamed_caption_outlives_its_client_stalling_past_the_idle_limit(triton, tiny_coca, images, photos):
+    """coca_captioner holds a caption for its stream, not for an idle limit: a client starved between two
+    steps for longer than the step protocol's idle limit gets the whole caption, each step once, open_clip's
+    for greedy and seeded ones; an unseeded sample, which the step protocol cannot resume, finishes too."""
+    url, _ = triton
+    for params in (GREEDY, SAMPLED):
+        steps = on_triton(url, lambda t: stalled(t, photos[0], params), "iterative")
+        expected = tiny_coca.caption([images[0]], params)[0]
+        assert steps[-1] == (expected.tokens, expected.text, True) and len(steps) > 3
+        assert [tokens for tokens, _, _ in steps] == [expected.tokens[:len(tokens)] for tokens, _, _ in steps]
+        assert len({len(tokens) for tokens, _, _ in steps}) == len(steps), "a step handed out twice"
+    unseeded = on_triton(url, lambda t: stalled(t, photos[0], UNSEEDED), "iterative")
+    assert unseeded[-1][2] and len(unseeded[-1][0]) > 2
+    stats = on_triton(url, lambda t: t.captioner_stats())
+    assert (stats["live_sequences"], stats["free_rows"]) == (0, CAPACITY)
+
+
+UNSEEDED = SamplingParams(temperature=0.75, top_k=40, max_tokens=12)
+
+
+async def stalled(t: TritonCoca, photo: bytes, params: SamplingParams, stall_s: float = IDLE_S + 1.5) -> list:
+    """A caption's steps (tokens, text, done), read by a client that stalls `stall_s` after the second one
+    (by default past Triton's idle limit and the decoder's TTL)."""
+    steps = []
+    async with contextlib.aclosing(t.caption_steps(photo, params)) as generations:
+        async for generation in generations:
+            steps.append((list(generation.tokens), generation.text, generation.done))
+            if len(steps) == 2:
+                await asyncio.sleep(stall_s)
+    return steps
 
 
 def test_the_cache_cap_is_a_clear_error(triton, tiny_coca, images, photos):

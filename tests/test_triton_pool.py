@@ -34,9 +34,11 @@ LONG_SAMPLED = SamplingParams(temperature=0.75, top_k=40, top_p=0.5, seed=5, max
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    from serving.repository import ensure_repository
+    from serving.repository import EncoderSettings, ensure_repository
 
-    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED)
+    # the step protocol (captioner_servers: coca_captioner); torch encoders, as CI has always run these
+    return ensure_repository(tmp_path_factory.mktemp("pool") / "repo", MODEL, PRETRAINED, SEED,
+                             encoders=EncoderSettings("torch"), decoder_scheduler="sequence")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +52,38 @@ def servers(repository):
 @pytest.fixture
 def tritons(servers):
     """Both servers, started again if an earlier test left one down."""
+    return alive(servers)
+
+
+def alive(servers: list) -> list:
     for server in servers:
         if not server.is_alive():
             server.stop()
             server.start(START_S)
     return servers
+
+
+# Captions by the step protocol in CI; the same tests over coca_captioner (a repository exported with
+# --decoder-scheduler iterative: the pool's clients then stream each caption) in make test-reliability.
+SCHEDULERS = pytest.mark.parametrize("scheduler", ["sequence", pytest.param("iterative", marks=pytest.mark.long)])
+
+
+@pytest.fixture(scope="module")
+def captioner_servers(tmp_path_factory):
+    """Two servers of a repository with coca_captioner (only the tests over both schedulers start them)."""
+    from serving.repository import ensure_repository
+    from serving.testing import restartable_tritons
+
+    repository, _ = ensure_repository(tmp_path_factory.mktemp("pool-captioner") / "repo", MODEL, PRETRAINED, SEED,
+                                      decoder_scheduler="iterative")
+    with restartable_tritons(repository, count=2, timeout=START_S) as started:
+        yield started
+
+
+@pytest.fixture
+def scheduled_tritons(request, scheduler):
+    """Both servers of the repository whose captions go by `scheduler`, alive."""
+    return alive(request.getfixturevalue("servers" if scheduler == "sequence" else "captioner_servers"))
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +218,14 @@ def test_calls_spread_over_both_endpoints_and_answer_as_in_process(tritons, refe
         assert encoded >= 6 and decoded >= 6 * 2, (url, encoded, decoded)
 
 
-def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_ones(tritons, reference, photos):
+@SCHEDULERS
+def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_ones(scheduled_tritons, reference,
+                                                                                    photos, scheduler):
     """Captions in flight on the server that is SIGKILLed run again on the other one; greedy and seeded
     captions are reproducible, so each equals the in-process caption. Started again, the server rejoins."""
     from serving.pool import TritonPool
 
-    victim, survivor = tritons
+    victim, survivor = scheduled_tritons
     settings = [LONG_GREEDY if i % 2 == 0 else LONG_SAMPLED for i in range(8)]
     images = photos[:8]
 
@@ -204,7 +235,7 @@ def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_
             tasks = [asyncio.create_task(pool.call(lambda t, i=i: t.caption(images[i], settings[i]))) for i in range(8)]
             while pool.endpoints[0].in_flight < 4:  # half the captions were sent to the victim
                 await asyncio.sleep(0.005)
-            async with LiveSequences(victim.grpc_url) as live:
+            async with LiveSequences(victim.grpc_url, scheduler) as live:
                 await wait_for_async(lambda: live() > 0, 30)  # their sequences are started there
             victim.kill()
             captions = await asyncio.gather(*tasks)
@@ -273,11 +304,11 @@ def test_one_death_under_many_calls_is_one_outage_though_an_answer_from_before_i
 
 
 class LiveSequences:
-    """`async with LiveSequences(url) as live`: live() is the number of decoder sequences the server at
-    `url` holds now (polled on a connection of its own)."""
+    """`async with LiveSequences(url, scheduler) as live`: live() is the number of captions the server at
+    `url` holds now in the decoder (sequence) or the captioner (iterative), polled on a connection of its own."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, scheduler: str = "sequence"):
+        self.url, self.scheduler = url, scheduler
         self.value = 0
 
     async def __aenter__(self):
@@ -289,7 +320,8 @@ class LiveSequences:
 
     async def _poll(self):
         while True:
-            self.value = (await self.client.decoder_stats())["live_sequences"]
+            stats = self.client.captioner_stats if self.scheduler == "iterative" else self.client.decoder_stats
+            self.value = (await stats())["live_sequences"]
             await asyncio.sleep(0.005)
 
     async def __aexit__(self, *exc):
@@ -697,8 +729,9 @@ def run_hung(how: str, hung_s: float, good, bad, photos: list[bytes], oracle: di
 STREAMS = 6
 
 
+@SCHEDULERS
 def test_streamed_captions_cut_by_a_hung_endpoint_start_again_on_the_other_and_equal_uninterrupted_ones(
-        tritons, reference, photos, tmp_path):
+        scheduled_tritons, reference, photos, tmp_path, scheduler):
     """STREAMS CaptionStream calls (greedy and seeded) through a service on two endpoints; once each has its
     first chunk, one endpoint hangs (SIGSTOP of its processes). The streams on it start again from START on
     the other endpoint, handing out only the steps not handed out yet: no stream fails, each one's pieces add
@@ -709,8 +742,9 @@ def test_streamed_captions_cut_by_a_hung_endpoint_start_again_on_the_other_and_e
     from search_service.pb import search_pb2 as pb
     from search_service.testing import ServiceProcess, WireClient
     from serving.pool import PROBE_TIMEOUT_S
+    from serving.protocol import CAPTIONER, TEXT_DECODER
 
-    good, bad = tritons
+    good, bad = scheduled_tritons
     settings = [LONG_GREEDY if i % 2 == 0 else LONG_SAMPLED for i in range(STREAMS)]
     images = photos[:STREAMS]
     expected = [reference.caption([image], params)[0].tokens for image, params in zip(images, settings)]
@@ -751,6 +785,8 @@ def test_streamed_captions_cut_by_a_hung_endpoint_start_again_on_the_other_and_e
             assert "".join(c.piece for c in chunks) == chunks[-1].text, f"stream {i}: a step handed out twice"
             assert list(chunks[-1].caption.tokens) == expected[i], f"stream {i}"
 
+    caption_model = CAPTIONER if scheduler == "iterative" else TEXT_DECODER  # what the streams must go through
+    served_before = served(good.grpc_url, caption_model)
     hang = Hang("sigstop", bad, relay=None)
     with ServiceProcess(tmp_path / "data", f"{good.grpc_url},{bad.grpc_url}", "--max-inflight-caption", "0",
                         "--max-caption-sequences", "0") as service, WireClient(service.address, timeout=30) as client:
@@ -768,6 +804,7 @@ def test_streamed_captions_cut_by_a_hung_endpoint_start_again_on_the_other_and_e
         finally:
             hang.release()
     check(cut)
+    assert served(good.grpc_url, caption_model) > served_before, f"no caption went through {caption_model}"
     slowest, healthy_slowest = max(r[1] for r in cut), max(r[1] for r in healthy)
     figures = f"slowest stream {slowest:.2f} s hung, {healthy_slowest:.2f} s healthy; load {os.getloadavg()}"
     print(figures)
