@@ -33,10 +33,12 @@ SHARE = 0.5  # --reindex-share here: throttled chunks while clients search back 
 @pytest.fixture(scope="module")
 def tritons(plain_triton, tmp_path_factory):
     """(seed-0 server, seed-1 server): the store's model and the one it is reindexed into."""
-    from serving.repository import ensure_repository
+    from serving.repository import EncoderSettings, ensure_repository
     from serving.testing import restartable_triton
 
-    seed1 = ensure_repository(tmp_path_factory.mktemp("reindex-seed1") / "repo", MODEL, PRETRAINED, 1)
+    # the old export paths, as plain_triton's (the stored embeddings are compared with coca's torch ones at 1e-5)
+    seed1 = ensure_repository(tmp_path_factory.mktemp("reindex-seed1") / "repo", MODEL, PRETRAINED, 1,
+                              encoders=EncoderSettings("torch"), decoder_scheduler="sequence")
     with restartable_triton(seed1[0]) as new:
         yield plain_triton, new
 

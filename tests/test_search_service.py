@@ -976,7 +976,8 @@ def background_serve(tmp_path_factory, repository):
     log = data / "serve.log"
     with open(log, "w") as out:  # port 0: it binds what the kernel gives and says where in its ready line
         proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "--model", MODEL, "--pretrained",
-                                 PRETRAINED, "--data", str(data), "--port", "0"], cwd=ROOT,
+                                 PRETRAINED, "--data", str(data), "--port", "0",
+                                 "--encoders", "torch", "--decoder-scheduler", "sequence"], cwd=ROOT,  # the export's
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
     yield proc, log
     if proc.poll() is None:
