@@ -1,11 +1,12 @@
 """Caption speed: our KV-cached decoder vs open_clip `generate`, same weights, same images.
 
-    coca bench caption --model coca_ViT-B-32 --pretrained random --max-tokens 20 --batch 1 [--precision fp32,int8] [--dtype bfloat16]
+    coca bench caption --model coca_ViT-B-32 --pretrained random --max-tokens 20 --batch 1 [--precision fp32,int8,bf16] [--dtype bfloat16]
 
 Also measures, beside each decode step, its floor: one fp32 matrix-vector product over as
 many bytes as the step's weights (the time just to stream them), and reports step / floor.
---precision int8 adds the int8 decoder (coca/quant.py), with its greedy captions on a fixed
-set of distinct photos compared to fp32's (agreement printed).
+--precision int8,bf16 add the int8 and bf16 decoders (coca/quant.py), with their greedy captions on a
+fixed set of distinct photos compared to fp32's (agreement printed). --dtype bfloat16 adds the whole
+net in bfloat16 (layer norms, attention and KV cache too), for comparison.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def parse(argv):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 also runs float32 and reports agreement")
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
-    p.add_argument("--precision", default="fp32,int8", help="comma-separated: fp32, int8 (coca/quant.py), each vs fp32")
+    p.add_argument("--precision", default="fp32,int8,bf16",
+                   help="comma-separated: fp32, int8, bf16 (coca/quant.py: the step's linears), each vs fp32")
     p.add_argument("--agreement-images", type=int, default=24, help="distinct photos of the fixed agreement set")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return p.parse_args(argv)
@@ -78,6 +80,9 @@ def matvec_bandwidth(nbytes: int, repeats: int = 5, device="cpu") -> float:
     return rows * 512 * 4 / seconds
 
 
+BYTES_PER_WEIGHT_DIVISOR = {"int8": 4, "bf16": 2}  # of fp32's 4 bytes (int8's scales aside)
+
+
 def variants(args, reference):
     """(label, model) of every precision to measure, fp32 first."""
     from coca.quant import quantize
@@ -90,7 +95,7 @@ def variants(args, reference):
     for precision in args.precision.split(","):
         if precision != "fp32":
             model = coca.from_reference(args.model, args.pretrained, reference, device=args.device)
-            model.step_bytes = model.net.step_weight_bytes() // 4  # int8: one byte per weight (scales aside)
+            model.step_bytes = model.net.step_weight_bytes() // BYTES_PER_WEIGHT_DIVISOR[precision]
             out.append((precision, quantize(model.net, precision) and model))
     return out
 

@@ -17,7 +17,7 @@ def add_server_options(p: argparse.ArgumentParser):
     p.add_argument("--url", help="use this running Triton (host:port) instead of starting one")
     p.add_argument("--capacity", type=int, help="decoder KV-cache rows (default: the export's)")
     p.add_argument("--queue-delay-us", type=int, help="decoder sequence batcher's max queue delay (default: the export's)")
-    p.add_argument("--decoder-precision", default="fp32", choices=["fp32", "int8"], help="the decode step's arithmetic")
+    p.add_argument("--decoder-precision", default="fp32", choices=["fp32", "int8", "bf16"], help="the decode step's arithmetic")
     add_encoder_options(p)
 
 

@@ -429,8 +429,8 @@ export.configure = lambda p: (
                         "avx2,fma,avx512f,avx512_vnni; default: this CPU's); the gates are measured here all the same"),
     p.add_argument("--encoder-precision", choices=["fp32", "int8"],
                    help="with --format onnx: int8 = 8-bit weights (MatMulNBits), opt-in, agreement in README"),
-    p.add_argument("--decoder-precision", choices=["fp32", "int8"],
-                   help="the decode step's arithmetic (default fp32; int8: opt-in, agreement in README)"),
+    p.add_argument("--decoder-precision", choices=["fp32", "int8", "bf16"],
+                   help="the decode step's arithmetic (default fp32; int8, bf16: opt-in, agreement in README)"),
     p.add_argument("--decoder-scheduler", choices=["sequence", "iterative"], default=_export_defaults()[1],
                    help="iterative (default): also export coca_captioner (one streamed request per caption, every "
                         "live caption in each forward), which clients and the service then use for captions; "

@@ -2,6 +2,7 @@
 
     net = coca.load("coca_ViT-B-32", "random").net
     quantize(net, "int8")            # the decoder's step in int8: text tower, decoder, vocabulary
+    quantize(net, "bf16")            # the same linears with bf16 weights (where the CPU has AVX512-BF16/AMX)
 
 "int8" is dynamic quantisation (fbgemm): weights int8 per output channel, made once here;
 activations quantised per call and per row (7-bit: fbgemm's overflow-safe choice on CPUs
@@ -9,6 +10,11 @@ without VNNI), so a row's result does not depend on the rest of its batch. Every
 projections, the cross-attention query projections (the image keys/values are computed once per
 image and stay fp32), the MLPs, the output projections and the 512 x 49408 vocabulary projection.
 A step then reads a quarter of the bytes, and fbgemm's small-M kernels beat fp32 MKL on this CPU.
+
+"bf16" replaces the same linears with bf16 weights and bf16 inputs, accumulated in fp32 by oneDNN
+(AVX512-BF16 / AMX where the CPU has them; elsewhere torch emulates them, slower than fp32): half
+the bytes per step. Everything else of the step stays fp32 -- layer norms, softmax, the KV cache,
+the image keys/values, the logits and sampling -- unlike a whole-net `dtype="bfloat16"`.
 fp32 stays the default everywhere: a precision is asked for by name.
 """
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import nn
 from .errors import InvalidInputError
 from .model import Attention, CoCa, CrossBlock
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16")
 DECODER_PARTS = ("text", "text_decoder")  # what a decode step runs
 
 
@@ -64,18 +70,36 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _int8_of(linear: nn.Linear) -> Int8Linear:
-    return Int8Linear(linear.weight, linear.bias)
+class Bf16Linear(nn.Module):
+    """y = x W^T + b with W and x rounded to bf16, products summed in fp32, b added in fp32.
+
+    One row's result is a function of that row alone for a given kernel; whether the machine's
+    kernels keep it so across batch sizes is what the batch-invariance gate (coca/precision.py) and
+    tests/test_precision.py measure.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()
+        self.bias = None if bias is None else bias.detach().float()
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).float()
+        return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
 
 
-def _quantize_attention(attn: Attention, names: tuple[str, ...]):
+LINEARS = {"int8": Int8Linear, "bf16": Bf16Linear}  # precision -> the linear a decode step runs
+
+
+def _quantize_attention(attn: Attention, names: tuple[str, ...], linear: type):
     wq, wk, wv = attn._weights()
     bq, bk, bv = attn.in_proj_bias.chunk(3)
     weights = {"q": (wq, bq), "k": (wk, bk), "v": (wv, bv)}
     if attn.packed:
         weights["qkv"] = (attn.in_proj_weight, attn.in_proj_bias)
-    attn.kernels = {name: Int8Linear(*weights[name]) for name in names}
-    attn.out_proj = _int8_of(attn.out_proj)
+    attn.kernels = {name: linear(*weights[name]) for name in names}
+    attn.out_proj = linear(attn.out_proj.weight, attn.out_proj.bias)
 
 
 def quantize(net: CoCa, precision: str, parts: tuple[str, ...] = DECODER_PARTS) -> CoCa:
@@ -83,17 +107,18 @@ def quantize(net: CoCa, precision: str, parts: tuple[str, ...] = DECODER_PARTS) 
     if check_precision(precision) == "fp32":
         return net
     if net.device.type != "cpu":
-        raise InvalidInputError(f"precision {precision} runs on the CPU only (fbgemm); this net is on {net.device}")
+        raise InvalidInputError(f"precision {precision} runs on the CPU only (fbgemm, oneDNN); this net is on {net.device}")
+    linear = LINEARS[precision]
     for part in parts:
         module = getattr(net, part)
         for sub in list(module.modules()):
             if isinstance(sub, CrossBlock):  # the step projects only its queries; image K/V: once, fp32
-                _quantize_attention(sub.attn, ("q",))
+                _quantize_attention(sub.attn, ("q",), linear)
             elif isinstance(sub, Attention) and not sub.kernels:
-                _quantize_attention(sub, ("qkv",) if sub.packed else ("q", "k", "v"))
+                _quantize_attention(sub, ("qkv",) if sub.packed else ("q", "k", "v"), linear)
             elif hasattr(sub, "c_fc") and hasattr(sub, "c_proj"):  # MLP
-                sub.c_fc, sub.c_proj = _int8_of(sub.c_fc), _int8_of(sub.c_proj)
+                sub.c_fc, sub.c_proj = (linear(m.weight, m.bias) for m in (sub.c_fc, sub.c_proj))
         if part == "text_decoder":
-            module.vocab_kernel = Int8Linear(module.text_projection.t())
+            module.vocab_kernel = linear(module.text_projection.t())
     net.precision = precision
     return net

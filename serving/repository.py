@@ -53,7 +53,7 @@ class DecoderSettings:
     sequence_idle_s: Optional[float] = None  # Triton drops a silent sequence after this
     expiry_interval_s: Optional[float] = None  # how often the model's timer looks for idle caches
     queue_delay_us: Optional[int] = None  # how long the sequence batcher waits to fill a batch of steps
-    precision: Optional[str] = None  # "fp32" or "int8" (coca/quant.py): the decode step's arithmetic
+    precision: Optional[str] = None  # "fp32", "int8" or "bf16" (coca/quant.py): the decode step's arithmetic
     # "iterative": the repository also holds coca_captioner (one streamed request per caption, every live
     # caption in each forward), which clients then use for captions; export only ("sequence": it does not)
     scheduler: str = "sequence"

@@ -15,7 +15,8 @@ import torch
 from clients.cli import main
 from coca.cpu import parse_flags
 from coca.generate import generate
-from coca.precision import GATES, Calibration, calibration_set, candidates, choose_precision, summary
+from coca.precision import (GATES, Calibration, calibration_set, candidates, choose_precision,
+                            quantized_decoder, summary)
 from coca.sampling import SamplingParams
 from serving.protocol import TRITON_MODELS, Identity
 from serving.repository import (MANIFEST_FILE, DecoderSettings, EncoderSettings, auto_precision, config_parameters,
@@ -43,10 +44,15 @@ def test_candidates_follow_the_cpu():
     only_fp32, skipped = candidates(AVX2, "onnxruntime")
     assert [(c.encoders, c.decoder) for c in only_fp32] == [("fp32", "fp32")]
     assert "no VNNI" in skipped["int8"] and "no AVX512-BF16" in skipped["bf16"]
-    with_vnni, skipped = candidates(VNNI | {"avx512_bf16"}, "onnxruntime")
+    with_vnni, skipped = candidates(VNNI, "onnxruntime")
     assert [(c.encoders, c.decoder) for c in with_vnni] == [("fp32", "fp32"), ("fp32", "int8"), ("int8", "fp32"),
                                                              ("int8", "int8")]
-    assert "not built" in skipped["bf16"]
+    assert "no AVX512-BF16" in skipped["bf16"]
+    with_bf16, skipped = candidates(VNNI | {"avx512_bf16"}, "onnxruntime")
+    assert [(c.encoders, c.decoder) for c in with_bf16] == [(e, d) for e in ("fp32", "int8") for d in ("fp32", "int8", "bf16")]
+    assert "bf16" not in skipped and "no bf16 MatMul" in skipped["bf16 encoders"]
+    amx_only, _ = candidates(AVX2 | {"amx_bf16"}, "torch")
+    assert [(c.encoders, c.decoder) for c in amx_only] == [("fp32", "fp32"), ("fp32", "bf16")]
     torch_encoders, skipped = candidates(VNNI, "torch")
     assert {c.encoders for c in torch_encoders} == {"fp32"} and "onnxruntime" in skipped["int8 encoders"]
 
@@ -92,6 +98,50 @@ def test_a_faithful_candidate_passes_and_the_fastest_passing_one_is_kept(tiny_co
     assert record["chosen"] == {"encoders": fastest["encoders"], "decoder": fastest["decoder"]}
 
 
+class BatchDependentVocabulary(torch.nn.Module):
+    """The vocabulary projection of a kernel that takes another path for a batch than for one row
+    (as a machine's bf16 kernels may): rows computed in a batch are disturbed, a row alone is not."""
+
+    def __init__(self, projection: torch.Tensor):
+        super().__init__()
+        self.projection = projection.detach().clone()
+        self.noise = torch.randn(projection.shape[1], generator=torch.Generator().manual_seed(2)) * projection.std() * 40
+
+    def forward(self, x):
+        return x @ self.projection + (self.noise if x.shape[0] > 1 else 0)
+
+
+def batch_dependent_decoder(model, precision):
+    net = copy.deepcopy(model.net)
+    net.text_decoder.vocab_kernel = BatchDependentVocabulary(net.text_decoder.text_projection)
+    return net
+
+
+def test_bf16_is_measured_where_the_cpu_has_it_and_a_batch_dependent_decoder_is_refused(tiny_coca):
+    bf16_cpu = AVX2 | {"avx512_bf16"}
+    record = choose_precision(tiny_coca, bf16_cpu, "torch", SMALL)  # the real bf16 decoder (coca/quant.py)
+    row = next(r for r in record["candidates"] if r["decoder"] == "bf16")
+    images, _ = calibration_set(SMALL)
+    params = SamplingParams(max_tokens=SMALL.max_tokens)
+    with torch.inference_mode():  # oracle: fp32's and bf16's captions, made here
+        embs = tiny_coca.encode_images(images).image_embeddings
+        expected = [g.tokens for g in generate(tiny_coca.net, embs, params)]
+        got = [g.tokens for g in generate(quantized_decoder(tiny_coca, "bf16"), embs, params)]
+    assert row["captions_equal"] == pytest.approx(sum(a == b for a, b in zip(got, expected)) / len(expected))
+    assert row["batch_invariant"] == 1.0 and "batch_invariant" not in row["failed"]
+    assert row["passed"] == (row["captions_equal"] >= GATES["captions_equal"])
+
+    record = choose_precision(tiny_coca, bf16_cpu, "torch", SMALL, decoder_twin=batch_dependent_decoder)
+    row = next(r for r in record["candidates"] if r["decoder"] == "bf16")
+    broken = batch_dependent_decoder(tiny_coca, "bf16")
+    with torch.inference_mode():  # oracle: how many of the first `alone` captions a batch changes
+        together = [g.tokens for g in generate(broken, embs, params)][: SMALL.alone]
+        alone = [generate(broken, embs[i : i + 1], params)[0].tokens for i in range(SMALL.alone)]
+    invariant = sum(a == b for a, b in zip(together, alone)) / SMALL.alone
+    assert invariant < 1 and row["batch_invariant"] == pytest.approx(invariant)
+    assert "batch_invariant" in row["failed"] and record["chosen"] == {"encoders": "fp32", "decoder": "fp32"}
+
+
 @pytest.mark.long  # four ONNX exports: ~20 s
 def test_int8_encoders_are_measured_against_fp32_embeddings(tiny_coca, tmp_path):
     """ONNX int8 encoders: the recorded cosines are the worst item's, computed here again from the graphs."""
@@ -106,7 +156,8 @@ def test_int8_encoders_are_measured_against_fp32_embeddings(tiny_coca, tmp_path)
         worst = ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()
         assert row[figure] == pytest.approx(worst, abs=1e-5) and worst < 1  # int8 really differs
     gates = {"text_cosine": GATES["embedding_cosine"], "image_cosine": GATES["embedding_cosine"],
-             "top10_overlap": GATES["top10_overlap"], "captions_equal": GATES["captions_equal"]}
+             "top10_overlap": GATES["top10_overlap"], "captions_equal": GATES["captions_equal"],
+             "batch_invariant": GATES["batch_invariant"]}
     assert row["failed"] == [name for name, bound in gates.items() if row[name] < bound]
 
 
