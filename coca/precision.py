@@ -114,14 +114,17 @@ def choose_precision(model, features: frozenset[str], encoder_runtime: str = "to
     steps = _interleaved_best(nets, rounds=3)
     reference = encoded["fp32"]
     tops = {p: index_top_k(found, calibration) for p, found in encoded.items()}
-    reference_captions = _captions(nets["fp32"], reference["image_embeddings"], params)
-    invariant = {p: _batch_invariance(net, encoded["fp32"]["image_embeddings"], params, calibration.alone)
+    # each decoder's captions of fp32's image embeddings: the candidates with fp32 encoders, and the batch the
+    # invariance gate compares single captions with
+    batched = {p: _captions(net, reference["image_embeddings"], params) for p, net in nets.items()}
+    reference_captions = batched["fp32"]
+    invariant = {p: _batch_invariance(net, reference["image_embeddings"], batched[p], params, calibration.alone)
                  for p, net in nets.items() if p != "fp32"}
     rows = []
     for candidate in todo:
         enc = encoded[candidate.encoders]
-        same_net = candidate == Candidate("fp32", "fp32")
-        captions = reference_captions if same_net else _captions(nets[candidate.decoder], enc["image_embeddings"], params)
+        captions = (batched[candidate.decoder] if candidate.encoders == "fp32"
+                    else _captions(nets[candidate.decoder], enc["image_embeddings"], params))
         figures = {
             "text_cosine": _worst_cosine(reference["texts"], enc["texts"]),
             "image_cosine": _worst_cosine(reference["images"], enc["images"]),
@@ -209,9 +212,10 @@ def _captions(net, image_embs: torch.Tensor, params: SamplingParams) -> list[lis
         return [g.tokens for g in generate(net, image_embs.to(net.dtype), params)]
 
 
-def _batch_invariance(net, image_embs: torch.Tensor, params: SamplingParams, alone: int) -> float:
-    """Share of the first `alone` images whose caption made alone equals the one made in the whole batch."""
-    together = _captions(net, image_embs, params)[:alone]
+def _batch_invariance(net, image_embs: torch.Tensor, together: list[list[int]], params: SamplingParams,
+                      alone: int) -> float:
+    """Share of the first `alone` images whose caption made alone equals `together`'s (made in the whole batch)."""
+    together = together[:alone]
     return sum(_captions(net, image_embs[i : i + 1], params)[0] == tokens for i, tokens in enumerate(together)) / len(together)
 
 
