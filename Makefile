@@ -23,8 +23,8 @@ demo: venv
 # hung under load, Ray bulk ingest through the service, reindex killed mid-way, the captioner variants).
 # make test runs everything else (-m 'not long', pyproject.toml), including the quick variants of these, so
 # nothing here runs twice. Two lanes at once: the timed tests (load, faults: bounds measured against baselines
-# taken in the same run) in the foreground, the `untimed` oracle runs (store model, paging, fuzz: no time bound,
-# CPU-bound Python) beside them at nice 10, their output after the first lane's. Figures: a table at the end of
+# taken in the same run) in the foreground, the `untimed` oracle runs (store model, paging, fuzz, kill and check:
+# no time bound) beside them at nice 10, their output after the first lane's. Figures: a table at the end of
 # each lane, and JSON in $(RELIABILITY_REPORT) and $(RELIABILITY_REPORT:.json=-untimed.json).
 # The untimed lane keeps its files in RAM (/dev/shm, where there is one): its oracle runs check logic, not
 # durability (nothing here cuts power; a SIGKILL keeps the page cache), and their fsyncs to the disk the timed

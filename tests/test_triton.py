@@ -49,7 +49,8 @@ def repository(tiny_coca, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def triton(repository):
-    with running_triton(repository) as (grpc_url, _, server):
+    """The module's server, on ports it keeps: the restart test kills it and starts it again at the same address."""
+    with running_triton(repository, keep_ports=True) as (grpc_url, _, server):
         yield grpc_url, server
 
 
@@ -390,18 +391,18 @@ def test_a_cancelled_or_disconnected_stream_frees_its_caption(triton, photos):
 
 
 @pytest.mark.long  # a server of its own, started twice (~1-2 min on a busy 2-core box)
-def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_work_after(repository, tiny_coca,
+def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_work_after(triton, tiny_coca,
                                                                                           images, photos):
     """Triton SIGKILLed (with its stubs) mid-caption: the stream fails at once with TritonUnavailableError
     naming Triton, not at its deadline (one server: nothing to start it again on; a pool does, see
     tests/test_triton_pool.py). Started again on the same address, the same client captions again, equal to
-    the in-process caption, and the new captioner holds no caption."""
-    from serving.testing import restartable_triton
-
+    the in-process caption, and the new captioner holds no caption. (The module's server: a server of its own
+    was one more start and stop, ~45 s of a busy box.)"""
     endless = SamplingParams(max_tokens=70, min_tokens=70)
     expected = tiny_coca.caption(images[:1], LONG_GREEDY)[0]
+    server = triton[1]
 
-    with restartable_triton(repository) as server:
+    try:
         async def work(t):
             embeddings = (await t.image_embeddings(photos[:1]))[0]
             steps = []
@@ -426,6 +427,10 @@ def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_w
             return steps, cut.value, failed_after_s, after, await t.captioner_stats()
 
         steps, error, failed_after_s, after, stats = on_triton(server.grpc_url, work, "iterative")
+    finally:
+        if not server.is_alive():  # the module's later tests need it
+            server.stop()
+            server.start()
     assert len(steps) == 3 and not steps[-1].done
     assert failed_after_s < 10, f"the cut stream failed {failed_after_s:.1f} s after the kill: {error}"
     assert (after[-1].tokens, after[-1].text) == (expected.tokens, expected.text)

@@ -24,7 +24,9 @@ import pytest
 from .conftest import needs_triton, service_args, short, unique_jpegs
 
 ROOT = str(Path(__file__).resolve().parents[2])
-ROUNDS = [pytest.param(3, id="3-kills", marks=short), pytest.param(20, id="20-kills", marks=pytest.mark.long)]
+# The long runs check what survived each kill, with no time bound: make test-reliability's untimed lane.
+LONG_KILLS = [pytest.mark.long, pytest.mark.untimed]
+ROUNDS = [pytest.param(3, id="3-kills", marks=short), pytest.param(20, id="20-kills", marks=LONG_KILLS)]
 
 
 def index_matches_store(data_dir) -> dict:
@@ -160,7 +162,7 @@ def read_snapshot(path):
     return index.seq, index.size
 
 
-@pytest.mark.parametrize("kills", [pytest.param(6, id="6-kills", marks=short), pytest.param(40, id="40-kills", marks=pytest.mark.long)])
+@pytest.mark.parametrize("kills", [pytest.param(6, id="6-kills", marks=short), pytest.param(40, id="40-kills", marks=LONG_KILLS)])
 def test_sigkill_during_snapshot_write_leaves_old_or_new(kills, tmp_path, figures):
     """A child process writes snapshots in a loop (seq n holds blocks(n) x 20,000 vectors of 64-d);
     SIGKILL it at a random moment. The file on disk is then the last one completed or the one being
