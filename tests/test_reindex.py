@@ -172,18 +172,20 @@ class Traffic:
 
 
 @contextlib.contextmanager
-def slow_writes(slow_link, address: str, live: set[str], images_by_id: dict[str, bytes], images: list[bytes],
+def slow_writes(slow_link, replica, live: set[str], images_by_id: dict[str, bytes], images: list[bytes],
                 deletable: set[str]) -> Iterator[Traffic]:
-    """Three clients adding `images` and deleting `deletable` through the replica at `address`, whose link to
+    """Three clients adding `images` and deleting `deletable` through `replica` (a ServiceProcess), whose link to
     Milvus (`slow_link`) is slow meanwhile (30 ms a hop): its writes are under way when a switch flips the alias.
     They go on until 3 more are acknowledged after the block; none may fail."""
     slow_link.delay(0.03)
-    with Traffic(address, live, images_by_id, images, keep=set(live) - deletable, writers=3, searchers=0) as traffic:
+    with Traffic(replica.address, live, images_by_id, images, keep=set(live) - deletable, writers=3, searchers=0) as traffic:
         yield traffic
         ended = time.monotonic()
         wait_for(lambda: sum(t > ended for t in traffic.acknowledged) >= 3, 60, "writes through the other replica")
     slow_link.delay(0)
-    assert not traffic.write_errors, traffic.write_errors
+    # with the replica's log, where an INTERNAL answer's traceback is (make test on 26ece4f, load ~4: one add
+    # answered INTERNAL "collection not found"; not seen in 3 runs alone)
+    assert not traffic.write_errors, f"{traffic.write_errors}\n--- the replica's log ---\n{replica.output(80)}"
 
 
 def drain(stream) -> None:
@@ -389,7 +391,7 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         captioned = client.search_text(QUERY, k=1, with_captions=True).hits[0]  # by the old decoder, kept
         assert captioned.caption and client.stats().captions_by_old_models == 0
 
-        with slow_writes(slow_link, other.address, live, images_by_id, images[90:150],
+        with slow_writes(slow_link, other, live, images_by_id, images[90:150],
                          set(first[35:]) - {captioned.id}) as elsewhere:
             with Traffic(service.address, live, images_by_id, images[70:90],
                          keep=set(first[35:]) | {captioned.id}) as traffic:
@@ -428,7 +430,7 @@ def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rol
         live.discard(victim)
         assert_embedded_by(seed1_coca, client, images_by_id, live)
 
-        with slow_writes(slow_link, other.address, live, images_by_id, images[150:],
+        with slow_writes(slow_link, other, live, images_by_id, images[150:],
                          set(sorted(live - {captioned.id})[:20])) as elsewhere:
             started = time.monotonic()
             steps = reindex(client, pb.ReindexRequest.ROLLBACK)  # (an alias-backed switch: generation 1 -> 0)
