@@ -118,12 +118,22 @@ class MilvusGenerations:
     def _resolve(self, name: str) -> Optional[str]:
         """The collection `name` reaches (an alias's target, or `name` when it is a collection), or None.
         (describe_collection, not describe_alias: pymilvus logs an ERROR for every alias that is not found.)"""
-        def describe(client) -> Optional[str]:
-            if not client.has_collection(name, **self._opts):
-                return None
-            return client.describe_collection(name, **self._opts)["collection_name"]
+        described = self._call("describe collection", lambda c: self._described(c, name))
+        return None if described is None else described["collection_name"]
 
-        return self._call("describe collection", describe)
+    def _described(self, client, name: str) -> Optional[dict]:
+        """describe_collection of `name`, or None when it names nothing. Not found by describe after has_collection
+        found it is a first switch renaming NAME between the two calls (the rename gap): None too. (Seen as an add
+        and a delete answered INTERNAL "collection not found" through another replica, 1 in ~10 runs of the
+        write-gap test.)"""
+        if not client.has_collection(name, **self._opts):
+            return None
+        try:
+            return client.describe_collection(name, **self._opts)
+        except Exception as exc:
+            if getattr(exc, "code", None) == COLLECTION_NOT_FOUND:
+                return None
+            raise
 
     def _alias_target(self, alias: str) -> Optional[str]:
         target = self._resolve(alias)
@@ -311,8 +321,7 @@ class MilvusGenerations:
         Waits out a switch under way (its reads may have missed the write), FENCE_S at most."""
         give_up = time.monotonic() + FENCE_S + CLOCK_SKEW_S
         while True:
-            described = self._call("describe collection", lambda c: (
-                c.describe_collection(self.name, **self._opts) if c.has_collection(self.name, **self._opts) else None))
+            described = self._call("describe collection", lambda c: self._described(c, self.name))
             if described is not None:  # (else a first switch is between its rename and its alias: a few ms)
                 if described["collection_name"] != written:
                     return described["collection_name"]
