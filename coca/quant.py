@@ -14,8 +14,9 @@ A step then reads a quarter of the bytes, and fbgemm's small-M kernels beat fp32
 "bf16" replaces the same linears with bf16 weights and bf16 inputs, accumulated in fp32 by oneDNN
 (AVX512-BF16 / AMX where the CPU has them; elsewhere torch converts in software): half the bytes per
 step. Measured on an AVX2-only CPU (README): a B/32 step 1.5x faster than fp32's even so, since a
-batch-1 step is bound by the bytes it streams; small cache-resident matrices run slower than fp32 there. Everything else of the step stays fp32 -- layer norms, softmax, the KV cache,
-the image keys/values, the logits and sampling -- unlike a whole-net `dtype="bfloat16"`.
+batch-1 step is bound by the bytes it streams; small cache-resident matrices run slower than fp32 there.
+Everything else of the step stays fp32 -- layer norms, softmax, the KV cache, the image keys/values,
+the logits and sampling -- unlike a whole-net `dtype="bfloat16"`.
 fp32 stays the default everywhere: a precision is asked for by name.
 """
 from __future__ import annotations

@@ -318,6 +318,13 @@ class TritonServer:
             _LIVE_SERVERS.discard(self)
         return self.returncode
 
+    def ensure_running(self, timeout: float = 300.0) -> "TritonServer":
+        """Started again (on its kept ports) if it is down: a test that killed it may have failed before restarting."""
+        if not self.is_alive():
+            self.stop()
+            self.start(timeout)
+        return self
+
     def kill(self) -> None:
         """SIGKILL to the server and its stubs at once (a crash: no shutdown code runs), then what
         stop() cleans up. start() brings it back on the same ports if they were fixed."""

@@ -80,10 +80,7 @@ def shared_triton(tiny_repository):
 @pytest.fixture(scope="module")
 def plain_triton(shared_triton):
     """The shared tritonserver, started again if an earlier module left it down."""
-    if not shared_triton.is_alive():
-        shared_triton.stop()
-        shared_triton.start()
-    return shared_triton
+    return shared_triton.ensure_running()
 
 
 @pytest.fixture(scope="session")

@@ -390,7 +390,7 @@ def test_a_cancelled_or_disconnected_stream_frees_its_caption(triton, photos):
     assert after_disconnect["cancelled"] >= before["cancelled"] + 2
 
 
-@pytest.mark.long  # a server of its own, started twice (~1-2 min on a busy 2-core box)
+@pytest.mark.long  # the module's server killed and started again (~30 s on a busy 2-core box)
 def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_work_after(triton, tiny_coca,
                                                                                           images, photos):
     """Triton SIGKILLed (with its stubs) mid-caption: the stream fails at once with TritonUnavailableError
@@ -428,9 +428,7 @@ def test_a_streamed_caption_cut_by_a_triton_restart_fails_cleanly_and_captions_w
 
         steps, error, failed_after_s, after, stats = on_triton(server.grpc_url, work, "iterative")
     finally:
-        if not server.is_alive():  # the module's later tests need it
-            server.stop()
-            server.start()
+        server.ensure_running()  # the module's later tests need it
     assert len(steps) == 3 and not steps[-1].done
     assert failed_after_s < 10, f"the cut stream failed {failed_after_s:.1f} s after the kill: {error}"
     assert (after[-1].tokens, after[-1].text) == (expected.tokens, expected.text)

@@ -56,11 +56,7 @@ def tritons(servers):
 
 
 def alive(servers: list) -> list:
-    for server in servers:
-        if not server.is_alive():
-            server.stop()
-            server.start(START_S)
-    return servers
+    return [server.ensure_running(START_S) for server in servers]
 
 
 # Captions by the step protocol in CI; the same tests over coca_captioner (a repository exported with

@@ -115,10 +115,7 @@ def triton(exported):
 @pytest.fixture
 def live_triton(triton):
     """The shared Triton, started again if an earlier test left it down."""
-    if not triton.is_alive():
-        triton.stop()
-        triton.start()
-    return triton
+    return triton.ensure_running()
 
 
 def service_args(exported, *extra: str) -> tuple[str, ...]:
