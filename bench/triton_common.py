@@ -22,8 +22,11 @@ def add_server_options(p: argparse.ArgumentParser):
 
 
 def add_encoder_options(p: argparse.ArgumentParser):
-    p.add_argument("--encoder-runtime", default="torch", choices=["torch", "onnxruntime"],
-                   help="how Triton's encoders compute (onnxruntime: the `coca export --format onnx` graphs)")
+    from serving.repository import DEFAULT_ENCODER_RUNTIME, ENCODER_RUNTIMES
+
+    p.add_argument("--encoder-runtime", default=DEFAULT_ENCODER_RUNTIME, choices=list(ENCODER_RUNTIMES),
+                   help="how Triton's encoders compute (default: what `coca export` writes; onnxruntime: "
+                   "the `coca export --format onnx` graphs)")
     p.add_argument("--encoder-precision", default="fp32", choices=["fp32", "int8"], help="with onnxruntime")
 
 
