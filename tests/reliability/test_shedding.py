@@ -40,10 +40,12 @@ pytestmark = needs_triton
 LIMIT, CLIENTS = 8, 64
 ANSWER_WITHIN_S = 1.0
 # the probes' admitted p99 in the windows of 64 clients <= this x their p99 in the windows of 8 (the bound,
-# nothing shed), asserted in the long run. The refusals the 56 others keep asking for cost the service's 2
-# cores (which the clients share here), so admitted searches do slow down; every answer within 1 s (asserted
-# in both runs) is what tells shedding from a pile-up.
-P99_FACTOR = 4.0
+# nothing shed), asserted in the long run. The refusals the 56 others keep asking for cost the 2 cores that
+# the service, the clients and (in make test-reliability) the other lane share, so admitted searches do slow
+# down: 2.8x measured alone, 2.7x to 4.3x with the other lane beside (13 runs; windows of 8 at 30-47 ms, of 64
+# at 79-292 ms). What tells shedding from a pile-up is asserted in both runs: every probe's answer within 1 s,
+# and the service's own clock (no admitted search over 1 s, no refusal over 0.5 s).
+P99_FACTOR = 6.0
 BACKOFF_S = (0.05, 0.15)  # a refused client waits this long (uniform) before it asks again
 # The clients run in worker processes of at most this many threads (64 threads behind the test process's one
 # GIL measured a 1.45 s answer as the service's), and PROBES of them alone in a process each.
@@ -145,8 +147,13 @@ def search_loop(address: str, schedule: Schedule, tag: str, probes: int = 0) -> 
     everyone, probed = Tally(), Tally()
     spawn = multiprocessing.get_context("spawn")
     with spawn.Manager() as manager, ProcessPoolExecutor(len(groups), mp_context=spawn) as pool:
-        ready = manager.Barrier(len(groups))  # every worker imported: then all begin together
-        parts = [pool.submit(search_answers, address, group, schedule, tag, ready) for group in groups]
+        # every worker imported: then all begin at one time of the machine's monotonic clock (a worker that
+        # wakes late from the barrier on a busy box would otherwise run its windows late, into the others')
+        ready, go, began = manager.Barrier(len(groups) + 1), manager.Event(), manager.Value("d", 0.0)
+        parts = [pool.submit(search_answers, address, group, schedule, tag, (ready, go, began)) for group in groups]
+        ready.wait(timeout=240)
+        began.value = time.monotonic() + 0.2
+        go.set()
         for n, part in enumerate(parts):
             for answer_s, code, window in part.result(timeout=schedule.seconds + 300):
                 for tally in (everyone, probed) if n < probes else (everyone,):
@@ -154,20 +161,22 @@ def search_loop(address: str, schedule: Schedule, tag: str, probes: int = 0) -> 
     return everyone, probed
 
 
-def search_answers(address: str, numbers: range, schedule: Schedule, tag: str, ready) -> list[tuple[float, str, int]]:
-    """search_threads in a worker process, once every worker is ready: its answers as (seconds, code name,
-    window)."""
+def search_answers(address: str, numbers: range, schedule: Schedule, tag: str, start) -> list[tuple[float, str, int]]:
+    """search_threads in a worker process from the common start, once every worker is ready: its answers as
+    (seconds, code name, window)."""
     import search_service.testing  # noqa: F401  (what the clients import, before the common start)
 
+    ready, go, began = start
     ready.wait(timeout=240)
-    return [(s, code.name, w) for s, code, w in search_threads(address, numbers, schedule, tag).answers]
+    go.wait(timeout=240)
+    return [(s, code.name, w) for s, code, w in search_threads(address, numbers, schedule, tag, began.value).answers]
 
 
-def search_threads(address: str, numbers: range, schedule: Schedule, tag: str) -> Tally:
-    """Clients `numbers`, a thread each, through `schedule` from now; each one's first answer (it connects)
-    is not kept as a search's time."""
+def search_threads(address: str, numbers: range, schedule: Schedule, tag: str, began: float | None = None) -> Tally:
+    """Clients `numbers`, a thread each, through `schedule` from time.monotonic() `began` (default now);
+    each one's first answer (it connects) is not kept as a search's time."""
     tally = Tally()
-    began = time.monotonic()  # in every worker within milliseconds of the others (they leave one barrier)
+    began = time.monotonic() if began is None else began
 
     def client(n: int):
         from search_service.testing import WireClient
@@ -310,7 +319,9 @@ def test_64_clients_against_a_limit_of_8(seconds, tmp_path, live_triton, exporte
             unbounded_peak_inflight=int(results[0][3]))
     assert slowest <= ANSWER_WITHIN_S, f"a probe's answer ({slowest_code.name}) took {slowest:.2f} s"
     assert 1 <= peak <= LIMIT and shed == codes["RESOURCE_EXHAUSTED"]  # the service's own count agrees with the clients'
-    assert set(one.codes()) == set(everyone.codes(at_bound)) == {"OK"}  # not overloaded: nothing refused
+    refused_at_bound = {w: everyone.codes([w]) for w in at_bound if set(everyone.codes([w])) != {"OK"}}
+    assert set(one.codes()) == {"OK"} and not refused_at_bound, refused_at_bound  # not overloaded: nothing refused
+    assert served_over["OK"]["1.0"] == 0 and served_over["RESOURCE_EXHAUSTED"]["0.5"] == 0, served_over
     assert mb.max() - quarter.max() < RSS_GROWTH_MB, f"service RSS grew from {quarter.max():.0f} to {mb.max():.0f} MB"
     if seconds >= 60:  # the short run's p99 is a handful of answers
         assert p99_admitted <= P99_FACTOR * p99_bound, (p99_admitted, p99_bound)
