@@ -79,7 +79,7 @@ class Bf16Linear(nn.Module):
     kernels keep it so across batch sizes is what the batch-invariance gate (coca/precision.py) and
     tests/test_precision.py measure. Where the CPU has bf16 dot products (AVX512-BF16/AMX), W is
     reordered once into oneDNN's blocked layout: the same kernels' results, bit for bit, without
-    reordering W on every call (a B/32 step's linears 2.1x faster measured on a Xeon with AMX).
+    reordering W on every call (a B/32 bf16 step 34.0 -> 26.9 ms on a Xeon with AMX; README).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
