@@ -312,8 +312,19 @@ class MilvusGenerations:
 
     def in_rename_gap(self, exc: Exception, written: str) -> bool:
         """Whether `exc` is a call to the plain collection NAME refused as not found: a first switch renamed it,
-        and the alias NAME follows in a few ms (`moved_since_write` waits for it)."""
-        return written == self.name and getattr(exc, "code", None) == COLLECTION_NOT_FOUND
+        and the alias NAME follows in a few ms (`named_again` waits for it)."""
+        return written == self.name and (getattr(exc, "code", None) == COLLECTION_NOT_FOUND
+                                         or "collection not found" in str(exc).lower())
+
+    def named_again(self) -> str:
+        """The collection NAME reaches, once a first switch's rename gap is over (FENCE_S at most)."""
+        give_up = time.monotonic() + FENCE_S + CLOCK_SKEW_S
+        while (found := self._resolve(self.name)) is None:
+            if time.monotonic() > give_up:
+                raise StoreUnavailable(f"Milvus collection {self.name!r} names nothing: a model generation switch "
+                                       f"renamed it and did not make it an alias within {FENCE_S:.0f} s")
+            time.sleep(WRITE_RECHECK_S)
+        return found
 
     def moved_since_write(self, written: str) -> Optional[str]:
         """After an add or delete committed to collection `written`: None when NAME still answers from it and no

@@ -365,6 +365,65 @@ def made_before_aliases(uri: str, name: str, dim: int, blobs) -> None:
     collection.close()
 
 
+RENAME_GAP_S = 0.5  # the rename gap made here: a real switch's lasts a few ms
+
+
+def test_reads_through_the_plain_name_wait_out_the_rename_gap(milvus_server, tmp_path):
+    """A first switch renames the plain collection NAME and makes NAME an alias a moment later. A replica still
+    reading NAME that asks in between (the find by content before an add, a search, a get, a list, a count) gets
+    the answer once the alias is there, not "collection not found" (an add answered INTERNAL in ~1 of 25 runs of
+    the write-gap test below). Oracle: the items stored, and exact search over their embeddings."""
+    from pymilvus import MilvusClient
+
+    from search_service.milvus import MilvusCollection, MilvusSettings
+    from search_service.store import NewItem, default_id, sha256_hex
+
+    name, dim = f"gap_{time.time_ns()}", 8
+    made_before_aliases(milvus_server.uri, name, dim, tmp_path / "made")
+    collection = MilvusCollection(tmp_path / "blobs", MilvusSettings(uri=milvus_server.uri, collection=name,
+                                                                     index_type="FLAT"))
+    milvus = MilvusClient(uri=milvus_server.uri)
+    try:
+        collection.bind_model(MODEL, PRETRAINED, dim)
+        collection.open_index(dim)
+        vectors = np.random.default_rng(5).standard_normal((6, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        data = [f"gap {n}".encode() for n in range(len(vectors))]
+        items = [NewItem(sha256_hex(d), f"mem:{n}", v, data=d) for n, (d, v) in enumerate(zip(data, vectors))]
+        collection.add(items)
+        ids = [default_id(item.sha256) for item in items]
+        ranked = [ids[n] for n in np.argsort(-(vectors @ vectors[2]), kind="stable")]
+        assert collection.reading == name  # a plain collection: this replica reads NAME itself
+
+        reads = {"find by content": (lambda: collection.find_sha(items[0].sha256).id, ids[0]),
+                 "get": (lambda: collection.get(ids[3]).uri, "mem:3"),
+                 "search": (lambda: [h.item.id for h in collection.search(vectors[2], k=6)], ranked),
+                 "list": (lambda: sorted(i.id for i in collection.list_items(None, None, None, 10).items), sorted(ids)),
+                 "count": (lambda: collection._count(), len(ids))}
+        for what, (read, expected) in reads.items():
+            if milvus.has_collection(f"{name}_g0"):  # back to a plain NAME for the next read
+                milvus.drop_alias(name)
+                milvus.rename_collection(f"{name}_g0", name)
+            milvus.rename_collection(name, f"{name}_g0")
+            aliased = threading.Timer(RENAME_GAP_S, lambda: milvus.create_alias(f"{name}_g0", name))
+            aliased.start()
+            started = time.monotonic()
+            try:
+                answer = read()
+            finally:
+                aliased.join()
+            assert answer == expected, what
+            assert time.monotonic() - started >= RENAME_GAP_S * 0.9, what  # asked in the gap, answered after it
+    finally:
+        with contextlib.suppress(Exception):
+            milvus.drop_alias(name)
+        for physical in (name, f"{name}_g0"):
+            with contextlib.suppress(Exception):
+                milvus.drop_collection(physical)
+        collection.close()
+        milvus.close()
+
+
 def test_milvus_reindex_behind_the_alias_while_clients_write_and_search_then_rollback(
         tritons, tiny_coca, seed1_coca, milvus_server, tmp_path):
     """Clients write through both replicas during the switch; the other replica reaches Milvus over a slow link
