@@ -29,6 +29,11 @@ probe) and fail with TritonUnavailableError naming every endpoint. Endpoints tha
 different models make identity() fail with IdentityMismatchError naming both; an endpoint that
 comes back with another model stays out.
 
+Every wait is bounded: an identity question that times out is cancelled and left to end by itself
+(asyncio.wait_for would wait for it, and in Python 3.11 it can swallow the cancel of the task awaiting it
+when the question is answered at that moment: a probe cancelled so never ended, and closing the pool
+waited for it forever). Closing waits CLOSE_WAIT_S at most for a probe or a channel.
+
 One pool per event loop (like TritonCoca, which it holds one of per endpoint).
 """
 from __future__ import annotations
@@ -53,6 +58,7 @@ T = TypeVar("T")
 
 PROBE_INTERVAL_S = 0.5  # how often an endpoint out of rotation is asked whether it is back
 PROBE_TIMEOUT_S = 1.0  # how long an identity question (a probe, identity()) waits before the endpoint is out
+CLOSE_WAIT_S = 2.0  # how long closing waits for a probe to end, or for a gRPC channel to close
 MAX_ENDPOINTS = 64
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -99,8 +105,9 @@ class _Connection:
 
     async def close_if_done(self) -> None:
         if self.retired and self.users == 0:
-            with contextlib.suppress(Exception):  # closing a dead channel may fail too
-                await self.client.close()
+            closing = asyncio.ensure_future(self.client.close())
+            if await within(closing, CLOSE_WAIT_S) and not closing.cancelled():
+                closing.exception()  # closing a dead channel may fail too: nothing more to do
 
 
 class Endpoint:
@@ -120,6 +127,7 @@ class Endpoint:
         self.generation = 0  # which connection: one more each time one is retired after a failure
         self.latency = LatencyWindow()  # its answered requests, across connections: the latency deadlines
         self.served: Optional[Identity] = None  # what it last said it serves
+        self.closed = False  # the pool closed: its probe ends
         self._connection: Optional[_Connection] = None
 
     async def run(self, fn: Callable[[TritonCoca], Awaitable[T]], counted: bool = True) -> T:
@@ -153,16 +161,13 @@ class Endpoint:
         rotation as one that cannot be reached (TritonUnavailableError), and gets a fresh connection
         next time. Read `generation` before asking: bring_back wants it."""
         generation = self.generation
-        try:
-            self.served = await asyncio.wait_for(self.run(lambda client: client.identity(), counted=False), timeout)
-            return self.served
-        except asyncio.TimeoutError:
+        question = asyncio.ensure_future(self.run(lambda client: client.identity(), counted=False))
+        if not await within(question, timeout):  # cancelled, and left to end: it closes its retired connection
             exc = TritonUnavailableError(f"Triton at {self.url} did not answer an identity question within {timeout:g} s")
-            connection = self._connection
             self.take_out(generation, exc)
-            if connection is not None:
-                await connection.close_if_done()  # its question was the last user (cancelled)
-            raise exc from None
+            raise exc
+        self.served = question.result()
+        return self.served
 
     def take_out(self, generation: int, exc: BaseException) -> None:
         """A call on connection `generation` could not reach the server: out of rotation (one outage),
@@ -199,10 +204,11 @@ class Endpoint:
         return True
 
     async def close(self) -> None:
+        self.closed = True
         if self.probe is not None:
             self.probe.cancel()
-            with contextlib.suppress(BaseException):
-                await self.probe
+        if self.probe is not None and not await within(self.probe, CLOSE_WAIT_S):
+            log.warning("the probe of Triton endpoint %s did not end within %g s of its cancel", self.url, CLOSE_WAIT_S)
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.retired = True
@@ -340,7 +346,7 @@ class TritonPool:
 
     async def _probe(self, endpoint: Endpoint) -> None:
         """Ask an endpoint out of rotation what it serves until it answers with the pool's model."""
-        while not endpoint.healthy:
+        while not endpoint.healthy and not endpoint.closed:
             await asyncio.sleep(self.probe_interval_s)
             generation = endpoint.generation
             try:
@@ -399,6 +405,37 @@ class TritonPool:
     async def _ask(endpoints: Sequence[Endpoint], timeout: float) -> list:
         """Each endpoint's identity or exception, each within `timeout` (see Endpoint.ask_identity)."""
         return await asyncio.gather(*(e.ask_identity(timeout) for e in endpoints), return_exceptions=True)
+
+
+_left: set[asyncio.Future] = set()  # cancelled awaitables that have not ended yet (held: a task only weakly held is lost)
+
+
+async def within(awaitable: Awaitable, timeout: float) -> bool:
+    """Await `awaitable` for `timeout` seconds at most: True when it ended (its exception, if any, is the
+    caller's to read from the future). Else it is cancelled and left to end by itself: False. A cancel of
+    the caller cancels it too, and is never swallowed."""
+    future = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({future}, timeout=timeout)
+    except asyncio.CancelledError:
+        _leave(future)
+        raise
+    if done:
+        return True
+    _leave(future)
+    return False
+
+
+def _leave(future: asyncio.Future) -> None:
+    future.cancel()
+    _left.add(future)
+    future.add_done_callback(_forget)
+
+
+def _forget(future: asyncio.Future) -> None:
+    _left.discard(future)
+    if not future.cancelled():
+        future.exception()  # read: an error of a question nobody waits for any more is not "never retrieved"
 
 
 def _shown(identity: Identity) -> str:

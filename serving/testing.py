@@ -108,6 +108,52 @@ def stop_all(servers: list[TritonServer]) -> None:
         thread.join()
 
 
+RUN_TIMEOUT_S = 300.0  # run_bounded's default: well inside pytest-timeout's 600 s
+CANCEL_WAIT_S = 5.0  # how long run_bounded waits for tasks to end once cancelled
+
+
+def run_bounded(coroutine, timeout: float = RUN_TIMEOUT_S):
+    """asyncio.run, bounded: a coroutine still running after `timeout`, or a task that does not end within
+    CANCEL_WAIT_S of its cancel (asyncio.run would wait for it forever), fails with AssertionError naming
+    every such task's stack. (A pool test hung `make test` for 13 min once, idle in the event loop.)"""
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(coroutine)
+    try:
+        loop.run_until_complete(asyncio.wait({main}, timeout=timeout))
+        if not main.done():
+            stacks = _task_stacks(loop)
+            _cancel_all(loop)
+            raise AssertionError(f"still running after {timeout:g} s; its tasks then:\n{stacks}")
+        return main.result()
+    finally:
+        left = _cancel_all(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        if left:
+            raise AssertionError(f"tasks that did not end within {CANCEL_WAIT_S:g} s of their cancel:\n{left}")
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> str:
+    """Cancel every task of `loop` and wait CANCEL_WAIT_S at most: the stacks of those still running."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return ""
+    loop.run_until_complete(asyncio.wait(tasks, timeout=CANCEL_WAIT_S))
+    return _task_stacks(loop)
+
+
+def _task_stacks(loop: asyncio.AbstractEventLoop) -> str:
+    import io
+
+    out = io.StringIO()
+    for task in asyncio.all_tasks(loop):
+        if not task.done():
+            task.print_stack(file=out)
+    return out.getvalue()
+
+
 class TcpRelay:
     """A TCP relay from a 127.0.0.1 port the kernel picks (bound here, kept by every open()) to `target`
     ("host:port"), run on a thread of its own:

@@ -18,7 +18,7 @@ import pytest
 from coca.errors import CapacityError, InvalidInputError
 from serving.repository import DecoderSettings, export_repository
 from coca.sampling import SamplingParams
-from serving.testing import running_triton, triton_unavailable_reason
+from serving.testing import run_bounded, running_triton, triton_unavailable_reason
 
 pytest.importorskip("tritonclient.grpc.aio")
 from serving.client import TritonCoca, _array_input, _start_inputs  # noqa: E402
@@ -66,7 +66,7 @@ def on_triton(url: str, work, scheduler: str = "auto"):
         async with TritonCoca(url, scheduler=scheduler) as triton:
             return await work(triton)
 
-    return asyncio.run(go())
+    return run_bounded(go())
 
 
 async def start(triton: TritonCoca, sequence_id: int, embeddings: np.ndarray, params=GREEDY):

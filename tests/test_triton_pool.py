@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from coca.settings import SamplingParams
-from serving.testing import triton_unavailable_reason
+from serving.testing import run_bounded, triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable_reason()), reason=str(triton_unavailable_reason()))
 
@@ -204,7 +204,7 @@ def test_calls_spread_over_both_endpoints_and_answer_as_in_process(tritons, refe
             captions = await asyncio.gather(*(pool.call(lambda t, p=p: t.caption(p, GREEDY)) for p in photos))
             return identity, np.concatenate(vectors), captions, pool.states()
 
-    identity, vectors, captions, states = asyncio.run(work())
+    identity, vectors, captions, states = run_bounded(work())
     assert (identity.model, identity.pretrained) == (MODEL, PRETRAINED)
     np.testing.assert_allclose(vectors, reference.embed_images(photos), atol=1e-5, rtol=0)
     assert [c.tokens for c in captions] == [c.tokens for c in reference.caption(photos, GREEDY)]
@@ -242,7 +242,7 @@ def test_captions_cut_by_a_dying_endpoint_are_restarted_and_equal_uninterrupted_
             again = await asyncio.gather(*(pool.call(lambda t, p=p: t.caption(p, GREEDY)) for p in photos[:4]))
             return captions, down, pool.failovers, pool.endpoints[0].calls - calls_back, again
 
-    captions, down, failovers, calls_after_rejoin, again = asyncio.run(work())
+    captions, down, failovers, calls_after_rejoin, again = run_bounded(work())
     for i, caption in enumerate(captions):
         assert caption.tokens == reference.caption([images[i]], settings[i])[0].tokens, f"caption {i}"
     assert failovers >= 1 and not down.healthy and down.outages == 1 and "cannot reach Triton" in down.last_error
@@ -289,7 +289,7 @@ def test_one_death_under_many_calls_is_one_outage_though_an_answer_from_before_i
                 third = await embed_all(pool)
                 return (first, second, third), after_answer, down, victim.state(), victim.calls - calls_back, pool
 
-        answers, after_answer, down, back, calls_after_rejoin, pool = asyncio.run(work())
+        answers, after_answer, down, back, calls_after_rejoin, pool = run_bounded(work())
     for vectors in answers:
         np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
     assert not after_answer.healthy and after_answer.outages == 1, after_answer
@@ -361,7 +361,7 @@ def test_endpoints_serving_different_models_are_refused_naming_both(tritons, tmp
             return first, state, str(refused.value)
 
     try:
-        first, state, message = asyncio.run(pool_sees())
+        first, state, message = run_bounded(pool_sees())
         assert first.model == MODEL and not state.healthy and "serves coca-tiny" in state.last_error
         assert good in message and other.grpc_url in message and "different models" in message
         with ServiceProcess(tmp_path_factory.mktemp("mixed"), f"{good},{other.grpc_url}") as service, \
@@ -376,6 +376,81 @@ def test_endpoints_serving_different_models_are_refused_naming_both(tritons, tmp
             assert not client.stats().triton_ready
     finally:
         other.stop()
+
+
+def test_a_probe_cancelled_as_its_answer_arrives_ends_and_the_pool_closes(tritons, monkeypatch):
+    """A probe is cancelled in the same turn of the event loop as its identity answer arrives. It ends, and
+    the pool closes at once. (asyncio.wait_for in Python 3.11 returns the answer then and swallows the cancel:
+    the probe of an endpoint that serves another model asked on forever, closing the pool waited for it, and
+    `make test` hung 13 min in the test above.)"""
+    import dataclasses
+
+    from serving.client import TritonCoca
+    from serving.errors import TritonUnavailableError
+    from serving.pool import TritonPool
+
+    real_identity = TritonCoca.identity
+    answers = []
+
+    async def pool_closes():
+        async with TritonPool([t.grpc_url for t in tritons], probe_interval_s=0.05) as pool:
+            served = await pool.identity()
+            pool._identity = dataclasses.replace(served, repository_id="another export")  # its answers now differ
+            endpoint = pool.endpoints[1]
+
+            async def answer_then_cancel(client):
+                found = await real_identity(client)
+                answers.append(found)
+                asyncio.get_running_loop().call_soon(endpoint.probe.cancel)  # before the answer is handed on
+                return found
+
+            monkeypatch.setattr(TritonCoca, "identity", answer_then_cancel)
+            endpoint.take_out(endpoint.generation, TritonUnavailableError("taken out by the test"))
+            pool._watch(endpoint)
+            await wait_for_async(lambda: answers, 10)
+            await asyncio.sleep(0.5)  # ten probe intervals: a probe that swallowed its cancel asks again
+            ended, asked = endpoint.probe.done(), len(answers)
+            endpoint.healthy = True  # (ends a probe that did not end: this test fails rather than hangs)
+            started = time.monotonic()
+            await pool.close()
+            return ended, asked, time.monotonic() - started, served
+
+    ended, asked, closing_s, served = run_bounded(pool_closes(), 60)
+    assert served.model == MODEL
+    assert ended and asked == 1, f"the probe asked {asked} times after its cancel"
+    assert closing_s < 1.0
+
+
+def test_an_endpoint_that_stops_answering_is_out_within_the_probe_timeout_and_closing_is_bounded(tritons):
+    """An endpoint whose connection stops carrying bytes (a relay that stalls: a hung host) while its probe
+    and identity questions are under way: identity() answers from the other endpoint within the probe
+    timeout and takes it out; closing the pool returns at once and leaves no task running (run_bounded)."""
+    from serving.pool import CLOSE_WAIT_S, TritonPool
+    from serving.testing import TcpRelay
+
+    with TcpRelay(tritons[1].grpc_url) as relay:
+        async def ask_then_close():
+            async with TritonPool([tritons[0].grpc_url, relay.url], probe_interval_s=0.05,
+                                  probe_timeout_s=0.5) as pool:
+                served = await pool.identity()  # both answer
+                relay.stall()
+                started = time.monotonic()
+                again = await pool.identity()
+                asked_s = time.monotonic() - started
+                state = pool.endpoints[1].state()
+                hanging = asyncio.ensure_future(pool.endpoints[1].ask_identity(30.0))  # under way at the close
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                await pool.close()
+                closing_s = time.monotonic() - started
+                hanging.cancel()
+                return served, again, asked_s, state, closing_s
+
+        served, again, asked_s, state, closing_s = run_bounded(ask_then_close(), 60)
+    assert served.model == MODEL and again == served
+    assert 0.5 <= asked_s < 1.5
+    assert not state.healthy and "did not answer an identity question within 0.5 s" in state.last_error
+    assert closing_s < CLOSE_WAIT_S
 
 
 # ---------------------------------------------------------------- the service under load

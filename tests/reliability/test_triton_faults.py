@@ -17,6 +17,8 @@ import time
 import grpc
 import pytest
 
+from serving.testing import run_bounded
+
 from .conftest import needs_triton, unique_jpegs
 
 pytestmark = needs_triton
@@ -169,7 +171,7 @@ def test_a_caption_sequence_cut_by_a_triton_restart_fails_cleanly(shared_service
                     pass
             return before["greedy"], after
 
-    before, after = asyncio.run(cut_captions())
+    before, after = run_bounded(cut_captions())
     steps = before + after
     assert steps[-1] == expected  # finished after the restart, equal to the in-process caption
     lengths = [len(tokens) for tokens in steps]  # each step handed out once, in order, a prefix of the caption
