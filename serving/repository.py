@@ -177,6 +177,7 @@ def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained
     use_onnx = encoders.runtime != "torch"
     wanted["encoders"] = [encoders.runtime, encoders.precision] if use_onnx else None
     wanted["decoder_scheduler"] = None if decoder_scheduler == "sequence" else decoder_scheduler  # old markers match
+    wanted["templates"] = _templates_sha()  # a changed config template is exported again
     if marker.is_file() and (repository / MANIFEST_FILE).is_file():
         recorded = json.loads(marker.read_text())
         if {k: recorded.get(k) for k in wanted} == wanted:
@@ -190,6 +191,11 @@ def ensure_repository(directory: Union[str, os.PathLike], model: str, pretrained
                       decoder=DecoderSettings(scheduler=decoder_scheduler))
     marker.write_text(json.dumps({**wanted, "logit_scale": loaded.logit_scale}, indent=2) + "\n")
     return repository, loaded.logit_scale
+
+
+def _templates_sha() -> str:
+    files = sorted(p for folder in (TEMPLATES, OPTIONAL_TEMPLATES) for p in folder.glob("*/config.pbtxt"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
 
 
 def read_manifest(repository: Union[str, os.PathLike]) -> dict:

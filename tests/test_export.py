@@ -117,3 +117,20 @@ def test_sequence_table_expires_least_recently_used_first():
     assert table.touch("a", now=8) == 1  # a is fresh again
     assert table.pop_idle(now=16) == [("b", 2)]
     assert (len(table), table.touch("missing", now=16), table.pop("a"), len(table)) == (1, None, 1, 0)
+
+
+def test_a_reused_repository_is_exported_again_when_a_config_template_changed(tmp_path, capsys):
+    from serving.repository import EncoderSettings, MARKER, ensure_repository
+
+    def ensure():
+        capsys.readouterr()
+        ensure_repository(tmp_path / "repo", "coca-tiny", "random", 0, encoders=EncoderSettings("torch"))
+        return "exporting" in capsys.readouterr().out
+
+    config = tmp_path / "repo" / "coca_text_encoder" / "config.pbtxt"
+    assert ensure() and not ensure()  # exported once, then reused as it is
+    config.write_text(config.read_text() + "# edited\n")
+    marker = tmp_path / f"repo.{MARKER}"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "templates": "of an older checkout"}))
+    assert ensure()  # the templates it was exported from are not today's: exported again, from today's
+    assert "# edited" not in config.read_text() and not ensure()
