@@ -271,6 +271,24 @@ def _interleaved_best(nets: dict, rounds: int) -> dict[str, float]:
     return best
 
 
+def start_seconds(net, batch: int, repeats: int = 3) -> float:
+    """Best time of starting `batch` captions at once: each image's cross-attention keys and values, the
+    decoder's once-per-caption cost (the iterative scheduler pays it in the rounds where captions join)."""
+    cache = net.new_cache(batch, 2)
+    slots, device = slice(0, batch), net.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    images = torch.randn(batch, cache.cross[0].k.shape[2], net.config.decoder.width, dtype=net.dtype, device=device)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            net.start_sequences(cache, slots, images)
+            sync()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def step_seconds(net, batch: int, steps: int = 16) -> float:
     """Mean time of one cached decode step at batch `batch`, over positions 1..steps-1 (after a warm-up)."""
     cache = net.new_cache(batch, steps)
