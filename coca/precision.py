@@ -271,12 +271,17 @@ def _interleaved_best(nets: dict, rounds: int) -> dict[str, float]:
     return best
 
 
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work before a clock is read (nothing on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def start_seconds(net, batch: int, repeats: int = 3) -> float:
     """Best time of starting `batch` captions at once: each image's cross-attention keys and values, the
     decoder's once-per-caption cost (the iterative scheduler pays it in the rounds where captions join)."""
     cache = net.new_cache(batch, 2)
     slots, device = slice(0, batch), net.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     images = torch.randn(batch, cache.cross[0].k.shape[2], net.config.decoder.width, dtype=net.dtype, device=device)
     best = float("inf")
     with torch.inference_mode():
@@ -293,7 +298,7 @@ def step_seconds(net, batch: int, steps: int = 16) -> float:
     """Mean time of one cached decode step at batch `batch`, over positions 1..steps-1 (after a warm-up)."""
     cache = net.new_cache(batch, steps)
     slots, device = slice(0, batch), net.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     with torch.inference_mode():
         net.start_sequences(cache, slots, torch.zeros(batch, cache.cross[0].k.shape[2], net.config.decoder.width,
                                                       dtype=net.dtype, device=device))
